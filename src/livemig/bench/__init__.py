@@ -1,0 +1,1 @@
+"""Benchmarks behind ``livemig bench``; each prints figures as ratios to an in-run baseline."""
