@@ -1,0 +1,261 @@
+"""Byte channels over sockets, pipes and files, with a time-out on every blocking call.
+
+Theory of operation: every channel is a non-blocking file descriptor driven with ``poll`` and
+``readv``/``writev``. That gives one code path for TCP, unix sockets, inherited fds, ``exec:``
+pipes and ``file:`` targets, lets a write of a batch of page buffers go out in one system call
+(``writev`` takes the header and the memoryview slices of guest RAM as they are, no copy), and
+bounds every wait: a stalled or vanished peer raises ``ChannelTimeout`` instead of hanging the
+migration. ``shutdown()`` may be called from any thread to wake a blocked reader or writer
+(that is how a cancel interrupts the data plane).
+
+A socket channel can be read and written by two threads at once (the return path is the same
+socket read in the other direction); each direction must be used by one thread at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import subprocess
+import threading
+from collections.abc import Sequence
+from typing import IO
+
+from livemig.errors import LivemigError
+
+IOV_MAX = 1024
+DEFAULT_TIMEOUT = 30.0
+
+Buffer = bytes | bytearray | memoryview
+
+
+class ChannelError(LivemigError):
+    """The channel broke: the peer closed it, the link was cut, or the disk is full."""
+
+
+class ChannelTimeout(ChannelError):
+    """A read or write did not make progress within the channel's time-out."""
+
+
+class ChannelClosed(ChannelError):
+    """The channel was shut down locally (cancel) while a call was blocked on it."""
+
+
+class Channel:
+    """One bidirectional (sockets) or one-way (pipes, files) byte channel."""
+
+    def __init__(
+        self,
+        name: str,
+        rfd: int | None,
+        wfd: int | None,
+        *,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        sock: socket.socket | None = None,
+        proc: subprocess.Popen[bytes] | None = None,
+        file: IO[bytes] | None = None,
+    ) -> None:
+        self.name = name
+        self.timeout = timeout
+        self._rfd = rfd
+        self._wfd = wfd
+        self._sock = sock
+        self._proc = proc
+        self._file = file
+        self._closed = threading.Event()
+        self._pipe_r, self._pipe_w = os.pipe()  # wakes pollers on shutdown()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        for fd in {rfd, wfd} - {None}:
+            assert fd is not None
+            if not _is_regular(fd):
+                os.set_blocking(fd, False)
+
+    # -- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_socket(
+        cls, sock: socket.socket, name: str, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> Channel:
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        fd = sock.fileno()
+        return cls(name, fd, fd, timeout=timeout, sock=sock)
+
+    @property
+    def readable(self) -> bool:
+        return self._rfd is not None
+
+    @property
+    def writable(self) -> bool:
+        return self._wfd is not None
+
+    @property
+    def is_socket(self) -> bool:
+        return self._sock is not None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    # -- I/O ---------------------------------------------------------------------------------
+
+    def _wait(self, fd: int, events: int, what: str) -> None:
+        if self._closed.is_set():
+            raise ChannelClosed(f"{self.name}: channel shut down")
+        poller = select.poll()
+        poller.register(fd, events)
+        poller.register(self._pipe_r, select.POLLIN)
+        ms = None if self.timeout is None else int(self.timeout * 1000)
+        ready = poller.poll(ms)
+        if self._closed.is_set():
+            raise ChannelClosed(f"{self.name}: channel shut down")
+        if not ready:
+            raise ChannelTimeout(f"{self.name}: no progress {what} for {self.timeout:g} s")
+
+    def sendv(self, buffers: Sequence[Buffer]) -> int:
+        """Write every buffer, in order; returns the byte count. Raises on any failure."""
+        if self._wfd is None:
+            raise ChannelError(f"{self.name}: channel is not writable")
+        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        total = 0
+        i = 0
+        while i < len(views):
+            batch = views[i : i + IOV_MAX]
+            try:
+                n = os.writev(self._wfd, batch)
+            except BlockingIOError:
+                self._wait(self._wfd, select.POLLOUT, "writing")
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise self._error("write", exc) from exc
+            total += n
+            # advance over fully written buffers; keep the rest of a partial one
+            while n and i < len(views):
+                if n >= len(views[i]):
+                    n -= len(views[i])
+                    i += 1
+                else:
+                    views[i] = views[i][n:]
+                    n = 0
+        self.bytes_sent += total
+        return total
+
+    def send(self, data: Buffer) -> int:
+        return self.sendv((data,))
+
+    def recv_into(self, buf: memoryview) -> int:
+        """Read at least one byte into ``buf``; 0 means the peer closed its side."""
+        if self._rfd is None:
+            raise ChannelError(f"{self.name}: channel is not readable")
+        while True:
+            try:
+                n = os.readv(self._rfd, [buf])
+            except BlockingIOError:
+                self._wait(self._rfd, select.POLLIN, "reading")
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise self._error("read", exc) from exc
+            self.bytes_received += n
+            return n
+
+    def recv_exact(self, n: int) -> bytes:
+        """Exactly ``n`` bytes, or ``ChannelError`` if the stream ends first."""
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self.recv_into(view[got:])
+            if k == 0:
+                raise ChannelError(f"{self.name}: peer closed after {got} of {n} bytes")
+            got += k
+        return bytes(buf)
+
+    def _error(self, what: str, exc: OSError) -> ChannelError:
+        if self._closed.is_set():
+            return ChannelClosed(f"{self.name}: channel shut down")
+        if exc.errno == errno.ENOSPC:
+            return ChannelError(f"{self.name}: {what} failed: no space left on device")
+        return ChannelError(f"{self.name}: {what} failed: {exc.strerror or exc}")
+
+    # -- teardown ------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Wake and fail every blocked call; any thread may call it."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        try:
+            os.write(self._pipe_w, b"x")
+        except OSError:
+            pass
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def close_write(self) -> None:
+        """Signal end of stream to the peer (half-close a socket, close a pipe)."""
+        if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+        elif self._proc is not None and self._proc.stdin is not None:
+            self._proc.stdin.close()
+            self._wfd = None
+        elif self._file is not None and self._wfd is not None:
+            self._file.flush()
+            os.fsync(self._wfd)
+
+    def close(self, wait_process: float = 10.0) -> None:
+        """Release everything; idempotent. An ``exec:`` child is waited for (then killed)."""
+        self.shutdown()
+        for closer in (self._sock, self._file):
+            if closer is not None:
+                try:
+                    closer.close()
+                except OSError:
+                    pass
+        if self._proc is not None:
+            for stream in (self._proc.stdin, self._proc.stdout):
+                if stream is not None:
+                    try:
+                        stream.close()
+                    except OSError:
+                        pass
+            try:
+                self._proc.wait(wait_process)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._sock = self._file = self._proc = None
+        for fd in (self._pipe_r, self._pipe_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._pipe_r = self._pipe_w = -1
+
+    def process_status(self) -> int | None:
+        """Exit status of an ``exec:`` child once it ended (None: still running / no child)."""
+        return None if self._proc is None else self._proc.poll()
+
+    def __enter__(self) -> Channel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _is_regular(fd: int) -> bool:
+    import stat
+
+    return stat.S_ISREG(os.fstat(fd).st_mode)

@@ -1,0 +1,177 @@
+"""Turning a migration URI into channels: ``connect`` on the source, ``listen`` on the destination.
+
+``tcp:`` and ``unix:`` listeners accept any number of connections (main, multifd, post-copy
+preempt, recovery); ``fd:``, ``exec:`` and ``file:`` give exactly one one-shot channel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import time
+
+from livemig.errors import UsageError
+from livemig.transport.channel import DEFAULT_TIMEOUT, Channel, ChannelError, ChannelTimeout
+from livemig.transport.uri import MigrationURI, parse_uri
+
+
+def _uri(uri: str | MigrationURI) -> MigrationURI:
+    return uri if isinstance(uri, MigrationURI) else parse_uri(uri)
+
+
+def connect(
+    uri: str | MigrationURI, timeout: float | None = DEFAULT_TIMEOUT, name: str = "main"
+) -> Channel:
+    """Open the sending side of a migration channel."""
+    u = _uri(uri)
+    if u.scheme == "tcp":
+        try:
+            sock = socket.create_connection((u.host, u.port), timeout=timeout)
+        except OSError as exc:
+            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+        return Channel.from_socket(sock, f"{name} {u}", timeout)
+    if u.scheme == "unix":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(u.path)
+        except OSError as exc:
+            sock.close()
+            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+        return Channel.from_socket(sock, f"{name} {u}", timeout)
+    if u.scheme == "fd":
+        return _fd_channel(u, name, timeout)
+    if u.scheme == "exec":
+        proc = subprocess.Popen(u.command, shell=True, stdin=subprocess.PIPE)
+        assert proc.stdin is not None
+        return Channel(f"{name} {u}", None, proc.stdin.fileno(), timeout=timeout, proc=proc)
+    try:
+        f = open(u.path, "r+b" if u.offset else "wb")  # noqa: SIM115 - owned by the channel
+    except OSError as exc:
+        raise ChannelError(f"cannot open {u} for writing: {exc.strerror or exc}") from exc
+    if u.offset:
+        f.truncate(u.offset)
+        f.seek(u.offset)
+    return Channel(f"{name} {u}", None, f.fileno(), timeout=timeout, file=f)
+
+
+def _fd_channel(u: MigrationURI, name: str, timeout: float | None) -> Channel:
+    try:
+        os.fstat(u.fd)
+    except OSError as exc:
+        raise UsageError(f"{u}: file descriptor {u.fd} is not open in this process") from exc
+    try:
+        sock = socket.socket(fileno=u.fd)
+    except OSError:
+        sock = None
+    if sock is not None:
+        return Channel.from_socket(sock, f"{name} {u}", timeout)
+    return Channel(f"{name} {u}", u.fd, u.fd, timeout=timeout)
+
+
+class Listener:
+    """The destination side: accepts the channels of one incoming migration."""
+
+    def __init__(self, uri: str | MigrationURI, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+        self.uri = _uri(uri)
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._used = False
+        u = self.uri
+        if u.scheme == "tcp":
+            family = socket.AF_INET6 if ":" in u.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((u.host, u.port))
+            except OSError as exc:
+                sock.close()
+                raise ChannelError(f"cannot listen on {u}: {exc.strerror or exc}") from exc
+            sock.listen(16)
+            self._sock = sock
+        elif u.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            with contextlib.suppress(FileNotFoundError):
+                if os.path.exists(u.path) and not os.path.isdir(u.path):
+                    os.unlink(u.path)
+            try:
+                sock.bind(u.path)
+                os.chmod(u.path, 0o600)
+            except OSError as exc:
+                sock.close()
+                raise ChannelError(f"cannot listen on {u}: {exc.strerror or exc}") from exc
+            sock.listen(16)
+            self._sock = sock
+        elif u.scheme == "file" and not os.path.exists(u.path):
+            raise ChannelError(f"{u}: no such file")
+
+    @property
+    def address(self) -> str:
+        """The URI actually listened on (a tcp port 0 resolved to the real port)."""
+        if self._sock is not None and self.uri.scheme == "tcp":
+            host, port = self._sock.getsockname()[:2]
+            return str(MigrationURI("tcp", host=host, port=port))
+        return str(self.uri)
+
+    def accept(self, timeout: float | None = None, name: str = "main") -> Channel:
+        """The next incoming channel; ``ChannelTimeout`` if none arrives in time."""
+        u = self.uri
+        if self._sock is not None:
+            self._sock.settimeout(timeout)
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError as exc:
+                raise ChannelTimeout(f"no connection on {u} within {timeout:g} s") from exc
+            except OSError as exc:
+                raise ChannelError(f"accept on {u} failed: {exc.strerror or exc}") from exc
+            conn.settimeout(None)
+            return Channel.from_socket(conn, f"{name} {u}", self.timeout)
+        if self._used:
+            raise ChannelError(f"{u} carries only one channel")
+        self._used = True
+        if u.scheme == "fd":
+            return _fd_channel(u, name, self.timeout)
+        if u.scheme == "exec":
+            proc = subprocess.Popen(u.command, shell=True, stdout=subprocess.PIPE)
+            assert proc.stdout is not None
+            return Channel(
+                f"{name} {u}", proc.stdout.fileno(), None, timeout=self.timeout, proc=proc
+            )
+        try:
+            f = open(u.path, "rb")  # noqa: SIM115 - owned by the channel
+        except OSError as exc:
+            raise ChannelError(f"cannot open {u}: {exc.strerror or exc}") from exc
+        f.seek(u.offset)
+        return Channel(f"{name} {u}", f.fileno(), None, timeout=self.timeout, file=f)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            if self.uri.scheme == "unix":
+                with contextlib.suppress(OSError):
+                    os.unlink(self.uri.path)
+
+    def __enter__(self) -> Listener:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect_retry(
+    uri: str | MigrationURI,
+    deadline: float,
+    name: str = "main",
+    timeout: float | None = DEFAULT_TIMEOUT,
+) -> Channel:
+    """Connect, retrying while the listener is not up yet, until ``deadline`` (monotonic)."""
+    while True:
+        try:
+            return connect(uri, timeout, name)
+        except ChannelError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)

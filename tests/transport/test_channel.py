@@ -1,0 +1,205 @@
+"""Channels: batched writes, time-outs, wake-ups from another thread, pipes and files."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from livemig.transport import (
+    Channel,
+    ChannelClosed,
+    ChannelError,
+    ChannelTimeout,
+    Listener,
+    RateLimiter,
+    connect,
+)
+
+
+def _pair(timeout: float = 5.0) -> tuple[Channel, Channel]:
+    a, b = socket.socketpair()
+    return Channel.from_socket(a, "a", timeout), Channel.from_socket(b, "b", timeout)
+
+
+def _drain(ch: Channel, n: int, out: bytearray) -> None:
+    buf = bytearray(1 << 16)
+    while len(out) < n:
+        k = ch.recv_into(memoryview(buf))
+        if k == 0:
+            return
+        out += buf[:k]
+
+
+def test_sendv_many_buffers_in_order() -> None:
+    a, b = _pair()
+    ram = np.random.default_rng(1).integers(0, 256, 3000 * 64, dtype=np.uint8)
+    view = memoryview(ram)
+    buffers = []
+    for i in range(3000):  # more than IOV_MAX buffers, larger than the socket buffer
+        buffers.append(i.to_bytes(8, "big"))
+        buffers.append(view[i * 64 : (i + 1) * 64])
+    expected = b"".join(bytes(x) for x in buffers)
+    got = bytearray()
+    t = threading.Thread(target=_drain, args=(b, len(expected), got))
+    t.start()
+    assert a.sendv(buffers) == len(expected)
+    t.join(10)
+    assert bytes(got) == expected
+    assert a.bytes_sent == b.bytes_received == len(expected)
+    a.close()
+    b.close()
+
+
+def test_read_times_out() -> None:
+    a, b = _pair(timeout=0.2)
+    t0 = time.monotonic()
+    with pytest.raises(ChannelTimeout, match="no progress reading"):
+        b.recv_into(memoryview(bytearray(10)))
+    assert time.monotonic() - t0 < 2
+    a.close()
+    b.close()
+
+
+def test_stalled_reader_times_out_writer() -> None:
+    a, b = _pair(timeout=0.2)
+    with pytest.raises(ChannelTimeout, match="writing"):
+        a.send(bytes(64 << 20))  # the peer never reads
+    a.close()
+    b.close()
+
+
+def test_shutdown_wakes_blocked_reader() -> None:
+    a, b = _pair(timeout=30)
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            b.recv_into(memoryview(bytearray(10)))
+        except ChannelError as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    time.sleep(0.1)
+    b.shutdown()
+    t.join(5)
+    assert not t.is_alive()
+    assert isinstance(errors[0], ChannelClosed)
+    a.close()
+    b.close()
+
+
+def test_peer_close_is_eof() -> None:
+    a, b = _pair()
+    a.send(b"abc")
+    a.close()
+    assert b.recv_exact(3) == b"abc"
+    with pytest.raises(ChannelError, match="peer closed"):
+        b.recv_exact(1)
+    b.close()
+
+
+def test_tcp_listener_port_zero_and_connect() -> None:
+    with Listener("tcp:127.0.0.1:0", timeout=5) as lst:
+        assert not lst.address.endswith(":0")
+        src = connect(lst.address, timeout=5)
+        dst = lst.accept(timeout=5)
+        src.send(b"QEVM")
+        assert dst.recv_exact(4) == b"QEVM"
+        dst.send(b"rp")  # the return path is the same socket, other direction
+        assert src.recv_exact(2) == b"rp"
+        src.close()
+        dst.close()
+
+
+def test_accept_times_out() -> None:
+    with Listener("tcp:127.0.0.1:0") as lst, pytest.raises(ChannelTimeout):
+        lst.accept(timeout=0.1)
+
+
+def test_unix_listener_mode(tmp_path) -> None:
+    path = tmp_path / "mig.sock"
+    with Listener(f"unix:{path}") as lst:
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+        src = connect(f"unix:{path}")
+        dst = lst.accept(timeout=5)
+        src.send(b"x")
+        assert dst.recv_exact(1) == b"x"
+        src.close()
+        dst.close()
+    assert not path.exists()
+
+
+def test_connect_refused_is_clear() -> None:
+    with Listener("tcp:127.0.0.1:0") as lst:
+        addr = lst.address
+    with pytest.raises(ChannelError, match=r"cannot connect to tcp:127\.0\.0\.1"):
+        connect(addr, timeout=1)
+
+
+def test_exec_pipes_through_a_command(tmp_path) -> None:
+    out = tmp_path / "stream.gz"
+    ch = connect(f"exec:gzip -c > {out}")
+    ch.sendv([b"hello ", memoryview(b"world")])
+    ch.close_write()
+    ch.close()
+    back = Listener(f"exec:gzip -dc < {out}").accept()
+    assert back.recv_exact(11) == b"hello world"
+    back.close()
+
+
+def test_file_round_trip_with_offset(tmp_path) -> None:
+    path = tmp_path / "snap"
+    path.write_bytes(b"H" * 10)
+    ch = connect(f"file:{path},offset=4")
+    ch.send(b"data")
+    ch.close_write()
+    ch.close()
+    assert path.read_bytes() == b"HHHHdata"
+    rd = Listener(f"file:{path},offset=4").accept()
+    assert rd.recv_exact(4) == b"data"
+    rd.close()
+
+
+def test_file_listener_missing_file(tmp_path) -> None:
+    with pytest.raises(ChannelError, match="no such file"):
+        Listener(f"file:{tmp_path}/nope")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_limiter_windows() -> None:
+    clock = FakeClock()
+    rl = RateLimiter(1000, clock=clock)  # 100 bytes per 100 ms window
+    assert rl.budget_left() == 100
+    rl.account(60)
+    assert not rl.over_budget()
+    rl.account(40)
+    assert rl.over_budget()
+    clock.now += 0.1
+    assert rl.budget_left() == 100
+    rl.rate = 0
+    assert not rl.over_budget()
+    rl.account(10**9)
+    assert not rl.over_budget()
+
+
+def test_rate_limiter_wait_is_woken() -> None:
+    rl = RateLimiter(10)  # 1 byte per window
+    rl.account(5)
+    wake = threading.Event()
+    wake.set()
+    t0 = time.monotonic()
+    rl.wait(wake)
+    assert time.monotonic() - t0 < 0.05
