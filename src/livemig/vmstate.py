@@ -28,6 +28,11 @@ from livemig.errors import VMStateError
 
 SUBSECTION = 0x05
 
+
+class VMStateTruncated(VMStateError):
+    """The payload ended before its declared fields did (more input may complete it)."""
+
+
 # vmdesc type name -> (struct format, is_integer)
 _SCALARS: dict[str, str] = {
     "uint8": ">B",
@@ -118,8 +123,12 @@ class VMStateDescription:
                 sub._encode_into(out, values[sub.name])
 
     def decode(
-        self, data: bytes | memoryview, offset: int = 0, version_id: int | None = None,
-        *, base: int = 0,
+        self,
+        data: bytes | memoryview,
+        offset: int = 0,
+        version_id: int | None = None,
+        *,
+        base: int = 0,
     ) -> tuple[dict[str, Any], int]:
         """Decode a payload starting at ``data[offset]``; returns ``(values, end_offset)``.
 
@@ -128,10 +137,14 @@ class VMStateDescription:
         absolute stream position.
         """
         view = memoryview(data)
-        if version_id is not None and not (self.minimum_version_id <= version_id <= self.version_id):
+        if version_id is not None and not (
+            self.minimum_version_id <= version_id <= self.version_id
+        ):
             raise VMStateError(
                 f"{self.name}: version {version_id} not in supported range "
-                f"{self.minimum_version_id}..{self.version_id}", base + offset)
+                f"{self.minimum_version_id}..{self.version_id}",
+                base + offset,
+            )
         values: dict[str, Any] = {}
         for f in self.fields:
             if f.array_len is None:
@@ -146,14 +159,16 @@ class VMStateDescription:
             offset + 2 <= len(view)
             and view[offset] == SUBSECTION
             and offset + 2 + view[offset + 1] <= len(view)
-            and bytes(view[offset + 2 : offset + 2 + view[offset + 1]]).startswith(self.name.encode())
+            and bytes(view[offset + 2 : offset + 2 + view[offset + 1]]).startswith(
+                self.name.encode()
+            )
         ):
             start = offset
             n = view[offset + 1]
             raw = bytes(view[offset + 2 : offset + 2 + n])
             offset += 2 + n
             if offset + 4 > len(view):
-                raise VMStateError(f"{self.name}: subsection header truncated", base + start)
+                raise VMStateTruncated(f"{self.name}: subsection header truncated", base + start)
             version = int.from_bytes(view[offset : offset + 4], "big")
             offset += 4
             name = _text(raw, base + start)
@@ -227,17 +242,16 @@ def _encode_one(out: bytearray, owner: str, f: Field, value: Any) -> None:
         out += raw
 
 
-def _decode_one(
-    view: memoryview, offset: int, owner: str, f: Field, base: int
-) -> tuple[Any, int]:
+def _decode_one(view: memoryview, offset: int, owner: str, f: Field, base: int) -> tuple[Any, int]:
     codec = _CODECS.get(f.type)
     if f.type == "struct":
         assert f.struct is not None
         return f.struct.decode(view, offset, base=base)
     if offset + f.size > len(view):
-        raise VMStateError(
+        raise VMStateTruncated(
             f"{owner}.{f.name}: {f.type} needs {f.size} bytes, {len(view) - offset} left",
-            base + offset)
+            base + offset,
+        )
     if codec is not None:
         return codec.unpack_from(view, offset)[0], offset + f.size
     return bytes(view[offset : offset + f.size]), offset + f.size
