@@ -1,0 +1,174 @@
+"""The dirty-tracker contract, the region type, and the part every backend shares.
+
+A tracker watches a set of RAM regions (QEMU's RAMBlocks: ``idstr``, host address, length,
+writable view). Dirtiness has two sources, and a tracker merges both (never lose a dirty page):
+
+* guest writes, seen by the backend's mechanism (kernel write-protect or a shadow compare);
+* host writes (loader, devices, QMP, incoming pages), declared with ``mark_dirty``.
+
+Bitmaps are ``numpy`` bool arrays, one byte per 4 KiB page: a 1 GiB block is a 256 KiB array,
+``numpy.flatnonzero`` on it runs at memory speed, and the kernel's run lists and the shadow
+compare's per-page ``any`` produce bool arrays directly, with no pack/unpack step (a packed
+uint64 bitmap would be 8x smaller but every consumer would have to unpack it first).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import numpy as np
+
+from livemig.errors import MachineError, UsageError
+from livemig.memtrack._sys import PAGE_SHIFT, PAGE_SIZE, buffer_address
+
+
+class Region(NamedTuple):
+    """One tracked RAM block: ``name`` (idstr), ``host_addr``, ``length`` (bytes, a multiple of
+    4 KiB) and a writable ``view`` over exactly that memory."""
+
+    name: str
+    host_addr: int
+    length: int
+    view: memoryview
+
+    @property
+    def npages(self) -> int:
+        return self.length >> PAGE_SHIFT
+
+
+def as_region(obj: Any) -> Region:
+    """Accept a ``Region``, a ``(name, host_addr, length, view)`` tuple, or a RamBlock-like
+    object with ``idstr``, ``host_addr``, ``size`` and ``view``."""
+    if isinstance(obj, Region):
+        region = obj
+    elif isinstance(obj, tuple) and len(obj) == 4:
+        region = Region(str(obj[0]), int(obj[1]), int(obj[2]), memoryview(obj[3]))
+    elif hasattr(obj, "idstr") and hasattr(obj, "host_addr"):
+        region = Region(obj.idstr, int(obj.host_addr), int(obj.size), memoryview(obj.view))
+    else:
+        raise UsageError(f"memtrack: cannot track {obj!r}: need (name, host_addr, length, view)")
+    view = region.view.cast("B") if region.view.format != "B" else region.view
+    if region.length <= 0 or region.length % PAGE_SIZE or region.host_addr % PAGE_SIZE:
+        raise UsageError(
+            f"memtrack: region {region.name!r} at 0x{region.host_addr:x} length {region.length} "
+            f"is not page aligned (page size {PAGE_SIZE})"
+        )
+    if view.nbytes != region.length or view.readonly:
+        raise UsageError(
+            f"memtrack: region {region.name!r}: view is {view.nbytes} bytes"
+            f"{' read-only' if view.readonly else ''}, expected {region.length} writable"
+        )
+    if buffer_address(view) != region.host_addr:
+        raise UsageError(
+            f"memtrack: region {region.name!r}: view starts at 0x{buffer_address(view):x}, "
+            f"not at host address 0x{region.host_addr:x}"
+        )
+    return region._replace(view=view)
+
+
+@runtime_checkable
+class DirtyTracker(Protocol):
+    """Start/sync/stop dirty logging over a fixed set of regions."""
+
+    name: str
+
+    def start(self) -> None:
+        """Start logging: every page counts as clean from now on."""
+
+    def sync(self) -> dict[str, np.ndarray]:
+        """Pages written since start() or the previous sync(), per region name (bool arrays,
+        one entry per page); re-arms tracking so that no write is ever lost."""
+
+    def mark_dirty(self, name: str, offset: int, length: int) -> None:
+        """Declare a host-side write of ``length`` bytes at ``offset`` into region ``name``."""
+
+    def stop(self) -> None:
+        """Stop logging and release fds, threads and protections; idempotent."""
+
+
+class TrackerBase:
+    """Region bookkeeping, the host-side dirty bitmaps behind ``mark_dirty``, and the
+    started/stopped state shared by all backends. Subclasses implement ``_start``,
+    ``_sync_guest`` (the guest-write bitmaps, re-arming) and ``_stop``."""
+
+    name = "base"
+
+    def __init__(self, regions: Iterable[Any]) -> None:
+        self.regions = [as_region(r) for r in regions]
+        self._by_name = {r.name: r for r in self.regions}
+        if len(self._by_name) != len(self.regions):
+            raise UsageError("memtrack: two regions share one name")
+        self._host_lock = threading.Lock()
+        self._host_dirty = {r.name: np.zeros(r.npages, dtype=bool) for r in self.regions}
+        self._sync_lock = threading.Lock()
+        self.running = False
+        self.sync_count = 0
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<{type(self).__name__} {self.name} {state} regions={list(self._by_name)}>"
+
+    def __enter__(self) -> TrackerBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self.running:
+            raise MachineError(f"dirty tracker {self.name}: start() while already running")
+        with self._host_lock:
+            for bitmap in self._host_dirty.values():
+                bitmap[:] = False
+        self._start()
+        self.running = True
+
+    def sync(self) -> dict[str, np.ndarray]:
+        if not self.running:
+            raise MachineError(f"dirty tracker {self.name}: sync() before start()")
+        with self._sync_lock:
+            guest = self._sync_guest()
+            # Swap the host bitmaps under their lock after the guest sync: a mark_dirty racing
+            # this sync lands either in the returned bitmap or in the next one.
+            with self._host_lock:
+                host, self._host_dirty = (
+                    self._host_dirty,
+                    {r.name: np.zeros(r.npages, dtype=bool) for r in self.regions},
+                )
+            for name, bitmap in guest.items():
+                np.logical_or(bitmap, host[name], out=bitmap)
+            self.sync_count += 1
+            return guest
+
+    def mark_dirty(self, name: str, offset: int, length: int) -> None:
+        region = self._by_name.get(name)
+        if region is None:
+            raise UsageError(f"memtrack: mark_dirty on unknown region {name!r}")
+        if offset < 0 or length < 0 or offset + length > region.length:
+            raise UsageError(
+                f"memtrack: mark_dirty {name!r} offset {offset} length {length} is outside the "
+                f"region ({region.length} bytes)"
+            )
+        if length == 0:
+            return
+        first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
+        with self._host_lock:
+            self._host_dirty[name][first : last + 1] = True
+
+    def stop(self) -> None:
+        if self.running:
+            self.running = False
+            with self._sync_lock:
+                self._stop()
+
+    # --- backend hooks -----------------------------------------------------------------------
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def _sync_guest(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        raise NotImplementedError
