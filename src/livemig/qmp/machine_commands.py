@@ -1,0 +1,203 @@
+"""The machine's QMP commands and events: query-status, stop, cont, quit, query-cpus-fast, ...
+
+These follow QEMU 7.2's monitor (``softmmu/cpus.c``, ``monitor/qmp-cmds.c``):
+
+* ``stop`` pauses a running guest (STOP event); on a stopped guest it does nothing; in
+  ``inmigrate`` it only clears *autostart*, so the guest stays paused when migration ends.
+* ``cont`` starts (``prelaunch``) or resumes (``paused``, ``postmigrate``) the guest (RESUME); on a
+  running guest it does nothing; in ``inmigrate`` it sets *autostart*; it is refused in
+  ``finish-migrate`` ("Migration is not finalized yet") and after shutdown ("Resetting the
+  Virtual Machine is required").
+* ``quit`` replies first, then emits SHUTDOWN ``{"guest": false, "reason": "host-qmp-quit"}`` and
+  calls ``on_quit``.
+
+Events come from the machine's run-state listener, so they are right whoever changed the state
+(QMP, the migration code, the guest): RESUME on entering ``running``; STOP on leaving
+``running`` for a stopped state; SHUTDOWN on entering ``shutdown`` (reason ``guest-shutdown`` when
+the guest wrote its exit status, ``host-qmp-quit`` after ``quit``, else ``host-signal``).
+Run states are compared by their QEMU names (``RunState.value``).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from livemig.errors import LivemigError
+from livemig.qmp.commands import CommandRegistry, QMPError
+from livemig.qmp.server import QMPServer, call_after_reply
+
+# QEMU's runstate_needs_reset() states (we never run with -no-shutdown, so shutdown is final).
+_NEEDS_RESET = frozenset({"internal-error", "shutdown", "guest-panicked"})
+
+
+class _Machine(Protocol):
+    """What these commands use of ``livemig.machine.Machine``."""
+
+    @property
+    def runstate(self) -> Any: ...
+
+    @property
+    def vcpus(self) -> list[Any]: ...
+
+    @property
+    def exit_status(self) -> int | None: ...
+
+    def start(self) -> None: ...
+
+    def pause(self) -> None: ...
+
+    def resume(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+    def add_state_listener(self, cb: Callable[[Any, Any], None]) -> None: ...
+
+
+def _state_name(state: Any) -> str:
+    return str(getattr(state, "value", state))
+
+
+class MachineControl:
+    """The machine commands' state, returned by ``register_machine_commands``.
+
+    ``autostart`` is QEMU's flag of the same name: whether an incoming guest runs once migration
+    completes (``stop``/``cont`` in ``inmigrate`` clear/set it). The migration code reads it.
+    """
+
+    def __init__(
+        self,
+        machine: _Machine,
+        server: QMPServer,
+        on_quit: Callable[[], Any] | None,
+        autostart: bool,
+    ) -> None:
+        self.machine = machine
+        self.server = server
+        self.on_quit = on_quit if on_quit is not None else machine.shutdown
+        self.autostart = autostart
+        self.quit_requested = False
+        self._shutdown_sent = False
+        self._lock = threading.Lock()
+
+    # --- commands -------------------------------------------------------------------------------
+
+    def query_status(self) -> dict[str, Any]:
+        status = _state_name(self.machine.runstate)
+        return {"status": status, "singlestep": False, "running": status == "running"}
+
+    def stop(self) -> None:
+        status = _state_name(self.machine.runstate)
+        if status == "inmigrate":
+            self.autostart = False
+        elif status == "running":
+            self.machine.pause()
+
+    def cont(self) -> None:
+        status = _state_name(self.machine.runstate)
+        if status in _NEEDS_RESET:
+            raise QMPError("GenericError", "Resetting the Virtual Machine is required")
+        if status == "finish-migrate":
+            raise QMPError("GenericError", "Migration is not finalized yet")
+        if status == "inmigrate":
+            self.autostart = True
+        elif status == "prelaunch":
+            self.machine.start()
+        elif status != "running":
+            self.machine.resume()
+
+    def quit(self) -> None:
+        self.quit_requested = True
+        call_after_reply(self._do_quit)
+
+    def query_cpus_fast(self) -> list[dict[str, Any]]:
+        cpus = []
+        for vcpu in self.machine.vcpus:
+            index = vcpu.index
+            thread_id = vcpu.thread_id
+            cpus.append(
+                {
+                    # A vCPU not started yet has no thread; QEMU's always exists, so report
+                    # the process, which is where it will run.
+                    "thread-id": thread_id if thread_id is not None else os.getpid(),
+                    # QEMU's pc machine defaults -smp N to N sockets of one core, one thread.
+                    "props": {"core-id": 0, "thread-id": 0, "socket-id": index},
+                    "qom-path": f"/machine/unattached/device[{index}]",
+                    "cpu-index": index,
+                    "target": "x86_64",
+                }
+            )
+        return cpus
+
+    # --- events ---------------------------------------------------------------------------------
+
+    def on_state_change(self, old: Any, new: Any) -> None:
+        """Machine run-state listener: turn transitions into STOP / RESUME / SHUTDOWN."""
+        old_name, new_name = _state_name(old), _state_name(new)
+        if old_name == new_name:
+            return
+        if new_name == "shutdown":
+            if self.quit_requested:
+                self._emit_shutdown(guest=False, reason="host-qmp-quit")
+            elif self.machine.exit_status is not None:
+                self._emit_shutdown(guest=True, reason="guest-shutdown")
+            else:
+                self._emit_shutdown(guest=False, reason="host-signal")
+        elif new_name == "running":
+            self.server.emit_event("RESUME")
+        elif old_name == "running":
+            self.server.emit_event("STOP")
+
+    def _emit_shutdown(self, guest: bool, reason: str) -> None:
+        with self._lock:
+            if self._shutdown_sent:
+                return
+            self._shutdown_sent = True
+        self.server.emit_event("SHUTDOWN", {"guest": guest, "reason": reason})
+
+    def _do_quit(self) -> None:
+        # QEMU sends SHUTDOWN even when the machine is already down (e.g. the guest exited).
+        self._emit_shutdown(guest=False, reason="host-qmp-quit")
+        self.on_quit()
+
+
+def register_machine_commands(
+    registry: CommandRegistry,
+    machine: _Machine,
+    server: QMPServer,
+    on_quit: Callable[[], Any] | None = None,
+    autostart: bool = True,
+) -> MachineControl:
+    """Register the machine commands on ``registry`` and hook the machine's events to ``server``.
+
+    ``on_quit`` runs (in its own thread) after ``quit`` has been answered; by default it shuts
+    the machine down. ``autostart`` is the initial value of QEMU's flag (``False`` = ``-S``).
+    """
+    control = MachineControl(machine, server, on_quit, autostart)
+    version = server.version
+    package = server.package
+
+    def query_version() -> dict[str, Any]:
+        major, minor, micro = version
+        return {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": package}
+
+    def query_commands() -> list[dict[str, str]]:
+        return [{"name": name} for name in registry.names()]
+
+    commands: dict[str, Callable[..., Any]] = {
+        "query-status": control.query_status,
+        "stop": control.stop,
+        "cont": control.cont,
+        "quit": control.quit,
+        "query-version": query_version,
+        "query-commands": query_commands,
+        "query-cpus-fast": control.query_cpus_fast,
+    }
+    for name, handler in commands.items():
+        if name in registry:
+            raise LivemigError(f"QMP command '{name}' is already registered")
+        registry.add(name, handler)
+    machine.add_state_listener(control.on_state_change)
+    return control
