@@ -45,7 +45,7 @@ class UnknownLayoutError(StreamError):
     """A device section whose field layout is unknown (no description, no vmdesc entry)."""
 
 
-class _Need(Exception):  # noqa: N818 - control flow, never escapes
+class _Need(Exception):
     """Raised inside a parse step: ``total`` bytes from the record start are needed."""
 
     def __init__(self, total: int, what: str) -> None:
@@ -427,12 +427,12 @@ class Decoder:
         end += at
         if self.section_footers:
             avail = len(self._buf) - self._pos
-            if avail < end + 5 or (
+            short = avail < end + 5 or (
                 self._buf[self._pos + end] == C.QEMU_VM_SUBSECTION and avail < end + 2 + 255 + 4
-            ):
-                if not self._eof:
-                    # Not enough to see the footer, or maybe a subsection cut short.
-                    raise _Need(max(avail + 1, end + 5), f"device section {idstr!r}")
+            )
+            if short and not self._eof:
+                # Not enough to see the footer, or maybe a subsection cut short.
+                raise _Need(max(avail + 1, end + 5), f"device section {idstr!r}")
             self._check_footer(end, sid, f"device section {idstr!r}")
             end += 5
         self._pos += end

@@ -1,0 +1,213 @@
+"""Return-path messages (destination -> source, §6): a small sans-IO decoder and encoder.
+
+Each message is ``be16 type, be16 length, payload`` (payload at most 512 bytes); RECV_BITMAP is
+followed, outside its message, by ``be64 size, bitmap bytes, be64 0x0123456789ABCDEF``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from livemig.errors import StreamError
+from livemig.wire.constants import MAX_RP_PAYLOAD, RECV_BITMAP_ENDING, ReturnPathType
+from livemig.wire.events import NEED_DATA, _NeedData
+
+_HEAD = struct.Struct(">HH")
+
+
+class RPMessage:
+    """Base of return-path messages."""
+
+
+@dataclass(frozen=True)
+class Shut(RPMessage):
+    status: int = 0
+
+
+@dataclass(frozen=True)
+class Pong(RPMessage):
+    value: int
+
+
+@dataclass(frozen=True)
+class ReqPages(RPMessage):
+    """A page request; ``block`` set = REQ_PAGES_ID, None = REQ_PAGES (same block as before)."""
+
+    start: int
+    length: int
+    block: str | None = None
+
+
+@dataclass(frozen=True)
+class RecvBitmapReply(RPMessage):
+    """The destination's received bitmap of ``block`` (little-endian 64-bit words)."""
+
+    block: str
+    bitmap: bytes
+
+
+@dataclass(frozen=True)
+class ResumeAck(RPMessage):
+    value: int = 1
+
+
+@dataclass(frozen=True)
+class SwitchoverAck(RPMessage):
+    pass
+
+
+def encode_rp(msg: RPMessage) -> bytes:
+    """Wire form of one return-path message."""
+    T = ReturnPathType
+    if isinstance(msg, Shut):
+        return _HEAD.pack(T.SHUT, 4) + struct.pack(">I", msg.status)
+    if isinstance(msg, Pong):
+        return _HEAD.pack(T.PONG, 4) + struct.pack(">I", msg.value)
+    if isinstance(msg, ReqPages):
+        body = struct.pack(">QI", msg.start, msg.length)
+        if msg.block is None:
+            return _HEAD.pack(T.REQ_PAGES, 12) + body
+        name = msg.block.encode()
+        if len(name) > 255:
+            raise ValueError("block name longer than 255 bytes")
+        body += bytes((len(name),)) + name
+        return _HEAD.pack(T.REQ_PAGES_ID, len(body)) + body
+    if isinstance(msg, RecvBitmapReply):
+        name = msg.block.encode()
+        if len(msg.bitmap) % 8:
+            raise ValueError("a received bitmap is a whole number of 64-bit words")
+        head = _HEAD.pack(T.RECV_BITMAP, 1 + len(name)) + bytes((len(name),)) + name
+        tail = struct.pack(">Q", RECV_BITMAP_ENDING)
+        return head + struct.pack(">Q", len(msg.bitmap)) + bytes(msg.bitmap) + tail
+    if isinstance(msg, ResumeAck):
+        return _HEAD.pack(T.RESUME_ACK, 4) + struct.pack(">I", msg.value)
+    if isinstance(msg, SwitchoverAck):
+        return _HEAD.pack(T.SWITCHOVER_ACK, 0)
+    raise TypeError(f"not a return-path message: {msg!r}")
+
+
+class ReturnPathEncoder:
+    """Encodes return-path messages; emits REQ_PAGES_ID only when the block changes."""
+
+    def __init__(self) -> None:
+        self._last_block: str | None = None
+
+    def send(self, msg: RPMessage) -> bytes:
+        if isinstance(msg, ReqPages) and msg.block is not None:
+            if msg.block == self._last_block:
+                msg = ReqPages(msg.start, msg.length, None)
+            else:
+                self._last_block = msg.block
+        return encode_rp(msg)
+
+    def reset(self) -> None:
+        """After a postcopy recovery the first request names its block again."""
+        self._last_block = None
+
+
+class ReturnPathDecoder:
+    """Incremental decoder of the return path; ``max_bitmap`` caps a RECV_BITMAP body."""
+
+    def __init__(self, max_bitmap: int = 64 << 20) -> None:
+        self._buf = bytearray()
+        self._base = 0
+        self._eof = False
+        self._last_block: str | None = None
+        self.max_bitmap = max_bitmap
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            self._eof = True
+        else:
+            self._buf += data
+
+    def next_event(self) -> RPMessage | _NeedData:
+        msg = self._parse()
+        if msg is None:
+            if self._eof and self._buf:
+                raise StreamError(
+                    f"return path truncated: {len(self._buf)} bytes of an incomplete message",
+                    self._base,
+                )
+            return NEED_DATA
+        return msg
+
+    def events(self) -> list[RPMessage]:
+        out: list[RPMessage] = []
+        while (m := self.next_event()) is not NEED_DATA:
+            out.append(m)  # type: ignore[arg-type]
+        return out
+
+    def _parse(self) -> RPMessage | None:
+        buf = self._buf
+        if len(buf) < 4:
+            return None
+        kind, length = _HEAD.unpack_from(buf)
+        if length > MAX_RP_PAYLOAD:
+            raise StreamError(f"return-path message of {length} bytes (max 512)", self._base + 2)
+        if len(buf) < 4 + length:
+            return None
+        T = ReturnPathType
+        body = bytes(buf[4 : 4 + length])
+        used = 4 + length
+
+        def fixed(n: int, name: str) -> None:
+            if length != n:
+                raise StreamError(f"{name}: length {length}, expected {n}", self._base + 2)
+
+        msg: RPMessage
+        if kind == T.SHUT:
+            fixed(4, "SHUT")
+            msg = Shut(struct.unpack(">I", body)[0])
+        elif kind == T.PONG:
+            fixed(4, "PONG")
+            msg = Pong(struct.unpack(">I", body)[0])
+        elif kind == T.REQ_PAGES:
+            fixed(12, "REQ_PAGES")
+            if self._last_block is None:
+                raise StreamError("REQ_PAGES before any REQ_PAGES_ID named a block", self._base)
+            start, ln = struct.unpack(">QI", body)
+            msg = ReqPages(start, ln, self._last_block)
+        elif kind == T.REQ_PAGES_ID:
+            if length < 13 or body[12] != length - 13:
+                raise StreamError("REQ_PAGES_ID: block name length mismatch", self._base + 2)
+            start, ln = struct.unpack_from(">QI", body)
+            msg = ReqPages(start, ln, self._text(body[13:]))
+            self._last_block = msg.block
+        elif kind == T.RECV_BITMAP:
+            if length < 1 or body[0] != length - 1:
+                raise StreamError("RECV_BITMAP: block name length mismatch", self._base + 2)
+            name = self._text(body[1:])
+            if len(buf) < used + 8:
+                return None
+            size = struct.unpack_from(">Q", buf, used)[0]
+            if size > self.max_bitmap:
+                raise StreamError(f"RECV_BITMAP of {size} bytes is too large", self._base + used)
+            if len(buf) < used + 16 + size:
+                return None
+            bitmap = bytes(buf[used + 8 : used + 8 + size])
+            end = struct.unpack_from(">Q", buf, used + 8 + size)[0]
+            if end != RECV_BITMAP_ENDING:
+                raise StreamError(
+                    f"RECV_BITMAP end marker 0x{end:016x}", self._base + used + 8 + size
+                )
+            used += 16 + size
+            msg = RecvBitmapReply(name, bitmap)
+        elif kind == T.RESUME_ACK:
+            fixed(4, "RESUME_ACK")
+            msg = ResumeAck(struct.unpack(">I", body)[0])
+        elif kind == T.SWITCHOVER_ACK:
+            fixed(0, "SWITCHOVER_ACK")
+            msg = SwitchoverAck()
+        else:
+            raise StreamError(f"unknown return-path message type {kind}", self._base)
+        del buf[:used]
+        self._base += used
+        return msg
+
+    def _text(self, raw: bytes) -> str:
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise StreamError(f"block name {raw!r} is not text", self._base) from None
