@@ -6,7 +6,7 @@ numpy store in Python, a device hook) blocks in the kernel with the GIL held, so
 interpreter; the userfaultfd it inherited acts on the tracked process's memory from here.
 
 Protocol: argv carries the userfaultfd, the memfd holding two bitmaps (one byte per page,
-``2 × total pages``), the control socket, and ``host_addr:npages:offset`` per region. The
+``2 * total pages``), the control socket, and ``host_addr:npages:offset`` per region. The
 process is single-threaded, which is what makes sync atomic: it handles fault batches (mark the
 page in the *active* bitmap, then lift the protection, which wakes the writer) and control
 commands one at a time. ``S`` (sync): write-protect again every page marked in the active
