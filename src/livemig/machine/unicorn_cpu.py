@@ -1,0 +1,224 @@
+"""The unicorn vCPU backend: one ``Uc`` instance in x86-64 long mode per vCPU.
+
+unicorn is QEMU's TCG as a library. ``emu_start`` releases the GIL, so each vCPU runs in its
+own thread in parallel; ``emu_stop`` from another thread makes it return at the next
+translation-block boundary, which is an instruction boundary, and the rip read afterwards is
+the next instruction to execute, so a later ``run`` resumes without losing or repeating one.
+``hlt`` also makes ``emu_start`` return, with rip after the ``hlt``; the two are told apart by
+whether ``stop`` was called.
+
+unicorn exposes only the selector of CS/DS/ES/SS and the base of FS/GS; the rest of their
+hidden parts stay at the backend's long-mode reset values (base 0, limit 0, flags 0: in 64-bit
+mode the CPU ignores them), and a flat 64-bit guest cannot change them without a GDT. The state
+read here reports exactly those values, and ``set_state`` refuses any other.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc, UcError
+from unicorn import x86_const as x
+
+from livemig.errors import MachineError
+from livemig.machine.cpu import (
+    EXIT_ERROR,
+    EXIT_HALTED,
+    EXIT_STOPPED,
+    MSRS,
+    SEGMENT_NAMES,
+    CPUState,
+    PortRead,
+    PortWrite,
+    SegmentCache,
+)
+
+_GPRS = [
+    x.UC_X86_REG_RAX, x.UC_X86_REG_RCX, x.UC_X86_REG_RDX, x.UC_X86_REG_RBX,
+    x.UC_X86_REG_RSP, x.UC_X86_REG_RBP, x.UC_X86_REG_RSI, x.UC_X86_REG_RDI,
+    x.UC_X86_REG_R8, x.UC_X86_REG_R9, x.UC_X86_REG_R10, x.UC_X86_REG_R11,
+    x.UC_X86_REG_R12, x.UC_X86_REG_R13, x.UC_X86_REG_R14, x.UC_X86_REG_R15,
+]  # fmt: skip
+_SEGS = [
+    x.UC_X86_REG_ES, x.UC_X86_REG_CS, x.UC_X86_REG_SS,
+    x.UC_X86_REG_DS, x.UC_X86_REG_FS, x.UC_X86_REG_GS,
+]  # fmt: skip
+_CRS = [x.UC_X86_REG_CR0, x.UC_X86_REG_CR2, x.UC_X86_REG_CR3, x.UC_X86_REG_CR4, x.UC_X86_REG_CR8]
+_DRS = [getattr(x, f"UC_X86_REG_DR{i}") for i in range(8)]
+_FPREGS = [getattr(x, f"UC_X86_REG_FP{i}") for i in range(8)]
+_XMMS = [getattr(x, f"UC_X86_REG_XMM{i}") for i in range(16)]
+_FS, _GS = SEGMENT_NAMES.index("fs"), SEGMENT_NAMES.index("gs")
+_UNTIL_NEVER = 0xFFFF_FFFF_FFFF_FFFF
+
+
+class UnicornCPU:
+    """A ``CPUBackend`` on unicorn: one x86-64 vCPU."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._stop_requested = False
+        self._hook_error: BaseException | None = None
+        self._lock = threading.Lock()
+        # unicorn's reset leaves FPCW and MXCSR at 0 (all exceptions unmasked); a real CPU
+        # resets them to these values and compilers assume them.
+        self._uc.reg_write(x.UC_X86_REG_FPCW, 0x37F)
+        self._uc.reg_write(x.UC_X86_REG_MXCSR, 0x1F80)
+
+    def map_ram(self, gpa: int, size: int, host_addr: int) -> None:
+        try:
+            self._uc.mem_map_ptr(gpa, size, UC_PROT_ALL, host_addr)
+        except UcError as exc:
+            raise MachineError(
+                f"vCPU {self.index}: cannot map {size:#x} bytes of RAM at gpa {gpa:#x}: {exc}"
+            ) from exc
+
+    def set_port_io(self, read: PortRead, write: PortWrite) -> None:
+        index = self.index
+
+        def on_in(uc: Uc, port: int, size: int, _user: object) -> int:
+            try:
+                return read(index, port, size)
+            except BaseException as exc:  # a device bug must not vanish inside ctypes
+                self._fail_in_hook(exc)
+                return 0
+
+        def on_out(uc: Uc, port: int, size: int, value: int, _user: object) -> None:
+            try:
+                write(index, port, size, value)
+            except BaseException as exc:
+                self._fail_in_hook(exc)
+
+        self._uc.hook_add(UC_HOOK_INSN, on_in, None, 1, 0, x.UC_X86_INS_IN)
+        self._uc.hook_add(UC_HOOK_INSN, on_out, None, 1, 0, x.UC_X86_INS_OUT)
+
+    def _fail_in_hook(self, exc: BaseException) -> None:
+        self._hook_error = exc
+        self._uc.emu_stop()
+
+    def run(self) -> tuple[str, str | None]:
+        uc = self._uc
+        rip = uc.reg_read(x.UC_X86_REG_RIP)
+        try:
+            uc.emu_start(rip, _UNTIL_NEVER)
+        except UcError as exc:
+            rip = uc.reg_read(x.UC_X86_REG_RIP)
+            return EXIT_ERROR, f"vCPU {self.index}: {exc} at rip {rip:#x}"
+        if self._hook_error is not None:
+            err, self._hook_error = self._hook_error, None
+            return EXIT_ERROR, f"vCPU {self.index}: device error: {err!r}"
+        with self._lock:
+            stopped, self._stop_requested = self._stop_requested, False
+        return (EXIT_STOPPED, None) if stopped else (EXIT_HALTED, None)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop_requested = True
+        self._uc.emu_stop()
+
+    def clear_stop(self) -> None:
+        """Forget a stop request that arrived while not running (the caller re-checks flags)."""
+        with self._lock:
+            self._stop_requested = False
+
+    # -- state --------------------------------------------------------------------------------
+
+    def get_state(self) -> CPUState:
+        uc = self._uc
+        rd = uc.reg_read
+        segs = [SegmentCache(selector=rd(r)) for r in _SEGS]
+        segs[_FS].base = rd(x.UC_X86_REG_FS_BASE)
+        segs[_GS].base = rd(x.UC_X86_REG_GS_BASE)
+        return CPUState(
+            index=self.index,
+            regs=[rd(r) for r in _GPRS],
+            rip=rd(x.UC_X86_REG_RIP),
+            rflags=rd(x.UC_X86_REG_RFLAGS),
+            segs=segs,
+            ldt=_mmr(rd(x.UC_X86_REG_LDTR)),
+            tr=_mmr(rd(x.UC_X86_REG_TR)),
+            gdt=_mmr(rd(x.UC_X86_REG_GDTR)),
+            idt=_mmr(rd(x.UC_X86_REG_IDTR)),
+            cr=[rd(r) for r in _CRS],
+            dr=[rd(r) for r in _DRS],
+            msrs={name: uc.msr_read(msr) for name, msr in MSRS.items()},
+            fpuc=rd(x.UC_X86_REG_FPCW),
+            fpus=rd(x.UC_X86_REG_FPSW),
+            fptag=rd(x.UC_X86_REG_FPTAG),
+            fpop=rd(x.UC_X86_REG_FOP),
+            fpip=rd(x.UC_X86_REG_FIP),
+            fpdp=rd(x.UC_X86_REG_FDP),
+            fpcs=rd(x.UC_X86_REG_FCS),
+            fpds=rd(x.UC_X86_REG_FDS),
+            fpregs=[tuple(rd(r)) for r in _FPREGS],  # type: ignore[misc]
+            xmm=[rd(r) for r in _XMMS],
+            mxcsr=rd(x.UC_X86_REG_MXCSR),
+        )
+
+    def set_state(self, state: CPUState) -> None:
+        try:
+            self._set_state(state)
+        except UcError as exc:
+            raise MachineError(f"vCPU {self.index}: cannot load CPU state: {exc}") from exc
+
+    def _set_state(self, s: CPUState) -> None:
+        uc = self._uc
+        wr = uc.reg_write
+        for name, seg in zip(SEGMENT_NAMES, s.segs, strict=True):
+            movable_base = name in ("fs", "gs")
+            if seg.limit or seg.flags or (seg.base and not movable_base):
+                raise MachineError(
+                    f"vCPU {self.index}: segment {name} has hidden state {seg} that the unicorn "
+                    "backend cannot load (it keeps the flat long-mode descriptors)"
+                )
+        # Control registers and EFER first: they decide how the rest is interpreted.
+        for reg, value in zip(_CRS, s.cr, strict=True):
+            wr(reg, value)
+        for name, msr in MSRS.items():
+            uc.msr_write(msr, s.msrs[name])
+        for reg, value in zip(_DRS, s.dr, strict=True):
+            wr(reg, value)
+        for reg, value in zip(_GPRS, s.regs, strict=True):
+            wr(reg, value)
+        wr(x.UC_X86_REG_RFLAGS, s.rflags)
+        # Writing an FS/GS selector reloads its base, so the bases go after the selectors.
+        for reg, seg in zip(_SEGS, s.segs, strict=True):
+            wr(reg, seg.selector)
+        wr(x.UC_X86_REG_FS_BASE, s.segs[_FS].base)
+        wr(x.UC_X86_REG_GS_BASE, s.segs[_GS].base)
+        wr(x.UC_X86_REG_LDTR, _tuple(s.ldt))
+        wr(x.UC_X86_REG_TR, _tuple(s.tr))
+        wr(x.UC_X86_REG_GDTR, _tuple(s.gdt))
+        wr(x.UC_X86_REG_IDTR, _tuple(s.idt))
+        for reg, (mant, exp) in zip(_FPREGS, s.fpregs, strict=True):
+            wr(reg, (mant, exp))
+        wr(x.UC_X86_REG_FPCW, s.fpuc)
+        wr(x.UC_X86_REG_FPSW, s.fpus)
+        wr(x.UC_X86_REG_FPTAG, s.fptag)
+        wr(x.UC_X86_REG_FOP, s.fpop)
+        wr(x.UC_X86_REG_FIP, s.fpip)
+        wr(x.UC_X86_REG_FDP, s.fpdp)
+        wr(x.UC_X86_REG_FCS, s.fpcs)
+        wr(x.UC_X86_REG_FDS, s.fpds)
+        for reg, value in zip(_XMMS, s.xmm, strict=True):
+            wr(reg, value)
+        wr(x.UC_X86_REG_MXCSR, s.mxcsr)
+        wr(x.UC_X86_REG_RIP, s.rip)
+
+    def flush_translations(self) -> None:
+        self._uc.ctl_flush_tb()
+
+    def close(self) -> None:
+        # Dropping the last reference frees the engine; unmapping first keeps unicorn from
+        # touching host memory that the machine is about to unmap.
+        for begin, end, _perms in list(self._uc.mem_regions()):
+            self._uc.mem_unmap(begin, end - begin + 1)
+
+
+def _mmr(value: tuple[int, int, int, int]) -> SegmentCache:
+    selector, base, limit, flags = value
+    return SegmentCache(selector=selector, base=base, limit=limit, flags=flags)
+
+
+def _tuple(seg: SegmentCache) -> tuple[int, int, int, int]:
+    return (seg.selector, seg.base, seg.limit, seg.flags)
