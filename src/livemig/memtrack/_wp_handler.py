@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 
-from livemig.memtrack._sys import PAGE_SHIFT, PAGE_SIZE
+from livemig.memtrack._sys import PAGE_SHIFT
 from livemig.memtrack.uffd import Userfaultfd
 
 PR_SET_PDEATHSIG = 1
@@ -48,15 +48,29 @@ class _Handler:
         return offset + page if page < npages else None
 
     def on_faults(self) -> None:
+        pages = set()
         for ev in self.uffd.read_events():
             if not ev.is_pagefault:
                 continue
             index = self._locate(ev.address)
-            if index is None:
+            if index is not None:
+                # Mark before unprotecting: once unprotected, a sync could otherwise miss it.
+                self.bitmaps[self.active + index] = 1
+                pages.add(ev.address >> PAGE_SHIFT)
+        # Lift the protections of the batch in runs of adjacent pages: one ioctl per run.
+        run_start = prev = None
+        for page in sorted(pages):
+            if prev is not None and page == prev + 1:
+                prev = page
                 continue
-            # Mark before unprotecting: once unprotected, a sync could otherwise miss the page.
-            self.bitmaps[self.active + index] = 1
-            self.uffd.writeprotect(ev.address & ~(PAGE_SIZE - 1), PAGE_SIZE, False)
+            if run_start is not None:
+                self._unprotect(run_start, prev)
+            run_start = prev = page
+        if run_start is not None:
+            self._unprotect(run_start, prev)
+
+    def _unprotect(self, first: int, last: int) -> None:
+        self.uffd.writeprotect(first << PAGE_SHIFT, (last - first + 1) << PAGE_SHIFT, False)
 
     def on_sync(self) -> None:
         bm, base = self.bitmaps, self.active
