@@ -22,11 +22,12 @@ CAPABILITIES = (
     "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
     "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
     "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit", "mapped-ram",
+    "x-verify",
 )  # fmt: skip
 
 # What this build of livemig really implements; the rest are listed but refused.
 SUPPORTED_CAPABILITIES = frozenset(
-    {"auto-converge", "events", "return-path", "pause-before-switchover", "validate-uuid"}
+    {"auto-converge", "events", "return-path", "pause-before-switchover", "x-verify"}
 )
 
 # (capability, needs) and (capability, conflicts with) pairs, checked when set.

@@ -1,0 +1,136 @@
+"""``livemig migrate``: drive a live migration of a running process over QMP, with progress.
+
+The source is any QMP server speaking QEMU's migration commands (a ``livemig run`` process or a
+QEMU). Capabilities and parameters are set first, then ``migrate``; progress is polled from
+``query-migrate`` until a final state. Ctrl-C cancels the migration (the guest keeps running on
+the source). ``--json`` prints the final ``query-migrate`` reply plus ``"verified"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+
+from livemig.errors import UsageError
+from livemig.report.progress import follow, summary_table
+from livemig.transport import parse_uri
+
+
+def _param(text: str) -> tuple[str, Any]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    low = value.lower()
+    if low in ("on", "true", "yes"):
+        return name, True
+    if low in ("off", "false", "no"):
+        return name, False
+    try:
+        return name, int(value)
+    except ValueError:
+        pass
+    from livemig.units import parse_size
+
+    if name in ("max-bandwidth", "xbzrle-cache-size", "max-postcopy-bandwidth",
+                "avail-switchover-bandwidth"):  # fmt: skip
+        return name, parse_size(value, name)
+    return name, value
+
+
+def _cap(text: str) -> tuple[str, bool]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        return name, True
+    if value.lower() not in ("on", "off", "true", "false"):
+        raise argparse.ArgumentTypeError(f"capability {name!r}: expected on or off")
+    return name, value.lower() in ("on", "true")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("migrate", help="migrate a running guest live (over QMP)",
+                       description=__doc__.split("\n\n")[0])  # fmt: skip
+    p.add_argument("uri", help="destination: tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH")
+    p.add_argument("--qmp", required=True, help="QMP of the source: unix:PATH or tcp:HOST:PORT")
+    p.add_argument(
+        "--set",
+        dest="params",
+        action="append",
+        type=_param,
+        default=[],
+        metavar="PARAM=VALUE",
+        help="migration parameter, e.g. downtime-limit=50 max-bandwidth=1G",
+    )
+    p.add_argument(
+        "--cap",
+        dest="caps",
+        action="append",
+        type=_cap,
+        default=[],
+        metavar="NAME[=on|off]",
+        help="migration capability, e.g. auto-converge",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="hash every RAM block on both sides at switch-over and compare",
+    )
+    p.add_argument(
+        "--no-return-path",
+        action="store_true",
+        help="do not ask the destination to confirm (return-path capability)",
+    )
+    p.add_argument("--json", action="store_true", help="print the final result as JSON")
+    p.add_argument(
+        "--timeout", type=float, default=None, help="cancel if not finished after this many seconds"
+    )
+    p.add_argument("--interval", type=float, default=0.2, help="progress poll interval (s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from livemig.qmp.client import QMPConnection
+
+    uri = parse_uri(args.uri)
+    console = Console(stderr=True)
+    caps = dict(args.caps)
+    if uri.has_return_path and not args.no_return_path:
+        caps.setdefault("return-path", True)
+    if args.verify:
+        caps["x-verify"] = True
+        if not uri.has_return_path or args.no_return_path:
+            raise UsageError("--verify needs a return path (a tcp:, unix: or fd: URI)")
+    with QMPConnection(args.qmp).connect() as qmp:
+        if caps:
+            qmp.command("migrate-set-capabilities", capabilities=[
+                {"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
+        if args.params:
+            qmp.command("migrate-set-parameters", **dict(args.params))
+        qmp.command("migrate", uri=args.uri)
+        try:
+            info = follow(lambda: qmp.command("query-migrate"), interval=args.interval,
+                          timeout=args.timeout, console=console, quiet=args.json)  # fmt: skip
+            if info.get("status") not in ("completed", "failed", "cancelled"):
+                console.print("[yellow]time-out: cancelling the migration[/]")
+                qmp.command("migrate_cancel")
+                info = follow(lambda: qmp.command("query-migrate"), quiet=True, timeout=30)
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: cancelling the migration[/]")
+            qmp.command("migrate_cancel")
+            info = follow(lambda: qmp.command("query-migrate"), quiet=True, timeout=30)
+    verified = info.get("x-verified") if args.verify else None
+    if args.json:
+        out = dict(info)
+        if args.verify:
+            out["verified"] = bool(verified)
+        json.dump(out, sys.stdout, indent=2, sort_keys=True)
+        print()
+    else:
+        extra = {"verified": "yes, RAM identical" if verified else "NO"} if args.verify else None
+        if "x-dirty-tracker" in info:
+            extra = {**(extra or {}), "dirty tracker": info["x-dirty-tracker"]}
+        Console().print(summary_table(info, extra))
+    return 0 if info.get("status") == "completed" else 1

@@ -1,0 +1,62 @@
+"""Auto-converge: throttle the guest's vCPUs while it dirties memory faster than we send it.
+
+QEMU's rule (``mig_throttle_guest_down`` and its trigger in ``migration_trigger_throttle``): at a
+dirty-bitmap sync at least one second after the previous period, if the bytes dirtied in the
+period exceed ``throttle-trigger-threshold`` percent of the bytes sent in it, count a "high"
+period; on the second one, reset the count and raise the throttle: ``cpu-throttle-initial``
+first, then ``cpu-throttle-increment`` more each time (with ``cpu-throttle-tailslow``, less as
+the remaining excess shrinks), never above ``max-cpu-throttle``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from livemig.machine.abi import PAGE_SIZE
+
+PERIOD = 1.0
+HIGH_PERIODS_TO_THROTTLE = 2
+
+
+class AutoConverge:
+    """Decides the throttle percentage, one call per sync."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.percentage = 0
+        self._high = 0
+        self._period_start = time.monotonic()
+        self._sent_at_start = 0
+        self._dirty_pages = 0
+
+    def on_sync(self, transferred: int, new_dirty_pages: int, now: float | None = None) -> int:
+        """Account a sync that found ``new_dirty_pages``; returns the throttle (percent)."""
+        now = time.monotonic() if now is None else now
+        self._dirty_pages += new_dirty_pages
+        if now - self._period_start < PERIOD:
+            return self.percentage
+        dirtied = self._dirty_pages * PAGE_SIZE
+        sent = transferred - self._sent_at_start
+        self._period_start = now
+        self._sent_at_start = transferred
+        self._dirty_pages = 0
+        if dirtied > sent * self.params["throttle-trigger-threshold"] / 100:
+            self._high += 1
+            if self._high >= HIGH_PERIODS_TO_THROTTLE:
+                self._high = 0
+                self._raise(dirtied, sent)
+        return self.percentage
+
+    def _raise(self, dirtied: int, sent: int) -> None:
+        p = self.params
+        if self.percentage == 0:
+            new = p["cpu-throttle-initial"]
+        else:
+            inc = p["cpu-throttle-increment"]
+            if p["cpu-throttle-tailslow"] and dirtied > 0:
+                cpu_now = 100 - self.percentage
+                threshold_bytes = sent * p["throttle-trigger-threshold"] / 100
+                inc = max(1, min(inc, int(cpu_now * (1 - threshold_bytes / dirtied))))
+            new = self.percentage + inc
+        self.percentage = min(new, p["max-cpu-throttle"])

@@ -1,0 +1,257 @@
+"""The destination: accept an incoming migration, load it, and start the guest.
+
+Theory of operation (QEMU: ``process_incoming_migration_co``, ``qemu_loadvm_state``): listen on
+the URI; on connection go ``active`` and feed the channel's bytes to the sans-IO decoder;
+RAM page batches are copied into their RAMBlocks (bounds checked), FULL sections are kept until
+EOF, then the vCPUs and devices are restored all at once and the guest starts if the source's
+global state says it was running (unless the destination was started paused, QEMU's ``-S``).
+With a return path the destination answers PINGs and ends with SHUT(0), or SHUT(1) on a load
+error, which tells the source to keep its guest.
+
+A malformed stream fails the migration with the decoder's message (it names the stream
+offset); nothing outside guest RAM is written, and every read has a time-out.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from livemig.errors import LivemigError, StreamError
+from livemig.machine.runstate import RunState
+from livemig.migration.source import MACHINE_TYPE, VERIFY_IDSTR, ram_hashes, verify_vmsd
+from livemig.migration.state import MigrationState, MigrationStatus
+from livemig.savevm.devices import decode_globalstate, descriptions, machine_entries
+from livemig.savevm.ram import RamLoader
+from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener
+from livemig.wire import events as E
+from livemig.wire import returnpath as RP
+from livemig.wire.decoder import Decoder
+
+log = logging.getLogger(__name__)
+
+RECV_CHUNK = 1 << 20
+VMDESC_WAIT = 2.0  # seconds to wait for the optional vmdesc after EOF
+
+
+class IncomingMigration:
+    """One incoming migration into this process's (``inmigrate``) machine."""
+
+    def __init__(
+        self,
+        machine: Any,
+        uri: str,
+        state: MigrationState,
+        params: dict[str, Any],
+        *,
+        autostart: bool | Callable[[], bool] = True,
+        emit: Any = None,
+        on_done: Any = None,
+    ) -> None:
+        self.machine = machine
+        self.state = state
+        self.params = params
+        # QMP stop/cont during inmigrate change QEMU's autostart flag: read it at the end.
+        self._autostart = autostart if callable(autostart) else (lambda: autostart)
+        self.emit = emit or (lambda name, data=None: None)
+        self.on_done = on_done or (lambda ok: None)
+        self.timeout = params["x-io-timeout"] / 1000
+        self.listener = Listener(uri, timeout=self.timeout)
+        self.uri = self.listener.address
+        self.channel: Channel | None = None
+        self.loader = RamLoader(machine.ram_blocks)
+        self.entries = machine_entries(machine)
+        self._by_key = {(e.idstr, e.instance_id): e for e in self.entries}
+        self._states: list[tuple[Any, dict[str, Any]]] = []
+        self._runstate = "running"
+        self._return_path = False
+        self._rp_lock = threading.Lock()
+        self._rp_encoder = RP.ReturnPathEncoder()
+        self._cancel = threading.Event()
+        self.verify: dict[str, Any] | None = None
+        self.source_hashes: dict[str, str] | None = None
+        self.timeline: dict[str, float] = {}
+        self.thread = threading.Thread(target=self._run, name="incoming", daemon=True)
+        if state.status == MigrationStatus.NONE:
+            state.move(MigrationStatus.SETUP)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        if self.channel is not None:
+            self.channel.shutdown()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        ok = False
+        try:
+            self.channel = self._accept()
+            self.timeline["connected"] = time.monotonic()
+            self.state.move(MigrationStatus.ACTIVE)
+            self._load()
+            ok = True
+        except (LivemigError, OSError) as exc:
+            reason = "cancelled" if self._cancel.is_set() else str(exc)
+            log.warning("incoming migration failed: %s", reason)
+            self._shut(1)
+            self.state.try_move(self.state.status, MigrationStatus.FAILED, error=reason)
+        except BaseException as exc:
+            log.exception("incoming migration crashed")
+            self._shut(1)
+            self.state.try_move(self.state.status, MigrationStatus.FAILED,
+                                error=f"internal error: {exc!r}")  # fmt: skip
+        finally:
+            if self.channel is not None:
+                self.channel.close()
+            self.listener.close()
+            self.on_done(ok)
+
+    def _accept(self) -> Channel:
+        while True:
+            if self._cancel.is_set():
+                raise ChannelError("incoming migration cancelled before a connection")
+            try:
+                return self.listener.accept(timeout=0.2)
+            except ChannelTimeout:
+                continue
+
+    def _shut(self, status: int) -> None:
+        if self._return_path and self.channel is not None:
+            try:
+                self._send_rp(RP.Shut(status))
+            except ChannelError:
+                pass
+
+    def _send_rp(self, msg: Any) -> None:
+        assert self.channel is not None
+        with self._rp_lock:
+            self.channel.send(self._rp_encoder.send(msg))
+
+    def _load(self) -> None:
+        ch = self.channel
+        assert ch is not None
+        dec = Decoder(devices={**descriptions(self.entries),
+                               VERIFY_IDSTR: verify_vmsd(self.machine.ram_blocks)},
+                      block_sizes=self.loader.block_sizes())  # fmt: skip
+        buf = bytearray(RECV_CHUNK)
+        view = memoryview(buf)
+        eof_at: float | None = None
+        done = False
+        while not done:
+            if eof_at is not None:
+                ch.timeout = max(0.01, eof_at + VMDESC_WAIT - time.monotonic())
+            try:
+                n = ch.recv_into(view)
+            except ChannelTimeout:
+                if eof_at is not None:
+                    break  # no vmdesc: fine
+                raise
+            if n == 0:
+                dec.receive_data(b"")
+            else:
+                dec.receive_data(view[:n])
+            for ev in dec.events():
+                if isinstance(ev, E.Eof):
+                    eof_at = time.monotonic()
+                    self.timeline["eof"] = eof_at
+                    self._finish_load()
+                    if not self._return_path and ch.is_socket is False and n == 0:
+                        done = True
+                elif isinstance(ev, E.VMDescription):
+                    done = True
+                else:
+                    self._handle(ev, dec)
+            if n == 0:
+                if eof_at is None:
+                    raise StreamError("stream ended before EOF", dec.offset)
+                break
+        self._start_guest()
+
+    def _handle(self, ev: Any, dec: Decoder) -> None:
+        if isinstance(ev, E.RamPages):
+            self.loader.load_pages(ev.block, ev.offsets, ev.data)
+        elif isinstance(ev, E.RamZeroPages):
+            self.loader.load_zero(ev.block, ev.offsets, ev.fill)
+        elif isinstance(ev, E.SectionFull):
+            self._on_full(ev, dec)
+        elif isinstance(ev, E.RamSetup):
+            self.loader.check_setup(ev.blocks, dec.offset)
+        elif isinstance(ev, E.Configuration):
+            if ev.machine_type != MACHINE_TYPE:
+                raise StreamError(f"machine type {ev.machine_type!r} does not match this "
+                                  f"machine ({MACHINE_TYPE!r})", dec.offset)  # fmt: skip
+        elif isinstance(ev, E.OpenReturnPath):
+            if not self.channel or not self.channel.is_socket:
+                raise StreamError("OPEN_RETURN_PATH on a channel without a return path",
+                                  dec.offset)  # fmt: skip
+            self._return_path = True
+        elif isinstance(ev, E.Ping):
+            if not self._return_path:
+                raise StreamError("PING without a return path", dec.offset)
+            self._send_rp(RP.Pong(ev.value))
+        elif isinstance(ev, E.SectionStart):
+            if ev.idstr != "ram":
+                raise StreamError(f"unexpected iterative section {ev.idstr!r}", dec.offset)
+        elif isinstance(ev, (E.Header, E.SectionPart, E.SectionEnd, E.SectionFooter, E.RamEos)):
+            pass
+        else:
+            raise StreamError(f"{type(ev).__name__} is not supported in a pre-copy stream",
+                              dec.offset)  # fmt: skip
+
+    def _on_full(self, ev: Any, dec: Decoder) -> None:
+        if ev.idstr == "globalstate":
+            self._runstate = decode_globalstate(ev.state)
+            return
+        if ev.idstr == VERIFY_IDSTR:
+            self.source_hashes = {k: bytes(v).hex() for k, v in ev.state.items()}
+            return
+        entry = self._by_key.get((ev.idstr, ev.instance_id))
+        if entry is None:
+            raise StreamError(f"section {ev.idstr!r} instance {ev.instance_id} has no device "
+                              "here", dec.offset)  # fmt: skip
+        self._states.append((entry, ev.state))
+
+    def _finish_load(self) -> None:
+        for entry, state in self._states:
+            try:
+                entry.load(state)
+            except (KeyError, ValueError, TypeError) as exc:
+                raise StreamError(f"section {entry.idstr!r}: state does not load: {exc}") from exc
+        self.machine.invalidate_translations()
+        if self.source_hashes is not None:
+            mine = ram_hashes(self.machine.ram_blocks)
+            equal = mine == self.source_hashes
+            self.verify = {"equal": equal, "source": self.source_hashes, "destination": mine}
+            if not equal:
+                bad = [k for k in mine if mine[k] != self.source_hashes.get(k)]
+                raise StreamError(f"verification failed: RAM blocks differ: {', '.join(bad)}")
+
+    def _start_guest(self) -> None:
+        m = self.machine
+        if self._runstate == "running" and self._autostart():
+            m.set_runstate(RunState.RUNNING)
+        else:
+            m.set_runstate(RunState.PAUSED)
+        self.timeline["resumed"] = time.monotonic()
+        self.state.move(MigrationStatus.COMPLETED)
+        self._shut(0)
+
+    def query(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"status": self.state.status.value}
+        if self.state.status == MigrationStatus.SETUP:
+            out["socket-address"] = [self.uri]
+        if self.state.status == MigrationStatus.FAILED and self.state.error:
+            out["error-desc"] = self.state.error
+        if self.verify is not None:
+            out["x-verify"] = {"equal": self.verify["equal"]}
+        return out

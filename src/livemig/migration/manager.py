@@ -1,0 +1,226 @@
+"""The migration object of one livemig process, and its QMP commands.
+
+Like QEMU's ``MigrationState`` singleton, it owns the capabilities and parameters, the source
+and destination state machines, and at most one outgoing and one incoming migration at a time.
+``register_migration_commands`` exposes it over QMP with QEMU's command names, arguments and
+error messages; MIGRATION and MIGRATION_PASS events go out when capability ``events`` is on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from livemig.errors import LivemigError, UsageError
+from livemig.machine.runstate import RunState
+from livemig.migration.destination import IncomingMigration
+from livemig.migration.options import PARAMETERS, Capabilities, Parameters
+from livemig.migration.source import OutgoingMigration, SourceConfig
+from livemig.migration.state import RUNNING, MigrationState, MigrationStatus
+from livemig.transport import parse_uri
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[..., None]
+
+
+class MigrationManager:
+    """Capabilities, parameters, and the current outgoing / incoming migration."""
+
+    def __init__(
+        self, machine: Any, emit: Emit | None = None, autostart: Callable[[], bool] | None = None
+    ) -> None:
+        self.machine = machine
+        self.caps = Capabilities()
+        self.params = Parameters()
+        self._emit = emit or (lambda name, data=None: None)
+        self._autostart = autostart or (lambda: True)
+        self.source = MigrationState("source")
+        self.dest = MigrationState("destination")
+        self.outgoing: OutgoingMigration | None = None
+        self.incoming: IncomingMigration | None = None
+        self.incoming_deferred = False
+        self._lock = threading.Lock()
+        self._done_callbacks: list[Callable[[str, bool], None]] = []
+        for st in (self.source, self.dest):
+            st.add_listener(self._on_status)
+
+    def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
+        self._emit(name, data)
+
+    def _on_status(self, old: MigrationStatus, new: MigrationStatus) -> None:
+        if "events" in self.caps:
+            self.emit("MIGRATION", {"status": new.value})
+
+    def _emit_pass(self, name: str, data: dict[str, Any] | None = None) -> None:
+        if name != "MIGRATION_PASS" or "events" in self.caps:
+            self.emit(name, data)
+
+    def on_done(self, cb: Callable[[str, bool], None]) -> None:
+        """``cb(side, ok)`` when a migration on ``side`` ends (for ``exit-on-error``, demo)."""
+        self._done_callbacks.append(cb)
+
+    def _busy(self) -> bool:
+        return self.source.status in RUNNING or self.dest.status in RUNNING
+
+    # -- source ----------------------------------------------------------------------------
+
+    def migrate(
+        self,
+        uri: str,
+        resume: bool = False,
+        detach: bool = True,
+        blk: bool = False,
+        inc: bool = False,
+        verify: bool | None = None,
+    ) -> None:
+        if blk or inc:
+            raise UsageError("block migration (blk/inc) is not supported: livemig has no disks")
+        if resume:
+            raise UsageError("Cannot resume if there is no paused migration")
+        state = self.machine.runstate
+        if state in (RunState.INMIGRATE, RunState.POSTMIGRATE):
+            raise UsageError(f"Guest is waiting for an incoming migration or has migrated "
+                             f"already (run state {state.value}): migrate refused")  # fmt: skip
+        if state in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
+            raise UsageError(f"The guest is not running (run state {state.value})")
+        with self._lock:
+            if self._busy():
+                raise UsageError("There's a migration process in progress")
+            parse_uri(uri)
+            config = SourceConfig(
+                uri=uri,
+                capabilities=self.caps.enabled(),
+                params=self.params.query(),
+                verify=("x-verify" in self.caps) if verify is None else verify,
+            )
+            self.source.move(MigrationStatus.SETUP)
+            self.outgoing = OutgoingMigration(self.machine, config, self.source,
+                                              emit=self._emit_pass)  # fmt: skip
+            self.outgoing.start()
+            threading.Thread(target=self._watch_outgoing, args=(self.outgoing,),
+                             name="migration watcher", daemon=True).start()  # fmt: skip
+
+    def _watch_outgoing(self, mig: OutgoingMigration) -> None:
+        mig.join()
+        ok = self.source.status == MigrationStatus.COMPLETED
+        for cb in list(self._done_callbacks):
+            cb("source", ok)
+
+    def cancel(self) -> None:
+        """``migrate_cancel``: idempotent, valid in every state."""
+        mig = self.outgoing
+        if mig is None:
+            return
+        st = self.source
+        if st.status in RUNNING and st.status != MigrationStatus.CANCELLING:
+            st.try_move(frozenset({st.status}), MigrationStatus.CANCELLING)
+        mig.cancel()
+
+    def migrate_continue(self, state: str) -> None:
+        if self.source.status.value != state:
+            raise UsageError(f"Migration not in expected state: {self.source.status.value}")
+        if self.outgoing is not None:
+            self.outgoing.continue_()
+
+    # -- destination -------------------------------------------------------------------------
+
+    def incoming_start(self, uri: str, exit_on_error: bool = True) -> str:
+        """Listen for an incoming migration (``-incoming URI`` or ``migrate-incoming``)."""
+        if self.machine.runstate != RunState.INMIGRATE:
+            raise UsageError("'-incoming' was not specified on the command line")
+        with self._lock:
+            if self.incoming is not None:
+                raise UsageError("The incoming migration has already been started")
+            parse_uri(uri)
+            self.exit_on_error = exit_on_error
+            self.incoming = IncomingMigration(
+                self.machine, uri, self.dest, self.params.query(),
+                autostart=self._autostart, emit=self.emit, on_done=self._incoming_done,
+            )  # fmt: skip
+            self.incoming.start()
+            return self.incoming.uri
+
+    def incoming_start_qmp(self, uri: str, exit_on_error: bool = True) -> None:
+        """QMP ``migrate-incoming``: only for a destination started with ``-incoming defer``."""
+        if not self.incoming_deferred:
+            raise UsageError("'-incoming' was not specified on the command line")
+        self.incoming_start(uri, exit_on_error)
+
+    def _incoming_done(self, ok: bool) -> None:
+        for cb in list(self._done_callbacks):
+            cb("destination", ok)
+
+    # -- capabilities and parameters -----------------------------------------------------
+
+    def set_capabilities(self, capabilities: list[dict[str, Any]]) -> None:
+        if self._busy():
+            raise UsageError("There's a migration process in progress")
+        self.caps.set(capabilities)
+
+    def set_parameters(self, changes: dict[str, Any]) -> None:
+        self.params.set(changes)
+        if "max-bandwidth" in changes and self.outgoing is not None:
+            self.outgoing.set_max_bandwidth(changes["max-bandwidth"])
+
+    # -- queries -----------------------------------------------------------------------------
+
+    def query_migrate(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.incoming is not None:
+            out.update(self.incoming.query())
+        if self.outgoing is not None and self.source.status != MigrationStatus.NONE:
+            out.update(self.outgoing.query())
+        return out
+
+    def query_threads(self) -> list[dict[str, Any]]:
+        threads: list[threading.Thread] = []
+        if self.outgoing is not None:
+            threads += self.outgoing.threads
+        if self.incoming is not None:
+            threads.append(self.incoming.thread)
+        return [{"name": t.name, "thread-id": t.native_id or os.getpid()}
+                for t in threads if t.is_alive()]  # fmt: skip
+
+
+def register_migration_commands(registry: Any, manager: MigrationManager) -> None:
+    """Add QEMU's migration commands to a QMP ``CommandRegistry``."""
+    from livemig.qmp import Arg, QMPError
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def handler(**kwargs: Any) -> Any:
+            try:
+                return fn(**kwargs)
+            except LivemigError as exc:
+                if isinstance(exc, QMPError):
+                    raise
+                raise QMPError("GenericError", str(exc)) from exc
+
+        handler.__name__ = fn.__name__
+        return handler
+
+    registry.add("migrate", wrap(manager.migrate), args={
+        "uri": Arg(str), "detach": Arg(bool, optional=True), "resume": Arg(bool, optional=True),
+        "blk": Arg(bool, optional=True), "inc": Arg(bool, optional=True),
+    })  # fmt: skip
+    registry.add("migrate-incoming", wrap(manager.incoming_start_qmp), args={
+        "uri": Arg(str), "exit-on-error": Arg(bool, optional=True)})  # fmt: skip
+    registry.add("migrate_cancel", wrap(manager.cancel))
+    registry.add("migrate-cancel", wrap(manager.cancel))
+    registry.add("migrate-continue", wrap(manager.migrate_continue), args={"state": Arg(str)})
+    cap_item = Arg(dict, members={"capability": Arg(str), "state": Arg(bool)})
+    registry.add("migrate-set-capabilities", wrap(manager.set_capabilities),
+                 args={"capabilities": Arg(list, items=cap_item)})  # fmt: skip
+    registry.add("query-migrate-capabilities", wrap(manager.caps.query))
+    param_args = {
+        p.name: Arg(p.type, optional=True, nullable=p.name.startswith("tls-")) for p in PARAMETERS
+    }
+    registry.add("migrate-set-parameters", wrap(
+        lambda **kw: manager.set_parameters({k.replace("_", "-"): v for k, v in kw.items()})),
+        args=param_args)  # fmt: skip
+    registry.add("query-migrate-parameters", wrap(manager.params.query))
+    registry.add("query-migrate", wrap(manager.query_migrate))
+    registry.add("query-migrationthreads", wrap(manager.query_threads))

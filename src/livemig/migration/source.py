@@ -1,0 +1,538 @@
+"""The source's migration thread: QEMU's pre-copy flow, from setup to completion.
+
+Theory of operation (QEMU: ``migration_thread``, ``migration_iteration_run``,
+``migration_completion``):
+
+1. **setup**: connect the channel, start dirty tracking, send the header, the configuration,
+   optionally OPEN_RETURN_PATH + PING, and the ``ram`` START section with the block list.
+2. **active**: repeat: if the pages still dirty fit in ``bandwidth x downtime-limit`` (the
+   threshold), sync the dirty bitmap (a new pass) and check again; if they still fit, complete.
+   Otherwise send one PART section of dirty pages (as many as the 100 ms rate budget allows,
+   for at most ~50 ms), then wait out the rate window. Auto-converge raises the vCPU throttle
+   when the guest keeps dirtying faster than we send.
+3. **completion**: stop the vCPUs (runstate finish-migrate, STOP), final sync, the ``ram`` END
+   section with everything still dirty, the FULL sections (cpu, devices, globalstate), EOF and
+   the vmdesc JSON; with a return path, wait for the destination's SHUT.
+
+Any failure or a cancel before completion leaves the guest running on the source with nothing
+lost: if we had stopped it, we restart it (RESUME). Every socket operation has a time-out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from livemig.errors import LivemigError, MigrationError
+from livemig.machine.runstate import RunState
+from livemig.migration.state import MigrationState, MigrationStatus
+from livemig.migration.stats import MigrationStats, PassRecord
+from livemig.savevm.devices import (
+    GLOBALSTATE_VMSD,
+    SaveStateEntry,
+    encode_globalstate,
+    machine_entries,
+)
+from livemig.savevm.ram import RamSaver
+from livemig.transport import Channel, ChannelError, RateLimiter, connect
+from livemig.wire import events as E
+from livemig.wire import returnpath as RP
+from livemig.wire.encoder import Encoder
+from livemig.wire.returnpath import ReturnPathDecoder
+
+log = logging.getLogger(__name__)
+
+MACHINE_TYPE = "livemig-x86_64"
+RAM_SECTION_VERSION = 4
+MAX_PART_TIME = 0.05  # QEMU yields a RAM iteration after 50 ms
+BATCH_PAGES = 256  # pages per gather / writev batch (1 MiB)
+VERIFY_IDSTR = "x-verify"
+
+
+class Cancelled(LivemigError):
+    """The user cancelled the migration."""
+
+
+def ram_hashes(blocks: list) -> dict[str, str]:
+    """A digest of every RAM block (BLAKE2b: hashlib's fastest on this kind of machine)."""
+    out = {}
+    for b in blocks:
+        h = hashlib.blake2b(digest_size=32)
+        h.update(b.view)
+        out[b.idstr] = h.hexdigest()
+    return out
+
+
+def verify_vmsd(blocks: list) -> Any:
+    from livemig import vmstate
+
+    return vmstate.vmsd(VERIFY_IDSTR, 1, [vmstate.buffer(b.idstr, 32) for b in blocks])
+
+
+@dataclass
+class SourceConfig:
+    """What one outgoing migration was asked to do (frozen at ``migrate`` time)."""
+
+    uri: str
+    capabilities: frozenset[str]
+    params: dict[str, Any]
+    verify: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class OutgoingMigration:
+    """One pre-copy migration from this process's machine to a destination."""
+
+    def __init__(
+        self,
+        machine: Any,
+        config: SourceConfig,
+        state: MigrationState,
+        *,
+        emit: Any = None,
+        tracker_factory: Any = None,
+    ) -> None:
+        self.machine = machine
+        self.config = config
+        self.state = state
+        self.emit = emit or (lambda name, data=None: None)
+        self.stats = MigrationStats()
+        self.stats.total_bytes = sum(b.size for b in machine.ram_blocks)
+        self.stats.expected_downtime_ms = config.params["downtime-limit"]
+        self.rate = RateLimiter(config.params["max-bandwidth"])
+        self._cancel = threading.Event()
+        self._wake = threading.Event()
+        self._continue = threading.Event()  # migrate-continue after pause-before-switchover
+        self._tracker_factory = tracker_factory
+        self.tracker: Any = None
+        self.channel: Channel | None = None
+        self.thread = threading.Thread(target=self._run, name="live_migration", daemon=True)
+        self._rp_thread: threading.Thread | None = None
+        self._rp_shut: int | None = None
+        self._rp_event = threading.Event()
+        self._rp_error: str | None = None
+        self._stopped_guest = False
+        self._was_running = False
+        self.verified: bool | None = None
+        self.tracker_name = ""
+        self.timeline: list[dict[str, Any]] = []
+
+    # -- control (any thread) -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def cancel(self) -> None:
+        self._cancel.set()
+        self._wake.set()
+        self._continue.set()
+        ch = self.channel
+        if ch is not None:
+            ch.shutdown()
+
+    def continue_(self) -> None:
+        self._continue.set()
+
+    def set_max_bandwidth(self, rate: int) -> None:
+        self.rate.rate = rate
+        self._wake.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        self.thread.join(timeout)
+        return not self.thread.is_alive()
+
+    @property
+    def threads(self) -> list[threading.Thread]:
+        return [t for t in (self.thread, self._rp_thread) if t is not None]
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("migration cancelled")
+
+    def _run(self) -> None:
+        st = self.state
+        try:
+            self._setup()
+            st.move(MigrationStatus.ACTIVE)
+            self._iterate()
+            self._complete()
+        except Cancelled:
+            self._fail(cancelled=True, reason="cancelled by the user")
+        except (LivemigError, OSError) as exc:
+            if self._cancel.is_set():
+                self._fail(cancelled=True, reason="cancelled by the user")
+            else:
+                log.warning("migration failed: %s", exc)
+                self._fail(cancelled=False, reason=str(exc))
+        except BaseException as exc:  # a bug: still never lose the guest
+            log.exception("migration thread crashed")
+            self._fail(cancelled=False, reason=f"internal error: {exc!r}")
+        finally:
+            self._cleanup()
+
+    def _send(self, buffers: list, phase: str = "precopy", normal: int = 0, zero: int = 0) -> int:
+        assert self.channel is not None
+        n = self.channel.sendv(buffers)
+        self.stats.account(n, normal, zero, phase)
+        if phase == "precopy":
+            self.rate.account(n)
+        return n
+
+    def _setup(self) -> None:
+        cfg = self.config
+        caps = cfg.capabilities
+        timeout = cfg.params["x-io-timeout"] / 1000
+        self.channel = connect(cfg.uri, timeout=timeout)
+        self._check_cancel()
+        self.return_path = (
+            ("return-path" in caps or "postcopy-ram" in caps)
+            and self.channel.is_socket
+            and self.channel.readable
+        )
+        from livemig.memtrack import open_tracker
+
+        factory = self._tracker_factory or open_tracker
+        self.tracker = factory(self.machine.ram_blocks, backend=cfg.params["x-dirty-tracker"])
+        self.tracker_name = self.tracker.name
+        self.tracker.start()
+        populated = None
+        if hasattr(self.tracker, "populated"):
+            populated = self.tracker.populated()
+        self.ram = RamSaver(self.machine.ram_blocks, populated)
+        self.stats.zero_pages += self.ram.skipped_unpopulated
+        self.encoder = Encoder()
+        enc = self.encoder
+        bufs: list = []
+        bufs += enc.send(E.Header())
+        bufs += enc.send(E.Configuration(MACHINE_TYPE))
+        if self.return_path:
+            bufs += enc.send(E.OpenReturnPath())
+            bufs += enc.send(E.Ping(1))
+            self._start_return_path()
+        self._ram_sid = 2
+        infos = tuple(E.RamBlockInfo(b.idstr, b.size) for b in self.machine.ram_blocks)
+        bufs += enc.send(E.SectionStart(self._ram_sid, "ram", 0, RAM_SECTION_VERSION))
+        bufs += enc.send(E.RamSetup(sum(b.size for b in self.machine.ram_blocks), infos))
+        bufs += enc.send(E.RamEos())
+        bufs += enc.send(E.SectionFooter(self._ram_sid))
+        self._send(bufs)
+        self.stats.setup_time = time.monotonic() - self.stats.start
+        self.stats.remaining = self.ram.pending_pages() * 4096
+        self._pass_start = time.monotonic()
+        self._pass_bytes = self.stats.transferred
+        self._record_pass(reason="setup: every populated page is dirty")
+
+    # -- return path ---------------------------------------------------------------------------
+
+    def _start_return_path(self) -> None:
+        self._rp_thread = threading.Thread(target=self._rp_loop, name="return path", daemon=True)
+        self._rp_thread.start()
+
+    def _rp_loop(self) -> None:
+        assert self.channel is not None
+        dec = ReturnPathDecoder()
+        buf = bytearray(4096)
+        view = memoryview(buf)
+        try:
+            while True:
+                n = self.channel.recv_into(view)
+                if n == 0:
+                    if self._rp_shut is None:
+                        self._rp_error = "destination closed the return path without SHUT"
+                    break
+                dec.receive_data(bytes(view[:n]))
+                for msg in dec.events():
+                    self._on_rp(msg)
+                if self._rp_shut is not None:
+                    break
+        except ChannelError as exc:
+            if self._rp_shut is None and not self._cancel.is_set():
+                self._rp_error = f"return path: {exc}"
+        except LivemigError as exc:
+            self._rp_error = f"return path: {exc}"
+        finally:
+            self._rp_event.set()
+            self._wake.set()
+
+    def _on_rp(self, msg: Any) -> None:
+        if isinstance(msg, RP.Shut):
+            self._rp_shut = msg.status
+        elif isinstance(msg, RP.Pong):
+            log.debug("PONG %d", msg.value)
+
+    # -- iteration ---------------------------------------------------------------------------
+
+    def _record_pass(self, reason: str, dirty: int | None = None) -> None:
+        now = time.monotonic()
+        dur = now - self._pass_start
+        sent = self.stats.transferred - self._pass_bytes
+        rec = PassRecord(
+            number=self.stats.dirty_sync_count, at=now - self.stats.start,
+            dirty_pages=self.ram.pending_pages() if dirty is None else dirty,
+            bytes_sent=sent, duration=dur, bandwidth=sent / dur if dur > 0 else 0.0,
+            reason=reason,
+        )  # fmt: skip
+        self.stats.passes.append(rec)
+        log.info("pass %d: %d dirty pages; %s", rec.number, rec.dirty_pages, reason)
+        self._pass_start = now
+        self._pass_bytes = self.stats.transferred
+
+    def _sync(self, reason: str) -> None:
+        new = self.ram.merge(self.tracker.sync())
+        self.stats.note_sync(new)
+        self.stats.remaining = self.ram.pending_pages() * 4096
+        self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
+        self._record_pass(reason)
+        self._auto_converge(new)
+
+    def _iterate(self) -> None:
+        params = self.config.params
+        while True:
+            self._check_cancel()
+            self._check_rp()
+            pending = self.ram.pending_pages() * 4096
+            threshold = self.stats.threshold
+            if pending <= threshold or pending == 0:
+                self._sync(f"pending {pending} B <= threshold {threshold} B")
+                pending = self.stats.remaining
+                if pending <= self.stats.threshold:
+                    log.info("switch-over: %d B left fit in threshold %d B", pending,
+                             self.stats.threshold)  # fmt: skip
+                    return
+            self._send_part()
+            self.stats.remaining = self.ram.pending_pages() * 4096
+            self.stats.update_window(params["downtime-limit"],
+                                     params["avail-switchover-bandwidth"])  # fmt: skip
+            self.rate.wait(self._wake)
+            self._wake.clear()
+
+    def _send_part(self) -> None:
+        enc = self.encoder
+        head = enc.send(E.SectionPart(self._ram_sid))
+        t0 = time.monotonic()
+        while True:
+            budget = self.rate.budget_left()
+            if budget <= 0 or time.monotonic() - t0 > MAX_PART_TIME:
+                break
+            pages = max(1, min(BATCH_PAGES, budget // 4096))
+            batches = self.ram.take(pages)
+            if not batches:
+                break
+            out, normal, zero = self._encode_batches(batches)
+            self._send([*head, *out], normal=normal, zero=zero)
+            head = []
+        self._send([*head, *enc.send(E.RamEos()), *enc.send(E.SectionFooter(self._ram_sid))])
+
+    def _encode_batches(self, batches: list) -> tuple[list, int, int]:
+        out: list = []
+        normal = zero = 0
+        for b in batches:
+            if len(b.zero):
+                out += self.encoder.encode_zero_pages(b.idstr, b.zero.astype(np.uint64) << 12)
+                zero += len(b.zero)
+            if len(b.normal):
+                out += self.encoder.encode_pages(b.idstr, b.normal.astype(np.uint64) << 12,
+                                                 b.block.view)  # fmt: skip
+                normal += len(b.normal)
+        return out, normal, zero
+
+    def _check_rp(self) -> None:
+        if self._rp_error is not None:
+            raise MigrationError(self._rp_error)
+        if self._rp_shut is not None and self._rp_shut != 0:
+            raise MigrationError(f"destination failed (SHUT {self._rp_shut})")
+
+    def _auto_converge(self, new_dirty: int) -> None:
+        if "auto-converge" not in self.config.capabilities:
+            return
+        conv = getattr(self, "_conv", None)
+        if conv is None:
+            from livemig.migration.convergence import AutoConverge
+
+            conv = self._conv = AutoConverge(self.config.params)
+        pct = conv.on_sync(self.stats.transferred, new_dirty)
+        if pct != self.stats.throttle:
+            self.stats.throttle = pct
+            self.machine.set_throttle(pct)
+
+    # -- completion ---------------------------------------------------------------------------
+
+    def _complete(self) -> None:
+        m = self.machine
+        caps = self.config.capabilities
+        t_stop = time.monotonic()
+        self._was_running = m.runstate == RunState.RUNNING
+        if self._was_running:
+            m.pause(RunState.FINISH_MIGRATE)
+        else:
+            m.set_runstate(RunState.FINISH_MIGRATE)
+        self._stopped_guest = True
+        if self.stats.throttle:
+            m.set_throttle(0)
+        if "pause-before-switchover" in caps:
+            self.state.move(MigrationStatus.PRE_SWITCHOVER)
+            while not self._continue.wait(0.1):
+                self._check_cancel()
+            self._check_cancel()
+            self.state.move(MigrationStatus.DEVICE)
+        # final pass: everything still dirty, no rate limit
+        new = self.ram.merge(self.tracker.sync())
+        self.stats.note_sync(new)
+        self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
+        self._record_pass("final sync with the guest stopped")
+        enc = self.encoder
+        self._send(enc.send(E.SectionEnd(self._ram_sid)), "downtime")
+        while True:
+            batches = self.ram.take(BATCH_PAGES * 16)
+            if not batches:
+                break
+            out, normal, zero = self._encode_batches(batches)
+            self._send(out, "downtime", normal, zero)
+        self._send([*enc.send(E.RamEos()), *enc.send(E.SectionFooter(self._ram_sid))],
+                   "downtime")  # fmt: skip
+        t_ram = time.monotonic()
+        self.stats.remaining = 0
+        bufs, described = self._device_sections()
+        self._send(bufs, "downtime")
+        self._send([*enc.send(E.Eof()), *enc.send(E.VMDescription(described))], "downtime")
+        t_dev = time.monotonic()
+        self.stats.downtime_breakdown = {"final-ram": t_ram - t_stop, "device-state": t_dev - t_ram}
+        if self.return_path:
+            self._await_shut()
+        else:
+            assert self.channel is not None
+            self.channel.close_write()
+        t_end = time.monotonic()
+        self.stats.downtime_breakdown["resume"] = t_end - t_dev
+        self.stats.downtime = t_end - t_stop
+        self.stats.total_time = t_end - self.stats.start
+        self.stats.update_window(self.config.params["downtime-limit"])
+        active = self.stats.total_time - (self.stats.setup_time or 0)
+        if active > 0:
+            self.stats.mbps = self.stats.transferred * 8 / 1e6 / active
+        if self.config.verify:
+            self.verified = self._rp_shut == 0 if self.return_path else None
+        m.set_runstate(RunState.POSTMIGRATE)
+        self.state.move(MigrationStatus.COMPLETED)
+
+    def _device_sections(self) -> tuple[list, dict[str, Any]]:
+        enc = self.encoder
+        bufs: list = []
+        entries: list[SaveStateEntry] = machine_entries(self.machine)
+        sid = 3
+        states: list[tuple[str, int, Any, dict[str, Any]]] = []
+        for e in entries:
+            states.append((e.idstr, e.instance_id, e.vmsd, e.save()))
+        gs = encode_globalstate("running" if self._was_running else "paused")
+        states.append(("globalstate", 0, GLOBALSTATE_VMSD, gs))
+        if self.config.verify:
+            hashes = ram_hashes(self.machine.ram_blocks)
+            vs = verify_vmsd(self.machine.ram_blocks)
+            states.append((VERIFY_IDSTR, 0, vs, {k: bytes.fromhex(v) for k, v in hashes.items()}))
+            self.source_hashes = hashes
+        for idstr, inst, vmsd, values in states:
+            enc.devices[idstr] = vmsd
+            bufs += enc.send(E.SectionFull(sid, idstr, inst, vmsd.version_id, values))
+            sid += 1
+        return bufs, enc.vmdesc().description
+
+    def _await_shut(self) -> None:
+        timeout = self.config.params["x-io-timeout"] / 1000
+        if not self._rp_event.wait(timeout):
+            raise MigrationError(f"destination did not confirm (no SHUT within {timeout:g} s)")
+        if self._rp_shut is None:
+            raise MigrationError(self._rp_error or "return path closed without SHUT")
+        if self._rp_shut != 0:
+            raise MigrationError(f"destination failed to load the migration (SHUT {self._rp_shut})")
+
+    # -- failure and cleanup -----------------------------------------------------------------
+
+    def _fail(self, cancelled: bool, reason: str) -> None:
+        m = self.machine
+        if self._stopped_guest:
+            try:
+                m.set_throttle(0)
+                if self._was_running:
+                    m.set_runstate(RunState.RUNNING)  # restarts the vCPUs (RESUME)
+                else:
+                    m.set_runstate(RunState.PAUSED)
+            except LivemigError:
+                log.exception("could not restart the guest after a failed migration")
+        elif self.stats.throttle:
+            m.set_throttle(0)
+        st = self.state
+        if cancelled:
+            if st.status != MigrationStatus.CANCELLING:
+                st.try_move(st.status, MigrationStatus.CANCELLING)
+            st.try_move(MigrationStatus.CANCELLING, MigrationStatus.CANCELLED)
+        else:
+            if st.status == MigrationStatus.CANCELLING:
+                st.move(MigrationStatus.CANCELLED)
+            else:
+                st.try_move(st.status, MigrationStatus.FAILED, error=reason)
+        self.stats.total_time = time.monotonic() - self.stats.start
+
+    def _cleanup(self) -> None:
+        if self.tracker is not None:
+            try:
+                self.tracker.stop()
+            except LivemigError:
+                log.exception("dirty tracker did not stop cleanly")
+        ch = self.channel
+        if ch is not None:
+            ch.shutdown()
+            if self._rp_thread is not None:
+                self._rp_thread.join(5)
+            ch.close()
+
+    # -- reporting ---------------------------------------------------------------------------
+
+    def query(self) -> dict[str, Any]:
+        """The source part of query-migrate."""
+        status = self.state.status
+        s = self.stats
+        out: dict[str, Any] = {"status": status.value}
+        shows_ram = status not in (MigrationStatus.SETUP, MigrationStatus.FAILED,
+                                   MigrationStatus.CANCELLED, MigrationStatus.NONE)  # fmt: skip
+        if shows_ram:
+            out["ram"] = s.ram_info()
+            out["total-time"] = s.elapsed_ms()
+            out["setup-time"] = int((s.setup_time or 0) * 1000)
+            if status == MigrationStatus.COMPLETED:
+                out["downtime"] = int((s.downtime or 0) * 1000)
+            else:
+                out["expected-downtime"] = s.expected_downtime_ms
+        if s.throttle:
+            out["cpu-throttle-percentage"] = s.throttle
+        if status == MigrationStatus.FAILED and self.state.error:
+            out["error-desc"] = self.state.error
+        out["x-dirty-tracker"] = self.tracker_name
+        if self.config.verify and status == MigrationStatus.COMPLETED:
+            out["x-verified"] = self.verified
+        return out
+
+    def report(self) -> dict[str, Any]:
+        """A timeline for ``livemig report``: passes, phases and the downtime breakdown."""
+        s = self.stats
+        return {
+            "passes": [p.__dict__ for p in s.passes],
+            "setup-time": s.setup_time,
+            "total-time": s.total_time,
+            "downtime": s.downtime,
+            "downtime-breakdown": s.downtime_breakdown,
+            "transferred": s.transferred,
+            "dirty-tracker": self.tracker_name,
+        }
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True)

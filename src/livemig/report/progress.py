@@ -1,0 +1,106 @@
+"""Following a migration over QMP: polling ``query-migrate``, a live display, and the summary.
+
+Works against any QMP server that speaks QEMU's migration commands: a livemig process or QEMU
+itself. ``follow`` polls until the migration ends and returns the last reply; the display is
+drawn with rich (a one-line refresh on a terminal, nothing when ``quiet``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from livemig.units import format_size
+
+FINAL = ("completed", "failed", "cancelled")
+
+
+def _mib(n: float) -> str:
+    return format_size(n)
+
+
+def progress_table(info: dict[str, Any]) -> Table:
+    """One status table from a ``query-migrate`` reply."""
+    ram = info.get("ram", {})
+    t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("status", "pass", "transferred", "remaining", "dirty rate", "throughput",
+                "expected downtime", "time"):  # fmt: skip
+        t.add_column(col, justify="right" if col != "status" else "left")
+    rate = ram.get("dirty-pages-rate", 0) * ram.get("page-size", 4096)
+    t.add_row(
+        info.get("status", "none"),
+        str(ram.get("dirty-sync-count", "-")),
+        _mib(ram.get("transferred", 0)),
+        _mib(ram.get("remaining", 0)),
+        f"{_mib(rate)}/s",
+        f"{ram.get('mbps', 0):.0f} Mbit/s",
+        f"{info.get('expected-downtime', info.get('downtime', 0))} ms",
+        f"{info.get('total-time', 0) / 1000:.1f} s",
+    )
+    return t
+
+
+def follow(
+    query: Callable[[], dict[str, Any]],
+    *,
+    interval: float = 0.2,
+    timeout: float | None = None,
+    console: Console | None = None,
+    quiet: bool = False,
+    on_poll: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Poll until the migration reaches a final state; returns the last reply."""
+    console = console or Console(stderr=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    info: dict[str, Any] = {}
+    live = None if quiet else Live(console=console, refresh_per_second=8, transient=False)
+    try:
+        if live is not None:
+            live.start()
+        while True:
+            info = query()
+            if on_poll is not None:
+                on_poll(info)
+            if live is not None:
+                live.update(progress_table(info))
+            if info.get("status") in FINAL:
+                return info
+            if deadline is not None and time.monotonic() > deadline:
+                return info
+            time.sleep(interval)
+    finally:
+        if live is not None:
+            live.stop()
+
+
+def summary_table(info: dict[str, Any], extra: dict[str, Any] | None = None) -> Table:
+    """The final summary of a migration."""
+    ram = info.get("ram", {})
+    t = Table(title="migration summary", show_header=False, box=None)
+    t.add_column(style="bold")
+    t.add_column(justify="right")
+    rows: list[tuple[str, str]] = [("status", info.get("status", "?"))]
+    if "error-desc" in info:
+        rows.append(("error", info["error-desc"]))
+    if ram:
+        rows += [
+            ("total time", f"{info.get('total-time', 0)} ms"),
+            ("setup time", f"{info.get('setup-time', 0)} ms"),
+            ("downtime", f"{info.get('downtime', '-')} ms"),
+            ("passes (dirty syncs)", str(ram.get("dirty-sync-count", 0))),
+            ("transferred", _mib(ram.get("transferred", 0))),
+            ("throughput", f"{ram.get('mbps', 0):.0f} Mbit/s"),
+            ("pages sent", str(ram.get("normal", 0))),
+            ("zero pages", str(ram.get("duplicate", 0))),
+            ("guest RAM", _mib(ram.get("total", 0))),
+        ]
+    for k, v in (extra or {}).items():
+        rows.append((k, str(v)))
+    for k, v in rows:
+        t.add_row(k, v)
+    return t

@@ -1,0 +1,189 @@
+"""The ``ram`` section: which pages to send on the source, where to put them on the destination.
+
+Source (``RamSaver``): keeps one dirty bitmap per RAMBlock (numpy bool, one entry per page).
+Everything starts dirty except pages the kernel says were never populated (they are zero, and
+a destination's RAM starts zero, so they need not even be read). ``sync`` merges the tracker's
+bitmaps in (one "pass", QEMU's dirty-sync-count). ``take`` walks the blocks from where the last
+batch stopped, clearing the dirty bits of the pages it hands out; ``split_zero`` sorts a batch
+into zero and normal pages with one numpy gather.
+
+Destination (``RamLoader``): checks the block list against its own RAMBlocks, copies page
+batches into place with one numpy assignment each, and clears zero pages only where something
+was written before (untouched destination RAM is already zero, and touching it would allocate
+it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from livemig.errors import StreamError
+from livemig.machine.abi import PAGE_SIZE
+
+PAGE_SHIFT = 12
+WORDS_PER_PAGE = PAGE_SIZE // 8
+
+
+def _pages2d(block: object) -> np.ndarray:
+    arr: np.ndarray = block.array  # type: ignore[attr-defined]
+    return arr.reshape(-1, PAGE_SIZE)
+
+
+@dataclass
+class Batch:
+    """Pages of one block taken for sending: indices of normal and of zero pages."""
+
+    block: object
+    normal: np.ndarray
+    zero: np.ndarray
+
+    @property
+    def idstr(self) -> str:
+        return self.block.idstr  # type: ignore[attr-defined]
+
+
+class RamSaver:
+    """Source-side dirty bitmaps and the page walk."""
+
+    def __init__(self, blocks: list, populated: dict[str, np.ndarray] | None = None) -> None:
+        self.blocks = list(blocks)
+        self.dirty: dict[str, np.ndarray] = {}
+        for b in self.blocks:
+            if populated is not None and b.idstr in populated:
+                self.dirty[b.idstr] = populated[b.idstr].astype(bool, copy=True)
+            else:
+                self.dirty[b.idstr] = np.ones(b.npages, dtype=bool)
+        self._words = {b.idstr: b.array.view(np.uint64).reshape(-1, WORDS_PER_PAGE)
+                       for b in self.blocks}  # fmt: skip
+        self._cursor_block = 0
+        self._cursor_page = 0
+        self.skipped_unpopulated = sum(b.npages for b in self.blocks) - self.pending_pages()
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    def pending_pages(self) -> int:
+        return int(sum(np.count_nonzero(d) for d in self.dirty.values()))
+
+    def merge(self, bitmaps: dict[str, np.ndarray]) -> int:
+        """OR a tracker sync into the dirty bitmaps; returns the pages newly found dirty."""
+        new = 0
+        for name, bm in bitmaps.items():
+            d = self.dirty[name]
+            new += int(np.count_nonzero(bm & ~d))
+            np.logical_or(d, bm, out=d)
+        return new
+
+    def mark_all_dirty(self) -> None:
+        for d in self.dirty.values():
+            d[:] = True
+
+    def take(self, max_pages: int) -> list[Batch]:
+        """Up to ``max_pages`` dirty pages from the walk position, their bits cleared."""
+        out: list[Batch] = []
+        left = max_pages
+        nblocks = len(self.blocks)
+        visited = 0
+        while left > 0 and visited <= nblocks:
+            block = self.blocks[self._cursor_block]
+            d = self.dirty[block.idstr]
+            idx = np.flatnonzero(d[self._cursor_page :])
+            if len(idx) == 0:
+                self._cursor_block = (self._cursor_block + 1) % nblocks
+                self._cursor_page = 0
+                visited += 1
+                continue
+            idx = idx[:left] + self._cursor_page
+            d[idx] = False
+            self._cursor_page = int(idx[-1]) + 1
+            if self._cursor_page >= block.npages:
+                self._cursor_block = (self._cursor_block + 1) % nblocks
+                self._cursor_page = 0
+            out.append(self.split_zero(block, idx))
+            left -= len(idx)
+            visited = 0
+        return out
+
+    def split_zero(self, block: object, idx: np.ndarray) -> Batch:
+        nonzero = self._words[block.idstr][idx].any(axis=1)  # type: ignore[attr-defined]
+        return Batch(block, idx[nonzero], idx[~nonzero])
+
+    def requeue(self, batch: Batch) -> None:
+        """Put pages that could not be sent back into the dirty bitmap (never lose one)."""
+        d = self.dirty[batch.idstr]
+        d[batch.normal] = True
+        d[batch.zero] = True
+
+
+class RamLoader:
+    """Destination-side placement of incoming pages."""
+
+    def __init__(self, blocks: list) -> None:
+        self.blocks = {b.idstr: b for b in blocks}
+        self._pages = {b.idstr: _pages2d(b) for b in blocks}
+        self.touched = {b.idstr: np.zeros(b.npages, dtype=bool) for b in blocks}
+        self.received = {b.idstr: np.zeros(b.npages, dtype=bool) for b in blocks}
+        self.pages_loaded = 0
+        self.zero_pages_loaded = 0
+
+    def block_sizes(self) -> dict[str, int]:
+        return {name: b.size for name, b in self.blocks.items()}
+
+    def check_setup(self, blocks: tuple, offset: int | None = None) -> None:
+        """The source's block list must name our blocks with our sizes."""
+        for info in blocks:
+            mine = self.blocks.get(info.idstr)
+            if mine is None:
+                raise StreamError(
+                    f"RAM block {info.idstr!r} from the source does not exist here "
+                    f"(have: {', '.join(self.blocks)})",
+                    offset,
+                )
+            if info.used_length != mine.size:
+                raise StreamError(
+                    f"RAM block {info.idstr!r}: source has {info.used_length} bytes, this "
+                    f"machine {mine.size} (start the destination with the same --memory)",
+                    offset,
+                )
+
+    def _index(self, block: str, offsets: np.ndarray) -> np.ndarray:
+        b = self.blocks.get(block)
+        if b is None:
+            raise StreamError(f"page for unknown RAM block {block!r}")
+        idx = offsets >> PAGE_SHIFT
+        if len(idx) and int(idx.max()) >= b.npages:
+            raise StreamError(f"page offset 0x{int(offsets.max()):x} outside RAM block "
+                              f"{block!r} of {b.size} bytes")  # fmt: skip
+        return idx
+
+    def load_pages(self, block: str, offsets: np.ndarray, data: np.ndarray) -> None:
+        idx = self._index(block, offsets)
+        self._pages[block][idx] = data
+        self.touched[block][idx] = True
+        self.received[block][idx] = True
+        self.pages_loaded += len(idx)
+
+    def load_zero(self, block: str, offsets: np.ndarray, fill: int = 0) -> None:
+        idx = self._index(block, offsets)
+        if fill:
+            self._pages[block][idx] = fill
+            self.touched[block][idx] = True
+        else:
+            dirty = idx[self.touched[block][idx]]
+            if len(dirty):
+                self._pages[block][dirty] = 0
+                self.touched[block][dirty] = False
+        self.received[block][idx] = True
+        self.zero_pages_loaded += len(idx)
+
+    def load_page(self, block: str, offset: int, page: bytes | memoryview | np.ndarray) -> None:
+        """One page from a decoded record (XBZRLE, compressed)."""
+        self.load_pages(block, np.array([offset], dtype=np.uint64),
+                        np.frombuffer(page, dtype=np.uint8).reshape(1, PAGE_SIZE))  # fmt: skip
+
+    def page(self, block: str, offset: int) -> np.ndarray:
+        idx = self._index(block, np.array([offset], dtype=np.uint64))
+        return self._pages[block][int(idx[0])]
