@@ -119,7 +119,7 @@ def test_live_capture_from_qemu(tmp_path: Path) -> None:
             return await _wait_completed(client)
 
         info = asyncio.run(_qmp_session(qmp, steps))
-        stdout, stderr = capture.communicate(timeout=20)
+        _stdout, stderr = capture.communicate(timeout=20)
         assert capture.returncode == 0, stderr
         assert info["status"] == "completed", info
         truth = ram.read_bytes()
