@@ -201,3 +201,19 @@ def test_kernel_refusal_is_a_livemig_error(ram) -> None:
     with Userfaultfd() as uffd, pytest.raises(UffdError, match=r"UFFDIO_REGISTER 0x.*EINVAL"):
         uffd.register(ram.region.host_addr + 1, 4096, UFFDIO_REGISTER_MODE_WP)
     assert issubclass(UffdError, LivemigError)
+
+
+def test_dead_wp_handler_is_reported_and_stop_still_releases(ram) -> None:
+    """The uffd-wp fault handler process dies: sync says so, and stop() still lifts the
+    protection so that writers are not held forever."""
+    if probe("uffd-wp") is not None:
+        pytest.skip("uffd-wp unavailable here")
+    tracker = open_tracker([ram.region], "uffd-wp")
+    tracker.start()
+    tracker._proc.kill()
+    tracker._proc.wait(10)
+    with pytest.raises(MachineError, match=r"fault handler process \d+ exited with status -9"):
+        tracker.sync()
+    tracker.stop()
+    ram.array[4096] += 1  # would block forever if the range were still protected
+    assert tracker._proc is None

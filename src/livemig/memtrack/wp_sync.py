@@ -100,7 +100,10 @@ class SyncWPTracker(TrackerBase):
     def _expect(self, reply: bytes, what: str) -> None:
         assert self._ctl is not None and self._proc is not None
         ready, _, _ = select.select([self._ctl], [], [], HANDLER_TIMEOUT)
-        got = self._ctl.recv(1) if ready else b""
+        try:
+            got = self._ctl.recv(1) if ready else b""
+        except OSError:
+            got = b""
         if got != reply:
             status = self._proc.poll()
             state = f"exited with status {status}" if status is not None else "did not answer"
@@ -138,7 +141,10 @@ class SyncWPTracker(TrackerBase):
     # --- sync ------------------------------------------------------------------------------
     def _sync_guest(self) -> dict[str, np.ndarray]:
         assert self._ctl is not None and self._bitmaps is not None
-        self._ctl.sendall(b"S")
+        try:
+            self._ctl.sendall(b"S")
+        except OSError:
+            pass  # a dead handler: _expect below says how it ended
         self._expect(b"K", "sync")
         # The handler now fills the other half; the half it left is ours until the next sync.
         done = np.frombuffer(self._bitmaps, dtype=bool, count=self._total, offset=self._active)
