@@ -217,3 +217,19 @@ def test_dead_wp_handler_is_reported_and_stop_still_releases(ram) -> None:
     tracker.stop()
     ram.array[4096] += 1  # would block forever if the range were still protected
     assert tracker._proc is None
+
+
+def test_pages_put_back_after_a_failed_send_come_out_of_the_next_sync(backend, ram) -> None:
+    with open_tracker([ram.region], backend) as tracker:
+        tracker.start()
+        ram.words[[4, 9, 10], 0] += 1
+        sent = tracker.sync()["pc.ram"]
+        assert np.flatnonzero(sent).tolist() == [4, 9, 10]
+        tracker.mark_dirty_pages("pc.ram", sent)  # the send failed: all of them again
+        tracker.mark_dirty_pages("pc.ram", np.array([1, 2]))
+        assert dirty_pages(tracker) == [1, 2, 4, 9, 10]
+        assert dirty_pages(tracker) == []
+        with pytest.raises(UsageError, match="page index outside"):
+            tracker.mark_dirty_pages("pc.ram", np.array([ram.npages]))
+        with pytest.raises(UsageError, match="bitmap of 3 pages"):
+            tracker.mark_dirty_pages("pc.ram", np.zeros(3, dtype=bool))

@@ -84,6 +84,9 @@ class DirtyTracker(Protocol):
     def mark_dirty(self, name: str, offset: int, length: int) -> None:
         """Declare a host-side write of ``length`` bytes at ``offset`` into region ``name``."""
 
+    def mark_dirty_pages(self, name: str, pages: np.ndarray) -> None:
+        """Put pages back (a bool bitmap or page indexes), e.g. after a failed send."""
+
     def stop(self) -> None:
         """Stop logging and release fds, threads and protections; idempotent."""
 
@@ -156,6 +159,27 @@ class TrackerBase:
         first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
         with self._host_lock:
             self._host_dirty[name][first : last + 1] = True
+
+    def mark_dirty_pages(self, name: str, pages: np.ndarray) -> None:
+        region = self._by_name.get(name)
+        if region is None:
+            raise UsageError(f"memtrack: mark_dirty_pages on unknown region {name!r}")
+        pages = np.asarray(pages)
+        if pages.dtype == bool:
+            if pages.shape != (region.npages,):
+                raise UsageError(
+                    f"memtrack: mark_dirty_pages {name!r}: bitmap of {pages.size} pages, "
+                    f"region has {region.npages}"
+                )
+            with self._host_lock:
+                np.logical_or(self._host_dirty[name], pages, out=self._host_dirty[name])
+            return
+        if pages.size and (pages.min() < 0 or pages.max() >= region.npages):
+            raise UsageError(
+                f"memtrack: mark_dirty_pages {name!r}: page index outside 0..{region.npages - 1}"
+            )
+        with self._host_lock:
+            self._host_dirty[name][pages] = True
 
     def stop(self) -> None:
         if self.running:
