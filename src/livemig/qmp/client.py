@@ -74,11 +74,11 @@ class QMPConnection:
             return self._mon.cmd(name, **arguments)
         except ExecuteError as exc:
             raise QMPClientError(
-                f"QMP {name} failed: {exc.error_class}: {exc.error.desc}",
+                f"QMP {name} failed: {exc.error_class}: {exc.error.error.desc}",
                 command=name,
                 arguments=arguments,
                 error_class=exc.error_class,
-                desc=exc.error.desc,
+                desc=exc.error.error.desc,
             ) from exc
         except TimeoutError as exc:
             raise QMPClientError(
