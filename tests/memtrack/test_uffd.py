@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -51,7 +52,9 @@ class Reader(threading.Thread):
 def serve(uffd: Userfaultfd, addr: int, reader: Reader, content, zero: set[int]) -> list[int]:
     """Resolve faults until the reader is done; return the faulting pages in order."""
     faults = []
+    deadline = time.monotonic() + 10
     while reader.is_alive():
+        assert time.monotonic() < deadline, f"reader still blocked after faults {faults}"
         if not uffd.wait(0.05):
             continue
         for ev in uffd.read_events():

@@ -21,6 +21,7 @@ with a vectorised difference array, never a Python loop over pages.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 import numpy as np
@@ -114,9 +115,9 @@ class PagemapScanner:
                 ) from None
             if n:
                 chunks.append(vec[:n, :2].copy())
+            if int(arg.walk_end) <= pos:
+                raise KernelError(f"PAGEMAP_SCAN made no progress at 0x{pos:x}", errno.EIO)
             pos = int(arg.walk_end)
-            if n < len(vec) and pos >= end:
-                break
         if not chunks:
             return np.empty((0, 2), dtype=np.int64)
         runs = np.concatenate(chunks).astype(np.int64)
