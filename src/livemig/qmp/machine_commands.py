@@ -13,8 +13,9 @@ These follow QEMU 7.2's monitor (``softmmu/cpus.c``, ``monitor/qmp-cmds.c``):
 
 Events come from the machine's run-state listener, so they are right whoever changed the state
 (QMP, the migration code, the guest): RESUME on entering ``running``; STOP on leaving
-``running`` for a stopped state; SHUTDOWN on entering ``shutdown`` (reason ``guest-shutdown`` when
-the guest wrote its exit status, ``host-qmp-quit`` after ``quit``, else ``host-signal``).
+``running`` for a stopped state; SHUTDOWN on entering ``shutdown`` (reason ``host-qmp-quit`` after
+``quit``, else the machine's ``shutdown_reason`` when it is a QEMU ShutdownCause, else
+``guest-shutdown`` when the guest halted or wrote its exit status, else ``host-signal``).
 Run states are compared by their QEMU names (``RunState.value``).
 """
 
@@ -31,6 +32,21 @@ from livemig.qmp.server import QMPServer, call_after_reply
 
 # QEMU's runstate_needs_reset() states (we never run with -no-shutdown, so shutdown is final).
 _NEEDS_RESET = frozenset({"internal-error", "shutdown", "guest-panicked"})
+# QAPI ShutdownCause values (the SHUTDOWN event's "reason").
+_SHUTDOWN_CAUSES = frozenset(
+    {
+        "host-error",
+        "host-qmp-quit",
+        "host-qmp-system-reset",
+        "host-signal",
+        "host-ui",
+        "guest-shutdown",
+        "guest-reset",
+        "guest-panic",
+        "subsystem-reset",
+        "snapshot-load",
+    }
+)
 
 
 class _Machine(Protocol):
@@ -139,16 +155,23 @@ class MachineControl:
         if old_name == new_name:
             return
         if new_name == "shutdown":
-            if self.quit_requested:
-                self._emit_shutdown(guest=False, reason="host-qmp-quit")
-            elif self.machine.exit_status is not None:
-                self._emit_shutdown(guest=True, reason="guest-shutdown")
-            else:
-                self._emit_shutdown(guest=False, reason="host-signal")
+            reason = self._shutdown_reason()
+            self._emit_shutdown(guest=reason.startswith("guest-"), reason=reason)
         elif new_name == "running":
             self.server.emit_event("RESUME")
         elif old_name == "running":
             self.server.emit_event("STOP")
+
+    def _shutdown_reason(self) -> str:
+        if self.quit_requested:
+            return "host-qmp-quit"
+        told = getattr(self.machine, "shutdown_reason", None)
+        if told in _SHUTDOWN_CAUSES:
+            return told
+        if told == "guest-halt" or self.machine.exit_status is not None:
+            # Every vCPU halted or the guest wrote its exit status: the guest shut itself down.
+            return "guest-shutdown"
+        return "host-signal"
 
     def _emit_shutdown(self, guest: bool, reason: str) -> None:
         with self._lock:
