@@ -1,12 +1,19 @@
-"""Guest tests build into a private cache, so they never depend on (or spoil) the user's."""
+"""Guest tests: a private image cache, the built-in images, and machines that run them.
+
+The images are built into a per-session cache so the tests never depend on (or spoil) the
+user's. ``boot(image, cmdline, smp=..., ram=...)`` gives a started ``livemig.machine.Machine``
+that is closed when the test ends.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from livemig.guests import GuestImage, build_guest
+from livemig.machine import Machine, RAMBlockSpec
 
 
 @pytest.fixture(scope="session")
@@ -26,3 +33,22 @@ def images(guest_cache: Path) -> dict[str, GuestImage]:
         name: build_guest(name, cache=guest_cache / "guests")
         for name in ("memstress", "compute", "idle")
     }
+
+
+Boot = Callable[..., Machine]
+
+
+@pytest.fixture
+def boot() -> Iterator[Boot]:
+    machines: list[Machine] = []
+
+    def start(image: GuestImage, cmdline: str = "", *, smp: int = 1, ram: int = 8 << 20) -> Machine:
+        m = Machine([RAMBlockSpec("pc.ram", ram)], smp=smp)
+        machines.append(m)
+        m.load_guest(image.data, cmdline)
+        m.start()
+        return m
+
+    yield start
+    for m in machines:
+        m.close()

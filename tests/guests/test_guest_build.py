@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-from guest_harness import Harness
 
 from livemig.errors import GuestBuildError, UsageError
 from livemig.guests import build, build_guest, builtin_guests, cache_dir
@@ -78,21 +77,22 @@ int main(int cpu, const struct boot_info *bi)
 """
 
 
-def test_user_program_runs_with_runtime(tmp_path: Path) -> None:
+def test_user_program_runs_with_runtime(tmp_path: Path, boot) -> None:  # type: ignore[no-untyped-def]
     src = tmp_path / "hello.c"
     src.write_text(USER_PROG)
     img = build_guest(str(src))
     assert img.name == "hello" and img.source == src.resolve()
-    h = Harness(img.data, "ws=64K big=3G hex=0x1F verbose quiet=0")
-    h.run_for(10)
-    assert h.exit_status == 7, h.text
-    assert "hello user cpu0 of 1\n" in h.text
+    m = boot(img, "ws=64K big=3G hex=0x1F verbose quiet=0")
+    assert m.wait_for_end(10)
+    text = m.chardev.data.decode()
+    assert m.exit_status == 7, text
+    assert "hello user cpu0 of 1\n" in text
     assert (
         "fmt [-42] [   42] [-0042] [4000000000] [beef] [BEEF] [1099511627776]"
         " [18446744073709551615] [z] [%] [%-]\n"
-    ) in h.text
-    assert f"args ws={64 << 10} big={3 << 30} hex=31 missing=77 flag=1 noflag=0\n" in h.text
-    assert "snprintf 14 [truncat]\n" in h.text
+    ) in text
+    assert f"args ws={64 << 10} big={3 << 30} hex=31 missing=77 flag=1 noflag=0\n" in text
+    assert "snprintf 14 [truncat]\n" in text
 
 
 def test_compile_error_shows_compiler_message(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from guest_harness import Harness
 
 from livemig import guests
 from livemig.guests import build_guest, memstress
@@ -141,13 +140,12 @@ int main(int cpu, const struct boot_info *bi)
 
 
 @pytest.mark.timeout(60)
-def test_page_hash_same_in_c_and_python(tmp_path: Path) -> None:
+def test_page_hash_same_in_c_and_python(tmp_path: Path, boot) -> None:  # type: ignore[no-untyped-def]
     src = tmp_path / "hash.c"
     src.write_text(PATTERN_PROG)
-    h = Harness(build_guest(src).data)
-    h.run_for(10)
-    assert h.exit_status == 0, h.text
-    got = [int(line, 16) for line in h.text.split()]
+    m = boot(build_guest(src))
+    assert m.wait_for_end(10) and m.exit_status == 0, m.chardev.data
+    got = [int(line, 16) for line in m.chardev.data.split()]
     want = [
         int(memstress.page_hash(seed, np.array([p], dtype=np.uint64))[0])
         for seed in (0, 1, 12345, 2**64 - 1)
