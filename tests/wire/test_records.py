@@ -291,3 +291,21 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "offset" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_postcopy_page_size_and_mapped_ram_layouts() -> None:
+    # postcopy-ram: a hugepage block carries its page size in the setup list.
+    blocks = (RamBlockInfo("pc.ram", 1 << 21, page_size=1 << 21), RamBlockInfo("rom", 4096))
+    events = [Header(), SectionStart(2, "ram", 0, 4), RamSetup((1 << 21) + 4096, blocks)]
+    opts = {"capabilities": ("postcopy-ram",), "block_page_sizes": {"pc.ram": 1 << 21}}
+    raw = encode_all(events, **opts)
+    assert decode_all(raw, eof=False, **opts) == events
+    # mapped-ram: each block header is followed by a jump past the block's page region.
+    head = encode_all([Header(), SectionStart(2, "ram", 0, 4)])
+    word = struct.pack(">Q", 4096 | 0x04)
+    pages_offset = len(head) + 8 + 4 + 8 + 28 + 100
+    entry = b"\x03rom" + struct.pack(">QIQQQ", 4096, 1, 4096, pages_offset - 50, pages_offset)
+    raw = head + word + entry + bytes(100 + 4096) + struct.pack(">Q", 0x10)
+    got = decode_all(raw, eof=False, capabilities=("mapped-ram",))
+    assert got[-2].blocks[0].mapped_ram == (1, 4096, pages_offset - 50, pages_offset)
+    assert isinstance(got[-1], RamEos)

@@ -582,8 +582,10 @@ class Decoder:
             self._state = "footer" if self.section_footers else "top"
             return E.RamEos()
         if flags == C.RAM_SAVE_FLAG_MEM_SIZE:
-            self._setup = {"total": offset, "blocks": []}
             self._pos += 8
+            if offset == 0:
+                return E.RamSetup(0, ())
+            self._setup = {"total": offset, "blocks": []}
             self._state = "setup"
             return None
         if flags == C.RAM_SAVE_FLAG_MULTIFD_FLUSH:
@@ -733,13 +735,6 @@ class Decoder:
         blocks: list[E.RamBlockInfo] = setup["blocks"]
         total: int = setup["total"]
         listed = sum(b.used_length for b in blocks)
-        if listed >= total:
-            if listed != total:
-                raise self._err(f"RAM block list adds up to {listed:#x}, MEM_SIZE says {total:#x}")
-            self._setup = None
-            self._state = "ram"
-            self.block_sizes.update({b.idstr: b.used_length for b in blocks})
-            return E.RamSetup(total, tuple(blocks))
         name, used = self._cstr(0, "RAM block idstr")
         at = used
         self._have(at + 8, "a RAM block length")
@@ -773,4 +768,9 @@ class Decoder:
             if target < self.offset:
                 raise self._err(f"mapped-ram region of {name!r} ends before this point")
             self._skip_to = target
-        return None
+        if listed + length < total:
+            return None
+        self._setup = None
+        self._state = "ram"
+        self.block_sizes.update({b.idstr: b.used_length for b in blocks})
+        return E.RamSetup(total, tuple(blocks))
