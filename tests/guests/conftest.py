@@ -35,11 +35,8 @@ def images(guest_cache: Path) -> dict[str, GuestImage]:
     }
 
 
-Boot = Callable[..., Machine]
-
-
 @pytest.fixture
-def boot() -> Iterator[Boot]:
+def boot() -> Iterator[Callable[..., Machine]]:
     machines: list[Machine] = []
 
     def start(image: GuestImage, cmdline: str = "", *, smp: int = 1, ram: int = 8 << 20) -> Machine:

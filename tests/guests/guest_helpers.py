@@ -6,7 +6,11 @@ import struct
 import time
 from collections.abc import Callable
 
+from livemig.guests import GuestImage
 from livemig.machine import Machine, abi
+
+Boot = Callable[..., Machine]  # the ``boot`` fixture: boot(image, cmdline, smp=, ram=)
+Images = dict[str, GuestImage]  # the ``images`` fixture: built-in name -> image
 
 
 def report_words(m: Machine) -> tuple[int, ...]:

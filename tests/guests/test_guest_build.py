@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from guest_helpers import Boot, Images
 
 from livemig.errors import GuestBuildError, UsageError
 from livemig.guests import build, build_guest, builtin_guests, cache_dir
@@ -18,7 +19,7 @@ def test_builtin_list() -> None:
 
 
 @pytest.mark.parametrize("name", ["memstress", "compute", "idle"])
-def test_builtin_builds_into_cache(name: str, images: dict, guest_cache: Path) -> None:
+def test_builtin_builds_into_cache(name: str, images: Images, guest_cache: Path) -> None:
     img = images[name]
     assert img.name == name
     assert img.data.startswith(ENTRY_BYTES)
@@ -77,7 +78,7 @@ int main(int cpu, const struct boot_info *bi)
 """
 
 
-def test_user_program_runs_with_runtime(tmp_path: Path, boot) -> None:  # type: ignore[no-untyped-def]
+def test_user_program_runs_with_runtime(tmp_path: Path, boot: Boot) -> None:
     src = tmp_path / "hello.c"
     src.write_text(USER_PROG)
     img = build_guest(str(src))

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from guest_helpers import Boot
 
 from livemig import guests
 from livemig.guests import build_guest, memstress
@@ -140,7 +141,7 @@ int main(int cpu, const struct boot_info *bi)
 
 
 @pytest.mark.timeout(60)
-def test_page_hash_same_in_c_and_python(tmp_path: Path, boot) -> None:  # type: ignore[no-untyped-def]
+def test_page_hash_same_in_c_and_python(tmp_path: Path, boot: Boot) -> None:
     src = tmp_path / "hash.c"
     src.write_text(PATTERN_PROG)
     m = boot(build_guest(src))

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from guest_helpers import poke, report_words, wait_for, wait_passes
+from guest_helpers import Boot, Images, poke, report_words, wait_for, wait_passes
 
 from livemig.guests import REPORT_KIND_COMPUTE, REPORT_KIND_IDLE
 from livemig.guests.memstress import (
@@ -26,7 +26,9 @@ from livemig.machine import Machine, RAMBlockSpec, abi
 pytestmark = pytest.mark.timeout(90)
 
 
-def _paused_memstress(boot, images, smp: int = 2, cmdline: str = "ws=1M seed=7") -> Machine:  # type: ignore[no-untyped-def]
+def _paused_memstress(
+    boot: Boot, images: Images, smp: int = 2, cmdline: str = "ws=1M seed=7"
+) -> Machine:
     m = boot(images["memstress"], cmdline, smp=smp)
     wait_passes(m, 2)
     m.pause()
@@ -37,7 +39,7 @@ def _gpa(rep: InvariantReport, page: int, word: int = 0) -> int:
     return rep.ws_start + page * abi.PAGE_SIZE + word * 8
 
 
-def test_invariant_holds_at_many_pauses(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_invariant_holds_at_many_pauses(boot: Boot, images: Images) -> None:
     m = boot(images["memstress"], "ws=2M seed=7 mark_ms=0", smp=2)
     wait_for(lambda: report_words(m)[0] == abi.REPORT_MAGIC, 20, "the memstress report")
     rng = random.Random(1)
@@ -57,7 +59,7 @@ def test_invariant_holds_at_many_pauses(boot, images) -> None:  # type: ignore[n
     assert re.search(rb"memstress: cpu1 pass \d+", m.chardev.data)
 
 
-def test_invariant_survives_moving_to_a_new_machine(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_invariant_survives_moving_to_a_new_machine(boot: Boot, images: Images) -> None:
     """The kernel of every migration: RAM + CPU + device state into a fresh machine."""
     m = _paused_memstress(boot, images)
     before = check_invariant(m.read_guest)
@@ -74,7 +76,7 @@ def test_invariant_survives_moving_to_a_new_machine(boot, images) -> None:  # ty
         assert min(after.passes) > min(before.passes)
 
 
-def test_report_layout_and_passes(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_report_layout_and_passes(boot: Boot, images: Images) -> None:
     m = _paused_memstress(boot, images, smp=3, cmdline="ws=600K seed=3")
     rep = check_invariant(m.read_guest)
     assert rep.ok, rep.problems
@@ -85,7 +87,7 @@ def test_report_layout_and_passes(boot, images) -> None:  # type: ignore[no-unty
         assert rep.passes[s] <= c.min() <= c.max() <= rep.passes[s] + 1
 
 
-def test_pages_hold_the_pattern(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_pages_hold_the_pattern(boot: Boot, images: Images) -> None:
     m = _paused_memstress(boot, images)
     rep = check_invariant(m.read_guest)
     words = np.frombuffer(m.read_guest(rep.ws_start, rep.pages * abi.PAGE_SIZE), "<u8")
@@ -94,7 +96,7 @@ def test_pages_hold_the_pattern(boot, images) -> None:  # type: ignore[no-untype
     assert (words[:, 1:] != 0).any(axis=1).all()  # no page is a zero page
 
 
-def test_detects_flipped_counter(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_detects_flipped_counter(boot: Boot, images: Images) -> None:
     m = _paused_memstress(boot, images)
     rep = check_invariant(m.read_guest)
     assert rep.ok
@@ -106,7 +108,7 @@ def test_detects_flipped_counter(boot, images) -> None:  # type: ignore[no-untyp
     assert check_invariant(m.read_guest).ok
 
 
-def test_detects_counter_one_pass_behind(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_detects_counter_one_pass_behind(boot: Boot, images: Images) -> None:
     """The subtle case: the first page of a slice one pass behind the page after it."""
     m = _paused_memstress(boot, images)
     rep = check_invariant(m.read_guest)
@@ -115,7 +117,7 @@ def test_detects_counter_one_pass_behind(boot, images) -> None:  # type: ignore[
     assert not bad.ok and any("slice 0" in p for p in bad.problems), bad.problems
 
 
-def test_detects_clobbered_pattern_byte(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_detects_clobbered_pattern_byte(boot: Boot, images: Images) -> None:
     m = _paused_memstress(boot, images)
     rep = check_invariant(m.read_guest)
     addr = _gpa(rep, 200) + 3001
@@ -125,7 +127,7 @@ def test_detects_clobbered_pattern_byte(boot, images) -> None:  # type: ignore[n
     assert any("page 200" in p and "pattern word 375" in p for p in bad.problems), bad.problems
 
 
-def test_detects_zeroed_and_swapped_pages(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_detects_zeroed_and_swapped_pages(boot: Boot, images: Images) -> None:
     m = _paused_memstress(boot, images)
     rep = check_invariant(m.read_guest)
     a, b = _gpa(rep, 10), _gpa(rep, 11)
@@ -139,7 +141,7 @@ def test_detects_zeroed_and_swapped_pages(boot, images) -> None:  # type: ignore
     assert any("page 100 " in p and "pattern" in p for p in zeroed.problems), zeroed.problems
 
 
-def test_detects_going_backwards(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_detects_going_backwards(boot: Boot, images: Images) -> None:
     m = _paused_memstress(boot, images)
     rep = check_invariant(m.read_guest)
     ahead = dataclasses.replace(
@@ -152,7 +154,7 @@ def test_detects_going_backwards(boot, images) -> None:  # type: ignore[no-untyp
     assert check_invariant(m.read_guest, rep).ok
 
 
-def test_detects_corrupt_pass_count(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_detects_corrupt_pass_count(boot: Boot, images: Images) -> None:
     m = _paused_memstress(boot, images)
     rep = check_invariant(m.read_guest)
     poke(m, abi.GUEST_REPORT_ADDR + 5 * 8, rep.passes[0] + 3)
@@ -160,7 +162,7 @@ def test_detects_corrupt_pass_count(boot, images) -> None:  # type: ignore[no-un
     assert not bad.ok and any("completed passes" in p for p in bad.problems)
 
 
-def test_filling_state_is_checked(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_filling_state_is_checked(boot: Boot, images: Images) -> None:
     """A slice caught half filled: only its filled prefix is checked, and its counters are 0."""
     m = boot(images["memstress"], "ws=1M passes=1 seed=2")
     assert m.wait_for_end(20), m.chardev.data
@@ -183,7 +185,7 @@ def test_filling_state_is_checked(boot, images) -> None:  # type: ignore[no-unty
     assert MEMSTRESS_INFO.size == 88
 
 
-def test_no_report_is_not_ok(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_no_report_is_not_ok(boot: Boot, images: Images) -> None:
     with Machine([RAMBlockSpec("pc.ram", 8 << 20)], smp=1) as fresh:
         fresh.load_guest(images["memstress"].data, "ws=1M")
         rep = check_invariant(fresh.read_guest)
@@ -193,7 +195,7 @@ def test_no_report_is_not_ok(boot, images) -> None:  # type: ignore[no-untyped-d
     assert "not memstress" in check_invariant(m.read_guest).problems[0]
 
 
-def test_rate_limits_dirtying(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_rate_limits_dirtying(boot: Boot, images: Images) -> None:
     rate = 4000
     m = boot(images["memstress"], f"ws=256K rate={rate}", smp=2)
     wait_passes(m, 1)
@@ -211,7 +213,7 @@ def test_rate_limits_dirtying(boot, images) -> None:  # type: ignore[no-untyped-
     assert dirtied >= rate * elapsed * 0.3, (dirtied, elapsed)
 
 
-def test_passes_limit_and_exit(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_passes_limit_and_exit(boot: Boot, images: Images) -> None:
     m = boot(images["memstress"], "ws=512K passes=3 mark_ms=0", smp=2)
     assert m.wait_for_end(30), m.chardev.data
     assert m.exit_status == 0
@@ -220,13 +222,13 @@ def test_passes_limit_and_exit(boot, images) -> None:  # type: ignore[no-untyped
     assert rep.ok and rep.passes == [3, 3] and rep.min_counter == rep.max_counter == 3
 
 
-def test_working_set_too_big(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_working_set_too_big(boot: Boot, images: Images) -> None:
     m = boot(images["memstress"], "ws=64M")
     assert m.wait_for_end(10)
     assert m.exit_status == 2 and b"does not fit" in m.chardev.data
 
 
-def test_compute_reports_ops(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_compute_reports_ops(boot: Boot, images: Images) -> None:
     m = boot(images["compute"], "seconds=1", smp=2)
     assert m.wait_for_end(20), m.chardev.data
     assert m.exit_status == 0
@@ -236,7 +238,7 @@ def test_compute_reports_ops(boot, images) -> None:  # type: ignore[no-untyped-d
     assert words[5] > 0 and words[6] > 0  # both vCPUs count operations
 
 
-def test_compute_counter_runs_while_running(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_compute_counter_runs_while_running(boot: Boot, images: Images) -> None:
     m = boot(images["compute"], "")
     wait_for(lambda: report_words(m)[5] > 0, 10, "compute's first operations")
     a = report_words(m)[5]
@@ -244,7 +246,7 @@ def test_compute_counter_runs_while_running(boot, images) -> None:  # type: igno
     assert report_words(m)[5] > a
 
 
-def test_idle_heartbeats(boot, images) -> None:  # type: ignore[no-untyped-def]
+def test_idle_heartbeats(boot: Boot, images: Images) -> None:
     m = boot(images["idle"], "seconds=3 period_ms=100", smp=2)
     assert m.wait_for_end(10), m.chardev.data
     assert m.exit_status == 0
