@@ -442,7 +442,11 @@ class QMPServer:
             logger.debug("event %s dropped: loop closed", name)
 
     def close(self) -> None:
-        """Disconnect every client, stop listening, remove the socket file. Idempotent."""
+        """Disconnect every client, stop listening, remove the socket file. Idempotent.
+
+        Output already queued (say, a SHUTDOWN event) is flushed first. A command handler must
+        not call this directly (it would wait for its own command): use ``call_after_reply``.
+        """
         with self._close_lock:
             if self._closed:
                 return
