@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import zlib
 from collections.abc import Iterator
@@ -250,11 +251,16 @@ def run(args: argparse.Namespace) -> int:
     if args.dump_ram:
         dump_ram(result, args.dump_ram)
     report = result.report()
-    if args.json:
-        json.dump(report, sys.stdout, indent=1)
-        print()
-        return 0
-    _print_tables(report, len(data))
+    try:
+        if args.json:
+            json.dump(report, sys.stdout, indent=1)
+            print()
+        else:
+            _print_tables(report, len(data))
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (| head): not an error of ours, and no traceback at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 
