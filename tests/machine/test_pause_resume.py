@@ -175,3 +175,42 @@ def test_listeners_see_every_move(make_machine: MakeMachine) -> None:
 def test_bad_smp_is_refused() -> None:
     with pytest.raises(MachineError, match="1 to 8 vCPUs"):
         Machine(smp=0)
+
+
+def _count_for(m: Machine, seconds: float) -> int:
+    before = m.cpu_states()[0].reg("rax")
+    m.resume()
+    time.sleep(seconds)
+    m.pause()
+    return m.cpu_states()[0].reg("rax") - before
+
+
+def test_throttle_holds_the_guest_back(make_machine: MakeMachine) -> None:
+    m = make_machine()
+    m.load_guest(assemble(guests.COUNTER))
+    m.start()
+    time.sleep(0.05)
+    m.pause()
+    free = _count_for(m, 0.3)
+    m.set_throttle(80)
+    assert m.throttle_percentage == 80
+    throttled = _count_for(m, 0.3)
+    m.set_throttle(0)
+    free_again = _count_for(m, 0.3)
+    _check_counters(m, [0])
+    # 80 % throttle leaves about a fifth; allow a lot of noise from a shared host
+    assert throttled < 0.6 * min(free, free_again), (free, throttled, free_again)
+    with pytest.raises(MachineError, match=r"outside 0\.\.99"):
+        m.set_throttle(100)
+
+
+def test_pause_is_quick_while_throttled(make_machine: MakeMachine) -> None:
+    m = make_machine(smp=2)
+    m.load_guest(assemble(guests.COUNTER))
+    m.set_throttle(99)  # vCPUs park for ~1 s at a time
+    m.start()
+    time.sleep(0.05)
+    t0 = time.monotonic()
+    m.pause()
+    assert time.monotonic() - t0 < 0.5
+    _check_counters(m, [0, 0])

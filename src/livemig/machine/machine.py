@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 10.0  # a vCPU that does not reach an instruction boundary by then is stuck
 _KICK_INTERVAL_S = 0.001
+THROTTLE_TIMESLICE_S = 0.010  # QEMU's CPU_THROTTLE_TIMESLICE_NS
 _END_STATES = (RunState.SHUTDOWN, RunState.INTERNAL_ERROR, RunState.GUEST_PANICKED)
 
 StateListener = Callable[[RunState, RunState], None]
@@ -61,6 +62,7 @@ class VCPU:
         self.failed = False  # the guest faulted on this vCPU
         self.parked = True
         self.thread_id: int | None = None
+        self.throttle_until = 0.0  # monotonic time before which auto-converge keeps it parked
         self.runs = 0  # how many times the backend was entered (pauses + 1)
         self._machine = machine
         self._exit = False
@@ -80,8 +82,14 @@ class VCPU:
             with m._cond:
                 self.parked = True
                 m._cond.notify_all()
-                while not self._exit and not (m._run_allowed and self.runnable):
-                    m._cond.wait()
+                while not self._exit:
+                    if m._run_allowed and self.runnable:
+                        nap = self.throttle_until - time.monotonic()
+                        if nap <= 0:
+                            break
+                        m._cond.wait(nap)  # throttled: parked, so a pause needs no kick
+                    else:
+                        m._cond.wait()
                 if self._exit:
                     return
                 self.parked = False
@@ -142,6 +150,8 @@ class Machine:
         self.shutdown_reason: str | None = None
         self.error: str | None = None
         self.guest: GuestLayout | None = None
+        self._throttle_pct = 0
+        self._throttle_thread: threading.Thread | None = None
 
         self.ram_blocks: list[RAMBlock] = []
         self.vcpus: list[VCPU] = []
@@ -279,6 +289,49 @@ class Machine:
     def invalidate_translations(self) -> None:
         """RAM was written from the host: retranslate guest code before it runs again."""
         self._code_stale = True
+
+    # -- auto-converge throttling (QEMU: cpu-throttle.c) ---------------------------------------
+
+    @property
+    def throttle_percentage(self) -> int:
+        return self._throttle_pct
+
+    def set_throttle(self, percent: int) -> None:
+        """Hold every vCPU back ``percent`` % of the time (0 stops throttling; at most 99).
+
+        As QEMU does: every ``10 ms / (1 - p)`` each vCPU is stopped and parked for
+        ``p / (1 - p) * 10 ms``, so it runs about ``1 - p`` of the time.
+        """
+        if not 0 <= percent <= 99:
+            raise MachineError(f"CPU throttle {percent} % is outside 0..99")
+        with self._cond:
+            self._throttle_pct = percent
+            if percent and self._throttle_thread is None:
+                self._throttle_thread = threading.Thread(
+                    target=self._throttle_loop, name="cpu-throttle", daemon=True
+                )
+                self._throttle_thread.start()
+            self._cond.notify_all()
+
+    def _throttle_loop(self) -> None:
+        while True:
+            with self._cond:
+                pct = self._throttle_pct
+                if not pct or self._closed:
+                    self._throttle_thread = None
+                    return
+            p = pct / 100
+            period = THROTTLE_TIMESLICE_S / (1 - p)
+            time.sleep(period)
+            if not self._run_allowed:
+                continue
+            until = time.monotonic() + p / (1 - p) * THROTTLE_TIMESLICE_S
+            with self._cond:
+                for vcpu in self.vcpus:
+                    vcpu.throttle_until = until
+            for vcpu in self.vcpus:
+                if not vcpu.parked:
+                    vcpu.backend.stop()
 
     # -- requests from the guest (on a vCPU thread) --------------------------------------------
 
