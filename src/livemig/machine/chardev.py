@@ -4,8 +4,8 @@ A ``Chardev`` takes the bytes the guest writes (``write``) and delivers bytes ty
 to the device through the handler set with ``set_input_handler``. Back-ends, by spec string
 (``open_chardev``):
 
-- ``stdio``: output to stdout, input from stdin (a reader thread, only if stdin is a terminal
-  or pipe and ``input`` is wanted);
+- ``stdio``: output to stdout, input from stdin (a reader thread, by default only when stdin
+  is a terminal);
 - ``file:PATH``: output appended to a file;
 - ``unix:PATH``: a unix socket server; one client at a time gets the output and may type input;
   output written while no client is connected is dropped, as QEMU does;
@@ -200,11 +200,17 @@ class SocketChardev(Chardev):
             os.unlink(self.path)
 
 
-def open_chardev(spec: str | Chardev | None, *, read_input: bool = False) -> Chardev:
-    """Build a back-end from ``stdio``, ``null``, ``file:PATH`` or ``unix:PATH``."""
+def open_chardev(spec: str | Chardev | None, *, read_input: bool | None = None) -> Chardev:
+    """Build a back-end from ``stdio``, ``null``, ``file:PATH`` or ``unix:PATH``.
+
+    ``read_input`` (stdio only): read keyboard input from stdin; by default only when stdin is
+    a terminal, so a machine run from a script or a test never steals its stdin.
+    """
     if isinstance(spec, Chardev):
         return spec
     if spec is None or spec == "stdio":
+        if read_input is None:
+            read_input = sys.stdin is not None and sys.stdin.isatty()
         return StdioChardev(read_input=read_input)
     if spec in ("null", "none"):
         return NullChardev()

@@ -43,6 +43,7 @@ _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_MAP_FIXED = 0x10
 
 
 @dataclass(frozen=True)
@@ -136,8 +137,7 @@ class RAMBlock:
 
     ``host_addr`` is the address of the mapping in this process; ``view`` a writable
     ``memoryview`` of it; ``array`` a flat uint8 numpy array and ``pages`` a ``(npages, 4096)``
-    one over the same bytes.
-    All of them become invalid after ``close()``.
+    one over the same bytes. After ``close()`` they read zeros.
     """
 
     def __init__(self, idstr: str, size: int, gpa: int = 0, *, prefault: bool = False) -> None:
@@ -197,12 +197,21 @@ class RAMBlock:
             )
 
     def close(self) -> None:
-        """Unmap the host memory. Any view or array taken from the block must be dropped first."""
+        """Give the guest memory back to the host.
+
+        Views and numpy arrays taken from the block may outlive it (in a migration thread, a
+        test), and touching unmapped memory would kill the process. So the range is not
+        unmapped: fresh private zero pages are mapped over it instead, which frees the shared
+        memory at once; a stale view then reads zeros. Only address space is kept.
+        """
         if self._closed:
             return
         self._closed = True
         self.view.release()
-        _libc.munmap(self.host_addr, self.size)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED
+        addr = _libc.mmap(self.host_addr, self.size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+        if addr != self.host_addr:  # could not replace it: unmapping is the only way left
+            _libc.munmap(self.host_addr, self.size)
 
     def __repr__(self) -> str:
         return f"RAMBlock({self.idstr!r}, size={format_size(self.size)}, gpa={self.gpa:#x})"
