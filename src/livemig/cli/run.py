@@ -1,0 +1,156 @@
+"""``livemig run``: boot a guest on the emulated machine and run it until it ends or is stopped.
+
+    livemig run --guest memstress --memory 1G --smp 2 --qmp unix:/tmp/a.sock [--append ARGS]
+    livemig run --memory 1G --smp 2 --qmp unix:/tmp/b.sock --incoming tcp:0:4444 | defer
+
+The console goes to stdout (``--serial`` for another back-end). ``--qmp`` serves QEMU's
+monitor protocol on ``unix:PATH`` or ``tcp:HOST:PORT``: the machine commands (stop, cont,
+quit, query-status, ...) and, when the migration layer is installed, the migration commands.
+``-S`` leaves the guest in ``prelaunch`` until ``cont``. ``--incoming`` starts in ``inmigrate``
+and takes the guest (RAM, CPUs, devices) from a migration stream instead of ``--guest``.
+
+The exit status is the guest's own (its ``exit()`` / the power port), 0 after ``quit``, 1 when
+the guest faulted, 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from typing import Any
+
+from livemig.errors import UsageError
+from livemig.machine import Machine, RunState
+from livemig.machine.options import add_machine_arguments, machine_from_args
+from livemig.units import format_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser("run", help="run a guest on the emulated machine")
+    parser.add_argument(
+        "--guest", "-g", metavar="NAME|FILE.c",
+        help="built-in guest (memstress, compute, idle) or a freestanding C file",
+    )  # fmt: skip
+    parser.add_argument(
+        "--append", "-a", metavar="ARGS", default="",
+        help='boot arguments for the guest, e.g. "ws=64M rate=20000"',
+    )  # fmt: skip
+    parser.add_argument("--qmp", metavar="URI", help="QMP monitor: unix:PATH or tcp:HOST:PORT")
+    parser.add_argument("-S", dest="prelaunch", action="store_true", help="wait for cont")
+    parser.add_argument(
+        "--incoming", metavar="URI|defer",
+        help="receive the guest by migration (defer: wait for migrate-incoming over QMP)",
+    )  # fmt: skip
+    add_machine_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.incoming is None and not args.guest:
+        raise UsageError("give --guest NAME|FILE.c (or --incoming URI to receive a guest)")
+    if args.incoming is not None and args.guest:
+        raise UsageError("--guest and --incoming exclude each other: the guest comes by migration")
+    if args.qmp:
+        from livemig.qmp import parse_qmp_address
+
+        try:
+            parse_qmp_address(args.qmp)
+        except ValueError as exc:
+            raise UsageError(f"--qmp {args.qmp!r}: {exc}") from exc
+    image = None
+    if args.guest:
+        from livemig.guests import build_guest
+
+        image = build_guest(args.guest)  # compile errors surface before any RAM is taken
+    machine = machine_from_args(args)
+    try:
+        return _run(args, machine, image)
+    finally:
+        machine.close()
+
+
+def _run(args: argparse.Namespace, machine: Machine, image: Any) -> int:
+    quit_event = threading.Event()
+    server = _start_control(args, machine, quit_event)
+    try:
+        ram = ", ".join(f"{b.idstr}={format_size(b.size)}" for b in machine.ram_blocks)
+        if image is not None:
+            machine.load_guest(image.data, args.append)
+            what = f"guest {image.name}"
+        else:
+            what = f"incoming guest ({args.incoming})"
+        where = f", QMP at {args.qmp}" if args.qmp else ""
+        print(f"livemig run: {what}, {len(machine.vcpus)} vCPUs, {ram}{where}", file=sys.stderr)
+        if image is not None and not args.prelaunch:
+            machine.start()
+        _wait(machine, quit_event)
+    finally:
+        if server is not None:
+            server.close()
+    if machine.runstate == RunState.INTERNAL_ERROR:
+        print(f"livemig run: guest failed: {machine.error}", file=sys.stderr)
+        return 1
+    if machine.shutdown_reason == "host-signal":
+        return 130
+    return machine.exit_status if machine.exit_status is not None else 0
+
+
+def _wait(machine: Machine, quit_event: threading.Event) -> None:
+    """Until the guest ends, QMP ``quit`` arrives, or Ctrl-C / SIGTERM."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        machine.shutdown("host-signal")
+        quit_event.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not quit_event.is_set() and not machine.wait_for_end(0.2):
+            pass
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threading.Event) -> Any:
+    """The QMP server (if ``--qmp``) and the migration manager (if QMP or ``--incoming``)."""
+    server = control = None
+    if args.qmp:
+        from livemig.qmp import CommandRegistry, QMPServer
+        from livemig.qmp.machine_commands import register_machine_commands
+
+        registry = CommandRegistry()
+        server = QMPServer(args.qmp, registry)
+
+        def on_quit() -> None:
+            machine.shutdown("host-qmp-quit")
+            quit_event.set()
+
+        control = register_machine_commands(
+            registry, machine, server, on_quit=on_quit, autostart=not args.prelaunch
+        )
+    manager = None
+    if server is not None or args.incoming is not None:
+        try:
+            from livemig.migration.manager import MigrationManager, register_migration_commands
+        except ImportError as exc:
+            if args.incoming is not None:
+                raise UsageError(
+                    "--incoming needs the migration layer (livemig.migration)"
+                ) from exc
+        else:
+            emit = server.emit_event if server is not None else None
+            autostart = (lambda: control.autostart) if control else (lambda: not args.prelaunch)
+            manager = MigrationManager(machine, emit=emit, autostart=autostart)
+            if server is not None:
+                register_migration_commands(server.registry, manager)
+    if server is not None:
+        server.start()
+    if args.incoming is not None and manager is not None:
+        machine.set_runstate(RunState.INMIGRATE)
+        if args.incoming == "defer":
+            manager.incoming_deferred = True
+        else:
+            manager.incoming_start(args.incoming)
+    return server

@@ -1,0 +1,113 @@
+"""``livemig run`` as a user runs it: a subprocess, its console on stdout, QMP via qemu.qmp."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from qemu.qmp import QMPClient
+
+from livemig.cli import main
+
+
+def _spawn(*args: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "livemig", "run", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+async def _wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"no QMP socket: {proc.stderr.read() if proc.stderr else ''!r}")
+        await asyncio.sleep(0.05)
+
+
+def test_run_memstress_stop_cont_quit_over_qmp() -> None:
+    sockdir = Path(tempfile.mkdtemp(prefix="lmrun", dir="/tmp"))  # short path for AF_UNIX
+    sock = sockdir / "qmp.sock"
+    proc = _spawn("--guest", "memstress", "--memory", "32M", "--smp", "2",
+                  "--append", "ws=4M mark_ms=20", "--qmp", f"unix:{sock}")  # fmt: skip
+
+    async def drive() -> list[str]:
+        await _wait_socket(sock, proc, 60)
+        qmp = QMPClient("test")
+        await asyncio.wait_for(qmp.connect(str(sock)), 10)
+        states = []
+        for _ in range(3):
+            await asyncio.sleep(0.1)
+            await qmp.execute("stop")
+            states.append((await qmp.execute("query-status"))["status"])
+            await qmp.execute("cont")
+            states.append((await qmp.execute("query-status"))["status"])
+        cpus = await qmp.execute("query-cpus-fast")
+        assert [c["cpu-index"] for c in cpus] == [0, 1]
+        await qmp.execute("quit")
+        await qmp.disconnect()
+        return states
+
+    try:
+        states = asyncio.run(asyncio.wait_for(drive(), 60))
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        shutil.rmtree(sockdir, ignore_errors=True)
+    assert states == ["paused", "running"] * 3
+    assert proc.returncode == 0, err
+    assert b"memstress: cpu0 pass" in out and b"memstress: cpu1 pass" in out
+
+
+def test_run_exits_with_the_guest_status(tmp_path: Path) -> None:
+    prog = tmp_path / "seven.c"
+    prog.write_text(
+        '#include "livemig.h"\nint main(int cpu, const struct boot_info *bi)\n'
+        '{ (void)bi; if (cpu == 0) puts("bye\\n"); return 7; }\n'
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "livemig", "run", "--guest", str(prog), "--memory", "8M"],
+        capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout == b"bye\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run"], "give --guest"),
+        (["run", "--guest", "no-such-guest", "--memory", "8M"], "no-such-guest"),
+        (["run", "--guest", "idle", "--memory", "8M", "--qmp", "udp:1"], "QMP address"),
+        (["run", "--guest", "idle", "--memory", "1000001"], "page size"),
+        (["run", "--guest", "idle", "--incoming", "defer"], "exclude each other"),
+    ],
+)
+def test_run_bad_input(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_run_shows_the_compiler_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.c"
+    bad.write_text("int main(void) { return nope; }\n")
+    assert main(["run", "--guest", str(bad), "--memory", "8M"]) == 1
+    assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_run_ctrl_c_is_status_130() -> None:
+    proc = _spawn("--guest", "idle", "--memory", "8M", "--serial", "null")
+    time.sleep(1.5)
+    proc.send_signal(2)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 130
