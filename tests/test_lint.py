@@ -22,5 +22,7 @@ def _ruff() -> list[str]:
 
 
 def test_ruff_check() -> None:
-    proc = subprocess.run([*_ruff(), "check", "src", "tests"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [*_ruff(), "check", "src", "tests"], cwd=ROOT, capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr

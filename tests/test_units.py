@@ -8,7 +8,14 @@ from livemig.units import format_size, parse_size
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("4096", 4096), ("512M", 512 << 20), ("1G", 1 << 30), ("1.5K", 1536), ("2MiB", 2 << 20), ("8k", 8192)],
+    [
+        ("4096", 4096),
+        ("512M", 512 << 20),
+        ("1G", 1 << 30),
+        ("1.5K", 1536),
+        ("2MiB", 2 << 20),
+        ("8k", 8192),
+    ],
 )
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value

@@ -198,15 +198,15 @@ class OutgoingMigration:
             and self.channel.is_socket
             and self.channel.readable
         )
-        from livemig.memtrack import open_tracker
+        from livemig.memtrack import open_tracker, present_pages
 
         factory = self._tracker_factory or open_tracker
         self.tracker = factory(self.machine.ram_blocks, backend=cfg.params["x-dirty-tracker"])
         self.tracker_name = self.tracker.name
         self.tracker.start()
-        populated = None
-        if hasattr(self.tracker, "populated"):
-            populated = self.tracker.populated()
+        # Pages the kernel never populated are zero on both sides: the first pass skips them
+        # without reading them (QEMU reads every page of the guest).
+        populated = {b.idstr: present_pages(b.host_addr, b.size) for b in self.machine.ram_blocks}
         self.ram = RamSaver(self.machine.ram_blocks, populated)
         self.stats.zero_pages += self.ram.skipped_unpopulated
         self.encoder = Encoder()
