@@ -38,7 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help='boot arguments for the guest, e.g. "ws=64M rate=20000"',
     )  # fmt: skip
     parser.add_argument("--qmp", metavar="URI", help="QMP monitor: unix:PATH or tcp:HOST:PORT")
-    parser.add_argument("-S", dest="prelaunch", action="store_true", help="wait for cont")
+    parser.add_argument(
+        "-S", "--paused", dest="prelaunch", action="store_true",
+        help="do not start the guest (or, with --incoming, keep it paused after the "
+        "migration) until QMP cont",
+    )  # fmt: skip
     parser.add_argument(
         "--incoming", metavar="URI|defer",
         help="receive the guest by migration (defer: wait for migrate-incoming over QMP)",
@@ -130,21 +134,26 @@ def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threa
         control = register_machine_commands(
             registry, machine, server, on_quit=on_quit, autostart=not args.prelaunch
         )
-    manager = None
-    if server is not None or args.incoming is not None:
-        try:
-            from livemig.migration.manager import MigrationManager, register_migration_commands
-        except ImportError as exc:
-            if args.incoming is not None:
-                raise UsageError(
-                    "--incoming needs the migration layer (livemig.migration)"
-                ) from exc
-        else:
-            emit = server.emit_event if server is not None else None
-            autostart = (lambda: control.autostart) if control else (lambda: not args.prelaunch)
-            manager = MigrationManager(machine, emit=emit, autostart=autostart)
-            if server is not None:
-                register_migration_commands(server.registry, manager)
+    from livemig.migration.manager import MigrationManager, register_migration_commands
+
+    emit = server.emit_event if server is not None else None
+    autostart = (lambda: control.autostart) if control else (lambda: not args.prelaunch)
+    manager = MigrationManager(machine, emit=emit, autostart=autostart)
+    if server is not None:
+        register_migration_commands(server.registry, manager)
+
+    def on_migration_done(side: str, ok: bool) -> None:
+        # QEMU 7.2: a destination whose incoming migration failed exits with status 1
+        # (migrate-incoming's exit-on-error, true by default).
+        if side == "destination" and not ok and getattr(manager, "exit_on_error", True):
+            err = manager.dest.error or "incoming migration failed"
+            print(f"livemig run: incoming migration failed: {err}", file=sys.stderr)
+            machine.error = err
+            machine.exit_status = 1
+            machine.shutdown("host-error")
+            quit_event.set()
+
+    manager.on_done(on_migration_done)
     if server is not None:
         server.start()
     if args.incoming is not None and manager is not None:
