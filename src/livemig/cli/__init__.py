@@ -13,7 +13,7 @@ import sys
 
 from livemig.errors import LivemigError
 
-COMMANDS = ("run", "guests", "demo", "migrate", "analyze", "capture", "bench")
+COMMANDS = ("run", "guests", "demo", "migrate", "report", "analyze", "capture", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

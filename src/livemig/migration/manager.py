@@ -176,6 +176,12 @@ class MigrationManager:
             out.update(self.outgoing.query())
         return out
 
+    def report(self) -> dict[str, Any]:
+        """livemig's own timeline of the last outgoing migration (``livemig report``)."""
+        if self.outgoing is None:
+            raise UsageError("no outgoing migration has run in this process")
+        return self.outgoing.report()
+
     def query_threads(self) -> list[dict[str, Any]]:
         threads: list[threading.Thread] = []
         if self.outgoing is not None:
@@ -224,3 +230,4 @@ def register_migration_commands(registry: Any, manager: MigrationManager) -> Non
     registry.add("query-migrate-parameters", wrap(manager.params.query))
     registry.add("query-migrate", wrap(manager.query_migrate))
     registry.add("query-migrationthreads", wrap(manager.query_threads))
+    registry.add("x-query-migration-report", wrap(manager.report))

@@ -20,7 +20,6 @@ lost: if we had stopped it, we restart it (RESUME). Every socket operation has a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import threading
@@ -61,19 +60,46 @@ class Cancelled(LivemigError):
 
 
 def ram_hashes(blocks: list) -> dict[str, str]:
-    """A digest of every RAM block (BLAKE2b: hashlib's fastest on this kind of machine)."""
-    out = {}
-    for b in blocks:
-        h = hashlib.blake2b(digest_size=32)
-        h.update(b.view)
-        out[b.idstr] = h.hexdigest()
-    return out
+    """A 128-bit digest of every RAM block, as hex.
+
+    XXH3 rather than SHA-256: verification runs inside the blackout on both sides, and XXH3
+    hashes at memory speed (~20 GB/s here) where hashlib's best manages under 1 GB/s. It guards
+    against bugs, not attackers.
+    """
+    return {b.idstr: _block_digest(b) for b in blocks}
+
+
+_ZERO_CHUNK = bytes(1 << 20)
+
+
+def _block_digest(block: Any) -> str:
+    """XXH3-128 of the block's bytes, without reading pages the kernel never populated.
+
+    Reading a hole in shared anonymous memory allocates a page (slowly, here): holes are zero,
+    so they are fed to the hash from a zero buffer instead. Same digest as hashing the bytes.
+    """
+    import xxhash
+
+    from livemig.memtrack import present_pages
+
+    present = present_pages(block.host_addr, block.size)
+    h = xxhash.xxh3_128()
+    edges = np.flatnonzero(np.diff(present.astype(np.int8))) + 1
+    bounds = [0, *edges.tolist(), len(present)]
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        start, end = lo * 4096, hi * 4096
+        if present[lo]:
+            h.update(block.view[start:end])
+        else:
+            for off in range(start, end, len(_ZERO_CHUNK)):
+                h.update(_ZERO_CHUNK[: min(len(_ZERO_CHUNK), end - off)])
+    return h.hexdigest()
 
 
 def verify_vmsd(blocks: list) -> Any:
     from livemig import vmstate
 
-    return vmstate.vmsd(VERIFY_IDSTR, 1, [vmstate.buffer(b.idstr, 32) for b in blocks])
+    return vmstate.vmsd(VERIFY_IDSTR, 1, [vmstate.buffer(b.idstr, 16) for b in blocks])
 
 
 @dataclass
@@ -119,6 +145,7 @@ class OutgoingMigration:
         self._rp_event = threading.Event()
         self._rp_error: str | None = None
         self._stopped_guest = False
+        self._t_stop: float | None = None
         self._was_running = False
         self.verified: bool | None = None
         self.tracker_name = ""
@@ -369,7 +396,7 @@ class OutgoingMigration:
     def _complete(self) -> None:
         m = self.machine
         caps = self.config.capabilities
-        t_stop = time.monotonic()
+        t_stop = self._t_stop = time.monotonic()
         self._was_running = m.runstate == RunState.RUNNING
         if self._was_running:
             m.pause(RunState.FINISH_MIGRATE)
@@ -523,7 +550,17 @@ class OutgoingMigration:
     def report(self) -> dict[str, Any]:
         """A timeline for ``livemig report``: passes, phases and the downtime breakdown."""
         s = self.stats
+        setup_end = s.setup_time or 0.0
+        phases: dict[str, list[float]] = {"setup": [0.0, setup_end]}
+        if self._t_stop is not None:
+            phases["precopy"] = [setup_end, self._t_stop - s.start]
+            if s.total_time is not None:
+                phases["stop-and-copy"] = [self._t_stop - s.start, s.total_time]
+        elif s.total_time is not None:
+            phases["precopy"] = [setup_end, s.total_time]
         return {
+            "start-monotonic": s.start,
+            "phases": phases,
             "passes": [p.__dict__ for p in s.passes],
             "setup-time": s.setup_time,
             "total-time": s.total_time,

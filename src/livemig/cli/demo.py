@@ -1,0 +1,201 @@
+"""``livemig demo``: a guest migrated live between two local livemig processes.
+
+What it does, step by step, printing each: build the memstress guest; start a source process
+running it and a destination process waiting with ``--incoming``; show the guest's console; migrate
+it live over loopback TCP (or, with ``--two-hosts``, between two network namespaces joined by
+a bandwidth-limited veth pair) with a progress display; then show the guest still running on
+the destination, check its memory invariant, and print a summary (times, downtime, throughput,
+passes, pages, verification) and the paths of the report (JSON and PNG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from livemig.errors import LivemigError, UsageError
+from livemig.units import PAGE_SIZE, parse_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="migrate a running guest live between two local processes",
+                       description=__doc__.split("\n\n")[0])  # fmt: skip
+    p.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
+    p.add_argument("--smp", type=int, default=2, help="vCPUs (default 2)")
+    p.add_argument("--working-set", default="64M", help="memory the guest keeps dirtying")
+    p.add_argument(
+        "--dirty-rate",
+        default="20M",
+        help="bytes per second the guest dirties, e.g. 50M (0 = as fast as it can)",
+    )
+    p.add_argument("--guest", default="memstress", help="guest program (default memstress)")
+    p.add_argument("--downtime-limit", type=int, default=300, help="ms (QEMU's default 300)")
+    p.add_argument(
+        "--max-bandwidth",
+        default=None,
+        help="bytes/s, e.g. 1G (default QEMU's 128M; 0 = unlimited)",
+    )
+    p.add_argument(
+        "--two-hosts",
+        action="store_true",
+        help="source and destination in two network namespaces over a veth pair",
+    )
+    p.add_argument("--link-rate", default="1gbit", help="tc tbf rate with --two-hosts")
+    p.add_argument("--out", default="livemig-report", help="report path stem (.json, .png)")
+    p.add_argument("--watch", type=float, default=1.5, help="seconds of console before/after")
+    p.set_defaults(func=run)
+
+
+def _pages_per_second(rate: str) -> int:
+    return parse_size(rate, "--dirty-rate") // PAGE_SIZE
+
+
+def run(args: argparse.Namespace) -> int:
+    from livemig.guests import build_guest
+
+    console = Console()
+    memory = parse_size(args.memory, "--memory")
+    ws = parse_size(args.working_set, "--working-set")
+    if ws > memory // 2:
+        raise UsageError(f"--working-set {args.working_set} must be at most half of --memory")
+    if args.smp < 1:
+        raise UsageError("--smp must be at least 1")
+    console.rule("[bold]livemig demo")
+    console.print(f"building the {args.guest} guest ...")
+    build_guest(args.guest)
+    with contextlib.ExitStack() as stack:
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="livemig-demo-")))
+        return _demo(args, console, stack, workdir, ws)
+
+
+def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStack,
+          workdir: Path, ws: int) -> int:  # fmt: skip
+    from livemig import procs
+    from livemig.report import progress, timeline
+
+    pre_src = pre_dst = None
+    host = "127.0.0.1"
+    if args.two_hosts:
+        from livemig.netns import TwoHosts
+
+        hosts = stack.enter_context(TwoHosts(rate=args.link_rate))
+        pre_src, pre_dst, host = hosts.prefix_a(), hosts.prefix_b(), hosts.addr_b
+        console.print(f"two hosts: namespaces {hosts.ns_a} ({hosts.addr_a}) and {hosts.ns_b} "
+                      f"({hosts.addr_b}), veth with tc tbf {args.link_rate}")  # fmt: skip
+    port = procs.free_port() if not args.two_hosts else 4444
+    uri = f"tcp:{host}:{port}"
+    rate = _pages_per_second(args.dirty_rate)
+    append = f"ws={ws} rate={rate} mark_ms=500"
+    src = stack.enter_context(
+        procs.source(
+            workdir,
+            guest=args.guest,
+            memory=args.memory,
+            smp=args.smp,
+            append=append,
+            prefix=pre_src,
+        )
+    )
+    listen = f"tcp:{'0.0.0.0' if args.two_hosts else host}:{port}"
+    dst = stack.enter_context(
+        procs.destination(
+            workdir, memory=args.memory, smp=args.smp, incoming=listen, prefix=pre_dst
+        )
+    )
+    src.wait_ready()
+    dst.wait_ready()
+    console.print(f"source      pid {src.pid}: {args.guest}, {args.memory}, {args.smp} vCPUs, "
+                  f"dirtying {args.working_set} at {args.dirty_rate}B/s")  # fmt: skip
+    console.print(f"destination pid {dst.pid}: waiting on {listen}")
+    _show_console(console, src, "source", args.watch, from_start=True)
+
+    caps = [{"capability": c, "state": True} for c in ("events", "return-path", "x-verify")]
+    src.qmp("migrate-set-capabilities", capabilities=caps)
+    params: dict[str, Any] = {"downtime-limit": args.downtime_limit}
+    if args.max_bandwidth is not None:
+        params["max-bandwidth"] = parse_size(args.max_bandwidth, "--max-bandwidth")
+    src.qmp("migrate-set-parameters", **params)
+    console.rule(f"migrating to {uri}")
+    sampler = timeline.Sampler()
+    src.qmp("migrate", uri=uri)
+    final = progress.follow(lambda: src.qmp("query-migrate"), console=console,
+                            on_poll=sampler, timeout=600)  # fmt: skip
+    if final.get("status") != "completed":
+        with contextlib.suppress(LivemigError):
+            src.qmp("migrate_cancel")
+        final = progress.follow(lambda: src.qmp("query-migrate"), quiet=True, timeout=30)
+    dest_final: dict[str, Any] = {}
+    with contextlib.suppress(LivemigError):
+        dest_final = dst.qmp("query-migrate")
+    ok = final.get("status") == "completed"
+    invariant = None
+    if ok:
+        console.print(f"source now: {src.qmp('query-status')['status']}; "
+                      f"destination now: {dst.qmp('query-status')['status']}")  # fmt: skip
+        _show_console(console, dst, "destination", args.watch)
+        invariant = _check(dst)
+    report = timeline.build(
+        config={"guest": args.guest, "memory": args.memory, "smp": args.smp,
+                "working-set": args.working_set, "dirty-rate": args.dirty_rate, "uri": uri,
+                "two-hosts": args.two_hosts, "parameters": params},
+        source_final=final, source_report=_safe(src, "x-query-migration-report"),
+        destination_final=dest_final, samples=sampler.samples, sample_t0=sampler.t0,
+        verification={"ram-hashes-equal": final.get("x-verified"), "invariant": invariant},
+    )  # fmt: skip
+    jpath, ppath = timeline.save(report, Path(args.out))
+    extra = {
+        "verification (RAM hashes)": "identical" if final.get("x-verified") else "NOT checked",
+        "guest invariant": "holds" if invariant and invariant.get("ok") else str(invariant),
+        "dirty tracker": final.get("x-dirty-tracker", "?"),
+    }
+    console.print(progress.summary_table(final, extra))
+    console.print(f"report: {jpath}\nplots:  {ppath}")
+    return 0 if ok and (invariant is None or invariant.get("ok")) else 1
+
+
+def _safe(proc: Any, command: str) -> Any:
+    try:
+        return proc.qmp(command)
+    except LivemigError:
+        return None
+
+
+def _check(dst: Any) -> dict[str, Any] | None:
+    """memstress's invariant on the destination, read while it is briefly paused."""
+    try:
+        dst.qmp("stop")
+        try:
+            return dst.qmp("x-guest-check")
+        finally:
+            dst.qmp("cont")
+    except LivemigError as exc:
+        return {"ok": False, "error": str(exc)}
+
+
+def _show_console(console: Console, proc: Any, label: str, seconds: float,
+                  *, from_start: bool = False, want: str = "pass", max_wait: float = 10.0
+                  ) -> None:  # fmt: skip
+    """Echo the guest's console for ``seconds``, and longer (up to ``max_wait``) until a line
+    containing ``want`` appears, so the viewer sees the guest make progress."""
+    start = 0 if from_start else len(proc.serial_lines())
+    t0 = time.monotonic()
+    shown = 0
+    seen = False
+    while True:
+        lines = proc.serial_lines()[start:]
+        for line in lines[shown:]:
+            console.print(f"[dim]{label:>11} │[/] {line}")
+            seen = seen or want in line
+        shown = len(lines)
+        elapsed = time.monotonic() - t0
+        if elapsed >= max_wait or (elapsed >= seconds and seen):
+            break
+        time.sleep(0.1)
+    if shown == 0:
+        console.print(f"[dim]{label:>11} │ (no console output in {max_wait:g} s)[/]")
