@@ -20,6 +20,7 @@ lost: if we had stopped it, we restart it (RESUME). Every socket operation has a
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
@@ -86,7 +87,7 @@ def _block_digest(block: Any) -> str:
     h = xxhash.xxh3_128()
     edges = np.flatnonzero(np.diff(present.astype(np.int8))) + 1
     bounds = [0, *edges.tolist(), len(present)]
-    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+    for lo, hi in itertools.pairwise(bounds):
         start, end = lo * 4096, hi * 4096
         if present[lo]:
             h.update(block.view[start:end])
