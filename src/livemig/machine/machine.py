@@ -22,10 +22,13 @@ into a new ``Machine`` continues the guest exactly.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +181,10 @@ class Machine:
             raise
         for vcpu in self.vcpus:
             vcpu.start_thread()
+        # vCPU threads run native code against RAM this object owns: stop them before the
+        # interpreter tears down, or a process that exits with a running guest crashes.
+        ref = weakref.ref(self)
+        atexit.register(lambda: (m := ref()) is not None and m.close())
 
     # -- run state ----------------------------------------------------------------------------
 
@@ -285,6 +292,21 @@ class Machine:
         with self._cond:
             self._run_allowed = True
             self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def quiesced(self) -> Iterator[None]:
+        """Hold every vCPU at an instruction boundary without a run-state change (no STOP /
+        RESUME): for host work that must not race a guest write, such as starting dirty
+        logging (QEMU: ``pause_all_vcpus`` around internal work)."""
+        with self._transition_lock:
+            running = self._runstate == RunState.RUNNING
+            if running:
+                self._stop_vcpus()
+            try:
+                yield
+            finally:
+                if running:
+                    self._start_vcpus()
 
     def invalidate_translations(self) -> None:
         """RAM was written from the host: retranslate guest code before it runs again."""

@@ -32,6 +32,7 @@ import numpy as np
 
 from livemig.errors import LivemigError, MigrationError
 from livemig.machine.runstate import RunState
+from livemig.migration import multifd
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.stats import MigrationStats, PassRecord
 from livemig.savevm.devices import (
@@ -140,6 +141,7 @@ class OutgoingMigration:
         self._tracker_factory = tracker_factory
         self.tracker: Any = None
         self.channel: Channel | None = None
+        self.multifd: Any = None  # multifd.MultifdSender with capability multifd
         self.thread = threading.Thread(target=self._run, name="live_migration", daemon=True)
         self._rp_thread: threading.Thread | None = None
         self._rp_shut: int | None = None
@@ -164,6 +166,8 @@ class OutgoingMigration:
         ch = self.channel
         if ch is not None:
             ch.shutdown()
+        if self.multifd is not None:
+            self.multifd.shutdown()
 
     def continue_(self) -> None:
         self._continue.set()
@@ -213,6 +217,8 @@ class OutgoingMigration:
         self.stats.account(n, normal, zero, phase)
         if phase == "precopy":
             self.rate.account(n)
+        if self.multifd is not None:
+            n += multifd.source_account(self, phase)
         return n
 
     def _setup(self) -> None:
@@ -231,10 +237,14 @@ class OutgoingMigration:
         factory = self._tracker_factory or open_tracker
         self.tracker = factory(self.machine.ram_blocks, backend=cfg.params["x-dirty-tracker"])
         self.tracker_name = self.tracker.name
-        self.tracker.start()
         # Pages the kernel never populated are zero on both sides: the first pass skips them
-        # without reading them (QEMU reads every page of the guest).
-        populated = {b.idstr: present_pages(b.host_addr, b.size) for b in self.machine.ram_blocks}
+        # without reading them (QEMU reads every page of the guest). The scan must come before
+        # write-protection starts (which marks every page) and no guest write may fall between
+        # the two, so the vCPUs are held for that moment (no run-state change).
+        with self.machine.quiesced():
+            populated = {b.idstr: present_pages(b.host_addr, b.size)
+                         for b in self.machine.ram_blocks}  # fmt: skip
+            self.tracker.start()
         self.ram = RamSaver(self.machine.ram_blocks, populated)
         self.stats.zero_pages += self.ram.skipped_unpopulated
         self.encoder = Encoder()
@@ -253,6 +263,7 @@ class OutgoingMigration:
         bufs += enc.send(E.RamEos())
         bufs += enc.send(E.SectionFooter(self._ram_sid))
         self._send(bufs)
+        multifd.source_setup(self)
         self.stats.setup_time = time.monotonic() - self.stats.start
         self.stats.remaining = self.ram.pending_pages() * 4096
         self._pass_start = time.monotonic()
@@ -315,6 +326,8 @@ class OutgoingMigration:
         self._pass_bytes = self.stats.transferred
 
     def _sync(self, reason: str) -> None:
+        if self.multifd is not None:
+            multifd.source_flush(self, "precopy")  # pages of this pass land before the next's
         new = self.ram.merge(self.tracker.sync())
         self.stats.note_sync(new)
         self.stats.remaining = self.ram.pending_pages() * 4096
@@ -361,6 +374,8 @@ class OutgoingMigration:
         self._send([*head, *enc.send(E.RamEos()), *enc.send(E.SectionFooter(self._ram_sid))])
 
     def _encode_batches(self, batches: list) -> tuple[list, int, int]:
+        if self.multifd is not None:
+            return multifd.source_queue(self, batches)
         out: list = []
         normal = zero = 0
         for b in batches:
@@ -425,6 +440,8 @@ class OutgoingMigration:
                 break
             out, normal, zero = self._encode_batches(batches)
             self._send(out, "downtime", normal, zero)
+        if self.multifd is not None:
+            multifd.source_flush(self, "downtime", in_section=True)  # all RAM before devices
         self._send([*enc.send(E.RamEos()), *enc.send(E.SectionFooter(self._ram_sid))],
                    "downtime")  # fmt: skip
         t_ram = time.monotonic()
@@ -510,6 +527,7 @@ class OutgoingMigration:
         self.stats.total_time = time.monotonic() - self.stats.start
 
     def _cleanup(self) -> None:
+        multifd.source_close(self, self.state.status == MigrationStatus.COMPLETED)
         if self.tracker is not None:
             try:
                 self.tracker.stop()
