@@ -42,7 +42,7 @@ from livemig.savevm.devices import (
     machine_entries,
 )
 from livemig.savevm.ram import RamSaver
-from livemig.transport import Channel, ChannelError, RateLimiter, connect
+from livemig.transport import Channel, ChannelError, ChannelTimeout, RateLimiter, connect
 from livemig.wire import events as E
 from livemig.wire import returnpath as RP
 from livemig.wire.encoder import Encoder
@@ -283,7 +283,13 @@ class OutgoingMigration:
         view = memoryview(buf)
         try:
             while True:
-                n = self.channel.recv_into(view)
+                try:
+                    n = self.channel.recv_into(view)
+                except ChannelTimeout:
+                    # The destination speaks only when asked (PONG) and at the end (SHUT): a
+                    # long, quiet pre-copy is no failure (QEMU's return-path thread blocks with
+                    # no time-out). A stalled peer shows on the sending side and in SHUT's wait.
+                    continue
                 if n == 0:
                     if self._rp_shut is None:
                         self._rp_error = "destination closed the return path without SHUT"
