@@ -134,6 +134,9 @@ def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threa
         control = register_machine_commands(
             registry, machine, server, on_quit=on_quit, autostart=not args.prelaunch
         )
+        from livemig.qmp.debug_commands import register_debug_commands
+
+        register_debug_commands(registry, machine)
     from livemig.migration.manager import MigrationManager, register_migration_commands
 
     emit = server.emit_event if server is not None else None
