@@ -77,7 +77,7 @@ class GuestProcess:
         self.qmp_uri = f"unix:{qmp_path}"
         self.lines: list[tuple[float, str]] = []  # (time.monotonic(), line)
         self._lines_lock = threading.Lock()
-        self._stderr = tempfile.TemporaryFile()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
