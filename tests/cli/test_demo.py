@@ -1,0 +1,82 @@
+"""``livemig demo`` end to end: two real processes, a live migration, a report that agrees with
+``query-migrate``, and ``livemig report`` drawing it again."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _livemig(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "livemig", *args], capture_output=True,
+                          text=True, timeout=timeout)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    out = tmp_path_factory.mktemp("demo") / "report"
+    proc = _livemig("demo", "--memory", "64M", "--working-set", "8M", "--dirty-rate", "4M",
+                    "--watch", "0.3", "--out", str(out))  # fmt: skip
+    return proc, out
+
+
+def test_demo_migrates_and_summarises(demo) -> None:
+    proc, _out = demo
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout
+    for words in ("migration summary", "completed", "downtime", "identical", "holds",
+                  "report:", "plots:"):  # fmt: skip
+        assert words in text, text[-3000:]
+    assert "destination │ memstress" in text  # the guest's console after the move
+
+
+def test_report_agrees_with_query_migrate(demo) -> None:
+    _, out = demo
+    report = json.loads(out.with_suffix(".json").read_text())
+    qm = report["query-migrate"]
+    assert qm["status"] == "completed"
+    ram = qm["ram"]
+    # one pass record per dirty-bitmap sync, plus the setup record
+    assert len(report["passes"]) == ram["dirty-sync-count"] + 1
+    sent = sum(p["bytes_sent"] for p in report["passes"])
+    assert 0 < sent <= ram["transferred"]
+    assert ram["precopy-bytes"] + ram["downtime-bytes"] == ram["transferred"]
+    samples = report["samples"]
+    assert samples and samples[-1]["transferred"] == ram["transferred"]
+    assert all(a["transferred"] <= b["transferred"] for a, b in itertools.pairwise(samples))
+    bd = report["downtime-breakdown"]
+    assert set(bd) == {"final-ram", "device-state", "resume"}
+    assert abs(sum(bd.values()) * 1000 - qm["downtime"]) <= 2
+    assert report["verification"]["ram-hashes-equal"] is True
+    assert report["verification"]["invariant"]["ok"] is True
+    assert report["destination"]["status"] == "completed"
+
+
+def test_report_redraws(demo, tmp_path: Path) -> None:
+    _, out = demo
+    png = tmp_path / "again.png"
+    proc = _livemig("report", str(out.with_suffix(".json")), "--png", str(png), timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_report_refuses_other_json(tmp_path: Path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text('{"hello": 1}')
+    proc = _livemig("report", str(bad), timeout=60)
+    assert proc.returncode == 1
+    assert "is not a livemig report" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_demo_bad_input_is_one_line() -> None:
+    proc = _livemig("demo", "--memory", "64M", "--working-set", "48M", timeout=60)
+    assert proc.returncode == 1
+    assert "must be at most half of --memory" in proc.stderr
+    assert "Traceback" not in proc.stderr
