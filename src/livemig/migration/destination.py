@@ -22,10 +22,12 @@ from typing import Any
 
 from livemig.errors import LivemigError, StreamError
 from livemig.machine.runstate import RunState
+from livemig.migration import multifd
 from livemig.migration.source import MACHINE_TYPE, VERIFY_IDSTR, ram_hashes, verify_vmsd
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.savevm.devices import decode_globalstate, descriptions, machine_entries
 from livemig.savevm.ram import RamLoader
+from livemig.savevm.xbzrle_cache import load_xbzrle
 from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener
 from livemig.wire import events as E
 from livemig.wire import returnpath as RP
@@ -71,6 +73,8 @@ class IncomingMigration:
         self._rp_lock = threading.Lock()
         self._rp_encoder = RP.ReturnPathEncoder()
         self._cancel = threading.Event()
+        self.capabilities: frozenset[str] = frozenset()  # set by the manager before start()
+        self.multifd: Any = None  # multifd.MultifdReceiver with capability multifd
         self.verify: dict[str, Any] | None = None
         self.source_hashes: dict[str, str] | None = None
         self.timeline: dict[str, float] = {}
@@ -95,13 +99,17 @@ class IncomingMigration:
     def _run(self) -> None:
         ok = False
         try:
-            self.channel = self._accept()
+            if "multifd" in self.capabilities:
+                self.channel = multifd.incoming_accept(self)
+            else:
+                self.channel = self._accept()
             self.timeline["connected"] = time.monotonic()
             self.state.move(MigrationStatus.ACTIVE)
             self._load()
             ok = True
         except (LivemigError, OSError) as exc:
             reason = "cancelled" if self._cancel.is_set() else str(exc)
+            reason = multifd.incoming_error(self) or reason  # the channel that broke first
             log.warning("incoming migration failed: %s", reason)
             self._shut(1)
             self.state.try_move(self.state.status, MigrationStatus.FAILED, error=reason)
@@ -111,6 +119,7 @@ class IncomingMigration:
             self.state.try_move(self.state.status, MigrationStatus.FAILED,
                                 error=f"internal error: {exc!r}")  # fmt: skip
         finally:
+            multifd.incoming_close(self)
             if self.channel is not None:
                 self.channel.close()
             self.listener.close()
@@ -186,6 +195,10 @@ class IncomingMigration:
             self._on_full(ev, dec)
         elif isinstance(ev, E.RamSetup):
             self.loader.check_setup(ev.blocks, dec.offset)
+        elif isinstance(ev, E.RamMultifdFlush):
+            multifd.incoming_flush(self, dec.offset)
+        elif isinstance(ev, E.RamXbzrlePage):
+            load_xbzrle(self.loader, ev.block, ev.offset, ev.data, dec.offset)
         elif isinstance(ev, E.Configuration):
             if ev.machine_type != MACHINE_TYPE:
                 raise StreamError(f"machine type {ev.machine_type!r} does not match this "

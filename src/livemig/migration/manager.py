@@ -141,6 +141,7 @@ class MigrationManager:
                 self.machine, uri, self.dest, self.params.query(),
                 autostart=self._autostart, emit=self.emit, on_done=self._incoming_done,
             )  # fmt: skip
+            self.incoming.capabilities = self.caps.enabled()
             self.incoming.start()
             return self.incoming.uri
 

@@ -27,7 +27,7 @@ CAPABILITIES = (
 
 # What this build of livemig really implements; the rest are listed but refused.
 SUPPORTED_CAPABILITIES = frozenset(
-    {"auto-converge", "events", "return-path", "pause-before-switchover", "x-verify"}
+    {"auto-converge", "events", "return-path", "pause-before-switchover", "x-verify", "multifd"}
 )
 
 # (capability, needs) and (capability, conflicts with) pairs, checked when set.

@@ -557,6 +557,8 @@ class OutgoingMigration:
                                    MigrationStatus.CANCELLED, MigrationStatus.NONE)  # fmt: skip
         if shows_ram:
             out["ram"] = s.ram_info()
+            multifd.source_query(self, out)
+
             out["total-time"] = s.elapsed_ms()
             out["setup-time"] = int((s.setup_time or 0) * 1000)
             if status == MigrationStatus.COMPLETED:

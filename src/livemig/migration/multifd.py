@@ -1,0 +1,763 @@
+"""Multifd: guest pages over N extra connections, one sender/receiver thread per channel.
+
+Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; reference §8):
+
+* **Channels.** After the main channel, the source opens ``multifd-channels`` connections to
+  the same URI; each starts with the 64-byte initial packet (magic, version, VM UUID, channel
+  id). The destination accepts the main channel and the N multifd channels in any order: it
+  peeks the first 4 bytes (QEMU 8.1+) and, for a connection that is neither, falls back to
+  QEMU 7.2's rule (first = main). A wrong magic, version or UUID, an id out of range or seen
+  twice is refused with an error naming the channel.
+* **Packets.** The migration thread hands batches of dirty page indices of one RAMBlock to the
+  next channel with room in its queue (round robin). The channel thread sorts them into zero
+  and normal pages (zero-page detection runs here, 9.0's ``zero-page-detection=multifd``),
+  builds the 1344-byte packet header (``wire.multifd.MultifdPacket``) and sends header + page
+  data with one ``writev`` whose buffers are memoryview slices of the RAM mmap (no copy in
+  Python). With compression the pages of a packet go through the channel's single zlib or zstd
+  stream (QEMU: one stream per channel; each packet ends with a sync/block flush so it can be
+  decoded on its own arrival).
+* **Sync.** Channels reorder, so an old copy of a page must never land after a newer one. At
+  every dirty-bitmap sync (a pass), and before the device state, ``MultifdSender.sync()`` makes
+  every channel send a SYNC packet after everything queued before it and waits until all were
+  sent; the migration thread then writes a ``MULTIFD_FLUSH`` word on the main channel. On the
+  destination a channel that reads a SYNC packet stops; the main thread, at the
+  ``MULTIFD_FLUSH`` word, waits until all N channels stopped, then releases them
+  (``MultifdReceiver.flush()``). Within one pass a page is sent at most once, so pages of one
+  pass can go in any order.
+* **Receive.** Uncompressed page data is read straight into the guest RAM slots the (already
+  checked) header names; compressed payloads are read into one reusable buffer per channel and
+  inflated into a reusable page buffer before placement.
+
+Every blocking wait has a time-out; a failing channel records its error, wakes the others and
+the migration fails with that error (the source guest keeps running).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import select
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from livemig.errors import MigrationError, StreamError
+from livemig.machine.abi import PAGE_SIZE
+from livemig.transport import Channel, ChannelError, ChannelTimeout
+from livemig.wire.constants import QEVM_MAGIC
+from livemig.wire.multifd import (
+    INIT_PACKET,
+    MULTIFD_FLAG_COMPRESSION_MASK,
+    MULTIFD_FLAG_SYNC,
+    MULTIFD_FLAG_ZLIB,
+    MULTIFD_FLAG_ZSTD,
+    MULTIFD_MAGIC,
+    PACKET_HEADER,
+    PAGES_ALLOC,
+    MultifdInit,
+    MultifdPacket,
+)
+
+log = logging.getLogger(__name__)
+
+PAGE_SHIFT = 12
+WORDS_PER_PAGE = PAGE_SIZE // 8
+QUEUE_DEPTH = 2  # batches waiting per channel: enough to keep the socket busy
+COMPRESSION_FLAGS = {"none": 0, "zlib": MULTIFD_FLAG_ZLIB, "zstd": MULTIFD_FLAG_ZSTD}
+_STOP = object()
+_SYNC = object()
+
+
+def zero_uuid() -> bytes:
+    """The UUID of a VM started without ``-uuid`` (QEMU compares it even when all zero)."""
+    return bytes(16)
+
+
+def machine_uuid(machine: Any) -> bytes:
+    u = getattr(machine, "uuid", None)
+    if isinstance(u, (bytes, bytearray)) and len(u) == 16:
+        return bytes(u)
+    return zero_uuid()
+
+
+# -- compression ------------------------------------------------------------------------------
+
+
+class _Compressor:
+    """One channel's compression stream (QEMU keeps one per channel for the whole migration)."""
+
+    def __init__(self, method: str, level: int) -> None:
+        self.method = method
+        if method == "zlib":
+            self._z = zlib.compressobj(level)
+        elif method == "zstd":
+            import zstandard
+
+            self._zc = zstandard.ZstdCompressor(level=level)
+            self._z = self._zc.compressobj()
+            self._flush = zstandard.COMPRESSOBJ_FLUSH_BLOCK
+        elif method != "none":
+            raise MigrationError(f"multifd-compression {method!r} is not supported")
+
+    def compress(self, data: bytes | memoryview) -> bytes:
+        if self.method == "zlib":
+            return self._z.compress(data) + self._z.flush(zlib.Z_SYNC_FLUSH)
+        return self._z.compress(data) + self._z.flush(self._flush)
+
+
+class _Decompressor:
+    """One channel's inflate stream; each packet must inflate to exactly its page count."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        if method == "zlib":
+            self._d = zlib.decompressobj()
+        elif method == "zstd":
+            import zstandard
+
+            self._d = zstandard.ZstdDecompressor().decompressobj()
+
+    def decompress(self, data: memoryview, expected: int, where: str) -> bytes:
+        try:
+            if self.method == "zlib":
+                out = self._d.decompress(data, expected + 1)
+                if self._d.unconsumed_tail:
+                    raise StreamError(f"{where}: zlib data inflates to more than {expected} bytes")
+            else:
+                out = self._d.decompress(data)
+        except (zlib.error, ValueError) as exc:
+            raise StreamError(f"{where}: {self.method} data does not decompress: {exc}") from None
+        except Exception as exc:  # zstandard.ZstdError does not derive from a stdlib error
+            if type(exc).__name__ == "ZstdError":
+                raise StreamError(f"{where}: zstd data does not decompress: {exc}") from None
+            raise
+        if len(out) != expected:
+            raise StreamError(f"{where}: packet inflates to {len(out)} bytes, header says "
+                              f"{expected} ({expected // PAGE_SIZE} pages)")  # fmt: skip
+        return out
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted page indices as (first, count) runs of consecutive pages."""
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(idx)]))
+    first = idx[starts].tolist()
+    return list(zip(first, (ends - starts).tolist(), strict=True))
+
+
+# -- source -----------------------------------------------------------------------------------
+
+
+class _SendChannel:
+    """One multifd connection and its thread."""
+
+    def __init__(self, sender: MultifdSender, cid: int, channel: Channel) -> None:
+        self.sender = sender
+        self.id = cid
+        self.channel = channel
+        self.queue: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
+        self.synced = threading.Semaphore(0)
+        self.compressor = _Compressor(sender.compression, sender.level)
+        self.thread = threading.Thread(target=self._run, name=f"multifdsend_{cid}", daemon=True)
+
+    def _run(self) -> None:
+        s = self.sender
+        try:
+            while True:
+                job = self.queue.get()
+                if job is _STOP:
+                    return
+                if job is _SYNC:
+                    self._send_packet(MULTIFD_FLAG_SYNC, None, np.empty(0, np.int64))
+                    self.synced.release()
+                    continue
+                block, idx = job
+                self._send_packet(0, block, idx)
+        except (ChannelError, OSError, StreamError) as exc:
+            s._failed(f"multifd channel {self.id}: {exc}")
+        except BaseException as exc:  # a bug: report it instead of hanging the sync
+            log.exception("multifd send channel %d crashed", self.id)
+            s._failed(f"multifd channel {self.id}: internal error: {exc!r}")
+
+    def _send_packet(self, flags: int, block: Any, idx: np.ndarray) -> None:
+        s = self.sender
+        if len(idx):
+            nonzero = s.words[block.idstr][idx].any(axis=1)
+            normal, zero = idx[nonzero], idx[~nonzero]
+        else:
+            normal = zero = idx
+        payload: list[Any] = []
+        if len(normal):
+            view = block.view
+            slices = [view[i << PAGE_SHIFT : (i + n) << PAGE_SHIFT] for i, n in _runs(normal)]
+            if s.compression == "none":
+                payload = slices
+            else:
+                raw = slices[0] if len(slices) == 1 else b"".join(slices)
+                payload = [self.compressor.compress(raw)]
+        size = sum(len(p) for p in payload)
+        offsets = np.concatenate((normal, zero)).astype(np.uint64) << np.uint64(PAGE_SHIFT)
+        head = MultifdPacket(
+            flags | s.flag, next(s.packet_num), block.idstr if block is not None else "", offsets,
+            len(normal), len(zero), PAGES_ALLOC, size,
+        ).pack()  # fmt: skip
+        n = self.channel.sendv([head, *payload])
+        s._count(n, len(normal), len(zero))
+
+
+class MultifdSender:
+    """The source's multifd channels: queue page batches, sync at pass boundaries."""
+
+    def __init__(
+        self,
+        blocks: list,
+        channels: list[Channel],
+        *,
+        compression: str = "none",
+        level: int = 1,
+        uuid: bytes | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.blocks = list(blocks)
+        self.words = {b.idstr: b.array.view(np.uint64).reshape(-1, WORDS_PER_PAGE)
+                      for b in self.blocks}  # fmt: skip
+        self.compression = compression
+        self.flag = COMPRESSION_FLAGS[compression]
+        self.level = level
+        self.timeout = timeout
+        self.packet_num = itertools.count()
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._bytes = self._normal = self._zero = 0
+        self._taken = (0, 0, 0)
+        self._next = 0
+        self.channels = [_SendChannel(self, i, ch) for i, ch in enumerate(channels)]
+        uuid = uuid if uuid is not None else zero_uuid()
+        for c in self.channels:
+            c.channel.send(MultifdInit(uuid, c.id).pack())
+            self._count(INIT_PACKET.size, 0, 0)
+        for c in self.channels:
+            c.thread.start()
+
+    @classmethod
+    def connect(
+        cls,
+        uri: str,
+        blocks: list,
+        n: int,
+        *,
+        compression: str = "none",
+        level: int = 1,
+        uuid: bytes | None = None,
+        timeout: float = 30.0,
+    ) -> MultifdSender:
+        """Open ``n`` multifd connections to ``uri`` (after the main one) and start them."""
+        from livemig.transport import connect
+
+        chans: list[Channel] = []
+        try:
+            for i in range(n):
+                chans.append(connect(uri, timeout=timeout, name=f"multifd {i}"))
+            return cls(blocks, chans, compression=compression, level=level, uuid=uuid,
+                       timeout=timeout)  # fmt: skip
+        except BaseException:
+            for ch in chans:
+                ch.close()
+            raise
+
+    # -- called by the channel threads ----------------------------------------------------------
+
+    def _count(self, nbytes: int, normal: int, zero: int) -> None:
+        with self._lock:
+            self._bytes += nbytes
+            self._normal += normal
+            self._zero += zero
+
+    def _failed(self, reason: str) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = reason
+        log.warning("%s", reason)
+        for c in self.channels:
+            c.channel.shutdown()
+            c.synced.release()  # wake a waiting sync(); it sees the error
+
+    # -- called by the migration thread -------------------------------------------------------
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise MigrationError(self.error)
+
+    def take_stats(self) -> tuple[int, int, int]:
+        """(bytes, normal pages, zero pages) sent since the last call."""
+        with self._lock:
+            now = (self._bytes, self._normal, self._zero)
+        prev = self._taken
+        self._taken = now
+        return now[0] - prev[0], now[1] - prev[1], now[2] - prev[2]
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes
+
+    def _put(self, job: Any) -> None:
+        """Hand ``job`` to the next channel with room, else wait for the round-robin one."""
+        n = len(self.channels)
+        for k in range(n):
+            c = self.channels[(self._next + k) % n]
+            try:
+                c.queue.put_nowait(job)
+            except queue.Full:
+                continue
+            self._next = (self._next + k + 1) % n
+            return
+        c = self.channels[self._next]
+        self._next = (self._next + 1) % n
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self.check()
+            try:
+                c.queue.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    raise MigrationError(f"multifd channel {c.id}: no progress for "
+                                         f"{self.timeout:g} s") from None  # fmt: skip
+
+    def send_batches(self, batches: list) -> int:
+        """Queue ``ram.Batch`` objects (normal and zero indices are re-sorted by the channels).
+
+        Returns the number of pages queued.
+        """
+        pages = 0
+        for b in batches:
+            idx = np.concatenate((b.normal, b.zero)) if len(b.zero) else b.normal
+            if len(b.zero) and len(b.normal):
+                idx.sort()
+            for i in range(0, len(idx), PAGES_ALLOC):
+                self.check()
+                self._put((b.block, idx[i : i + PAGES_ALLOC]))
+            pages += len(idx)
+        return pages
+
+    def sync(self) -> None:
+        """Every channel sends a SYNC packet after its queued pages; wait until all did."""
+        for c in self.channels:
+            self.check()
+            deadline = time.monotonic() + self.timeout
+            while True:
+                try:
+                    c.queue.put(_SYNC, timeout=0.1)
+                    break
+                except queue.Full:
+                    self.check()
+                    if time.monotonic() > deadline:
+                        raise MigrationError(f"multifd channel {c.id}: sync not queued within "
+                                             f"{self.timeout:g} s") from None  # fmt: skip
+        for c in self.channels:
+            if not c.synced.acquire(timeout=self.timeout):
+                raise MigrationError(f"multifd channel {c.id}: SYNC not sent within "
+                                     f"{self.timeout:g} s")  # fmt: skip
+            self.check()
+
+    def shutdown(self) -> None:
+        """Wake every blocked channel (cancel); safe from any thread."""
+        for c in self.channels:
+            c.channel.shutdown()
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the threads; with ``graceful`` the peer sees a clean end of each channel."""
+        for c in self.channels:
+            try:
+                c.queue.put(_STOP, timeout=1 if graceful and self.error is None else 0.01)
+            except queue.Full:
+                c.channel.shutdown()
+        for c in self.channels:
+            c.thread.join(self.timeout if graceful else 1)
+            if c.thread.is_alive():
+                c.channel.shutdown()
+                c.thread.join(1)
+            if graceful and self.error is None:
+                c.channel.close_write()
+            c.channel.close()
+
+
+# -- destination ------------------------------------------------------------------------------
+
+
+def _peek(ch: Channel, n: int, timeout: float) -> bytes:
+    """The first ``n`` bytes of a new socket channel, left in place for the real reader."""
+    sock: socket.socket | None = getattr(ch, "_sock", None)
+    if sock is None:
+        return b""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ChannelTimeout(f"{ch.name}: nothing received within {timeout:g} s")
+        p = select.poll()
+        p.register(sock.fileno(), select.POLLIN)
+        if not p.poll(int(min(left, 0.2) * 1000)):
+            continue
+        try:
+            data = sock.recv(n, socket.MSG_PEEK)
+        except BlockingIOError:
+            continue
+        except OSError as exc:
+            raise ChannelError(f"{ch.name}: read failed: {exc.strerror or exc}") from exc
+        if len(data) >= n or not data:
+            return data
+        time.sleep(0.001)
+
+
+def accept_channels(
+    accept: Callable[[float], Channel],
+    nchannels: int,
+    uuid: bytes,
+    timeout: float,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> tuple[Channel, list[Channel]]:
+    """Accept the main channel and ``nchannels`` multifd channels, checking each handshake.
+
+    ``accept(timeout)`` returns the next connection or raises ``ChannelTimeout``. Returns
+    (main, multifd channels by id). Any refused channel raises ``StreamError``.
+    """
+    main: Channel | None = None
+    chans: dict[int, Channel] = {}
+    pending: list[Channel] = []
+    deadline: float | None = None
+    try:
+        while main is None or len(chans) < nchannels:
+            if cancelled():
+                raise ChannelError("incoming migration cancelled while channels were arriving")
+            try:
+                ch = accept(0.2)
+            except ChannelTimeout:
+                if deadline is not None and time.monotonic() > deadline:
+                    raise MigrationError(
+                        f"multifd: {len(chans)} of {nchannels} channels arrived"
+                        + ("" if main else " and no main channel")
+                        + f" within {timeout:g} s"
+                    ) from None
+                continue
+            pending.append(ch)
+            if deadline is None:
+                deadline = time.monotonic() + timeout
+            head = _peek(ch, 4, timeout)
+            magic = int.from_bytes(head, "big") if len(head) == 4 else None
+            if magic == QEVM_MAGIC or (magic != MULTIFD_MAGIC and main is None):
+                # 8.1+: the stream magic says main; 7.2 order: the first connection is main
+                if main is not None:
+                    raise StreamError(f"{ch.name}: a second main channel")
+                main = ch
+                continue
+            try:
+                raw = ch.recv_exact(INIT_PACKET.size)
+            except ChannelError as exc:
+                raise StreamError(f"multifd channel handshake: {exc}") from exc
+            init = MultifdInit.unpack(raw)
+            if init.uuid != uuid:
+                raise StreamError(f"multifd channel: received uuid '{_fmt_uuid(init.uuid)}', "
+                                  f"expected uuid '{_fmt_uuid(uuid)}'")  # fmt: skip
+            if init.channel_id >= nchannels:
+                raise StreamError(f"multifd channel id {init.channel_id} out of range "
+                                  f"(multifd-channels is {nchannels})")  # fmt: skip
+            if init.channel_id in chans:
+                raise StreamError(f"multifd channel id {init.channel_id} arrived twice")
+            ch.name = f"multifd {init.channel_id}"
+            chans[init.channel_id] = ch
+    except BaseException:
+        for ch in pending:
+            ch.close()
+        raise
+    return main, [chans[i] for i in range(nchannels)]
+
+
+def _fmt_uuid(u: bytes) -> str:
+    h = u.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+class _RecvChannel:
+    def __init__(self, receiver: MultifdReceiver, cid: int, channel: Channel) -> None:
+        self.r = receiver
+        self.id = cid
+        self.channel = channel
+        self.release = threading.Semaphore(0)
+        self.decompressor = _Decompressor(receiver.compression)
+        self.head = bytearray(PACKET_HEADER.size + 8 * PAGES_ALLOC)
+        self.payload = bytearray(2 * PAGES_ALLOC * PAGE_SIZE + 4096)
+        self.packets = 0
+        self.thread = threading.Thread(target=self._run, name=f"multifdrecv_{cid}", daemon=True)
+
+    def _read(self, view: memoryview, what: str, eof_ok: bool = False) -> bool:
+        got = 0
+        while got < len(view):
+            n = self.channel.recv_into(view[got:])
+            if n == 0:
+                if got == 0 and eof_ok:
+                    return False
+                raise StreamError(f"multifd channel {self.id}: stream ended inside {what} "
+                                  f"(packet {self.packets})", self.channel.bytes_received)  # fmt: skip
+            got += n
+        return True
+
+    def _run(self) -> None:
+        r = self.r
+        try:
+            while True:
+                if not self._packet():
+                    return
+        except (ChannelError, OSError, StreamError) as exc:
+            if not r.closing:
+                r._failed(f"multifd channel {self.id}: {exc}")
+        except BaseException as exc:
+            log.exception("multifd receive channel %d crashed", self.id)
+            r._failed(f"multifd channel {self.id}: internal error: {exc!r}")
+
+    def _packet(self) -> bool:
+        r = self.r
+        hv = memoryview(self.head)
+        at = self.channel.bytes_received
+        if not self._read(hv[: PACKET_HEADER.size], "a packet header", eof_ok=True):
+            return False
+        alloc = int.from_bytes(hv[12:16], "big")
+        if 0 < alloc <= 1 << 16 and PACKET_HEADER.size + 8 * alloc > len(self.head):
+            self.head = bytearray(PACKET_HEADER.size + 8 * alloc)
+            self.head[: PACKET_HEADER.size] = hv[: PACKET_HEADER.size]
+            hv = memoryview(self.head)
+        if 0 < alloc <= 1 << 16:
+            self._read(hv[PACKET_HEADER.size : PACKET_HEADER.size + 8 * alloc], "page offsets")
+        pkt = MultifdPacket.unpack(hv, at, r.block_sizes)  # checks magic, counts and offsets
+        where = f"multifd channel {self.id}, packet {pkt.packet_num}"
+        if pkt.flags & MULTIFD_FLAG_COMPRESSION_MASK != r.flag:
+            raise StreamError(f"{where}: compression flags 0x{pkt.flags & 0x3E:x}, this side "
+                              f"uses {r.compression!r} (0x{r.flag:x})", at + 8)  # fmt: skip
+        self.packets += 1
+        normal = pkt.normal_pages
+        idx = (pkt.offsets >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+        if normal:
+            self._pages(pkt, idx[:normal], where, at)
+        if pkt.zero_pages:
+            r.loader.load_zero(pkt.ramblock, pkt.offsets[normal:])
+            r._count(0, pkt.zero_pages)
+        if pkt.flags & MULTIFD_FLAG_SYNC:
+            r._arrived.release()
+            while not self.release.acquire(timeout=0.2):
+                if r.closing or r.error is not None:
+                    return False
+        return True
+
+    def _pages(self, pkt: MultifdPacket, idx: np.ndarray, where: str, at: int) -> None:
+        r = self.r
+        name = pkt.ramblock
+        nbytes = pkt.normal_pages * PAGE_SIZE
+        if r.compression == "none":
+            if pkt.next_packet_size not in (nbytes, 0):
+                raise StreamError(f"{where}: payload {pkt.next_packet_size} bytes for "
+                                  f"{pkt.normal_pages} pages", at + 20)  # fmt: skip
+            view = r.views[name]
+            # straight into guest RAM: the header (checked) says where every page goes
+            for i, n in _runs(idx):
+                self._read(view[i << PAGE_SHIFT : (i + n) << PAGE_SHIFT], "page data")
+            r.loader.touched[name][idx] = True
+            r.loader.received[name][idx] = True
+        else:
+            size = pkt.next_packet_size
+            if size > len(self.payload):
+                if size > 4 * nbytes + 65536:
+                    raise StreamError(f"{where}: compressed payload of {size} bytes for "
+                                      f"{pkt.normal_pages} pages", at + 20)  # fmt: skip
+                self.payload = bytearray(size)
+            pv = memoryview(self.payload)[:size]
+            self._read(pv, "compressed data")
+            data = self.decompressor.decompress(pv, nbytes, where)
+            pages = np.frombuffer(data, np.uint8).reshape(-1, PAGE_SIZE)
+            r.loader.load_pages(name, pkt.offsets[: pkt.normal_pages], pages)
+        r._count(pkt.normal_pages, 0)
+
+
+class MultifdReceiver:
+    """The destination's multifd channels: place pages, stop at SYNC until ``flush()``."""
+
+    def __init__(
+        self,
+        loader: Any,
+        channels: list[Channel],
+        *,
+        compression: str = "none",
+        timeout: float = 30.0,
+        on_error: Callable[[str], None] | None = None,
+    ) -> None:
+        self.loader = loader
+        self.block_sizes = loader.block_sizes()
+        self.views = {name: b.view for name, b in loader.blocks.items()}
+        self.compression = compression
+        self.flag = COMPRESSION_FLAGS[compression]
+        self.timeout = timeout
+        self.on_error = on_error or (lambda reason: None)
+        self.error: str | None = None
+        self.closing = False
+        self.normal_pages = 0
+        self.zero_pages = 0
+        self._lock = threading.Lock()
+        self._arrived = threading.Semaphore(0)
+        self.channels = [_RecvChannel(self, i, ch) for i, ch in enumerate(channels)]
+        for c in self.channels:
+            c.thread.start()
+
+    def _count(self, normal: int, zero: int) -> None:
+        with self._lock:
+            self.normal_pages += normal
+            self.zero_pages += zero
+
+    def _failed(self, reason: str) -> None:
+        with self._lock:
+            first = self.error is None
+            if first:
+                self.error = reason
+        if first:
+            log.warning("%s", reason)
+            for _ in self.channels:
+                self._arrived.release()
+            self.on_error(reason)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise MigrationError(self.error)
+
+    def flush(self) -> None:
+        """At a MULTIFD_FLUSH: wait until every channel stopped at its SYNC, then release all."""
+        for _ in self.channels:
+            if not self._arrived.acquire(timeout=self.timeout):
+                raise MigrationError(f"multifd: channels did not reach their SYNC within "
+                                     f"{self.timeout:g} s")  # fmt: skip
+            self.check()
+        for c in self.channels:
+            c.release.release()
+
+    def close(self) -> None:
+        """Stop the threads (after the source closed the channels, or on failure)."""
+        self.closing = True
+        for c in self.channels:
+            c.thread.join(2)
+            if c.thread.is_alive():
+                c.channel.shutdown()
+                c.thread.join(2)
+            c.channel.close()
+
+
+# -- hooks called by source.py / destination.py -------------------------------------------------
+
+
+def _no_zero_split(block: Any, idx: np.ndarray) -> Any:
+    from livemig.savevm.ram import Batch
+
+    return Batch(block, idx, idx[:0])
+
+
+def source_setup(mig: Any) -> None:
+    """After the main channel's setup: open the multifd channels if capability ``multifd``."""
+    cfg = mig.config
+    if "multifd" not in cfg.capabilities:
+        return
+    p = cfg.params
+    method = p["multifd-compression"]
+    level = p["multifd-zstd-level"] if method == "zstd" else p["multifd-zlib-level"]
+    mig.multifd = MultifdSender.connect(
+        cfg.uri, mig.machine.ram_blocks, p["multifd-channels"], compression=method, level=level,
+        uuid=machine_uuid(mig.machine), timeout=p["x-io-timeout"] / 1000,
+    )  # fmt: skip
+    # zero pages are found by the channel threads, not by the migration thread's page walk
+    mig.ram.split_zero = _no_zero_split
+
+
+def source_queue(mig: Any, batches: list) -> tuple[list, int, int]:
+    """Pages go to the channels; nothing for the main channel (stats come via ``account``)."""
+    mig.multifd.send_batches(batches)
+    return [], 0, 0
+
+
+def source_account(mig: Any, phase: str) -> int:
+    """Fold what the channels sent since the last call into the migration's counters."""
+    nbytes, normal, zero = mig.multifd.take_stats()
+    if nbytes or normal or zero:
+        mig.stats.account(nbytes, normal, zero, phase)
+        mig.stats.multifd_bytes = getattr(mig.stats, "multifd_bytes", 0) + nbytes
+        if phase == "precopy":
+            mig.rate.account(nbytes)
+    return nbytes
+
+
+def source_flush(mig: Any, phase: str, in_section: bool = False) -> None:
+    """Pass boundary: SYNC on every channel, then MULTIFD_FLUSH on main (in a RAM section)."""
+    from livemig.wire import events as E
+
+    mig.multifd.sync()
+    enc = mig.encoder
+    if in_section:
+        mig._send(enc.send(E.RamMultifdFlush()), phase)
+    else:
+        mig._send([*enc.send(E.SectionPart(mig._ram_sid)), *enc.send(E.RamMultifdFlush()),
+                   *enc.send(E.RamEos()), *enc.send(E.SectionFooter(mig._ram_sid))],
+                  phase)  # fmt: skip
+
+
+def source_close(mig: Any, completed: bool) -> None:
+    mf = mig.multifd
+    if mf is not None:
+        mf.close(graceful=completed)
+
+
+def incoming_accept(mig: Any) -> Channel:
+    """Accept main + multifd channels (destination hook); starts the receiver threads."""
+    p = mig.params
+    main, chans = accept_channels(
+        lambda t: mig.listener.accept(timeout=t), p["multifd-channels"],
+        machine_uuid(mig.machine), mig.timeout, mig._cancel.is_set,
+    )  # fmt: skip
+    mig.channel = main
+
+    def on_error(reason: str) -> None:
+        main.shutdown()  # wake the main thread: the migration fails with ``reason``
+
+    mig.multifd = MultifdReceiver(mig.loader, chans, compression=p["multifd-compression"],
+                                  timeout=mig.timeout, on_error=on_error)  # fmt: skip
+    return main
+
+
+def incoming_flush(mig: Any, offset: int) -> None:
+    mf = getattr(mig, "multifd", None)
+    if mf is None:
+        raise StreamError("MULTIFD_FLUSH but capability multifd is off on the destination", offset)
+    mf.flush()
+
+
+def incoming_error(mig: Any) -> str | None:
+    mf = getattr(mig, "multifd", None)
+    return mf.error if mf is not None else None
+
+
+def incoming_close(mig: Any) -> None:
+    mf = getattr(mig, "multifd", None)
+    if mf is not None:
+        mf.close()
+
+
+def source_query(mig: Any, out: dict[str, Any]) -> None:
+    """Add multifd-bytes and the xbzrle-cache statistics to a query-migrate reply."""
+    ram = out.get("ram")
+    if ram is not None and mig.multifd is not None:
+        ram["multifd-bytes"] = getattr(mig.stats, "multifd_bytes", 0)
+    cache = getattr(mig, "xbzrle", None)
+    if cache is not None:
+        out["xbzrle-cache"] = cache.info()
