@@ -88,8 +88,8 @@ class LivemigProcess:
 
     # -- life cycle ----------------------------------------------------------------------------
 
-    def start(self, timeout: float = START_TIMEOUT) -> LivemigProcess:
-        """Spawn the process and wait until its QMP socket answers."""
+    def start(self, timeout: float = START_TIMEOUT, wait_qmp: bool = True) -> LivemigProcess:
+        """Spawn the process and (``wait_qmp``) wait until its QMP socket answers."""
         cmd = [sys.executable, "-m", "livemig", *self.argv]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]
@@ -98,6 +98,8 @@ class LivemigProcess:
             self.proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, cwd=self.workdir
             )
+        if not wait_qmp:
+            return self  # e.g. a destination expected to fail and exit at once
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -266,7 +268,12 @@ class ProcHarness:
         return str(self.workdir / name)
 
     def _spawn(
-        self, role: str, argv: list[str], incoming: str | None, netns: str | None
+        self,
+        role: str,
+        argv: list[str],
+        incoming: str | None,
+        netns: str | None,
+        wait_qmp: bool = True,
     ) -> LivemigProcess:
         self._n += 1
         name = f"{role}{self._n}"
@@ -274,7 +281,7 @@ class ProcHarness:
         full = ["run", "--qmp", f"unix:{qmp_path}", "--serial", "null", *argv]
         proc = LivemigProcess(name, full, self.workdir, qmp_path, incoming, netns)
         self.procs.append(proc)
-        return proc.start()
+        return proc.start(wait_qmp=wait_qmp)
 
     def source(
         self,
@@ -299,14 +306,15 @@ class ProcHarness:
         smp: int | None = None,
         extra: Sequence[str] = (),
         netns: str | None = None,
+        wait_qmp: bool = True,
     ) -> LivemigProcess:
         """A process waiting for an incoming migration (default: a fresh unix socket)."""
         if incoming is None:
             incoming = f"unix:{self.workdir / f'mig{self._n + 1}.sock'}"
         argv = ["--incoming", incoming, "--memory", memory or self.memory,
                 "--smp", str(smp or self.smp), *extra]  # fmt: skip
-        proc = self._spawn("dst", argv, incoming, netns)
-        if incoming.startswith("unix:"):
+        proc = self._spawn("dst", argv, incoming, netns, wait_qmp)
+        if incoming.startswith("unix:") and wait_qmp:
             # the listener exists once the socket file does
             wait_until(lambda: Path(incoming[5:]).exists(), 10, f"{incoming} listening")
         return proc

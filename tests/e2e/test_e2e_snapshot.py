@@ -1,0 +1,60 @@
+"""Snapshots: migrate to ``file:`` or through ``exec:gzip``, restore in a new process.
+
+The restored guest, kept paused (``--paused``), is exactly where the source stopped (same
+passes and counters), its invariant holds, and after ``cont`` it goes on.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from livemig.testing_procs import ProcHarness
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kind", ["file", "exec-gzip"])
+def test_snapshot_and_restore(harness: ProcHarness, kind: str) -> None:
+    if kind == "exec-gzip" and shutil.which("gzip") is None:
+        pytest.skip("gzip is not installed")
+    snap = harness.path("snap.bin")
+    if kind == "file":
+        save, restore = f"file:{snap}", f"file:{snap}"
+    else:
+        save, restore = f"exec:gzip -c > {snap}.gz", f"exec:gzip -dc < {snap}.gz"
+    src = harness.source(append="ws=8M rate=20000")
+    src.wait_passes_increase(0)
+    harness.migrate(src, save, caps={"events": True})
+    info = src.wait_migration(timeout=60)
+    assert info["status"] == "completed", info
+    assert src.status() == "postmigrate"
+    saved = src.guest_check()
+    assert saved["ok"], saved["problems"]
+    src.kill()  # the snapshot must stand on its own
+
+    dst = harness.destination(incoming=restore, extra=["--paused"])
+    assert dst.wait_migration(timeout=30)["status"] == "completed"
+    assert dst.wait_status("paused") == "paused"
+    restored = dst.guest_check()
+    assert restored["ok"], restored["problems"]
+    for key in ("total-passes", "passes", "min-counter", "max-counter", "seed", "pages"):
+        assert restored[key] == saved[key], key
+    dst.cmd("cont")
+    later = dst.wait_passes_increase(restored["total-passes"], timeout=20)
+    assert later["ok"], later["problems"]
+
+
+@pytest.mark.timeout(60)
+def test_restore_from_truncated_file_fails(harness: ProcHarness) -> None:
+    """A cut snapshot: the destination exits 1 and says where the stream ended."""
+    snap = harness.path("snap.bin")
+    src = harness.source(append="ws=4M rate=20000")
+    harness.migrate(src, f"file:{snap}")
+    assert src.wait_migration(timeout=60)["status"] == "completed"
+    with open(snap, "r+b") as f:
+        f.truncate(3 << 20)
+    dst = harness.destination(incoming=f"file:{snap}", wait_qmp=False)
+    assert dst.wait_exit(timeout=20) == 1
+    assert "incoming migration failed: stream truncated" in dst.log()
+    assert "at stream offset" in dst.log()
