@@ -22,7 +22,7 @@ from typing import Any
 
 from livemig.errors import LivemigError, StreamError
 from livemig.machine.runstate import RunState
-from livemig.migration import multifd
+from livemig.migration import multifd, postcopy_dest
 from livemig.migration.source import MACHINE_TYPE, VERIFY_IDSTR, ram_hashes, verify_vmsd
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.savevm.devices import decode_globalstate, descriptions, machine_entries
@@ -76,6 +76,7 @@ class IncomingMigration:
         self.capabilities: frozenset[str] = frozenset()  # set by the manager before start()
         self.multifd: Any = None  # multifd.MultifdReceiver with capability multifd
         self.verify: dict[str, Any] | None = None
+        self.postcopy: postcopy_dest.PostcopyIncoming | None = None
         self.source_hashes: dict[str, str] | None = None
         self.timeline: dict[str, float] = {}
         self.thread = threading.Thread(target=self._run, name="incoming", daemon=True)
@@ -111,6 +112,8 @@ class IncomingMigration:
             reason = "cancelled" if self._cancel.is_set() else str(exc)
             reason = multifd.incoming_error(self) or reason  # the channel that broke first
             log.warning("incoming migration failed: %s", reason)
+            if self.postcopy is not None:
+                self.postcopy.fail()
             self._shut(1)
             self.state.try_move(self.state.status, MigrationStatus.FAILED, error=reason)
         except BaseException as exc:
@@ -169,7 +172,8 @@ class IncomingMigration:
                 dec.receive_data(b"")
             else:
                 dec.receive_data(view[:n])
-            for ev in dec.events():
+            # One event at a time: after a PACKAGED command post-copy takes the decoder over.
+            for ev in iter(dec.next_event, E.NEED_DATA):
                 if isinstance(ev, E.Eof):
                     eof_at = time.monotonic()
                     self.timeline["eof"] = eof_at
@@ -180,6 +184,8 @@ class IncomingMigration:
                     done = True
                 else:
                     self._handle(ev, dec)
+                    if self.postcopy is not None and self.postcopy.finished:
+                        return
             if n == 0:
                 if eof_at is None:
                     raise StreamError("stream ended before EOF", dec.offset)
@@ -187,6 +193,8 @@ class IncomingMigration:
         self._start_guest()
 
     def _handle(self, ev: Any, dec: Decoder) -> None:
+        if postcopy_dest.dispatch(self, ev, dec):
+            return
         if isinstance(ev, E.RamPages):
             self.loader.load_pages(ev.block, ev.offsets, ev.data)
         elif isinstance(ev, E.RamZeroPages):
@@ -267,4 +275,6 @@ class IncomingMigration:
             out["error-desc"] = self.state.error
         if self.verify is not None:
             out["x-verify"] = {"equal": self.verify["equal"]}
+        if self.postcopy is not None:
+            out.update(self.postcopy.query())
         return out

@@ -80,7 +80,9 @@ class MigrationManager:
         if blk or inc:
             raise UsageError("block migration (blk/inc) is not supported: livemig has no disks")
         if resume:
-            raise UsageError("Cannot resume if there is no paused migration")
+            from livemig.migration.postcopy_source import resume_outgoing
+
+            return resume_outgoing(self, uri)
         state = self.machine.runstate
         if state in (RunState.INMIGRATE, RunState.POSTMIGRATE):
             raise UsageError(f"Guest is waiting for an incoming migration or has migrated "
@@ -231,4 +233,7 @@ def register_migration_commands(registry: Any, manager: MigrationManager) -> Non
     registry.add("query-migrate-parameters", wrap(manager.params.query))
     registry.add("query-migrate", wrap(manager.query_migrate))
     registry.add("query-migrationthreads", wrap(manager.query_threads))
+    from livemig.migration.postcopy_source import register_postcopy_commands
+
+    register_postcopy_commands(registry, manager, wrap)
     registry.add("x-query-migration-report", wrap(manager.report))

@@ -27,7 +27,8 @@ CAPABILITIES = (
 
 # What this build of livemig really implements; the rest are listed but refused.
 SUPPORTED_CAPABILITIES = frozenset(
-    {"auto-converge", "events", "return-path", "pause-before-switchover", "x-verify", "multifd"}
+    {"auto-converge", "events", "return-path", "pause-before-switchover", "x-verify", "multifd",
+     "postcopy-ram", "postcopy-preempt", "postcopy-blocktime"}
 )
 
 # (capability, needs) and (capability, conflicts with) pairs, checked when set.
@@ -147,6 +148,8 @@ PARAMETERS: tuple[ParamSpec, ...] = (
         "x-dirty-tracker", str, "auto", choices=("auto", "uffd-wp-async", "uffd-wp", "shadow")
     ),
     ParamSpec("x-io-timeout", int, 30000, 100, 3600000, unit="milliseconds"),
+    ParamSpec("x-postcopy-auto-recover", int, 0, 0, 1000),
+    ParamSpec("x-postcopy-prefetch", int, 0, 0, 512, unit="pages"),
 )
 _SPECS = {p.name: p for p in PARAMETERS}
 

@@ -153,6 +153,7 @@ class OutgoingMigration:
         self.verified: bool | None = None
         self.tracker_name = ""
         self.timeline: list[dict[str, Any]] = []
+        self.postcopy: Any = None  # PostcopySource with capability postcopy-ram
 
     # -- control (any thread) -----------------------------------------------------------------
 
@@ -256,6 +257,13 @@ class OutgoingMigration:
             bufs += enc.send(E.OpenReturnPath())
             bufs += enc.send(E.Ping(1))
             self._start_return_path()
+        if "postcopy-ram" in caps:
+            from livemig.migration.postcopy_source import PostcopySource
+
+            if not self.return_path:
+                raise MigrationError(f"post-copy needs a return path; {cfg.uri} has none")
+            self.postcopy = PostcopySource(self)
+            bufs += self.postcopy.advise()
         self._ram_sid = 2
         infos = tuple(E.RamBlockInfo(b.idstr, b.size) for b in self.machine.ram_blocks)
         bufs += enc.send(E.SectionStart(self._ram_sid, "ram", 0, RAM_SECTION_VERSION))
@@ -313,6 +321,8 @@ class OutgoingMigration:
             self._rp_shut = msg.status
         elif isinstance(msg, RP.Pong):
             log.debug("PONG %d", msg.value)
+        elif self.postcopy is not None:
+            self.postcopy.on_rp(msg)
 
     # -- iteration ---------------------------------------------------------------------------
 
@@ -346,6 +356,8 @@ class OutgoingMigration:
         while True:
             self._check_cancel()
             self._check_rp()
+            if self.postcopy is not None and self.postcopy.should_switch():
+                return
             pending = self.ram.pending_pages() * 4096
             threshold = self.stats.threshold
             if pending <= threshold or pending == 0:
@@ -416,6 +428,8 @@ class OutgoingMigration:
     # -- completion ---------------------------------------------------------------------------
 
     def _complete(self) -> None:
+        if self.postcopy is not None and self.postcopy.should_switch():
+            return self.postcopy.run()
         m = self.machine
         caps = self.config.capabilities
         t_stop = self._t_stop = time.monotonic()
@@ -572,6 +586,10 @@ class OutgoingMigration:
         out["x-dirty-tracker"] = self.tracker_name
         if self.config.verify and status == MigrationStatus.COMPLETED:
             out["x-verified"] = self.verified
+        if self.postcopy is not None:
+            if "ram" in out:
+                out["ram"]["postcopy-requests"] = self.postcopy.requests
+            out.update(self.postcopy.query())
         return out
 
     def report(self) -> dict[str, Any]:

@@ -74,6 +74,9 @@ SOURCE_TRANSITIONS: frozenset[tuple[MigrationStatus, MigrationStatus]] = frozens
         (_S.POSTCOPY_PAUSED, _S.FAILED),
         (_S.POSTCOPY_RECOVER, _S.POSTCOPY_ACTIVE),
         (_S.POSTCOPY_RECOVER, _S.POSTCOPY_PAUSED),
+        # 7.2 accepts migrate_cancel in post-copy (the guest stays on the destination)
+        (_S.POSTCOPY_ACTIVE, _S.CANCELLING),
+        (_S.POSTCOPY_PAUSED, _S.CANCELLING),
         (_S.CANCELLING, _S.CANCELLED),
         (_S.CANCELLING, _S.FAILED),
         # a finished migration may be followed by a new one on the same object

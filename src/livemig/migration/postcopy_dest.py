@@ -1,0 +1,723 @@
+"""Post-copy on the destination: userfaultfd, the fault thread, page placement, recovery.
+
+Theory of operation (QEMU: ``postcopy_ram_incoming_setup``, ``postcopy_ram_fault_thread``,
+``postcopy_place_page``, ``loadvm_postcopy_handle_*``; reference §7.2-§7.4):
+
+* ``ADVISE`` checks page sizes and that the kernel offers missing-mode userfaultfd on shmem
+  (guest RAM is a shared anonymous mapping). ``POSTCOPY_RAM_DISCARD`` ranges are dropped with
+  ``MADV_REMOVE`` (shmem: ``MADV_DONTNEED`` would not make them fault again) and marked
+  *needed*: those pages, and only those, must come from the source.
+* The ``PACKAGED`` stream is parsed here: ``LISTEN`` registers every RAMBlock in MISSING mode
+  and starts the fault thread (->postcopy-active), the FULL sections load the vCPUs and
+  devices, ``PING 3`` is answered, ``RUN`` starts the guest. From then on the incoming thread is
+  QEMU's "listen thread": it reads the main channel and places pages.
+* Fault thread: a fault on a needed page becomes REQ_PAGES(_ID) on the return path (once per
+  page); a fault on a page that is not needed is a page the destination already knows to be
+  zero (received as a zero record, or never sent because never populated) and is resolved on
+  the spot with UFFDIO_ZEROPAGE. Per-vCPU blocked time is measured from the fault to the page's
+  installation (``UFFD_FEATURE_THREAD_ID`` names the thread).
+* Placement: page bytes are copied into a contiguous staging buffer and installed with
+  UFFDIO_COPY, one ioctl per run of consecutive pages (ZERO records: UFFDIO_ZEROPAGE). Nothing
+  is ever received straight into guest memory.
+* The GIL rule (see ``livemig.memtrack.uffd``): a Python thread that faults on registered memory
+  holds the GIL and deadlocks the fault thread. So no Python code here reads or writes guest
+  RAM while it is registered, except pages known present; hashing and checks happen only after
+  the end, once every range is unregistered. vCPUs fault inside ``emu_start`` without the GIL.
+* End: ``EOF`` with no page still needed -> unregister, ->completed, SHUT(0). A link error in
+  postcopy-active -> postcopy-paused: faults are recorded, not sent; ``migrate-recover URI`` (or
+  the original listener, with ``x-postcopy-auto-recover``) accepts a new headerless main
+  channel, answers RECV_BITMAP with "not needed" bits, and on POSTCOPY_RESUME goes back to
+  postcopy-active, sends RESUME_ACK(1) and re-sends the outstanding requests.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import struct
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from livemig.errors import MigrationError, StreamError
+from livemig.machine.runstate import RunState
+from livemig.memtrack import uffd as U
+from livemig.memtrack._sys import MADV_REMOVE, buffer_address, madvise
+from livemig.migration.postcopy_source import (
+    CHECKSUM_IDSTR,
+    PAGE,
+    PAGE_WORDS,
+    block_checksum,
+    checksum_vmsd,
+    page_checksums,
+    runs,
+)
+from livemig.migration.state import MigrationStatus
+from livemig.savevm.devices import decode_globalstate, descriptions
+from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener
+from livemig.wire import events as E
+from livemig.wire import returnpath as RP
+from livemig.wire.decoder import Decoder
+
+log = logging.getLogger(__name__)
+
+RECV_CHUNK = 1 << 20
+STAGING_PAGES = 1024
+UFFD_FEATURES = U.UFFD_FEATURE_MISSING_SHMEM | U.UFFD_FEATURE_THREAD_ID
+_BE64 = struct.Struct(">Q")
+
+
+def dispatch(inc: Any, ev: Any, dec: Decoder) -> bool:
+    """The hook in ``IncomingMigration._handle``: True when the event was post-copy's."""
+    pc: PostcopyIncoming | None = getattr(inc, "postcopy", None)
+    if pc is None:
+        if not isinstance(ev, E.PostcopyAdvise):
+            return False
+        pc = inc.postcopy = PostcopyIncoming(inc)
+    return pc.handle(ev, dec)
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50/p90/p99/max of latencies in seconds, reported in microseconds."""
+    if not samples:
+        return {"count": 0}
+    a = np.asarray(samples) * 1e6
+    p50, p90, p99 = np.percentile(a, [50, 90, 99])
+    return {"count": len(a), "p50-us": round(float(p50), 1), "p90-us": round(float(p90), 1),
+            "p99-us": round(float(p99), 1), "max-us": round(float(a.max()), 1)}  # fmt: skip
+
+
+class PreemptParser:
+    """Raw page records of the preempt channel (§7.4): no sections, EOS at the end."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self.last_block: str | None = None
+        self.eos = False
+
+    def feed(self, data: bytes | memoryview) -> list[tuple[str, int, bytes | None]]:
+        """(block, offset, page bytes or None for a zero page) of each complete record."""
+        self._buf += data
+        buf = self._buf
+        out: list[tuple[str, int, bytes | None]] = []
+        p = 0
+        while not self.eos and len(buf) - p >= 8:
+            word = _BE64.unpack_from(buf, p)[0]
+            flags = word & 0xFFF
+            offset = word & ~0xFFF
+            if flags == 0x10:
+                self.eos = True
+                p += 8
+                break
+            kind = flags & ~0x20
+            at = p + 8
+            if flags & 0x20:
+                if self.last_block is None:
+                    raise StreamError("preempt channel: CONTINUE before any block was named")
+                block = self.last_block
+            else:
+                if len(buf) <= at:
+                    break
+                n = buf[at]
+                if len(buf) < at + 1 + n:
+                    break
+                block = bytes(buf[at + 1 : at + 1 + n]).decode()
+                at += 1 + n
+            if kind == 0x08:
+                if len(buf) < at + PAGE:
+                    break
+                out.append((block, offset, bytes(buf[at : at + PAGE])))
+                at += PAGE
+            elif kind == 0x02:
+                if len(buf) < at + 1:
+                    break
+                out.append((block, offset, None))
+                at += 1
+            else:
+                raise StreamError(f"preempt channel: unexpected record flags 0x{flags:x}")
+            self.last_block = block
+            p = at
+        del buf[:p]
+        return out
+
+
+class PostcopyIncoming:
+    """The post-copy part of one ``IncomingMigration`` (``inc``)."""
+
+    def __init__(self, inc: Any) -> None:
+        self.inc = inc
+        self.machine = inc.machine
+        self.blocks = {b.idstr: b for b in inc.machine.ram_blocks}
+        self.need = {n: np.zeros(b.npages, dtype=bool) for n, b in self.blocks.items()}
+        self.requested = {n: np.zeros(b.npages, dtype=bool) for n, b in self.blocks.items()}
+        caps = getattr(inc, "capabilities", frozenset())
+        self.preempt = "postcopy-preempt" in caps
+        self.blocktime_on = "postcopy-blocktime" in caps
+        self.auto_recover = int(inc.params.get("x-postcopy-auto-recover", 0))
+        self.lock = threading.Lock()
+        self.uffd: U.Userfaultfd | None = None
+        self._ranges: list[tuple[int, int, str]] = []
+        self._staging = np.zeros((STAGING_PAGES, PAGE), dtype=np.uint8)
+        self._stop = threading.Event()
+        self._fault_thread: threading.Thread | None = None
+        self._preempt_thread: threading.Thread | None = None
+        self._preempt_ch: Channel | None = None
+        self._preempt_eos = threading.Event()
+        self.listening = False
+        self.finished = False
+        self.linked = False  # the return path can carry requests
+        self._recover_uri: str | None = None
+        self._recover_event = threading.Event()
+        self._pause_event = threading.Event()
+        # statistics
+        self.faults = 0
+        self.zero_faults = 0
+        self.requests = 0
+        self.pages_placed = 0
+        self._req_time: dict[tuple[str, int], float] = {}
+        self.latencies: list[float] = []
+        self._waiting: dict[tuple[str, int], list[tuple[int, float]]] = {}
+        self._blocked: dict[int, float] = {}  # tid -> fault time
+        self._vcpu_block = {v.thread_id: 0.0 for v in self.machine.vcpus}
+        self._all_since: float | None = None
+        self.blocktime = 0.0
+        self.checksums: dict[str, int] = {}
+        self.source_checksums: dict[str, int] | None = None
+        self.verified: bool | None = None
+        self.t_run: float | None = None
+
+    # -- events of the main stream -------------------------------------------------------------
+
+    def handle(self, ev: Any, dec: Decoder) -> bool:
+        if isinstance(ev, E.PostcopyAdvise):
+            self._advise(ev, dec)
+        elif isinstance(ev, E.PostcopyRamDiscard):
+            self._discard(ev, dec)
+        elif isinstance(ev, E.Packaged):
+            self._package(ev, dec)
+            self._listen_loop(dec)
+        else:
+            return False
+        return True
+
+    def _advise(self, ev: E.PostcopyAdvise, dec: Decoder) -> None:
+        caps = getattr(self.inc, "capabilities", frozenset())
+        if "postcopy-ram" not in caps:
+            raise StreamError("POSTCOPY_ADVISE but capability postcopy-ram is off on the "
+                              "destination (enable it before the migration starts)",
+                              dec.offset)  # fmt: skip
+        if ev.page_size_summary not in (None, PAGE) or ev.target_page_size not in (None, PAGE):
+            raise StreamError(f"POSTCOPY_ADVISE page sizes {ev.page_size_summary:#x}/"
+                              f"{ev.target_page_size:#x}, this host uses {PAGE:#x}",
+                              dec.offset)  # fmt: skip
+        missing = UFFD_FEATURES & ~U.supported_features()
+        if missing:
+            raise StreamError(f"post-copy needs userfaultfd features 0x{missing:x} this kernel "
+                              "lacks", dec.offset)  # fmt: skip
+
+    def _discard(self, ev: E.PostcopyRamDiscard, dec: Decoder) -> None:
+        b = self.blocks.get(ev.block)
+        if b is None:
+            raise StreamError(f"discard for unknown RAM block {ev.block!r}", dec.offset)
+        loader = self.inc.loader
+        for start, length in ev.ranges:
+            if start % PAGE or length % PAGE or start + length > b.size:
+                raise StreamError(f"discard range {start:#x}+{length:#x} of {ev.block!r} is "
+                                  "not page aligned or outside the block", dec.offset)  # fmt: skip
+            madvise(b.host_addr + start, length, MADV_REMOVE)
+            sl = slice(start // PAGE, (start + length) // PAGE)
+            self.need[ev.block][sl] = True
+            loader.received[ev.block][sl] = False
+            loader.touched[ev.block][sl] = False
+
+    def _package(self, ev: E.Packaged, outer: Decoder) -> None:
+        inc = self.inc
+        devices = {**descriptions(inc.entries), CHECKSUM_IDSTR: checksum_vmsd(
+            list(self.blocks.values()))}  # fmt: skip
+        dec = Decoder(with_header=False, devices=devices, block_sizes=inc.loader.block_sizes())
+        dec.receive_data(bytes(ev.data))
+        dec.receive_data(b"")
+        runstate = "running"
+        for pev in iter(dec.next_event, E.NEED_DATA):
+            if isinstance(pev, E.PostcopyListen):
+                self._listen()
+            elif isinstance(pev, E.SectionFull):
+                if pev.idstr == "globalstate":
+                    runstate = decode_globalstate(pev.state)
+                elif pev.idstr == CHECKSUM_IDSTR:
+                    self.source_checksums = {k: int(v) for k, v in pev.state.items()}
+                else:
+                    entry = inc._by_key.get((pev.idstr, pev.instance_id))
+                    if entry is None:
+                        raise StreamError(f"section {pev.idstr!r} instance {pev.instance_id} "
+                                          "has no device here", dec.offset)  # fmt: skip
+                    try:
+                        entry.load(pev.state)
+                    except (KeyError, ValueError, TypeError) as exc:
+                        raise StreamError(f"section {pev.idstr!r}: state does not load: "
+                                          f"{exc}") from exc  # fmt: skip
+            elif isinstance(pev, E.Ping):
+                inc._send_rp(RP.Pong(pev.value))
+            elif isinstance(pev, E.PostcopyRun):
+                if not self.listening:
+                    raise StreamError("POSTCOPY_RUN before POSTCOPY_LISTEN", outer.offset)
+                self._run(runstate)
+                return
+            else:
+                raise StreamError(f"{type(pev).__name__} inside the post-copy package",
+                                  outer.offset)  # fmt: skip
+        raise StreamError("post-copy package without POSTCOPY_RUN", outer.offset)
+
+    def _listen(self) -> None:
+        inc = self.inc
+        if self.source_checksums is not None:
+            # x-verify: pages present now are final (not needed); add them up before
+            # registering, while reading them cannot fault.
+            from livemig.memtrack import present_pages
+
+            for n, b in self.blocks.items():
+                present = present_pages(b.host_addr, b.size) & ~self.need[n]
+                self.checksums[n] = block_checksum(b, present)
+        self.uffd = U.Userfaultfd(UFFD_FEATURES)
+        for n, b in self.blocks.items():
+            self.uffd.register(b.host_addr, b.size, U.UFFDIO_REGISTER_MODE_MISSING)
+            self._ranges.append((b.host_addr, b.host_addr + b.size, n))
+        self.listening = True
+        self.linked = True
+        if self.preempt:
+            self._accept_preempt(inc.listener)
+        self._fault_thread = threading.Thread(target=self._fault_loop, name="postcopy/fault",
+                                              daemon=True)  # fmt: skip
+        self._fault_thread.start()
+        inc.state.move(MigrationStatus.POSTCOPY_ACTIVE)
+
+    def _run(self, runstate: str) -> None:
+        m = self.machine
+        m.invalidate_translations()
+        self.t_run = time.monotonic()
+        self.inc.timeline["postcopy-run"] = self.t_run
+        if runstate == "running" and self.inc._autostart():
+            m.set_runstate(RunState.RUNNING)
+        else:
+            m.set_runstate(RunState.PAUSED)
+        self._vcpu_block = {v.thread_id: 0.0 for v in m.vcpus}
+
+    # -- the fault thread ------------------------------------------------------------------------
+
+    def _locate(self, addr: int) -> tuple[str, int] | None:
+        for start, end, name in self._ranges:
+            if start <= addr < end:
+                return name, (addr - start) // PAGE
+        return None
+
+    def _fault_loop(self) -> None:
+        uffd = self.uffd
+        assert uffd is not None
+        try:
+            while not self._stop.is_set():
+                if not uffd.wait(0.1):
+                    continue
+                for ev in uffd.read_events():
+                    if ev.is_pagefault:
+                        self._on_fault(ev.address, ev.ptid)
+        except (U.UffdError, ChannelError, OSError) as exc:
+            if not self._stop.is_set():
+                log.error("post-copy fault thread stopped: %s", exc)
+
+    def _on_fault(self, addr: int, tid: int) -> None:
+        where = self._locate(addr)
+        if where is None:
+            return
+        name, idx = where
+        b = self.blocks[name]
+        now = time.monotonic()
+        send = False
+        with self.lock:
+            self.faults += 1
+            if not self.need[name][idx]:
+                # Known locally: a zero page (received as such, or never populated anywhere).
+                assert self.uffd is not None
+                self.uffd.zeropage(b.host_addr + idx * PAGE, PAGE, exist_ok=True)
+                self.zero_faults += 1
+                return
+            self._block(tid, now, (name, idx))
+            if not self.requested[name][idx]:
+                self.requested[name][idx] = True
+                self._req_time[(name, idx)] = now
+                self.requests += 1
+                send = self.linked
+        if send:
+            self._request(name, idx)
+
+    def _request(self, name: str, idx: int) -> None:
+        try:
+            self.inc._send_rp(RP.ReqPages(idx * PAGE, PAGE, name))
+        except ChannelError as exc:
+            # The listen thread sees the broken link too and pauses; the request is re-sent
+            # after recovery.
+            log.info("page request not sent (link down): %s", exc)
+
+    def _block(self, tid: int, now: float, page: tuple[str, int]) -> None:
+        if tid in self._blocked:
+            return
+        self._blocked[tid] = now
+        self._waiting.setdefault(page, []).append((tid, now))
+        if len(self._blocked) >= len(self._vcpu_block) and self._all_since is None:
+            self._all_since = now
+
+    def _unblock(self, page: tuple[str, int], now: float) -> None:
+        waiters = self._waiting.pop(page, None)
+        if not waiters:
+            return
+        if self._all_since is not None:
+            self.blocktime += now - self._all_since
+            self._all_since = None
+        for tid, t in waiters:
+            self._blocked.pop(tid, None)
+            if tid in self._vcpu_block:
+                self._vcpu_block[tid] += now - t
+
+    # -- placement (listen thread, preempt thread) ----------------------------------------------
+
+    def install(self, name: str, idx: np.ndarray, data: np.ndarray | None) -> int:
+        """Install pages ``idx`` of ``name`` (``data`` (n, 4096) or None for zero pages) that
+        are still needed; returns how many were."""
+        b = self.blocks[name]
+        uffd = self.uffd
+        if uffd is None:
+            raise MigrationError("post-copy page before POSTCOPY_LISTEN")
+        with self.lock:
+            need = self.need[name]
+            mask = need[idx]
+            if not mask.any():
+                return 0
+            idx = idx[mask]
+            if data is not None:
+                data = data[mask]
+            now_installed = 0
+            for s in range(0, len(idx), STAGING_PAGES):
+                part = idx[s : s + STAGING_PAGES]
+                if data is None:
+                    for first, count in runs(part):
+                        uffd.zeropage(b.host_addr + first * PAGE, count * PAGE, exist_ok=True)
+                else:
+                    stage = self._staging[: len(part)]
+                    stage[:] = data[s : s + STAGING_PAGES]
+                    if self.source_checksums is not None:
+                        self.checksums[name] = (self.checksums.get(name, 0) + page_checksums(
+                            stage.view(np.uint64).reshape(-1, PAGE_WORDS), part)) & (
+                            (1 << 64) - 1)  # fmt: skip
+                    base = buffer_address(memoryview(self._staging))
+                    pos = 0
+                    for first, count in runs(part):
+                        self._copy(b.host_addr + first * PAGE, base + pos * PAGE, count)
+                        pos += count
+                now_installed += len(part)
+            need[idx] = False
+            self.inc.loader.received[name][idx] = True
+            self.pages_placed += len(idx)
+            now = time.monotonic()
+            req = self.requested[name]
+            for i in idx[req[idx]].tolist():
+                req[i] = False
+                t = self._req_time.pop((name, i), None)
+                if t is not None:
+                    self.latencies.append(now - t)
+                self._unblock((name, i), now)
+        return now_installed
+
+    def _copy(self, dst: int, src: int, count: int) -> None:
+        assert self.uffd is not None
+        done = self.uffd.copy(dst, src, count * PAGE, exist_ok=True)
+        if done < count * PAGE:
+            # EEXIST in the middle of a run: page by page for the rest (a page cannot be
+            # there already unless installed as zero by a racing fault, which is a bug).
+            for k in range(done // PAGE, count):
+                try:
+                    self.uffd.copy(dst + k * PAGE, src + k * PAGE, PAGE)
+                except U.UffdError as exc:
+                    if exc.errno != errno.EEXIST:
+                        raise
+                    log.error("page at 0x%x was already present", dst + k * PAGE)
+
+    def _on_pages(self, ev: Any) -> None:
+        name = ev.block
+        idx = (ev.offsets >> np.uint64(12)).astype(np.int64)
+        if isinstance(ev, E.RamPages):
+            self.install(name, idx, ev.data)
+        elif ev.fill == 0:
+            self.install(name, idx, None)
+        else:
+            data = np.full((len(idx), PAGE), ev.fill, dtype=np.uint8)
+            self.install(name, idx, data)
+
+    # -- the listen loop (incoming thread) ------------------------------------------------------
+
+    def _listen_loop(self, dec: Decoder) -> None:
+        inc = self.inc
+        ch = inc.channel
+        while True:
+            try:
+                self._pump(ch, dec)
+                self._complete()
+                return
+            except (ChannelError, OSError) as exc:
+                if inc._cancel.is_set():
+                    raise
+                reason = str(exc) or type(exc).__name__
+                self._paused(f"source connection lost: {reason}")
+                ch, dec = self._wait_recovery(dec)
+
+    def _pump(self, ch: Channel, dec: Decoder) -> None:
+        buf = bytearray(RECV_CHUNK)
+        view = memoryview(buf)
+        while True:
+            for ev in iter(dec.next_event, E.NEED_DATA):
+                if self._event(ev, dec):
+                    return
+            if self._pause_event.is_set():
+                self._pause_event.clear()
+                raise ChannelError("paused by migrate-pause")
+            n = ch.recv_into(view)
+            if n == 0:
+                raise ChannelError("the source closed the main channel before the end")
+            dec.receive_data(view[:n])
+
+    def _event(self, ev: Any, dec: Decoder) -> bool:
+        """Handle one main-channel event in post-copy; True at EOF."""
+        if isinstance(ev, (E.RamPages, E.RamZeroPages)):
+            self._on_pages(ev)
+        elif isinstance(ev, E.Ping):
+            self.inc._send_rp(RP.Pong(ev.value))
+        elif isinstance(ev, E.RecvBitmap):
+            self._send_bitmap(ev.block, dec)
+        elif isinstance(ev, E.PostcopyResume):
+            self._resumed()
+        elif isinstance(ev, E.Eof):
+            return True
+        elif isinstance(ev, (E.SectionPart, E.SectionEnd, E.SectionFooter, E.RamEos)):
+            pass
+        else:
+            raise StreamError(f"{type(ev).__name__} is not expected in post-copy", dec.offset)
+        return False
+
+    def _complete(self) -> None:
+        inc = self.inc
+        if self._preempt_thread is not None:
+            self._preempt_eos.wait(inc.timeout)
+        missing = {n: int(np.count_nonzero(v)) for n, v in self.need.items() if v.any()}
+        if missing:
+            raise MigrationError(f"post-copy stream ended with pages still missing: {missing}")
+        self._teardown_uffd()
+        if self.source_checksums is not None:
+            self.verified = self.checksums == self.source_checksums
+            inc.verify = {"equal": self.verified}
+            if not self.verified:
+                bad = [n for n in self.blocks if self.checksums.get(n) !=
+                       self.source_checksums.get(n)]  # fmt: skip
+                raise MigrationError(f"post-copy verification failed: RAM blocks differ: "
+                                     f"{', '.join(bad)}")  # fmt: skip
+        inc.timeline["resumed"] = self.t_run or time.monotonic()
+        inc.timeline["completed"] = time.monotonic()
+        self.finished = True
+        inc.state.move(MigrationStatus.COMPLETED)
+        inc._shut(0)
+
+    def _teardown_uffd(self) -> None:
+        self._stop.set()
+        if self._fault_thread is not None:
+            self._fault_thread.join(2)
+        if self._preempt_ch is not None:
+            self._preempt_ch.shutdown()
+        if self._preempt_thread is not None:
+            self._preempt_thread.join(2)
+        if self._preempt_ch is not None:
+            self._preempt_ch.close()
+        if self.uffd is not None:
+            for start, end, _n in self._ranges:
+                self.uffd.unregister(start, end - start)
+            self.uffd.close()
+            self.uffd = None
+
+    def fail(self) -> None:
+        """The migration failed for good: the guest is incomplete, stop it before the
+        userfaultfd goes (its missing pages would then read as zero)."""
+        m = self.machine
+        if not self.listening or self.finished:
+            return
+
+        def stop() -> None:
+            try:
+                m.set_runstate(RunState.INTERNAL_ERROR)
+            except Exception:
+                log.exception("could not stop the incomplete guest")
+
+        # vCPUs asleep on missing pages cannot stop until woken: ask them to stop first,
+        # then let closing the userfaultfd wake them.
+        stopper = threading.Thread(target=stop, name="postcopy/stop-guest", daemon=True)
+        stopper.start()
+        time.sleep(0.05)
+        try:
+            self._teardown_uffd()
+        except (U.UffdError, ChannelError) as exc:
+            log.warning("post-copy teardown: %s", exc)
+        stopper.join(10)
+
+    # -- preempt channel -------------------------------------------------------------------------
+
+    def _accept_preempt(self, listener: Listener) -> None:
+        self._preempt_ch = listener.accept(timeout=self.inc.timeout, name="postcopy preempt")
+        self._preempt_eos.clear()
+        self._preempt_thread = threading.Thread(target=self._preempt_loop,
+                                                args=(self._preempt_ch,),
+                                                name="postcopy/preempt", daemon=True)  # fmt: skip
+        self._preempt_thread.start()
+
+    def _preempt_loop(self, ch: Channel) -> None:
+        parser = PreemptParser()
+        buf = bytearray(1 << 16)
+        view = memoryview(buf)
+        ch.timeout = None
+        try:
+            while not parser.eos:
+                n = ch.recv_into(view)
+                if n == 0:
+                    break
+                for block, offset, page in parser.feed(view[:n]):
+                    idx = np.array([offset // PAGE], dtype=np.int64)
+                    if block not in self.blocks or idx[0] >= self.blocks[block].npages:
+                        raise StreamError(f"preempt page {offset:#x} of {block!r} is outside RAM")
+                    data = None if page is None else np.frombuffer(page, np.uint8).reshape(1, PAGE)
+                    self.install(block, idx, data)
+        except (ChannelError, StreamError, OSError, MigrationError) as exc:
+            if not self._stop.is_set():
+                log.info("preempt channel ended: %s", exc)
+        finally:
+            if parser.eos:
+                self._preempt_eos.set()
+
+    # -- recovery ---------------------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """``migrate-pause`` on the destination: drop the link (postcopy-active only)."""
+        if self.inc.state.status != MigrationStatus.POSTCOPY_ACTIVE:
+            raise MigrationError("migrate-pause is only possible in postcopy-active")
+        self._pause_event.set()
+        ch = self.inc.channel
+        if ch is not None:
+            ch.shutdown()
+
+    def recover(self, uri: str) -> None:
+        """``migrate-recover URI``: listen there for the source's resume (postcopy-paused)."""
+        if self.inc.state.status != MigrationStatus.POSTCOPY_PAUSED:
+            raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        listener = Listener(uri, timeout=self.inc.timeout)
+        self._recover_listener = listener
+        self._recover_uri = listener.address
+        self._recover_event.set()
+
+    def _paused(self, reason: str) -> None:
+        inc = self.inc
+        log.warning("post-copy paused: %s", reason)
+        with self.lock:
+            self.linked = False
+        for ch in (inc.channel, self._preempt_ch):
+            if ch is not None:
+                ch.shutdown()
+        if self._preempt_thread is not None:
+            self._preempt_thread.join(2)
+        for ch in (inc.channel, self._preempt_ch):
+            if ch is not None:
+                ch.close()
+        self._preempt_ch = self._preempt_thread = None
+        missing = sum(int(np.count_nonzero(v)) for v in self.need.values())
+        st = inc.state
+        if st.status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
+            st.move(MigrationStatus.POSTCOPY_PAUSED,
+                    error=f"{reason}; the guest waits for {missing} pages still on the source "
+                          "(migrate-recover to resume)")  # fmt: skip
+
+    def _wait_recovery(self, old: Decoder) -> tuple[Channel, Decoder]:
+        inc = self.inc
+        attempts = 0
+        deadline = None
+        if self.auto_recover:
+            deadline = time.monotonic() + self.auto_recover * inc.timeout
+        while True:
+            if inc._cancel.is_set():
+                raise ChannelError("incoming migration cancelled while post-copy was paused")
+            listener = None
+            if self._recover_event.is_set():
+                listener = self._recover_listener
+            elif self.auto_recover:
+                listener = inc.listener
+            if listener is None:
+                self._recover_event.wait(0.2)
+                continue
+            try:
+                ch = listener.accept(timeout=0.2)
+            except ChannelTimeout:
+                if deadline is not None and not self._recover_event.is_set() and \
+                        time.monotonic() > deadline:  # fmt: skip
+                    raise MigrationError(
+                        f"post-copy link lost and the source did not come "
+                        f"back in {self.auto_recover} recovery periods"
+                    ) from None
+                continue
+            attempts += 1
+            inc.channel = ch
+            inc._rp_encoder.reset()
+            inc.state.move(MigrationStatus.POSTCOPY_RECOVER)
+            if self._recover_event.is_set():
+                self._recover_event.clear()
+                if listener is not inc.listener:
+                    listener.close()
+            dec = Decoder(with_header=False, block_sizes=inc.loader.block_sizes())
+            # The resumed stream continues the sections started on the first channel.
+            dec._sections.update(old._sections)
+            if self.preempt:
+                self._accept_preempt(inc.listener)
+            return ch, dec
+
+    def _send_bitmap(self, name: str, dec: Decoder) -> None:
+        need = self.need.get(name)
+        if need is None:
+            raise StreamError(f"RECV_BITMAP for unknown RAM block {name!r}", dec.offset)
+        bits = np.packbits(~need, bitorder="little")
+        pad = (-len(bits)) % 8
+        raw = bits.tobytes() + bytes(pad)
+        self.inc._send_rp(RP.RecvBitmapReply(name, raw))
+
+    def _resumed(self) -> None:
+        inc = self.inc
+        inc.state.move(MigrationStatus.POSTCOPY_ACTIVE)
+        inc._send_rp(RP.ResumeAck(1))
+        with self.lock:
+            self.linked = True
+            pending = [(n, int(i)) for n, r in self.requested.items()
+                       for i in np.flatnonzero(r & self.need[n])]  # fmt: skip
+        for n, i in pending:
+            self._request(n, i)
+
+    # -- reporting ---------------------------------------------------------------------------------
+
+    def query(self) -> dict[str, Any]:
+        st = self.inc.state.status
+        out: dict[str, Any] = {}
+        info = {
+            "faults": self.faults,
+            "zero-faults": self.zero_faults,
+            "requests": self.requests,
+            "pages-placed": self.pages_placed,
+            "pages-missing": int(sum(np.count_nonzero(v) for v in self.need.values())),
+            "latency": percentiles(self.latencies),
+            "blocktime-ms": int(self.blocktime * 1000),
+            "vcpu-blocktime-ms": [int(v * 1000) for v in self._vcpu_block.values()],
+        }
+        out["x-postcopy"] = info
+        if self.blocktime_on and st == MigrationStatus.COMPLETED:
+            out["postcopy-blocktime"] = info["blocktime-ms"]
+            out["postcopy-vcpu-blocktime"] = info["vcpu-blocktime-ms"]
+        return out

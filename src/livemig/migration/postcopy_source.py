@@ -1,0 +1,591 @@
+"""Post-copy on the source: the switch-over, serving page requests, the background push, recovery.
+
+Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_queued_page``,
+``postcopy_do_resume``; reference §7.2-§7.4):
+
+* **setup**: with capability ``postcopy-ram`` the pre-copy setup also sends
+  ``POSTCOPY_ADVISE(page-size summary, target page size)`` after OPEN_RETURN_PATH and PING 1.
+* **switch** (``migrate-start-postcopy`` sets a flag; the migration thread acts on it at its next
+  iteration): ->postcopy-active, stop the vCPUs (finish-migrate, STOP), last dirty sync,
+  ``POSTCOPY_RAM_DISCARD`` for every run of still-dirty pages (never-sent ones included), PING 2,
+  then one ``PACKAGED`` command holding LISTEN, the FULL device sections, PING 3 and RUN, then
+  PING 4. From the moment the package leaves, the guest belongs to the destination: nothing
+  here restarts it, whatever happens (the guest never runs on both sides).
+* **post-copy phase**: the return-path thread turns REQ_PAGES(_ID) into a queue (or, with
+  ``postcopy-preempt``, sends the page itself on the second channel); the migration thread
+  sends queued pages first (plus a prefetch window of the following dirty pages), then small
+  background PART sections in RAM order, paced by ``max-postcopy-bandwidth``. A page already
+  sent is never sent again: the dirty bitmap is the single record, guarded by one lock.
+* **end**: no dirty page left: END (EOS only) + EOF, no vmdesc; wait for SHUT;
+  ->completed, runstate ``postmigrate``.
+* **recovery**: an I/O error (or ``migrate-pause``) gives ``postcopy-paused``; the pages of a
+  failed send go back into the bitmap. ``migrate`` with ``resume: true`` (or, with
+  ``x-postcopy-auto-recover`` > 0, a retry here) connects a new main channel without header,
+  ->postcopy-recover, RECV_BITMAP for every block, dirty := not received, POSTCOPY_RESUME,
+  RESUME_ACK(1) ->postcopy-active, and the push goes on.
+
+``page_checksums`` is the order-independent RAM digest x-verify uses in post-copy: the
+destination cannot hash its RAM at the end (its guest has been running), so it adds up the
+checksums of the pages as they are installed and compares with the source's at switch-over.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from livemig.errors import MigrationError
+from livemig.machine.runstate import RunState
+from livemig.migration.state import MigrationStatus
+from livemig.savevm.devices import GLOBALSTATE_VMSD, encode_globalstate, machine_entries
+from livemig.transport import Channel, ChannelError, connect
+from livemig.wire import events as E
+from livemig.wire import returnpath as RP
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+PAGE_WORDS = PAGE // 8
+MAX_DISCARD_RANGES = 12
+BACKGROUND_PAGES = 32  # pages per background PART: small, so a request never waits long
+DEFAULT_PREFETCH = 0  # pages after a requested one sent with it (see the report in bench)
+RESUME_WAIT = 0.2  # poll period while paused
+CHECKSUM_IDSTR = "x-postcopy-verify"
+
+# Odd 64-bit weights per word of a page: a page's checksum is sum(word_j * K_j) * (2*index+1),
+# so an all-zero page counts 0 and unpopulated pages need not be read.
+_K = (np.arange(1, PAGE_WORDS + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+
+
+def page_checksums(words: np.ndarray, idx: np.ndarray) -> int:
+    """Sum (mod 2**64) of the checksums of pages ``words`` (n, 512 uint64) at indices ``idx``."""
+    if len(idx) == 0:
+        return 0
+    with np.errstate(over="ignore"):
+        h = words.astype(np.uint64, copy=False) @ _K
+        h *= idx.astype(np.uint64) * np.uint64(2) + np.uint64(1)
+        return int(h.sum(dtype=np.uint64))
+
+
+def block_checksum(block: Any, present: np.ndarray | None = None) -> int:
+    """Checksum of a whole RAMBlock (only ``present`` pages read: the others are zero)."""
+    words = block.array.view(np.uint64).reshape(-1, PAGE_WORDS)
+    idx = np.flatnonzero(present) if present is not None else np.arange(block.npages)
+    total = 0
+    for i in range(0, len(idx), 4096):
+        part = idx[i : i + 4096]
+        total += page_checksums(words[part], part)
+    return total & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def checksum_vmsd(blocks: list) -> Any:
+    from livemig import vmstate
+
+    return vmstate.vmsd(CHECKSUM_IDSTR, 1, [vmstate.u64(b.idstr) for b in blocks])
+
+
+def runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """(first, count) of each run of consecutive page indices in sorted ``idx``."""
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(idx)]))
+    return [(int(idx[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
+
+
+class PostcopySource:
+    """The post-copy part of one ``OutgoingMigration`` (``mig``)."""
+
+    def __init__(self, mig: Any) -> None:
+        self.mig = mig
+        self.caps = mig.config.capabilities
+        self.params = mig.config.params
+        self.requested = threading.Event()  # migrate-start-postcopy
+        self.preempt = "postcopy-preempt" in self.caps
+        self.prefetch = int(self.params.get("x-postcopy-prefetch", DEFAULT_PREFETCH))
+        self.lock = threading.Lock()  # the RamSaver bitmap, shared with the return-path thread
+        self.queue: collections.deque[tuple[str, int]] = collections.deque()
+        self.preempt_channel: Channel | None = None
+        self.preempt_encoder: Any = None
+        self.active = False
+        self.requests = 0  # pages asked for by the destination
+        self.requested_sent = 0  # pages sent because they were asked for (prefetch included)
+        self.pushed = 0  # pages sent by the background walk
+        self.resume_uri: str | None = None
+        self._resume = threading.Event()
+        self._acked = threading.Event()
+        self._bitmaps: dict[str, bytes] = {}
+        self._bitmap_event = threading.Event()
+        self.pause_requested = threading.Event()
+        self.recoveries = 0
+        self.source_checksums: dict[str, int] | None = None
+
+    # -- control (QMP threads) ----------------------------------------------------------------
+
+    def start_postcopy(self) -> None:
+        self.requested.set()
+        self.mig._wake.set()
+
+    def should_switch(self) -> bool:
+        return self.requested.is_set()
+
+    def pause(self) -> None:
+        """``migrate-pause``: break the link on purpose (postcopy-active only)."""
+        if self.mig.state.status != MigrationStatus.POSTCOPY_ACTIVE:
+            raise MigrationError("migrate-pause is only possible in postcopy-active")
+        self.pause_requested.set()
+        self._break_link()
+
+    def resume(self, uri: str) -> None:
+        """``migrate`` with ``resume: true``: reconnect to ``uri`` (postcopy-paused only)."""
+        if self.mig.state.status != MigrationStatus.POSTCOPY_PAUSED:
+            raise MigrationError(
+                f"Cannot resume: migration is {self.mig.state.status}, not postcopy-paused"
+            )
+        self.resume_uri = uri
+        self._resume.set()
+
+    def _break_link(self) -> None:
+        for ch in (self.mig.channel, self.preempt_channel):
+            if ch is not None:
+                ch.shutdown()
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def advise(self) -> list:
+        summary = 0
+        for _b in self.mig.machine.ram_blocks:
+            summary |= PAGE
+        return self.mig.encoder.send(E.PostcopyAdvise(summary, PAGE))
+
+    # -- return path (return-path thread) ------------------------------------------------------
+
+    def on_rp(self, msg: Any) -> None:
+        if isinstance(msg, RP.ReqPages):
+            self._on_request(msg)
+        elif isinstance(msg, RP.RecvBitmapReply):
+            self._bitmaps[msg.block] = msg.bitmap
+            self._bitmap_event.set()
+        elif isinstance(msg, RP.ResumeAck):
+            if msg.value != 1:
+                self.mig._rp_error = f"RESUME_ACK with value {msg.value}, expected 1"
+            self._acked.set()
+
+    def _on_request(self, msg: RP.ReqPages) -> None:
+        block = msg.block
+        ram = self.mig.ram
+        b = next((x for x in ram.blocks if x.idstr == block), None)
+        if b is None or msg.start % PAGE or msg.length % PAGE or msg.start + msg.length > b.size:
+            self.mig._rp_error = (
+                f"bad page request: block {block!r} start {msg.start:#x} length {msg.length:#x}"
+            )
+            self.mig._wake.set()
+            return
+        self.requests += msg.length // PAGE
+        if self.preempt and self.preempt_channel is not None and self.active:
+            try:
+                self._send_requested(self.preempt_channel, self.preempt_encoder, b, msg.start,
+                                     msg.length, "postcopy")  # fmt: skip
+                return
+            except (ChannelError, OSError) as exc:
+                log.warning("preempt channel: %s", exc)
+                # the page went back into the bitmap; queue it for main as well
+        self.queue.append((block, msg.start))
+        self.mig._wake.set()
+
+    def _take_requested(self, b: Any, start: int, length: int) -> np.ndarray:
+        """Dirty pages of the request plus the prefetch window, their bits cleared."""
+        d = self.mig.ram.dirty[b.idstr]
+        first = start // PAGE
+        last = min(b.npages, first + length // PAGE + self.prefetch)
+        idx = first + np.flatnonzero(d[first:last])
+        d[idx] = False
+        return idx
+
+    def _send_requested(
+        self, ch: Channel, enc: Any, b: Any, start: int, length: int, phase: str
+    ) -> None:
+        with self.lock:
+            idx = self._take_requested(b, start, length)
+            if len(idx) == 0:
+                return  # already sent: it is on its way
+            batch = self.mig.ram.split_zero(b, idx)
+            try:
+                bufs, normal, zero = self._encode(enc, [batch])
+                n = ch.sendv(bufs)
+            except BaseException:
+                self.mig.ram.requeue(batch)
+                raise
+        self.requested_sent += len(idx)
+        self.mig.stats.account(n, normal, zero, phase)
+
+    @staticmethod
+    def _encode(enc: Any, batches: list) -> tuple[list, int, int]:
+        out: list = []
+        normal = zero = 0
+        for b in batches:
+            if len(b.zero):
+                out += enc.encode_zero_pages(b.idstr, b.zero.astype(np.uint64) << 12)
+                zero += len(b.zero)
+            if len(b.normal):
+                out += enc.encode_pages(b.idstr, b.normal.astype(np.uint64) << 12, b.block.view)
+                normal += len(b.normal)
+        return out, normal, zero
+
+    # -- the switch (migration thread) -----------------------------------------------------------
+
+    def run(self) -> None:
+        """Switch to post-copy and run it to completion (or raise for the thread to fail)."""
+        mig = self.mig
+        m = mig.machine
+        t_stop = time.monotonic()
+        if self.preempt:
+            self._connect_preempt(mig.config.uri)
+        mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
+        mig._was_running = m.runstate == RunState.RUNNING
+        if mig._was_running:
+            m.pause(RunState.FINISH_MIGRATE)
+        else:
+            m.set_runstate(RunState.FINISH_MIGRATE)
+        mig._stopped_guest = True
+        if mig.stats.throttle:
+            m.set_throttle(0)
+            mig.stats.throttle = 0
+        new = mig.ram.merge(mig.tracker.sync())
+        mig.stats.note_sync(new)
+        mig.emit("MIGRATION_PASS", {"pass": mig.stats.dirty_sync_count})
+        mig._record_pass("post-copy switch: last sync with the guest stopped")
+        enc = mig.encoder
+        bufs: list = []
+        for b in mig.ram.blocks:
+            ranges = [(s * PAGE, n * PAGE) for s, n in runs(np.flatnonzero(mig.ram.dirty[b.idstr]))]
+            for i in range(0, len(ranges), MAX_DISCARD_RANGES):
+                chunk = tuple(ranges[i : i + MAX_DISCARD_RANGES])
+                bufs += enc.send(E.PostcopyRamDiscard(b.idstr, chunk))
+        bufs += enc.send(E.Ping(2))
+        mig._send(bufs, "downtime")
+        package = self._package()
+        # From here the destination may run the guest: this side must never restart it.
+        mig._stopped_guest = False
+        mig._send([*enc.send(E.Packaged(package)), *enc.send(E.Ping(4))], "downtime")
+        t_run = time.monotonic()
+        mig.stats.downtime = t_run - t_stop
+        mig.stats.downtime_breakdown = {"postcopy-switch": t_run - t_stop}
+        mig.stats.remaining = mig.ram.pending_pages() * PAGE
+        self.active = True
+        self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
+        mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
+        self._loop()
+
+    def _package(self) -> bytes:
+        mig = self.mig
+        enc = mig.encoder
+        out: list = []
+        sid = 3
+        if mig.config.verify:
+            # Before LISTEN: the destination adds up its present pages before registering them.
+            from livemig.memtrack import present_pages
+
+            sums = {b.idstr: block_checksum(b, present_pages(b.host_addr, b.size))
+                    for b in mig.machine.ram_blocks}  # fmt: skip
+            self.source_checksums = sums
+            vmsd = checksum_vmsd(mig.machine.ram_blocks)
+            enc.devices[CHECKSUM_IDSTR] = vmsd
+            out += enc.send(E.SectionFull(sid, CHECKSUM_IDSTR, 0, 1, sums))
+            sid += 1
+        out += enc.send(E.PostcopyListen())
+        for e in machine_entries(mig.machine):
+            enc.devices[e.idstr] = e.vmsd
+            out += enc.send(E.SectionFull(sid, e.idstr, e.instance_id, e.vmsd.version_id,
+                                          e.save()))  # fmt: skip
+            sid += 1
+        gs = encode_globalstate("running" if mig._was_running else "paused")
+        enc.devices["globalstate"] = GLOBALSTATE_VMSD
+        out += enc.send(E.SectionFull(sid, "globalstate", 0, GLOBALSTATE_VMSD.version_id, gs))
+        out += enc.send(E.Ping(3))
+        out += enc.send(E.PostcopyRun())
+        return b"".join(bytes(x) for x in out)
+
+    def _connect_preempt(self, uri: str) -> None:
+        from livemig.wire.encoder import Encoder
+
+        timeout = self.params["x-io-timeout"] / 1000
+        self.preempt_channel = connect(uri, timeout=timeout)
+        self.preempt_encoder = Encoder()
+
+    # -- the post-copy phase ---------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        mig = self.mig
+        while True:
+            try:
+                if self._push():
+                    self._finish()
+                    return
+            except (ChannelError, OSError, MigrationError) as exc:
+                if mig._cancel.is_set():
+                    raise
+                self._paused(str(exc))
+                self._recover()
+
+    def _push(self) -> bool:
+        """Send until nothing is dirty (True) or the link breaks (raises)."""
+        mig = self.mig
+        enc = mig.encoder
+        sid = mig._ram_sid
+        while True:
+            mig._check_cancel()
+            mig._check_rp()
+            if self.pause_requested.is_set():
+                raise MigrationError("paused by migrate-pause")
+            batches = []
+            with self.lock:
+                while self.queue and len(batches) < 64:
+                    block, start = self.queue.popleft()
+                    b = next(x for x in mig.ram.blocks if x.idstr == block)
+                    idx = self._take_requested(b, start, PAGE)
+                    if len(idx):
+                        batches.append(mig.ram.split_zero(b, idx))
+                        self.requested_sent += len(idx)
+                urgent = bool(batches)
+                if not batches:
+                    budget = mig.rate.budget_left()
+                    if budget > 0:
+                        batches = mig.ram.take(max(1, min(BACKGROUND_PAGES, budget // PAGE)))
+                        self.pushed += sum(len(b.normal) + len(b.zero) for b in batches)
+                if not batches and not self.queue and mig.ram.pending_pages() == 0:
+                    return True
+                if batches:
+                    try:
+                        out, normal, zero = self._encode(enc, batches)
+                        bufs = [*enc.send(E.SectionPart(sid)), *out, *enc.send(E.RamEos()),
+                                *enc.send(E.SectionFooter(sid))]  # fmt: skip
+                        n = mig.channel.sendv(bufs)
+                    except BaseException:
+                        for b in batches:
+                            mig.ram.requeue(b)
+                        raise
+                    mig.stats.account(n, normal, zero, "postcopy")
+                    if not urgent:
+                        mig.rate.account(n)
+                    mig.stats.remaining = mig.ram.pending_pages() * PAGE
+            if not batches:
+                mig.rate.wait(mig._wake)
+                mig._wake.clear()
+            mig.stats.update_window(self.params["downtime-limit"])
+
+    def _finish(self) -> None:
+        mig = self.mig
+        enc = mig.encoder
+        sid = mig._ram_sid
+        if self.preempt_channel is not None:
+            with self.lock:
+                self.preempt_channel.sendv(self.preempt_encoder.send(E.RamEos()))
+        mig._send([*enc.send(E.SectionEnd(sid)), *enc.send(E.RamEos()),
+                   *enc.send(E.SectionFooter(sid)), *enc.send(E.Eof())], "postcopy")  # fmt: skip
+        self.active = False
+        mig._await_shut()
+        s = mig.stats
+        s.remaining = 0
+        s.total_time = time.monotonic() - s.start
+        active = s.total_time - (s.setup_time or 0)
+        if active > 0:
+            s.mbps = s.transferred * 8 / 1e6 / active
+        if mig.config.verify:
+            mig.verified = mig._rp_shut == 0
+        mig.machine.set_runstate(RunState.POSTMIGRATE)
+        mig.state.move(MigrationStatus.COMPLETED)
+
+    # -- recovery ---------------------------------------------------------------------------------
+
+    def _paused(self, reason: str) -> None:
+        mig = self.mig
+        log.warning("post-copy link broken: %s", reason)
+        self.active = False
+        self._break_link()
+        if mig._rp_thread is not None:
+            mig._rp_thread.join(5)
+        for ch in (mig.channel, self.preempt_channel):
+            if ch is not None:
+                ch.close()
+        self.preempt_channel = None
+        st = mig.state
+        if st.status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
+            st.move(MigrationStatus.POSTCOPY_PAUSED, error=reason)
+        self.pause_requested.clear()
+
+    def _recover(self) -> None:
+        """Wait in postcopy-paused for a resume (or auto-retry), then do the handshake."""
+        mig = self.mig
+        retries = int(self.params.get("x-postcopy-auto-recover", 0))
+        attempt = 0
+        while True:
+            mig._check_cancel()
+            uri: str | None = None
+            if self._resume.wait(RESUME_WAIT):
+                self._resume.clear()
+                uri = self.resume_uri
+            elif retries and attempt < retries:
+                attempt += 1
+                time.sleep(min(2.0, 0.1 * 2**attempt))
+                uri = mig.config.uri
+                log.info("post-copy auto-recover: attempt %d of %d", attempt, retries)
+            elif retries and attempt >= retries:
+                raise MigrationError(
+                    f"post-copy link lost and {retries} automatic recovery attempts failed"
+                )
+            if uri is None:
+                continue
+            try:
+                self._handshake(uri)
+                self.recoveries += 1
+                return
+            except (ChannelError, OSError, MigrationError) as exc:
+                if mig._cancel.is_set():
+                    raise
+                log.warning("post-copy recovery via %s failed: %s", uri, exc)
+                self._paused(f"recovery failed: {exc}")
+
+    def _handshake(self, uri: str) -> None:
+        mig = self.mig
+        timeout = self.params["x-io-timeout"] / 1000
+        mig.channel = connect(uri, timeout=timeout)
+        mig._rp_error = None
+        mig._rp_shut = None
+        mig._rp_event.clear()
+        self._acked.clear()
+        self._bitmaps.clear()
+        self._bitmap_event.clear()
+        mig._start_return_path()
+        mig.state.move(MigrationStatus.POSTCOPY_RECOVER)
+        enc = mig.encoder
+        enc.reset_block()
+        bufs: list = []
+        for b in mig.ram.blocks:
+            bufs += enc.send(E.RecvBitmap(b.idstr))
+        mig._send(bufs, "postcopy")
+        deadline = time.monotonic() + timeout
+        names = {b.idstr for b in mig.ram.blocks}
+        while not names <= set(self._bitmaps):
+            mig._check_cancel()
+            mig._check_rp()
+            if time.monotonic() > deadline:
+                raise MigrationError("destination did not send its received bitmaps")
+            self._bitmap_event.wait(0.05)
+            self._bitmap_event.clear()
+        with self.lock:
+            for b in mig.ram.blocks:
+                raw = np.frombuffer(self._bitmaps[b.idstr], dtype="<u8")
+                bits = np.unpackbits(raw.view(np.uint8), bitorder="little")[: b.npages]
+                if len(bits) < b.npages:
+                    raise MigrationError(f"received bitmap of {b.idstr!r} is too short")
+                mig.ram.dirty[b.idstr][:] = bits == 0
+            self.queue.clear()
+            mig.stats.remaining = mig.ram.pending_pages() * PAGE
+        if self.preempt:
+            self._connect_preempt(uri)
+        mig._send(enc.send(E.PostcopyResume()), "postcopy")
+        while not self._acked.wait(0.05):
+            mig._check_cancel()
+            mig._check_rp()
+            if time.monotonic() > deadline:
+                raise MigrationError("destination did not answer POSTCOPY_RESUME")
+        mig._check_rp()
+        self.active = True
+        mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def query(self) -> dict[str, Any]:
+        return {
+            "x-postcopy": {
+                "requests": self.requests,
+                "requested-pages-sent": self.requested_sent,
+                "pushed-pages": self.pushed,
+                "preempt": self.preempt,
+                "prefetch": self.prefetch,
+                "recoveries": self.recoveries,
+            }
+        }
+
+
+# -- QMP commands ------------------------------------------------------------------------------
+
+
+def resume_outgoing(manager: Any, uri: str) -> None:
+    """``migrate`` with ``resume: true``: only a paused post-copy can be resumed."""
+    from livemig.errors import UsageError
+    from livemig.transport import parse_uri
+
+    mig = manager.outgoing
+    if (mig is None or mig.postcopy is None
+            or manager.source.status != MigrationStatus.POSTCOPY_PAUSED):  # fmt: skip
+        raise UsageError("Cannot resume if there is no paused migration")
+    parse_uri(uri)
+    mig.postcopy.resume(uri)
+
+
+def start_postcopy(manager: Any) -> None:
+    """``migrate-start-postcopy``: switch at the next iteration."""
+    from livemig.errors import UsageError
+
+    if "postcopy-ram" not in manager.caps:
+        raise UsageError("Enable postcopy with migrate_set_capability before the start of "
+                         "migration")  # fmt: skip
+    mig = manager.outgoing
+    if mig is None or manager.source.status not in (MigrationStatus.SETUP,
+                                                    MigrationStatus.ACTIVE):  # fmt: skip
+        raise UsageError("Postcopy must be started after migration has been started")
+    if mig.postcopy is None:
+        # still in setup: PostcopySource appears once the channel is up; keep the request
+        deadline = time.monotonic() + 5
+        while mig.postcopy is None and mig.thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if mig.postcopy is None:
+            raise UsageError("Postcopy must be started after migration has been started")
+    mig.postcopy.start_postcopy()
+
+
+def migrate_pause(manager: Any) -> None:
+    """``migrate-pause``: break the post-copy link on this side (postcopy-active only)."""
+    from livemig.errors import UsageError
+
+    mig, inc = manager.outgoing, manager.incoming
+    if mig is not None and mig.postcopy is not None and \
+            manager.source.status == MigrationStatus.POSTCOPY_ACTIVE:  # fmt: skip
+        mig.postcopy.pause()
+        return
+    if inc is not None and inc.postcopy is not None and \
+            manager.dest.status == MigrationStatus.POSTCOPY_ACTIVE:  # fmt: skip
+        inc.postcopy.pause()
+        return
+    raise UsageError("migrate-pause is currently only supported during postcopy-active state")
+
+
+def migrate_recover(manager: Any, uri: str) -> None:
+    """``migrate-recover URI`` on the destination (postcopy-paused only)."""
+    from livemig.errors import UsageError
+    from livemig.transport import parse_uri
+
+    inc = manager.incoming
+    if inc is None or inc.postcopy is None or \
+            manager.dest.status != MigrationStatus.POSTCOPY_PAUSED:  # fmt: skip
+        raise UsageError("Migrate recover can only be run when postcopy is paused.")
+    parse_uri(uri)
+    inc.postcopy.recover(uri)
+
+
+def register_postcopy_commands(registry: Any, manager: Any, wrap: Any) -> None:
+    """Add migrate-start-postcopy, migrate-pause and migrate-recover to a QMP registry."""
+    from livemig.qmp import Arg
+
+    registry.add("migrate-start-postcopy", wrap(lambda: start_postcopy(manager)))
+    registry.add("migrate-pause", wrap(lambda: migrate_pause(manager)))
+    registry.add("migrate-recover", wrap(lambda uri: migrate_recover(manager, uri)),
+                 args={"uri": Arg(str)})  # fmt: skip
