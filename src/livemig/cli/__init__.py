@@ -13,7 +13,9 @@ import sys
 
 from livemig.errors import LivemigError
 
-COMMANDS = ("run", "guests", "demo", "migrate", "report", "analyze", "capture", "bench")
+COMMANDS = (
+    "run", "guests", "demo", "migrate", "plan", "report", "analyze", "capture", "bench",
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -121,6 +121,7 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
     if args.max_bandwidth is not None:
         params["max-bandwidth"] = parse_size(args.max_bandwidth, "--max-bandwidth")
     src.qmp("migrate-set-parameters", **params)
+    prediction = _plan(console, src, args)
     console.rule(f"migrating to {uri}")
     sampler = timeline.Sampler()
     src.qmp("migrate", uri=uri)
@@ -146,6 +147,7 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
                 "two-hosts": args.two_hosts, "parameters": params},
         source_final=final, source_report=_safe(src, "x-query-migration-report"),
         destination_final=dest_final, samples=sampler.samples, sample_t0=sampler.t0,
+        prediction=None if prediction is None else prediction.as_dict(),
         verification={"ram-hashes-equal": final.get("x-verified"), "invariant": invariant},
     )  # fmt: skip
     jpath, ppath = timeline.save(report, Path(args.out))
@@ -154,9 +156,32 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
         "guest invariant": "holds" if invariant and invariant.get("ok") else str(invariant),
         "dirty tracker": final.get("x-dirty-tracker", "?"),
     }
+    if prediction is not None and prediction.total_time_s is not None:
+        extra["predicted (planner)"] = (
+            f"{prediction.recommendation}, {prediction.passes} passes, "
+            f"{prediction.total_time_s * 1000:.0f} ms total, "
+            f"{(prediction.downtime_s or 0) * 1000:.0f} ms downtime")
     console.print(progress.summary_table(final, extra))
     console.print(f"report: {jpath}\nplots:  {ppath}")
     return 0 if ok and (invariant is None or invariant.get("ok")) else 1
+
+
+def _plan(console: Console, src: Any, args: argparse.Namespace) -> Any:
+    """Sample the guest for a moment and predict the migration (``livemig plan``)."""
+    from livemig.cli.plan import plan_for, prediction_table
+
+    params = src.qmp("query-migrate-parameters")
+    if not params.get("max-bandwidth"):
+        console.print("[dim]planner: no prediction (max-bandwidth 0: the link speed is "
+                      "unknown)[/]")  # fmt: skip
+        return None
+    try:
+        pred = plan_for(src._qmp, 1.0, None, None)
+    except LivemigError as exc:
+        console.print(f"[yellow]planner: {exc}[/]")
+        return None
+    console.print(prediction_table(pred))
+    return pred
 
 
 def _safe(proc: Any, command: str) -> Any:

@@ -77,7 +77,8 @@ class MigrationStats:
         else:
             self.postcopy_bytes += nbytes
 
-    def update_window(self, downtime_limit_ms: int, switchover_bw: int = 0) -> bool:
+    def update_window(self, downtime_limit_ms: int, switchover_bw: int = 0,
+                      max_bandwidth: int = 0) -> bool:
         """Close the accounting window if 100 ms passed; returns True when it did."""
         now = time.monotonic()
         elapsed = now - self._win_start
@@ -87,6 +88,10 @@ class MigrationStats:
         self.mbps = self.bandwidth * 8 / 1e6
         self.pages_per_second = self._win_pages / elapsed
         bw = switchover_bw if switchover_bw else self.bandwidth
+        if max_bandwidth and not switchover_bw:
+            # Bytes a window "sent" include what only went into the socket buffer: never
+            # believe the link is faster than the limit we are holding it to.
+            bw = min(bw, max_bandwidth)
         self.threshold = int(bw * downtime_limit_ms / 1000)
         if self.dirty_pages_rate and self._win_bytes > 10000 and self.bandwidth > 0:
             self.expected_downtime_ms = int(self.remaining / self.bandwidth * 1000)

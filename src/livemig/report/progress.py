@@ -24,12 +24,13 @@ def _mib(n: float) -> str:
     return format_size(n)
 
 
-def progress_table(info: dict[str, Any]) -> Table:
-    """One status table from a ``query-migrate`` reply."""
+def progress_table(info: dict[str, Any], verdict: str = "", left: float | None = None
+                   ) -> Table:  # fmt: skip
+    """One status table from a ``query-migrate`` reply, with the judge's verdict and ETA."""
     ram = info.get("ram", {})
     t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for col in ("status", "pass", "transferred", "remaining", "dirty rate", "throughput",
-                "expected downtime", "time"):  # fmt: skip
+    for col in ("status", "pass", "sent", "left", "dirtied", "Mbit/s", "exp. down",
+                "time", "verdict", "ETA"):  # fmt: skip
         t.add_column(col, justify="right" if col != "status" else "left")
     rate = ram.get("dirty-pages-rate", 0) * ram.get("page-size", 4096)
     t.add_row(
@@ -38,9 +39,11 @@ def progress_table(info: dict[str, Any]) -> Table:
         _mib(ram.get("transferred", 0)),
         _mib(ram.get("remaining", 0)),
         f"{_mib(rate)}/s",
-        f"{ram.get('mbps', 0):.0f} Mbit/s",
+        f"{ram.get('mbps', 0):.0f}",
         f"{info.get('expected-downtime', info.get('downtime', 0))} ms",
         f"{info.get('total-time', 0) / 1000:.1f} s",
+        verdict,
+        "-" if left is None else f"{left:.1f} s",
     )
     return t
 
@@ -57,6 +60,10 @@ def follow(
     """Poll until the migration reaches a final state; returns the last reply."""
     console = console or Console(stderr=True)
     deadline = None if timeout is None else time.monotonic() + timeout
+    from livemig.migration.planner import ProgressJudge
+
+    judge = ProgressJudge()
+    t0 = time.monotonic()
     info: dict[str, Any] = {}
     live = None if quiet else Live(console=console, refresh_per_second=8, transient=False)
     try:
@@ -66,8 +73,9 @@ def follow(
             info = query()
             if on_poll is not None:
                 on_poll(info)
+            verdict, left = judge.update(time.monotonic() - t0, info)
             if live is not None:
-                live.update(progress_table(info))
+                live.update(progress_table(info, verdict, left))
             if info.get("status") in FINAL:
                 return info
             if deadline is not None and time.monotonic() > deadline:

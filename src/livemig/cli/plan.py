@@ -1,0 +1,102 @@
+"""``livemig plan``: sample a running guest, predict its migration, recommend a strategy.
+
+It asks the livemig process behind ``--qmp`` to measure the guest's dirty rate and working set
+for a few seconds (``calc-dirty-rate``, measured with the kernel's dirty log), then runs the
+convergence model of ``livemig.migration.planner`` for the given link bandwidth and
+downtime limit: does pre-copy converge, in how long, with what downtime, and should you use
+pre-copy, auto-converge or post-copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from livemig.errors import LivemigError, UsageError
+from livemig.migration.planner import Prediction, predict
+from livemig.units import format_size, parse_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="predict a migration of a running guest, recommend a strategy",
+                       description=__doc__.split("\n\n")[0])  # fmt: skip
+    p.add_argument("--qmp", required=True, help="QMP of the running livemig: unix:PATH|tcp:H:P")
+    p.add_argument("--bandwidth", default=None,
+                   help="link bandwidth in bytes/s, e.g. 1G (default: the source's "
+                        "max-bandwidth parameter)")  # fmt: skip
+    p.add_argument("--downtime-limit", type=int, default=None,
+                   help="ms (default: the source's downtime-limit parameter)")
+    p.add_argument("--seconds", type=float, default=3.0, help="how long to sample (default 3)")
+    p.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    p.set_defaults(func=run)
+
+
+def sample(qmp: Any, seconds: float) -> dict[str, Any]:
+    """Run calc-dirty-rate on a connected QMP client and wait for the result."""
+    ms = max(100, int(seconds * 1000))
+    qmp.command("calc-dirty-rate", **{"calc-time": ms, "calc-time-unit": "millisecond"})
+    deadline = time.monotonic() + seconds + 30
+    while time.monotonic() < deadline:
+        res = qmp.command("query-dirty-rate")
+        if res.get("status") == "measured":
+            if "x-error" in res:
+                raise LivemigError(f"dirty rate measurement failed: {res['x-error']}")
+            return res
+        time.sleep(0.1)
+    raise LivemigError("dirty rate measurement did not finish")
+
+
+def plan_for(qmp: Any, seconds: float, bandwidth: int | None, downtime_limit: int | None
+             ) -> Prediction:  # fmt: skip
+    params = qmp.command("query-migrate-parameters")
+    bw = bandwidth if bandwidth is not None else params.get("max-bandwidth", 0)
+    if not bw:
+        raise UsageError("max-bandwidth is 0 (unlimited) on the source: give --bandwidth")
+    limit = downtime_limit if downtime_limit is not None else params.get("downtime-limit", 300)
+    res = sample(qmp, seconds)
+    return predict(populated=res["x-populated"], working_set=res["x-working-set"],
+                   dirty_rate=res["x-dirty-rate-bytes"], bandwidth=bw,
+                   downtime_limit_ms=limit, params=params)  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    from livemig.qmp.client import QMPConnection
+
+    bw = parse_size(args.bandwidth, "--bandwidth") if args.bandwidth else None
+    with QMPConnection(args.qmp).connect() as qmp:
+        pred = plan_for(qmp, args.seconds, bw, args.downtime_limit)
+    if args.json:
+        json.dump(pred.as_dict(), sys.stdout, indent=2)
+        print()
+        return 0
+    Console().print(prediction_table(pred))
+    return 0
+
+
+def prediction_table(pred: Prediction) -> Table:
+    i = pred.inputs
+    t = Table(title="migration plan", show_header=False, box=None)
+    t.add_column(style="bold")
+    t.add_column()
+    rows = [
+        ("guest RAM in use", format_size(i["populated-bytes"])),
+        ("working set", format_size(i["working-set-bytes"])),
+        ("dirty rate", f"{format_size(i['dirty-rate-bytes-per-s'])}/s"),
+        ("link", f"{format_size(i['bandwidth-bytes-per-s'])}/s"),
+        ("downtime limit", f"{i['downtime-limit-ms']} ms"),
+        ("pre-copy converges", "yes" if pred.converges else "no"),
+        ("passes", str(pred.passes)),
+        ("total time", "-" if pred.total_time_s is None else f"{pred.total_time_s:.2f} s"),
+        ("downtime", "-" if pred.downtime_s is None else f"{pred.downtime_s * 1000:.0f} ms"),
+        ("recommendation", f"[bold]{pred.recommendation}[/]"),
+        ("why", pred.reason),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    return t
