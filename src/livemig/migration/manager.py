@@ -17,6 +17,7 @@ from typing import Any
 from livemig.errors import LivemigError, UsageError
 from livemig.machine.runstate import RunState
 from livemig.migration.destination import IncomingMigration
+from livemig.migration.dirtyrate import DirtyRateMeasurement
 from livemig.migration.options import PARAMETERS, Capabilities, Parameters
 from livemig.migration.source import OutgoingMigration, SourceConfig
 from livemig.migration.state import RUNNING, MigrationState, MigrationStatus
@@ -43,6 +44,7 @@ class MigrationManager:
         self.outgoing: OutgoingMigration | None = None
         self.incoming: IncomingMigration | None = None
         self.incoming_deferred = False
+        self.dirty_rate_job: DirtyRateMeasurement | None = None
         self._lock = threading.Lock()
         self._done_callbacks: list[Callable[[str, bool], None]] = []
         for st in (self.source, self.dest):
@@ -92,6 +94,9 @@ class MigrationManager:
         with self._lock:
             if self._busy():
                 raise UsageError("There's a migration process in progress")
+            job = self.dirty_rate_job
+            if job is not None and job.status == "measuring":
+                raise UsageError("a dirty rate calculation is running: wait for it to finish")
             parse_uri(uri)
             config = SourceConfig(
                 uri=uri,
@@ -179,6 +184,45 @@ class MigrationManager:
             out.update(self.outgoing.query())
         return out
 
+    def calc_dirty_rate(
+        self,
+        calc_time: int,
+        sample_pages: int | None = None,
+        mode: str = "dirty-bitmap",
+        calc_time_unit: str = "second",
+    ) -> None:
+        """QEMU's calc-dirty-rate, measured exactly with the dirty tracker."""
+        if mode != "dirty-bitmap":
+            raise UsageError(
+                f"calc-dirty-rate mode '{mode}' is not supported by livemig: it "
+                "measures every page with the kernel's dirty log (dirty-bitmap)"
+            )
+        seconds = calc_time / 1000 if calc_time_unit == "millisecond" else calc_time
+        if not 0 < seconds <= 60:
+            raise UsageError("Parameter 'calc-time' expects 1 to 60 seconds")
+        with self._lock:
+            if self._busy():
+                raise UsageError("calc-dirty-rate: a migration is in progress")
+            job = self.dirty_rate_job
+            if job is not None and job.status == "measuring":
+                raise UsageError("the previous dirty rate calculation is not finished yet")
+            self.dirty_rate_job = DirtyRateMeasurement(
+                self.machine, seconds, self.params["x-dirty-tracker"]
+            )
+            self.dirty_rate_job.start()
+
+    def query_dirty_rate(self, calc_time_unit: str = "second") -> dict[str, Any]:
+        job = self.dirty_rate_job
+        if job is None:
+            return {
+                "status": "unstarted",
+                "start-time": 0,
+                "calc-time": 0,
+                "sample-pages": 0,
+                "mode": "dirty-bitmap",
+            }
+        return job.query()
+
     def report(self) -> dict[str, Any]:
         """livemig's own timeline of the last outgoing migration (``livemig report``)."""
         if self.outgoing is None:
@@ -237,3 +281,10 @@ def register_migration_commands(registry: Any, manager: MigrationManager) -> Non
 
     register_postcopy_commands(registry, manager, wrap)
     registry.add("x-query-migration-report", wrap(manager.report))
+    registry.add("calc-dirty-rate", wrap(manager.calc_dirty_rate), args={
+        "calc-time": Arg(int), "sample-pages": Arg(int, optional=True),
+        "mode": Arg(str, optional=True, choices=("page-sampling", "dirty-ring", "dirty-bitmap")),
+        "calc-time-unit": Arg(str, optional=True, choices=("second", "millisecond")),
+    })  # fmt: skip
+    registry.add("query-dirty-rate", wrap(manager.query_dirty_rate), args={
+        "calc-time-unit": Arg(str, optional=True, choices=("second", "millisecond"))})  # fmt: skip
