@@ -2,6 +2,12 @@
 
 ``tcp:`` and ``unix:`` listeners accept any number of connections (main, multifd, post-copy
 preempt, recovery); ``fd:``, ``exec:`` and ``file:`` give exactly one one-shot channel.
+
+TLS (``tls-creds``): every socket channel ``connect`` opens or a ``Listener`` accepts is wrapped
+in TLS when credentials are given (``tls=``) or, by default, set process-wide with
+``tls.set_migration_tls`` (QEMU reads the one MigrationState's ``tls-creds`` the same way), so
+main, multifd and post-copy channels all get it. ``exec:`` and ``file:`` refuse TLS rather than
+silently sending the guest in clear.
 """
 
 from __future__ import annotations
@@ -13,8 +19,25 @@ import subprocess
 import time
 
 from livemig.errors import UsageError
+from livemig.transport import tls as _tls
 from livemig.transport.channel import DEFAULT_TIMEOUT, Channel, ChannelError, ChannelTimeout
 from livemig.transport.uri import MigrationURI, parse_uri
+
+# ``tls=FROM_PROCESS``: use the process-wide migration TLS settings of that endpoint.
+FROM_PROCESS: object = object()
+
+
+def _creds(tls: object, endpoint: str) -> _tls.TLSCreds | None:
+    if tls is FROM_PROCESS:
+        return _tls.migration_tls(endpoint)
+    assert tls is None or isinstance(tls, _tls.TLSCreds)
+    return tls
+
+
+def _no_tls_for(u: MigrationURI, creds: _tls.TLSCreds | None) -> None:
+    if creds is not None:
+        raise UsageError(f"{u}: TLS (tls-creds) needs a socket transport (tcp:, unix:, fd: "
+                         f"with a socket); {u.scheme}: would carry the guest in clear")  # fmt: skip
 
 
 def _uri(uri: str | MigrationURI) -> MigrationURI:
@@ -22,15 +45,21 @@ def _uri(uri: str | MigrationURI) -> MigrationURI:
 
 
 def connect(
-    uri: str | MigrationURI, timeout: float | None = DEFAULT_TIMEOUT, name: str = "main"
+    uri: str | MigrationURI,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    name: str = "main",
+    tls: object = FROM_PROCESS,
 ) -> Channel:
-    """Open the sending side of a migration channel."""
+    """Open the sending side of a migration channel (a TLS client with credentials)."""
     u = _uri(uri)
+    creds = _creds(tls, "client")
     if u.scheme == "tcp":
         try:
             sock = socket.create_connection((u.host, u.port), timeout=timeout)
         except OSError as exc:
             raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+        if creds is not None:
+            return _tls.client_wrap(sock, creds, f"{name} {u}", timeout, host=u.host)
         return Channel.from_socket(sock, f"{name} {u}", timeout)
     if u.scheme == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -40,9 +69,12 @@ def connect(
         except OSError as exc:
             sock.close()
             raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+        if creds is not None:
+            return _tls.client_wrap(sock, creds, f"{name} {u}", timeout)
         return Channel.from_socket(sock, f"{name} {u}", timeout)
     if u.scheme == "fd":
-        return _fd_channel(u, name, timeout)
+        return _fd_channel(u, name, timeout, creds, "client")
+    _no_tls_for(u, creds)
     if u.scheme == "exec":
         proc = subprocess.Popen(u.command, shell=True, stdin=subprocess.PIPE)
         assert proc.stdin is not None
@@ -57,7 +89,13 @@ def connect(
     return Channel(f"{name} {u}", None, f.fileno(), timeout=timeout, file=f)
 
 
-def _fd_channel(u: MigrationURI, name: str, timeout: float | None) -> Channel:
+def _fd_channel(
+    u: MigrationURI,
+    name: str,
+    timeout: float | None,
+    creds: _tls.TLSCreds | None = None,
+    endpoint: str = "client",
+) -> Channel:
     try:
         os.fstat(u.fd)
     except OSError as exc:
@@ -67,19 +105,31 @@ def _fd_channel(u: MigrationURI, name: str, timeout: float | None) -> Channel:
     except OSError:
         sock = None
     if sock is not None:
+        if creds is not None:
+            wrap = _tls.client_wrap if endpoint == "client" else _tls.server_wrap
+            return wrap(sock, creds, f"{name} {u}", timeout)
         return Channel.from_socket(sock, f"{name} {u}", timeout)
+    _no_tls_for(u, creds)
     return Channel(f"{name} {u}", u.fd, u.fd, timeout=timeout)
 
 
 class Listener:
     """The destination side: accepts the channels of one incoming migration."""
 
-    def __init__(self, uri: str | MigrationURI, timeout: float | None = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self,
+        uri: str | MigrationURI,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        tls: object = FROM_PROCESS,
+    ) -> None:
         self.uri = _uri(uri)
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._used = False
         u = self.uri
+        self.tls = _creds(tls, "server")
+        if u.scheme in ("exec", "file"):
+            _no_tls_for(u, self.tls)
         if u.scheme == "tcp":
             family = socket.AF_INET6 if ":" in u.host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
@@ -127,12 +177,15 @@ class Listener:
             except OSError as exc:
                 raise ChannelError(f"accept on {u} failed: {exc.strerror or exc}") from exc
             conn.settimeout(None)
+            if self.tls is not None:
+                # A peer without a valid certificate fails here, before a byte is read.
+                return _tls.server_wrap(conn, self.tls, f"{name} {u}", self.timeout)
             return Channel.from_socket(conn, f"{name} {u}", self.timeout)
         if self._used:
             raise ChannelError(f"{u} carries only one channel")
         self._used = True
         if u.scheme == "fd":
-            return _fd_channel(u, name, self.timeout)
+            return _fd_channel(u, name, self.timeout, self.tls, "server")
         if u.scheme == "exec":
             proc = subprocess.Popen(u.command, shell=True, stdout=subprocess.PIPE)
             assert proc.stdout is not None
