@@ -502,7 +502,14 @@ class _RecvChannel:
     def _read(self, view: memoryview, what: str, eof_ok: bool = False) -> bool:
         got = 0
         while got < len(view):
-            n = self.channel.recv_into(view[got:])
+            try:
+                n = self.channel.recv_into(view[got:])
+            except ChannelTimeout:
+                # between packets a channel may idle as long as the migration does (a slow
+                # pass, pause-before-switchover); the main channel watches the source's health
+                if got == 0 and eof_ok and not self.r.closing and self.r.error is None:
+                    continue
+                raise
             if n == 0:
                 if got == 0 and eof_ok:
                     return False
@@ -645,9 +652,13 @@ class MultifdReceiver:
         for c in self.channels:
             c.release.release()
 
-    def close(self) -> None:
-        """Stop the threads (after the source closed the channels, or on failure)."""
+    def close(self, graceful: bool = True) -> None:
+        """Stop the threads: after a completed migration wait (briefly) for the source to close
+        the channels; otherwise shut them down at once."""
         self.closing = True
+        if not graceful or self.error is not None:
+            for c in self.channels:
+                c.channel.shutdown()
         for c in self.channels:
             c.thread.join(2)
             if c.thread.is_alive():
@@ -748,9 +759,11 @@ def incoming_error(mig: Any) -> str | None:
 
 
 def incoming_close(mig: Any) -> None:
+    from livemig.migration.state import MigrationStatus
+
     mf = getattr(mig, "multifd", None)
     if mf is not None:
-        mf.close()
+        mf.close(graceful=mig.state.status == MigrationStatus.COMPLETED)
 
 
 def source_query(mig: Any, out: dict[str, Any]) -> None:
