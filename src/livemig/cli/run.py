@@ -47,6 +47,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--incoming", metavar="URI|defer",
         help="receive the guest by migration (defer: wait for migrate-incoming over QMP)",
     )  # fmt: skip
+    parser.add_argument(
+        "--tls-creds", metavar="DIR",
+        help="x509 credentials directory (ca-cert.pem, server-cert.pem, server-key.pem, "
+        "client-cert.pem, client-key.pem, as QEMU's tls-creds-x509 dir=): sets the tls-creds "
+        "migration parameter (so --incoming tcp: starts with TLS) and puts a --qmp tcp: "
+        "monitor behind mutual TLS",
+    )  # fmt: skip
     add_machine_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -125,7 +132,12 @@ def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threa
         from livemig.qmp.machine_commands import register_machine_commands
 
         registry = CommandRegistry()
-        server = QMPServer(args.qmp, registry)
+        qmp_tls = None
+        if getattr(args, "tls_creds", None) and args.qmp.startswith("tcp:"):
+            from livemig.transport.tls import load_creds
+
+            qmp_tls = load_creds(args.tls_creds, "server")
+        server = QMPServer(args.qmp, registry, tls=qmp_tls)
 
         def on_quit() -> None:
             machine.shutdown("host-qmp-quit")
@@ -142,6 +154,11 @@ def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threa
     emit = server.emit_event if server is not None else None
     autostart = (lambda: control.autostart) if control else (lambda: not args.prelaunch)
     manager = MigrationManager(machine, emit=emit, autostart=autostart)
+    if getattr(args, "tls_creds", None):
+        from livemig.transport.tls import load_creds
+
+        load_creds(args.tls_creds, "server")  # a bad directory is a usage error at start
+        manager.params.set({"tls-creds": args.tls_creds})
     if server is not None:
         register_migration_commands(server.registry, manager)
 

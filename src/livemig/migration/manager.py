@@ -22,6 +22,7 @@ from livemig.migration.options import PARAMETERS, Capabilities, Parameters
 from livemig.migration.source import OutgoingMigration, SourceConfig
 from livemig.migration.state import RUNNING, MigrationState, MigrationStatus
 from livemig.transport import parse_uri
+from livemig.transport.tls import creds_from_params, set_migration_tls
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,9 @@ class MigrationManager:
             if job is not None and job.status == "measuring":
                 raise UsageError("a dirty rate calculation is running: wait for it to finish")
             parse_uri(uri)
+            # tls-creds: every channel this migration opens is a TLS client (bad creds: refused
+            # here, before any state change)
+            set_migration_tls("client", creds_from_params(self.params.query(), "client"))
             config = SourceConfig(
                 uri=uri,
                 capabilities=self.caps.enabled(),
@@ -143,6 +147,7 @@ class MigrationManager:
             if self.incoming is not None:
                 raise UsageError("The incoming migration has already been started")
             parse_uri(uri)
+            set_migration_tls("server", creds_from_params(self.params.query(), "server"))
             self.exit_on_error = exit_on_error
             self.incoming = IncomingMigration(
                 self.machine, uri, self.dest, self.params.query(),

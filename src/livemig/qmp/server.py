@@ -59,6 +59,7 @@ REQUEST_QUEUE_LEN = 8
 OUTPUT_LIMIT = 8 << 20
 #: Default number of simultaneous clients.
 MAX_CLIENTS = 16
+TLS_HANDSHAKE_TIMEOUT = 10.0  # a client that stalls its TLS handshake is dropped
 #: How long close() waits for clients' output to drain and the loop thread to stop.
 CLOSE_TIMEOUT = 2.0
 
@@ -355,8 +356,12 @@ class QMPServer:
         package: str | None = None,
         max_clients: int = MAX_CLIENTS,
         max_message_size: int = MAX_MESSAGE_SIZE,
+        tls: Any = None,
     ) -> None:
         self._kind, self._where = parse_qmp_address(address)
+        # livemig.transport.tls.TLSCreds (endpoint server): clients must present a certificate
+        # signed by its CA; one without is dropped during the handshake, before any command.
+        self.tls = tls
         self.registry = registry
         self.version = version
         self.package = package if package is not None else f"livemig {__version__}"
@@ -538,10 +543,13 @@ class QMPServer:
     async def _serve(self, sock: socket.socket, started: asyncio.Future[None]) -> None:
         self.command_lock = asyncio.Lock()
         try:
+            tls: dict[str, Any] = {}
+            if self.tls is not None:
+                tls = {"ssl": self.tls.context, "ssl_handshake_timeout": TLS_HANDSHAKE_TIMEOUT}
             if self._kind == "unix":
-                self._server = await asyncio.start_unix_server(self._on_client, sock=sock)
+                self._server = await asyncio.start_unix_server(self._on_client, sock=sock, **tls)
             else:
-                self._server = await asyncio.start_server(self._on_client, sock=sock)
+                self._server = await asyncio.start_server(self._on_client, sock=sock, **tls)
         except Exception as exc:
             sock.close()
             started.set_exception(exc)

@@ -1,0 +1,174 @@
+"""Pre-copy over mutual TLS between real processes: success, refused peers, tampered stream.
+
+A peer without a certificate from the right CA is refused in the handshake, before the first
+byte of the migration stream: the source guest keeps running, the destination never leaves
+``inmigrate`` with guest data (it fails and exits 1). A byte flipped in the TCP stream by a
+proxy is caught by TLS record authentication: the migration fails, the source guest runs on
+with its memory intact, and a second migration over a clean link succeeds.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from livemig.testing_procs import LivemigProcess, ProcHarness, free_tcp_port
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def harness() -> Iterator[ProcHarness]:
+    with ProcHarness(memory="32M", smp=1) as h:
+        yield h
+
+
+def _tls(d: Path) -> list[str]:
+    return ["--tls-creds", str(d)]
+
+
+def source_unharmed(src: LivemigProcess) -> None:
+    src.wait_status("running", timeout=15)
+    now = src.guest_check()
+    assert now["ok"], now["problems"]
+    later = src.wait_passes_increase(now["total-passes"], timeout=20)
+    assert later["ok"], later["problems"]
+
+
+def test_tls_migration_completes(harness: ProcHarness, creds: dict[str, Path]) -> None:
+    uri = f"tcp:127.0.0.1:{free_tcp_port()}"
+    src = harness.source(append="ws=4M rate=5000", extra=_tls(creds["good"]))
+    dst = harness.destination(incoming=uri, extra=_tls(creds["good2"]))
+    src.wait_passes_increase(0, timeout=20)
+    assert src.cmd("query-migrate-parameters")["tls-creds"] == str(creds["good"])
+    harness.migrate(src, uri, caps={"return-path": True, "x-verify": True})
+    info = src.wait_migration(timeout=60)
+    assert info["status"] == "completed", info
+    assert info["x-verified"] is True
+    dst.wait_status("running", timeout=15)
+    assert dst.guest_check()["ok"]
+
+
+@pytest.mark.parametrize(
+    ("src_dir", "dst_dir"),
+    [
+        pytest.param("rogue", "good", id="source-wrong-cert"),
+        pytest.param("good", "rogue", id="destination-wrong-cert"),
+        pytest.param(None, "good", id="source-no-tls"),
+        pytest.param("good", None, id="destination-no-tls"),
+    ],
+)
+def test_invalid_peer_refused(
+    harness: ProcHarness, creds: dict[str, Path], src_dir: str | None, dst_dir: str | None
+) -> None:
+    uri = f"tcp:127.0.0.1:{free_tcp_port()}"
+    src = harness.source(append="ws=4M rate=5000",
+                         extra=_tls(creds[src_dir]) if src_dir else ())  # fmt: skip
+    dst = harness.destination(incoming=uri, extra=_tls(creds[dst_dir]) if dst_dir else ())
+    src.wait_passes_increase(0, timeout=20)
+    harness.migrate(src, uri, caps={"return-path": True})
+    info = src.wait_migration(timeout=40)
+    assert info["status"] == "failed", info
+    if src_dir is not None:
+        # the source's own view: the handshake (or the first TLS read) failed
+        assert "TLS" in info.get("error-desc", ""), info
+    source_unharmed(src)
+    # The destination refused (or was refused) before loading anything: it never got past
+    # its handshake, so no RAM record was written; QEMU's exit-on-error ends it with 1.
+    assert dst.wait_exit(timeout=30) == 1, dst.log()
+    log = dst.log()
+    assert "incoming migration failed" in log
+    assert "TLS" in log or "magic" in log or "stream" in log, log
+
+
+class FlipProxy:
+    """TCP proxy that forwards a connection and flips one byte at ``flip_at`` (source->dest)."""
+
+    def __init__(self, target: tuple[str, int], flip_at: int) -> None:
+        self.target = target
+        self.flip_at = flip_at
+        self.flipped = False
+        self.lsock = socket.socket()
+        self.lsock.bind(("127.0.0.1", 0))
+        self.lsock.listen(4)
+        self.port = self.lsock.getsockname()[1]
+        self.threads: list[threading.Thread] = []
+        self.socks: list[socket.socket] = []
+        t = threading.Thread(target=self._accept, daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def _accept(self) -> None:
+        self.lsock.settimeout(60)
+        try:
+            a, _ = self.lsock.accept()
+        except OSError:
+            return
+        b = socket.create_connection(self.target, timeout=10)
+        self.socks += [a, b]
+        for src, dst, flip in ((a, b, True), (b, a, False)):
+            t = threading.Thread(target=self._pump, args=(src, dst, flip), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket, flip: bool) -> None:
+        seen = 0
+        src.settimeout(60)
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                if flip and not self.flipped and seen + len(data) > self.flip_at:
+                    buf = bytearray(data)
+                    buf[self.flip_at - seen] ^= 0x01
+                    data = bytes(buf)
+                    self.flipped = True
+                seen += len(data)
+                dst.sendall(data)
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        for s in [self.lsock, *self.socks]:
+            s.close()
+        for t in self.threads:
+            t.join(5)
+
+
+def test_tampered_stream_detected(harness: ProcHarness, creds: dict[str, Path]) -> None:
+    port = free_tcp_port()
+    uri = f"tcp:127.0.0.1:{port}"
+    src = harness.source(append="ws=8M rate=5000", extra=_tls(creds["good"]))
+    dst = harness.destination(incoming=uri, extra=_tls(creds["good"]))
+    before = src.wait_passes_increase(0, timeout=20)
+    proxy = FlipProxy(("127.0.0.1", port), flip_at=256 << 10)  # well inside the RAM pages
+    try:
+        # max-bandwidth keeps the flip inside pre-copy, with the guest still running
+        harness.migrate(src, f"tcp:localhost:{proxy.port}", caps={"return-path": True},
+                        params={"max-bandwidth": 16 << 20})  # fmt: skip
+        info = src.wait_migration(timeout=60)
+    finally:
+        proxy.close()
+    assert proxy.flipped
+    assert info["status"] == "failed", info
+    source_unharmed(src)
+    assert src.guest_check()["total-passes"] >= before["total-passes"]
+    assert dst.wait_exit(timeout=30) == 1
+    assert "TLS" in dst.log(), dst.log()
+    # a second migration over a clean link succeeds
+    uri2 = f"tcp:127.0.0.1:{free_tcp_port()}"
+    dst2 = harness.destination(incoming=uri2, extra=_tls(creds["good"]))
+    harness.migrate(src, uri2, params={"max-bandwidth": 1 << 30})
+    assert src.wait_migration(timeout=60)["status"] == "completed"
+    dst2.wait_status("running", timeout=15)
+    assert dst2.guest_check()["ok"]
