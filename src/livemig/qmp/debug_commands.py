@@ -5,10 +5,14 @@ machine's guest memory and returns the report. It changes nothing: the guest mus
 stopped (``stop`` first, ``cont`` after), because the invariant holds only at an instruction
 boundary of every vCPU; a running guest is refused rather than silently paused, so a test
 sees exactly the run-state transitions it asked for.
+
+``x-debug-threads`` lists every Python thread by name and thread id, so a leak test can say
+which thread was left behind.
 """
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from livemig.qmp.commands import CommandRegistry, QMPError
@@ -42,6 +46,15 @@ def guest_check(machine: Any) -> dict[str, Any]:
     }
 
 
+def python_threads() -> list[dict[str, Any]]:
+    """Every live Python thread of this process (name, thread id): to find a leaked one."""
+    return [
+        {"name": t.name, "thread-id": t.native_id or 0, "daemon": t.daemon}
+        for t in threading.enumerate()
+    ]
+
+
 def register_debug_commands(registry: CommandRegistry, machine: Any) -> None:
     """Add the ``x-`` debugging commands for ``machine`` to ``registry``."""
     registry.add("x-guest-check", lambda: guest_check(machine))
+    registry.add("x-debug-threads", python_threads)
