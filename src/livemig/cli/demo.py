@@ -160,7 +160,8 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
         extra["predicted (planner)"] = (
             f"{prediction.recommendation}, {prediction.passes} passes, "
             f"{prediction.total_time_s * 1000:.0f} ms total, "
-            f"{(prediction.downtime_s or 0) * 1000:.0f} ms downtime")
+            f"{(prediction.downtime_s or 0) * 1000:.0f} ms downtime"
+        )
     console.print(progress.summary_table(final, extra))
     console.print(f"report: {jpath}\nplots:  {ppath}")
     return 0 if ok and (invariant is None or invariant.get("ok")) else 1
@@ -170,11 +171,6 @@ def _plan(console: Console, src: Any, args: argparse.Namespace) -> Any:
     """Sample the guest for a moment and predict the migration (``livemig plan``)."""
     from livemig.cli.plan import plan_for, prediction_table
 
-    params = src.qmp("query-migrate-parameters")
-    if not params.get("max-bandwidth"):
-        console.print("[dim]planner: no prediction (max-bandwidth 0: the link speed is "
-                      "unknown)[/]")  # fmt: skip
-        return None
     try:
         pred = plan_for(src._qmp, 1.0, None, None)
     except LivemigError as exc:

@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from livemig.errors import LivemigError, UsageError
+from livemig.errors import LivemigError
 from livemig.migration.planner import Prediction, predict
 from livemig.units import format_size, parse_size
 
@@ -28,10 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description=__doc__.split("\n\n")[0])  # fmt: skip
     p.add_argument("--qmp", required=True, help="QMP of the running livemig: unix:PATH|tcp:H:P")
     p.add_argument("--bandwidth", default=None,
-                   help="link bandwidth in bytes/s, e.g. 1G (default: the source's "
-                        "max-bandwidth parameter)")  # fmt: skip
-    p.add_argument("--downtime-limit", type=int, default=None,
-                   help="ms (default: the source's downtime-limit parameter)")
+                   help="link bandwidth in bytes/s, e.g. 1G (default: loopback TCP, measured "
+                        "now); pre-copy is also held to the source's max-bandwidth")  # fmt: skip
+    p.add_argument(
+        "--downtime-limit",
+        type=int,
+        default=None,
+        help="ms (default: the source's downtime-limit parameter)",
+    )
     p.add_argument("--seconds", type=float, default=3.0, help="how long to sample (default 3)")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
     p.set_defaults(func=run)
@@ -52,17 +56,55 @@ def sample(qmp: Any, seconds: float) -> dict[str, Any]:
     raise LivemigError("dirty rate measurement did not finish")
 
 
-def plan_for(qmp: Any, seconds: float, bandwidth: int | None, downtime_limit: int | None
+def loopback_bandwidth(nbytes: int = 64 << 20) -> float:
+    """Bytes/s of one TCP stream over loopback, measured now (the link of a local migration)."""
+    import socket
+    import threading
+
+    srv = socket.create_server(("127.0.0.1", 0))
+    port = srv.getsockname()[1]
+
+    def sink() -> None:
+        conn, _ = srv.accept()
+        buf = bytearray(1 << 20)
+        while conn.recv_into(buf):
+            pass
+        conn.close()
+
+    t = threading.Thread(target=sink, daemon=True)
+    t.start()
+    data = bytes(1 << 20)
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        t0 = time.monotonic()
+        for _ in range(nbytes >> 20):
+            c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+        t.join(10)
+        elapsed = time.monotonic() - t0
+    srv.close()
+    return nbytes / elapsed
+
+
+def plan_for(qmp: Any, seconds: float, link: int | None, downtime_limit: int | None
              ) -> Prediction:  # fmt: skip
+    """Sample the guest behind ``qmp`` and predict its migration.
+
+    Pre-copy is paced at ``max-bandwidth`` (or the link, if that is slower or the limit is
+    off); the blackout is not rate limited, so it runs at the link's speed: ``link`` if given,
+    else loopback TCP measured now (a local migration).
+    """
     params = qmp.command("query-migrate-parameters")
-    bw = bandwidth if bandwidth is not None else params.get("max-bandwidth", 0)
-    if not bw:
-        raise UsageError("max-bandwidth is 0 (unlimited) on the source: give --bandwidth")
+    limit_bw = params.get("max-bandwidth", 0)
+    stop_bw = float(link) if link else loopback_bandwidth()
+    bw = min(limit_bw, stop_bw) if limit_bw else stop_bw
     limit = downtime_limit if downtime_limit is not None else params.get("downtime-limit", 300)
     res = sample(qmp, seconds)
-    return predict(populated=res["x-populated"], working_set=res["x-working-set"],
+    pred = predict(populated=res["x-populated"], working_set=res["x-working-set"],
                    dirty_rate=res["x-dirty-rate-bytes"], bandwidth=bw,
-                   downtime_limit_ms=limit, params=params)  # fmt: skip
+                   downtime_limit_ms=limit, params=params, stop_bandwidth=stop_bw)  # fmt: skip
+    pred.inputs["link-bytes-per-s"] = stop_bw
+    pred.inputs["link"] = "given" if link else "loopback TCP, measured"
+    return pred
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,7 +130,11 @@ def prediction_table(pred: Prediction) -> Table:
         ("guest RAM in use", format_size(i["populated-bytes"])),
         ("working set", format_size(i["working-set-bytes"])),
         ("dirty rate", f"{format_size(i['dirty-rate-bytes-per-s'])}/s"),
-        ("link", f"{format_size(i['bandwidth-bytes-per-s'])}/s"),
+        ("pre-copy rate", f"{format_size(i['bandwidth-bytes-per-s'])}/s"),
+        (
+            "link (blackout)",
+            f"{format_size(i.get('link-bytes-per-s', 0))}/s ({i.get('link', 'given')})",
+        ),
         ("downtime limit", f"{i['downtime-limit-ms']} ms"),
         ("pre-copy converges", "yes" if pred.converges else "no"),
         ("passes", str(pred.passes)),

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-MAX_PASSES = 60
+WINDOW = 0.1  # the rate limiter's window: one PART per window
 DEVICE_STATE_S = 0.01  # fixed part of the blackout: device sections, resume (measured: ~10 ms)
 STALL_TOLERANCE = 0.10  # remaining bytes within 10% of the previous pass: not shrinking
 
@@ -42,25 +42,43 @@ class Prediction:
 
 
 def simulate(populated: int, working_set: int, dirty_rate: float, bandwidth: float,
-             downtime_limit_ms: int) -> tuple[bool, list[int], float, float]:  # fmt: skip
-    """Run the pass model; returns (converges, bytes per pass, total s, downtime s)."""
+             downtime_limit_ms: int, stop_bandwidth: float | None = None,
+             max_time: float = 3600.0) -> tuple[bool, list[int], float, float]:  # fmt: skip
+    """Run the source's loop in 100 ms steps; returns (converges, bytes found dirty at each
+    sync, total s, downtime s).
+
+    Mirrors ``OutgoingMigration._iterate``: send one rate window of dirty pages; when what is
+    left fits the threshold, sync (what the guest dirtied since the last sync joins it); if it
+    still fits, stop and send the rest at ``stop_bandwidth`` (no rate limit in the blackout).
+    """
     if bandwidth <= 0:
         return False, [], float("inf"), float("inf")
+    stop_bw = max(bandwidth, stop_bandwidth or bandwidth)
     threshold = bandwidth * downtime_limit_ms / 1000
-    sent = [populated]
-    t = populated / bandwidth
-    total = t
-    while len(sent) < MAX_PASSES:
-        dirty = min(working_set, dirty_rate * t)
-        if dirty <= threshold:
-            downtime = dirty / bandwidth + DEVICE_STATE_S
-            return True, [*sent, int(dirty)], total + downtime, downtime
-        if dirty >= sent[-1] * (1 - 1e-9) and len(sent) > 1:
-            return False, sent, float("inf"), float("inf")  # not shrinking: never fits
-        sent.append(int(dirty))
-        t = dirty / bandwidth
-        total += t
-    return False, sent, float("inf"), float("inf")
+    remaining = float(populated)
+    found = [populated]
+    t = since_sync = 0.0
+    best = float("inf")
+    stuck = 0
+    while t < max_time:
+        if remaining <= threshold:
+            remaining += min(working_set, dirty_rate * since_sync)
+            since_sync = 0.0
+            found.append(int(remaining))
+            if remaining <= threshold:
+                downtime = remaining / stop_bw + DEVICE_STATE_S
+                return True, found, t + downtime, downtime
+            # a sync that leaves as much as the best one so far, again and again: never fits
+            stuck = stuck + 1 if remaining >= best * (1 - STALL_TOLERANCE) else 0
+            best = min(best, remaining)
+            if stuck >= 50:
+                break
+        # one PART per rate window, as the source sends them
+        dt = WINDOW if remaining > bandwidth * WINDOW else max(remaining / bandwidth, 1e-3)
+        remaining = max(0.0, remaining - bandwidth * dt)
+        t += dt
+        since_sync += dt
+    return False, found, float("inf"), float("inf")
 
 
 def predict(
@@ -71,13 +89,14 @@ def predict(
     bandwidth: float,
     downtime_limit_ms: int = 300,
     params: dict[str, Any] | None = None,
+    stop_bandwidth: float | None = None,
 ) -> Prediction:
     """Predict a pre-copy migration and recommend a strategy."""
     inputs = {"populated-bytes": populated, "working-set-bytes": working_set,
               "dirty-rate-bytes-per-s": dirty_rate, "bandwidth-bytes-per-s": bandwidth,
               "downtime-limit-ms": downtime_limit_ms}  # fmt: skip
     ok, passes, total, down = simulate(populated, working_set, dirty_rate, bandwidth,
-                                       downtime_limit_ms)  # fmt: skip
+                                       downtime_limit_ms, stop_bandwidth)  # fmt: skip
     if ok:
         return Prediction(True, len(passes), total, down, "pre-copy",
                           f"the guest dirties {_mb(dirty_rate)}/s, the link carries "
@@ -87,7 +106,7 @@ def predict(
     cap = p.get("max-cpu-throttle", 99)
     throttled = dirty_rate * (1 - cap / 100)
     ok2, passes2, total2, down2 = simulate(populated, working_set, throttled, bandwidth,
-                                           downtime_limit_ms)  # fmt: skip
+                                           downtime_limit_ms, stop_bandwidth)  # fmt: skip
     if ok2 and throttled < bandwidth * 0.5:
         return Prediction(True, len(passes2), total2, down2, "auto-converge",
                           f"pre-copy alone never fits the {downtime_limit_ms} ms limit "
