@@ -9,6 +9,8 @@ aligned to ``BLOCK_ALIGN``)::
     0x0000_0000  unused (null page stays unmapped-by-convention: never written)
     0x0000_1000  BootInfo, written by the machine before the first instruction
     0x0000_2000  GuestReport, written by the guest (e.g. memstress publishes its layout)
+    0x0001_0000  request/response ring of the livemig-ring device, RING_SIZE bytes
+                 (layout in livemig/machine/devices/ring.py and guests/src/ring.h)
     0x0008_0000  vCPU stacks, STACK_SIZE each, growing down from STACK_TOP - cpu*STACK_SIZE
     0x0010_0000  the guest image (flat binary), entry point at its first byte
     heap_start   first byte after the image, rounded up to 1 MiB; heap_end = end of block 0
@@ -38,6 +40,13 @@ POWER_PORT = 0x501  # out: the guest exits with this status (any width)
 CLOCK_PORT_LO = 0x510  # in 32: latch guest clock (ns) and return its low half
 CLOCK_PORT_HI = 0x514  # in 32: high half of the value latched by the last CLOCK_PORT_LO read
 SLEEP_PORT = 0x518  # out 32: sleep this many microseconds (host-side; a pause wakes it)
+RING_DOORBELL_PORT = 0x520  # out 32: responses were produced: the device drains them now
+RING_WAIT_PORT = 0x524  # in 32: wait (bounded) for a request; returns how many are ready
+RING_SPACE_PORT = 0x528  # in 32: wait (bounded) for a free response slot; returns how many
+RING_SETUP_PORT = 0x52C  # out 32: 1 = the guest initialised the ring header, 2 = ring touched
+
+RING_ADDR = 0x10000  # the ring area, below the vCPU stacks
+RING_SIZE = 0x70000
 
 BOOT_MAGIC = 0x4749_4D45_5649_4C  # "LIVEMIG" little-endian
 REPORT_MAGIC = 0x5452_4F50_4552_4D4C  # "LMREPORT" little-endian

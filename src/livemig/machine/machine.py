@@ -33,12 +33,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from livemig.errors import MachineError
-from livemig.machine.abi import MAX_CPUS
+from livemig.machine.abi import MAX_CPUS, RING_ADDR, RING_SIZE
 from livemig.machine.chardev import BufferChardev, Chardev, open_chardev
 from livemig.machine.cpu import EXIT_ERROR, EXIT_HALTED, CPUBackend, CPUState
 from livemig.machine.devices.base import Device, PortIOBus
 from livemig.machine.devices.clock import GuestClock
 from livemig.machine.devices.power import PowerPort
+from livemig.machine.devices.ring import RingDevice
 from livemig.machine.devices.serial import Serial16550
 from livemig.machine.loader import GuestLayout, entry_state, write_guest
 from livemig.machine.ram import RAMBlock, RAMBlockSpec, check_ram_blocks, layout
@@ -166,7 +167,8 @@ class Machine:
             self.serial = Serial16550(self.chardev)
             self.clock = GuestClock()
             self.power = PowerPort(self._guest_poweroff)
-            self.devices = [self.serial, self.clock, self.power]
+            self.ring = RingDevice(self.read_guest(RING_ADDR, RING_SIZE))
+            self.devices = [self.serial, self.clock, self.power, self.ring]
             self.bus = PortIOBus()
             for dev in self.devices:
                 self.bus.attach(dev)
