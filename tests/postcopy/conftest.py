@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from livemig.guests import GuestImage, build_guest
-from livemig.machine import Machine, RAMBlockSpec
+from livemig.machine import Machine, RAMBlockSpec, abi
 from livemig.machine.runstate import RunState
 from livemig.migration.manager import MigrationManager
 from livemig.migration.state import MigrationStatus
@@ -63,9 +63,23 @@ class Pair:
         st = self.sm.source if side == "src" else self.dm.dest
         want = frozenset(MigrationStatus(s) for s in statuses)
         if not st.wait_for(want, timeout):
-            raise AssertionError(f"{side} still {st.status} after {timeout} s, wanted {statuses}"
-                                 f"; src={self.sm.query_migrate()} dst={self.dm.query_migrate()}")
+            raise AssertionError(
+                f"{side} still {st.status} after {timeout} s, wanted {statuses}"
+                f"; src={self.sm.query_migrate()} dst={self.dm.query_migrate()}"
+            )
         return st.status.value
+
+    def wait_guest(self, passes: int = 1, timeout: float = 20.0) -> None:
+        """Wait until memstress filled its working set and swept it ``passes`` times."""
+        deadline = time.monotonic() + timeout
+        while True:
+            words = abi.GUEST_REPORT.unpack(
+                bytes(self.src.read_guest(abi.GUEST_REPORT_ADDR, abi.GUEST_REPORT.size))
+            )
+            if words[0] == abi.REPORT_MAGIC and min(words[5 : 5 + words[4]]) >= passes:
+                return
+            assert time.monotonic() < deadline, "memstress did not get going"
+            time.sleep(0.01)
 
     def wait_pass(self, n: int, timeout: float = 20.0) -> None:
         deadline = time.monotonic() + timeout

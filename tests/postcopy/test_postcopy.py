@@ -1,27 +1,112 @@
-"""Post-copy end to end in one process: switch, requests, background push, verification."""
+"""Post-copy end to end in one process: switch, requests, background push, verification,
+recovery after a broken link, migrate-pause, and the QMP command checks."""
 
 from __future__ import annotations
 
+import pytest
+
+from livemig.errors import UsageError
 from livemig.guests.memstress import check_invariant
 from livemig.machine.runstate import RunState
 
 
-def test_postcopy_completes_and_verifies(pair) -> None:
-    p = pair()
-    p.caps(postcopy_ram=True, postcopy_blocktime=True, events=True)
-    p.params(max_bandwidth=64 << 20)  # slow enough that pre-copy is still busy
-    p.start()
-    p.wait_pass(1)
-    p.sm.outgoing.postcopy.start_postcopy()
+def _finish(p) -> tuple[dict, dict]:
     assert p.wait("dst", {"completed", "failed"}) == "completed", p.dm.query_migrate()
     assert p.wait("src", {"completed", "failed"}) == "completed", p.sm.query_migrate()
-    src_q, dst_q = p.sm.query_migrate(), p.dm.query_migrate()
-    assert src_q["x-verified"] is True
-    assert dst_q["x-verify"] == {"equal": True}
+    return p.sm.query_migrate(), p.dm.query_migrate()
+
+
+def _check_guest(p) -> None:
     assert p.src.runstate == RunState.POSTMIGRATE
     assert p.dst.runstate == RunState.RUNNING
-    assert "postcopy-blocktime" in dst_q
-    assert ("src", "postcopy-active") in p.events and ("dst", "postcopy-active") in p.events
     p.dst.pause()
     report = check_invariant(p.dst.read_guest)
     assert report.ok, report
+
+
+def test_postcopy_completes_where_precopy_cannot(pair) -> None:
+    # 24 MiB working set swept as fast as the vCPUs can, over a 16 MB/s link: pre-copy would
+    # never converge (downtime-limit 300 ms = 4.8 MB), post-copy must finish and verify.
+    p = pair(ram=32 << 20, append="ws=24M rate=0")
+    p.caps(postcopy_ram=True, postcopy_blocktime=True, events=True)
+    p.params(max_bandwidth=16 << 20)
+    p.wait_guest()
+    p.start()
+    p.wait_pass(2)
+    assert p.sm.source.status.value == "active"
+    p.sm.outgoing.postcopy.start_postcopy()
+    src_q, dst_q = _finish(p)
+    assert src_q["x-verified"] is True
+    assert dst_q["x-verify"] == {"equal": True}
+    pc = dst_q["x-postcopy"]
+    assert pc["requests"] > 0 and pc["pages-missing"] == 0
+    assert pc["latency"]["count"] == pc["requests"]
+    assert src_q["ram"]["postcopy-requests"] >= pc["requests"]
+    assert src_q["x-postcopy"]["pushed-pages"] > 0
+    assert isinstance(dst_q["postcopy-blocktime"], int)
+    assert len(dst_q["postcopy-vcpu-blocktime"]) == 2
+    assert ("src", "postcopy-active") in p.events and ("dst", "postcopy-active") in p.events
+    _check_guest(p)
+
+
+@pytest.mark.parametrize("preempt", [False, True])
+def test_link_cut_then_recover(pair, tmp_path, preempt: bool) -> None:
+    p = pair(ram=32 << 20, append="ws=24M rate=0")
+    p.caps(postcopy_ram=True, postcopy_preempt=preempt, events=True)
+    p.params(max_bandwidth=16 << 20, max_postcopy_bandwidth=8 << 20)  # cut mid post-copy
+    p.wait_guest()
+    p.start()
+    p.wait_pass(1)
+    p.sm.outgoing.postcopy.start_postcopy()
+    p.wait("dst", {"postcopy-active"})
+    p.wait("src", {"postcopy-active"})
+    p.sm.outgoing.channel.shutdown()  # the link breaks under both sides
+    assert p.wait("src", {"postcopy-paused"}) == "postcopy-paused"
+    assert p.wait("dst", {"postcopy-paused"}) == "postcopy-paused"
+    assert "pages still on the source" in (p.dm.dest.error or "")
+    with pytest.raises(UsageError):
+        p.sm.migrate(p.uri, resume=False)
+    new = f"unix:{tmp_path / 'recover.sock'}"
+    from livemig.migration.postcopy_source import migrate_recover
+
+    migrate_recover(p.dm, new)
+    p.sm.migrate(new, resume=True)
+    src_q, dst_q = _finish(p)
+    assert src_q["x-postcopy"]["recoveries"] == 1
+    assert dst_q["x-verify"] == {"equal": True}
+    seen = [s for side, s in p.events if side == "dst"]
+    assert seen[-4:] == ["postcopy-paused", "postcopy-recover", "postcopy-active", "completed"]
+    _check_guest(p)
+
+
+def test_migrate_pause_and_auto_recover(pair) -> None:
+    p = pair(ram=32 << 20, append="ws=24M rate=0")
+    p.caps(postcopy_ram=True, events=True)
+    p.params(max_bandwidth=16 << 20, max_postcopy_bandwidth=8 << 20, x_postcopy_auto_recover=5)
+    p.wait_guest()
+    p.start()
+    p.wait_pass(1)
+    from livemig.migration.postcopy_source import migrate_pause, start_postcopy
+
+    with pytest.raises(UsageError, match="postcopy-active"):
+        migrate_pause(p.sm)
+    start_postcopy(p.sm)
+    p.wait("src", {"postcopy-active"})
+    p.wait("dst", {"postcopy-active"})
+    migrate_pause(p.sm)
+    src_q, dst_q = _finish(p)
+    assert ("src", "postcopy-paused") in p.events and ("dst", "postcopy-paused") in p.events
+    assert src_q["x-postcopy"]["recoveries"] >= 1
+    assert dst_q["x-verify"] == {"equal": True}
+    _check_guest(p)
+
+
+def test_start_postcopy_needs_the_capability(pair) -> None:
+    from livemig.migration.postcopy_source import start_postcopy
+
+    p = pair(ram=8 << 20, append="ws=4M rate=1000")
+    with pytest.raises(UsageError, match="Enable postcopy"):
+        start_postcopy(p.sm)
+    p.sm.set_capabilities([{"capability": "postcopy-ram", "state": True}])
+    with pytest.raises(UsageError, match="after migration has been started"):
+        start_postcopy(p.sm)

@@ -259,7 +259,7 @@ class PostcopyIncoming:
                         raise StreamError(f"section {pev.idstr!r}: state does not load: "
                                           f"{exc}") from exc  # fmt: skip
             elif isinstance(pev, E.Ping):
-                inc._send_rp(RP.Pong(pev.value))
+                self._pong(pev.value)
             elif isinstance(pev, E.PostcopyRun):
                 if not self.listening:
                     raise StreamError("POSTCOPY_RUN before POSTCOPY_LISTEN", outer.offset)
@@ -350,6 +350,14 @@ class PostcopyIncoming:
                 send = self.linked
         if send:
             self._request(name, idx)
+
+    def _pong(self, value: int) -> None:
+        # In post-copy a broken return path is not fatal: the listen loop notices the broken
+        # channel and pauses; the PONG is simply lost.
+        try:
+            self.inc._send_rp(RP.Pong(value))
+        except ChannelError as exc:
+            log.info("PONG %d not sent: %s", value, exc)
 
     def _request(self, name: str, idx: int) -> None:
         try:
@@ -490,7 +498,7 @@ class PostcopyIncoming:
         if isinstance(ev, (E.RamPages, E.RamZeroPages)):
             self._on_pages(ev)
         elif isinstance(ev, E.Ping):
-            self.inc._send_rp(RP.Pong(ev.value))
+            self._pong(ev.value)
         elif isinstance(ev, E.RecvBitmap):
             self._send_bitmap(ev.block, dec)
         elif isinstance(ev, E.PostcopyResume):
@@ -670,15 +678,11 @@ class PostcopyIncoming:
             inc.channel = ch
             inc._rp_encoder.reset()
             inc.state.move(MigrationStatus.POSTCOPY_RECOVER)
-            if self._recover_event.is_set():
-                self._recover_event.clear()
-                if listener is not inc.listener:
-                    listener.close()
+            self._recover_event.clear()
+            self._resume_listener = listener  # the preempt channel comes there too
             dec = Decoder(with_header=False, block_sizes=inc.loader.block_sizes())
             # The resumed stream continues the sections started on the first channel.
             dec._sections.update(old._sections)
-            if self.preempt:
-                self._accept_preempt(inc.listener)
             return ch, dec
 
     def _send_bitmap(self, name: str, dec: Decoder) -> None:
@@ -692,6 +696,13 @@ class PostcopyIncoming:
 
     def _resumed(self) -> None:
         inc = self.inc
+        listener = getattr(self, "_resume_listener", None)
+        if self.preempt and listener is not None:
+            # The source connects the preempt channel after the bitmaps, before RESUME.
+            self._accept_preempt(listener)
+        if listener is not None and listener is not inc.listener:
+            listener.close()
+        self._resume_listener = None
         inc.state.move(MigrationStatus.POSTCOPY_ACTIVE)
         inc._send_rp(RP.ResumeAck(1))
         with self.lock:
