@@ -199,7 +199,8 @@ def test_throttle_holds_the_guest_back(make_machine: MakeMachine) -> None:
     free_again = _count_for(m, 0.3)
     _check_counters(m, [0])
     # 80 % throttle leaves about a fifth; allow a lot of noise from a shared host
-    assert throttled < 0.6 * min(free, free_again), (free, throttled, free_again)
+    # compare with the better free run: a busy host only ever slows a measurement down
+    assert throttled < 0.6 * max(free, free_again), (free, throttled, free_again)
     with pytest.raises(MachineError, match=r"outside 0\.\.99"):
         m.set_throttle(100)
 
