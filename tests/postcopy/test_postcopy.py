@@ -64,6 +64,8 @@ def test_link_cut_then_recover(pair, tmp_path, preempt: bool) -> None:
     assert p.wait("src", {"postcopy-paused"}) == "postcopy-paused"
     assert p.wait("dst", {"postcopy-paused"}) == "postcopy-paused"
     assert "pages still on the source" in (p.dm.dest.error or "")
+    # The guest never runs on both sides: the source keeps its copy stopped while paused.
+    assert p.src.runstate == RunState.FINISH_MIGRATE and p.dst.runstate == RunState.RUNNING
     with pytest.raises(UsageError):
         p.sm.migrate(p.uri, resume=False)
     new = f"unix:{tmp_path / 'recover.sock'}"

@@ -83,6 +83,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="do not ask the destination to confirm (return-path capability)",
     )
+    p.add_argument(
+        "--postcopy",
+        action="store_true",
+        help="enable post-copy (postcopy-ram); switch when told (QMP migrate-start-postcopy)",
+    )
+    p.add_argument(
+        "--postcopy-after-precopy",
+        action="store_true",
+        help="enable post-copy and switch to it after the first full pre-copy pass",
+    )
     p.add_argument("--json", action="store_true", help="print the final result as JSON")
     p.add_argument(
         "--timeout", type=float, default=None, help="cancel if not finished after this many seconds"
@@ -103,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         caps["x-verify"] = True
         if not uri.has_return_path or args.no_return_path:
             raise UsageError("--verify needs a return path (a tcp:, unix: or fd: URI)")
+    if args.postcopy or args.postcopy_after_precopy:
+        caps["postcopy-ram"] = True
     with QMPConnection(args.qmp).connect() as qmp:
         if caps:
             qmp.command("migrate-set-capabilities", capabilities=[
@@ -110,8 +122,20 @@ def run(args: argparse.Namespace) -> int:
         if args.params:
             qmp.command("migrate-set-parameters", **dict(args.params))
         qmp.command("migrate", uri=args.uri)
+        switched = False
+
+        def query() -> dict[str, Any]:
+            nonlocal switched
+            info = qmp.command("query-migrate")
+            # After the first full pass (QEMU's tests wait for dirty-sync-count 2 likewise).
+            if args.postcopy_after_precopy and not switched and info.get("status") == "active" \
+                    and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:  # fmt: skip
+                qmp.command("migrate-start-postcopy")
+                switched = True
+            return info
+
         try:
-            info = follow(lambda: qmp.command("query-migrate"), interval=args.interval,
+            info = follow(query, interval=args.interval,
                           timeout=args.timeout, console=console, quiet=args.json)  # fmt: skip
             if info.get("status") not in ("completed", "failed", "cancelled"):
                 console.print("[yellow]time-out: cancelling the migration[/]")
