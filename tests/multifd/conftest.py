@@ -44,22 +44,32 @@ class Pair:
 
     def migrate(self, timeout: float = 60.0) -> tuple[dict[str, Any], dict[str, Any]]:
         """Listen on a free loopback port, migrate, wait for both sides; both query replies."""
+        return self.migrate_later(timeout)()
+
+    def migrate_later(
+        self, timeout: float = 60.0
+    ) -> Callable[[], tuple[dict[str, Any], dict[str, Any]]]:
+        """Start the migration; the returned function waits for it (bounded)."""
         uri = self.dst_mgr.incoming_start("tcp:127.0.0.1:0")
         self.src_mgr.migrate(uri)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            s = self.src_mgr.source.status.value
-            d = self.dst_mgr.dest.status.value
-            if s in FINAL and (d in FINAL or s != "completed"):
-                break
-            time.sleep(0.02)
-        else:
-            self.src_mgr.cancel()
-            raise AssertionError(f"migration did not finish within {timeout} s")
-        assert self.src_mgr.outgoing is not None and self.src_mgr.outgoing.join(10)
-        if self.dst_mgr.incoming is not None:
-            self.dst_mgr.incoming.join(10)
-        return self.src_mgr.query_migrate(), self.dst_mgr.query_migrate()
+
+        def wait() -> tuple[dict[str, Any], dict[str, Any]]:
+            while time.monotonic() < deadline:
+                s = self.src_mgr.source.status.value
+                d = self.dst_mgr.dest.status.value
+                if s in FINAL and (d in FINAL or s != "completed"):
+                    break
+                time.sleep(0.02)
+            else:
+                self.src_mgr.cancel()
+                raise AssertionError(f"migration did not finish within {timeout} s")
+            assert self.src_mgr.outgoing is not None and self.src_mgr.outgoing.join(10)
+            if self.dst_mgr.incoming is not None:
+                self.dst_mgr.incoming.join(10)
+            return self.src_mgr.query_migrate(), self.dst_mgr.query_migrate()
+
+        return wait
 
 
 MakePair = Callable[..., Pair]

@@ -178,6 +178,12 @@ class MigrationManager:
         self.params.set(changes)
         if "max-bandwidth" in changes and self.outgoing is not None:
             self.outgoing.set_max_bandwidth(changes["max-bandwidth"])
+        if self.outgoing is not None:
+            # QEMU applies these to a running migration at its next iteration
+            for name in ("downtime-limit", "avail-switchover-bandwidth"):
+                if name in changes:
+                    self.outgoing.config.params[name] = self.params[name]
+
 
     # -- queries -----------------------------------------------------------------------------
 

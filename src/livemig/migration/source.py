@@ -35,6 +35,7 @@ from livemig.machine.runstate import RunState
 from livemig.migration import multifd
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.stats import MigrationStats, PassRecord
+from livemig.savevm import xbzrle_cache
 from livemig.savevm.devices import (
     GLOBALSTATE_VMSD,
     SaveStateEntry,
@@ -142,6 +143,7 @@ class OutgoingMigration:
         self.tracker: Any = None
         self.channel: Channel | None = None
         self.multifd: Any = None  # multifd.MultifdSender with capability multifd
+        self.xbzrle: Any = None  # xbzrle_cache.XbzrleCache with capability xbzrle
         self.thread = threading.Thread(target=self._run, name="live_migration", daemon=True)
         self._rp_thread: threading.Thread | None = None
         self._rp_shut: int | None = None
@@ -272,6 +274,7 @@ class OutgoingMigration:
         bufs += enc.send(E.SectionFooter(self._ram_sid))
         self._send(bufs)
         multifd.source_setup(self)
+        xbzrle_cache.source_setup(self)
         self.stats.setup_time = time.monotonic() - self.stats.start
         self.stats.remaining = self.ram.pending_pages() * 4096
         self._pass_start = time.monotonic()
@@ -344,6 +347,8 @@ class OutgoingMigration:
     def _sync(self, reason: str) -> None:
         if self.multifd is not None:
             multifd.source_flush(self, "precopy")  # pages of this pass land before the next's
+        if self.xbzrle is not None:
+            self.xbzrle.on_sync()
         new = self.ram.merge(self.tracker.sync())
         self.stats.note_sync(new)
         self.stats.remaining = self.ram.pending_pages() * 4096
@@ -370,7 +375,8 @@ class OutgoingMigration:
             self._send_part()
             self.stats.remaining = self.ram.pending_pages() * 4096
             self.stats.update_window(params["downtime-limit"],
-                                     params["avail-switchover-bandwidth"])  # fmt: skip
+                                     params["avail-switchover-bandwidth"],
+                                     self.rate.rate)  # fmt: skip
             self.rate.wait(self._wake)
             self._wake.clear()
 
@@ -394,6 +400,8 @@ class OutgoingMigration:
     def _encode_batches(self, batches: list) -> tuple[list, int, int]:
         if self.multifd is not None:
             return multifd.source_queue(self, batches)
+        if self.xbzrle is not None:
+            return xbzrle_cache.encode_batches(self, batches)
         out: list = []
         normal = zero = 0
         for b in batches:

@@ -41,7 +41,8 @@ class XbzrleResult:
     """How a batch of normal pages is to be sent."""
 
     encoded: list[tuple[int, bytes]]  # (page index, delta) for XBZRLE records
-    normal: np.ndarray  # page indices still to send as PAGE records
+    normal: np.ndarray  # page indices still to send as PAGE records ...
+    data: np.ndarray | None  # ... with their contents as cached (None: read them from RAM)
     skipped: int  # pages unchanged since they were last sent: nothing goes out
 
 
@@ -76,8 +77,7 @@ class XbzrleCache:
     def on_sync(self) -> None:
         """A dirty-bitmap pass ended: age the cache, close the statistics period."""
         self.generation += 1
-        if self.generation >= 2:
-            self.active = True  # the first pass has sent every page once
+        self.active = True  # the first (bulk) pass has sent every page once
         pages, misses, enc_pages, enc_bytes = self._period
         dp = self._iter_pages - pages
         if dp > 0:
@@ -89,57 +89,57 @@ class XbzrleCache:
         self._period = (self._iter_pages, self.cache_miss, self.pages, self.bytes)
 
     def process(self, idstr: str, idx: np.ndarray) -> XbzrleResult:
-        """Decide, for the normal (non-zero) pages ``idx`` of block ``idstr``, what to send."""
+        """Decide, for the normal (non-zero) pages ``idx`` of block ``idstr``, what to send.
+
+        Pages sent as PAGE records go out from the copy the cache took (QEMU sends the cached
+        copy too): had they been read from RAM again, a guest write in between would leave the
+        destination with contents the cache does not know, and a later delta would corrupt it.
+        """
         if not self.active or len(idx) == 0:
-            if len(idx):
-                self._insert(idstr, idx, np.ones(len(idx), bool))
-            return XbzrleResult([], idx, 0)
+            return XbzrleResult([], idx, None, 0)
         self._iter_pages += len(idx)
         ram = self.base[idstr] + idx.astype(np.int64)
         slot = ram % self.slots
+        cur = self.pages2d[idstr][idx]  # one copy: the guest may write on meanwhile
         hit = self.addr[slot] == ram
-        miss_idx = idx[~hit]
-        self.cache_miss += len(miss_idx)
-        # a miss only takes the slot if it is empty or was not used recently
-        if len(miss_idx):
-            s = slot[~hit]
-            free = (self.addr[s] < 0) | (self.age[s] + CACHE_MISS_THRESHOLD <= self.generation)
-            self._insert(idstr, miss_idx, free)
-        hit_idx = idx[hit]
+        self.cache_miss += int(np.count_nonzero(~hit))
+        send = ~hit
         encoded: list[tuple[int, bytes]] = []
-        normal = [miss_idx]
         skipped = 0
-        if len(hit_idx):
-            cur = self.pages2d[idstr][hit_idx]  # a copy: the guest may write on meanwhile
-            hs = slot[hit]
-            changed = (self.data[hs] != cur).any(axis=1)
+        hk = np.flatnonzero(hit)
+        if len(hk):
+            hs = slot[hk]
+            changed = (self.data[hs] != cur[hk]).any(axis=1)
             skipped = int(np.count_nonzero(~changed))
-            over = []
-            for k in np.flatnonzero(changed).tolist():
-                delta = xbzrle.encode(self.data[hs[k]], cur[k], PAGE_SIZE)
+            n_over = 0
+            for k in hk[changed].tolist():
+                delta = xbzrle.encode(self.data[slot[k]], cur[k], PAGE_SIZE)
                 if delta is None:
-                    over.append(k)
+                    send[k] = True
+                    n_over += 1
                 else:
-                    encoded.append((int(hit_idx[k]), delta))
+                    encoded.append((int(idx[k]), delta))
                     self.bytes += len(delta)
             self.pages += len(encoded)
-            self.overflow += len(over)
-            if over:
-                normal.append(hit_idx[over])
-            self.data[hs] = cur
-            self.age[hs] = self.generation
-        out = np.concatenate(normal) if len(normal) > 1 else normal[0]
-        return XbzrleResult(encoded, np.sort(out), skipped)
+            self.overflow += n_over
+        # the cache learns every page sent; a miss takes its slot only if that slot is free
+        # or was not used in the last CACHE_MISS_THRESHOLD passes
+        take = (
+            hit | (self.addr[slot] < 0) | (self.age[slot] + CACHE_MISS_THRESHOLD <= self.generation)
+        )
+        self.data[slot[take]] = cur[take]
+        self.addr[slot[take]] = ram[take]
+        self.age[slot[take]] = self.generation
+        return XbzrleResult(encoded, idx[send], cur[send], skipped)
 
-    def _insert(self, idstr: str, idx: np.ndarray, mask: np.ndarray) -> None:
-        idx = idx[mask]
-        if not len(idx):
+    def zero_pages(self, idstr: str, idx: np.ndarray) -> None:
+        """Pages sent as ZERO records: a cached copy of them is now zero (QEMU caches them)."""
+        if not self.active or len(idx) == 0:
             return
         ram = self.base[idstr] + idx.astype(np.int64)
         slot = ram % self.slots
-        self.data[slot] = self.pages2d[idstr][idx]
-        self.addr[slot] = ram
-        self.age[slot] = self.generation
+        held = self.addr[slot] == ram
+        self.data[slot[held]] = 0
 
     def info(self) -> dict[str, Any]:
         """The ``xbzrle-cache`` member of query-migrate."""
@@ -167,3 +167,38 @@ def load_xbzrle(loader: Any, block: str, offset: int, data: Any, stream_offset: 
     loader.touched[block][i] = True
     loader.received[block][i] = True
     loader.pages_loaded += 1
+
+
+# -- hooks called by the migration thread (source.py) -------------------------------------------
+
+
+def source_setup(mig: Any) -> None:
+    """Capability ``xbzrle``: a cache of ``xbzrle-cache-size`` bytes for this migration."""
+    cfg = mig.config
+    if "xbzrle" in cfg.capabilities:
+        mig.xbzrle = XbzrleCache(mig.machine.ram_blocks, cfg.params["xbzrle-cache-size"])
+
+
+def encode_batches(mig: Any, batches: list) -> tuple[list, int, int]:
+    """Main-channel records for ``ram.Batch`` objects with XBZRLE: ZERO, XBZRLE, PAGE."""
+    from livemig.wire import events as E
+
+    cache: XbzrleCache = mig.xbzrle
+    enc = mig.encoder
+    out: list = []
+    normal = zero = 0
+    for b in batches:
+        if len(b.zero):
+            out += enc.encode_zero_pages(b.idstr, b.zero.astype(np.uint64) << 12)
+            cache.zero_pages(b.idstr, b.zero)
+            zero += len(b.zero)
+        if not len(b.normal):
+            continue
+        res = cache.process(b.idstr, b.normal)
+        for i, delta in res.encoded:
+            out += enc.send(E.RamXbzrlePage(b.idstr, i << 12, delta))
+        if len(res.normal):
+            ram = res.data if res.data is not None else b.block.view
+            out += enc.encode_pages(b.idstr, res.normal.astype(np.uint64) << 12, ram)
+            normal += len(res.normal)
+    return out, normal, zero
