@@ -94,6 +94,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="enable post-copy and switch to it after the first full pre-copy pass",
     )
     p.add_argument("--json", action="store_true", help="print the final result as JSON")
+    p.add_argument("--multifd", type=int, metavar="N", default=None,
+                   help="capability multifd with N channels (the destination needs it too: "
+                   "see --dest-qmp)")  # fmt: skip
+    p.add_argument("--compress", choices=("none", "zlib", "zstd"), default=None,
+                   help="multifd-compression (with --multifd)")  # fmt: skip
+    p.add_argument("--xbzrle", metavar="SIZE", default=None,
+                   help="capability xbzrle with this xbzrle-cache-size (e.g. 64M)")  # fmt: skip
+    p.add_argument("--dest-qmp", metavar="ADDR", default=None,
+                   help="QMP of a destination started with --incoming defer: set the same "
+                   "multifd capability and parameters there, then migrate-incoming URI")  # fmt: skip
     p.add_argument(
         "--timeout", type=float, default=None, help="cancel if not finished after this many seconds"
     )
@@ -101,7 +111,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _multifd_options(args: argparse.Namespace, caps: dict[str, bool]) -> None:
+    """--multifd/--compress/--xbzrle as capabilities and parameters; --dest-qmp applies the
+    multifd ones to the destination too and starts its incoming side."""
+    from livemig.units import parse_size
+
+    if args.compress is not None and args.multifd is None:
+        raise UsageError("--compress needs --multifd N")
+    if args.multifd is not None:
+        if args.multifd < 1 or args.multifd > 255:
+            raise UsageError("--multifd: 1 to 255 channels")
+        if args.xbzrle is not None:
+            raise UsageError("--xbzrle and --multifd exclude each other (QEMU: xbzrle is not "
+                             "compatible with multifd)")  # fmt: skip
+        caps["multifd"] = True
+        args.params.append(("multifd-channels", args.multifd))
+        args.params.append(("multifd-compression", args.compress or "none"))
+    if args.xbzrle is not None:
+        caps["xbzrle"] = True
+        args.params.append(("xbzrle-cache-size", parse_size(args.xbzrle, "--xbzrle")))
+    if args.dest_qmp is not None:
+        from livemig.qmp.client import QMPConnection
+
+        with QMPConnection(args.dest_qmp).connect() as dq:
+            if args.multifd is not None:
+                dq.command("migrate-set-capabilities",
+                           capabilities=[{"capability": "multifd", "state": True}])  # fmt: skip
+                dq.command("migrate-set-parameters", **{
+                    "multifd-channels": args.multifd,
+                    "multifd-compression": args.compress or "none"})  # fmt: skip
+            dq.command("migrate-incoming", uri=args.uri)
+
+
 def run(args: argparse.Namespace) -> int:
+
     from livemig.qmp.client import QMPConnection
 
     uri = parse_uri(args.uri)
@@ -115,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError("--verify needs a return path (a tcp:, unix: or fd: URI)")
     if args.postcopy or args.postcopy_after_precopy:
         caps["postcopy-ram"] = True
+    _multifd_options(args, caps)
     with QMPConnection(args.qmp).connect() as qmp:
         if caps:
             qmp.command("migrate-set-capabilities", capabilities=[
