@@ -15,7 +15,7 @@ ENTRY_BYTES = bytes.fromhex("4989fc")  # mov %rdi, %r12: the first instruction o
 
 
 def test_builtin_list() -> None:
-    assert builtin_guests() == ["compute", "idle", "memstress"]
+    assert builtin_guests() == ["compute", "idle", "kvserver", "memstress"]
 
 
 @pytest.mark.parametrize("name", ["memstress", "compute", "idle"])

@@ -30,6 +30,7 @@ BUILTIN_GUESTS: dict[str, str] = {
     "memstress": "the migration workload: dirties a working set, checkable at any instant",
     "compute": "CPU-bound hashing, reports operations per second",
     "idle": "waits on the clock, prints a heartbeat each second",
+    "kvserver": "a Redis-protocol key-value store reached through the livemig-ring device",
 }
 
 CFLAGS = (
