@@ -54,6 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "migration parameter (so --incoming tcp: starts with TLS) and puts a --qmp tcp: "
         "monitor behind mutual TLS",
     )  # fmt: skip
+    parser.add_argument(
+        "--serve", metavar="URI",
+        help="bridge client connections on tcp:HOST:PORT or unix:PATH to the guest's ring "
+        "device (guest kvserver); kept across a migration (QMP x-serve-redirect)",
+    )  # fmt: skip
     add_machine_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -85,7 +90,14 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, machine: Machine, image: Any) -> int:
     quit_event = threading.Event()
     server = _start_control(args, machine, quit_event)
+    front = None
     try:
+        if args.serve:  # the service front (livemig.service): clients reach the guest here
+            from livemig.service import start_service
+
+            registry = server.registry if server is not None else None
+            front = start_service(machine, args.serve, registry)
+            print(f"livemig run: serving on {front.address}", file=sys.stderr)
         ram = ", ".join(f"{b.idstr}={format_size(b.size)}" for b in machine.ram_blocks)
         if image is not None:
             machine.load_guest(image.data, args.append)
@@ -98,6 +110,8 @@ def _run(args: argparse.Namespace, machine: Machine, image: Any) -> int:
             machine.start()
         _wait(machine, quit_event)
     finally:
+        if front is not None:
+            front.close()
         if server is not None:
             server.close()
     if machine.runstate == RunState.INTERNAL_ERROR:
