@@ -1,0 +1,88 @@
+"""The migration commands of a real ``livemig run`` process, through qemu.qmp's client.
+
+Capabilities in QEMU's order, parameters set and queried, QEMU's refusals (a second migrate,
+migrate-incoming without ``-incoming defer``, a bad URI), ``--incoming defer`` with one
+``migrate-incoming``, and ``query-migrationthreads`` naming ``live_migration``.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from livemig.qmp.client import QMPClientError
+from livemig.testing_procs import ProcHarness
+
+# QEMU 7.2's MigrationCapability enum order (qapi/migration.json)
+QEMU_72_CAPS = [
+    "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events",
+    "postcopy-ram", "x-colo", "release-ram", "block", "return-path", "pause-before-switchover",
+    "multifd", "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared",
+    "validate-uuid", "background-snapshot", "zero-copy-send", "postcopy-preempt",
+]  # fmt: skip
+
+
+def refused(proc, command: str, **args) -> str:
+    with pytest.raises(QMPClientError) as info:
+        proc.cmd(command, **args)
+    assert info.value.error_class == "GenericError", info.value
+    return str(info.value.desc)
+
+
+@pytest.mark.timeout(90)
+def test_migration_commands(harness: ProcHarness) -> None:
+    src = harness.source(append="ws=8M rate=20000")
+    caps = src.cmd("query-migrate-capabilities")
+    names = [c["capability"] for c in caps]
+    assert names[: len(QEMU_72_CAPS)] == QEMU_72_CAPS
+    assert not any(c["state"] for c in caps)  # all off by default, as QEMU
+
+    src.cmd("migrate-set-capabilities", capabilities=[
+        {"capability": "events", "state": True}, {"capability": "auto-converge", "state": True}])  # fmt: skip
+    on = {c["capability"] for c in src.cmd("query-migrate-capabilities") if c["state"]}
+    assert on == {"events", "auto-converge"}
+    desc = refused(src, "migrate-set-capabilities",
+                   capabilities=[{"capability": "no-such-cap", "state": True}])  # fmt: skip
+    assert "no-such-cap" in desc
+
+    params = src.cmd("query-migrate-parameters")
+    # QEMU 7.2's defaults
+    assert params["downtime-limit"] == 300
+    assert params["max-bandwidth"] == 134217728
+    assert params["cpu-throttle-initial"] == 20
+    assert params["cpu-throttle-increment"] == 10
+    assert params["max-cpu-throttle"] == 99
+    src.cmd("migrate-set-parameters", **{"downtime-limit": 50, "max-bandwidth": 8 << 20})
+    params = src.cmd("query-migrate-parameters")
+    assert (params["downtime-limit"], params["max-bandwidth"]) == (50, 8 << 20)
+    assert "downtime-limit" in refused(src, "migrate-set-parameters", **{"downtime-limit": -1})
+
+    # a URI that cannot be used is named in the error, and nothing starts
+    assert "bogus:nowhere" in refused(src, "migrate", uri="bogus:nowhere")
+    assert src.query_migrate() == {}
+    # migrate-incoming on a process not started with -incoming defer
+    assert "'-incoming' was not specified" in refused(
+        src, "migrate-incoming", uri="tcp:127.0.0.1:0"
+    )
+
+    dst = harness.destination(incoming="defer")
+    assert dst.status() == "inmigrate"
+    uri = f"unix:{harness.path('deferred.sock')}"
+    dst.cmd("migrate-incoming", uri=uri)
+    assert "already been started" in refused(dst, "migrate-incoming", uri=uri)
+    assert dst.query_migrate()["status"] == "setup"
+
+    src.cmd("migrate", uri=uri)
+    # one migration at a time, in QEMU's words
+    assert refused(src, "migrate", uri=uri) == "There's a migration process in progress"
+    assert "in progress" in refused(src, "migrate-set-capabilities",
+                                    capabilities=[{"capability": "events", "state": False}])  # fmt: skip
+    threads = src.cmd("query-migrationthreads")
+    assert "live_migration" in [t["name"] for t in threads], threads
+    assert all(isinstance(t["thread-id"], int) and t["thread-id"] > 0 for t in threads)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})  # unlimited, applies at once
+    info = src.wait_migration(timeout=60)
+    assert info["status"] == "completed", info
+    dst.wait_status("running")
+    assert dst.guest_check()["ok"]
+    # after the end, the thread list is empty again
+    assert src.cmd("query-migrationthreads") == []
