@@ -5,9 +5,11 @@ through a whole migration with zero errors."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import threading
+from typing import Any
 
 import pytest
 
@@ -17,10 +19,10 @@ from livemig.testing_procs import ProcHarness, free_tcp_port, wait_until
 NKEYS = 100_000
 
 
-def _pair(h: ProcHarness) -> tuple[object, object, int, int]:
+def _pair(h: ProcHarness, incoming: str | None = None) -> tuple[Any, Any, int, int]:
     p1, p2 = free_tcp_port(), free_tcp_port()
     src = h.source(guest="kvserver", append="", extra=["--serve", f"tcp:127.0.0.1:{p1}"])
-    dst = h.destination(extra=["--serve", f"tcp:127.0.0.1:{p2}"])
+    dst = h.destination(incoming, extra=["--serve", f"tcp:127.0.0.1:{p2}"])
     src.cmd("x-serve-redirect", uri=f"tcp:127.0.0.1:{p2}")
     wait_until(lambda: _answers(p1), 20, "kvserver answering PING")
     return src, dst, p1, p2
@@ -138,3 +140,41 @@ def test_serve_address_in_use_is_a_usage_error() -> None:
         assert second.wait_exit(30) != 0
         assert "cannot listen" in second.log()
         assert src.alive()
+
+
+@pytest.mark.timeout(150)
+def test_keys_and_counter_survive_postcopy() -> None:
+    """Post-copy: the destination runs the guest while most of its RAM is still on the source;
+    the ring device makes the guest touch the ring pages before host code uses them."""
+    with ProcHarness(memory="64M", smp=1) as h:
+        src, dst, p1, _p2 = _pair(h, incoming="defer")
+        n = NKEYS // 4
+        with RespClient("127.0.0.1", p1, timeout=60) as c:
+            sets = c.pipeline([("SET", f"key:{i}", f"value:{i}") for i in range(n)])
+            assert sets == ["OK"] * n
+        inc = Incrementer(p1)
+        inc.start()
+        wait_until(lambda: len(inc.replies) > 50, 10, "INCR running")
+        pc = [{"capability": "postcopy-ram", "state": True}]
+        dst.cmd("migrate-set-capabilities", capabilities=pc)
+        mig = f"unix:{h.path('pc.sock')}"
+        dst.cmd("migrate-incoming", uri=mig)
+        wait_until(lambda: os.path.exists(h.path("pc.sock")), 10, "destination listening")
+        # Slow pre-copy so that the switch to post-copy happens while pages are left.
+        h.migrate(src, mig, caps={"events": True, "postcopy-ram": True},
+                  params={"max-bandwidth": 8 << 20})  # fmt: skip
+        src.cmd("migrate-start-postcopy")
+        info = src.wait_migration(timeout=90)
+        assert info["status"] == "completed", info
+        assert "postcopy-active" in [d["status"] for _, d in src.event_names("MIGRATION")]
+        seen = len(inc.replies)
+        wait_until(lambda: len(inc.replies) > seen + 50, 20, "INCR continuing after migration")
+        inc.stop.set()
+        inc.join(30)
+        assert not inc.errors
+        assert inc.replies == list(range(1, len(inc.replies) + 1)), "lost or repeated INCR"
+        with RespClient("127.0.0.1", p1, timeout=60) as c:
+            got = c.pipeline([("MGET", *(f"key:{i}" for i in range(j, min(j + 1000, n))))
+                              for j in range(0, n, 1000)])  # fmt: skip
+            values = [v for chunk in got for v in chunk]
+            assert values == [f"value:{i}".encode() for i in range(n)]
