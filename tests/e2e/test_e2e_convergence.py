@@ -23,7 +23,11 @@ def test_no_convergence_until_cancelled(harness: ProcHarness) -> None:
     dst = harness.destination()
     before = src.wait_passes_increase(0)
     harness.migrate(src, dst.incoming, caps={"events": True}, params=LIMITS)
-    wait_until(lambda: src.query_migrate()["ram"]["dirty-sync-count"] >= 3, 20, "3 dirty syncs")
+    wait_until(
+        lambda: src.query_migrate().get("ram", {}).get("dirty-sync-count", 0) >= 3,
+        20,
+        "3 dirty syncs",
+    )
     first = src.query_migrate()
     time.sleep(1.5)
     later = src.query_migrate()
