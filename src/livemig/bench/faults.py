@@ -1,0 +1,419 @@
+"""``livemig bench faults``: faults injected at each phase of a migration, and the fuzzer.
+
+Each scenario (``run_fault``) starts real ``livemig run`` processes (``testing_procs``), injects
+one fault at one point, and checks what issue 7 demands afterwards:
+
+* the source guest runs on with memstress's invariant intact and makes progress (where the
+  source process is alive), and ``query-migrate`` says ``failed`` with an ``error-desc``;
+* the destination reports the failure and exits 1 (it never runs the guest as well);
+* no thread, socket or file descriptor is left behind in the source (``/proc/PID/fd`` and
+  ``/proc/PID/task`` back to what they were before the migration);
+* a second migration, to a fresh destination, completes.
+
+Faults: ``stall-destination`` (SIGSTOP the destination: it stops reading; the source's
+``x-io-timeout`` fires), ``stall-source`` (SIGSTOP the source: the destination's time-out fires;
+then SIGCONT), ``kill-source`` (SIGKILL), ``disk-full`` (``file:`` on a tiny tmpfs). Phases:
+``setup`` (before the first byte), ``precopy`` (pages flowing, rate-limited), ``completion``
+(``pause-before-switchover`` holds the source at the switch-over; the fault comes before
+``migrate-continue``). Post-copy phases are skipped until ``postcopy-ram`` is supported.
+
+The table gives per phase the faults injected and survived, then the fuzzer's inputs, crashes,
+hangs and oversized allocations, and the guests lost (0 wherever the source is alive).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from livemig.testing_procs import LivemigProcess, ProcError, ProcHarness, wait_until
+
+IO_TIMEOUT_MS = 1500
+SLOW = 8 << 20  # bytes/s during pre-copy: several seconds for the working set
+GUEST_ARGS = "ws=8M rate=5000"
+
+SCENARIOS: tuple[tuple[str, str], ...] = (
+    ("stall-destination", "setup"),
+    ("stall-destination", "precopy"),
+    ("stall-destination", "completion"),
+    ("stall-source", "precopy"),
+    ("kill-source", "setup"),
+    ("kill-source", "precopy"),
+    ("kill-source", "completion"),
+    ("disk-full", "setup"),
+    ("disk-full", "precopy"),
+    ("stall-destination", "postcopy"),
+    ("kill-source", "postcopy"),
+)
+
+
+class FaultSkipped(Exception):
+    """The scenario cannot run here (no tmpfs mount, no post-copy); the message says why."""
+
+
+@dataclass
+class FaultResult:
+    fault: str
+    phase: str
+    survived: bool = False
+    source_alive: bool = True
+    guest_lost: bool = False
+    skipped: str = ""
+    checks: dict[str, bool] = field(default_factory=dict)
+    detail: str = ""
+    seconds: float = 0.0
+
+
+def postcopy_supported() -> bool:
+    from livemig.migration.options import SUPPORTED_CAPABILITIES
+
+    return "postcopy-ram" in SUPPORTED_CAPABILITIES
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _baseline(src: LivemigProcess) -> tuple[int, int]:
+    src.cmd("query-status")
+    return src.fd_count(), src.thread_count()
+
+
+def _no_leak(
+    src: LivemigProcess, base: tuple[int, int], res: FaultResult, timeout: float = 15.0
+) -> bool:
+    try:
+        # QMP's worker pool (4 threads at most, one at the baseline) may grow when replies race
+        # the next command: up to 3 more threads are that pool, not a leak.
+        wait_until(lambda: src.fd_count() <= base[0] and src.thread_count() <= base[1] + 3,
+                   timeout, "fd and thread counts back to their baseline", 0.1)  # fmt: skip
+        return True
+    except ProcError:
+        fds = sorted(os.readlink(f"/proc/{src.pid}/fd/{f}")
+                     for f in os.listdir(f"/proc/{src.pid}/fd"))  # fmt: skip
+        tasks = sorted(Path(f"/proc/{src.pid}/task/{t}/comm").read_text().strip()
+                       for t in os.listdir(f"/proc/{src.pid}/task"))  # fmt: skip
+        res.detail += (f"; leak: fds {len(fds)} (baseline {base[0]}): {fds}; "
+                       f"threads {len(tasks)} (baseline {base[1]}): {tasks}")  # fmt: skip
+        return False
+
+
+def _source_ok(src: LivemigProcess) -> tuple[bool, str]:
+    """The source guest is running, its invariant holds, and it makes progress."""
+    try:
+        src.wait_status("running", timeout=15)
+        now = src.guest_check()
+        if not now["ok"]:
+            return False, f"invariant broken: {now['problems']}"
+        later = src.wait_passes_increase(now["total-passes"], timeout=20)
+        return bool(later["ok"]), "" if later["ok"] else f"invariant broken: {later['problems']}"
+    except ProcError as exc:
+        return False, str(exc)
+
+
+def _dest_failed(dst: LivemigProcess | None, timeout: float = 30.0) -> bool:
+    if dst is None:
+        return True
+    if dst.proc is not None and dst.proc.poll() is None:
+        dst.signal(signal.SIGCONT)  # a stopped destination must get to notice and exit
+    try:
+        return dst.wait_exit(timeout) == 1 and "incoming migration failed" in dst.log()
+    except ProcError:
+        return False
+
+
+def _wait_active(src: LivemigProcess, min_bytes: int = 1, timeout: float = 20.0) -> None:
+    def ready() -> bool:
+        q = src.query_migrate()
+        if q.get("status") in ("failed", "completed", "cancelled"):
+            raise ProcError(f"migration ended early: {q}")
+        return q.get("status") == "active" and q.get("ram", {}).get("transferred", 0) >= min_bytes
+
+    wait_until(ready, timeout, "migration active with pages sent")
+
+
+def _second_migration(h: ProcHarness, src: LivemigProcess) -> bool:
+    dst2 = h.destination()
+    src.cmd("migrate-set-capabilities", capabilities=[
+        {"capability": "pause-before-switchover", "state": False}])  # fmt: skip
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 30})
+    src.cmd("migrate", uri=dst2.incoming)
+    info = src.wait_migration(timeout=60)
+    if info["status"] != "completed":
+        return False
+    dst2.wait_status("running", timeout=15)
+    return bool(dst2.guest_check()["ok"])
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(size: str):  # type: ignore[no-untyped-def]
+    """A tmpfs of ``size`` mounted on a fresh directory (FaultSkipped if mount is refused)."""
+    d = tempfile.mkdtemp(prefix="livemig-full-")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", d],
+                       capture_output=True, text=True, timeout=30)  # fmt: skip
+    if r.returncode != 0:
+        os.rmdir(d)
+        raise FaultSkipped(f"cannot mount a tmpfs for the disk-full case: {r.stderr.strip()}")
+    try:
+        yield Path(d)
+    finally:
+        subprocess.run(["umount", "-l", d], capture_output=True, timeout=30)
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+
+
+def run_fault(fault: str, phase: str, h: ProcHarness) -> FaultResult:
+    """Run one scenario in ``h`` (a fresh harness); the result says which checks held."""
+    res = FaultResult(fault, phase)
+    t0 = time.monotonic()
+    try:
+        if phase == "postcopy" and not postcopy_supported():
+            raise FaultSkipped("postcopy-ram is not in SUPPORTED_CAPABILITIES yet")
+        if phase == "postcopy":
+            raise FaultSkipped("post-copy fault scenarios are not written yet")
+        _RUNNERS[fault](h, phase, res)
+    except FaultSkipped as exc:
+        res.skipped = str(exc)
+    except (ProcError, OSError) as exc:
+        res.checks["ran"] = False
+        res.detail = f"{type(exc).__name__}: {exc}"
+    res.seconds = time.monotonic() - t0
+    res.survived = not res.skipped and bool(res.checks) and all(res.checks.values())
+    return res
+
+
+def _common_after(h: ProcHarness, src: LivemigProcess, base: tuple[int, int], res: FaultResult,
+                  dst: LivemigProcess | None) -> None:  # fmt: skip
+    info = src.wait_migration(timeout=60)
+    res.checks["query-migrate failed"] = info.get("status") == "failed"
+    res.checks["error-desc"] = bool(info.get("error-desc"))
+    res.detail = str(info.get("error-desc", info))
+    ok, why = _source_ok(src)
+    res.checks["source guest intact"] = ok
+    res.guest_lost = not ok
+    if why:
+        res.detail += f"; {why}"
+    res.checks["destination exit 1"] = _dest_failed(dst)
+    res.checks["no fd/thread leak"] = _no_leak(src, base, res)
+    res.checks["second migrate"] = _second_migration(h, src)
+
+
+def _stall_destination(h: ProcHarness, phase: str, res: FaultResult) -> None:
+    src = h.source(append=GUEST_ARGS)
+    # At completion the whole stream may already sit in the stopped destination's socket
+    # buffer: woken, it loads it although the source gave up (no SHUT in time) and resumed its
+    # guest. The protocol has no source-to-destination commit (QEMU has the same window), so,
+    # as libvirt does, the destination is started paused (-S) and must not run the guest.
+    extra = ["--paused"] if phase == "completion" else []
+    dst = h.destination(extra=extra)
+    src.wait_passes_increase(0, timeout=20)
+    base = _baseline(src)
+    caps = {"return-path": True, "pause-before-switchover": phase == "completion"}
+    params = {"x-io-timeout": IO_TIMEOUT_MS, "max-bandwidth": SLOW}
+    if phase == "setup":
+        dst.signal(signal.SIGSTOP)
+        h.migrate(src, dst.incoming, caps=caps, params=params)
+    elif phase == "precopy":
+        h.migrate(src, dst.incoming, caps=caps, params=params)
+        _wait_active(src, 256 << 10)
+        dst.signal(signal.SIGSTOP)
+    else:
+        h.migrate(src, dst.incoming, caps=caps, params={**params, "max-bandwidth": 1 << 30})
+        src.wait_migration(timeout=60, states=frozenset({"pre-switchover", "failed"}))
+        dst.signal(signal.SIGSTOP)
+        src.cmd("migrate-continue", state="pre-switchover")
+        _common_after(h, src, base, res, None)
+        dst.signal(signal.SIGCONT)
+        time.sleep(1.0)
+        # exited 1, or loaded and stayed paused: either way not running next to the source
+        res.checks["destination not running"] = (not dst.alive()) or dst.status() != "running"
+        return
+    _common_after(h, src, base, res, dst)
+
+
+def _stall_source(h: ProcHarness, phase: str, res: FaultResult) -> None:
+    src = h.source(append=GUEST_ARGS)
+    # the destination's own time-out decides; the stalled source learns when it wakes
+    dst = h.destination()
+    src.wait_passes_increase(0, timeout=20)
+    base = _baseline(src)
+    dst_timeout = IO_TIMEOUT_MS
+    h.migrate(src, dst.incoming, caps={"return-path": True},
+              params={"x-io-timeout": 30000, "max-bandwidth": SLOW})  # fmt: skip
+    _wait_active(src, 256 << 10)
+    src.signal(signal.SIGSTOP)
+    try:
+        res.checks["destination exit 1"] = _dest_failed(dst, timeout=dst_timeout / 1000 + 40)
+    finally:
+        src.signal(signal.SIGCONT)
+    info = src.wait_migration(timeout=60)
+    res.checks["query-migrate failed"] = info.get("status") == "failed"
+    res.checks["error-desc"] = bool(info.get("error-desc"))
+    res.detail = str(info.get("error-desc", info))
+    ok, why = _source_ok(src)
+    res.checks["source guest intact"] = ok
+    res.guest_lost = not ok
+    res.detail += f"; {why}" if why else ""
+    res.checks["no fd/thread leak"] = _no_leak(src, base, res)
+    res.checks["second migrate"] = _second_migration(h, src)
+
+
+def _kill_source(h: ProcHarness, phase: str, res: FaultResult) -> None:
+    src = h.source(append=GUEST_ARGS)
+    dst = h.destination()
+    src.wait_passes_increase(0, timeout=20)
+    caps = {"return-path": True, "pause-before-switchover": phase == "completion"}
+    bw = (1 << 30) if phase == "completion" else SLOW  # completion: converge quickly
+    h.migrate(src, dst.incoming, caps=caps, params={"max-bandwidth": bw})
+    if phase == "precopy":
+        _wait_active(src, 256 << 10)
+    elif phase == "completion":
+        src.wait_migration(timeout=60, states=frozenset({"pre-switchover", "failed"}))
+    src.kill()
+    res.source_alive = False
+    res.checks["destination exit 1"] = _dest_failed(dst)
+    # the guest must not run on the destination from a partial stream
+    res.checks["destination did not run the guest"] = "resum" not in dst.log().lower()
+
+
+def _disk_full(h: ProcHarness, phase: str, res: FaultResult) -> None:
+    size = "64k" if phase == "setup" else "4m"
+    with tiny_tmpfs(size) as d:
+        src = h.source(append=GUEST_ARGS)
+        src.wait_passes_increase(0, timeout=20)
+        base = _baseline(src)
+        h.migrate(src, f"file:{d / 'vm.mig'}", params={"max-bandwidth": 1 << 30})
+        info = src.wait_migration(timeout=60)
+        res.checks["query-migrate failed"] = info.get("status") == "failed"
+        res.checks["error-desc says no space"] = "space" in str(info.get("error-desc", ""))
+        res.detail = str(info.get("error-desc", info))
+        ok, why = _source_ok(src)
+        res.checks["source guest intact"] = ok
+        res.guest_lost = not ok
+        res.detail += f"; {why}" if why else ""
+        res.checks["no fd/thread leak"] = _no_leak(src, base, res)
+        res.checks["second migrate"] = _second_migration(h, src)
+
+
+_RUNNERS = {
+    "stall-destination": _stall_destination,
+    "stall-source": _stall_source,
+    "kill-source": _kill_source,
+    "disk-full": _disk_full,
+}
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("faults", help="fault injection per phase and the incoming-stream fuzzer")
+    p.add_argument("--fuzz-seconds", type=float, default=20.0,
+                   help="how long to fuzz the destination (default 20)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", metavar="FAULT[:PHASE]", action="append", default=[],
+                   help="run only these scenarios (e.g. disk-full, kill-source:precopy)")  # fmt: skip
+    p.add_argument("--no-faults", action="store_true", help="fuzz only")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON")
+    p.set_defaults(func=main)
+
+
+def _selected(only: list[str]) -> list[tuple[str, str]]:
+    if not only:
+        return list(SCENARIOS)
+    out = []
+    for fault, phase in SCENARIOS:
+        for o in only:
+            f, _, ph = o.partition(":")
+            if f == fault and (not ph or ph == phase):
+                out.append((fault, phase))
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    from livemig.testing_fuzz import default_corpus, run_fuzz
+
+    results: list[FaultResult] = []
+    if not args.no_faults:
+        for fault, phase in _selected(args.only):
+            with ProcHarness(memory="32M", smp=1) as h:
+                r = run_fault(fault, phase, h)
+            results.append(r)
+            state = "skipped" if r.skipped else ("survived" if r.survived else "FAILED")
+            failed = [k for k, v in r.checks.items() if not v]
+            why = f" [failed: {', '.join(failed)}]" if failed else ""
+            print(f"  {fault:18} {phase:10} {state:8} {r.seconds:5.1f} s  "
+                  f"{r.skipped or r.detail}{why}", flush=True)  # fmt: skip
+    fuzz = None
+    if args.fuzz_seconds > 0:
+        with tempfile.TemporaryDirectory(prefix="livemig-fuzz-") as d:
+            fuzz = run_fuzz(default_corpus(d), seconds=args.fuzz_seconds, seed=args.seed)
+    figures = _figures(results, fuzz)
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        _table(figures)
+    bad = figures["guests-lost"] or any(not r.survived and not r.skipped for r in results)
+    bad = bad or (fuzz is not None and not fuzz.clean)
+    return 1 if bad else 0
+
+
+def _figures(results: list[FaultResult], fuzz: Any) -> dict[str, Any]:
+    phases: dict[str, dict[str, int]] = {}
+    for r in results:
+        p = phases.setdefault(r.phase, {"injected": 0, "survived": 0, "skipped": 0})
+        if r.skipped:
+            p["skipped"] += 1
+        else:
+            p["injected"] += 1
+            p["survived"] += int(r.survived)
+    out: dict[str, Any] = {
+        "phases": phases,
+        "guests-lost": sum(1 for r in results if r.source_alive and r.guest_lost),
+        "scenarios": [asdict(r) for r in results],
+    }
+    if fuzz is not None:
+        out["fuzz"] = {
+            "inputs": fuzz.inputs, "completed": fuzz.completed, "rejected": fuzz.rejected,
+            "crashes": fuzz.crashes, "hangs": fuzz.hangs, "oversized-allocations":
+            fuzz.big_allocs, "seconds": round(fuzz.seconds, 1), "per-corpus": fuzz.per_corpus,
+            "max-peak-alloc": fuzz.max_peak_alloc, "guard-pages": fuzz.guard_pages,
+            "findings": [asdict(f) for f in fuzz.findings],
+        }  # fmt: skip
+    return out
+
+
+def _table(f: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="livemig bench faults")
+    for col in ("phase", "injected", "survived", "skipped"):
+        t.add_column(col, justify="right" if col != "phase" else "left")
+    for phase, p in f["phases"].items():
+        t.add_row(phase, str(p["injected"]), str(p["survived"]), str(p["skipped"]))
+    console = Console()
+    console.print(t)
+    console.print(f"guests lost (source alive): {f['guests-lost']}")
+    z = f.get("fuzz")
+    if z:
+        ft = Table(title="incoming-stream fuzzer")
+        for col in ("inputs", "completed", "rejected", "crashes", "hangs", "oversized allocs",
+                    "seconds"):  # fmt: skip
+            ft.add_column(col, justify="right")
+        ft.add_row(*(str(z[k]) for k in ("inputs", "completed", "rejected", "crashes", "hangs",
+                                         "oversized-allocations", "seconds")))  # fmt: skip
+        console.print(ft)
+        for finding in z["findings"][:5]:
+            console.print(f"finding: {finding}")
