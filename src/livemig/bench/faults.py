@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from livemig.errors import LivemigError
 from livemig.testing_procs import LivemigProcess, ProcError, ProcHarness, wait_until
 
 IO_TIMEOUT_MS = 1500
@@ -185,7 +186,7 @@ def run_fault(fault: str, phase: str, h: ProcHarness) -> FaultResult:
         _RUNNERS[fault](h, phase, res)
     except FaultSkipped as exc:
         res.skipped = str(exc)
-    except (ProcError, OSError) as exc:
+    except (LivemigError, OSError) as exc:  # ProcError, QMP errors: the scenario failed
         res.checks["ran"] = False
         res.detail = f"{type(exc).__name__}: {exc}"
     res.seconds = time.monotonic() - t0
