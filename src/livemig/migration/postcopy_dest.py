@@ -50,7 +50,10 @@ from livemig.migration.postcopy_source import (
     PAGE,
     PAGE_WORDS,
     block_checksum,
+    boost_thread,
     checksum_vmsd,
+    fast_gil_enter,
+    fast_gil_exit,
     page_checksums,
     runs,
 )
@@ -315,25 +318,28 @@ class PostcopyIncoming:
     def _fault_loop(self) -> None:
         uffd = self.uffd
         assert uffd is not None
+        boost_thread()
         try:
             while not self._stop.is_set():
                 if not uffd.wait(0.1):
                     continue
-                for ev in uffd.read_events():
-                    if ev.is_pagefault:
-                        self._on_fault(ev.address, ev.ptid)
+                # Every fault read at once becomes one return-path write.
+                reqs = [r for ev in uffd.read_events() if ev.is_pagefault
+                        for r in (self._on_fault(ev.address, ev.ptid),) if r is not None]  # fmt: skip
+                if reqs:
+                    self._request_many(reqs)
         except (U.UffdError, ChannelError, OSError) as exc:
             if not self._stop.is_set():
                 log.error("post-copy fault thread stopped: %s", exc)
 
-    def _on_fault(self, addr: int, tid: int) -> None:
+    def _on_fault(self, addr: int, tid: int) -> tuple[str, int] | None:
+        """Resolve a fault on a page known locally; the page to request otherwise (or None)."""
         where = self._locate(addr)
         if where is None:
-            return
+            return None
         name, idx = where
         b = self.blocks[name]
         now = time.monotonic()
-        send = False
         with self.lock:
             self.faults += 1
             if not self.need[name][idx]:
@@ -341,15 +347,15 @@ class PostcopyIncoming:
                 assert self.uffd is not None
                 self.uffd.zeropage(b.host_addr + idx * PAGE, PAGE, exist_ok=True)
                 self.zero_faults += 1
-                return
+                return None
             self._block(tid, now, (name, idx))
             if not self.requested[name][idx]:
                 self.requested[name][idx] = True
                 self._req_time[(name, idx)] = now
                 self.requests += 1
-                send = self.linked
-        if send:
-            self._request(name, idx)
+                if self.linked:
+                    return name, idx
+        return None
 
     def _pong(self, value: int) -> None:
         # In post-copy a broken return path is not fatal: the listen loop notices the broken
@@ -360,12 +366,21 @@ class PostcopyIncoming:
             log.info("PONG %d not sent: %s", value, exc)
 
     def _request(self, name: str, idx: int) -> None:
+        self._request_many([(name, idx)])
+
+    def _request_many(self, pages: list[tuple[str, int]]) -> None:
+        inc = self.inc
         try:
-            self.inc._send_rp(RP.ReqPages(idx * PAGE, PAGE, name))
+            with inc._rp_lock:
+                ch = inc.channel
+                if ch is None:
+                    raise ChannelError("no main channel")
+                enc = inc._rp_encoder
+                ch.send(b"".join(enc.send(RP.ReqPages(i * PAGE, PAGE, n)) for n, i in pages))
         except ChannelError as exc:
-            # The listen thread sees the broken link too and pauses; the request is re-sent
+            # The listen thread sees the broken link too and pauses; the requests are re-sent
             # after recovery.
-            log.info("page request not sent (link down): %s", exc)
+            log.info("page requests not sent (link down): %s", exc)
 
     def _block(self, tid: int, now: float, page: tuple[str, int]) -> None:
         if tid in self._blocked:
@@ -466,6 +481,15 @@ class PostcopyIncoming:
     def _listen_loop(self, dec: Decoder) -> None:
         inc = self.inc
         ch = inc.channel
+        boost_thread()  # requested pages come this way too (without preempt)
+        fast_gil_enter()
+        try:
+            self._listen_pump(ch, dec)
+        finally:
+            fast_gil_exit()
+
+    def _listen_pump(self, ch: Channel, dec: Decoder) -> None:
+        inc = self.inc
         while True:
             try:
                 self._pump(ch, dec)
@@ -584,6 +608,7 @@ class PostcopyIncoming:
         self._preempt_thread.start()
 
     def _preempt_loop(self, ch: Channel) -> None:
+        boost_thread()
         parser = PreemptParser()
         buf = bytearray(1 << 16)
         view = memoryview(buf)

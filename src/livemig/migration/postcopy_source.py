@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import sys
 import threading
 import time
 from typing import Any
@@ -56,6 +58,50 @@ BACKGROUND_PAGES = 32  # pages per background PART: small, so a request never wa
 DEFAULT_PREFETCH = 0  # pages after a requested one sent with it (see the report in bench)
 RESUME_WAIT = 0.2  # poll period while paused
 CHECKSUM_IDSTR = "x-postcopy-verify"
+# Page-request latency is mostly scheduling: the threads on the request path (the destination's
+# fault, preempt and listen threads, the source's return-path thread) run at this nice value
+# when the process may raise its priority (root / CAP_SYS_NICE), so busy vCPUs and other
+# processes do not delay them; and while post-copy runs, Python hands the GIL over more often
+# (a thread woken by a request waits at most this long for a CPU-bound holder to let go).
+URGENT_NICE = -10
+POSTCOPY_SWITCH_INTERVAL = 0.0005
+RP_YIELD_WAIT = 0.01  # longest the migration thread waits for the return-path thread's send
+
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.005
+
+
+def boost_thread() -> bool:
+    """Give the calling thread the urgent nice value (True) or leave it be (not permitted)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), URGENT_NICE)
+        return True
+    except OSError as exc:
+        log.debug("post-copy thread priority unchanged: %s", exc)
+        return False
+
+
+def fast_gil_enter() -> None:
+    """Shorten the GIL switch interval while a post-copy side is active (counted: both sides
+    may live in one process)."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_saved, POSTCOPY_SWITCH_INTERVAL))
+        _switch_users += 1
+
+
+def fast_gil_exit() -> None:
+    global _switch_users
+    with _switch_lock:
+        if _switch_users == 0:
+            return
+        _switch_users -= 1
+        if _switch_users == 0:
+            sys.setswitchinterval(_switch_saved)
+
 
 # Odd 64-bit weights per word of a page: a page's checksum is sum(word_j * K_j) * (2*index+1),
 # so an all-zero page counts 0 and unpopulated pages need not be read.
@@ -125,6 +171,12 @@ class PostcopySource:
         self.pause_requested = threading.Event()
         self.recoveries = 0
         self.source_checksums: dict[str, int] | None = None
+        # The return-path thread serves requests itself; these let the migration thread step
+        # aside between background PARTs while it waits for the lock (Lock is not fair).
+        self._rp_want = 0
+        self._rp_done = 0
+        self._rp_served = threading.Event()
+        self._rp_boosted = False
 
     # -- control (QMP threads) ----------------------------------------------------------------
 
@@ -188,16 +240,66 @@ class PostcopySource:
             self.mig._wake.set()
             return
         self.requests += msg.length // PAGE
-        if self.preempt and self.preempt_channel is not None and self.active:
+        if not self._rp_boosted:
+            self._rp_boosted = True
+            boost_thread()
+        if self.active:
+            # Served here, on the return-path thread, rather than queued for the migration
+            # thread: no hand-over to another thread on the request path. With preempt the page
+            # goes on its own channel; otherwise as a PART of its own on the main channel
+            # between two background PARTs (the lock keeps sections whole).
+            preempt = self.preempt and self.preempt_channel is not None
             try:
-                self._send_requested(self.preempt_channel, self.preempt_encoder, b, msg.start,
-                                     msg.length, "postcopy")  # fmt: skip
-                return
+                if preempt:
+                    self._send_requested(self.preempt_channel, self.preempt_encoder, b,
+                                         msg.start, msg.length, "postcopy")  # fmt: skip
+                    return
+                if self._serve_main(b, msg.start, msg.length):
+                    return
             except (ChannelError, OSError) as exc:
-                log.warning("preempt channel: %s", exc)
-                # the page went back into the bitmap; queue it for main as well
+                # The page went back into the bitmap; queue it for the migration thread too,
+                # which finds the link broken (or, for preempt, sends it on main).
+                log.warning("%s channel: %s", "preempt" if preempt else "main", exc)
         self.queue.append((block, msg.start))
         self.mig._wake.set()
+
+    def _serve_main(self, b: Any, start: int, length: int) -> bool:
+        """Send a requested page (and its prefetch window) as a PART on the main channel from
+        the return-path thread; False when post-copy is not running (queued instead)."""
+        mig = self.mig
+        self._rp_want += 1
+        try:
+            with self.lock:
+                if not self.active:
+                    return False
+                idx = self._take_requested(b, start, length)
+                if len(idx) == 0:
+                    return True  # already sent: it is on its way
+                batch = mig.ram.split_zero(b, idx)
+                enc = mig.encoder
+                sid = mig._ram_sid
+                try:
+                    out, normal, zero = self._encode(enc, [batch])
+                    n = mig.channel.sendv([*enc.send(E.SectionPart(sid)), *out,
+                                           *enc.send(E.RamEos()),
+                                           *enc.send(E.SectionFooter(sid))])  # fmt: skip
+                except BaseException:
+                    mig.ram.requeue(batch)
+                    raise
+                self.requested_sent += len(idx)
+                mig.stats.account(n, normal, zero, "postcopy")
+                mig.stats.remaining = mig.ram.pending_pages() * PAGE
+                return True
+        finally:
+            self._rp_done += 1
+            self._rp_served.set()
+
+    def _yield_to_rp(self) -> None:
+        """Between two PARTs: let a waiting return-path send take the lock first."""
+        if self._rp_want != self._rp_done:
+            self._rp_served.clear()
+            if self._rp_want != self._rp_done:
+                self._rp_served.wait(RP_YIELD_WAIT)
 
     def _take_requested(self, b: Any, start: int, length: int) -> np.ndarray:
         """Dirty pages of the request plus the prefetch window, their bits cleared."""
@@ -278,10 +380,14 @@ class PostcopySource:
         mig.stats.downtime = t_run - t_stop
         mig.stats.downtime_breakdown = {"postcopy-switch": t_run - t_stop}
         mig.stats.remaining = mig.ram.pending_pages() * PAGE
-        self.active = True
         self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
         mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
-        self._loop()
+        fast_gil_enter()
+        self.active = True
+        try:
+            self._loop()
+        finally:
+            fast_gil_exit()
 
     def _package(self) -> bytes:
         mig = self.mig
@@ -378,18 +484,21 @@ class PostcopySource:
             if not batches:
                 mig.rate.wait(mig._wake)
                 mig._wake.clear()
+            else:
+                self._yield_to_rp()
             mig.stats.update_window(self.params["downtime-limit"])
 
     def _finish(self) -> None:
         mig = self.mig
         enc = mig.encoder
         sid = mig._ram_sid
-        if self.preempt_channel is not None:
-            with self.lock:
+        with self.lock:
+            # From here the return-path thread sends nothing more (every page is out anyway).
+            self.active = False
+            if self.preempt_channel is not None:
                 self.preempt_channel.sendv(self.preempt_encoder.send(E.RamEos()))
         mig._send([*enc.send(E.SectionEnd(sid)), *enc.send(E.RamEos()),
                    *enc.send(E.SectionFooter(sid)), *enc.send(E.Eof())], "postcopy")  # fmt: skip
-        self.active = False
         mig._await_shut()
         s = mig.stats
         s.remaining = 0
