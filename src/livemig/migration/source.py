@@ -463,7 +463,10 @@ class OutgoingMigration:
         enc = self.encoder
         self._send(enc.send(E.SectionEnd(self._ram_sid)), "downtime")
         while True:
-            batches = self.ram.take(BATCH_PAGES * 16)
+            # 1 MiB at a time, as in pre-copy: the destination copies one batch while we
+            # gather the next (16 MiB batches serialised the two: downtime 57-257 ms -> 24-32
+            # ms for a 16 MiB working set at a 50 ms limit).
+            batches = self.ram.take(BATCH_PAGES)
             if not batches:
                 break
             out, normal, zero = self._encode_batches(batches)
