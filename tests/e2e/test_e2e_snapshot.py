@@ -50,10 +50,13 @@ def test_restore_from_truncated_file_fails(harness: ProcHarness) -> None:
     """A cut snapshot: the destination exits 1 and says where the stream ended."""
     snap = harness.path("snap.bin")
     src = harness.source(append="ws=4M rate=20000")
+    src.wait_passes_increase(0)  # the working set is written: the stream carries 4 MiB
     harness.migrate(src, f"file:{snap}")
     assert src.wait_migration(timeout=60)["status"] == "completed"
     with open(snap, "r+b") as f:
-        f.truncate(3 << 20)
+        size = f.seek(0, 2)
+        assert size > 4 << 20
+        f.truncate(size // 2)  # cut in the middle of the RAM pages
     dst = harness.destination(incoming=f"file:{snap}", wait_qmp=False)
     assert dst.wait_exit(timeout=20) == 1
     assert "incoming migration failed: stream truncated" in dst.log()
