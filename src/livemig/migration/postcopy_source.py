@@ -345,20 +345,11 @@ class PostcopySource:
     def run(self) -> None:
         """Switch to post-copy and run it to completion (or raise for the thread to fail)."""
         mig = self.mig
-        m = mig.machine
         t_stop = time.monotonic()
         if self.preempt:
             self._connect_preempt(mig.config.uri)
         mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
-        mig._was_running = m.runstate == RunState.RUNNING
-        if mig._was_running:
-            m.pause(RunState.FINISH_MIGRATE)
-        else:
-            m.set_runstate(RunState.FINISH_MIGRATE)
-        mig._stopped_guest = True
-        if mig.stats.throttle:
-            m.set_throttle(0)
-            mig.stats.throttle = 0
+        mig.stop_guest()
         new = mig.ram.merge(mig.tracker.sync())
         mig.stats.note_sync(new)
         mig.emit("MIGRATION_PASS", {"pass": mig.stats.dirty_sync_count})

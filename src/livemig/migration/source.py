@@ -441,14 +441,7 @@ class OutgoingMigration:
         m = self.machine
         caps = self.config.capabilities
         t_stop = self._t_stop = time.monotonic()
-        self._was_running = m.runstate == RunState.RUNNING
-        if self._was_running:
-            m.pause(RunState.FINISH_MIGRATE)
-        else:
-            m.set_runstate(RunState.FINISH_MIGRATE)
-        self._stopped_guest = True
-        if self.stats.throttle:
-            m.set_throttle(0)
+        self.stop_guest()
         if "pause-before-switchover" in caps:
             self.state.move(MigrationStatus.PRE_SWITCHOVER)
             while not self._continue.wait(0.1):
@@ -499,6 +492,20 @@ class OutgoingMigration:
             self.verified = self._rp_shut == 0 if self.return_path else None
         m.set_runstate(RunState.POSTMIGRATE)
         self.state.move(MigrationStatus.COMPLETED)
+
+    def stop_guest(self) -> None:
+        """The blackout begins: vCPUs stopped in ``finish-migrate`` (event STOP), throttle
+        off; from here a failure restarts the guest (``_fail``) unless it has moved on."""
+        m = self.machine
+        self._was_running = m.runstate == RunState.RUNNING
+        if self._was_running:
+            m.pause(RunState.FINISH_MIGRATE)
+        else:
+            m.set_runstate(RunState.FINISH_MIGRATE)
+        self._stopped_guest = True
+        if self.stats.throttle:
+            m.set_throttle(0)
+            self.stats.throttle = 0
 
     def _device_sections(self) -> tuple[list, dict[str, Any]]:
         enc = self.encoder
