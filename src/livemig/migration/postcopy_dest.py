@@ -190,6 +190,7 @@ class PostcopyIncoming:
         self.source_checksums: dict[str, int] | None = None
         self.verified: bool | None = None
         self.t_run: float | None = None
+        self._last_rx = time.monotonic()  # last byte from the source on any channel
 
     # -- events of the main stream -------------------------------------------------------------
 
@@ -512,10 +513,38 @@ class PostcopyIncoming:
             if self._pause_event.is_set():
                 self._pause_event.clear()
                 raise ChannelError("paused by migrate-pause")
-            n = ch.recv_into(view)
+            try:
+                n = ch.recv_into(view)
+            except ChannelTimeout:
+                stall = self._stalled(ch.timeout)
+                if stall is not None:
+                    raise ChannelError(stall) from None
+                continue
             if n == 0:
                 raise ChannelError("the source closed the main channel before the end")
+            self._last_rx = time.monotonic()
             dec.receive_data(view[:n])
+
+    def _stalled(self, timeout: float | None) -> str | None:
+        """After ``x-io-timeout`` without a byte on the main channel: is the link really gone?
+
+        A quiet main channel is normal in post-copy (a small ``max-postcopy-bandwidth``, or a
+        guest that does not fault): QEMU's listen thread reads with no time-out at all. The
+        link counts as failed only when the guest waits for a page and the source has shown no
+        sign of life (no byte on either channel) for ``x-io-timeout`` since that request.
+        """
+        if timeout is None:
+            return None
+        with self.lock:
+            if not self._req_time:
+                return None
+            oldest = min(self._req_time.values())
+            waiting = len(self._req_time)
+        quiet = time.monotonic() - max(oldest, self._last_rx)
+        if quiet < timeout:
+            return None
+        return (f"{waiting} requested pages unanswered and nothing received for {quiet:.1f} s "
+                f"(x-io-timeout {timeout:g} s)")  # fmt: skip
 
     def _event(self, ev: Any, dec: Decoder) -> bool:
         """Handle one main-channel event in post-copy; True at EOF."""
@@ -618,6 +647,7 @@ class PostcopyIncoming:
                 n = ch.recv_into(view)
                 if n == 0:
                     break
+                self._last_rx = time.monotonic()
                 for block, offset, page in parser.feed(view[:n]):
                     idx = np.array([offset // PAGE], dtype=np.int64)
                     if block not in self.blocks or idx[0] >= self.blocks[block].npages:
