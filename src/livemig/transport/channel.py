@@ -97,6 +97,19 @@ class Channel:
         return self._sock is not None
 
     @property
+    def seekable(self) -> bool:
+        """A regular file (``file:``): mapped-ram reads and writes at fixed offsets."""
+        return self._file is not None
+
+    @property
+    def read_fd(self) -> int | None:
+        return self._rfd
+
+    @property
+    def write_fd(self) -> int | None:
+        return self._wfd
+
+    @property
     def closed(self) -> bool:
         return self._closed.is_set()
 
