@@ -22,7 +22,7 @@ from typing import Any
 
 from livemig.errors import LivemigError, StreamError
 from livemig.machine.runstate import RunState
-from livemig.migration import multifd, postcopy_dest
+from livemig.migration import mapped_ram, multifd, postcopy_dest
 from livemig.migration.source import MACHINE_TYPE, VERIFY_IDSTR, ram_hashes, verify_vmsd
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.savevm.devices import decode_globalstate, descriptions, machine_entries
@@ -203,6 +203,8 @@ class IncomingMigration:
             self._on_full(ev, dec)
         elif isinstance(ev, E.RamSetup):
             self.loader.check_setup(ev.blocks, dec.offset)
+            if any(b.mapped_ram is not None for b in ev.blocks):
+                mapped_ram.incoming_load(self, ev, dec.offset)
         elif isinstance(ev, E.RamMultifdFlush):
             multifd.incoming_flush(self, dec.offset)
         elif isinstance(ev, E.RamXbzrlePage):

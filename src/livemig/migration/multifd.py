@@ -679,8 +679,8 @@ def _no_zero_split(block: Any, idx: np.ndarray) -> Any:
 def source_setup(mig: Any) -> None:
     """After the main channel's setup: open the multifd channels if capability ``multifd``."""
     cfg = mig.config
-    if "multifd" not in cfg.capabilities:
-        return
+    if "multifd" not in cfg.capabilities or "mapped-ram" in cfg.capabilities:
+        return  # mapped-ram: the channels are file writers (mapped_ram.source_setup)
     p = cfg.params
     method = p["multifd-compression"]
     level = p["multifd-zstd-level"] if method == "zstd" else p["multifd-zlib-level"]
@@ -714,6 +714,11 @@ def source_flush(mig: Any, phase: str, in_section: bool = False) -> None:
     from livemig.wire import events as E
 
     mig.multifd.sync()
+    if not getattr(mig.multifd, "stream_flush", True):
+        # mapped-ram: the file needs no MULTIFD_FLUSH; the final sync writes the bitmaps
+        if in_section:
+            mig.multifd.write_bitmaps()
+        return
     enc = mig.encoder
     if in_section:
         mig._send(enc.send(E.RamMultifdFlush()), phase)
@@ -732,6 +737,8 @@ def source_close(mig: Any, completed: bool) -> None:
 def incoming_accept(mig: Any) -> Channel:
     """Accept main + multifd channels (destination hook); starts the receiver threads."""
     p = mig.params
+    if "mapped-ram" in mig.capabilities:
+        return mig._accept()  # one file; its pages are read in place (mapped_ram.incoming_load)
     main, chans = accept_channels(
         lambda t: mig.listener.accept(timeout=t), p["multifd-channels"],
         machine_uuid(mig.machine), mig.timeout, mig._cancel.is_set,
@@ -748,6 +755,8 @@ def incoming_accept(mig: Any) -> Channel:
 
 def incoming_flush(mig: Any, offset: int) -> None:
     mf = getattr(mig, "multifd", None)
+    if mf is None and "mapped-ram" in mig.capabilities:
+        return  # a mapped-ram file's pages are all in place already
     if mf is None:
         raise StreamError("MULTIFD_FLUSH but capability multifd is off on the destination", offset)
     mf.flush()

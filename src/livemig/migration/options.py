@@ -28,7 +28,7 @@ CAPABILITIES = (
 # What this build of livemig really implements; the rest are listed but refused.
 SUPPORTED_CAPABILITIES = frozenset(
     {"auto-converge", "events", "return-path", "pause-before-switchover", "x-verify", "multifd",
-     "postcopy-ram", "postcopy-preempt", "postcopy-blocktime", "xbzrle"}
+     "postcopy-ram", "postcopy-preempt", "postcopy-blocktime", "xbzrle", "mapped-ram"}
 )
 
 # (capability, needs) and (capability, conflicts with) pairs, checked when set.

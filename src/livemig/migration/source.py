@@ -32,7 +32,7 @@ import numpy as np
 
 from livemig.errors import LivemigError, MigrationError
 from livemig.machine.runstate import RunState
-from livemig.migration import multifd
+from livemig.migration import mapped_ram, multifd
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.stats import MigrationStats, PassRecord
 from livemig.savevm import xbzrle_cache
@@ -144,6 +144,7 @@ class OutgoingMigration:
         self.channel: Channel | None = None
         self.multifd: Any = None  # multifd.MultifdSender with capability multifd
         self.xbzrle: Any = None  # xbzrle_cache.XbzrleCache with capability xbzrle
+        self.mapped_ram: Any = None  # mapped_ram.MappedRamSender (also self.multifd)
         self.thread = threading.Thread(target=self._run, name="live_migration", daemon=True)
         self._rp_thread: threading.Thread | None = None
         self._rp_shut: int | None = None
@@ -254,7 +255,9 @@ class OutgoingMigration:
         enc = self.encoder
         bufs: list = []
         bufs += enc.send(E.Header())
-        bufs += enc.send(E.Configuration(MACHINE_TYPE))
+        # mapped-ram changes the block list layout: announced like QEMU's enforced capabilities
+        mapped = "mapped-ram" in caps
+        bufs += enc.send(E.Configuration(MACHINE_TYPE, ("mapped-ram",) if mapped else None))
         if self.return_path:
             bufs += enc.send(E.OpenReturnPath())
             bufs += enc.send(E.Ping(1))
@@ -269,7 +272,12 @@ class OutgoingMigration:
         self._ram_sid = 2
         infos = tuple(E.RamBlockInfo(b.idstr, b.size) for b in self.machine.ram_blocks)
         bufs += enc.send(E.SectionStart(self._ram_sid, "ram", 0, RAM_SECTION_VERSION))
-        bufs += enc.send(E.RamSetup(sum(b.size for b in self.machine.ram_blocks), infos))
+        if mapped:
+            self._send(bufs)
+            bufs = []
+            mapped_ram.source_setup(self)  # block list + headers; the stream skips the regions
+        else:
+            bufs += enc.send(E.RamSetup(sum(b.size for b in self.machine.ram_blocks), infos))
         bufs += enc.send(E.RamEos())
         bufs += enc.send(E.SectionFooter(self._ram_sid))
         self._send(bufs)

@@ -1,0 +1,403 @@
+"""Mapped-ram: ``file:`` migrations where every guest page has a fixed place in the file.
+
+Theory of operation (QEMU 9.0+: ``mapped_ram_setup_ramblock``, ``ram_save_file_bmap``,
+``read_ramblock_mapped_ram``; reference §4.8):
+
+* **Layout.** The ``ram`` START section lists the blocks as usual, but each entry (idstr,
+  length) is followed by a 28-byte header ``be32 version (1), be64 page_size, be64
+  bitmap_offset, be64 pages_offset`` (absolute file offsets). ``bitmap_offset`` is right after
+  the header; ``pages_offset`` is the next 1 MiB boundary after the bitmap (one bit per page,
+  rounded up to 64-bit longs as QEMU's ``BITS_TO_LONGS``). The stream then continues at
+  ``pages_offset + length``: the next block's entry, EOS, the PART sections (empty: only EOS),
+  the device state, EOF. The configuration section announces ``mapped-ram`` in its
+  ``capabilities`` subsection so that a reader (``livemig analyze``, QEMU's
+  analyze-migration.py) knows the block entries carry the header.
+* **Saving.** Page ``i`` of a block is always written at ``pages_offset + i * 4096``, however
+  many passes rewrite it, so the file never grows past RAM + metadata. The writer threads
+  (``multifd-channels`` of them with capability multifd, else one) take page batches from the
+  migration thread, sort out zero pages (not written: their bitmap bit is cleared) and write
+  runs of consecutive pages with one ``os.pwritev`` whose buffers are memoryview slices of the
+  RAM mmap. At a pass boundary ``sync`` waits until every queued batch is on the file, so an
+  older copy of a page can never overwrite a newer one; the final sync writes the bitmaps.
+* **Restoring.** When the destination's decoder yields the block list, the bitmaps are read and
+  every page whose bit is set is read with ``os.preadv`` straight into its RAM slot (runs of
+  pages in one call, several threads); pages not marked stay zero (fresh RAM is zero).
+
+Limits: ``file:PATH,offset=N`` with N > 0 is refused (the decoder counts offsets from the stream
+start); the reader still reads the page regions through the stream to skip them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from livemig.errors import MigrationError, StreamError
+from livemig.machine.abi import PAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+MAPPED_RAM_HDR_VERSION = 1
+MAPPED_RAM_HEADER = struct.Struct(">IQQQ")  # QEMU's MappedRamHeader, QEMU_PACKED
+FILE_OFFSET_ALIGNMENT = 0x100000  # MAPPED_RAM_FILE_OFFSET_ALIGNMENT
+RAM_SAVE_FLAG_MEM_SIZE = 0x04
+PAGE_SHIFT = 12
+WORDS_PER_PAGE = PAGE_SIZE // 8
+QUEUE_DEPTH = 4
+MAX_IOV = 1024  # IOV_MAX: buffers per pwritev/preadv
+_STOP = object()
+_SYNC = object()
+
+
+def bitmap_size(npages: int) -> int:
+    """Bytes of a block's page bitmap on file (whole 64-bit longs, as QEMU)."""
+    return (npages + 63) // 64 * 8
+
+
+def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
+    """Sorted page indices as (first, count) runs of consecutive pages."""
+    if len(idx) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [len(idx)]))
+    return list(zip(idx[starts].tolist(), (ends - starts).tolist(), strict=True))
+
+
+def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> int:
+    """``pwritev`` until every buffer is written (a short write continues where it stopped)."""
+    total = sum(len(b) for b in bufs)
+    done = 0
+    while bufs:
+        n = os.pwritev(fd, bufs[:MAX_IOV], offset + done)
+        if n <= 0:
+            raise OSError(f"pwritev wrote {n} bytes at offset {offset + done}")
+        done += n
+        while bufs and n >= len(bufs[0]):
+            n -= len(bufs[0])
+            bufs = bufs[1:]
+        if n:
+            bufs[0] = bufs[0][n:]
+    return total
+
+
+def _preadv_all(fd: int, view: memoryview, offset: int, where: str) -> None:
+    got = 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise StreamError(f"{where}: file ends inside the page region "
+                              f"(wanted {len(view) - got} more bytes)", offset + got)  # fmt: skip
+        got += n
+
+
+class BlockLayout:
+    """Where one RAMBlock's bitmap and pages live in the file."""
+
+    def __init__(self, block: Any, header_at: int) -> None:
+        self.block = block
+        self.idstr: str = block.idstr
+        self.npages: int = block.npages
+        self.bitmap_offset = header_at + MAPPED_RAM_HEADER.size
+        self.pages_offset = -(-(self.bitmap_offset + bitmap_size(self.npages))
+                              // FILE_OFFSET_ALIGNMENT) * FILE_OFFSET_ALIGNMENT  # fmt: skip
+        self.end = self.pages_offset + block.size
+        self.written = np.zeros(self.npages, dtype=bool)  # the file bitmap
+
+    def header(self) -> bytes:
+        return MAPPED_RAM_HEADER.pack(MAPPED_RAM_HDR_VERSION, PAGE_SIZE, self.bitmap_offset,
+                                      self.pages_offset)  # fmt: skip
+
+    def bitmap(self) -> bytes:
+        bits = np.packbits(self.written, bitorder="little").tobytes()
+        return bits + bytes(bitmap_size(self.npages) - len(bits))
+
+
+# -- source ---------------------------------------------------------------------------------
+
+
+class _Writer:
+    """One writer thread (a multifd channel's role for a file)."""
+
+    def __init__(self, sender: MappedRamSender, wid: int) -> None:
+        self.sender = sender
+        self.id = wid
+        self.queue: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
+        self.synced = threading.Semaphore(0)
+        self.thread = threading.Thread(target=self._run, name=f"mapped-ram_{wid}", daemon=True)
+
+    def _run(self) -> None:
+        s = self.sender
+        try:
+            while True:
+                job = self.queue.get()
+                if job is _STOP:
+                    return
+                if job is _SYNC:
+                    self.synced.release()
+                    continue
+                layout, idx = job
+                s._write(layout, idx)
+        except OSError as exc:
+            s._failed(f"mapped-ram writer {self.id}: write to the file failed: "
+                      f"{exc.strerror or exc}")  # fmt: skip
+        except BaseException as exc:  # a bug: report it instead of hanging the sync
+            log.exception("mapped-ram writer %d crashed", self.id)
+            s._failed(f"mapped-ram writer {self.id}: internal error: {exc!r}")
+
+
+class MappedRamSender:
+    """Writes page batches at their fixed file offsets; the migration thread's ``multifd``.
+
+    It offers the calls ``source.py`` makes on a ``MultifdSender`` (``send_batches``, ``sync``,
+    ``take_stats``, ``check``, ``shutdown``, ``close``), so the pre-copy loop runs unchanged.
+    """
+
+    stream_flush = False  # no MULTIFD_FLUSH words in a mapped-ram stream (QEMU 9.0)
+
+    def __init__(self, fd: int, layouts: list[BlockLayout], nthreads: int,
+                 timeout: float = 30.0) -> None:  # fmt: skip
+        self.fd = fd
+        self.layouts = {lay.idstr: lay for lay in layouts}
+        self.words = {lay.idstr: lay.block.array.view(np.uint64).reshape(-1, WORDS_PER_PAGE)
+                      for lay in layouts}  # fmt: skip
+        self.timeout = timeout
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._bytes = self._normal = self._zero = 0
+        self._taken = (0, 0, 0)
+        self._next = 0
+        self.writers = [_Writer(self, i) for i in range(max(1, nthreads))]
+        for w in self.writers:
+            w.thread.start()
+
+    def _write(self, layout: BlockLayout, idx: np.ndarray) -> None:
+        nonzero = self.words[layout.idstr][idx].any(axis=1)
+        normal, zero = idx[nonzero], idx[~nonzero]
+        # Each page index belongs to one batch per pass and passes are separated by sync(),
+        # so two threads never update the same bitmap entries at once.
+        layout.written[zero] = False
+        nbytes = 0
+        if len(normal):
+            view = layout.block.view
+            for first, count in _runs(normal):
+                buf = view[first << PAGE_SHIFT : (first + count) << PAGE_SHIFT]
+                nbytes += _pwritev_all(self.fd, [buf], layout.pages_offset + (first << PAGE_SHIFT))
+            layout.written[normal] = True
+        with self._lock:
+            self._bytes += nbytes
+            self._normal += len(normal)
+            self._zero += len(zero)
+
+    def _failed(self, reason: str) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = reason
+        log.warning("%s", reason)
+        for w in self.writers:
+            w.synced.release()
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise MigrationError(self.error)
+
+    def take_stats(self) -> tuple[int, int, int]:
+        """(bytes, normal pages, zero pages) written since the last call."""
+        with self._lock:
+            now = (self._bytes, self._normal, self._zero)
+        prev, self._taken = self._taken, now
+        return now[0] - prev[0], now[1] - prev[1], now[2] - prev[2]
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes
+
+    def _put(self, w: _Writer, job: Any) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self.check()
+            try:
+                w.queue.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    raise MigrationError(f"mapped-ram writer {w.id}: no progress for "
+                                         f"{self.timeout:g} s") from None  # fmt: skip
+
+    def send_batches(self, batches: list) -> int:
+        pages = 0
+        n = len(self.writers)
+        for b in batches:
+            idx = np.concatenate((b.normal, b.zero)) if len(b.zero) else b.normal
+            if len(b.zero) and len(b.normal):
+                idx.sort()
+            w = self.writers[self._next]
+            self._next = (self._next + 1) % n
+            self._put(w, (self.layouts[b.block.idstr], idx))
+            pages += len(idx)
+        return pages
+
+    def sync(self) -> None:
+        """Wait until every batch queued so far is in the file."""
+        for w in self.writers:
+            self._put(w, _SYNC)
+        for w in self.writers:
+            if not w.synced.acquire(timeout=self.timeout):
+                raise MigrationError(f"mapped-ram writer {w.id}: pages not written within "
+                                     f"{self.timeout:g} s")  # fmt: skip
+            self.check()
+
+    def write_bitmaps(self) -> None:
+        """The final sync's step: every block's bitmap of written pages at its offset."""
+        try:
+            for lay in self.layouts.values():
+                os.pwrite(self.fd, lay.bitmap(), lay.bitmap_offset)
+        except OSError as exc:
+            raise MigrationError(f"mapped-ram: writing the page bitmaps failed: "
+                                 f"{exc.strerror or exc}") from exc  # fmt: skip
+
+    def shutdown(self) -> None:
+        """Cancel: a queued batch is still written, but every waiter wakes up."""
+        self._failed(self.error or "mapped-ram: cancelled")
+
+    def close(self, graceful: bool = True) -> None:
+        for w in self.writers:
+            try:
+                w.queue.put(_STOP, timeout=self.timeout if graceful else 1.0)
+            except queue.Full:
+                log.warning("mapped-ram writer %d did not take its stop", w.id)
+        for w in self.writers:
+            w.thread.join(self.timeout if graceful else 2.0)
+
+
+def _cstr(s: str) -> bytes:
+    raw = s.encode()
+    return bytes([len(raw)]) + raw
+
+
+def source_setup(mig: Any) -> None:
+    """Write the block list with mapped-ram headers and start the writers (``mig.multifd``).
+
+    Called with the main channel positioned right after the ``ram`` START section header.
+    """
+    from livemig.transport.uri import parse_uri
+
+    u = parse_uri(mig.config.uri)
+    ch = mig.channel
+    fd = ch.write_fd if u.scheme == "file" else None
+    if fd is None:
+        raise MigrationError(f"capability mapped-ram needs a file: migration URI, not {u}")
+    if u.offset:
+        raise MigrationError(f"mapped-ram: {u} starts at offset {u.offset}; livemig writes "
+                             "mapped-ram files from offset 0 only")  # fmt: skip
+    p = mig.config.params
+    if "multifd" in mig.config.capabilities and p["multifd-compression"] != "none":
+        raise MigrationError("mapped-ram cannot be used with multifd-compression "
+                             f"{p['multifd-compression']!r} (pages need fixed sizes)")  # fmt: skip
+    blocks = mig.machine.ram_blocks
+    total = sum(b.size for b in blocks)
+    mig._send([struct.pack(">Q", total | RAM_SAVE_FLAG_MEM_SIZE)])
+    layouts = []
+    for b in blocks:
+        entry = _cstr(b.idstr) + struct.pack(">Q", b.size)
+        here = os.lseek(fd, 0, os.SEEK_CUR)
+        lay = BlockLayout(b, here + len(entry))
+        mig._send([entry, lay.header()])
+        # The bitmap is written at the end; the pages during the passes. Reserve both by
+        # moving the stream past the region (a sparse hole until written).
+        os.ftruncate(fd, max(os.fstat(fd).st_size, lay.end))
+        os.lseek(fd, lay.end, os.SEEK_SET)
+        layouts.append(lay)
+    n = p["multifd-channels"] if "multifd" in mig.config.capabilities else 1
+    mig.multifd = MappedRamSender(fd, layouts, n, timeout=p["x-io-timeout"] / 1000)
+    mig.mapped_ram = mig.multifd
+
+    def _no_zero_split(block: Any, idx: np.ndarray) -> Any:
+        from livemig.savevm.ram import Batch
+
+        return Batch(block, idx, idx[:0])
+
+    # zero pages are found by the writer threads, not by the migration thread's page walk
+    mig.ram.split_zero = _no_zero_split
+
+
+# -- destination ---------------------------------------------------------------------------
+
+
+def _read_runs(fd: int, jobs: list[tuple[memoryview, int]], where: str) -> None:
+    for view, offset in jobs:
+        _preadv_all(fd, view, offset, where)
+
+
+def incoming_load(mig: Any, setup: Any, offset: int) -> None:
+    """Read every page the file's bitmaps mark straight into its RAM slot (``os.preadv``)."""
+    if "mapped-ram" not in mig.capabilities:
+        raise StreamError("the stream uses mapped-ram but capability mapped-ram is off on the "
+                          "destination (migrate-set-capabilities mapped-ram on)", offset)  # fmt: skip
+    ch = mig.channel
+    fd = ch.read_fd if ch is not None else None
+    if fd is None or not ch.seekable:
+        raise StreamError("a mapped-ram stream can only be restored from a file: URI", offset)
+    size = os.fstat(fd).st_size
+    loader = mig.loader
+    jobs: list[tuple[memoryview, int]] = []
+    for info in setup.blocks:
+        if info.mapped_ram is None:
+            raise StreamError(f"RAM block {info.idstr!r} has no mapped-ram header", offset)
+        _version, page_size, bitmap_offset, pages_offset = info.mapped_ram
+        if bitmap_offset == 0 and pages_offset == 0:
+            continue  # x-ignore-shared: block skipped
+        where = f"mapped-ram block {info.idstr!r}"
+        if page_size != PAGE_SIZE:
+            raise StreamError(f"{where}: page size {page_size}, this machine uses {PAGE_SIZE}",
+                              offset)  # fmt: skip
+        block = loader.blocks[info.idstr]
+        npages = block.npages
+        if (bitmap_offset + bitmap_size(npages) > pages_offset
+                or pages_offset + block.size > size):  # fmt: skip
+            raise StreamError(f"{where}: bitmap at {bitmap_offset} and pages at {pages_offset} "
+                              f"do not fit a {size}-byte file", offset)  # fmt: skip
+        raw = os.pread(fd, bitmap_size(npages), bitmap_offset)
+        bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")[:npages]
+        idx = np.flatnonzero(bits)
+        view = block.view
+        for first, count in _runs(idx):
+            # big runs are split so the threads share the work evenly
+            for f in range(first, first + count, 2048):
+                n = min(2048, first + count - f)
+                jobs.append((view[f << PAGE_SHIFT : (f + n) << PAGE_SHIFT],
+                             pages_offset + (f << PAGE_SHIFT)))  # fmt: skip
+        loader.touched[info.idstr][idx] = True
+        loader.received[info.idstr][idx] = True
+        loader.pages_loaded += len(idx)
+    p = mig.params
+    n = max(1, p["multifd-channels"] if "multifd" in mig.capabilities else 1)
+    n = min(n, max(1, len(jobs)))
+    errors: list[BaseException] = []
+
+    def run(part: list[tuple[memoryview, int]]) -> None:
+        try:
+            _read_runs(fd, part, "mapped-ram")
+        except (OSError, StreamError) as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(jobs[i::n],), name=f"mapped-ram-load_{i}",
+                                daemon=True) for i in range(n)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(mig.timeout + 60)
+        if t.is_alive():
+            raise MigrationError(f"mapped-ram: reading pages took longer than {mig.timeout:g} s")
+    if errors:
+        exc = errors[0]
+        if isinstance(exc, StreamError):
+            raise exc
+        raise StreamError(f"mapped-ram: reading pages failed: {exc}", offset)
