@@ -153,3 +153,32 @@ def test_livemig_analyze_reads_a_mapped_ram_file(make_pair: MakePair, tmp_path: 
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "cpu" in out.stdout and "pc.ram" in out.stdout
+
+
+def test_mapped_ram_restore_in_a_new_process(tmp_path: Path) -> None:
+    """Save a running guest from one ``livemig run`` process, restore in another one started
+    with ``--incoming defer`` (capabilities first, then migrate-incoming)."""
+    from livemig.testing_procs import ProcHarness
+
+    with ProcHarness(workdir=tmp_path, memory="32M") as h:
+        src = h.source(append="ws=8M rate=20000")
+        time.sleep(0.5)
+        path = h.path("vm.mapped")
+        h.migrate(src, f"file:{path}",
+                  caps={"mapped-ram": True, "multifd": True, "x-verify": True},
+                  params={"multifd-channels": 2})  # fmt: skip
+        info = src.wait_migration(timeout=60)
+        assert info["status"] == "completed", info
+        assert os.path.getsize(path) <= (32 << 20) + (2 << 20)
+        dst = h.destination(incoming="defer")
+        dst.cmd("migrate-set-capabilities", capabilities=[
+            {"capability": "mapped-ram", "state": True},
+            {"capability": "multifd", "state": True}])  # fmt: skip
+        dst.cmd("migrate-incoming", uri=f"file:{path}")
+        dst.wait_status("running", timeout=30)
+        q = dst.query_migrate()
+        assert q["status"] == "completed", q
+        assert q["x-verify"]["equal"] is True
+        time.sleep(0.3)  # the guest runs on from the restored state
+        report = dst.guest_check()
+        assert report.get("ok") is True, report
