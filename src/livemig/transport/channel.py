@@ -132,13 +132,16 @@ class Channel:
         """Write every buffer, in order; returns the byte count. Raises on any failure."""
         if self._wfd is None:
             raise ChannelError(f"{self.name}: channel is not writable")
-        views = [memoryview(b).cast("B") for b in buffers if len(b)]
+        # os.writev takes the buffers as they are (bytes, memoryview slices of guest RAM):
+        # no per-buffer wrapping on the hot path, only after a partial write.
+        views: list[Buffer] = list(buffers)
+        sizes = [b.nbytes if type(b) is memoryview else len(b) for b in views]
         total = 0
         i = 0
         while i < len(views):
-            batch = views[i : i + IOV_MAX]
+            end = min(i + IOV_MAX, len(views))
             try:
-                n = os.writev(self._wfd, batch)
+                n = os.writev(self._wfd, views[i:end])
             except BlockingIOError:
                 self._wait(self._wfd, select.POLLOUT, "writing")
                 continue
@@ -148,13 +151,16 @@ class Channel:
                 raise self._error("write", exc) from exc
             total += n
             # advance over fully written buffers; keep the rest of a partial one
-            while n and i < len(views):
-                if n >= len(views[i]):
-                    n -= len(views[i])
+            while n and i < end:
+                if n >= sizes[i]:
+                    n -= sizes[i]
                     i += 1
                 else:
-                    views[i] = views[i][n:]
+                    views[i] = memoryview(views[i]).cast("B")[n:]
+                    sizes[i] -= n
                     n = 0
+            while i < end and sizes[i] == 0:
+                i += 1
         self.bytes_sent += total
         return total
 
