@@ -88,7 +88,7 @@ class Decoder:
         self._buf: bytes = b""
         self._pos = 0
         self._base = start_offset
-        self._pending: list[bytes] = []
+        self._pending: list[tuple[bytes, int]] = []  # (chunk, first unread byte)
         self._pending_len = 0
         self._eof = False
         self._need = 0  # bytes from _pos needed before trying again
@@ -116,7 +116,7 @@ class Decoder:
         if self._eof:
             raise StreamError("data received after end of input", self._base + len(self._buf))
         chunk = data if isinstance(data, bytes) else bytes(data)
-        self._pending.append(chunk)
+        self._pending.append((chunk, 0))
         self._pending_len += len(chunk)
 
     @property
@@ -132,26 +132,40 @@ class Decoder:
         return len(self._buf) - self._pos + self._pending_len
 
     def _fill(self, need: int) -> bool:
-        """Make ``need`` bytes from ``_pos`` contiguous in ``_buf``; False if not buffered."""
+        """Make ``need`` bytes from ``_pos`` contiguous in ``_buf``; False if not buffered.
+
+        Received chunks are used in place. A record that straddles two chunks is joined from
+        the old chunk's tail and only as many bytes of the next as it needs; the rest of that
+        chunk stays where it is (``_pending`` holds ``(chunk, start)``), so no byte of page data
+        is copied twice.
+        """
         have = len(self._buf) - self._pos
         if have >= need:
             return True
         if have + self._pending_len < need:
             return False
-        if have == 0 and len(self._pending[0]) >= need:
-            # Common case: switch chunks without copying anything.
-            self._base += len(self._buf)
-            self._buf = self._pending.pop(0)
-            self._pending_len -= len(self._buf)
-            self._pos = 0
-            return True
+        if have == 0:
+            chunk, start = self._pending[0]
+            if len(chunk) - start >= need:
+                # Common case: switch chunks without copying anything.
+                self._base += len(self._buf) - start
+                self._buf = chunk
+                self._pos = start
+                self._pending.pop(0)
+                self._pending_len -= len(chunk) - start
+                return True
         parts = [self._buf[self._pos :]]
         got = have
         while got < need:
-            nxt = self._pending.pop(0)
-            self._pending_len -= len(nxt)
-            parts.append(nxt)
-            got += len(nxt)
+            chunk, start = self._pending[0]
+            take = min(need - got, len(chunk) - start)
+            parts.append(chunk[start : start + take])
+            got += take
+            self._pending_len -= take
+            if start + take == len(chunk):
+                self._pending.pop(0)
+            else:
+                self._pending[0] = (chunk, start + take)
         self._base += self._pos
         self._buf = b"".join(parts)
         self._pos = 0
