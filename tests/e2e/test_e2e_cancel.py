@@ -7,6 +7,9 @@ fresh destination succeeds. Cancel is idempotent: twice in a row, and with nothi
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 
 from livemig.testing_procs import LivemigProcess, ProcHarness, wait_until
@@ -112,3 +115,45 @@ def test_cancel_right_before_completion(harness: ProcHarness) -> None:
     assert_destination_failed(dst)
     assert_source_unharmed(src, before)
     migrate_again(harness, src)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("family", ["tcp", "unix"])
+def test_cancel_while_connecting(harness: ProcHarness, family: str) -> None:
+    """A destination whose accept queue is full: connect hangs; cancel ends it at once,
+    not after x-io-timeout (30 s)."""
+    if family == "tcp":
+        lsock = socket.socket(socket.AF_INET)
+        lsock.bind(("127.0.0.1", 0))
+        uri = f"tcp:127.0.0.1:{lsock.getsockname()[1]}"
+        addr: object = lsock.getsockname()
+    else:
+        lsock = socket.socket(socket.AF_UNIX)
+        addr = harness.path("full.sock")
+        lsock.bind(addr)
+        uri = f"unix:{addr}"
+    fillers: list[socket.socket] = []
+    try:
+        lsock.listen(0)  # never accepted: a queue of one, filled below
+        for _ in range(3):
+            c = socket.socket(lsock.family)
+            c.setblocking(False)
+            try:
+                c.connect(addr)
+            except (BlockingIOError, InterruptedError):
+                pass
+            fillers.append(c)
+        src = harness.source(append="ws=4M rate=20000")
+        before = src.wait_passes_increase(0)
+        src.cmd("migrate", uri=uri)
+        time.sleep(0.5)
+        assert src.query_migrate()["status"] == "setup"
+        t0 = time.monotonic()
+        src.cmd("migrate_cancel")
+        assert src.wait_migration(timeout=10)["status"] == "cancelled"
+        assert time.monotonic() - t0 < 2.0
+        assert_source_unharmed(src, before)
+    finally:
+        for c in fillers:
+            c.close()
+        lsock.close()

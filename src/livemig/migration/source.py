@@ -229,7 +229,7 @@ class OutgoingMigration:
         cfg = self.config
         caps = cfg.capabilities
         timeout = cfg.params["x-io-timeout"] / 1000
-        self.channel = connect(cfg.uri, timeout=timeout)
+        self.channel = connect(cfg.uri, timeout=timeout, cancelled=self._cancel.is_set)
         self._check_cancel()
         self.return_path = (
             ("return-path" in caps or "postcopy-ram" in caps)

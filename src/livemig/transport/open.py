@@ -13,10 +13,13 @@ silently sending the guest in clear.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import select
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 
 from livemig.errors import UsageError
 from livemig.transport import tls as _tls
@@ -49,10 +52,32 @@ def connect(
     timeout: float | None = DEFAULT_TIMEOUT,
     name: str = "main",
     tls: object = FROM_PROCESS,
+    cancelled: Callable[[], bool] | None = None,
 ) -> Channel:
-    """Open the sending side of a migration channel (a TLS client with credentials)."""
+    """Open the sending side of a migration channel (a TLS client with credentials).
+
+    With ``cancelled``, a ``tcp:``/``unix:`` connect that hangs (a peer dropping SYNs, a full
+    accept queue) gives up as soon as ``cancelled()`` is true instead of after ``timeout``.
+    """
     u = _uri(uri)
     creds = _creds(tls, "client")
+    if u.scheme == "tcp" and cancelled is not None:
+        try:
+            family, _, _, _, addr = socket.getaddrinfo(u.host, u.port, type=socket.SOCK_STREAM)[0]
+            sock = _cancellable_connect(family, addr, timeout, cancelled, f"{name} {u}")
+        except OSError as exc:
+            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+        if creds is not None:
+            return _tls.client_wrap(sock, creds, f"{name} {u}", timeout, host=u.host)
+        return Channel.from_socket(sock, f"{name} {u}", timeout)
+    if u.scheme == "unix" and cancelled is not None:
+        try:
+            sock = _cancellable_connect(socket.AF_UNIX, u.path, timeout, cancelled, f"{name} {u}")
+        except OSError as exc:
+            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+        if creds is not None:
+            return _tls.client_wrap(sock, creds, f"{name} {u}", timeout)
+        return Channel.from_socket(sock, f"{name} {u}", timeout)
     if u.scheme == "tcp":
         try:
             sock = socket.create_connection((u.host, u.port), timeout=timeout)
@@ -87,6 +112,49 @@ def connect(
         f.truncate(u.offset)
         f.seek(u.offset)
     return Channel(f"{name} {u}", None, f.fileno(), timeout=timeout, file=f)
+
+
+_IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EALREADY, errno.EINTR})
+
+
+def _cancellable_connect(
+    family: int,
+    address: object,
+    timeout: float | None,
+    cancelled: Callable[[], bool],
+    what: str,
+) -> socket.socket:
+    """A connected stream socket; waits at most 0.1 s at a time so a cancel ends it at once."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        while err not in (0, errno.EISCONN):
+            if cancelled():
+                raise ChannelError(f"{what}: cancelled while connecting")
+            left = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+            if left <= 0:
+                raise ChannelTimeout(f"{what}: no connection within {timeout:g} s")
+            if err in _IN_PROGRESS:
+                # TCP: the handshake is under way; writable means it ended, either way
+                _, writable, _ = select.select([], [sock], [], left)
+                if writable:
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        raise OSError(err, os.strerror(err))
+                    break
+            elif err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                # unix: the listener's accept queue is full; try again shortly
+                time.sleep(min(left, 0.05))
+                err = sock.connect_ex(address)
+            else:
+                raise OSError(err, os.strerror(err))
+        sock.settimeout(timeout)
+        return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _fd_channel(
