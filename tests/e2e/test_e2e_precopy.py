@@ -9,12 +9,13 @@ came in QEMU's order.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 
 import pytest
 
-from livemig.testing_procs import LivemigProcess, ProcHarness, free_tcp_port
+from livemig.testing_procs import LivemigProcess, ProcHarness, free_tcp_port, wait_until
 
 # QEMU 7.2's MigrationStats members (qapi/migration.json) that livemig reports.
 RAM_FIELDS = {
@@ -108,3 +109,46 @@ def test_cli_migrate_json(harness: ProcHarness) -> None:
     assert set(out["ram"]) >= RAM_FIELDS
     assert src.status() == "postmigrate"
     check_guest_continues(dst, before)
+
+
+@pytest.mark.timeout(60)
+def test_cli_migrate_json_failure(harness: ProcHarness) -> None:
+    """A destination that is not there: one JSON object with the reason, exit status 1."""
+    src = harness.source(append="ws=4M rate=20000")
+    proc = subprocess.run(
+        [sys.executable, "-m", "livemig", "migrate", "--qmp", src.qmp_uri,
+         f"unix:{harness.path('nobody.sock')}", "--verify", "--json", "--timeout", "30"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["status"] == "failed"
+    assert "nobody.sock" in out["error-desc"]
+    assert out["verified"] is False
+    assert src.status() == "running"
+
+
+@pytest.mark.timeout(60)
+def test_cli_migrate_interrupted_cancels(harness: ProcHarness) -> None:
+    """Ctrl-C on ``livemig migrate`` cancels the migration; the guest stays on the source."""
+    src = harness.source(append="ws=16M rate=20000")
+    dst = harness.destination()
+    assert dst.incoming is not None
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "livemig", "migrate", "--qmp", src.qmp_uri, dst.incoming,
+         "--json", "--set", "max-bandwidth=4M"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        wait_until(lambda: src.query_migrate().get("status") == "active", 15, "active")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 1, err
+    assert json.loads(out)["status"] == "cancelled"
+    assert src.query_migrate()["status"] == "cancelled"
+    src.wait_status("running")
+    assert src.guest_check()["ok"]
