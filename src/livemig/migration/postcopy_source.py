@@ -65,6 +65,7 @@ CHECKSUM_IDSTR = "x-postcopy-verify"
 # (a thread woken by a request waits at most this long for a CPU-bound holder to let go).
 URGENT_NICE = -10
 POSTCOPY_SWITCH_INTERVAL = 0.0005
+REMAINING_PERIOD = 0.05  # seconds between updates of the ``remaining`` figure
 RP_YIELD_WAIT = 0.01  # longest the migration thread waits for the return-path thread's send
 
 _switch_lock = threading.Lock()
@@ -288,7 +289,6 @@ class PostcopySource:
                     raise
                 self.requested_sent += len(idx)
                 mig.stats.account(n, normal, zero, "postcopy")
-                mig.stats.remaining = mig.ram.pending_pages() * PAGE
                 return True
         finally:
             self._rp_done += 1
@@ -436,6 +436,7 @@ class PostcopySource:
         mig = self.mig
         enc = mig.encoder
         sid = mig._ram_sid
+        t_remaining = 0.0
         while True:
             mig._check_cancel()
             mig._check_rp()
@@ -471,7 +472,11 @@ class PostcopySource:
                     mig.stats.account(n, normal, zero, "postcopy")
                     if not urgent:
                         mig.rate.account(n)
-                    mig.stats.remaining = mig.ram.pending_pages() * PAGE
+                    now = time.monotonic()
+                    if now - t_remaining >= REMAINING_PERIOD:
+                        # counting a large bitmap per PART would cost more than the PART
+                        t_remaining = now
+                        mig.stats.remaining = mig.ram.pending_pages() * PAGE
             if not batches:
                 mig.rate.wait(mig._wake)
                 mig._wake.clear()

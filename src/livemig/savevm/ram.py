@@ -24,6 +24,9 @@ from livemig.machine.abi import PAGE_SIZE
 
 PAGE_SHIFT = 12
 WORDS_PER_PAGE = PAGE_SIZE // 8
+# take() looks this many bitmap entries ahead at a time: a small take (a post-copy PART) costs
+# a window, not a scan of the rest of a large block.
+TAKE_SCAN_WINDOW = 1 << 16
 
 
 def _pages2d(block: object) -> np.ndarray:
@@ -90,7 +93,11 @@ class RamSaver:
         while left > 0 and visited <= nblocks:
             block = self.blocks[self._cursor_block]
             d = self.dirty[block.idstr]
-            idx = np.flatnonzero(d[self._cursor_page :])
+            end = min(block.npages, self._cursor_page + max(TAKE_SCAN_WINDOW, left))
+            idx = np.flatnonzero(d[self._cursor_page : end])
+            if len(idx) == 0 and end < block.npages:
+                self._cursor_page = end
+                continue
             if len(idx) == 0:
                 self._cursor_block = (self._cursor_block + 1) % nblocks
                 self._cursor_page = 0
