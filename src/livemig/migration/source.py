@@ -207,13 +207,24 @@ class OutgoingMigration:
             if self._cancel.is_set():
                 self._fail(cancelled=True, reason="cancelled by the user")
             else:
-                log.warning("migration failed: %s", exc)
-                self._fail(cancelled=False, reason=str(exc))
+                reason = self._failure_reason(exc)
+                log.warning("migration failed: %s", reason)
+                self._fail(cancelled=False, reason=reason)
         except BaseException as exc:  # a bug: still never lose the guest
             log.exception("migration thread crashed")
             self._fail(cancelled=False, reason=f"internal error: {exc!r}")
         finally:
             self._cleanup()
+
+    def _failure_reason(self, exc: BaseException) -> str:
+        """Our error, led by the destination's verdict when it refused the stream: a
+        destination that fails to load sends SHUT(1) and closes, and our next write then only
+        says "Broken pipe", which hides why."""
+        if self._rp_thread is not None and self._rp_shut is None:
+            self._rp_event.wait(0.5)  # the SHUT may still be on its way
+        if self._rp_shut not in (None, 0) and "SHUT" not in str(exc):
+            return f"destination failed to load the migration (SHUT {self._rp_shut}): {exc}"
+        return str(exc)
 
     def _send(self, buffers: list, phase: str = "precopy", normal: int = 0, zero: int = 0) -> int:
         assert self.channel is not None
