@@ -86,3 +86,23 @@ def test_migration_commands(harness: ProcHarness) -> None:
     assert dst.guest_check()["ok"]
     # after the end, the thread list is empty again
     assert src.cmd("query-migrationthreads") == []
+
+
+@pytest.mark.timeout(60)
+def test_incoming_exit_on_error_false(harness: ProcHarness) -> None:
+    """``migrate-incoming`` with exit-on-error false: a failed incoming migration leaves the
+    destination alive, in ``inmigrate``, its query-migrate saying failed and why."""
+    src = harness.source(append="ws=16M rate=20000")
+    dst = harness.destination(incoming="defer")
+    uri = f"unix:{harness.path('eoe.sock')}"
+    dst.cmd("migrate-incoming", uri=uri, **{"exit-on-error": False})
+    harness.migrate(src, uri, params={"max-bandwidth": 8 << 20})
+    src.wait_migration(states=frozenset({"active"}))
+    src.cmd("migrate_cancel")
+    assert src.wait_migration()["status"] == "cancelled"
+    info = dst.wait_migration(timeout=20)
+    assert info["status"] == "failed", info
+    assert info["error-desc"], info
+    assert dst.alive()
+    assert dst.status() == "inmigrate"
+    src.wait_status("running")
