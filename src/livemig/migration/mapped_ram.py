@@ -41,6 +41,7 @@ import numpy as np
 
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
+from livemig.migration.multifd import split_zero
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +180,7 @@ class MappedRamSender:
             w.thread.start()
 
     def _write(self, layout: BlockLayout, idx: np.ndarray) -> None:
-        nonzero = self.words[layout.idstr][idx].any(axis=1)
-        normal, zero = idx[nonzero], idx[~nonzero]
+        normal, zero = split_zero(self.words[layout.idstr], idx)
         # Each page index belongs to one batch per pass and passes are separated by sync(),
         # so two threads never update the same bitmap entries at once.
         layout.written[zero] = False
