@@ -28,6 +28,21 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
   checked) header names; compressed payloads are read into one reusable buffer per channel and
   inflated into a reusable page buffer before placement.
 
+* **QEMU 7.2 streams** (not handled, by design): a 7.2 source (and any machine type up to
+  8.0, QEMU's ``multifd-flush-after-each-section=on`` compat property) sends no
+  ``MULTIFD_FLUSH`` word; its channels send a SYNC packet before *every* RAM EOS (the START
+  section's, each PART's and the END's) and the 7.2 destination waits for all channels at each
+  EOS. Supporting it would mean calling ``MultifdReceiver.flush()`` at every ``RamEos`` when
+  the configuration's machine type is a QEMU one of version <= 8.0. It is not wired in because
+  livemig's destination refuses any machine type but its own (``source.MACHINE_TYPE``) before
+  a RAM section arrives, so such a stream never reaches the multifd code; and livemig's source
+  always uses the 8.1+ rule (SYNC per dirty-bitmap sync, one ``MULTIFD_FLUSH`` word). The
+  channel handshake already accepts 7.2's connection order (first connection = main).
+* **mapped-ram** (``mapped_ram.py``): with capability mapped-ram the "channels" are writer
+  threads on the ``file:`` target; ``source_setup`` leaves them to ``mapped_ram.source_setup``,
+  ``source_flush`` syncs them without a ``MULTIFD_FLUSH`` word (and writes the page bitmaps at
+  the final sync), and the destination reads the file with no multifd channels at all.
+
 Every blocking wait has a time-out; a failing channel records its error, wakes the others and
 the migration fails with that error (the source guest keeps running).
 """
