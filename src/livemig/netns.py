@@ -14,6 +14,19 @@ import subprocess
 
 from livemig.errors import UsageError
 
+_TC_UNITS = {"bit": 1, "kbit": 10**3, "mbit": 10**6, "gbit": 10**9, "tbit": 10**12,
+             "bps": 8, "kbps": 8 * 10**3, "mbps": 8 * 10**6, "gbps": 8 * 10**9}  # fmt: skip
+
+
+def tc_rate_bytes(rate: str) -> int:
+    """Bytes per second of a ``tc`` rate such as ``1gbit`` or ``200mbit`` (tc's own units)."""
+    import re
+
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]+)", rate.strip().lower())
+    if not m or m.group(2) not in _TC_UNITS:
+        raise UsageError(f"link rate {rate!r}: expected e.g. 1gbit, 200mbit, 100kbit")
+    return int(float(m.group(1)) * _TC_UNITS[m.group(2)] / 8)
+
 
 def _ip(*args: str) -> None:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10)

@@ -172,7 +172,12 @@ def _plan(console: Console, src: Any, args: argparse.Namespace) -> Any:
     from livemig.cli.plan import plan_for, prediction_table
 
     try:
-        pred = plan_for(src._qmp, 1.0, None, None)
+        link = None
+        if args.two_hosts:
+            from livemig.netns import tc_rate_bytes
+
+            link = tc_rate_bytes(args.link_rate)
+        pred = plan_for(src._qmp, 1.0, link, None)
     except LivemigError as exc:
         console.print(f"[yellow]planner: {exc}[/]")
         return None
