@@ -7,12 +7,21 @@ loopback, switches to post-copy, and the destination's statistics give the reque
 percentiles (targets: p50 <= 200 us, p99 <= 2 ms) and blocktime. Guest progress during
 post-copy is memstress passes per second on the destination between switch-over and the end,
 as a share of the rate measured on the source before the migration (the in-run baseline).
+
+``--vs-qemu`` adds QEMU 7.2's post-copy on the same machine (the baseline guest of
+``livemig.bench.qemu_baseline``: a Debian kernel under TCG whose ``/init`` dirties a working set
+at a paced rate): same RAM size, working set and ``max-postcopy-bandwidth``, postcopy-ram (and
+postcopy-preempt for the preempt row), ``migrate-start-postcopy`` after the first full pass.
+QEMU 7.2 reports no per-request latency, so its row has total time, downtime, requests and
+``postcopy-blocktime`` (from the destination's query-migrate); its dirty rate is measured from
+the guest's heartbeats, livemig's from memstress's passes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from typing import Any
 
@@ -26,6 +35,7 @@ from livemig.migration.state import MigrationStatus
 from livemig.units import parse_size
 
 DONE = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED})
+QEMU_HEADROOM_MIB = 224
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -35,6 +45,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smp", type=int, default=2)
     p.add_argument("--prefetch", default="0,16", help="prefetch windows to try (pages)")
     p.add_argument("--postcopy-bandwidth", default="256M", help="max-postcopy-bandwidth")
+    p.add_argument(
+        "--rate",
+        type=int,
+        default=0,
+        help="memstress dirty rate in MiB/s (default 0: as fast as the vCPUs go)",
+    )
+    p.add_argument(
+        "--vs-qemu",
+        action="store_true",
+        help="also migrate QEMU 7.2's baseline guest with post-copy (slow: boots Linux)",
+    )
+    p.add_argument("--qemu-rate", type=int, default=None,
+                   help="dirty rate of the QEMU guest in MiB/s (default: --rate, or 1024 when "
+                        "that is 0; TCG may reach less)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -48,12 +72,12 @@ def _passes(m: Machine) -> int:
 
 
 def measure(image: Any, ram: int, ws: str, smp: int, preempt: bool, prefetch: int,
-            pc_bw: int) -> dict[str, Any]:  # fmt: skip
+            pc_bw: int, rate_mib: int = 0) -> dict[str, Any]:  # fmt: skip
     """One post-copy migration; its figures."""
     src = Machine([RAMBlockSpec("pc.ram", ram)], smp=smp)
     dst = Machine([RAMBlockSpec("pc.ram", ram)], smp=smp)
     try:
-        src.load_guest(image.data, f"ws={ws} rate=0")
+        src.load_guest(image.data, f"ws={ws} rate={rate_mib * 256}")  # pages/s
         src.start()
         deadline = time.monotonic() + 60
         while _passes(src) < smp:  # every slice filled and swept once
@@ -63,6 +87,9 @@ def measure(image: Any, ram: int, ws: str, smp: int, preempt: bool, prefetch: in
         p0, t0 = _passes(src), time.monotonic()
         time.sleep(1.0)
         base_rate = (_passes(src) - p0) / (time.monotonic() - t0)
+        words = abi.GUEST_REPORT.unpack(bytes(src.read_guest(abi.GUEST_REPORT_ADDR,
+                                                             abi.GUEST_REPORT.size)))  # fmt: skip
+        dirty_rate = base_rate * (words[3] // max(1, words[4])) * abi.PAGE_SIZE  # bytes/s
         dst.set_runstate(RunState.INMIGRATE)
         sm, dm = MigrationManager(src), MigrationManager(dst)
         caps = [{"capability": "postcopy-ram", "state": True},
@@ -93,8 +120,11 @@ def measure(image: Any, ram: int, ws: str, smp: int, preempt: bool, prefetch: in
         pc = dq["x-postcopy"]
         rate = (passes_end - passes_switch) / (t_end - t_switch)
         return {
+            "vm": "livemig",
+            "ram-mib": ram >> 20,
             "preempt": preempt,
             "prefetch": prefetch,
+            "dirty-gbps": round(dirty_rate / 1e9, 2),
             "total-s": round(t_end - t_start, 3),
             "postcopy-s": round(t_end - t_switch, 3),
             "downtime-ms": sq.get("downtime"),
@@ -111,6 +141,100 @@ def measure(image: Any, ram: int, ws: str, smp: int, preempt: bool, prefetch: in
         dst.close()
 
 
+_BEAT = re.compile(r"dirtier: beat (\d+) written (\d+)")
+
+
+def _written(lines: list[tuple[float, str]]) -> list[tuple[float, int]]:
+    out = []
+    for t, ln in lines:
+        m = _BEAT.search(ln)
+        if m:
+            out.append((t, int(m.group(2))))
+    return out
+
+
+def measure_qemu(ram: int, ws_mib: int, rate_mib: int, preempt: bool, pc_bw: int,
+                 timeout: float = 120.0) -> dict[str, Any]:  # fmt: skip
+    """One QEMU 7.2 post-copy migration of the baseline guest; its figures."""
+    from livemig.bench.common import GuestProcess, Workdir, free_port
+    from livemig.bench.qemu_baseline import BOOT_TIMEOUT, build_initramfs, fetch_kernel, qemu_argv
+    from livemig.errors import MigrationError
+
+    kernel, initrd = fetch_kernel(), build_initramfs()
+    append = f"console=ttyS0 quiet panic=-1 dirty={ws_mib},{rate_mib}"
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    caps = [{"capability": "postcopy-ram", "state": True},
+            {"capability": "postcopy-preempt", "state": preempt}]  # fmt: skip
+    out: dict[str, Any] = {"vm": "qemu", "preempt": preempt, "prefetch": None,
+                           "ram-mib": ram >> 20}  # fmt: skip
+    with Workdir() as wd:
+        src = GuestProcess(qemu_argv(ram, kernel, initrd, append, wd.sock("sq"), wd.sock("ss")),
+                           wd.sock("sq"), console=wd.sock("ss"), name="qemu source")  # fmt: skip
+        dst = GuestProcess(qemu_argv(ram, kernel, initrd, append, wd.sock("dq"), wd.sock("ds"),
+                                     incoming=True),
+                           wd.sock("dq"), console=wd.sock("ds"), name="qemu destination")  # fmt: skip
+        try:
+            for g in (src, dst):
+                g.wait_qmp(20.0)
+                g.connect_console()
+            t_ready = src.wait_line(lambda ln: ln.startswith("dirtier: beat"), BOOT_TIMEOUT)
+            src.wait_line(lambda ln: ln.startswith("dirtier: beat"), 10.0, since=t_ready + 1.5)
+            beats = _written(src.console_lines(t_ready - 0.01))
+            (ta, wa), (tb, wb) = beats[0], beats[-1]
+            out["dirty-gbps"] = round((wb - wa) * 4096 / max(1e-3, tb - ta) / 1e9, 2)
+            with src.qmp() as sq, dst.qmp() as dq:
+                dq.command("migrate-set-capabilities", capabilities=[
+                    *caps, {"capability": "postcopy-blocktime", "state": True}])  # fmt: skip
+                dq.command("migrate-incoming", uri=uri)
+                sq.command("migrate-set-capabilities", capabilities=caps)
+                sq.command("migrate-set-parameters", **{"max-postcopy-bandwidth": pc_bw})
+                t_start = time.monotonic()
+                sq.command("migrate", uri=uri)
+                switched = False
+                t_switch = t_start
+                while True:
+                    info = sq.command("query-migrate")
+                    status = info.get("status", "")
+                    if status in ("completed", "failed", "cancelled"):
+                        break
+                    if not switched and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+                        # QEMU counts the setup sync: 2 = the first full pass is done
+                        sq.command("migrate-start-postcopy")
+                        switched, t_switch = True, time.monotonic()
+                    if time.monotonic() - t_start > timeout:
+                        raise MigrationError(f"QEMU post-copy still {status} after {timeout} s")
+                    time.sleep(0.01)
+                t_end = time.monotonic()
+                deadline = time.monotonic() + 10
+                dinfo = dq.command("query-migrate")
+                while dinfo.get("status") != "completed" and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    dinfo = dq.command("query-migrate")
+            ram_info = info.get("ram", {})
+            out.update({
+                "status": status,
+                "switched": switched,
+                "total-s": round(t_end - t_start, 3),
+                "postcopy-s": round(t_end - t_switch, 3) if switched else None,
+                "downtime-ms": info.get("downtime"),
+                "requests": ram_info.get("postcopy-requests"),
+                "latency": {},
+                "blocktime-ms": dinfo.get("postcopy-blocktime"),
+                "vcpu-blocktime-ms": dinfo.get("postcopy-vcpu-blocktime"),
+                "progress-share": None,
+            })  # fmt: skip
+            if status == "completed":
+                after = time.monotonic()
+                dst.wait_line(lambda ln: ln.startswith("dirtier: beat"), 10.0, since=after)
+                bad = [ln for _, ln in dst.console_lines()
+                       if any(w in ln for w in ("Oops", "Kernel panic", "BUG:"))]  # fmt: skip
+                out["guest-ok"] = not bad
+        finally:
+            src.stop()
+            dst.stop()
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from livemig.guests import build_guest
 
@@ -120,19 +244,38 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for preempt in (False, True):
         for prefetch in (int(x) for x in args.prefetch.split(",")):
-            results.append(measure(image, ram, args.ws, args.smp, preempt, prefetch, pc_bw))
+            results.append(measure(image, ram, args.ws, args.smp, preempt, prefetch, pc_bw,
+                                   args.rate))  # fmt: skip
+    if args.vs_qemu:
+        from livemig.bench.qemu_baseline import qemu_available
+        from livemig.errors import UsageError
+
+        if not qemu_available():
+            raise UsageError("--vs-qemu needs qemu-system-x86_64")
+        ws_mib = parse_size(args.ws, "--ws") >> 20
+        # A Linux guest needs room beside the working set (128M with a 96M one panics).
+        qram = max(ram, (ws_mib + QEMU_HEADROOM_MIB) << 20)
+        qrate = args.qemu_rate if args.qemu_rate is not None else (args.rate or 1024)
+        for preempt in (False, True):
+            results.append(measure_qemu(qram, ws_mib, qrate, preempt, pc_bw))
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    t = Table(title=f"post-copy, {args.memory} guest, memstress ws={args.ws}, TCP loopback")
-    for col in ("preempt", "prefetch", "requests", "p50 us", "p90 us", "p99 us", "max us",
-                "blocktime ms", "post-copy s", "total s", "guest progress"):  # fmt: skip
+    t = Table(
+        title=f"post-copy, ws={args.ws}, max-postcopy-bandwidth {args.postcopy_bandwidth}, "
+        "TCP loopback (livemig: memstress; qemu: Linux + dirtier, TCG)"
+    )
+    for col in ("vm", "dirty GB/s", "preempt", "prefetch", "requests", "p50 us", "p90 us",
+                "p99 us", "max us", "blocktime ms", "downtime ms", "post-copy s", "total s",
+                "guest progress"):  # fmt: skip
         t.add_column(col, justify="right")
     for r in results:
         lat = r["latency"]
-        t.add_row(str(r["preempt"]), str(r["prefetch"]), str(r["requests"]),
+        t.add_row(f"{r['vm']} {r['ram-mib']}M", str(r.get("dirty-gbps", "-")), str(r["preempt"]),
+                  "-" if r["prefetch"] is None else str(r["prefetch"]), str(r["requests"]),
                   *(str(lat.get(k, "-")) for k in ("p50-us", "p90-us", "p99-us", "max-us")),
-                  str(r["blocktime-ms"]), str(r["postcopy-s"]), str(r["total-s"]),
+                  str(r["blocktime-ms"]), str(r.get("downtime-ms", "-")),
+                  str(r.get("postcopy-s", "-")), str(r["total-s"]),
                   f"{r['progress-share']:.0%}" if r["progress-share"] is not None else "-")  # fmt: skip
     Console().print(t)
     print("targets: p50 <= 200 us, p99 <= 2000 us; guest progress = share of its undisturbed rate")
