@@ -61,7 +61,8 @@ def simulate(populated: int, working_set: int, dirty_rate: float, bandwidth: flo
     best = float("inf")
     stuck = 0
     while t < max_time:
-        if remaining <= threshold:
+        # as QEMU's, the threshold is 0 until the first bandwidth window has closed
+        if t >= WINDOW and remaining <= threshold:
             remaining += min(working_set, dirty_rate * since_sync)
             since_sync = 0.0
             found.append(int(remaining))

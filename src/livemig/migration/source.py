@@ -382,11 +382,13 @@ class OutgoingMigration:
             self._check_rp()
             if self.postcopy is not None and self.postcopy.should_switch():
                 return
-            pending = self.ram.pending_pages() * 4096
+            # what the socket still holds must cross the link in the blackout too
+            queued = self.channel.unsent() if self.channel is not None else 0
+            pending = self.ram.pending_pages() * 4096 + queued
             threshold = self.stats.threshold
             if pending <= threshold or pending == 0:
                 self._sync(f"pending {pending} B <= threshold {threshold} B")
-                pending = self.stats.remaining
+                pending = self.stats.remaining + queued
                 if pending <= self.stats.threshold:
                     log.info("switch-over: %d B left fit in threshold %d B", pending,
                              self.stats.threshold)  # fmt: skip
@@ -394,8 +396,8 @@ class OutgoingMigration:
             self._send_part()
             self.stats.remaining = self.ram.pending_pages() * 4096
             self.stats.update_window(params["downtime-limit"],
-                                     params["avail-switchover-bandwidth"],
-                                     self.rate.rate)  # fmt: skip
+                                     params["avail-switchover-bandwidth"], self.rate.rate,
+                                     self.channel.unsent() if self.channel else 0)  # fmt: skip
             self.rate.wait(self._wake)
             self._wake.clear()
 

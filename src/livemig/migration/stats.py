@@ -59,6 +59,7 @@ class MigrationStats:
     # accounting window
     _win_start: float = field(default_factory=time.monotonic)
     _win_bytes: int = 0
+    _win_queued: int = 0
     _win_pages: int = 0
     # dirty-rate period
     _rate_start: float = field(default_factory=time.monotonic)
@@ -78,19 +79,24 @@ class MigrationStats:
             self.postcopy_bytes += nbytes
 
     def update_window(self, downtime_limit_ms: int, switchover_bw: int = 0,
-                      max_bandwidth: int = 0) -> bool:
-        """Close the accounting window if 100 ms passed; returns True when it did."""
+                      max_bandwidth: int = 0, queued: int = 0) -> bool:
+        """Close the accounting window if 100 ms passed; returns True when it did.
+
+        ``queued`` is what the socket still holds unsent (``Channel.unsent``): bytes written
+        in the window minus the growth of that queue is what the link really carried.
+        """
         now = time.monotonic()
         elapsed = now - self._win_start
         if elapsed < WINDOW:
             return False
-        self.bandwidth = self._win_bytes / elapsed
+        carried = max(0, self._win_bytes - (queued - self._win_queued))
+        self._win_queued = queued
+        self.bandwidth = carried / elapsed
         self.mbps = self.bandwidth * 8 / 1e6
         self.pages_per_second = self._win_pages / elapsed
         bw = switchover_bw if switchover_bw else self.bandwidth
         if max_bandwidth and not switchover_bw:
-            # Bytes a window "sent" include what only went into the socket buffer: never
-            # believe the link is faster than the limit we are holding it to.
+            # never believe the link is faster than the limit we are holding it to
             bw = min(bw, max_bandwidth)
         self.threshold = int(bw * downtime_limit_ms / 1000)
         if self.dirty_pages_rate and self._win_bytes > 10000 and self.bandwidth > 0:

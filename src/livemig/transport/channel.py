@@ -15,10 +15,12 @@ socket read in the other direction); each direction must be used by one thread a
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import select
 import socket
 import subprocess
+import termios
 import threading
 from collections.abc import Sequence
 from typing import IO
@@ -163,6 +165,18 @@ class Channel:
                 i += 1
         self.bytes_sent += total
         return total
+
+    def unsent(self) -> int:
+        """Bytes written to a socket that the kernel has not put on the wire yet (SIOCOUTQ);
+        0 for pipes and files. ``sendv`` returns once data is queued, so a migration that
+        measures bandwidth by bytes written must subtract this, and count it as still to go."""
+        if self._sock is None or self._wfd is None or self._closed.is_set():
+            return 0
+        try:
+            raw = fcntl.ioctl(self._wfd, termios.TIOCOUTQ, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int.from_bytes(raw, "little", signed=True)
 
     def send(self, data: Buffer) -> int:
         return self.sendv((data,))
