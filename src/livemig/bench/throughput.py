@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from livemig.errors import MigrationError
+from livemig.errors import LivemigError, MigrationError
 from livemig.units import PAGE_SIZE, format_size, parse_size
 
 _RX = """
@@ -130,7 +130,15 @@ class _Destination:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise MigrationError("benchmark destination did not start")
             time.sleep(0.05)
-        self.qmp = QMPConnection(f"unix:{self.sock}").connect()
+        while True:
+            # the socket file appears at bind(), a moment before the server accepts
+            try:
+                self.qmp = QMPConnection(f"unix:{self.sock}").connect()
+                break
+            except LivemigError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         self.qmp.__enter__()
 
     def cpu(self) -> float:
