@@ -107,8 +107,10 @@ def test_bench_precopy_tiny_end_to_end() -> None:
     assert 0 <= by["downtime"]["livemig"]["median"] < 5000
     tp = by["throughput"]
     # The window normally ends it (cancel); a tiny working set may still converge first.
-    assert tp["runs"]["livemig"][0]["status"] in ("cancelled", "completed")
-    assert tp["throughput"]["median"] > 0 and tp["brownout"]["median"] is not None
+    status = tp["runs"]["livemig"][0]["status"]
+    assert status in ("cancelled", "completed")
+    if status == "cancelled":  # the window ran its course: both figures were measured
+        assert tp["throughput"]["median"] > 0 and tp["brownout"]["median"] is not None
     assert result["rss"]["src_max_share"] > 0.5 and result["rss"]["dst_max_share"] > 0.9
     precopy.render(result)  # renders without a QEMU column
 

@@ -16,7 +16,7 @@
 #include "memstress.h"
 
 /* Flat out, the pass mark looks at the clock once per this many pages written. */
-#define MARK_CHECK_PAGES (256UL * 1024)
+#define MARK_CHECK_PAGES (32UL * 1024)
 
 static volatile u32 published; /* vCPU 0 set the report up: the others may start */
 
@@ -112,7 +112,7 @@ int main(int cpu, const struct boot_info *bi)
 		}
 		r->passes[cpu] = pass;
 		/* Every port access takes the host's attention (and its interpreter lock): flat out,
-		 * look at the clock for the pass mark only every ~256K pages, not every pass. */
+		 * look at the clock for the pass mark only every ~32K pages, not every pass. */
 		since_mark += end - first;
 		if (mark_ns && !my_rate && since_mark < MARK_CHECK_PAGES &&
 		    !(max_passes && pass >= max_passes))
