@@ -41,6 +41,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="bytes/s, e.g. 1G (default QEMU's 128M; 0 = unlimited)",
     )
+    p.add_argument("--postcopy", action="store_true",
+                   help="switch to post-copy after the first full pass")  # fmt: skip
+    p.add_argument("--multifd", type=int, metavar="N", default=None,
+                   help="send pages on N multifd channels")  # fmt: skip
     p.add_argument(
         "--two-hosts",
         action="store_true",
@@ -66,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--working-set {args.working_set} must be at most half of --memory")
     if args.smp < 1:
         raise UsageError("--smp must be at least 1")
+    if args.multifd is not None and not 1 <= args.multifd <= 255:
+        raise UsageError("--multifd takes 1 to 255 channels")
     console.rule("[bold]livemig demo")
     console.print(f"building the {args.guest} guest ...")
     build_guest(args.guest)
@@ -103,21 +109,33 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
         )
     )
     listen = f"tcp:{'0.0.0.0' if args.two_hosts else host}:{port}"
+    # The destination waits with -incoming defer: capabilities that both sides need
+    # (multifd, postcopy-ram) must be set there before it starts listening, as with QEMU.
     dst = stack.enter_context(
         procs.destination(
-            workdir, memory=args.memory, smp=args.smp, incoming=listen, prefix=pre_dst
+            workdir, memory=args.memory, smp=args.smp, incoming="defer", prefix=pre_dst
         )
     )
     src.wait_ready()
     dst.wait_ready()
+    both = _shared_capabilities(args)
+    if both:
+        dst.qmp("migrate-set-capabilities",
+                capabilities=[{"capability": c, "state": True} for c in both])  # fmt: skip
+    if args.multifd:
+        dst.qmp("migrate-set-parameters", **{"multifd-channels": args.multifd})
+    dst.qmp("migrate-incoming", uri=listen)
     console.print(f"source      pid {src.pid}: {args.guest}, {args.memory}, {args.smp} vCPUs, "
                   f"dirtying {args.working_set} at {args.dirty_rate}B/s")  # fmt: skip
     console.print(f"destination pid {dst.pid}: waiting on {listen}")
     _show_console(console, src, "source", args.watch, from_start=True)
 
-    caps = [{"capability": c, "state": True} for c in ("events", "return-path", "x-verify")]
+    caps = [{"capability": c, "state": True}
+            for c in ("events", "return-path", "x-verify", *both)]  # fmt: skip
     src.qmp("migrate-set-capabilities", capabilities=caps)
     params: dict[str, Any] = {"downtime-limit": args.downtime_limit}
+    if args.multifd:
+        params["multifd-channels"] = args.multifd
     if args.max_bandwidth is not None:
         params["max-bandwidth"] = parse_size(args.max_bandwidth, "--max-bandwidth")
     src.qmp("migrate-set-parameters", **params)
@@ -125,8 +143,15 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
     console.rule(f"migrating to {uri}")
     sampler = timeline.Sampler()
     src.qmp("migrate", uri=uri)
+    switch = _PostcopySwitch(src) if args.postcopy else None
+
+    def poll(info: dict[str, Any]) -> None:
+        sampler(info)
+        if switch is not None:
+            switch(info)
+
     final = progress.follow(lambda: src.qmp("query-migrate"), console=console,
-                            on_poll=sampler, timeout=600)  # fmt: skip
+                            on_poll=poll, timeout=600)  # fmt: skip
     if final.get("status") != "completed":
         with contextlib.suppress(LivemigError):
             src.qmp("migrate_cancel")
@@ -144,9 +169,11 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
     report = timeline.build(
         config={"guest": args.guest, "memory": args.memory, "smp": args.smp,
                 "working-set": args.working_set, "dirty-rate": args.dirty_rate, "uri": uri,
-                "two-hosts": args.two_hosts, "parameters": params},
+                "two-hosts": args.two_hosts, "parameters": params,
+                "postcopy": args.postcopy, "multifd": args.multifd},
         source_final=final, source_report=_safe(src, "x-query-migration-report"),
         destination_final=dest_final, samples=sampler.samples, sample_t0=sampler.t0,
+        destination_report=_safe(dst, "x-query-migration-report"),
         prediction=None if prediction is None else prediction.as_dict(),
         verification={"ram-hashes-equal": final.get("x-verified"), "invariant": invariant},
     )  # fmt: skip
@@ -156,6 +183,13 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
         "guest invariant": "holds" if invariant and invariant.get("ok") else str(invariant),
         "dirty tracker": final.get("x-dirty-tracker", "?"),
     }
+    pc = dest_final.get("x-postcopy")
+    if pc and pc.get("requests"):
+        lat = pc.get("latency", {})
+        extra["post-copy page requests"] = (
+            f"{pc['requests']} (p50 {lat.get('p50-us', '?')} us, p99 {lat.get('p99-us', '?')} us), "
+            f"blocktime {pc.get('blocktime-ms', '?')} ms"
+        )
     if prediction is not None and prediction.total_time_s is not None:
         extra["predicted (planner)"] = (
             f"{prediction.recommendation}, {prediction.passes} passes, "
@@ -165,6 +199,27 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
     console.print(progress.summary_table(final, extra))
     console.print(f"report: {jpath}\nplots:  {ppath}")
     return 0 if ok and (invariant is None or invariant.get("ok")) else 1
+
+
+def _shared_capabilities(args: argparse.Namespace) -> list[str]:
+    """Capabilities both sides must have on."""
+    return [c for c, on in (("postcopy-ram", args.postcopy), ("multifd", bool(args.multifd)))
+            if on]  # fmt: skip
+
+
+class _PostcopySwitch:
+    """Send ``migrate-start-postcopy`` once the first full pass is done (QEMU's advice)."""
+
+    def __init__(self, src: Any) -> None:
+        self.src = src
+        self.sent = False
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        if self.sent or info.get("status") != "active":
+            return
+        if info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+            self.src.qmp("migrate-start-postcopy")
+            self.sent = True
 
 
 def _plan(console: Console, src: Any, args: argparse.Namespace) -> Any:

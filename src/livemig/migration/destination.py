@@ -269,6 +269,14 @@ class IncomingMigration:
         self.state.move(MigrationStatus.COMPLETED)
         self._shut(0)
 
+    def report(self) -> dict[str, Any]:
+        """The destination's timeline (monotonic seconds) and post-copy request latencies."""
+        out: dict[str, Any] = {"timeline": dict(self.timeline)}
+        if self.postcopy is not None:
+            lat = [round(x * 1000, 4) for x in self.postcopy.latencies]
+            out["postcopy"] = {"latencies-ms": lat, **self.postcopy.query()["x-postcopy"]}
+        return out
+
     def query(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.state.status.value}
         if self.state.status == MigrationStatus.SETUP:

@@ -235,10 +235,14 @@ class MigrationManager:
         return job.query()
 
     def report(self) -> dict[str, Any]:
-        """livemig's own timeline of the last outgoing migration (``livemig report``)."""
-        if self.outgoing is None:
-            raise UsageError("no outgoing migration has run in this process")
-        return self.outgoing.report()
+        """livemig's own timeline of the last migration (``livemig report``): the source's
+        passes, phases and downtime breakdown, or the destination's timeline and post-copy
+        page-request latencies."""
+        if self.outgoing is not None:
+            return self.outgoing.report()
+        if self.incoming is not None:
+            return self.incoming.report()
+        raise UsageError("no migration has run in this process")
 
     def query_threads(self) -> list[dict[str, Any]]:
         threads: list[threading.Thread] = []

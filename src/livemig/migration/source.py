@@ -518,6 +518,7 @@ class OutgoingMigration:
         """The blackout begins: vCPUs stopped in ``finish-migrate`` (event STOP), throttle
         off; from here a failure restarts the guest (``_fail``) unless it has moved on."""
         m = self.machine
+        self._t_stop = time.monotonic()
         self._was_running = m.runstate == RunState.RUNNING
         if self._was_running:
             m.pause(RunState.FINISH_MIGRATE)
@@ -637,9 +638,15 @@ class OutgoingMigration:
         setup_end = s.setup_time or 0.0
         phases: dict[str, list[float]] = {"setup": [0.0, setup_end]}
         if self._t_stop is not None:
-            phases["precopy"] = [setup_end, self._t_stop - s.start]
-            if s.total_time is not None:
-                phases["stop-and-copy"] = [self._t_stop - s.start, s.total_time]
+            stop = self._t_stop - s.start
+            phases["precopy"] = [setup_end, stop]
+            switch = s.downtime_breakdown.get("postcopy-switch")
+            if switch is not None:
+                phases["stop-and-copy"] = [stop, stop + switch]
+                if s.total_time is not None:
+                    phases["postcopy"] = [stop + switch, s.total_time]
+            elif s.total_time is not None:
+                phases["stop-and-copy"] = [stop, s.total_time]
         elif s.total_time is not None:
             phases["precopy"] = [setup_end, s.total_time]
         return {

@@ -50,6 +50,7 @@ def build(
     prediction: dict[str, Any] | None = None,
     verification: dict[str, Any] | None = None,
     sample_t0: float | None = None,
+    destination_report: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One report dictionary (the JSON file's content)."""
     rep = source_report or {}
@@ -67,7 +68,7 @@ def build(
         "passes": rep.get("passes", []),
         "phases": phases,
         "downtime-breakdown": rep.get("downtime-breakdown", {}),
-        "postcopy": rep.get("postcopy", {}),
+        "postcopy": (destination_report or {}).get("postcopy", rep.get("postcopy", {})),
         "samples": samples or [],
         "prediction": prediction,
         "verification": verification,
