@@ -1,0 +1,586 @@
+"""``livemig bench matrix``: a scenario matrix in the spirit of QEMU's guestperf.
+
+A scenario is guest size x dirty rate x strategy. Each one is a real migration between two
+``livemig run`` processes (source booting memstress, destination ``--incoming defer``) over TCP
+loopback, driven through QMP the way QEMU is driven, so that with ``--vs-qemu`` the same
+scenarios run on QEMU 7.2 under TCG with the Linux guest of ``livemig.bench.qemu_baseline``
+(Debian kernel + the *dirtier* initramfs; the kernel is fetched with ``apt-get download`` only
+then) and every figure is printed as ``livemig / QEMU``.
+
+Strategies (QEMU's names for what they switch on):
+
+- ``precopy``: pre-copy alone (``max-bandwidth`` and ``downtime-limit`` as given);
+- ``autoconverge``: capability ``auto-converge`` (the vCPUs are throttled until it converges);
+- ``postcopy``: ``postcopy-ram`` on both sides (``postcopy-blocktime`` on the destination) and
+  ``migrate-start-postcopy`` once the first full pass is done (``dirty-sync-count`` >= 2, as
+  QEMU's own tests wait);
+- ``multifdN`` (``multifd4``): capability ``multifd`` with N channels on both sides;
+  ``multifdN-zstd`` / ``multifdN-zlib`` add ``multifd-compression`` (guestperf's compression).
+
+Dirty rates are MiB/s written into a working set of a quarter of guest RAM (``--ws-share``):
+memstress ``rate=`` pages/s = MiB/s x 256 for livemig, the dirtier's ``dirty=WS,RATE`` for QEMU.
+Rate 0 is an idle guest on both sides: livemig's ``idle`` guest, QEMU's kernel with the
+dirtier asleep. QEMU always runs ``-smp 1``, so livemig does too unless ``--smp`` says else.
+
+A scenario that has not finished after ``--limit-seconds`` is cancelled (``migrate_cancel``) and
+reported as ``limit``; if it still does not reach a final state (a post-copy cannot be undone
+once the destination runs), its processes are killed and it is reported as ``killed``. Nothing
+here waits without a time-out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from livemig.bench.common import (
+    FINAL_STATES,
+    POLL_INTERVAL,
+    GuestProcess,
+    Workdir,
+    _event_time,
+    _wait_event,
+    free_port,
+)
+from livemig.errors import LivemigError, MigrationError, UsageError
+from livemig.units import format_size, parse_size
+
+PAGES_PER_MIB = 256
+QEMU_MAX_RATE = 1024  # MiB/s asked of the dirtier for "max" (TCG reaches what it can)
+CANCEL_GRACE_S = 15.0  # after migrate_cancel, how long a migration may take to end
+_STRATEGY = re.compile(r"^(precopy|autoconverge|postcopy|multifd(\d+)(?:-(zlib|zstd))?)$")
+
+# Every figure of one run; the JSON always carries all of them (None when not applicable).
+FIELDS = (
+    "outcome", "status", "total_ms", "downtime_ms", "blackout_ms", "transferred", "passes",
+    "throttle_pct", "postcopy_switched", "postcopy_bytes", "postcopy_requests", "blocktime_ms",
+    "verified", "guest_ok", "src_rss", "dst_rss", "wall_s",
+)  # fmt: skip
+NUMERIC = ("total_ms", "downtime_ms", "blackout_ms", "transferred", "passes", "throttle_pct",
+           "postcopy_bytes", "postcopy_requests", "blocktime_ms", "src_rss", "dst_rss", "wall_s")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One migration strategy: capabilities and parameters for each side."""
+
+    name: str
+    caps: dict[str, bool]
+    dest_caps: dict[str, bool]
+    params: dict[str, Any]
+    postcopy: bool = False
+
+
+def parse_strategy(name: str) -> Strategy:
+    """``precopy``, ``autoconverge``, ``postcopy``, ``multifdN`` or ``multifdN-zstd|zlib``."""
+    m = _STRATEGY.match(name)
+    if not m:
+        raise UsageError(f"unknown strategy {name!r}: expected precopy, autoconverge, postcopy, "
+                         "multifdN or multifdN-zstd / multifdN-zlib")  # fmt: skip
+    if name == "precopy":
+        return Strategy(name, {}, {}, {})
+    if name == "autoconverge":
+        return Strategy(name, {"auto-converge": True}, {}, {})
+    if name == "postcopy":
+        return Strategy(name, {"postcopy-ram": True},
+                        {"postcopy-ram": True, "postcopy-blocktime": True}, {},
+                        postcopy=True)  # fmt: skip
+    channels = int(m.group(2))
+    if not 1 <= channels <= 255:
+        raise UsageError(f"strategy {name!r}: multifd takes 1 to 255 channels")
+    params = {"multifd-channels": channels, "multifd-compression": m.group(3) or "none"}
+    return Strategy(name, {"multifd": True}, {"multifd": True}, params)
+
+
+@dataclass
+class Config:
+    """What to run. The defaults make a run of a few minutes on 2 cores (livemig alone)."""
+
+    sizes: list[int] = field(default_factory=lambda: [256 << 20])
+    rates: list[int | str] = field(default_factory=lambda: [0, 50, 200])  # MiB/s or "max"
+    strategies: list[str] = field(
+        default_factory=lambda: ["precopy", "autoconverge", "postcopy", "multifd4"]
+    )
+    repeat: int = 1
+    limit_seconds: float = 20.0
+    # QEMU 7.2's default max-bandwidth: dirty rates above it make the strategies differ.
+    bandwidth: int = 128 << 20
+    downtime_limit: int = 300
+    ws_share: float = 0.25
+    smp: int = 1
+    verify: bool = True
+    vs_qemu: bool = False
+
+
+@dataclass
+class RunFigures:
+    """What one migration of one scenario measured (times in ms, sizes in bytes)."""
+
+    outcome: str = "error"  # completed | limit | killed | failed | error
+    status: str = "?"
+    total_ms: float | None = None
+    downtime_ms: float | None = None
+    blackout_ms: float | None = None  # source STOP event -> destination RESUME event
+    transferred: int | None = None
+    passes: int | None = None  # dirty-sync-count
+    throttle_pct: int | None = None  # highest cpu-throttle-percentage seen
+    postcopy_switched: bool | None = None  # migrate-start-postcopy was sent before the end
+    postcopy_bytes: int | None = None
+    postcopy_requests: int | None = None
+    blocktime_ms: float | None = None
+    verified: bool | None = None  # livemig x-verify (RAM hashes equal at switch-over)
+    guest_ok: bool | None = None  # the destination guest keeps running after it
+    src_rss: int | None = None
+    dst_rss: int | None = None
+    wall_s: float | None = None  # host time from migrate to a final state
+    notes: list[str] = field(default_factory=list)
+
+
+# -- one migration, either VM -----------------------------------------------------------------
+
+
+def _set(q: Any, caps: dict[str, bool], params: dict[str, Any]) -> None:
+    if caps:
+        q.command("migrate-set-capabilities", capabilities=[
+            {"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
+    if params:
+        q.command("migrate-set-parameters", **params)
+
+
+def drive(
+    src: GuestProcess,
+    dst: GuestProcess,
+    strategy: Strategy,
+    *,
+    caps: dict[str, bool],
+    params: dict[str, Any],
+    limit_s: float,
+    fig: RunFigures,
+) -> dict[str, Any]:
+    """Migrate ``src`` to ``dst`` with ``strategy``, filling ``fig``; returns the last reply.
+
+    Cancels at ``limit_s``; raises MigrationError if the migration does not reach a final state
+    within CANCEL_GRACE_S after that (the caller then kills both processes).
+    """
+    uri = f"tcp:127.0.0.1:{free_port()}"
+    with src.qmp() as sq, dst.qmp() as dq:
+        _set(dq, strategy.dest_caps, strategy.params)
+        dq.command("migrate-incoming", uri=uri)
+        _set(sq, {**caps, **strategy.caps}, {**params, **strategy.params})
+        sq.events()  # only this migration's events from here on
+        dq.events()
+        t0 = time.monotonic()
+        sq.command("migrate", uri=uri)
+        switched = cancelled = False
+        throttle = 0
+        info: dict[str, Any] = {}
+        while True:
+            now = time.monotonic()
+            info = sq.command("query-migrate")
+            status = info.get("status", "")
+            throttle = max(throttle, int(info.get("cpu-throttle-percentage") or 0))
+            if status in FINAL_STATES:
+                break
+            if (strategy.postcopy and not switched and status == "active"
+                    and info.get("ram", {}).get("dirty-sync-count", 0) >= 2):  # fmt: skip
+                sq.command("migrate-start-postcopy")
+                switched = True
+            if not cancelled and now - t0 > limit_s:
+                fig.notes.append(f"not finished after {limit_s:g} s ({status}): cancelled")
+                sq.command("migrate_cancel")
+                cancelled = True
+            if now - t0 > limit_s + CANCEL_GRACE_S:
+                raise MigrationError(f"migration still {status!r} {CANCEL_GRACE_S:g} s after "
+                                     "migrate_cancel")  # fmt: skip
+            time.sleep(POLL_INTERVAL)
+        fig.wall_s = round(time.monotonic() - t0, 3)
+        fig.status = status
+        fig.outcome = {"completed": "completed", "failed": "failed"}.get(status, "cancelled")
+        if cancelled and status != "completed":
+            fig.outcome = "limit"
+        if status == "failed" and info.get("error-desc"):
+            fig.notes.append(str(info["error-desc"]))
+        ram = info.get("ram", {})
+        fig.total_ms = info.get("total-time")
+        fig.downtime_ms = info.get("downtime")
+        fig.transferred = ram.get("transferred")
+        fig.passes = ram.get("dirty-sync-count")
+        fig.throttle_pct = throttle
+        if strategy.postcopy:
+            fig.postcopy_switched = switched
+            fig.postcopy_bytes = ram.get("postcopy-bytes")
+            fig.postcopy_requests = ram.get("postcopy-requests")
+        if "x-verified" in info:
+            fig.verified = bool(info["x-verified"])
+        if status == "completed":
+            stop = _wait_event(sq, "STOP", 5.0)
+            resume = _wait_event(dq, "RESUME", 10.0)
+            if stop is not None and resume is not None:
+                fig.blackout_ms = round((_event_time(resume) - _event_time(stop)) * 1e3, 1)
+            if strategy.postcopy:
+                # The destination finishes post-copy a moment after the source says completed.
+                deadline = time.monotonic() + 10.0
+                dinfo = dq.command("query-migrate")
+                while dinfo.get("status") != "completed" and time.monotonic() < deadline:
+                    time.sleep(POLL_INTERVAL)
+                    dinfo = dq.command("query-migrate")
+                fig.blocktime_ms = dinfo.get("postcopy-blocktime")
+    return info
+
+
+def _run_pair(
+    src: GuestProcess,
+    dst: GuestProcess,
+    ready: Callable[[str], bool],
+    boot_s: float,
+    strategy: Strategy,
+    caps: dict[str, bool],
+    params: dict[str, Any],
+    limit_s: float,
+    console_socket: bool,
+) -> RunFigures:
+    """Boot, migrate, check the destination guest, stop both; never raises for a bad run."""
+    fig = RunFigures()
+    try:
+        for g in (src, dst):
+            g.wait_qmp(boot_s)
+            if console_socket:
+                g.connect_console()
+        src.wait_line(ready, boot_s)
+        drive(src, dst, strategy, caps=caps, params=params, limit_s=limit_s, fig=fig)
+        if fig.status == "completed":
+            after = time.monotonic()
+            try:
+                dst.wait_line(ready, 15.0, since=after)
+                bad = [ln for _, ln in dst.console_lines()
+                       if any(w in ln for w in ("Oops", "Kernel panic", "BUG:"))]  # fmt: skip
+                fig.guest_ok = not bad
+                if bad:
+                    fig.notes.append(f"destination kernel: {bad[0]}")
+            except MigrationError as exc:
+                fig.guest_ok = False
+                fig.notes.append(f"destination guest silent after migration: {exc}")
+    except (LivemigError, OSError) as exc:
+        if fig.outcome in ("error", "limit") and "after migrate_cancel" in str(exc):
+            fig.outcome = "killed"
+        fig.notes.append(f"{type(exc).__name__}: {exc}"[:600])
+    finally:
+        for g in (src, dst):
+            try:
+                g.stop(timeout=5.0)
+            except Exception as exc:
+                fig.notes.append(f"stopping {g.name}: {exc}")
+    fig.src_rss, fig.dst_rss = src.peak_rss, dst.peak_rss
+    return fig
+
+
+def _livemig_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "livemig", *args]
+
+
+def run_livemig(cfg: Config, size: int, rate: int | str, strategy: Strategy) -> RunFigures:
+    """One livemig migration of the scenario (size, rate, strategy)."""
+    if rate == 0:
+        guest, append, prefix = "idle", "", "idle: heartbeat"
+    else:
+        pages_s = 0 if rate == "max" else int(rate) * PAGES_PER_MIB
+        guest, prefix = "memstress", "memstress: cpu0 pass"
+        append = f"ws={ws_of(cfg, size) >> 20}M rate={pages_s}"
+    caps = {"return-path": True, "x-verify": cfg.verify}
+    params = {"max-bandwidth": cfg.bandwidth, "downtime-limit": cfg.downtime_limit}
+    with Workdir() as wd:
+        mem, smp = str(size), str(cfg.smp)
+        src = GuestProcess(_livemig_argv(
+            "run", "--guest", guest, "--append", append, "--memory", mem, "--smp", smp,
+            "--qmp", f"unix:{wd.sock('lsq')}", "--serial", "stdio"), wd.sock("lsq"),
+            name="livemig source")  # fmt: skip
+        # Pre-faulted: first touch costs ~5 s/GiB here, and it happens before timing.
+        dst = GuestProcess(_livemig_argv(
+            "run", "--incoming", "defer", "--prefault", "--memory", mem, "--smp", smp,
+            "--qmp", f"unix:{wd.sock('ldq')}", "--serial", "stdio"), wd.sock("ldq"),
+            name="livemig destination")  # fmt: skip
+        boot = 30.0 + 10.0 * size / (1 << 30)
+        fig = _run_pair(src, dst, lambda ln: ln.startswith(prefix), boot, strategy, caps,
+                        params, cfg.limit_seconds, console_socket=False)  # fmt: skip
+    if not cfg.verify:
+        fig.verified = None
+    return fig
+
+
+def run_qemu(cfg: Config, size: int, rate: int | str, strategy: Strategy) -> RunFigures:
+    """The same scenario on QEMU 7.2 (TCG, baseline Linux guest, unaligned RAM)."""
+    from livemig.bench.qemu_baseline import BOOT_TIMEOUT, build_initramfs, fetch_kernel, qemu_argv
+
+    kernel, initrd = fetch_kernel(), build_initramfs()
+    if rate == 0:
+        ws_mib, rate_mib = 0, 0
+    else:
+        ws_mib = ws_of(cfg, size) >> 20
+        rate_mib = QEMU_MAX_RATE if rate == "max" else int(rate)
+    append = f"console=ttyS0 quiet panic=-1 dirty={ws_mib},{rate_mib}"
+    params = {"max-bandwidth": cfg.bandwidth, "downtime-limit": cfg.downtime_limit}
+    with Workdir() as wd:
+        src = GuestProcess(qemu_argv(size, kernel, initrd, append, wd.sock("sq"), wd.sock("ss")),
+                           wd.sock("sq"), console=wd.sock("ss"), name="qemu source")  # fmt: skip
+        dst = GuestProcess(qemu_argv(size, kernel, initrd, append, wd.sock("dq"), wd.sock("ds"),
+                                     incoming=True),
+                           wd.sock("dq"), console=wd.sock("ds"), name="qemu destination")  # fmt: skip
+        fig = _run_pair(src, dst, lambda ln: ln.startswith("dirtier: beat"), BOOT_TIMEOUT,
+                        strategy, {}, params, cfg.limit_seconds, console_socket=True)  # fmt: skip
+    return fig
+
+
+def ws_of(cfg: Config, size: int) -> int:
+    """The working set of a guest of ``size``: ``ws_share`` of it, whole MiB, at least 1 MiB."""
+    return max(1 << 20, int(size * cfg.ws_share) >> 20 << 20)
+
+
+# -- the matrix -------------------------------------------------------------------------------
+
+
+def summarize_runs(runs: Sequence[RunFigures]) -> dict[str, Any]:
+    """Median of each numeric figure over the completed runs; counts of the outcomes."""
+    done = [r for r in runs if r.outcome == "completed"]
+    out: dict[str, Any] = {"runs": len(runs), "completed": len(done),
+                           "outcomes": sorted({r.outcome for r in runs})}  # fmt: skip
+    for name in NUMERIC:
+        xs = [getattr(r, name) for r in done if getattr(r, name) is not None]
+        out[name] = statistics.median(xs) if xs else None
+    verified = [r.verified for r in done if r.verified is not None]
+    out["verified"] = all(verified) if verified else None
+    ok = [r.guest_ok for r in done if r.guest_ok is not None]
+    out["guest_ok"] = all(ok) if ok else None
+    return out
+
+
+def scenarios(cfg: Config) -> list[tuple[int, int | str, Strategy]]:
+    return [(size, rate, parse_strategy(s))
+            for size in cfg.sizes for rate in cfg.rates for s in cfg.strategies]  # fmt: skip
+
+
+def machine_info() -> dict[str, Any]:
+    """Where the figures were measured (they mean little elsewhere)."""
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "kernel": platform.release(),
+            "python": platform.python_version(),
+            "mem_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "load_avg_at_start": os.getloadavg()}  # fmt: skip
+
+
+def run_matrix(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Every scenario of ``cfg``, ``cfg.repeat`` times on each VM; a dict ready for JSON."""
+    todo = scenarios(cfg)
+    qemu_version = None
+    if cfg.vs_qemu:
+        from livemig.bench.qemu_baseline import QEMU, build_initramfs, fetch_kernel, qemu_available
+
+        if not qemu_available():
+            raise UsageError("--vs-qemu needs qemu-system-x86_64 on PATH (apt-get install "
+                             "qemu-system-x86)")  # fmt: skip
+        progress("QEMU baseline guest: Debian kernel (apt-get download, cached) + initramfs")
+        fetch_kernel()
+        build_initramfs()
+        import subprocess
+
+        res = subprocess.run([QEMU, "--version"], capture_output=True, text=True, timeout=30)
+        qemu_version = res.stdout.splitlines()[0] if res.stdout else None
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine_info(),
+        "qemu": qemu_version,
+        "config": asdict(cfg),
+        "fields": list(FIELDS),
+        "scenarios": [],
+    }
+    for i, (size, rate, strat) in enumerate(todo, 1):
+        label = f"{format_size(size)} {rate} MiB/s {strat.name}"
+        runs: dict[str, list[RunFigures]] = {"livemig": []}
+        if cfg.vs_qemu:
+            runs["qemu"] = []
+        for k in range(cfg.repeat):
+            progress(f"[{i}/{len(todo)}] {label}: livemig run {k + 1}/{cfg.repeat}")
+            runs["livemig"].append(run_livemig(cfg, size, rate, strat))
+            if cfg.vs_qemu:
+                progress(f"[{i}/{len(todo)}] {label}: QEMU run {k + 1}/{cfg.repeat}")
+                runs["qemu"].append(run_qemu(cfg, size, rate, strat))
+        sc: dict[str, Any] = {"size": size, "rate_mib_s": rate, "strategy": strat.name,
+                              "ws": 0 if rate == 0 else ws_of(cfg, size)}  # fmt: skip
+        for vm, figs in runs.items():
+            sc[vm] = summarize_runs(figs)
+            sc[f"{vm}_runs"] = [asdict(f) for f in figs]
+        result["scenarios"].append(sc)
+    return result
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _num(v: Any, scale: float = 1.0, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    return f"{v * scale:.{digits}f}"
+
+
+def _flag(v: bool | None) -> str:
+    return "-" if v is None else ("yes" if v else "NO")
+
+
+# (column, figure, scale, digits)
+COLUMNS = (
+    ("total s", "total_ms", 1e-3, 2),
+    ("downtime ms", "downtime_ms", 1.0, 0),
+    ("blackout ms", "blackout_ms", 1.0, 0),
+    ("sent MiB", "transferred", 1 / 2**20, 0),
+    ("passes", "passes", 1.0, 0),
+    ("throttle %", "throttle_pct", 1.0, 0),
+    ("pc req", "postcopy_requests", 1.0, 0),
+    ("blocktime ms", "blocktime_ms", 1.0, 0),
+)
+
+
+def _done(s: dict[str, Any]) -> str:
+    text = f"{s['completed']}/{s['runs']}"
+    others = [o for o in s["outcomes"] if o != "completed"]
+    return text + (f" ({','.join(others)})" if others else "")
+
+
+def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Column names and cells; with a QEMU side every cell reads ``livemig / QEMU``."""
+    vs = any("qemu" in sc for sc in result["scenarios"])
+    head = ["size", "rate MiB/s", "strategy", "done", *(c[0] for c in COLUMNS), "verified",
+            "guest ok"]  # fmt: skip
+    rows = []
+    for sc in result["scenarios"]:
+        lm, qm = sc["livemig"], sc.get("qemu")
+
+        def cell(text_lm: str, text_qm: str) -> str:
+            return f"{text_lm} / {text_qm}" if vs else text_lm
+
+        row = [format_size(sc["size"]), str(sc["rate_mib_s"]), sc["strategy"],
+               cell(_done(lm), _done(qm) if qm else "-")]  # fmt: skip
+        for _, name, scale, digits in COLUMNS:
+            row.append(cell(_num(lm[name], scale, digits),
+                            _num(qm[name], scale, digits) if qm else "-"))  # fmt: skip
+        row.append(cell(_flag(lm["verified"]), "n/a"))  # QEMU has no RAM hash comparison
+        row.append(cell(_flag(lm["guest_ok"]), _flag(qm["guest_ok"]) if qm else "-"))
+        rows.append(row)
+    return head, rows
+
+
+def render(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    cfg = result["config"]
+    vs = any("qemu" in sc for sc in result["scenarios"])
+    title = (f"livemig bench matrix ({result['date']}), median of completed runs, "
+             f"max-bandwidth {format_size(cfg['bandwidth']) if cfg['bandwidth'] else 'unlimited'}"
+             f", downtime-limit {cfg['downtime_limit']} ms, limit {cfg['limit_seconds']:g} s"
+             + (", livemig / QEMU 7.2 TCG" if vs else ""))  # fmt: skip
+    table = Table(title=title)
+    head, rows = table_rows(result)
+    for i, col in enumerate(head):
+        table.add_column(col, justify="left" if i in (0, 2) else "right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def _list(conv: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    def parse(text: str) -> list[Any]:
+        try:
+            return [conv(s.strip()) for s in text.split(",") if s.strip()]
+        except (ValueError, LivemigError) as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+
+    return parse
+
+
+def _rate(text: str) -> int | str:
+    if text == "max":
+        return "max"
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"dirty rate {value} MiB/s: must be >= 0 (or 'max')")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("matrix", help="scenario matrix (size x dirty rate x strategy), "
+                       "optionally beside QEMU 7.2")  # fmt: skip
+    p.add_argument("--sizes", type=_list(parse_size), default=None, help="guest RAM sizes (256M)")
+    p.add_argument("--rates", type=_list(_rate), default=None,
+                   help="dirty rates in MiB/s, 0 = idle, max = flat out (0,50,200)")  # fmt: skip
+    p.add_argument("--strategies", type=_list(str), default=None,
+                   help="precopy,autoconverge,postcopy,multifdN[-zstd|-zlib] "
+                   "(precopy,autoconverge,postcopy,multifd4)")  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1, help="runs per scenario (median)")
+    p.add_argument("--limit-seconds", type=float, default=20.0,
+                   help="cancel a migration not finished after this long (20)")  # fmt: skip
+    p.add_argument("--bandwidth", type=parse_size, default=128 << 20,
+                   help="max-bandwidth, 0 = unlimited (128M, QEMU's default)")  # fmt: skip
+    p.add_argument("--downtime-limit", type=int, default=300, help="downtime-limit in ms (300)")
+    p.add_argument("--ws-share", type=float, default=0.25,
+                   help="working set as a share of guest RAM (0.25)")  # fmt: skip
+    p.add_argument("--smp", type=int, default=1, help="livemig vCPUs (QEMU runs -smp 1)")
+    p.add_argument("--no-verify", action="store_true", help="no livemig x-verify RAM hashes")
+    p.add_argument("--vs-qemu", action="store_true",
+                   help="the same scenarios on QEMU 7.2 (TCG, Linux guest; slow)")  # fmt: skip
+    p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
+    p.set_defaults(func=main)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    cfg = Config()
+    for name in ("sizes", "rates", "strategies"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    for s in cfg.strategies:
+        parse_strategy(s)
+    if not (cfg.sizes and cfg.rates and cfg.strategies):
+        raise UsageError("--sizes, --rates and --strategies need at least one value each")
+    if args.repeat < 1:
+        raise UsageError("--repeat must be at least 1")
+    if args.limit_seconds <= 0:
+        raise UsageError("--limit-seconds must be positive")
+    if not 0 < args.ws_share <= 0.75:
+        raise UsageError("--ws-share must be in (0, 0.75]: the guest needs room beside it")
+    cfg.repeat, cfg.limit_seconds, cfg.bandwidth = args.repeat, args.limit_seconds, args.bandwidth
+    cfg.downtime_limit, cfg.ws_share, cfg.smp = args.downtime_limit, args.ws_share, args.smp
+    cfg.verify, cfg.vs_qemu = not args.no_verify, args.vs_qemu
+    return cfg
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    cfg = config_from_args(args)
+    err = Console(stderr=True)
+    result = run_matrix(cfg, progress=lambda s: err.print(f"[dim]bench matrix: {s}[/]"))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+        err.print(f"bench matrix: results in {args.json}")
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=200)  # a table piped to a file or README keeps its columns
+    out.print(render(result))
+    return 0
