@@ -97,7 +97,9 @@ def measure(image: Any, ram: int, ws: str, smp: int, preempt: bool, prefetch: in
                 {"capability": "postcopy-preempt", "state": preempt}]  # fmt: skip
         for m in (sm, dm):
             m.set_capabilities(caps)
-            m.set_parameters({"max-postcopy-bandwidth": pc_bw, "x-postcopy-prefetch": prefetch})
+            # downtime-limit 0: pre-copy never completes on its own, the switch always comes
+            m.set_parameters({"max-postcopy-bandwidth": pc_bw, "x-postcopy-prefetch": prefetch,
+                              "downtime-limit": 0})  # fmt: skip
         uri = dm.incoming_start("tcp:127.0.0.1:0")
         t_start = time.monotonic()
         sm.migrate(uri)

@@ -56,6 +56,7 @@ PAGE_WORDS = PAGE // 8
 MAX_DISCARD_RANGES = 12
 BACKGROUND_PAGES = 32  # pages per background PART: small, so a request never waits long
 DEFAULT_PREFETCH = 0  # pages after a requested one sent with it (see the report in bench)
+FOLLOW_REQUESTS = True  # the background push goes on after the last requested page (QEMU)
 RESUME_WAIT = 0.2  # poll period while paused
 CHECKSUM_IDSTR = "x-postcopy-verify"
 # Page-request latency is mostly scheduling: the threads on the request path (the destination's
@@ -156,6 +157,7 @@ class PostcopySource:
         self.requested = threading.Event()  # migrate-start-postcopy
         self.preempt = "postcopy-preempt" in self.caps
         self.prefetch = int(self.params.get("x-postcopy-prefetch", DEFAULT_PREFETCH))
+        self.follow = FOLLOW_REQUESTS
         self.lock = threading.Lock()  # the RamSaver bitmap, shared with the return-path thread
         self.queue: collections.deque[tuple[str, int]] = collections.deque()
         self.preempt_channel: Channel | None = None
@@ -276,16 +278,25 @@ class PostcopySource:
                 idx = self._take_requested(b, start, length)
                 if len(idx) == 0:
                     return True  # already sent: it is on its way
-                batch = mig.ram.split_zero(b, idx)
+                # The asked-for pages in a PART of their own ahead of the prefetch window: the
+                # destination installs (and wakes the vCPU) before it decodes the window.
+                end = (start + length) // PAGE
+                parts = [p for p in (idx[idx < end], idx[idx >= end]) if len(p)]
+                batches = [mig.ram.split_zero(b, p) for p in parts]
                 enc = mig.encoder
                 sid = mig._ram_sid
                 try:
-                    out, normal, zero = self._encode(enc, [batch])
-                    n = mig.channel.sendv([*enc.send(E.SectionPart(sid)), *out,
-                                           *enc.send(E.RamEos()),
-                                           *enc.send(E.SectionFooter(sid))])  # fmt: skip
+                    bufs: list = []
+                    normal = zero = 0
+                    for batch in batches:
+                        out, nn, nz = self._encode(enc, [batch])
+                        normal, zero = normal + nn, zero + nz
+                        bufs += [*enc.send(E.SectionPart(sid)), *out, *enc.send(E.RamEos()),
+                                 *enc.send(E.SectionFooter(sid))]  # fmt: skip
+                    n = mig.channel.sendv(bufs)
                 except BaseException:
-                    mig.ram.requeue(batch)
+                    for batch in batches:
+                        mig.ram.requeue(batch)
                     raise
                 self.requested_sent += len(idx)
                 mig.stats.account(n, normal, zero, "postcopy")
@@ -308,6 +319,8 @@ class PostcopySource:
         last = min(b.npages, first + length // PAGE + self.prefetch)
         idx = first + np.flatnonzero(d[first:last])
         d[idx] = False
+        if self.follow:
+            self.mig.ram.seek(b.idstr, last)
         return idx
 
     def _send_requested(

@@ -114,6 +114,16 @@ class RamSaver:
             visited = 0
         return out
 
+    def seek(self, idstr: str, page: int) -> None:
+        """Continue the walk at ``page`` of block ``idstr``. Post-copy calls it after serving a
+        requested page, as QEMU's page search continues from the last queued page: the
+        neighbours the guest is likely to touch next are pushed first."""
+        for i, b in enumerate(self.blocks):
+            if b.idstr == idstr:
+                self._cursor_block = i
+                self._cursor_page = min(max(0, page), b.npages)
+                return
+
     def split_zero(self, block: object, idx: np.ndarray) -> Batch:
         nonzero = self._words[block.idstr][idx].any(axis=1)  # type: ignore[attr-defined]
         return Batch(block, idx[nonzero], idx[~nonzero])

@@ -1,0 +1,18 @@
+"""``livemig bench postcopy`` on a tiny guest: one configuration measures and reports sane
+figures (the full benchmark and ``--vs-qemu`` run only when asked)."""
+
+from __future__ import annotations
+
+from livemig.bench.postcopy import measure
+
+
+def test_measure_small_preempt_prefetch(memstress) -> None:
+    r = measure(memstress, 32 << 20, "16M", 2, True, 4, 64 << 20, rate_mib=512)
+    assert r["vm"] == "livemig" and r["preempt"] is True and r["prefetch"] == 4
+    assert r["requests"] > 0
+    lat = r["latency"]
+    assert lat["count"] == r["requests"]
+    assert 0 < lat["p50-us"] <= lat["p90-us"] <= lat["p99-us"] <= lat["max-us"]
+    assert r["dirty-gbps"] > 0.1  # 512 MiB/s asked
+    assert 0 < r["postcopy-s"] < r["total-s"]
+    assert r["requested-sent"] >= r["requests"]
