@@ -80,3 +80,18 @@ def test_demo_bad_input_is_one_line() -> None:
     assert proc.returncode == 1
     assert "must be at most half of --memory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_demo_postcopy_report_has_latencies(tmp_path: Path) -> None:
+    out = tmp_path / "pc"
+    proc = _livemig("demo", "--postcopy", "--memory", "64M", "--working-set", "16M",
+                    "--dirty-rate", "200M", "--max-bandwidth", "16M", "--watch", "0.3",
+                    "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["config"]["postcopy"] is True
+    assert "postcopy" in report["phases"], report["phases"]
+    lat = report["postcopy"]["latencies-ms"]
+    assert len(lat) == report["destination"]["x-postcopy"]["requests"]
+    assert all(x > 0 for x in lat)
+    assert report["verification"]["invariant"]["ok"] is True
