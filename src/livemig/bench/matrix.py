@@ -184,10 +184,13 @@ def drive(
         switched = cancelled = False
         throttle = 0
         info: dict[str, Any] = {}
+        last_ram: dict[str, Any] = {}
         while True:
             now = time.monotonic()
             info = sq.command("query-migrate")
             status = info.get("status", "")
+            if "ram" in info:
+                last_ram = info["ram"]  # a cancelled migration's reply has no ram member
             throttle = max(throttle, int(info.get("cpu-throttle-percentage") or 0))
             if status in FINAL_STATES:
                 break
@@ -210,7 +213,7 @@ def drive(
             fig.outcome = "limit"
         if status == "failed" and info.get("error-desc"):
             fig.notes.append(str(info["error-desc"]))
-        ram = info.get("ram", {})
+        ram = info.get("ram", last_ram)
         fig.total_ms = info.get("total-time")
         fig.downtime_ms = info.get("downtime")
         fig.transferred = ram.get("transferred")
@@ -356,6 +359,13 @@ def summarize_runs(runs: Sequence[RunFigures]) -> dict[str, Any]:
     for name in NUMERIC:
         xs = [getattr(r, name) for r in done if getattr(r, name) is not None]
         out[name] = statistics.median(xs) if xs else None
+    # What the migrations that hit the limit had done by then (how far from converging).
+    limited = [r for r in runs if r.outcome == "limit"]
+    out["at_limit"] = {
+        name: statistics.median(xs) if xs else None
+        for name in ("transferred", "passes", "throttle_pct")
+        for xs in [[getattr(r, name) for r in limited if getattr(r, name) is not None]]
+    }
     verified = [r.verified for r in done if r.verified is not None]
     out["verified"] = all(verified) if verified else None
     ok = [r.guest_ok for r in done if r.guest_ok is not None]
@@ -455,6 +465,13 @@ COLUMNS = (
 )
 
 
+def _fig(s: dict[str, Any], name: str, scale: float, digits: int) -> str:
+    """The median of the completed runs, else (in parentheses) of the runs cut at the limit."""
+    if s[name] is None and s["at_limit"].get(name) is not None:
+        return f"({_num(s['at_limit'][name], scale, digits)})"
+    return _num(s[name], scale, digits)
+
+
 def _done(s: dict[str, Any]) -> str:
     text = f"{s['completed']}/{s['runs']}"
     others = [o for o in s["outcomes"] if o != "completed"]
@@ -476,8 +493,8 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         row = [format_size(sc["size"]), str(sc["rate_mib_s"]), sc["strategy"],
                cell(_done(lm), _done(qm) if qm else "-")]  # fmt: skip
         for _, name, scale, digits in COLUMNS:
-            row.append(cell(_num(lm[name], scale, digits),
-                            _num(qm[name], scale, digits) if qm else "-"))  # fmt: skip
+            row.append(cell(_fig(lm, name, scale, digits),
+                            _fig(qm, name, scale, digits) if qm else "-"))  # fmt: skip
         row.append(cell(_flag(lm["verified"]), "n/a"))  # QEMU has no RAM hash comparison
         row.append(cell(_flag(lm["guest_ok"]), _flag(qm["guest_ok"]) if qm else "-"))
         rows.append(row)
@@ -489,7 +506,8 @@ def render(result: dict[str, Any]) -> Any:
 
     cfg = result["config"]
     vs = any("qemu" in sc for sc in result["scenarios"])
-    title = (f"livemig bench matrix ({result['date']}), median of completed runs, "
+    title = (f"livemig bench matrix ({result['date']}), median of completed runs "
+             "((at the limit) when none completed), "
              f"max-bandwidth {format_size(cfg['bandwidth']) if cfg['bandwidth'] else 'unlimited'}"
              f", downtime-limit {cfg['downtime_limit']} ms, limit {cfg['limit_seconds']:g} s"
              + (", livemig / QEMU 7.2 TCG" if vs else ""))  # fmt: skip

@@ -1,0 +1,157 @@
+"""Tests of ``livemig bench matrix``: strategy parsing, the summaries and the table on synthetic
+runs, a tiny matrix end to end between real ``livemig run`` processes (no QEMU), a migration cut
+at its limit, and (opt-in, ``LIVEMIG_BENCH_QEMU=1``: it downloads a Debian kernel) one scenario
+on QEMU 7.2 beside livemig."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+import pytest
+
+from livemig.bench import matrix
+from livemig.errors import UsageError
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    matrix.register(parser.add_subparsers())
+    return parser.parse_args(["matrix", *argv])
+
+
+def test_parse_strategy() -> None:
+    assert matrix.parse_strategy("precopy").caps == {}
+    ac = matrix.parse_strategy("autoconverge")
+    assert ac.caps == {"auto-converge": True} and ac.dest_caps == {}
+    pc = matrix.parse_strategy("postcopy")
+    assert pc.postcopy and pc.caps == {"postcopy-ram": True}
+    assert pc.dest_caps == {"postcopy-ram": True, "postcopy-blocktime": True}
+    mf = matrix.parse_strategy("multifd4")
+    assert mf.caps == mf.dest_caps == {"multifd": True}
+    assert mf.params == {"multifd-channels": 4, "multifd-compression": "none"}
+    assert matrix.parse_strategy("multifd2-zstd").params["multifd-compression"] == "zstd"
+    for bad in ("multifd", "multifd0", "multifd4-lz4", "xbzrle2", "postcopy "):
+        with pytest.raises(UsageError):
+            matrix.parse_strategy(bad)
+
+
+def test_config_from_args() -> None:
+    cfg = matrix.config_from_args(_args("--sizes", "32M,1G", "--rates", "0,max,50",
+                                        "--strategies", "precopy,multifd2", "--repeat", "2"))  # fmt: skip
+    assert cfg.sizes == [32 << 20, 1 << 30] and cfg.rates == [0, "max", 50]
+    assert cfg.strategies == ["precopy", "multifd2"] and cfg.repeat == 2 and cfg.verify
+    assert len(matrix.scenarios(cfg)) == 2 * 3 * 2
+    default = matrix.config_from_args(_args())
+    assert default.strategies == ["precopy", "autoconverge", "postcopy", "multifd4"]
+    assert not default.vs_qemu and default.bandwidth == 128 << 20
+    with pytest.raises(UsageError):
+        matrix.config_from_args(_args("--strategies", "precopy,teleport"))
+    with pytest.raises(UsageError):
+        matrix.config_from_args(_args("--repeat", "0"))
+    with pytest.raises(UsageError):
+        matrix.config_from_args(_args("--limit-seconds", "0"))
+    with pytest.raises(SystemExit):  # argparse refuses a negative rate
+        _args("--rates", "-5")
+
+
+def test_ws_of_is_a_whole_mib_share() -> None:
+    cfg = matrix.Config()
+    assert matrix.ws_of(cfg, 256 << 20) == 64 << 20
+    assert matrix.ws_of(cfg, 3 << 20) == 1 << 20  # never below 1 MiB
+
+
+def test_summary_and_table_on_synthetic_runs() -> None:
+    runs = [
+        matrix.RunFigures(outcome="completed", status="completed", total_ms=100, downtime_ms=10,
+                          transferred=3 << 20, passes=3, throttle_pct=0, verified=True,
+                          guest_ok=True),
+        matrix.RunFigures(outcome="completed", status="completed", total_ms=300, downtime_ms=30,
+                          transferred=5 << 20, passes=5, throttle_pct=20, verified=True,
+                          guest_ok=True),
+        matrix.RunFigures(outcome="limit", status="cancelled", transferred=9 << 20, passes=40),
+    ]  # fmt: skip
+    s = matrix.summarize_runs(runs)
+    assert s["runs"] == 3 and s["completed"] == 2 and s["outcomes"] == ["completed", "limit"]
+    assert s["total_ms"] == 200 and s["passes"] == 4 and s["verified"] is True
+    assert s["at_limit"]["passes"] == 40
+    cut = matrix.summarize_runs(runs[2:])
+    assert cut["total_ms"] is None and cut["verified"] is None
+    result = {
+        "date": "now", "config": vars(matrix.Config()),
+        "scenarios": [{"size": 1 << 30, "rate_mib_s": 50, "strategy": "precopy",
+                       "livemig": s, "qemu": cut}],
+    }  # fmt: skip
+    head, rows = matrix.table_rows(result)
+    row = dict(zip(head, rows[0], strict=True))
+    assert row["done"] == "2/3 (limit) / 0/1 (limit)"
+    assert row["total s"] == "0.20 / -"
+    assert row["passes"] == "4 / (40)"  # the QEMU run shows where it stood when cut
+    assert row["verified"] == "yes / n/a"
+    matrix.render(result)
+
+
+@pytest.mark.timeout(60)
+def test_tiny_matrix_end_to_end(tmp_path) -> None:
+    """Two scenarios on 48 MiB guests between real processes: completed, verified, every field."""
+    out = tmp_path / "m.json"
+    args = _args("--sizes", "48M", "--rates", "20", "--strategies", "precopy,postcopy",
+                 "--limit-seconds", "20", "--json", str(out))  # fmt: skip
+    t0 = time.monotonic()
+    assert matrix.main(args) == 0
+    assert time.monotonic() - t0 < 30
+    result = json.loads(out.read_text())
+    assert result["fields"] == list(matrix.FIELDS)
+    assert result["machine"]["cpus"] >= 1 and result["qemu"] is None
+    assert [sc["strategy"] for sc in result["scenarios"]] == ["precopy", "postcopy"]
+    for sc in result["scenarios"]:
+        assert sc["size"] == 48 << 20 and sc["rate_mib_s"] == 20 and sc["ws"] == 12 << 20
+        assert "qemu" not in sc
+        (run,) = sc["livemig_runs"]
+        assert set(matrix.FIELDS) <= set(run), set(matrix.FIELDS) - set(run)
+        assert run["outcome"] == "completed", run["notes"]
+        assert run["verified"] is True and run["guest_ok"] is True
+        assert run["total_ms"] > 0 and run["downtime_ms"] is not None
+        assert run["blackout_ms"] is not None and run["blackout_ms"] >= 0
+        assert run["transferred"] > 12 << 20 and run["passes"] >= 1
+        assert run["src_rss"] > 0 and run["dst_rss"] > 48 << 20  # the destination pre-faults
+        summary = sc["livemig"]
+        assert summary["completed"] == 1 and summary["total_ms"] == run["total_ms"]
+    pc = result["scenarios"][1]["livemig_runs"][0]
+    assert pc["postcopy_requests"] is not None and pc["blocktime_ms"] is not None
+    assert result["scenarios"][0]["livemig_runs"][0]["postcopy_requests"] is None
+
+
+@pytest.mark.timeout(60)
+def test_scenario_cut_at_the_limit() -> None:
+    """A flat-out guest at 8 MiB/s cannot converge: cancelled at the limit, never a hang."""
+    cfg = matrix.Config(sizes=[32 << 20], rates=["max"], strategies=["precopy"],
+                        limit_seconds=2.0, bandwidth=8 << 20, downtime_limit=1)  # fmt: skip
+    t0 = time.monotonic()
+    fig = matrix.run_livemig(cfg, 32 << 20, "max", matrix.parse_strategy("precopy"))
+    assert time.monotonic() - t0 < 40
+    assert fig.outcome == "limit" and fig.status == "cancelled", fig.notes
+    assert fig.transferred and fig.transferred > 0 and fig.total_ms is None
+    assert any("cancelled" in n for n in fig.notes)
+
+
+@pytest.mark.qemu
+@pytest.mark.skipif(not os.environ.get("LIVEMIG_BENCH_QEMU"), reason="set LIVEMIG_BENCH_QEMU=1: "
+                    "downloads a Debian kernel with apt-get")  # fmt: skip
+@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU")
+@pytest.mark.timeout(300)
+def test_vs_qemu_one_scenario() -> None:
+    cfg = matrix.Config(sizes=[256 << 20], rates=[20], strategies=["postcopy"],
+                        limit_seconds=60, vs_qemu=True)  # fmt: skip
+    result = matrix.run_matrix(cfg)
+    (sc,) = result["scenarios"]
+    assert result["qemu"] and "QEMU" in result["qemu"]
+    (qrun,) = sc["qemu_runs"]
+    assert qrun["outcome"] == "completed" and qrun["guest_ok"] is True, qrun["notes"]
+    assert qrun["verified"] is None and qrun["postcopy_switched"] is not None
+    assert qrun["transferred"] > 5 << 20
+    head, rows = matrix.table_rows(result)
+    assert " / " in dict(zip(head, rows[0], strict=True))["total s"]
