@@ -83,6 +83,29 @@ def postcopy_supported() -> bool:
 # -- helpers -----------------------------------------------------------------------------------
 
 
+def _task_states(pid: int) -> list[str]:
+    states = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+            states.append(stat[stat.rindex(")") + 2])  # the field after "(comm)"
+    return states
+
+
+def stop_process(proc: LivemigProcess, timeout: float = 30.0) -> None:
+    """SIGSTOP ``proc`` and return only once every one of its threads is stopped.
+
+    ``kill(SIGSTOP)`` returns before the process stops: the kernel wakes one thread to take
+    the signal and only that thread starts the group stop. On a loaded machine that thread may
+    wait for a CPU for tens of ms while the others run on: a destination stopped that way just
+    before ``migrate-continue`` once loaded the final stream and sent SHUT(0), and the
+    "stalled" migration completed (the flake in "stall-destination at completion").
+    """
+    proc.signal(signal.SIGSTOP)
+    wait_until(lambda: all(s == "T" for s in _task_states(proc.pid)), timeout,
+               f"every thread of {proc.name} stopped", 0.005)  # fmt: skip
+
+
 def _baseline(src: LivemigProcess) -> tuple[int, int]:
     src.cmd("query-status")
     return src.fd_count(), src.thread_count()
@@ -223,16 +246,16 @@ def _stall_destination(h: ProcHarness, phase: str, res: FaultResult) -> None:
     caps = {"return-path": True, "pause-before-switchover": phase == "completion"}
     params = {"x-io-timeout": IO_TIMEOUT_MS, "max-bandwidth": SLOW}
     if phase == "setup":
-        dst.signal(signal.SIGSTOP)
+        stop_process(dst)
         h.migrate(src, dst.incoming, caps=caps, params=params)
     elif phase == "precopy":
         h.migrate(src, dst.incoming, caps=caps, params=params)
         _wait_active(src, 256 << 10)
-        dst.signal(signal.SIGSTOP)
+        stop_process(dst)
     else:
         h.migrate(src, dst.incoming, caps=caps, params={**params, "max-bandwidth": 1 << 30})
         src.wait_migration(timeout=60, states=frozenset({"pre-switchover", "failed"}))
-        dst.signal(signal.SIGSTOP)
+        stop_process(dst)
         src.cmd("migrate-continue", state="pre-switchover")
         _common_after(h, src, base, res, None)
         dst.signal(signal.SIGCONT)
@@ -253,7 +276,7 @@ def _stall_source(h: ProcHarness, phase: str, res: FaultResult) -> None:
     h.migrate(src, dst.incoming, caps={"return-path": True},
               params={"x-io-timeout": 30000, "max-bandwidth": SLOW})  # fmt: skip
     _wait_active(src, 256 << 10)
-    src.signal(signal.SIGSTOP)
+    stop_process(src)
     try:
         res.checks["destination exit 1"] = _dest_failed(dst, timeout=dst_timeout / 1000 + 40)
     finally:
