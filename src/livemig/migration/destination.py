@@ -281,7 +281,9 @@ class IncomingMigration:
         out: dict[str, Any] = {"status": self.state.status.value}
         if self.state.status == MigrationStatus.SETUP:
             out["socket-address"] = [self.uri]
-        if self.state.status == MigrationStatus.FAILED and self.state.error:
+        # as QEMU 8.1+ does: the reason also while post-copy waits paused for a recovery
+        if self.state.status in (MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED) and \
+                self.state.error:  # fmt: skip
             out["error-desc"] = self.state.error
         if self.verify is not None:
             out["x-verify"] = {"equal": self.verify["equal"]}

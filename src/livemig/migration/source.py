@@ -621,7 +621,9 @@ class OutgoingMigration:
                 out["expected-downtime"] = s.expected_downtime_ms
         if s.throttle:
             out["cpu-throttle-percentage"] = s.throttle
-        if status == MigrationStatus.FAILED and self.state.error:
+        # as QEMU 8.1+ does: the reason also while post-copy waits paused for a recovery
+        if status in (MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED) and \
+                self.state.error:  # fmt: skip
             out["error-desc"] = self.state.error
         out["x-dirty-tracker"] = self.tracker_name
         if self.config.verify and status == MigrationStatus.COMPLETED:
