@@ -276,14 +276,37 @@ def _stall_destination(h: ProcHarness, phase: str, res: FaultResult) -> None:
     _common_after(h, src, base, res, dst)
 
 
+def _deferred_destination(
+    h: ProcHarness,
+    sock: str,
+    caps: dict[str, bool] | None = None,
+    params: dict[str, Any] | None = None,
+    exit_on_error: bool = True,
+) -> tuple[LivemigProcess, str]:
+    """A destination started with ``--incoming defer``, given its own capabilities and
+    parameters (x-io-timeout: the incoming side takes its parameters at migrate-incoming),
+    then listening on a unix socket ``sock``; returns it and the URI."""
+    dst = h.destination(incoming="defer")
+    uri = f"unix:{h.path(sock)}"
+    if caps:
+        dst.cmd("migrate-set-capabilities",
+                capabilities=[{"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
+    if params:
+        dst.cmd("migrate-set-parameters", **params)
+    dst.cmd("migrate-incoming", uri=uri, **{"exit-on-error": exit_on_error})
+    wait_until(lambda: Path(uri[5:]).exists(), PC_WAIT, f"{uri} listening")
+    return dst, uri
+
+
 def _stall_source(h: ProcHarness, phase: str, res: FaultResult) -> None:
     src = h.source(append=GUEST_ARGS)
-    # the destination's own time-out decides; the stalled source learns when it wakes
-    dst = h.destination()
+    # The destination's own time-out decides; the stalled source learns when it wakes. A
+    # destination started with --incoming URI would wait with the default 30 s.
+    dst_timeout = IO_TIMEOUT_MS
+    dst, uri = _deferred_destination(h, "stall-src.sock", params={"x-io-timeout": dst_timeout})
     src.wait_passes_increase(0, timeout=20)
     base = _baseline(src)
-    dst_timeout = IO_TIMEOUT_MS
-    h.migrate(src, dst.incoming, caps={"return-path": True},
+    h.migrate(src, uri, caps={"return-path": True},
               params={"x-io-timeout": 30000, "max-bandwidth": SLOW})  # fmt: skip
     _wait_active(src, 256 << 10)
     stop_process(src)
@@ -316,8 +339,13 @@ def _kill_source(h: ProcHarness, phase: str, res: FaultResult) -> None:
         src.wait_migration(timeout=60, states=frozenset({"pre-switchover", "failed"}))
     src.kill()
     res.source_alive = False
-    if phase == "setup" and dst.alive() and dst.status() == "inmigrate":
-        # killed before it connected: the destination still waits, as QEMU's does
+    waiting = False
+    if phase == "setup":
+        # Killed before it connected, the destination still waits, as QEMU's does; killed
+        # just after, it fails and exits, possibly while we ask it (QMP then disconnects).
+        with contextlib.suppress(LivemigError):
+            waiting = dst.alive() and dst.query_migrate().get("status") in (None, "setup")
+    if waiting:
         res.checks["destination still waiting"] = True
     else:
         res.checks["destination exit 1"] = _dest_failed(dst)
@@ -434,14 +462,8 @@ def _pc_start(h: ProcHarness, res: FaultResult, *, dst_params: dict[str, Any] | 
               ) -> tuple[LivemigProcess, LivemigProcess, tuple[int, int], LinkProxy | None]:  # fmt: skip
     """Source and destination in postcopy-active, the background push slow."""
     src = h.source(append=GUEST_ARGS)
-    dst = h.destination(incoming="defer")
-    uri = f"unix:{h.path('pc-mig.sock')}"
-    dst.cmd("migrate-set-capabilities",
-            capabilities=[{"capability": "postcopy-ram", "state": True}])  # fmt: skip
-    if dst_params:
-        dst.cmd("migrate-set-parameters", **dst_params)
-    dst.cmd("migrate-incoming", uri=uri, **{"exit-on-error": exit_on_error})
-    wait_until(lambda: Path(uri[5:]).exists(), PC_WAIT, f"{uri} listening")
+    dst, uri = _deferred_destination(h, "pc-mig.sock", {"postcopy-ram": True}, dst_params,
+                                     exit_on_error)  # fmt: skip
     link = None
     if proxy:
         link = LinkProxy(h.path("pc-proxy.sock"), uri[5:])
