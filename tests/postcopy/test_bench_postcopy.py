@@ -15,4 +15,5 @@ def test_measure_small_preempt_prefetch(memstress) -> None:
     assert 0 < lat["p50-us"] <= lat["p90-us"] <= lat["p99-us"] <= lat["max-us"]
     assert r["dirty-gbps"] > 0.1  # 512 MiB/s asked
     assert 0 < r["postcopy-s"] < r["total-s"]
-    assert r["requested-sent"] >= r["requests"]
+    # a request for a page already on its way sends nothing more: no ">= requests" here
+    assert r["requested-sent"] > 0 and r["pushed"] > 0

@@ -12,7 +12,7 @@ Theory of operation (QEMU: ``postcopy_ram_incoming_setup``, ``postcopy_ram_fault
   devices, ``PING 3`` is answered, ``RUN`` starts the guest. From then on the incoming thread is
   QEMU's "listen thread": it reads the main channel and places pages.
 * Fault thread: a fault on a needed page becomes REQ_PAGES(_ID) on the return path (once per
-  page); a fault on a page that is not needed is a page the destination already knows to be
+  page; all the faults of one read in one write); a fault on a page that is not needed is a page the destination already knows to be
   zero (received as a zero record, or never sent because never populated) and is resolved on
   the spot with UFFDIO_ZEROPAGE. Per-vCPU blocked time is measured from the fault to the page's
   installation (``UFFD_FEATURE_THREAD_ID`` names the thread).
@@ -23,6 +23,11 @@ Theory of operation (QEMU: ``postcopy_ram_incoming_setup``, ``postcopy_ram_fault
   holds the GIL and deadlocks the fault thread. So no Python code here reads or writes guest
   RAM while it is registered, except pages known present; hashing and checks happen only after
   the end, once every range is unregistered. vCPUs fault inside ``emu_start`` without the GIL.
+* Time-outs: the main channel may be quiet for long in a healthy post-copy (a small
+  ``max-postcopy-bandwidth``, a guest that does not fault, requests answered on the preempt
+  channel), so ``x-io-timeout`` there only counts while the guest waits for a page: the link
+  is declared lost (->postcopy-paused) when a request has gone unanswered, and nothing at all
+  came from the source, for ``x-io-timeout``. Errors and EOF pause at once.
 * End: ``EOF`` with no page still needed -> unregister, ->completed, SHUT(0). A link error in
   postcopy-active -> postcopy-paused: faults are recorded, not sent; ``migrate-recover URI`` (or
   the original listener, with ``x-postcopy-auto-recover``) accepts a new headerless main
@@ -52,8 +57,6 @@ from livemig.migration.postcopy_source import (
     block_checksum,
     boost_thread,
     checksum_vmsd,
-    fast_gil_enter,
-    fast_gil_exit,
     page_checksums,
     runs,
 )
@@ -483,11 +486,7 @@ class PostcopyIncoming:
         inc = self.inc
         ch = inc.channel
         boost_thread()  # requested pages come this way too (without preempt)
-        fast_gil_enter()
-        try:
-            self._listen_pump(ch, dec)
-        finally:
-            fast_gil_exit()
+        self._listen_pump(ch, dec)
 
     def _listen_pump(self, ch: Channel, dec: Decoder) -> None:
         inc = self.inc
