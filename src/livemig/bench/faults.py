@@ -43,6 +43,7 @@ from livemig.testing_procs import LivemigProcess, ProcError, ProcHarness, wait_u
 IO_TIMEOUT_MS = 1500
 SLOW = 8 << 20  # bytes/s during pre-copy: several seconds for the working set
 GUEST_ARGS = "ws=8M rate=5000"
+START_WAIT = 30.0  # a loaded machine may take long to boot the guest
 
 SCENARIOS: tuple[tuple[str, str], ...] = (
     ("stall-destination", "setup"),
@@ -112,6 +113,15 @@ def stop_process(proc: LivemigProcess, timeout: float = 30.0) -> None:
     proc.signal(signal.SIGSTOP)
     wait_until(lambda: all(s == "T" for s in _task_states(proc.pid)), timeout,
                f"every thread of {proc.name} stopped", 0.005)  # fmt: skip
+
+
+def _source(h: ProcHarness) -> LivemigProcess:
+    """A memstress source, waited for until its guest runs: ``livemig run`` answers QMP
+    before it starts the vCPUs, and a guest check in ``prelaunch`` sends no ``stop``, then
+    finds the guest running (seen as "x-guest-check needs a stopped guest")."""
+    src = h.source(append=GUEST_ARGS)
+    src.wait_status("running", timeout=START_WAIT)
+    return src
 
 
 def _baseline(src: LivemigProcess) -> tuple[int, int]:
@@ -244,14 +254,14 @@ def _common_after(h: ProcHarness, src: LivemigProcess, base: tuple[int, int], re
 
 
 def _stall_destination(h: ProcHarness, phase: str, res: FaultResult) -> None:
-    src = h.source(append=GUEST_ARGS)
+    src = _source(h)
     # At completion the whole stream may already sit in the stopped destination's socket
     # buffer: woken, it loads it although the source gave up (no SHUT in time) and resumed its
     # guest. The protocol has no source-to-destination commit (QEMU has the same window), so,
     # as libvirt does, the destination is started paused (-S) and must not run the guest.
     extra = ["--paused"] if phase == "completion" else []
     dst = h.destination(extra=extra)
-    src.wait_passes_increase(0, timeout=20)
+    src.wait_passes_increase(0, timeout=START_WAIT)
     base = _baseline(src)
     caps = {"return-path": True, "pause-before-switchover": phase == "completion"}
     params = {"x-io-timeout": IO_TIMEOUT_MS, "max-bandwidth": SLOW}
@@ -299,12 +309,12 @@ def _deferred_destination(
 
 
 def _stall_source(h: ProcHarness, phase: str, res: FaultResult) -> None:
-    src = h.source(append=GUEST_ARGS)
+    src = _source(h)
     # The destination's own time-out decides; the stalled source learns when it wakes. A
     # destination started with --incoming URI would wait with the default 30 s.
     dst_timeout = IO_TIMEOUT_MS
     dst, uri = _deferred_destination(h, "stall-src.sock", params={"x-io-timeout": dst_timeout})
-    src.wait_passes_increase(0, timeout=20)
+    src.wait_passes_increase(0, timeout=START_WAIT)
     base = _baseline(src)
     h.migrate(src, uri, caps={"return-path": True},
               params={"x-io-timeout": 30000, "max-bandwidth": SLOW})  # fmt: skip
@@ -327,9 +337,9 @@ def _stall_source(h: ProcHarness, phase: str, res: FaultResult) -> None:
 
 
 def _kill_source(h: ProcHarness, phase: str, res: FaultResult) -> None:
-    src = h.source(append=GUEST_ARGS)
+    src = _source(h)
     dst = h.destination()
-    src.wait_passes_increase(0, timeout=20)
+    src.wait_passes_increase(0, timeout=START_WAIT)
     caps = {"return-path": True, "pause-before-switchover": phase == "completion"}
     bw = (1 << 30) if phase == "completion" else SLOW  # completion: converge quickly
     h.migrate(src, dst.incoming, caps=caps, params={"max-bandwidth": bw})
@@ -356,8 +366,8 @@ def _kill_source(h: ProcHarness, phase: str, res: FaultResult) -> None:
 def _disk_full(h: ProcHarness, phase: str, res: FaultResult) -> None:
     size = "64k" if phase == "setup" else "4m"
     with tiny_tmpfs(size) as d:
-        src = h.source(append=GUEST_ARGS)
-        src.wait_passes_increase(0, timeout=20)
+        src = _source(h)
+        src.wait_passes_increase(0, timeout=START_WAIT)
         base = _baseline(src)
         h.migrate(src, f"file:{d / 'vm.mig'}", params={"max-bandwidth": 1 << 30})
         info = src.wait_migration(timeout=60)
@@ -461,7 +471,7 @@ def _pc_start(h: ProcHarness, res: FaultResult, *, dst_params: dict[str, Any] | 
               src_timeout_ms: int = 30000, proxy: bool = False, exit_on_error: bool = True,
               ) -> tuple[LivemigProcess, LivemigProcess, tuple[int, int], LinkProxy | None]:  # fmt: skip
     """Source and destination in postcopy-active, the background push slow."""
-    src = h.source(append=GUEST_ARGS)
+    src = _source(h)
     dst, uri = _deferred_destination(h, "pc-mig.sock", {"postcopy-ram": True}, dst_params,
                                      exit_on_error)  # fmt: skip
     link = None
