@@ -188,12 +188,14 @@ def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threa
             quit_event.set()
 
     manager.on_done(on_migration_done)
-    if server is not None:
-        server.start()
-    if args.incoming is not None and manager is not None:
+    # The machine is in inmigrate (and a deferred destination ready for migrate-incoming)
+    # before QMP answers: a client that connects at once must not see prelaunch.
+    if args.incoming is not None:
         machine.set_runstate(RunState.INMIGRATE)
         if args.incoming == "defer":
             manager.incoming_deferred = True
-        else:
-            manager.incoming_start(args.incoming)
+    if server is not None:
+        server.start()
+    if args.incoming is not None and args.incoming != "defer":
+        manager.incoming_start(args.incoming)
     return server
