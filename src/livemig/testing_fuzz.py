@@ -256,20 +256,41 @@ def _spot_fast(n: int, rng: random.Random) -> int:
 # -- the target --------------------------------------------------------------------------------
 
 
-def _guard_pages(blocks: list[Any]) -> list[int]:
-    """Map PROT_NONE pages right before and after each block (where the space is free)."""
-    guards = []
+def _inaccessible(addr: int) -> bool:
+    """Whether ``addr`` lies in a mapping with no access at all (another mapping's guard)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                span, perms = line.split(None, 2)[:2]
+                lo, hi = (int(x, 16) for x in span.split("-"))
+                if lo <= addr < hi:
+                    return perms.startswith("---")
+    except OSError:
+        pass
+    return False
+
+
+def _guard_pages(blocks: list[Any]) -> tuple[list[int], int]:
+    """PROT_NONE pages right before and after each block: mapped here where the space is free;
+    where a mapping without access already sits there (a thread stack's guard page: the kernel
+    often places a new block right below the last stack), it guards the block just as well
+    and is counted, never unmapped. Returns the pages mapped here (to ``munmap``) and the
+    number of guards in all."""
+    guards: list[int] = []
+    found = 0
     for b in blocks:
         for addr in (b.host_addr - PAGE, b.host_addr + b.size):
             got = _libc.mmap(addr, PAGE, 0,  # PROT_NONE
                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED_NOREPLACE, -1, 0)  # fmt: skip
             if got in (None, ctypes.c_void_p(-1).value):
+                if _inaccessible(addr):
+                    found += 1
                 continue
             if got != addr:  # an old kernel ignored the hint: not a guard
                 _libc.munmap(got, PAGE)
                 continue
             guards.append(addr)
-    return guards
+    return guards, len(guards) + found
 
 
 def feed(corpus: Corpus, data: bytes, timeout: float = 10.0) -> tuple[str, str, int, int]:
@@ -286,7 +307,7 @@ def feed(corpus: Corpus, data: bytes, timeout: float = 10.0) -> tuple[str, str, 
 
     machine = Machine(parse_ram_blocks(corpus.memory, corpus.ram_blocks), smp=corpus.smp,
                       serial="null")  # fmt: skip
-    guards = _guard_pages(machine.ram_blocks)
+    guards, n_guards = _guard_pages(machine.ram_blocks)
     a, b = socket.socketpair()
     writer: threading.Thread | None = None
     inc: IncomingMigration | None = None
@@ -318,14 +339,14 @@ def feed(corpus: Corpus, data: bytes, timeout: float = 10.0) -> tuple[str, str, 
         if not done.wait(timeout + 5):
             inc.cancel()
             done.wait(5)
-            return "hang", f"no end {timeout + 5:g} s after the input", 0, len(guards)
+            return "hang", f"no end {timeout + 5:g} s after the input", 0, n_guards
         _, peak = tracemalloc.get_traced_memory()
         status, err = state.status, state.error or ""
         if status == MigrationStatus.COMPLETED:
-            return "completed", "", peak, len(guards)
+            return "completed", "", peak, n_guards
         if status == MigrationStatus.FAILED and not err.startswith(INTERNAL):
-            return "rejected", err, peak, len(guards)
-        return "crash", f"{status.value}: {err}", peak, len(guards)
+            return "rejected", err, peak, n_guards
+        return "crash", f"{status.value}: {err}", peak, n_guards
     finally:
         a.close()
         if writer is not None:
