@@ -297,7 +297,13 @@ class ProcHarness:
                 "--smp", str(smp or self.smp), *extra]  # fmt: skip
         if append:
             argv += ["--append", append]
-        return self._spawn("src", argv, None, netns)
+        proc = self._spawn("src", argv, None, netns)
+        if not {"-S", "--paused"} & set(extra):
+            # QMP answers before ``livemig run`` starts the vCPUs: a guest check in prelaunch
+            # sends no stop and then finds the guest running
+            wait_until(lambda: proc.status() != "prelaunch", START_TIMEOUT,
+                       f"{proc.name} guest started")  # fmt: skip
+        return proc
 
     def destination(
         self,
