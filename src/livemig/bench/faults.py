@@ -15,7 +15,26 @@ Faults: ``stall-destination`` (SIGSTOP the destination: it stops reading; the so
 then SIGCONT), ``kill-source`` (SIGKILL), ``disk-full`` (``file:`` on a tiny tmpfs). Phases:
 ``setup`` (before the first byte), ``precopy`` (pages flowing, rate-limited), ``completion``
 (``pause-before-switchover`` holds the source at the switch-over; the fault comes before
-``migrate-continue``). Post-copy phases are skipped until ``postcopy-ram`` is supported.
+``migrate-continue``), ``postcopy`` (both sides in postcopy-active, the background push paced
+at 1 MB/s so the fault lands mid post-copy).
+
+Post-copy faults, as QEMU handles them (the guest is split: the destination runs it, pages not
+yet sent are only on the source): ``cut-link`` (a ``LinkProxy`` relay between the two closes
+both connections) and ``stall-destination``/``stall-source`` (SIGSTOP; the peer's
+``x-io-timeout`` fires, then SIGCONT) put both sides in postcopy-paused with the reason in
+``error-desc``; ``migrate-recover`` on the destination plus ``migrate resume:true`` on the
+source then completes and verifies (x-verify checksums, memstress's invariant on the
+destination, no fd or thread left in the source). ``kill-source``: the destination pauses
+("pages still on the source"), gives up after its ``x-postcopy-auto-recover`` periods, fails
+and stops the incomplete guest (internal-error, ``livemig run`` exits 1) rather than run it on
+zero-filled pages. ``kill-destination``: the running half of the guest is gone; the source
+stays postcopy-paused and never restarts its stale copy, also after ``migrate_cancel`` (that
+guest is lost by design, counted apart as ``guests-lost-expected``). In every post-copy case
+the run states of both sides are checked at each step: never ``running`` on both.
+
+A SIGSTOP counts as injected only once every thread of the target is stopped
+(``stop_process``): ``kill`` returns before the group stop, and a destination that ran on for
+a moment once completed a "stalled" migration.
 
 The table gives per phase the faults injected and survived, then the fuzzer's inputs, crashes,
 hangs and oversized allocations, and the guests lost (0 wherever the source is alive).
