@@ -149,7 +149,7 @@ def _baseline(src: LivemigProcess) -> tuple[int, int]:
 
 
 def _no_leak(
-    src: LivemigProcess, base: tuple[int, int], res: FaultResult, timeout: float = 15.0
+    src: LivemigProcess, base: tuple[int, int], res: FaultResult, timeout: float = 30.0
 ) -> bool:
     try:
         # QMP's worker pool (4 threads at most, one at the baseline) may grow when replies race
@@ -170,11 +170,11 @@ def _no_leak(
 def _source_ok(src: LivemigProcess) -> tuple[bool, str]:
     """The source guest is running, its invariant holds, and it makes progress."""
     try:
-        src.wait_status("running", timeout=15)
+        src.wait_status("running", timeout=START_WAIT)
         now = src.guest_check()
         if not now["ok"]:
             return False, f"invariant broken: {now['problems']}"
-        later = src.wait_passes_increase(now["total-passes"], timeout=20)
+        later = src.wait_passes_increase(now["total-passes"], timeout=START_WAIT)
         return bool(later["ok"]), "" if later["ok"] else f"invariant broken: {later['problems']}"
     except ProcError as exc:
         return False, str(exc)
@@ -191,7 +191,7 @@ def _dest_failed(dst: LivemigProcess | None, timeout: float = 30.0) -> bool:
         return False
 
 
-def _wait_active(src: LivemigProcess, min_bytes: int = 1, timeout: float = 20.0) -> None:
+def _wait_active(src: LivemigProcess, min_bytes: int = 1, timeout: float = 30.0) -> None:
     def ready() -> bool:
         q = src.query_migrate()
         if q.get("status") in ("failed", "completed", "cancelled"):
@@ -210,7 +210,7 @@ def _second_migration(h: ProcHarness, src: LivemigProcess) -> bool:
     info = src.wait_migration(timeout=60)
     if info["status"] != "completed":
         return False
-    dst2.wait_status("running", timeout=15)
+    dst2.wait_status("running", timeout=START_WAIT)
     return bool(dst2.guest_check()["ok"])
 
 
