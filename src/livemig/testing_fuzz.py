@@ -311,6 +311,7 @@ def feed(corpus: Corpus, data: bytes, timeout: float = 10.0) -> tuple[str, str, 
     a, b = socket.socketpair()
     writer: threading.Thread | None = None
     inc: IncomingMigration | None = None
+    hung = False
     try:
         machine.set_runstate(RunState.INMIGRATE)
         params = Parameters()
@@ -337,8 +338,12 @@ def feed(corpus: Corpus, data: bytes, timeout: float = 10.0) -> tuple[str, str, 
         inc.start()
         writer.start()
         if not done.wait(timeout + 5):
+            # A hang is already proven: a cancel ends a loader blocked on the channel at once,
+            # one stuck elsewhere will not end sooner for a longer wait (a closed machine's RAM
+            # stays mapped, so leaving it behind is safe).
+            hung = True
             inc.cancel()
-            done.wait(5)
+            done.wait(1)
             return "hang", f"no end {timeout + 5:g} s after the input", 0, n_guards
         _, peak = tracemalloc.get_traced_memory()
         status, err = state.status, state.error or ""
@@ -352,7 +357,7 @@ def feed(corpus: Corpus, data: bytes, timeout: float = 10.0) -> tuple[str, str, 
         if writer is not None:
             writer.join(5)
         if inc is not None:
-            inc.join(5)
+            inc.join(1 if hung else 5)
         machine.close()
         for g in guards:
             _libc.munmap(g, PAGE)
