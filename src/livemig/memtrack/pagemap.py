@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 
-from livemig.memtrack._sys import IOWR, PAGE_SHIFT, KernelError, ioctl
+from livemig.memtrack._sys import IOWR, PAGE_SHIFT, PAGE_SIZE, KernelError, ioctl
 
 # --- <linux/fs.h> ----------------------------------------------------------------------------
 PAGEMAP_MAGIC = ord("f")
@@ -153,9 +153,27 @@ def runs_to_bitmap(runs: np.ndarray, npages: int) -> np.ndarray:
     return np.cumsum(diff[:-1], dtype=np.int32) > 0
 
 
+def swap_active() -> bool:
+    """Whether the host has any swap device or file in use (``/proc/swaps``)."""
+    try:
+        with open("/proc/swaps") as f:
+            return len(f.read().strip().splitlines()) > 1
+    except OSError:
+        return True  # cannot tell: assume the worst
+
+
 def present_pages(start: int, length: int) -> np.ndarray:
-    """Bool array of the pages of [start, start+length) that are populated (PAGE_IS_PRESENT or
-    swapped out): the others were never written and read as zero."""
+    """Bool array of the pages of [start, start+length) that may hold data: the others were
+    never written and read as zero.
+
+    Only ``PAGE_IS_PRESENT`` counts. ``PAGE_IS_SWAPPED`` does not help here: for shared memory
+    a swapped-out page leaves an empty PTE (its swap entry lives in the shmem page cache), and
+    the uffd write-protect markers on unpopulated pages *are* swap-type PTEs, so the category
+    would report every page once dirty logging runs. Hence, when swap is in use at all, every
+    page counts as possibly populated: a page can never be skipped because it was swapped out.
+    """
+    npages = length // PAGE_SIZE
+    if swap_active():
+        return np.ones(npages, dtype=bool)
     with PagemapScanner() as scanner:
-        present = scanner.scan_bitmap(start, length, PAGE_IS_PRESENT)
-        return scanner.scan_bitmap(start, length, PAGE_IS_SWAPPED, out=present)
+        return scanner.scan_bitmap(start, length, PAGE_IS_PRESENT)
