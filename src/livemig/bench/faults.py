@@ -28,8 +28,9 @@ destination, no fd or thread left in the source). ``kill-source``: the destinati
 ("pages still on the source"), gives up after its ``x-postcopy-auto-recover`` periods, fails
 and stops the incomplete guest (internal-error, ``livemig run`` exits 1) rather than run it on
 zero-filled pages. ``kill-destination``: the running half of the guest is gone; the source
-stays postcopy-paused and never restarts its stale copy, also after ``migrate_cancel`` (that
-guest is lost by design, counted apart as ``guests-lost-expected``). In every post-copy case
+stays postcopy-paused and never restarts its stale copy (``migrate_cancel`` is refused in
+post-copy, as QEMU refuses it; that guest is lost by design, counted apart as
+``guests-lost-expected``). In every post-copy case
 the run states of both sides are checked at each step: never ``running`` on both.
 
 A SIGSTOP counts as injected only once every thread of the target is stopped

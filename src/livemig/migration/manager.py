@@ -131,6 +131,19 @@ class MigrationManager:
             st.try_move(frozenset({st.status}), MigrationStatus.CANCELLING)
         mig.cancel()
 
+    def cancel_qmp(self) -> None:
+        """QMP ``migrate_cancel``: refused in post-copy, as current QEMU does (7.2 accepted it
+        and stranded the guest); everywhere else as ``cancel``."""
+        status = self.source.status
+        if status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED,
+                      MigrationStatus.POSTCOPY_RECOVER):  # fmt: skip
+            raise UsageError(
+                f"migrate_cancel is refused in {status.value}: the destination already runs the "
+                "guest and the source no longer holds all of its memory, so cancelling would "
+                "lose it; a broken link is survived with migrate-pause / migrate-recover and "
+                "migrate resume=true")
+        self.cancel()
+
     def migrate_continue(self, state: str) -> None:
         if self.source.status.value != state:
             raise UsageError(f"Migration not in expected state: {self.source.status.value}")
@@ -276,8 +289,8 @@ def register_migration_commands(registry: Any, manager: MigrationManager) -> Non
     })  # fmt: skip
     registry.add("migrate-incoming", wrap(manager.incoming_start_qmp), args={
         "uri": Arg(str), "exit-on-error": Arg(bool, optional=True)})  # fmt: skip
-    registry.add("migrate_cancel", wrap(manager.cancel))
-    registry.add("migrate-cancel", wrap(manager.cancel))
+    registry.add("migrate_cancel", wrap(manager.cancel_qmp))
+    registry.add("migrate-cancel", wrap(manager.cancel_qmp))
     registry.add("migrate-continue", wrap(manager.migrate_continue), args={"state": Arg(str)})
     cap_item = Arg(dict, members={"capability": Arg(str), "state": Arg(bool)})
     registry.add("migrate-set-capabilities", wrap(manager.set_capabilities),

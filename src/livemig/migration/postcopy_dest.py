@@ -609,6 +609,9 @@ class PostcopyIncoming:
             return
 
         def stop() -> None:
+            missing = int(sum(np.count_nonzero(v) for v in self.need.values()))
+            m.error = (f"post-copy failed with {missing} pages still on the source: the "
+                       "incomplete guest was stopped")  # fmt: skip
             try:
                 m.set_runstate(RunState.INTERNAL_ERROR)
             except Exception:
