@@ -1,0 +1,36 @@
+"""MigrationManager's refusals that need no running migration."""
+
+from __future__ import annotations
+
+import pytest
+
+from livemig.errors import UsageError
+from livemig.machine import Machine, parse_ram_blocks
+from livemig.migration.manager import MigrationManager
+from livemig.migration.state import MigrationStatus as S
+
+
+@pytest.fixture
+def manager():
+    m = Machine(parse_ram_blocks("8M"), serial="null")
+    yield MigrationManager(m)
+    m.close()
+
+
+def test_cancel_refused_in_postcopy_with_the_reason(manager: MigrationManager) -> None:
+    for s in (S.SETUP, S.ACTIVE, S.POSTCOPY_ACTIVE):
+        manager.source.move(s)
+    with pytest.raises(UsageError, match=r"refused in postcopy-active.*lose"):
+        manager.cancel_qmp()
+    assert manager.source.status == S.POSTCOPY_ACTIVE
+
+
+def test_cancel_is_idempotent_when_nothing_runs(manager: MigrationManager) -> None:
+    manager.cancel_qmp()
+    manager.cancel_qmp()
+    assert manager.source.status == S.NONE
+
+
+def test_migrate_incoming_needs_defer(manager: MigrationManager) -> None:
+    with pytest.raises(UsageError, match="'-incoming' was not specified"):
+        manager.incoming_start_qmp("tcp:127.0.0.1:0")
