@@ -148,7 +148,7 @@ def test_keys_and_counter_survive_postcopy() -> None:
     the ring device makes the guest touch the ring pages before host code uses them."""
     with ProcHarness(memory="64M", smp=1) as h:
         src, dst, p1, _p2 = _pair(h, incoming="defer")
-        n = NKEYS // 4
+        n = NKEYS
         with RespClient("127.0.0.1", p1, timeout=60) as c:
             sets = c.pipeline([("SET", f"key:{i}", f"value:{i}") for i in range(n)])
             assert sets == ["OK"] * n
