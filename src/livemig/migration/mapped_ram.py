@@ -41,7 +41,7 @@ import numpy as np
 
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
-from livemig.migration.multifd import split_zero
+from livemig.savevm.ram import split_zero
 
 log = logging.getLogger(__name__)
 

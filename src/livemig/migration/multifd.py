@@ -64,6 +64,7 @@ import numpy as np
 
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
+from livemig.savevm.ram import split_zero
 from livemig.transport import Channel, ChannelError, ChannelTimeout
 from livemig.wire.constants import QEVM_MAGIC
 from livemig.wire.multifd import (
@@ -167,25 +168,6 @@ def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
     ends = np.concatenate((breaks, [len(idx)]))
     first = idx[starts].tolist()
     return list(zip(first, (ends - starts).tolist(), strict=True))
-
-
-def split_zero(words: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pages ``idx`` of a block (``words``: its RAM as uint64 rows of a page) as (normal, zero).
-
-    A page whose first word is not zero is normal: only the others are scanned whole. On data
-    pages that is one word read per page instead of a 4 KiB gather and scan (the source's
-    biggest per-page cost before); a zero page still costs a full scan, as in QEMU.
-    """
-    first = words[idx, 0] != 0
-    if first.all():
-        return idx, idx[:0]
-    maybe = idx[~first]
-    zero_mask = ~words[maybe].any(axis=1)
-    if not zero_mask.any():
-        return idx, idx[:0]
-    zero = maybe[zero_mask]
-    normal = np.union1d(idx[first], maybe[~zero_mask])
-    return normal, zero
 
 
 # -- source -----------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ Everything starts dirty except pages the kernel says were never populated (they 
 a destination's RAM starts zero, so they need not even be read). ``sync`` merges the tracker's
 bitmaps in (one "pass", QEMU's dirty-sync-count). ``take`` walks the blocks from where the last
 batch stopped, clearing the dirty bits of the pages it hands out; ``split_zero`` sorts a batch
-into zero and normal pages with one numpy gather.
+into zero and normal pages reading one word per page (only pages whose first word is zero are
+scanned whole); the main channel, multifd and mapped-ram all use it.
 
 Destination (``RamLoader``): checks the block list against its own RAMBlocks, copies page
 batches into place with one numpy assignment each, and clears zero pages only where something
@@ -32,6 +33,25 @@ TAKE_SCAN_WINDOW = 1 << 16
 def _pages2d(block: object) -> np.ndarray:
     arr: np.ndarray = block.array  # type: ignore[attr-defined]
     return arr.reshape(-1, PAGE_SIZE)
+
+
+def split_zero(words: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pages ``idx`` of a block (``words``: its RAM as uint64 rows of a page) as (normal, zero).
+
+    A page whose first word is not zero is normal: only the others are scanned whole. On data
+    pages that is one word read per page instead of a 4 KiB gather and scan (the source's
+    biggest per-page cost before); a zero page still costs a full scan, as in QEMU.
+    """
+    first = words[idx, 0] != 0
+    if first.all():
+        return idx, idx[:0]
+    maybe = idx[~first]
+    zero_mask = ~words[maybe].any(axis=1)
+    if not zero_mask.any():
+        return idx, idx[:0]
+    zero = maybe[zero_mask]
+    normal = np.union1d(idx[first], maybe[~zero_mask])
+    return normal, zero
 
 
 @dataclass
@@ -125,8 +145,8 @@ class RamSaver:
                 return
 
     def split_zero(self, block: object, idx: np.ndarray) -> Batch:
-        nonzero = self._words[block.idstr][idx].any(axis=1)  # type: ignore[attr-defined]
-        return Batch(block, idx[nonzero], idx[~nonzero])
+        normal, zero = split_zero(self._words[block.idstr], idx)  # type: ignore[attr-defined]
+        return Batch(block, normal, zero)
 
     def requeue(self, batch: Batch) -> None:
         """Put pages that could not be sent back into the dirty bitmap (never lose one)."""
