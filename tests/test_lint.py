@@ -26,3 +26,10 @@ def test_ruff_check() -> None:
         [*_ruff(), "check", "src", "tests"], cwd=ROOT, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_format() -> None:
+    proc = subprocess.run(
+        [*_ruff(), "format", "--check", "src", "tests"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

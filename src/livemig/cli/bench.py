@@ -8,7 +8,17 @@ from __future__ import annotations
 import argparse
 import importlib
 
-BENCHMARKS = ("machine", "codec", "memtrack", "precopy", "throughput", "postcopy", "faults", "service", "matrix")
+BENCHMARKS = (
+    "machine",
+    "codec",
+    "memtrack",
+    "precopy",
+    "throughput",
+    "postcopy",
+    "faults",
+    "service",
+    "matrix",
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -141,7 +141,8 @@ class MigrationManager:
                 f"migrate_cancel is refused in {status.value}: the destination already runs the "
                 "guest and the source no longer holds all of its memory, so cancelling would "
                 "lose it; a broken link is survived with migrate-pause / migrate-recover and "
-                "migrate resume=true")
+                "migrate resume=true"
+            )
         self.cancel()
 
     def migrate_continue(self, state: str) -> None:
@@ -196,7 +197,6 @@ class MigrationManager:
             for name in ("downtime-limit", "avail-switchover-bandwidth"):
                 if name in changes:
                     self.outgoing.config.params[name] = self.params[name]
-
 
     # -- queries -----------------------------------------------------------------------------
 

@@ -27,8 +27,19 @@ CAPABILITIES = (
 
 # What this build of livemig really implements; the rest are listed but refused.
 SUPPORTED_CAPABILITIES = frozenset(
-    {"auto-converge", "events", "return-path", "pause-before-switchover", "x-verify", "multifd",
-     "postcopy-ram", "postcopy-preempt", "postcopy-blocktime", "xbzrle", "mapped-ram"}
+    {
+        "auto-converge",
+        "events",
+        "return-path",
+        "pause-before-switchover",
+        "x-verify",
+        "multifd",
+        "postcopy-ram",
+        "postcopy-preempt",
+        "postcopy-blocktime",
+        "xbzrle",
+        "mapped-ram",
+    }
 )
 
 # (capability, needs) and (capability, conflicts with) pairs, checked when set.

@@ -78,8 +78,13 @@ class MigrationStats:
         else:
             self.postcopy_bytes += nbytes
 
-    def update_window(self, downtime_limit_ms: int, switchover_bw: int = 0,
-                      max_bandwidth: int = 0, queued: int = 0) -> bool:
+    def update_window(
+        self,
+        downtime_limit_ms: int,
+        switchover_bw: int = 0,
+        max_bandwidth: int = 0,
+        queued: int = 0,
+    ) -> bool:
         """Close the accounting window if 100 ms passed; returns True when it did.
 
         ``queued`` is what the socket still holds unsent (``Channel.unsent``): bytes written
