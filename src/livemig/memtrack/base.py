@@ -14,6 +14,7 @@ uint64 bitmap would be 8x smaller but every consumer would have to unpack it fir
 
 from __future__ import annotations
 
+import abc
 import threading
 from collections.abc import Iterable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -91,7 +92,7 @@ class DirtyTracker(Protocol):
         """Stop logging and release fds, threads and protections; idempotent."""
 
 
-class TrackerBase:
+class TrackerBase(abc.ABC):
     """Region bookkeeping, the host-side dirty bitmaps behind ``mark_dirty``, and the
     started/stopped state shared by all backends. Subclasses implement ``_start``,
     ``_sync_guest`` (the guest-write bitmaps, re-arming) and ``_stop``."""
@@ -188,11 +189,14 @@ class TrackerBase:
                 self._stop()
 
     # --- backend hooks -----------------------------------------------------------------------
+    @abc.abstractmethod
     def _start(self) -> None:
-        raise NotImplementedError
+        """Arm the backend's mechanism over every region."""
 
+    @abc.abstractmethod
     def _sync_guest(self) -> dict[str, np.ndarray]:
-        raise NotImplementedError
+        """The guest-write bitmaps since the last call, re-arming as it reads them."""
 
+    @abc.abstractmethod
     def _stop(self) -> None:
-        raise NotImplementedError
+        """Disarm and release the backend's resources."""

@@ -1,0 +1,1 @@
+"""Reports of migrations: progress display, timelines as JSON, plots as PNG."""

@@ -1,0 +1,1 @@
+"""Section handlers: the ``ram`` section and the vmstate (cpu, device) sections."""

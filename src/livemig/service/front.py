@@ -34,6 +34,7 @@ ways frames of ``<B type><Q conn><I length>`` + payload; types OPEN, DATA, CLOSE
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -71,7 +72,7 @@ def parse_serve_uri(uri: str) -> tuple[str, Any]:
     raise UsageError(f"serve address {uri!r}: expected tcp:HOST:PORT or unix:PATH")
 
 
-class _Endpoint:
+class _Endpoint(abc.ABC):
     """One client connection as the front sees it: a socket here or a sub-connection of an
     incoming tunnel."""
 
@@ -79,11 +80,13 @@ class _Endpoint:
         self.id = conn_id
         self.framer = RequestFramer(CHAIN_MAX)
 
+    @abc.abstractmethod
     def send(self, data: bytes) -> None:
-        raise NotImplementedError
+        """Deliver response bytes to the client."""
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        """End the client's connection."""
 
 
 class _SocketEndpoint(_Endpoint):
