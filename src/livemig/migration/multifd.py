@@ -708,7 +708,16 @@ def source_setup(mig: Any) -> None:
 
 
 def source_queue(mig: Any, batches: list) -> tuple[list, int, int]:
-    """Pages go to the channels; nothing for the main channel (stats come via ``account``)."""
+    """Pages go to the channels; nothing for the main channel (stats come via ``account``).
+
+    ``max-bandwidth`` is charged here, when pages are queued, not when a channel thread has
+    sent them: charged late, the migration thread would keep queueing for a whole PART and
+    overrun the limit (a normal page costs its bytes plus its share of a packet header, a zero
+    page only an offset).
+    """
+    normal = sum(len(b.normal) for b in batches)
+    zero = sum(len(b.zero) for b in batches)
+    mig.rate.account(normal * (PAGE_SIZE + 16) + zero * 16)
     mig.multifd.send_batches(batches)
     return [], 0, 0
 
@@ -719,8 +728,6 @@ def source_account(mig: Any, phase: str) -> int:
     if nbytes or normal or zero:
         mig.stats.account(nbytes, normal, zero, phase)
         mig.stats.multifd_bytes = getattr(mig.stats, "multifd_bytes", 0) + nbytes
-        if phase == "precopy":
-            mig.rate.account(nbytes)
     return nbytes
 
 
