@@ -51,3 +51,20 @@ def test_multifd_zero_pages_found_by_channels(make_pair: MakePair) -> None:
     assert src["status"] == "completed", src
     assert src["ram"]["duplicate"] > src["ram"]["normal"]
     assert src["x-verified"] is True  # RAM hashes equal at switch-over
+
+
+def test_multifd_is_held_to_max_bandwidth(make_pair: MakePair) -> None:
+    """Pages queued to the channels are charged to max-bandwidth when queued, so pre-copy never
+    runs faster than the limit (a busy host can only make it slower)."""
+    p = make_pair("ws=16M rate=100", ram=64 << 20, smp=1)
+    time.sleep(0.5)  # memstress has filled its working set
+    limit = 8 << 20
+    p.configure({"multifd": True}, {"multifd-channels": 2})
+    p.src_mgr.set_parameters({"max-bandwidth": limit})
+    src, _ = p.migrate(timeout=60)
+    assert src["status"] == "completed", src
+    ram = src["ram"]
+    precopy_s = (src["total-time"] - src["downtime"] - src["setup-time"]) / 1000
+    assert ram["precopy-bytes"] > 8 << 20
+    # at most the limit, with one 100 ms window of slack
+    assert ram["precopy-bytes"] <= limit * (precopy_s + 0.1) * 1.05, (ram, precopy_s)
