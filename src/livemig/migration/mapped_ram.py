@@ -34,13 +34,13 @@ import os
 import queue
 import struct
 import threading
-import time
 from typing import Any
 
 import numpy as np
 
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
+from livemig.migration.multifd import PageWorkerPool
 from livemig.savevm.ram import split_zero
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class _Writer:
             s._failed(f"mapped-ram writer {self.id}: internal error: {exc!r}")
 
 
-class MappedRamSender:
+class MappedRamSender(PageWorkerPool):
     """Writes page batches at their fixed file offsets; the migration thread's ``multifd``.
 
     It offers the calls ``source.py`` makes on a ``MultifdSender`` (``send_batches``, ``sync``,
@@ -169,11 +169,7 @@ class MappedRamSender:
         self.layouts = {lay.idstr: lay for lay in layouts}
         self.words = {lay.idstr: lay.block.array.view(np.uint64).reshape(-1, WORDS_PER_PAGE)
                       for lay in layouts}  # fmt: skip
-        self.timeout = timeout
-        self.error: str | None = None
-        self._lock = threading.Lock()
-        self._bytes = self._normal = self._zero = 0
-        self._taken = (0, 0, 0)
+        super().__init__(timeout)
         self._next = 0
         self.writers = [_Writer(self, i) for i in range(max(1, nthreads))]
         for w in self.writers:
@@ -191,45 +187,15 @@ class MappedRamSender:
                 buf = view[first << PAGE_SHIFT : (first + count) << PAGE_SHIFT]
                 nbytes += _pwritev_all(self.fd, [buf], layout.pages_offset + (first << PAGE_SHIFT))
             layout.written[normal] = True
-        with self._lock:
-            self._bytes += nbytes
-            self._normal += len(normal)
-            self._zero += len(zero)
+        self._count(nbytes, len(normal), len(zero))
 
     def _failed(self, reason: str) -> None:
-        with self._lock:
-            if self.error is None:
-                self.error = reason
-        log.warning("%s", reason)
+        self._latch(reason)
         for w in self.writers:
             w.synced.release()
 
-    def check(self) -> None:
-        if self.error is not None:
-            raise MigrationError(self.error)
-
-    def take_stats(self) -> tuple[int, int, int]:
-        """(bytes, normal pages, zero pages) written since the last call."""
-        with self._lock:
-            now = (self._bytes, self._normal, self._zero)
-        prev, self._taken = self._taken, now
-        return now[0] - prev[0], now[1] - prev[1], now[2] - prev[2]
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._bytes
-
     def _put(self, w: _Writer, job: Any) -> None:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            self.check()
-            try:
-                w.queue.put(job, timeout=0.1)
-                return
-            except queue.Full:
-                if time.monotonic() > deadline:
-                    raise MigrationError(f"mapped-ram writer {w.id}: no progress for "
-                                         f"{self.timeout:g} s") from None  # fmt: skip
+        self._put_wait(w.queue, job, f"mapped-ram writer {w.id}")
 
     def send_batches(self, batches: list) -> int:
         pages = 0

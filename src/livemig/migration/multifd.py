@@ -229,7 +229,58 @@ class _SendChannel:
         s._count(n, len(normal), len(zero))
 
 
-class MultifdSender:
+class PageWorkerPool:
+    """What the multifd channels and the mapped-ram writers share: the first error latched for
+    the migration thread, page counters it takes as deltas, and a bounded hand-off of jobs to
+    a worker's queue (a stalled worker fails the migration instead of hanging it)."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.error: str | None = None
+        self._lock = threading.Lock()
+        self._bytes = self._normal = self._zero = 0
+        self._taken = (0, 0, 0)
+
+    def _count(self, nbytes: int, normal: int, zero: int) -> None:
+        with self._lock:
+            self._bytes += nbytes
+            self._normal += normal
+            self._zero += zero
+
+    def _latch(self, reason: str) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = reason
+        log.warning("%s", reason)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise MigrationError(self.error)
+
+    def take_stats(self) -> tuple[int, int, int]:
+        """(bytes, normal pages, zero pages) sent since the last call."""
+        with self._lock:
+            now = (self._bytes, self._normal, self._zero)
+        prev, self._taken = self._taken, now
+        return now[0] - prev[0], now[1] - prev[1], now[2] - prev[2]
+
+    @property
+    def bytes_sent(self) -> int:
+        return self._bytes
+
+    def _put_wait(self, q: queue.Queue, job: Any, what: str) -> None:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self.check()
+            try:
+                q.put(job, timeout=0.1)
+                return
+            except queue.Full:
+                if time.monotonic() > deadline:
+                    raise MigrationError(f"{what}: no progress for {self.timeout:g} s") from None
+
+
+class MultifdSender(PageWorkerPool):
     """The source's multifd channels: queue page batches, sync at pass boundaries."""
 
     def __init__(
@@ -248,12 +299,8 @@ class MultifdSender:
         self.compression = compression
         self.flag = COMPRESSION_FLAGS[compression]
         self.level = level
-        self.timeout = timeout
+        super().__init__(timeout)
         self.packet_num = itertools.count()
-        self.error: str | None = None
-        self._lock = threading.Lock()
-        self._bytes = self._normal = self._zero = 0
-        self._taken = (0, 0, 0)
         self._next = 0
         self.channels = [_SendChannel(self, i, ch) for i, ch in enumerate(channels)]
         uuid = uuid if uuid is not None else zero_uuid()
@@ -291,38 +338,13 @@ class MultifdSender:
 
     # -- called by the channel threads ----------------------------------------------------------
 
-    def _count(self, nbytes: int, normal: int, zero: int) -> None:
-        with self._lock:
-            self._bytes += nbytes
-            self._normal += normal
-            self._zero += zero
-
     def _failed(self, reason: str) -> None:
-        with self._lock:
-            if self.error is None:
-                self.error = reason
-        log.warning("%s", reason)
+        self._latch(reason)
         for c in self.channels:
             c.channel.shutdown()
             c.synced.release()  # wake a waiting sync(); it sees the error
 
     # -- called by the migration thread -------------------------------------------------------
-
-    def check(self) -> None:
-        if self.error is not None:
-            raise MigrationError(self.error)
-
-    def take_stats(self) -> tuple[int, int, int]:
-        """(bytes, normal pages, zero pages) sent since the last call."""
-        with self._lock:
-            now = (self._bytes, self._normal, self._zero)
-        prev = self._taken
-        self._taken = now
-        return now[0] - prev[0], now[1] - prev[1], now[2] - prev[2]
-
-    @property
-    def bytes_sent(self) -> int:
-        return self._bytes
 
     def _put(self, job: Any) -> None:
         """Hand ``job`` to the next channel with room, else wait for the round-robin one."""
@@ -337,16 +359,7 @@ class MultifdSender:
             return
         c = self.channels[self._next]
         self._next = (self._next + 1) % n
-        deadline = time.monotonic() + self.timeout
-        while True:
-            self.check()
-            try:
-                c.queue.put(job, timeout=0.1)
-                return
-            except queue.Full:
-                if time.monotonic() > deadline:
-                    raise MigrationError(f"multifd channel {c.id}: no progress for "
-                                         f"{self.timeout:g} s") from None  # fmt: skip
+        self._put_wait(c.queue, job, f"multifd channel {c.id}")
 
     def send_batches(self, batches: list) -> int:
         """Queue ``ram.Batch`` objects (normal and zero indices are re-sorted by the channels).
