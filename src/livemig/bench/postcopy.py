@@ -158,8 +158,8 @@ def _written(lines: list[tuple[float, str]]) -> list[tuple[float, int]]:
 def measure_qemu(ram: int, ws_mib: int, rate_mib: int, preempt: bool, pc_bw: int,
                  timeout: float = 120.0) -> dict[str, Any]:  # fmt: skip
     """One QEMU 7.2 post-copy migration of the baseline guest; its figures."""
-    from livemig.bench.common import GuestProcess, Workdir, free_port
-    from livemig.bench.qemu_baseline import BOOT_TIMEOUT, build_initramfs, fetch_kernel, qemu_argv
+    from livemig.bench.common import Workdir, free_port
+    from livemig.bench.qemu_baseline import BOOT_TIMEOUT, build_initramfs, fetch_kernel, qemu_pair
     from livemig.errors import MigrationError
 
     kernel, initrd = fetch_kernel(), build_initramfs()
@@ -170,11 +170,7 @@ def measure_qemu(ram: int, ws_mib: int, rate_mib: int, preempt: bool, pc_bw: int
     out: dict[str, Any] = {"vm": "qemu", "preempt": preempt, "prefetch": None,
                            "ram-mib": ram >> 20}  # fmt: skip
     with Workdir() as wd:
-        src = GuestProcess(qemu_argv(ram, kernel, initrd, append, wd.sock("sq"), wd.sock("ss")),
-                           wd.sock("sq"), console=wd.sock("ss"), name="qemu source")  # fmt: skip
-        dst = GuestProcess(qemu_argv(ram, kernel, initrd, append, wd.sock("dq"), wd.sock("ds"),
-                                     incoming=True),
-                           wd.sock("dq"), console=wd.sock("ds"), name="qemu destination")  # fmt: skip
+        src, dst = qemu_pair(wd, ram, kernel, initrd, append)
         try:
             for g in (src, dst):
                 g.wait_qmp(20.0)

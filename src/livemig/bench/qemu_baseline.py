@@ -191,6 +191,18 @@ def qemu_argv(
     return argv
 
 
+def qemu_pair(wd: Workdir, memory: int, kernel: Path, initrd: Path, append: str
+              ) -> tuple[GuestProcess, GuestProcess]:  # fmt: skip
+    """A QEMU source and an ``-incoming defer`` destination of the baseline guest, their QMP
+    and console sockets in ``wd``."""
+    src = GuestProcess(qemu_argv(memory, kernel, initrd, append, wd.sock("sq"), wd.sock("ss")),
+                       wd.sock("sq"), console=wd.sock("ss"), name="qemu source")  # fmt: skip
+    dst = GuestProcess(qemu_argv(memory, kernel, initrd, append, wd.sock("dq"), wd.sock("ds"),
+                                 incoming=True),
+                       wd.sock("dq"), console=wd.sock("ds"), name="qemu destination")  # fmt: skip
+    return src, dst
+
+
 def run_qemu_migration(
     memory: int,
     ws_mib: int,
@@ -211,11 +223,7 @@ def run_qemu_migration(
     initrd = initrd or build_initramfs()
     append = f"console=ttyS0 quiet panic=-1 dirty={ws_mib},{rate_mib}"
     with Workdir() as wd:
-        src = GuestProcess(qemu_argv(memory, kernel, initrd, append, wd.sock("sq"), wd.sock("ss")),
-                           wd.sock("sq"), console=wd.sock("ss"), name="qemu source")  # fmt: skip
-        dst = GuestProcess(qemu_argv(memory, kernel, initrd, append, wd.sock("dq"), wd.sock("ds"),
-                                     incoming=True),
-                           wd.sock("dq"), console=wd.sock("ds"), name="qemu destination")  # fmt: skip
+        src, dst = qemu_pair(wd, memory, kernel, initrd, append)
         try:
             for p in (src, dst):
                 p.wait_qmp(20.0)

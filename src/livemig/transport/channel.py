@@ -219,15 +219,21 @@ class Channel:
 
     # -- teardown ------------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
-        """Wake and fail every blocked call; any thread may call it."""
+    def _mark_closed(self) -> bool:
+        """Set the closed flag and wake every poller; False if it was already closed."""
         if self._closed.is_set():
-            return
+            return False
         self._closed.set()
         try:
             os.write(self._pipe_w, b"x")
         except OSError:
             pass
+        return True
+
+    def shutdown(self) -> None:
+        """Wake and fail every blocked call; any thread may call it."""
+        if not self._mark_closed():
+            return
         if self._sock is not None:
             try:
                 self._sock.shutdown(socket.SHUT_RDWR)

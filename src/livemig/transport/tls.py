@@ -223,13 +223,8 @@ class TLSChannel(Channel):
         return sent
 
     def shutdown(self) -> None:
-        if self._closed.is_set():
+        if not self._mark_closed():
             return
-        self._closed.set()
-        try:
-            os.write(self._pipe_w, b"x")
-        except OSError:
-            pass
         # socket.shutdown on the SSLSocket itself would drop its SSL object while another
         # thread may be about to read: shut the TCP connection underneath instead.
         if self._ssock is not None:
