@@ -439,7 +439,7 @@ class OutgoingMigration:
         if self._rp_error is not None:
             raise MigrationError(self._rp_error)
         if self._rp_shut is not None and self._rp_shut != 0:
-            raise MigrationError(f"destination failed (SHUT {self._rp_shut})")
+            raise MigrationError(f"destination failed to load the migration (SHUT {self._rp_shut})")
 
     def _auto_converge(self, new_dirty: int) -> None:
         if "auto-converge" not in self.config.capabilities:
