@@ -84,7 +84,8 @@ log = logging.getLogger(__name__)
 
 PAGE_SHIFT = 12
 WORDS_PER_PAGE = PAGE_SIZE // 8
-QUEUE_DEPTH = 2  # batches waiting per channel: enough to keep the socket busy
+QUEUE_DEPTH = 2  # jobs waiting per channel: enough to keep the socket busy
+JOB_PAGES = 8 * PAGES_ALLOC  # pages per hand-off to a channel thread: 8 packets, one writev
 COMPRESSION_FLAGS = {"none": 0, "zlib": MULTIFD_FLAG_ZLIB, "zstd": MULTIFD_FLAG_ZSTD}
 _STOP = object()
 _SYNC = object()
@@ -205,28 +206,45 @@ class _SendChannel:
             s._failed(f"multifd channel {self.id}: internal error: {exc!r}")
 
     def _send_packet(self, flags: int, block: Any, idx: np.ndarray) -> None:
+        """Send ``idx`` (up to ``JOB_PAGES`` pages of ``block``, or none for a SYNC packet) as
+        packets of at most ``PAGES_ALLOC`` pages, all of them in one ``writev``.
+
+        The wire keeps QEMU's 128-page packets (a QEMU destination refuses more), but the
+        per-packet work in Python (a queue hand-off, a zero scan, a system call) was a third
+        of the channel thread's time at 512 KiB a packet; it is now paid once per job.
+        """
         s = self.sender
-        if len(idx):
-            normal, zero = split_zero(s.words[block.idstr], idx)
-        else:
-            normal = zero = idx
-        payload: list[Any] = []
-        if len(normal):
-            view = block.view
-            slices = [view[i << PAGE_SHIFT : (i + n) << PAGE_SHIFT] for i, n in _runs(normal)]
-            if s.compression == "none":
+        if len(idx) == 0:
+            head = MultifdPacket(flags | s.flag, next(s.packet_num), "", idx.astype(np.uint64),
+                                 0, 0, PAGES_ALLOC, 0).pack()  # fmt: skip
+            s._count(self.channel.sendv([head]), 0, 0)
+            return
+        normal, zero = split_zero(s.words[block.idstr], idx)
+        if len(zero):
+            is_zero = np.zeros(len(idx), bool)
+            is_zero[np.searchsorted(idx, zero)] = True
+        view = block.view
+        bufs: list[Any] = []
+        for at in range(0, len(idx), PAGES_ALLOC):
+            chunk = idx[at : at + PAGES_ALLOC]
+            if len(zero):
+                z = is_zero[at : at + PAGES_ALLOC]
+                pn, pz = chunk[~z], chunk[z]
+            else:
+                pn, pz = chunk, chunk[:0]
+            slices = [view[i << PAGE_SHIFT : (i + n) << PAGE_SHIFT] for i, n in _runs(pn)]
+            if s.compression == "none" or not slices:
                 payload = slices
             else:
                 raw = slices[0] if len(slices) == 1 else b"".join(slices)
                 payload = [self.compressor.compress(raw)]
-        size = sum(len(p) for p in payload)
-        offsets = np.concatenate((normal, zero)).astype(np.uint64) << np.uint64(PAGE_SHIFT)
-        head = MultifdPacket(
-            flags | s.flag, next(s.packet_num), block.idstr if block is not None else "", offsets,
-            len(normal), len(zero), PAGES_ALLOC, size,
-        ).pack()  # fmt: skip
-        n = self.channel.sendv([head, *payload])
-        s._count(n, len(normal), len(zero))
+            offsets = (np.concatenate((pn, pz)) if len(pz) else pn).astype(np.uint64)
+            bufs.append(MultifdPacket(
+                flags | s.flag, next(s.packet_num), block.idstr, offsets << np.uint64(PAGE_SHIFT),
+                len(pn), len(pz), PAGES_ALLOC, sum(len(p) for p in payload),
+            ).pack())  # fmt: skip
+            bufs += payload
+        s._count(self.channel.sendv(bufs), len(normal), len(zero))
 
 
 class PageWorkerPool:
@@ -371,9 +389,9 @@ class MultifdSender(PageWorkerPool):
             idx = np.concatenate((b.normal, b.zero)) if len(b.zero) else b.normal
             if len(b.zero) and len(b.normal):
                 idx.sort()
-            for i in range(0, len(idx), PAGES_ALLOC):
+            for i in range(0, len(idx), JOB_PAGES):
                 self.check()
-                self._put((b.block, idx[i : i + PAGES_ALLOC]))
+                self._put((b.block, idx[i : i + JOB_PAGES]))
             pages += len(idx)
         return pages
 

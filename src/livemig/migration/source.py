@@ -405,11 +405,13 @@ class OutgoingMigration:
         enc = self.encoder
         head = enc.send(E.SectionPart(self._ram_sid))
         t0 = time.monotonic()
+        # multifd channels take bigger jobs: each costs a queue hand-off and a writev
+        batch = multifd.JOB_PAGES if self.multifd is not None else BATCH_PAGES
         while True:
             budget = self.rate.budget_left()
             if budget <= 0 or time.monotonic() - t0 > MAX_PART_TIME:
                 break
-            pages = max(1, min(BATCH_PAGES, budget // 4096))
+            pages = max(1, min(batch, budget // 4096))
             batches = self.ram.take(pages)
             if not batches:
                 break
