@@ -1,13 +1,14 @@
 """``livemig bench postcopy`` on a tiny guest: one configuration measures and reports sane
-figures (the full benchmark and ``--vs-qemu`` run only when asked)."""
+figures (the full benchmark and ``--vs-qemu`` run only when asked). Source and destination are
+two ``livemig run`` processes."""
 
 from __future__ import annotations
 
 from livemig.bench.postcopy import measure
 
 
-def test_measure_small_preempt_prefetch(memstress) -> None:
-    r = measure(memstress, 32 << 20, "16M", 2, True, 4, 64 << 20, rate_mib=512)
+def test_measure_small_preempt_prefetch() -> None:
+    r = measure(32 << 20, "16M", 2, True, 4, 64 << 20, rate_mib=512)
     assert r["vm"] == "livemig" and r["preempt"] is True and r["prefetch"] == 4
     assert r["requests"] > 0
     lat = r["latency"]

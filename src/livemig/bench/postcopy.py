@@ -1,12 +1,14 @@
 """``livemig bench postcopy``: page-request latency, blocktime, total time and guest progress.
 
-One process holds a memstress source and an ``inmigrate`` destination (both machines here; the
-destination's vCPUs fault without the GIL, and nothing reads its RAM before the end). For each
-configuration (preempt off/on x prefetch window) the source pre-copies one pass over TCP
-loopback, switches to post-copy, and the destination's statistics give the request latency
-percentiles (targets: p50 <= 200 us, p99 <= 2 ms) and blocktime. Guest progress during
-post-copy is memstress passes per second on the destination between switch-over and the end,
-as a share of the rate measured on the source before the migration (the in-run baseline).
+Two ``livemig run`` processes, as a user runs them: a memstress source and an ``--incoming
+defer`` destination, driven over QMP. For each configuration (preempt off/on x prefetch window)
+the source pre-copies one pass over TCP loopback, switches to post-copy, and the destination's
+``query-migrate`` gives the request latency percentiles (targets: p50 <= 200 us, p99 <= 2 ms)
+and blocktime. Guest progress during post-copy is memstress passes per second on the
+destination between switch-over and the end (from its console's pass marks), as a share of
+the rate on the source in the seconds before the migration (the in-run baseline). (Until
+2026-11-26 both machines ran in the benchmark's own process; one interpreter lock for both
+sides made the latency figures worse than a real pair's.)
 
 ``--vs-qemu`` adds QEMU 7.2's post-copy on the same machine (the baseline guest of
 ``livemig.bench.qemu_baseline``: a Debian kernel under TCG whose ``/init`` dirties a working set
@@ -22,20 +24,21 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from livemig.machine import Machine, RAMBlockSpec, abi
-from livemig.machine.runstate import RunState
-from livemig.migration.manager import MigrationManager
-from livemig.migration.state import MigrationStatus
+from livemig import procs
 from livemig.units import parse_size
 
-DONE = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED})
 QEMU_HEADROOM_MIB = 224
+MARK_MS = 50  # memstress's pass marks: the guest-progress figure's resolution
+BASE_SECONDS = 1.5  # undisturbed rate measured over this long before ``migrate``
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -63,84 +66,106 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _passes(m: Machine) -> int:
-    words = abi.GUEST_REPORT.unpack(bytes(m.read_guest(abi.GUEST_REPORT_ADDR,
-                                                       abi.GUEST_REPORT.size)))  # fmt: skip
-    if words[0] != abi.REPORT_MAGIC:
-        return -1
-    return sum(words[5 : 5 + words[4]])
+_MARK = re.compile(r"memstress: cpu(\d+) pass (\d+)")
 
 
-def measure(image: Any, ram: int, ws: str, smp: int, preempt: bool, prefetch: int,
-            pc_bw: int, rate_mib: int = 0) -> dict[str, Any]:  # fmt: skip
-    """One post-copy migration; its figures."""
-    src = Machine([RAMBlockSpec("pc.ram", ram)], smp=smp)
-    dst = Machine([RAMBlockSpec("pc.ram", ram)], smp=smp)
-    try:
-        src.load_guest(image.data, f"ws={ws} rate={rate_mib * 256}")  # pages/s
-        src.start()
-        deadline = time.monotonic() + 60
-        while _passes(src) < smp:  # every slice filled and swept once
-            if time.monotonic() > deadline:
-                raise TimeoutError("memstress did not start")
-            time.sleep(0.01)
-        p0, t0 = _passes(src), time.monotonic()
-        time.sleep(1.0)
-        base_rate = (_passes(src) - p0) / (time.monotonic() - t0)
-        words = abi.GUEST_REPORT.unpack(bytes(src.read_guest(abi.GUEST_REPORT_ADDR,
-                                                             abi.GUEST_REPORT.size)))  # fmt: skip
-        dirty_rate = base_rate * (words[3] // max(1, words[4])) * abi.PAGE_SIZE  # bytes/s
-        dst.set_runstate(RunState.INMIGRATE)
-        sm, dm = MigrationManager(src), MigrationManager(dst)
-        caps = [{"capability": "postcopy-ram", "state": True},
-                {"capability": "postcopy-blocktime", "state": True},
-                {"capability": "postcopy-preempt", "state": preempt}]  # fmt: skip
-        for m in (sm, dm):
-            m.set_capabilities(caps)
-            # downtime-limit 0: pre-copy never completes on its own, the switch always comes
-            m.set_parameters({"max-postcopy-bandwidth": pc_bw, "x-postcopy-prefetch": prefetch,
-                              "downtime-limit": 0})  # fmt: skip
-        uri = dm.incoming_start("tcp:127.0.0.1:0")
-        t_start = time.monotonic()
-        sm.migrate(uri)
-        out = sm.outgoing
-        assert out is not None
-        while out.stats.dirty_sync_count < 1 and sm.source.status not in DONE:
-            time.sleep(0.005)
-        out.postcopy.start_postcopy()
-        dm.dest.wait_for(frozenset({MigrationStatus.POSTCOPY_ACTIVE}) | DONE, 60)
-        sm.source.wait_for(frozenset({MigrationStatus.POSTCOPY_ACTIVE}) | DONE, 60)
-        t_switch = time.monotonic()
-        passes_switch = _passes(src)  # the source guest is stopped now
-        if not dm.dest.wait_for(DONE, 120) or not sm.source.wait_for(DONE, 120):
-            raise TimeoutError("post-copy did not finish in 120 s")
-        t_end = time.monotonic()
-        dq, sq = dm.query_migrate(), sm.query_migrate()
-        if dq["status"] != "completed":
-            raise RuntimeError(f"post-copy failed: {dq.get('error-desc')}")
-        passes_end = _passes(dst)  # every page is there and unregistered now
-        pc = dq["x-postcopy"]
-        rate = (passes_end - passes_switch) / (t_end - t_switch)
-        return {
-            "vm": "livemig",
-            "ram-mib": ram >> 20,
-            "preempt": preempt,
-            "prefetch": prefetch,
-            "dirty-gbps": round(dirty_rate / 1e9, 2),
-            "total-s": round(t_end - t_start, 3),
-            "postcopy-s": round(t_end - t_switch, 3),
-            "downtime-ms": sq.get("downtime"),
-            "requests": pc["requests"],
-            "pushed": sq["x-postcopy"]["pushed-pages"],
-            "requested-sent": sq["x-postcopy"]["requested-pages-sent"],
-            "latency": pc["latency"],
-            "blocktime-ms": pc["blocktime-ms"],
-            "vcpu-blocktime-ms": pc["vcpu-blocktime-ms"],
-            "progress-share": round(rate / base_rate, 3) if base_rate > 0 else None,
-        }
-    finally:
-        src.close()
-        dst.close()
+def _passes(proc: procs.LivemigProcess, smp: int) -> int | None:
+    """Passes summed over vCPUs from memstress's latest console mark of each (None until every
+    vCPU printed one); the marks come every ``MARK_MS`` of guest time."""
+    last: dict[int, int] = {}
+    for ln in proc.serial_lines():
+        m = _MARK.search(ln)
+        if m:
+            last[int(m.group(1))] = int(m.group(2))
+    return sum(last.values()) if len(last) >= smp else None
+
+
+def _wait(pred: Callable[[], bool], timeout: float, what: str, every: float = 0.005) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout:g} s")
+        time.sleep(every)
+
+
+def measure(ram: int, ws: str, smp: int, preempt: bool, prefetch: int, pc_bw: int,
+            rate_mib: int = 0) -> dict[str, Any]:  # fmt: skip
+    """One post-copy migration between two ``livemig run`` processes; its figures."""
+    with tempfile.TemporaryDirectory(prefix="lm-pc-") as tmp:
+        size = f"{ram >> 20}M"
+        src = procs.source(Path(tmp), guest="memstress", memory=size, smp=smp,
+                           append=f"ws={ws} rate={rate_mib * 256} mark_ms={MARK_MS}")  # fmt: skip
+        dst = procs.destination(Path(tmp), memory=size, smp=smp, incoming="defer")
+        try:
+            src.wait_ready()
+            dst.wait_ready()
+            _wait(lambda: (_passes(src, smp) or 0) >= 2 * smp, 60, "memstress did not start")
+            p0, t0 = _passes(src, smp) or 0, time.monotonic()
+            time.sleep(BASE_SECONDS)
+            p1, t1 = _passes(src, smp) or 0, time.monotonic()
+            base_rate = (p1 - p0) / (t1 - t0)
+            dirty_rate = base_rate * parse_size(ws, "ws") / smp  # bytes/s
+            caps = [{"capability": "postcopy-ram", "state": True},
+                    {"capability": "postcopy-blocktime", "state": True},
+                    {"capability": "postcopy-preempt", "state": preempt}]  # fmt: skip
+            for p in (src, dst):
+                p.qmp("migrate-set-capabilities", capabilities=caps)
+                # downtime-limit 0: pre-copy never completes on its own, the switch always comes
+                p.qmp("migrate-set-parameters", **{"max-postcopy-bandwidth": pc_bw,
+                      "x-postcopy-prefetch": prefetch, "downtime-limit": 0})  # fmt: skip
+            uri = f"tcp:127.0.0.1:{procs.free_port()}"
+            dst.qmp("migrate-incoming", uri=uri)
+            t_start = time.monotonic()
+            src.qmp("migrate", uri=uri)
+
+            def first_pass_done() -> bool:
+                q = src.qmp("query-migrate")
+                if q.get("status") in ("failed", "cancelled"):
+                    raise RuntimeError(f"pre-copy {q['status']}: {q.get('error-desc')}")
+                return q.get("status") == "active" and q["ram"]["dirty-sync-count"] >= 1
+
+            _wait(first_pass_done, 60, "pre-copy did not finish a pass")
+            src.qmp("migrate-start-postcopy")
+            _wait(lambda: src.qmp("query-migrate")["status"] != "active", 60,
+                  "the source did not switch to post-copy")  # fmt: skip
+            t_switch = time.monotonic()
+            passes_switch = _passes(src, smp) or 0  # the source guest is stopped now
+
+            def done(p: procs.LivemigProcess) -> bool:
+                return p.qmp("query-migrate").get("status") in ("completed", "failed")
+
+            # polled gently: each query costs both processes CPU time the post-copy needs
+            _wait(lambda: done(src) and done(dst), 120, "post-copy did not finish", every=0.05)
+            t_end = time.monotonic()
+            dq, sq = dst.qmp("query-migrate"), src.qmp("query-migrate")
+            if dq["status"] != "completed" or sq["status"] != "completed":
+                raise RuntimeError(
+                    f"post-copy failed: {dq.get('error-desc') or sq.get('error-desc')}"
+                )
+            time.sleep(2 * MARK_MS / 1000)  # the marks of the last moments reach the console
+            passes_end = _passes(dst, smp) or 0
+            pc = dq["x-postcopy"]
+            rate = (passes_end - passes_switch) / (t_end - t_switch + 2 * MARK_MS / 1000)
+            return {
+                "vm": "livemig",
+                "ram-mib": ram >> 20,
+                "preempt": preempt,
+                "prefetch": prefetch,
+                "dirty-gbps": round(dirty_rate / 1e9, 2),
+                "total-s": round(t_end - t_start, 3),
+                "postcopy-s": round(t_end - t_switch, 3),
+                "downtime-ms": sq.get("downtime"),
+                "requests": pc["requests"],
+                "pushed": sq["x-postcopy"]["pushed-pages"],
+                "requested-sent": sq["x-postcopy"]["requested-pages-sent"],
+                "latency": pc["latency"],
+                "blocktime-ms": pc["blocktime-ms"],
+                "vcpu-blocktime-ms": pc["vcpu-blocktime-ms"],
+                "progress-share": round(rate / base_rate, 3) if base_rate > 0 else None,
+            }
+        finally:
+            src.stop()
+            dst.stop()
 
 
 _BEAT = re.compile(r"dirtier: beat (\d+) written (\d+)")
@@ -234,16 +259,12 @@ def measure_qemu(ram: int, ws_mib: int, rate_mib: int, preempt: bool, pc_bw: int
 
 
 def run(args: argparse.Namespace) -> int:
-    from livemig.guests import build_guest
-
-    image = build_guest("memstress")
     ram = parse_size(args.memory, "--memory")
     pc_bw = parse_size(args.postcopy_bandwidth, "--postcopy-bandwidth")
     results = []
     for preempt in (False, True):
         for prefetch in (int(x) for x in args.prefetch.split(",")):
-            results.append(measure(image, ram, args.ws, args.smp, preempt, prefetch, pc_bw,
-                                   args.rate))  # fmt: skip
+            results.append(measure(ram, args.ws, args.smp, preempt, prefetch, pc_bw, args.rate))
     if args.vs_qemu:
         from livemig.bench.qemu_baseline import qemu_available
         from livemig.errors import UsageError
