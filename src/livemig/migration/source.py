@@ -476,6 +476,7 @@ class OutgoingMigration:
         self.stats.note_sync(new)
         self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
         self._record_pass("final sync with the guest stopped")
+        t_sync = time.monotonic()
         enc = self.encoder
         self._send(enc.send(E.SectionEnd(self._ram_sid)), "downtime")
         while True:
@@ -497,7 +498,8 @@ class OutgoingMigration:
         self._send(bufs, "downtime")
         self._send([*enc.send(E.Eof()), *enc.send(E.VMDescription(described))], "downtime")
         t_dev = time.monotonic()
-        self.stats.downtime_breakdown = {"final-ram": t_ram - t_stop, "device-state": t_dev - t_ram}
+        self.stats.downtime_breakdown = {"final-sync": t_sync - t_stop, "final-ram": t_ram - t_sync,
+                                         "device-state": t_dev - t_ram}
         if self.return_path:
             self._await_shut()
         else:
