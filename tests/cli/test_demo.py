@@ -50,7 +50,7 @@ def test_report_agrees_with_query_migrate(demo) -> None:
     assert samples and samples[-1]["transferred"] == ram["transferred"]
     assert all(a["transferred"] <= b["transferred"] for a, b in itertools.pairwise(samples))
     bd = report["downtime-breakdown"]
-    assert set(bd) == {"final-ram", "device-state", "resume"}
+    assert set(bd) == {"final-sync", "final-ram", "device-state", "resume"}
     assert abs(sum(bd.values()) * 1000 - qm["downtime"]) <= 2
     assert report["verification"]["ram-hashes-equal"] is True
     assert report["verification"]["invariant"]["ok"] is True
