@@ -155,23 +155,20 @@ class IncomingMigration:
         dec = Decoder(devices={**descriptions(self.entries),
                                VERIFY_IDSTR: verify_vmsd(self.machine.ram_blocks)},
                       block_sizes=self.loader.block_sizes())  # fmt: skip
-        buf = bytearray(RECV_CHUNK)
-        view = memoryview(buf)
         eof_at: float | None = None
         done = False
         while not done:
             if eof_at is not None:
                 ch.timeout = max(0.01, eof_at + VMDESC_WAIT - time.monotonic())
             try:
-                n = ch.recv_into(view)
+                # a fresh bytes object per read: the decoder keeps it without copying it
+                data = ch.recv(RECV_CHUNK)
             except ChannelTimeout:
                 if eof_at is not None:
                     break  # no vmdesc: fine
                 raise
-            if n == 0:
-                dec.receive_data(b"")
-            else:
-                dec.receive_data(view[:n])
+            n = len(data)
+            dec.receive_data(data)
             # One event at a time: after a PACKAGED command post-copy takes the decoder over.
             for ev in iter(dec.next_event, E.NEED_DATA):
                 if isinstance(ev, E.Eof):

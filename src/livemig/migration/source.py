@@ -498,8 +498,11 @@ class OutgoingMigration:
         self._send(bufs, "downtime")
         self._send([*enc.send(E.Eof()), *enc.send(E.VMDescription(described))], "downtime")
         t_dev = time.monotonic()
-        self.stats.downtime_breakdown = {"final-sync": t_sync - t_stop, "final-ram": t_ram - t_sync,
-                                         "device-state": t_dev - t_ram}
+        self.stats.downtime_breakdown = {
+            "final-sync": t_sync - t_stop,
+            "final-ram": t_ram - t_sync,
+            "device-state": t_dev - t_ram,
+        }
         if self.return_path:
             self._await_shut()
         else:

@@ -198,6 +198,26 @@ class Channel:
             self.bytes_received += n
             return n
 
+    def recv(self, n: int) -> bytes:
+        """Up to ``n`` bytes as a new ``bytes`` (``b""``: the peer closed its side).
+
+        For a reader that keeps what it receives (the stream decoder holds page data until the
+        loader has placed it): a reused buffer would have to be copied out of."""
+        if self._rfd is None:
+            raise ChannelError(f"{self.name}: channel is not readable")
+        while True:
+            try:
+                data = os.read(self._rfd, n)
+            except BlockingIOError:
+                self._wait(self._rfd, select.POLLIN, "reading")
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise self._error("read", exc) from exc
+            self.bytes_received += len(data)
+            return data
+
     def recv_exact(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or ``ChannelError`` if the stream ends first."""
         buf = bytearray(n)
