@@ -309,3 +309,31 @@ def test_postcopy_page_size_and_mapped_ram_layouts() -> None:
     got = decode_all(raw, eof=False, capabilities=("mapped-ram",))
     assert got[-2].blocks[0].mapped_ram == (1, 4096, pages_offset - 50, pages_offset)
     assert isinstance(got[-1], RamEos)
+
+
+def test_single_page_records_match_the_batch_encoder() -> None:
+    """``encode_page``/``encode_zero_page`` (post-copy's one-page path) write the same bytes
+    as the batch encoder: the first record names its block, the next ones CONTINUE it."""
+    pages = random_pages(2)
+    one, batch = Encoder(), Encoder()
+    got = b"".join(
+        bytes(b)
+        for bufs in (
+            one.encode_page("pc.ram", 4096, memoryview(pages[0])),
+            one.encode_zero_page("pc.ram", 0),
+            one.encode_page("pc.ram", 8192, memoryview(pages[1])),
+        )
+        for b in bufs
+    )
+    want = b"".join(
+        bytes(b)
+        for bufs in (
+            batch.encode_pages("pc.ram", np.array([4096], np.uint64), pages[:1]),
+            batch.encode_zero_pages("pc.ram", np.array([0], np.uint64)),
+            batch.encode_pages("pc.ram", np.array([8192], np.uint64), pages[1:]),
+        )
+        for b in bufs
+    )
+    assert got == want and one.bytes_sent == batch.bytes_sent == len(want)
+    with pytest.raises(ValueError, match="aligned"):
+        one.encode_page("pc.ram", 100, memoryview(pages[0]))

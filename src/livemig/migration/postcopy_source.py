@@ -340,6 +340,8 @@ class PostcopySource:
     ) -> bool:
         """Send a requested page (and its prefetch window) on the preempt channel; False when
         post-copy is not running (the caller queues it)."""
+        if length == PAGE and self.prefetch == 0 and not self.follow:
+            return self._send_one(ch, enc, b, start // PAGE, phase)
         with self.lock:
             if not self.active:
                 return False
@@ -359,6 +361,35 @@ class PostcopySource:
         self.preempt_lock.release()
         self.requested_sent += len(idx)
         self.mig.stats.account(n, normal, zero, phase)
+        return True
+
+    def _send_one(self, ch: Channel, enc: Any, b: Any, i: int, phase: str) -> bool:
+        """``_send_requested`` for one page and no prefetch window: plain ints and one record,
+        no arrays (the request path's cost is mostly per-call overhead)."""
+        with self.lock:
+            if not self.active:
+                return False
+            d = self.mig.ram.dirty[b.idstr]
+            if not d[i]:
+                return True  # already sent: it is on its way
+            d[i] = False
+            self.preempt_lock.acquire()
+        try:
+            page = b.view[i * PAGE : (i + 1) * PAGE]
+            zero = not np.frombuffer(page, np.uint64).any()
+            if zero:
+                bufs = enc.encode_zero_page(b.idstr, i * PAGE)
+            else:
+                bufs = enc.encode_page(b.idstr, i * PAGE, page)
+            n = ch.sendv(bufs)
+        except BaseException:
+            self.preempt_lock.release()
+            with self.lock:
+                d[i] = True  # back in the bitmap, as ``requeue`` does for a batch
+            raise
+        self.preempt_lock.release()
+        self.requested_sent += 1
+        self.mig.stats.account(n, 0 if zero else 1, 1 if zero else 0, phase)
         return True
 
     @staticmethod

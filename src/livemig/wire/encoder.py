@@ -276,6 +276,26 @@ class Encoder:
         self.bytes_sent += n * (8 + ps) + (len(bufs[0]) - 8 if first else 0)
         return bufs
 
+    def encode_page(self, block: str, offset: int, page: memoryview | bytes) -> Buffers:
+        """One PAGE record (a zero page is the caller's to detect: ``encode_zero_page``). No
+        numpy: post-copy sends a requested page on its own, and array set-up for one page
+        cost more than sending it."""
+        return self._one(block, offset, C.RAM_SAVE_FLAG_PAGE, page)
+
+    def encode_zero_page(self, block: str, offset: int, fill: int = 0) -> Buffers:
+        """One ZERO record (its fill byte follows the header)."""
+        return self._one(block, offset, C.RAM_SAVE_FLAG_ZERO, bytes((fill,)))
+
+    def _one(self, block: str, offset: int, flag: int, body: memoryview | bytes) -> Buffers:
+        if offset % self.page_size:
+            raise ValueError("page offsets must be page aligned")
+        if block == self.last_block:
+            head = _BE64.pack(offset | flag | C.RAM_SAVE_FLAG_CONTINUE)
+        else:
+            head = _BE64.pack(offset | flag) + cstr(block)
+            self.last_block = block
+        return self._account([head, body])
+
     def _page_view(self, ram: Any, i: int, offset: int, ps: int) -> memoryview:
         if isinstance(ram, np.ndarray) and ram.ndim == 2:
             return memoryview(ram[i])
