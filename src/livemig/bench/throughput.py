@@ -13,8 +13,9 @@ sender thread per stream doing ``sendall`` of 1 MiB buffers and a receiver proce
 
 Tables: (1) idle and random, 1/2/4 channels: GB/s and the ratio to N-stream TCP (target
 >= 0.85); (2) per compression method on the mixed image: wire bytes per page and CPU seconds
-(both processes) per GB of guest RAM. The ``tc tbf`` network-namespace comparison the issue
-asks for is not run by this benchmark (see the report of issue 6).
+(both processes) per GB of guest RAM. ``--two-hosts`` instead runs the issue's ``tc tbf``
+comparison: a memstress guest migrated with multifd across a rate-limited veth link between two
+network namespaces, total time per compression method (root only).
 """
 
 from __future__ import annotations
