@@ -44,6 +44,7 @@ MEMSTRESS_INFO_FIELDS = [
     ("seed", "Q"),
     ("rate", "Q"),
     ("filled", f"{abi.MAX_CPUS}Q"),
+    ("comp", "Q"),
 ]
 
 

@@ -294,11 +294,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def two_hosts(size: str, ws: str, rate: str, methods: list[str], channels: int,
-              repeat: int) -> list[dict[str, Any]]:  # fmt: skip
+              repeat: int, comp: int = 50) -> list[dict[str, Any]]:  # fmt: skip
     """Total migration time per compression method across a ``tc tbf`` link (root only).
 
     The source (memstress with working set ``ws`` in a ``size`` guest, so the rest is zero
-    pages) runs in namespace a, the destination in namespace b; a fresh pair per run.
+    pages; ``comp`` percent of the working set compressible, the rest not) runs in namespace
+    a, the destination in namespace b; a fresh pair per run.
     """
     import tempfile
 
@@ -313,7 +314,8 @@ def two_hosts(size: str, ws: str, rate: str, methods: list[str], channels: int,
                 port = 4400 + len(out)
                 uri = f"tcp:{hosts.addr_b}:{port}"
                 src = procs.source(Path(tmp), guest="memstress", memory=size, smp=2,
-                                   append=f"ws={ws} rate=2000", prefix=hosts.prefix_a())  # fmt: skip
+                                   append=f"ws={ws} rate=2000 comp={comp}",
+                                   prefix=hosts.prefix_a())  # fmt: skip
                 dst = procs.destination(Path(tmp), memory=size, smp=2, incoming="defer",
                                         prefix=hosts.prefix_b())  # fmt: skip
                 try:
@@ -373,9 +375,10 @@ def run_two_hosts(args: argparse.Namespace) -> int:
     if args.compress == COMPRESS_DEFAULT or not methods:
         methods = ["none", "zstd"]  # the issue's comparison
     rows = two_hosts(args.size if args.size != "4G" else "1G", args.ws, args.rate, methods,
-                     2, max(1, args.repeat))  # fmt: skip
+                     2, max(1, args.repeat), args.comp)  # fmt: skip
     t = Table(title=f"multifd (2 channels) over a {args.rate} tc tbf link between two network "
-                    f"namespaces: memstress ws={args.ws}, median of {max(1, args.repeat)}")  # fmt: skip
+                    f"namespaces: memstress ws={args.ws} comp={args.comp}%, median of "
+                    f"{max(1, args.repeat)}")  # fmt: skip
     for col in ("method", "total time s", "downtime ms", "wire MB", "pages sent", "CPU s"):
         t.add_column(col, justify="right")
     for method in methods:
@@ -408,4 +411,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--rate", default="1gbit", help="--two-hosts link rate (tc tbf)")
     p.add_argument("--ws", default="512M", help="--two-hosts memstress working set")
+    p.add_argument("--comp", type=int, default=50,
+                   help="--two-hosts: percent of the working set that compresses (memstress "
+                        "comp=; the rest is incompressible)")  # fmt: skip
     p.set_defaults(func=lambda a: run_two_hosts(a) if a.two_hosts else run(a))

@@ -7,6 +7,9 @@ and how far each vCPU got filling its slice. Every page of the working set looks
     u64 word 0        pass counter, +1 each time the owning vCPU's sweep visits the page
     u64 word 1..511   pattern(p, j) = page_hash(seed, p) ^ (j * PATTERN_STEP), p = page index
 
+(with boot argument ``comp=N``, N percent of the pages use ``j & 7`` for ``j``: their pattern
+repeats every 8 words, so that compression has something to work on.)
+
 At any instruction boundary (a paused machine), for each slice once it is filled:
 
 * counters along the sweep order are non-increasing, neighbours differ by 0 or 1, and the
@@ -31,8 +34,8 @@ from livemig.machine import abi
 
 MEMSTRESS_INFO_ADDR = abi.GUEST_REPORT_ADDR + 0x200
 MEMSTRESS_INFO_MAGIC = 0x4F464E4953534D4C  # "LMSSINFO" little-endian
-# struct memstress_info: u64 magic; u64 seed; u64 rate; u64 filled[MAX_CPUS]
-MEMSTRESS_INFO = struct.Struct(f"<QQQ{abi.MAX_CPUS}Q")
+# struct memstress_info: u64 magic; u64 seed; u64 rate; u64 filled[MAX_CPUS]; u64 comp
+MEMSTRESS_INFO = struct.Struct(f"<QQQ{abi.MAX_CPUS}QQ")
 PAGE_WORDS = abi.PAGE_SIZE // 8
 PATTERN_STEP = 0x9E3779B97F4A7C15
 SEED_MULT = 0xD6E8FEB86659FD93
@@ -55,9 +58,16 @@ def page_hash(seed: int, pages: np.ndarray) -> np.ndarray:
         return z ^ (z >> _U64(31))
 
 
-def page_pattern(seed: int, pages: np.ndarray) -> np.ndarray:
+_WORD_STEPS_8 = (np.arange(1, PAGE_WORDS, dtype=_U64) & _U64(7)) * _U64(PATTERN_STEP)
+
+
+def page_pattern(seed: int, pages: np.ndarray, comp: int = 0) -> np.ndarray:
     """Expected words 1..511 of the given pages: an array of shape (len(pages), 511)."""
-    return page_hash(seed, pages)[:, None] ^ _WORD_STEPS[None, :]
+    out = page_hash(seed, pages)[:, None] ^ _WORD_STEPS[None, :]
+    if comp:
+        short = page_hash(seed ^ 0xC0, pages) % _U64(100) < _U64(comp)
+        out[short] = page_hash(seed, pages[short])[:, None] ^ _WORD_STEPS_8[None, :]
+    return out
 
 
 @dataclass
@@ -124,7 +134,8 @@ def check_invariant(
     passes = list(head[5 : 5 + abi.MAX_CPUS])
     info = MEMSTRESS_INFO.unpack(bytes(read(MEMSTRESS_INFO_ADDR, MEMSTRESS_INFO.size)))
     info_magic, seed, _rate = info[:3]
-    filled = list(info[3:])
+    filled = list(info[3 : 3 + abi.MAX_CPUS])
+    comp = int(info[3 + abi.MAX_CPUS])
     if magic != abi.REPORT_MAGIC or kind != abi.REPORT_KIND_MEMSTRESS:
         return InvariantReport(
             ok=False,
@@ -158,7 +169,8 @@ def check_invariant(
             done = end - first
         filling |= done < end - first
         live[first : first + done] = True
-        _scan_slice(read, ws_start, seed, first, end, first + done, counters, out, check_pattern)
+        _scan_slice(read, ws_start, seed, comp, first, end, first + done, counters, out,
+                    check_pattern)  # fmt: skip
         _check_counters(s, first, end, done, counters, passes[s], ws_start, out)
 
     live_counters = counters[live]
@@ -186,6 +198,7 @@ def _scan_slice(
     read: ReadFn,
     ws_start: int,
     seed: int,
+    comp: int,
     first: int,
     end: int,
     filled_end: int,
@@ -202,7 +215,7 @@ def _scan_slice(
         n_check = min(hi, filled_end) - lo
         if not check_pattern or n_check <= 0:
             continue
-        expected = page_pattern(seed, np.arange(lo, lo + n_check, dtype=_U64))
+        expected = page_pattern(seed, np.arange(lo, lo + n_check, dtype=_U64), comp)
         _pattern_problems(words[:n_check], expected, lo, ws_start, out)
 
 

@@ -4,7 +4,9 @@
  *
  * Boot arguments: ws=SIZE (working set, default 16M), rate=N (dirtied pages per second over
  * all vCPUs, 0 = flat out), seed=N, passes=N (stop after N passes, 0 = forever),
- * mark_ms=N (at most one pass mark per N ms of guest time per vCPU, default 100; 0 = every pass).
+ * mark_ms=N (at most one pass mark per N ms of guest time per vCPU, default 100; 0 = every pass),
+ * comp=N (N percent of the pages get a pattern that repeats every 8 words, so that compression
+ * has something to do; default 0: no page compresses).
  *
  * The working set starts at heap_start and is split into one contiguous slice per vCPU. Each
  * vCPU first fills every page of its slice with the page's pattern, then sweeps its slice in
@@ -20,15 +22,16 @@
 
 static volatile u32 published; /* vCPU 0 set the report up: the others may start */
 
-static void fill_page(volatile u64 *page, u64 seed, u64 p)
+static void fill_page(volatile u64 *page, u64 seed, u64 comp, u64 p)
 {
 	u64 h = page_hash(seed, p);
+	u64 mask = pattern_index(seed, p, comp, ~0UL);
 	for (u64 j = 1; j < PAGE_WORDS; j++)
-		page[j] = h ^ (j * PATTERN_STEP);
+		page[j] = h ^ ((j & mask) * PATTERN_STEP);
 	page[0] = 0;
 }
 
-static void publish(u64 ws_start, u64 ws_pages, u32 nslices, u64 seed, u64 rate)
+static void publish(u64 ws_start, u64 ws_pages, u32 nslices, u64 seed, u64 rate, u64 comp)
 {
 	volatile struct guest_report *r = GUEST_REPORT;
 	volatile struct memstress_info *info = MEMSTRESS_INFO;
@@ -45,6 +48,7 @@ static void publish(u64 ws_start, u64 ws_pages, u32 nslices, u64 seed, u64 rate)
 	}
 	info->seed = seed;
 	info->rate = rate;
+	info->comp = comp;
 	barrier();
 	info->magic = MEMSTRESS_INFO_MAGIC;
 	r->magic = REPORT_MAGIC;
@@ -58,6 +62,7 @@ int main(int cpu, const struct boot_info *bi)
 	u64 seed = arg_u64("seed", 1);
 	u64 max_passes = arg_u64("passes", 0);
 	u64 mark_ns = arg_u64("mark_ms", 100) * 1000000UL;
+	u64 comp = arg_u64("comp", 0);
 	u64 ws_start = ALIGN_UP(bi->heap_start, PAGE_SIZE);
 	u64 ws_pages = ws / PAGE_SIZE;
 
@@ -68,7 +73,7 @@ int main(int cpu, const struct boot_info *bi)
 		return 2;
 	}
 	if (cpu == 0) {
-		publish(ws_start, ws_pages, nslices, seed, rate);
+		publish(ws_start, ws_pages, nslices, seed, rate, comp > 100 ? 100 : comp);
 		printf("memstress: ws 0x%lx + %lu pages, %u slices, rate %lu pages/s, seed %lu\n",
 		       ws_start, ws_pages, nslices, rate, seed);
 		published = 1;
@@ -81,7 +86,7 @@ int main(int cpu, const struct boot_info *bi)
 	volatile struct guest_report *r = GUEST_REPORT;
 	volatile u64 *filled = &MEMSTRESS_INFO->filled[cpu];
 	for (u64 p = first; p < end; p++) {
-		fill_page((volatile u64 *)(ws_start + p * PAGE_SIZE), seed, p);
+		fill_page((volatile u64 *)(ws_start + p * PAGE_SIZE), seed, comp, p);
 		barrier();
 		*filled = p - first + 1;
 	}

@@ -23,6 +23,7 @@ struct memstress_info {
 	u64 seed;
 	u64 rate;             /* target dirtied pages per second, all vCPUs; 0 = flat out */
 	u64 filled[MAX_CPUS]; /* pages of each slice already filled with their pattern */
+	u64 comp;             /* percent of pages whose pattern repeats every 8 words */
 };
 
 #define MEMSTRESS_INFO ((volatile struct memstress_info *)MEMSTRESS_INFO_ADDR)
@@ -34,6 +35,13 @@ static inline u64 page_hash(u64 seed, u64 p)
 	z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
 	z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
 	return z ^ (z >> 31);
+}
+
+/* Word j's multiplier: a compressible page repeats its first 8 words (zstd and zlib shrink
+ * it to a few dozen bytes), the others never repeat within the page. */
+static inline u64 pattern_index(u64 seed, u64 p, u64 comp, u64 j)
+{
+	return comp && page_hash(seed ^ 0xC0, p) % 100 < comp ? (j & 7) : j;
 }
 
 #endif
