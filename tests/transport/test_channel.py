@@ -203,3 +203,18 @@ def test_rate_limiter_wait_is_woken() -> None:
     t0 = time.monotonic()
     rl.wait(wake)
     assert time.monotonic() - t0 < 0.05
+
+
+def test_subclasses_that_transform_reads_override_recv_too() -> None:
+    """``Channel.recv`` reads the raw fd: a subclass with its own ``recv_into`` (TLS) must
+    override ``recv`` as well, or the destination's load loop would read ciphertext."""
+    from livemig.transport import tls  # noqa: F401 - registers TLSChannel
+
+    def subclasses(cls: type) -> list[type]:
+        return [c for s in cls.__subclasses__() for c in (s, *subclasses(s))]
+
+    found = subclasses(Channel)
+    assert found
+    for cls in found:
+        if cls.recv_into is not Channel.recv_into:
+            assert cls.recv is not Channel.recv, f"{cls.__name__} overrides recv_into only"

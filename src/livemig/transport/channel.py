@@ -202,7 +202,8 @@ class Channel:
         """Up to ``n`` bytes as a new ``bytes`` (``b""``: the peer closed its side).
 
         For a reader that keeps what it receives (the stream decoder holds page data until the
-        loader has placed it): a reused buffer would have to be copied out of."""
+        loader has placed it): a reused buffer would have to be copied out of. A subclass that
+        transforms the byte stream (TLS) must override this as well as ``recv_into``."""
         if self._rfd is None:
             raise ChannelError(f"{self.name}: channel is not readable")
         while True:

@@ -183,6 +183,12 @@ class TLSChannel(Channel):
             self.bytes_received += n
             return n
 
+    def recv(self, n: int) -> bytes:
+        # the base class reads the raw socket; here every byte goes through the TLS layer
+        buf = bytearray(n)
+        got = self.recv_into(memoryview(buf))
+        return bytes(memoryview(buf)[:got])
+
     def sendv(self, buffers: Sequence[Buffer]) -> int:
         total = 0
         pending = bytearray()
