@@ -165,7 +165,8 @@ class PostcopyIncoming:
         self.lock = threading.Lock()
         self.uffd: U.Userfaultfd | None = None
         self._ranges: list[tuple[int, int, str]] = []
-        self._staging = np.zeros((STAGING_PAGES, PAGE), dtype=np.uint8)
+        self._local = threading.local()  # a staging buffer per installing thread
+        self._inflight = {n: np.zeros(b.npages, dtype=bool) for n, b in self.blocks.items()}
         self._one = bytearray(PAGE)  # install_one's staging page (under ``lock``)
         self._one_addr = buffer_address(memoryview(self._one))
         self._stop = threading.Event()
@@ -349,6 +350,8 @@ class PostcopyIncoming:
         with self.lock:
             self.faults += 1
             if not self.need[name][idx]:
+                if self._inflight[name][idx]:
+                    return None  # being copied right now: UFFDIO_COPY wakes the vCPU
                 # Known locally: a zero page (received as such, or never populated anywhere).
                 assert self.uffd is not None
                 self.uffd.zeropage(b.host_addr + idx * PAGE, PAGE, exist_ok=True)
@@ -417,6 +420,9 @@ class PostcopyIncoming:
         uffd = self.uffd
         if uffd is None:
             raise MigrationError("post-copy page before POSTCOPY_LISTEN")
+        # The pages are taken under the lock (no longer needed, in flight) and copied outside
+        # it: a batch of background pages took the lock for up to a millisecond, and the fault
+        # and preempt threads waited behind it on every request.
         with self.lock:
             need = self.need[name]
             mask = need[idx]
@@ -425,26 +431,34 @@ class PostcopyIncoming:
             idx = idx[mask]
             if data is not None:
                 data = data[mask]
-            now_installed = 0
+            need[idx] = False
+            inflight = self._inflight[name]
+            inflight[idx] = True
+        checksum = 0
+        try:
+            staging = self._staging()
+            base = buffer_address(memoryview(staging))
             for s in range(0, len(idx), STAGING_PAGES):
                 part = idx[s : s + STAGING_PAGES]
                 if data is None:
                     for first, count in runs(part):
                         uffd.zeropage(b.host_addr + first * PAGE, count * PAGE, exist_ok=True)
                 else:
-                    stage = self._staging[: len(part)]
+                    stage = staging[: len(part)]
                     stage[:] = data[s : s + STAGING_PAGES]
                     if self.source_checksums is not None:
-                        self.checksums[name] = (self.checksums.get(name, 0) + page_checksums(
-                            stage.view(np.uint64).reshape(-1, PAGE_WORDS), part)) & (
-                            (1 << 64) - 1)  # fmt: skip
-                    base = buffer_address(memoryview(self._staging))
+                        checksum += page_checksums(stage.view(np.uint64).reshape(-1, PAGE_WORDS),
+                                                   part)  # fmt: skip
                     pos = 0
                     for first, count in runs(part):
                         self._copy(b.host_addr + first * PAGE, base + pos * PAGE, count)
                         pos += count
-                now_installed += len(part)
-            need[idx] = False
+        finally:
+            with self.lock:
+                inflight[idx] = False
+        with self.lock:
+            if checksum:
+                self.checksums[name] = (self.checksums.get(name, 0) + checksum) & ((1 << 64) - 1)
             self.inc.loader.received[name][idx] = True
             self.pages_placed += len(idx)
             now = time.monotonic()
@@ -455,7 +469,13 @@ class PostcopyIncoming:
                 if t is not None:
                     self.latencies.append(now - t)
                 self._unblock((name, i), now)
-        return now_installed
+        return len(idx)
+
+    def _staging(self) -> np.ndarray:
+        stage = getattr(self._local, "staging", None)
+        if stage is None:
+            stage = self._local.staging = np.zeros((STAGING_PAGES, PAGE), dtype=np.uint8)
+        return stage
 
     def install_one(self, name: str, i: int, page: bytes | None) -> None:
         """``install`` for one page (the preempt channel's requested pages): plain ints, no
