@@ -417,9 +417,7 @@ class PostcopyIncoming:
         """Install pages ``idx`` of ``name`` (``data`` (n, 4096) or None for zero pages) that
         are still needed; returns how many were."""
         b = self.blocks[name]
-        uffd = self.uffd
-        if uffd is None:
-            raise MigrationError("post-copy page before POSTCOPY_LISTEN")
+        uffd = self._listening_uffd()
         # The pages are taken under the lock (no longer needed, in flight) and copied outside
         # it: a batch of background pages took the lock for up to a millisecond, and the fault
         # and preempt threads waited behind it on every request.
@@ -464,12 +462,21 @@ class PostcopyIncoming:
             now = time.monotonic()
             req = self.requested[name]
             for i in idx[req[idx]].tolist():
-                req[i] = False
-                t = self._req_time.pop((name, i), None)
-                if t is not None:
-                    self.latencies.append(now - t)
-                self._unblock((name, i), now)
+                self._answered(name, i, now)
         return len(idx)
+
+    def _answered(self, name: str, i: int, now: float) -> None:
+        """A requested page is in (under ``lock``): its latency, and its waiters unblocked."""
+        self.requested[name][i] = False
+        t = self._req_time.pop((name, i), None)
+        if t is not None:
+            self.latencies.append(now - t)
+        self._unblock((name, i), now)
+
+    def _listening_uffd(self) -> U.Userfaultfd:
+        if self.uffd is None:
+            raise MigrationError("post-copy page before POSTCOPY_LISTEN")
+        return self.uffd
 
     def _staging(self) -> np.ndarray:
         stage = getattr(self._local, "staging", None)
@@ -486,9 +493,7 @@ class PostcopyIncoming:
             self.install(name, np.array([i], dtype=np.int64), data)
             return
         b = self.blocks[name]
-        uffd = self.uffd
-        if uffd is None:
-            raise MigrationError("post-copy page before POSTCOPY_LISTEN")
+        uffd = self._listening_uffd()
         with self.lock:
             need = self.need[name]
             if not need[i]:
@@ -501,14 +506,8 @@ class PostcopyIncoming:
             need[i] = False
             self.inc.loader.received[name][i] = True
             self.pages_placed += 1
-            req = self.requested[name]
-            if req[i]:
-                now = time.monotonic()
-                req[i] = False
-                t = self._req_time.pop((name, i), None)
-                if t is not None:
-                    self.latencies.append(now - t)
-                self._unblock((name, i), now)
+            if self.requested[name][i]:
+                self._answered(name, i, time.monotonic())
 
     def _copy(self, dst: int, src: int, count: int) -> None:
         assert self.uffd is not None

@@ -22,10 +22,12 @@ import socket
 import subprocess
 import termios
 import threading
-from collections.abc import Sequence
-from typing import IO
+from collections.abc import Callable, Sequence
+from typing import IO, TypeVar
 
 from livemig.errors import LivemigError
+
+_R = TypeVar("_R")
 
 IOV_MAX = 1024
 DEFAULT_TIMEOUT = 30.0
@@ -181,22 +183,25 @@ class Channel:
     def send(self, data: Buffer) -> int:
         return self.sendv((data,))
 
-    def recv_into(self, buf: memoryview) -> int:
-        """Read at least one byte into ``buf``; 0 means the peer closed its side."""
+    def _read(self, op: Callable[[int], _R]) -> _R:
+        """``op(fd)`` once the fd is readable: retried on EAGAIN and EINTR, errors named."""
         if self._rfd is None:
             raise ChannelError(f"{self.name}: channel is not readable")
         while True:
             try:
-                n = os.readv(self._rfd, [buf])
+                return op(self._rfd)
             except BlockingIOError:
                 self._wait(self._rfd, select.POLLIN, "reading")
-                continue
             except InterruptedError:
                 continue
             except OSError as exc:
                 raise self._error("read", exc) from exc
-            self.bytes_received += n
-            return n
+
+    def recv_into(self, buf: memoryview) -> int:
+        """Read at least one byte into ``buf``; 0 means the peer closed its side."""
+        n = self._read(lambda fd: os.readv(fd, [buf]))
+        self.bytes_received += n
+        return n
 
     def recv(self, n: int) -> bytes:
         """Up to ``n`` bytes as a new ``bytes`` (``b""``: the peer closed its side).
@@ -204,20 +209,9 @@ class Channel:
         For a reader that keeps what it receives (the stream decoder holds page data until the
         loader has placed it): a reused buffer would have to be copied out of. A subclass that
         transforms the byte stream (TLS) must override this as well as ``recv_into``."""
-        if self._rfd is None:
-            raise ChannelError(f"{self.name}: channel is not readable")
-        while True:
-            try:
-                data = os.read(self._rfd, n)
-            except BlockingIOError:
-                self._wait(self._rfd, select.POLLIN, "reading")
-                continue
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                raise self._error("read", exc) from exc
-            self.bytes_received += len(data)
-            return data
+        data = self._read(lambda fd: os.read(fd, n))
+        self.bytes_received += len(data)
+        return data
 
     def recv_exact(self, n: int) -> bytes:
         """Exactly ``n`` bytes, or ``ChannelError`` if the stream ends first."""
