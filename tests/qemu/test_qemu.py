@@ -41,10 +41,20 @@ def _start_qemu(tmp: Path, name: str) -> tuple[subprocess.Popen, Path, Path]:
 
 
 async def _qmp_session(qmp: Path, steps):
-    from qemu.qmp import QMPClient
+    from qemu.qmp import ConnectError, QMPClient
 
-    client = QMPClient("livemig-test")
-    await asyncio.wait_for(client.connect(str(qmp)), 10)
+    # QEMU creates the socket file when it binds, a moment before it listens: a connect in
+    # between is refused (seen once in CI), so retry for a while
+    deadline = time.monotonic() + 10
+    while True:
+        client = QMPClient("livemig-test")
+        try:
+            await asyncio.wait_for(client.connect(str(qmp)), 10)
+            break
+        except ConnectError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
     try:
         return await steps(client)
     finally:
