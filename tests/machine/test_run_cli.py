@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -28,7 +29,15 @@ def _spawn(*args: str) -> subprocess.Popen[bytes]:
 
 async def _wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while True:
+        # the socket file appears at bind(), a moment before listen(): wait for a connect
+        if path.exists():
+            with socket.socket(socket.AF_UNIX) as probe:
+                try:
+                    probe.connect(str(path))
+                    return
+                except ConnectionRefusedError:
+                    pass
         if proc.poll() is not None or time.monotonic() > deadline:
             raise AssertionError(f"no QMP socket: {proc.stderr.read() if proc.stderr else ''!r}")
         await asyncio.sleep(0.05)
