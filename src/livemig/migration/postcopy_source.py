@@ -38,10 +38,12 @@ checksums of the pages as they are installed and compares with the source's at s
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -292,24 +294,14 @@ class PostcopySource:
                 parts = [p for p in (idx[idx < end], idx[idx >= end]) if len(p)]
                 batches = [mig.ram.split_zero(b, p) for p in parts]
                 self.main_lock.acquire()
-            try:
-                enc = mig.encoder
-                sid = mig._ram_sid
-                bufs: list = []
-                normal = zero = 0
-                for batch in batches:
-                    out, nn, nz = self._encode(enc, [batch])
-                    normal, zero = normal + nn, zero + nz
-                    bufs += [*enc.send(E.SectionPart(sid)), *out, *enc.send(E.RamEos()),
-                             *enc.send(E.SectionFooter(sid))]  # fmt: skip
-                n = mig.channel.sendv(bufs)
-            except BaseException:
-                self.main_lock.release()
-                with self.lock:
-                    for batch in batches:
-                        mig.ram.requeue(batch)
-                raise
-            self.main_lock.release()
+
+            def build() -> tuple[list, int, int]:
+                parts = [self._part([batch]) for batch in batches]
+                return ([x for bufs, _, _ in parts for x in bufs], sum(p[1] for p in parts),
+                        sum(p[2] for p in parts))  # fmt: skip
+
+            n, normal, zero = self._send_holding(self.main_lock, mig.channel, build,
+                                                 functools.partial(self._requeue, batches))  # fmt: skip
             self.requested_sent += len(idx)
             mig.stats.account(n, normal, zero, "postcopy")
             return True
@@ -350,15 +342,9 @@ class PostcopySource:
                 return True  # already sent: it is on its way
             batch = self.mig.ram.split_zero(b, idx)
             self.preempt_lock.acquire()
-        try:
-            bufs, normal, zero = self._encode(enc, [batch])
-            n = ch.sendv(bufs)
-        except BaseException:
-            self.preempt_lock.release()
-            with self.lock:
-                self.mig.ram.requeue(batch)
-            raise
-        self.preempt_lock.release()
+        n, normal, zero = self._send_holding(self.preempt_lock, ch,
+                                             lambda: self._encode(enc, [batch]),
+                                             functools.partial(self._requeue, [batch]))  # fmt: skip
         self.requested_sent += len(idx)
         self.mig.stats.account(n, normal, zero, phase)
         return True
@@ -374,23 +360,50 @@ class PostcopySource:
                 return True  # already sent: it is on its way
             d[i] = False
             self.preempt_lock.acquire()
-        try:
+
+        def build() -> tuple[list, int, int]:
             page = b.view[i * PAGE : (i + 1) * PAGE]
-            zero = not np.frombuffer(page, np.uint64).any()
-            if zero:
-                bufs = enc.encode_zero_page(b.idstr, i * PAGE)
-            else:
-                bufs = enc.encode_page(b.idstr, i * PAGE, page)
+            if np.frombuffer(page, np.uint64).any():
+                return enc.encode_page(b.idstr, i * PAGE, page), 1, 0
+            return enc.encode_zero_page(b.idstr, i * PAGE), 0, 1
+
+        def undo() -> None:
+            d[i] = True  # back in the bitmap, as ``requeue`` does for a batch
+
+        n, normal, zero = self._send_holding(self.preempt_lock, ch, build, undo)
+        self.requested_sent += 1
+        self.mig.stats.account(n, normal, zero, phase)
+        return True
+
+    def _send_holding(self, lock: threading.Lock, ch: Channel,
+                      build: Callable[[], tuple[list, int, int]],
+                      undo: Callable[[], None]) -> tuple[int, int, int]:  # fmt: skip
+        """Build and send the records with ``lock``, the channel's send lock that the caller
+        took while holding ``self.lock``, and release it. When the send fails, ``undo()``
+        (under ``self.lock``) puts the pages back into the bitmap. Returns (bytes, normal
+        pages, zero pages)."""
+        try:
+            bufs, normal, zero = build()
             n = ch.sendv(bufs)
         except BaseException:
-            self.preempt_lock.release()
+            lock.release()
             with self.lock:
-                d[i] = True  # back in the bitmap, as ``requeue`` does for a batch
+                undo()
             raise
-        self.preempt_lock.release()
-        self.requested_sent += 1
-        self.mig.stats.account(n, 0 if zero else 1, 1 if zero else 0, phase)
-        return True
+        lock.release()
+        return n, normal, zero
+
+    def _requeue(self, batches: list) -> None:
+        for batch in batches:
+            self.mig.ram.requeue(batch)
+
+    def _part(self, batches: list) -> tuple[list, int, int]:
+        """One RAM PART section on the main channel holding ``batches``."""
+        enc = self.mig.encoder
+        sid = self.mig._ram_sid
+        out, normal, zero = self._encode(enc, batches)
+        return ([*enc.send(E.SectionPart(sid)), *out, *enc.send(E.RamEos()),
+                 *enc.send(E.SectionFooter(sid))], normal, zero)  # fmt: skip
 
     @staticmethod
     def _encode(enc: Any, batches: list) -> tuple[list, int, int]:
@@ -496,8 +509,6 @@ class PostcopySource:
     def _push(self) -> bool:
         """Send until nothing is dirty (True) or the link breaks (raises)."""
         mig = self.mig
-        enc = mig.encoder
-        sid = mig._ram_sid
         t_remaining = 0.0
         while True:
             mig._check_cancel()
@@ -524,18 +535,9 @@ class PostcopySource:
                 if batches:
                     self.main_lock.acquire()
             if batches:
-                try:
-                    out, normal, zero = self._encode(enc, batches)
-                    bufs = [*enc.send(E.SectionPart(sid)), *out, *enc.send(E.RamEos()),
-                            *enc.send(E.SectionFooter(sid))]  # fmt: skip
-                    n = mig.channel.sendv(bufs)
-                except BaseException:
-                    self.main_lock.release()
-                    with self.lock:
-                        for b in batches:
-                            mig.ram.requeue(b)
-                    raise
-                self.main_lock.release()
+                n, normal, zero = self._send_holding(
+                    self.main_lock, mig.channel, functools.partial(self._part, batches),
+                    functools.partial(self._requeue, batches))  # fmt: skip
                 mig.stats.account(n, normal, zero, "postcopy")
                 if not urgent:
                     mig.rate.account(n)
