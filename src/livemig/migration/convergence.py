@@ -60,3 +60,38 @@ class AutoConverge:
                 inc = max(1, min(inc, int(cpu_now * (1 - threshold_bytes / dirtied))))
             new = self.percentage + inc
         self.percentage = min(new, p["max-cpu-throttle"])
+
+
+class SwitchoverRefiner:
+    """Whether to run one more pass although QEMU's rule already allows switch-over.
+
+    QEMU switches over at the first sync where the remaining bytes fit in ``bandwidth x
+    downtime-limit``. livemig's passes are fast, so on a fast link that threshold is large and
+    the blackout then carries everything the guest dirtied during a whole pass: under the limit,
+    but much longer than it needs to be. When re-sending what is left would take so little time
+    that the guest dirties less than half of it meanwhile, one more pass at least halves the
+    blackout. Each extra pass starts with at most a threshold's worth of bytes, so it lasts at
+    most ``downtime-limit``, and the bytes left must then have halved; otherwise, or after
+    ``max_passes``, switch-over proceeds. ``max_passes`` 0 is QEMU's behaviour exactly.
+    """
+
+    # Below this the blackout is dominated by the fixed costs (vCPU stop, device state).
+    FLOOR = 1 << 20
+
+    def __init__(self, max_passes: int) -> None:
+        self.max_passes = max_passes
+        self.passes = 0
+        self._last: int | None = None
+
+    def another_pass(self, pending: int, dirty_bytes_per_s: float, bandwidth: float) -> bool:
+        """Called when the rule allows switch-over with ``pending`` bytes left."""
+        if self.passes >= self.max_passes or pending <= self.FLOOR or bandwidth <= 0:
+            return False
+        if self._last is not None and pending > self._last / 2:
+            self.max_passes = self.passes  # the last one did not pay off: stop refining
+            return False
+        if dirty_bytes_per_s * pending / bandwidth > pending / 2:
+            return False
+        self._last = pending
+        self.passes += 1
+        return True

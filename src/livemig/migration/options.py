@@ -161,6 +161,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("x-io-timeout", int, 30000, 100, 3600000, unit="milliseconds"),
     ParamSpec("x-postcopy-auto-recover", int, 0, 0, 1000),
     ParamSpec("x-postcopy-prefetch", int, 0, 0, 512, unit="pages"),
+    # livemig's own default (QEMU has no such pass): see convergence.SwitchoverRefiner; 0 is
+    # QEMU's switch at the first chance.
+    ParamSpec("x-switchover-refine", int, 3, 0, 16, unit="passes"),
 )
 _SPECS = {p.name: p for p in PARAMETERS}
 

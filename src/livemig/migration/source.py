@@ -32,6 +32,7 @@ import numpy as np
 
 from livemig.errors import LivemigError, MigrationError
 from livemig.machine.runstate import RunState
+from livemig.migration.convergence import SwitchoverRefiner
 from livemig.migration import mapped_ram, multifd
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.stats import MigrationStats, PassRecord
@@ -368,7 +369,12 @@ class OutgoingMigration:
             multifd.source_flush(self, "precopy")  # pages of this pass land before the next's
         if self.xbzrle is not None:
             self.xbzrle.on_sync()
-        new = self.ram.merge(self.tracker.sync())
+        synced = self.tracker.sync()
+        new = self.ram.merge(synced)
+        written = sum(int(np.count_nonzero(b)) for b in synced.values())
+        elapsed = time.monotonic() - self._pass_start
+        # bytes the guest writes per second, as the refiner needs it: distinct pages per pass
+        self._dirty_bps = written * 4096 / elapsed if elapsed > 0 else 0.0
         self.stats.note_sync(new)
         self.stats.remaining = self.ram.pending_pages() * 4096
         self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
@@ -377,6 +383,8 @@ class OutgoingMigration:
 
     def _iterate(self) -> None:
         params = self.config.params
+        refiner = SwitchoverRefiner(params["x-switchover-refine"])
+        refining = False
         while True:
             self._check_cancel()
             self._check_rp()
@@ -386,13 +394,21 @@ class OutgoingMigration:
             queued = self.channel.unsent() if self.channel is not None else 0
             pending = self.ram.pending_pages() * 4096 + queued
             threshold = self.stats.threshold
-            if pending <= threshold or pending == 0:
+            # a refining pass sends all it started with before the next sync
+            check = pending == 0 if refining else pending <= threshold
+            if check:
                 self._sync(f"pending {pending} B <= threshold {threshold} B")
                 pending = self.stats.remaining + queued
+                refining = False
                 if pending <= self.stats.threshold:
-                    log.info("switch-over: %d B left fit in threshold %d B", pending,
-                             self.stats.threshold)  # fmt: skip
-                    return
+                    if not refiner.another_pass(pending, self._dirty_bps, self.stats.bandwidth):
+                        log.info("switch-over: %d B left fit in threshold %d B", pending,
+                                 self.stats.threshold)  # fmt: skip
+                        return
+                    refining = True
+                    log.info("refining pass: %d B left fit in threshold %d B, but the guest "
+                             "dirties %d B/s: one more pass to shrink the blackout", pending,
+                             self.stats.threshold, self._dirty_bps)  # fmt: skip
             self._send_part()
             self.stats.remaining = self.ram.pending_pages() * 4096
             self.stats.update_window(params["downtime-limit"],
