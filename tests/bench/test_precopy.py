@@ -99,7 +99,8 @@ def test_config_from_args() -> None:
 def test_bench_precopy_tiny_end_to_end() -> None:
     """Every scenario on 32 MiB guests: migrations complete, the guests survive, figures exist."""
     cfg = precopy.Config(sizes=[32 << 20], dirty_memory=32 << 20, ws=8 << 20, rates=[20],
-                         limits=[300], window=1.0, qemu=False, tcp_bytes=64 << 20)  # fmt: skip
+                         limits=[300], window=1.0, qemu=False, tcp_bytes=64 << 20,
+                         brownout_bws=[32 << 20])  # fmt: skip
     result = precopy.run_bench(cfg)
     by = {sc["scenario"]: sc for sc in result["scenarios"]}
     assert by["idle"]["livemig_ok"] == "1/1" and by["idle"]["livemig"]["median"] > 0
@@ -111,6 +112,11 @@ def test_bench_precopy_tiny_end_to_end() -> None:
     assert status in ("cancelled", "completed")
     if status == "cancelled":  # the window ran its course: both figures were measured
         assert tp["throughput"]["median"] > 0 and tp["brownout"]["median"] is not None
+    bo = by["brownout"]
+    assert bo["max_bandwidth"] == 32 << 20 and bo["runs"]["livemig"][0]["status"] == "cancelled"
+    # held to 32 MiB/s, it must not have sent much faster than that
+    assert 0 < bo["throughput"]["median"] < 2 * (32 << 20)
+    assert bo["brownout"]["median"] is not None
     assert result["rss"]["src_max_share"] > 0.5 and result["rss"]["dst_max_share"] > 0.9
     precopy.render(result)  # renders without a QEMU column
 

@@ -12,6 +12,10 @@ The figures of issue 4's "Speed and memory", each beside a baseline measured in 
 - **brownout**: in that same run, memstress's page-write rate during pre-copy as a share of its
   rate in the seconds just before (pass marks on the console, host-time-stamped), with the
   ``uffd-wp-async`` tracker. Target >= 0.9.
+- **brownout at a bandwidth limit**: the same, with ``max-bandwidth`` at QEMU's default
+  (128 MiB/s) and at 1 Gbit/s. On this 2-core host the unlimited run's two migration processes
+  take more than a core from a vCPU that wants a whole one, so that figure mostly measures core
+  contention; these runs show what tracking and sending cost the guest when they do not.
 - **downtime**: a ``--dirty-memory`` guest (1 GiB) dirtying a 256 MiB working set at each of
   ``--rates`` MiB/s (memstress ``rate=`` in pages/s = MiB/s x 256; the QEMU guest's dirtier
   the same), with each ``--limits`` downtime-limit: the blackout (source STOP event to
@@ -73,7 +77,9 @@ class Config:
     tracker: str = "uffd-wp-async"
     tcp_bytes: int = 2 << 30
     timeout: float = 120.0
-    only: set[str] = field(default_factory=lambda: {"idle", "throughput", "downtime"})
+    # max-bandwidth values of the extra brownout runs: QEMU's default, and 1 Gbit/s
+    brownout_bws: list[int] = field(default_factory=lambda: [128 << 20, 125_000_000])
+    only: set[str] = field(default_factory=lambda: {"idle", "throughput", "brownout", "downtime"})
 
 
 # -- livemig processes ------------------------------------------------------------------------
@@ -206,12 +212,13 @@ def pass_rate(lines: list[tuple[float, str]], t0: float, t1: float) -> float | N
     return sum(rates) if rates else None
 
 
-def bench_throughput(cfg: Config, tcp: float) -> dict[str, Any]:
-    """Sustained pre-copy throughput and brownout, memstress flat out, never converging."""
-    params = {"max-bandwidth": 0, "downtime-limit": 1}
+def _window_runs(cfg: Config, max_bw: int) -> tuple[list[MigrationFigures], list, list]:
+    """``cfg.repeat`` never-converging pre-copy windows at ``max_bw``: figures, throughputs, and
+    brownouts (write rate during pre-copy / the rate in the seconds before ``migrate``)."""
+    params = {"max-bandwidth": max_bw, "downtime-limit": 1}
     append = f"ws={cfg.ws >> 20}M rate=0 mark_ms=100"
     undisturbed_s = 2.0
-    ratios, tputs, brown = [], [], []
+    tputs, brown = [], []
     figs: list[MigrationFigures] = []
     for _ in range(cfg.repeat):
         # The undisturbed rate is read over the seconds before ``migrate``: wait that long.
@@ -222,7 +229,6 @@ def bench_throughput(cfg: Config, tcp: float) -> dict[str, Any]:
         tput = window_throughput(samples)
         fig.throughput = tput
         tputs.append(tput)
-        ratios.append(tput / tcp if tput else None)
         active = [t for t, i in samples if i.get("status") == "active"]
         if active:
             t_mig = samples[0][0]
@@ -231,10 +237,29 @@ def bench_throughput(cfg: Config, tcp: float) -> dict[str, Any]:
             fig.extra["passes_per_s_before"] = before
             fig.extra["passes_per_s_during"] = during
             brown.append(during / before if before and during is not None else None)
+    return figs, tputs, brown
+
+
+def bench_throughput(cfg: Config, tcp: float) -> dict[str, Any]:
+    """Sustained pre-copy throughput and brownout, memstress flat out, never converging."""
+    figs, tputs, brown = _window_runs(cfg, 0)
     return {
         "scenario": "throughput", "size": cfg.dirty_memory, "ws": cfg.ws,
-        "tcp_bytes_per_s": tcp, "throughput": summarize(tputs), "ratio": summarize(ratios),
+        "tcp_bytes_per_s": tcp, "throughput": summarize(tputs),
+        "ratio": summarize([t / tcp if t else None for t in tputs]),
         "brownout": summarize(brown), "tracker": cfg.tracker,
+        "runs": {"livemig": [f.as_dict() for f in figs]},
+    }  # fmt: skip
+
+
+def bench_brownout(cfg: Config, max_bw: int) -> dict[str, Any]:
+    """Brownout alone, pre-copy held to ``max_bw``: what dirty tracking and the sender cost the
+    guest when the migration does not also take a whole core (the unlimited run's brownout on a
+    2-core host is mostly the two migration processes competing with the vCPU for the cores)."""
+    figs, tputs, brown = _window_runs(cfg, max_bw)
+    return {
+        "scenario": "brownout", "size": cfg.dirty_memory, "ws": cfg.ws, "max_bandwidth": max_bw,
+        "throughput": summarize(tputs), "brownout": summarize(brown), "tracker": cfg.tracker,
         "runs": {"livemig": [f.as_dict() for f in figs]},
     }  # fmt: skip
 
@@ -290,6 +315,10 @@ def run_bench(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> 
         tcp = loopback_tcp_throughput(cfg.tcp_bytes)
         progress(f"throughput and brownout, {cfg.window:.0f} s of pre-copy")
         result["scenarios"].append(bench_throughput(cfg, tcp))
+    if "brownout" in cfg.only:
+        for bw in cfg.brownout_bws:
+            progress(f"brownout at max-bandwidth {_bw_label(bw)}, {cfg.window:.0f} s")
+            result["scenarios"].append(bench_brownout(cfg, bw))
     if "downtime" in cfg.only:
         for rate in cfg.rates:
             for limit in cfg.limits:
@@ -354,6 +383,14 @@ def render(result: dict[str, Any]) -> Any:
                 f"brownout ({sc['tracker']}): write rate kept", _fmt(sc["brownout"], "", 1, 2),
                 "1.00 undisturbed", _x(b), ">= 0.9x", ok(None if b is None else b >= 0.9),
             )  # fmt: skip
+        elif sc["scenario"] == "brownout":
+            b = sc["brownout"]["median"]
+            table.add_row(
+                f"brownout ({sc['tracker']}) at max-bandwidth {_bw_label(sc['max_bandwidth'])} "
+                f"({_fmt(sc['throughput'], ' MB/s', 1e-6)} sent)",
+                _fmt(sc["brownout"], "", 1, 2), "1.00 undisturbed", _x(b), ">= 0.9x",
+                ok(None if b is None else b >= 0.9),
+            )  # fmt: skip
         elif sc["scenario"] == "downtime":
             lm = sc["livemig"]["median"]
             qm = sc["qemu"]["median"]
@@ -371,6 +408,11 @@ def render(result: dict[str, Any]) -> Any:
                       f"{share:.3f}", "1.00", _x(share), "<= 1.15x",
                       ok(None if share is None else share <= 1.15))  # fmt: skip
     return table
+
+
+def _bw_label(bw: int) -> str:
+    """Bytes/s as a user would name it: 1 Gbit/s for a link rate, 128.0 MiB/s otherwise."""
+    return f"{bw * 8 / 1e9:g} Gbit/s" if bw % 125_000_000 == 0 else f"{format_size(bw)}/s"
 
 
 def _x(r: float | None) -> str:
@@ -409,7 +451,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs per figure (median, min-max)")
     p.add_argument("--smp", type=int, default=1, help="livemig vCPUs (QEMU runs -smp 1)")
     p.add_argument("--only", type=lambda s: set(s.split(",")), default=None,
-                   help="scenarios to run: idle,throughput,downtime")  # fmt: skip
+                   help="scenarios to run: idle,throughput,brownout,downtime")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="small and short: 256M idle, 256M dirty guest with 64M working set, "
                    "one rate and limit")  # fmt: skip
@@ -426,10 +468,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.quick:
         cfg.sizes, cfg.dirty_memory, cfg.ws = [256 << 20], 256 << 20, 64 << 20
         cfg.rates, cfg.limits, cfg.window, cfg.tcp_bytes = [50], [300], 2.0, 512 << 20
+        cfg.brownout_bws = [128 << 20]
     for name in ("sizes", "rates", "limits", "dirty_memory", "ws", "window", "only"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    unknown = cfg.only - {"idle", "throughput", "downtime"}
+    unknown = cfg.only - {"idle", "throughput", "brownout", "downtime"}
     if unknown:
         raise UsageError(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}")
     if args.repeat < 1:

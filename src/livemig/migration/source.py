@@ -32,8 +32,8 @@ import numpy as np
 
 from livemig.errors import LivemigError, MigrationError
 from livemig.machine.runstate import RunState
-from livemig.migration.convergence import SwitchoverRefiner
 from livemig.migration import mapped_ram, multifd
+from livemig.migration.convergence import SwitchoverRefiner
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.stats import MigrationStats, PassRecord
 from livemig.savevm import xbzrle_cache
