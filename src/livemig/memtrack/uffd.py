@@ -33,11 +33,13 @@ import select
 import struct
 from typing import NamedTuple
 
+from livemig import held
 from livemig.memtrack._sys import (
     IOR,
     IOWR,
     KernelError,
     SYS_userfaultfd,
+    buffer_address,
     ioctl,
     ioctl_errno,
     syscall,
@@ -312,15 +314,28 @@ class Userfaultfd:
         self._ioctl(UFFDIO_WAKE, uffdio_range(start, length), f"UFFDIO_WAKE 0x{start:x}")
 
     def copy(
-        self, dst: int, src: int, length: int, *, mode: int = 0, exist_ok: bool = False
+        self,
+        dst: int,
+        src: int,
+        length: int,
+        *,
+        mode: int = 0,
+        exist_ok: bool = False,
+        hold_gil: bool = False,
     ) -> int:
         """Atomically install pages at ``dst`` from the buffer at address ``src`` and wake the
         faulting threads. Returns bytes installed. With ``exist_ok``, EEXIST (a page already
-        there: a racing fault or an earlier copy) counts as success and returns 0."""
+        there: a racing fault or an earlier copy) counts as success and returns 0.
+        ``hold_gil``: one page on the post-copy request path (``livemig/held.py``)."""
         done = 0
         while done < length:
             arg = uffdio_copy(dst=dst + done, src=src + done, len=length - done, mode=mode)
-            ret, err = ioctl_errno(self.fd, UFFDIO_COPY, arg)
+            if hold_gil:
+                ret, err = held.ioctl(self.fd, UFFDIO_COPY, ctypes.addressof(arg))
+                if err == errno.EINTR:
+                    continue
+            else:
+                ret, err = ioctl_errno(self.fd, UFFDIO_COPY, arg)
             if ret >= 0:
                 return done + int(arg.copy)
             if arg.copy > 0:  # partial copy: continue after what was installed
@@ -364,14 +379,17 @@ class Userfaultfd:
         ms = None if timeout is None else max(0, int(timeout * 1000))
         return bool(poller.poll(ms))
 
-    def read_events(self, max_events: int = 256) -> list[UffdEvent]:
+    def read_events(self, max_events: int = 256, *, hold_gil: bool = False) -> list[UffdEvent]:
         """Read up to ``max_events`` queued messages in one ``read``; [] if none are queued
-        (non-blocking fd)."""
+        (non-blocking fd). ``hold_gil``: the post-copy fault thread (``livemig/held.py``)."""
         size = UFFD_MSG.size * min(max_events, len(self._buf) // UFFD_MSG.size)
         view = memoryview(self._buf)[:size]
         while True:
             try:
-                n = os.readv(self.fd, [view])
+                if hold_gil:
+                    n = held.read(self.fd, buffer_address(view), size)
+                else:
+                    n = os.readv(self.fd, [view])
                 break
             except InterruptedError:
                 continue

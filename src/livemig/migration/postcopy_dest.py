@@ -331,7 +331,7 @@ class PostcopyIncoming:
                 if not uffd.wait(0.1):
                     continue
                 # Every fault read at once becomes one return-path write.
-                reqs = [r for ev in uffd.read_events() if ev.is_pagefault
+                reqs = [r for ev in uffd.read_events(hold_gil=True) if ev.is_pagefault
                         for r in (self._on_fault(ev.address, ev.ptid),) if r is not None]  # fmt: skip
                 if reqs:
                     self._request_many(reqs)
@@ -385,7 +385,8 @@ class PostcopyIncoming:
                 if ch is None:
                     raise ChannelError("no main channel")
                 enc = inc._rp_encoder
-                ch.send(b"".join(enc.send(RP.ReqPages(i * PAGE, PAGE, n)) for n, i in pages))
+                ch.sendv([enc.send(RP.ReqPages(i * PAGE, PAGE, n)) for n, i in pages],
+                         hold_gil=True)  # fmt: skip
         except ChannelError as exc:
             # The listen thread sees the broken link too and pauses; the requests are re-sent
             # after recovery.
@@ -502,16 +503,16 @@ class PostcopyIncoming:
                 uffd.zeropage(b.host_addr + i * PAGE, PAGE, exist_ok=True)
             else:
                 self._one[:] = page
-                self._copy(b.host_addr + i * PAGE, self._one_addr, 1)
+                self._copy(b.host_addr + i * PAGE, self._one_addr, 1, hold_gil=True)
             need[i] = False
             self.inc.loader.received[name][i] = True
             self.pages_placed += 1
             if self.requested[name][i]:
                 self._answered(name, i, time.monotonic())
 
-    def _copy(self, dst: int, src: int, count: int) -> None:
+    def _copy(self, dst: int, src: int, count: int, hold_gil: bool = False) -> None:
         assert self.uffd is not None
-        done = self.uffd.copy(dst, src, count * PAGE, exist_ok=True)
+        done = self.uffd.copy(dst, src, count * PAGE, exist_ok=True, hold_gil=hold_gil)
         if done < count * PAGE:
             # EEXIST in the middle of a run: page by page for the rest (a page cannot be
             # there already unless installed as zero by a racing fault, which is a bug).
@@ -700,7 +701,7 @@ class PostcopyIncoming:
         ch.timeout = None
         try:
             while not parser.eos:
-                n = ch.recv_into(view)
+                n = ch.recv_into(view, hold_gil=True)
                 if n == 0:
                     break
                 self._last_rx = time.monotonic()

@@ -370,21 +370,22 @@ class PostcopySource:
         def undo() -> None:
             d[i] = True  # back in the bitmap, as ``requeue`` does for a batch
 
-        n, normal, zero = self._send_holding(self.preempt_lock, ch, build, undo)
+        n, normal, zero = self._send_holding(self.preempt_lock, ch, build, undo, hold_gil=True)
         self.requested_sent += 1
         self.mig.stats.account(n, normal, zero, phase)
         return True
 
     def _send_holding(self, lock: threading.Lock, ch: Channel,
                       build: Callable[[], tuple[list, int, int]],
-                      undo: Callable[[], None]) -> tuple[int, int, int]:  # fmt: skip
+                      undo: Callable[[], None],
+                      hold_gil: bool = False) -> tuple[int, int, int]:  # fmt: skip
         """Build and send the records with ``lock``, the channel's send lock that the caller
         took while holding ``self.lock``, and release it. When the send fails, ``undo()``
         (under ``self.lock``) puts the pages back into the bitmap. Returns (bytes, normal
         pages, zero pages)."""
         try:
             bufs, normal, zero = build()
-            n = ch.sendv(bufs)
+            n = ch.sendv(bufs, hold_gil=hold_gil)
         except BaseException:
             lock.release()
             with self.lock:

@@ -315,7 +315,7 @@ class OutgoingMigration:
         try:
             while True:
                 try:
-                    n = self.channel.recv_into(view)
+                    n = self.channel.recv_into(view, hold_gil=True)
                 except ChannelTimeout:
                     # The destination speaks only when asked (PONG) and at the end (SHUT): a
                     # long, quiet pre-copy is no failure (QEMU's return-path thread blocks with

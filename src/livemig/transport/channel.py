@@ -25,7 +25,9 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import IO, TypeVar
 
+from livemig import held
 from livemig.errors import LivemigError
+from livemig.memtrack._sys import buffer_address
 
 _R = TypeVar("_R")
 
@@ -132,10 +134,24 @@ class Channel:
         if not ready:
             raise ChannelTimeout(f"{self.name}: no progress {what} for {self.timeout:g} s")
 
-    def sendv(self, buffers: Sequence[Buffer]) -> int:
-        """Write every buffer, in order; returns the byte count. Raises on any failure."""
+    def sendv(self, buffers: Sequence[Buffer], *, hold_gil: bool = False) -> int:
+        """Write every buffer, in order; returns the byte count. Raises on any failure.
+
+        ``hold_gil``: a small message on the post-copy request path (one record, one page),
+        written without giving up the interpreter lock while the socket has room
+        (``livemig/held.py`` says why); the rest, if it has not, the usual way."""
         if self._wfd is None:
             raise ChannelError(f"{self.name}: channel is not writable")
+        if hold_gil:
+            data = b"".join(buffers)
+            try:
+                n = held.write(self._wfd, data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as exc:
+                raise self._error("write", exc) from exc
+            self.bytes_sent += n
+            return n if n == len(data) else n + self.sendv((memoryview(data)[n:],))
         # os.writev takes the buffers as they are (bytes, memoryview slices of guest RAM):
         # no per-buffer wrapping on the hot path, only after a partial write.
         views: list[Buffer] = list(buffers)
@@ -197,9 +213,17 @@ class Channel:
             except OSError as exc:
                 raise self._error("read", exc) from exc
 
-    def recv_into(self, buf: memoryview) -> int:
-        """Read at least one byte into ``buf``; 0 means the peer closed its side."""
-        n = self._read(lambda fd: os.readv(fd, [buf]))
+    def recv_into(self, buf: memoryview, *, hold_gil: bool = False) -> int:
+        """Read at least one byte into ``buf``; 0 means the peer closed its side.
+
+        ``hold_gil``: the post-copy request path's reads, which keep the interpreter lock
+        except while they sleep in ``poll`` (``livemig/held.py``); ``buf`` must be
+        writable."""
+        if hold_gil:
+            addr, size = buffer_address(buf), len(buf)
+            n = self._read(lambda fd: held.read(fd, addr, size))
+        else:
+            n = self._read(lambda fd: os.readv(fd, [buf]))
         self.bytes_received += n
         return n
 

@@ -167,7 +167,8 @@ class TLSChannel(Channel):
             return self._error(what, exc)
         return ChannelError(f"{self.name}: {what} failed: {exc}")
 
-    def recv_into(self, buf: memoryview) -> int:
+    def recv_into(self, buf: memoryview, *, hold_gil: bool = False) -> int:
+        # hold_gil is ignored: every byte goes through the TLS layer, which releases the lock
         if not len(buf):
             return 0
         while True:
@@ -189,7 +190,7 @@ class TLSChannel(Channel):
         got = self.recv_into(memoryview(buf))
         return bytes(memoryview(buf)[:got])
 
-    def sendv(self, buffers: Sequence[Buffer]) -> int:
+    def sendv(self, buffers: Sequence[Buffer], *, hold_gil: bool = False) -> int:
         total = 0
         pending = bytearray()
         for b in buffers:
