@@ -137,6 +137,9 @@ def measure(ram: int, ws: str, smp: int, preempt: bool, prefetch: int, pc_bw: in
             # polled gently: each query costs both processes CPU time the post-copy needs
             _wait(lambda: done(src) and done(dst), 120, "post-copy did not finish", every=0.05)
             t_end = time.monotonic()
+            # marks the destination printed while post-copy ran (at most one poll late): a
+            # guest that ran on the destination, not one that only resumed at the end
+            during = (_passes(dst, smp) or passes_switch) - passes_switch
             dq, sq = dst.qmp("query-migrate"), src.qmp("query-migrate")
             if dq["status"] != "completed" or sq["status"] != "completed":
                 raise RuntimeError(
@@ -162,6 +165,7 @@ def measure(ram: int, ws: str, smp: int, preempt: bool, prefetch: int, pc_bw: in
                 "blocktime-ms": pc["blocktime-ms"],
                 "vcpu-blocktime-ms": pc["vcpu-blocktime-ms"],
                 "progress-share": round(rate / base_rate, 3) if base_rate > 0 else None,
+                "passes-during-postcopy": during,
             }
         finally:
             src.stop()
