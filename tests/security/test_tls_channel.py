@@ -145,3 +145,26 @@ def test_missing_credentials_named(tmp_path: Path, creds: dict[str, Path]) -> No
     (partial / "ca-cert.pem").write_bytes((creds["good"] / "ca-cert.pem").read_bytes())
     with pytest.raises(UsageError, match=r"client-cert\.pem is missing"):
         load_creds(partial, "client")
+
+
+def test_page_gather_goes_through_tls(creds: dict[str, Path]) -> None:
+    """Pre-copy hands the channel address rows (PageGather); TLS must encrypt the same bytes."""
+    import numpy as np
+
+    from livemig.wire.encoder import Encoder
+
+    ram = memoryview(bytearray(os.urandom(32 * 4096)))
+    offsets = np.arange(0, 32, 3, dtype=np.uint64) * 4096
+    bufs = Encoder().encode_pages_gather("pc.ram", offsets, ram)
+    want = b"".join(bytes(b) for b in Encoder().encode_pages("pc.ram", offsets, ram))
+    with Listener("tcp:127.0.0.1:0", timeout=TIMEOUT,
+                  tls=load_creds(creds["good"], "server")) as lst:  # fmt: skip
+        out: dict = {}
+        t = _serve(lst, out, read=len(want))
+        ch = connect(lst.address, timeout=TIMEOUT, tls=load_creds(creds["good"], "client"))
+        assert ch.sendv(bufs) == len(want)
+        t.join(TIMEOUT)
+        assert "error" not in out, out.get("error")
+        assert out["data"] == want
+        ch.close()
+        out["channel"].close()

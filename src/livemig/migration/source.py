@@ -448,8 +448,10 @@ class OutgoingMigration:
                 out += self.encoder.encode_zero_pages(b.idstr, b.zero.astype(np.uint64) << 12)
                 zero += len(b.zero)
             if len(b.normal):
-                out += self.encoder.encode_pages(b.idstr, b.normal.astype(np.uint64) << 12,
-                                                 b.block.view)  # fmt: skip
+                # address rows, not a memoryview per header and page (livemig/iovec.py)
+                out += self.encoder.encode_pages_gather(
+                    b.idstr, b.normal.astype(np.uint64) << 12, b.block.view
+                )
                 normal += len(b.normal)
         return out, normal, zero
 

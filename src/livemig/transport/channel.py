@@ -23,9 +23,9 @@ import subprocess
 import termios
 import threading
 from collections.abc import Callable, Sequence
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
-from livemig import held
+from livemig import held, iovec
 from livemig.errors import LivemigError
 from livemig.memtrack._sys import buffer_address
 
@@ -152,6 +152,8 @@ class Channel:
                 raise self._error("write", exc) from exc
             self.bytes_sent += n
             return n if n == len(data) else n + self.sendv((memoryview(data)[n:],))
+        if any(isinstance(b, iovec.Gather) for b in buffers):
+            return self._sendv_gather(buffers)
         # os.writev takes the buffers as they are (bytes, memoryview slices of guest RAM):
         # no per-buffer wrapping on the hot path, only after a partial write.
         views: list[Buffer] = list(buffers)
@@ -181,6 +183,29 @@ class Channel:
                     n = 0
             while i < end and sizes[i] == 0:
                 i += 1
+        self.bytes_sent += total
+        return total
+
+    def _sendv_gather(self, buffers: Sequence[Any]) -> int:
+        """``sendv`` of a list holding ``iovec.Gather`` objects: one numpy iovec array, libc
+        ``writev`` per IOV_MAX rows (``livemig/iovec.py`` says why)."""
+        assert self._wfd is not None
+        keep: list = []
+        iov = iovec.build(buffers, keep)
+        total = 0
+        row = 0
+        while row < len(iov):
+            try:
+                n = iovec.writev(self._wfd, iov, row)
+            except BlockingIOError:
+                self._wait(self._wfd, select.POLLOUT, "writing")
+                continue
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise self._error("write", exc) from exc
+            total += n
+            row = iovec.advance(iov, row, n)
         self.bytes_sent += total
         return total
 

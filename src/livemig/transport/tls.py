@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from livemig import iovec
 from livemig.errors import UsageError
 from livemig.transport.channel import (
     DEFAULT_TIMEOUT,
@@ -193,7 +194,10 @@ class TLSChannel(Channel):
     def sendv(self, buffers: Sequence[Buffer], *, hold_gil: bool = False) -> int:
         total = 0
         pending = bytearray()
-        for b in buffers:
+        # every byte goes through the TLS layer: address lists become buffer objects again
+        flat = [x for b in buffers
+                for x in (b.buffers() if isinstance(b, iovec.Gather) else (b,))]  # fmt: skip
+        for b in flat:
             v = memoryview(b).cast("B")
             if not len(v):
                 continue

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from livemig import iovec
 from livemig.errors import StreamError
 from livemig.vmstate import VMStateDescription
 from livemig.wire import constants as C
@@ -46,6 +47,31 @@ def _byte_view(ram: Any) -> memoryview:
 
 def _command(cmd: int, payload: bytes = b"") -> bytes:
     return struct.pack(">BHH", C.QEMU_VM_COMMAND, cmd, len(payload)) + payload
+
+
+class PageGather(iovec.Gather):
+    """PAGE records ``words[i]`` + page ``offsets[i]`` of ``ram``, for every i, as iovec rows."""
+
+    def __init__(self, words: np.ndarray, ram: memoryview, offsets: np.ndarray, ps: int) -> None:
+        self.words, self.ram, self.offsets, self.page_size = words, ram, offsets, ps
+        self.nbytes = len(offsets) * (8 + ps)
+
+    def iov(self) -> np.ndarray:
+        n = len(self.offsets)
+        rows = np.empty((2 * n, 2), np.uint64)
+        rows[0::2, 0] = np.uint64(self.words.ctypes.data) + np.arange(0, 8 * n, 8, dtype=np.uint64)
+        rows[0::2, 1] = 8
+        rows[1::2, 0] = np.uint64(iovec.address(self.ram)[0]) + self.offsets
+        rows[1::2, 1] = self.page_size
+        return rows
+
+    def buffers(self) -> list[memoryview]:
+        heads = memoryview(self.words.view(np.uint8))
+        ps = self.page_size
+        out = []
+        for i, o in enumerate(self.offsets.tolist()):
+            out += [heads[8 * i : 8 * i + 8], self.ram[o : o + ps]]
+        return out
 
 
 class Encoder:
@@ -236,6 +262,37 @@ class Encoder:
             raise ValueError("page offsets must be page aligned")
         return (offs | np.uint64(flag | C.RAM_SAVE_FLAG_CONTINUE)).astype(">u8")
 
+    def _lead(self, block: str, words: np.ndarray, first_page: memoryview) -> Buffers:
+        """The first record when ``block`` is not the last one named: it names the block, the
+        rest continue it. [] when it is."""
+        if block == self.last_block:
+            return []
+        self.last_block = block
+        w = int(words[0]) & ~C.RAM_SAVE_FLAG_CONTINUE
+        return [_BE64.pack(w) + cstr(block), first_page]
+
+    def encode_pages_gather(self, block: str, offsets: np.ndarray, ram: memoryview) -> list:
+        """``encode_pages`` for the whole block ``ram`` (1-D), with the records after the first
+        as one ``PageGather``: headers and pages as address rows, no Python object per page
+        (``livemig/iovec.py``). For ``Channel.sendv``; ``PageGather.buffers()`` gives the
+        plain form."""
+        ps = self.page_size
+        n = len(offsets)
+        if n == 0:
+            return []
+        mem = _byte_view(ram)
+        offs = np.asarray(offsets, dtype=np.uint64)
+        if int(offs.max()) + ps > len(mem):
+            raise ValueError(f"page offset {int(offs.max()):#x} outside the {len(mem)}-byte block")
+        words = self._words(offs, C.RAM_SAVE_FLAG_PAGE)
+        first = int(offs[0])
+        out: list = self._lead(block, words, mem[first : first + ps])
+        rest = 1 if out else 0
+        if rest < n:
+            out.append(PageGather(words[rest:], mem, offs[rest:], ps))
+        self.bytes_sent += n * (8 + ps) + (len(out[0]) - 8 if rest else 0)
+        return out
+
     def encode_pages(
         self, block: str, offsets: np.ndarray, ram: memoryview | np.ndarray | bytes
     ) -> Buffers:
@@ -250,15 +307,8 @@ class Encoder:
             return []
         words = self._words(offsets, C.RAM_SAVE_FLAG_PAGE)
         heads = memoryview(words.view(np.uint8))
-        bufs: Buffers = []
-        first = 0
-        if block != self.last_block:
-            # The first record names the block; the rest continue it.
-            w = int(words[0]) & ~C.RAM_SAVE_FLAG_CONTINUE
-            bufs.append(_BE64.pack(w) + cstr(block))
-            bufs.append(self._page_view(ram, 0, int(offsets[0]), ps))
-            self.last_block = block
-            first = 1
+        bufs: Buffers = self._lead(block, words, self._page_view(ram, 0, int(offsets[0]), ps))
+        first = 1 if bufs else 0
         offs = offsets.tolist()
         if isinstance(ram, np.ndarray) and ram.ndim == 2:
             pages = ram
