@@ -541,6 +541,7 @@ class _RecvChannel:
         self.release = threading.Semaphore(0)
         self.decompressor = _Decompressor(receiver.compression)
         self.head = bytearray(PACKET_HEADER.size + 8 * PAGES_ALLOC)
+        self._alloc = 0  # page slots per packet, once the first packet told
         self.payload = bytearray(2 * PAGES_ALLOC * PAGE_SIZE + 4096)
         self.packets = 0
         self.thread = threading.Thread(target=self._run, name=f"multifdrecv_{cid}", daemon=True)
@@ -581,16 +582,29 @@ class _RecvChannel:
         r = self.r
         hv = memoryview(self.head)
         at = self.channel.bytes_received
-        if not self._read(hv[: PACKET_HEADER.size], "a packet header", eof_ok=True):
-            return False
-        alloc = int.from_bytes(hv[12:16], "big")
-        if 0 < alloc <= 1 << 16 and PACKET_HEADER.size + 8 * alloc > len(self.head):
-            self.head = bytearray(PACKET_HEADER.size + 8 * alloc)
-            self.head[: PACKET_HEADER.size] = hv[: PACKET_HEADER.size]
-            hv = memoryview(self.head)
-        if 0 < alloc <= 1 << 16:
-            self._read(hv[PACKET_HEADER.size : PACKET_HEADER.size + 8 * alloc], "page offsets")
+        if self._alloc:
+            # Every packet of a migration has the same size (QEMU reads a fixed packet_len):
+            # header and offsets in one read, then check that this one says so too.
+            size = PACKET_HEADER.size + 8 * self._alloc
+            if not self._read(hv[:size], "a packet header", eof_ok=True):
+                return False
+            alloc = int.from_bytes(hv[12:16], "big")
+            if alloc != self._alloc:
+                raise StreamError(f"multifd channel {self.id}: packet {self.packets} has room "
+                                  f"for {alloc} pages, the first had {self._alloc}", at + 12)  # fmt: skip
+        else:
+            if not self._read(hv[: PACKET_HEADER.size], "a packet header", eof_ok=True):
+                return False
+            alloc = int.from_bytes(hv[12:16], "big")
+            if 0 < alloc <= 1 << 16 and PACKET_HEADER.size + 8 * alloc > len(self.head):
+                self.head = bytearray(PACKET_HEADER.size + 8 * alloc)
+                self.head[: PACKET_HEADER.size] = hv[: PACKET_HEADER.size]
+                hv = memoryview(self.head)
+            if 0 < alloc <= 1 << 16:
+                self._read(hv[PACKET_HEADER.size : PACKET_HEADER.size + 8 * alloc],
+                           "page offsets")  # fmt: skip
         pkt = MultifdPacket.unpack(hv, at, r.block_sizes)  # checks magic, counts and offsets
+        self._alloc = alloc
         where = f"multifd channel {self.id}, packet {pkt.packet_num}"
         if pkt.flags & MULTIFD_FLAG_COMPRESSION_MASK != r.flag:
             raise StreamError(f"{where}: compression flags 0x{pkt.flags & 0x3E:x}, this side "
