@@ -23,6 +23,17 @@ def test_converging_guest() -> None:
     assert (256 - 30) / 100 < total < (256 + 64) / 100
 
 
+def test_refining_passes_shrink_the_modelled_blackout() -> None:
+    args = (64 * MiB, 20 * MiB, 20 * MiB, 128 * MiB, 300)
+    ok0, found0, total0, down0 = simulate(*args, stop_bandwidth=2000 * MiB, refine=0)
+    ok3, found3, total3, down3 = simulate(*args, stop_bandwidth=2000 * MiB, refine=3)
+    assert ok0 and ok3
+    assert len(found3) > len(found0) and found3[-1] < found0[-1] / 2
+    assert down3 < down0 and total3 > total0
+    # each extra pass starts with at most a threshold's worth: at most downtime-limit each
+    assert total3 - total0 <= 3 * 0.3
+
+
 def test_diverging_guest() -> None:
     ok, *_ = simulate(256 * MiB, 200 * MiB, 150 * MiB, 100 * MiB, 50)
     assert not ok

@@ -6,7 +6,8 @@ byte ``M`` at link bandwidth ``B``; while a pass of duration ``t`` runs, the gue
 sweeping guest cannot dirty more than it touches), which the next pass sends. Pre-copy switches
 over once what is left fits in ``B x downtime-limit``. It converges when ``D < B`` or when the
 working set itself fits the threshold; otherwise the remainder never shrinks below the
-threshold and pre-copy runs until cancelled (QEMU's behaviour). Auto-converge scales ``D`` down
+threshold and pre-copy runs until cancelled (QEMU's behaviour). Refining passes
+(``x-switchover-refine``) are modelled as the source runs them. Auto-converge scales ``D`` down
 by the throttle (``cpu-throttle-initial``, ``+increment`` per two high periods, capped at
 ``max-cpu-throttle``); post-copy bounds the blackout by the device state whatever ``D`` is.
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from livemig.migration.convergence import SwitchoverRefiner
 
 WINDOW = 0.1  # the rate limiter's window: one PART per window
 DEVICE_STATE_S = 0.01  # fixed part of the blackout: device sections, resume (measured: ~10 ms)
@@ -43,18 +46,23 @@ class Prediction:
 
 def simulate(populated: int, working_set: int, dirty_rate: float, bandwidth: float,
              downtime_limit_ms: int, stop_bandwidth: float | None = None,
-             max_time: float = 3600.0) -> tuple[bool, list[int], float, float]:  # fmt: skip
+             max_time: float = 3600.0,
+             refine: int = 3) -> tuple[bool, list[int], float, float]:  # fmt: skip
     """Run the source's loop in 100 ms steps; returns (converges, bytes found dirty at each
     sync, total s, downtime s).
 
     Mirrors ``OutgoingMigration._iterate``: send one rate window of dirty pages; when what is
     left fits the threshold, sync (what the guest dirtied since the last sync joins it); if it
-    still fits, stop and send the rest at ``stop_bandwidth`` (no rate limit in the blackout).
+    still fits, stop and send the rest at ``stop_bandwidth`` (no rate limit in the blackout),
+    unless the ``SwitchoverRefiner`` (``refine`` = ``x-switchover-refine``) asks for one more
+    pass, which sends all that is left before the next sync.
     """
     if bandwidth <= 0:
         return False, [], float("inf"), float("inf")
     stop_bw = max(bandwidth, stop_bandwidth or bandwidth)
     threshold = bandwidth * downtime_limit_ms / 1000
+    refiner = SwitchoverRefiner(refine)
+    refining = False
     remaining = float(populated)
     found = [populated]
     t = since_sync = 0.0
@@ -62,11 +70,18 @@ def simulate(populated: int, working_set: int, dirty_rate: float, bandwidth: flo
     stuck = 0
     while t < max_time:
         # as QEMU's, the threshold is 0 until the first bandwidth window has closed
-        if t >= WINDOW and remaining <= threshold:
-            remaining += min(working_set, dirty_rate * since_sync)
+        due = remaining <= 0 if refining else t >= WINDOW and remaining <= threshold
+        if due:
+            dirtied = min(working_set, dirty_rate * since_sync)
+            rate = dirtied / since_sync if since_sync > 0 else 0.0
+            remaining += dirtied
             since_sync = 0.0
             found.append(int(remaining))
+            refining = False
             if remaining <= threshold:
+                if refiner.another_pass(int(remaining), rate, bandwidth):
+                    refining = True
+                    continue
                 downtime = remaining / stop_bw + DEVICE_STATE_S
                 return True, found, t + downtime, downtime
             # a sync that leaves as much as the best one so far, again and again: never fits
@@ -96,8 +111,9 @@ def predict(
     inputs = {"populated-bytes": populated, "working-set-bytes": working_set,
               "dirty-rate-bytes-per-s": dirty_rate, "bandwidth-bytes-per-s": bandwidth,
               "downtime-limit-ms": downtime_limit_ms}  # fmt: skip
+    refine = (params or {}).get("x-switchover-refine", 3)
     ok, passes, total, down = simulate(populated, working_set, dirty_rate, bandwidth,
-                                       downtime_limit_ms, stop_bandwidth)  # fmt: skip
+                                       downtime_limit_ms, stop_bandwidth, refine=refine)  # fmt: skip
     if ok:
         return Prediction(True, len(passes), total, down, "pre-copy",
                           f"the guest dirties {_mb(dirty_rate)}/s, the link carries "
@@ -107,7 +123,8 @@ def predict(
     cap = p.get("max-cpu-throttle", 99)
     throttled = dirty_rate * (1 - cap / 100)
     ok2, passes2, total2, down2 = simulate(populated, working_set, throttled, bandwidth,
-                                           downtime_limit_ms, stop_bandwidth)  # fmt: skip
+                                           downtime_limit_ms, stop_bandwidth,
+                                           refine=refine)  # fmt: skip
     if ok2 and throttled < bandwidth * 0.5:
         return Prediction(True, len(passes2), total2, down2, "auto-converge",
                           f"pre-copy alone never fits the {downtime_limit_ms} ms limit "
