@@ -162,15 +162,7 @@ class Channel:
         i = 0
         while i < len(views):
             end = min(i + IOV_MAX, len(views))
-            try:
-                n = os.writev(self._wfd, views[i:end])
-            except BlockingIOError:
-                self._wait(self._wfd, select.POLLOUT, "writing")
-                continue
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                raise self._error("write", exc) from exc
+            n = self._write(lambda fd: os.writev(fd, views[i:end]))  # noqa: B023 - called now
             total += n
             # advance over fully written buffers; keep the rest of a partial one
             while n and i < end:
@@ -195,19 +187,28 @@ class Channel:
         total = 0
         row = 0
         while row < len(iov):
-            try:
-                n = iovec.writev(self._wfd, iov, row)
-            except BlockingIOError:
-                self._wait(self._wfd, select.POLLOUT, "writing")
-                continue
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                raise self._error("write", exc) from exc
+            n = self._write(lambda fd: iovec.writev(fd, iov, row))  # noqa: B023 - called now
             total += n
             row = iovec.advance(iov, row, n)
         self.bytes_sent += total
         return total
+
+    def _write(self, op: Callable[[int], int]) -> int:
+        assert self._wfd is not None
+        return self._retry(self._wfd, select.POLLOUT, "write", op)
+
+    def _retry(self, fd: int, events: int, what: str, op: Callable[[int], _R]) -> _R:
+        """``op(fd)`` once ``fd`` is ready for ``what`` (read, write): retried on EAGAIN and
+        EINTR, other errors named."""
+        while True:
+            try:
+                return op(fd)
+            except BlockingIOError:
+                self._wait(fd, events, {"read": "reading", "write": "writing"}[what])
+            except InterruptedError:
+                continue
+            except OSError as exc:
+                raise self._error(what, exc) from exc
 
     def unsent(self) -> int:
         """Bytes written to a socket that the kernel has not put on the wire yet (SIOCOUTQ);
@@ -225,18 +226,9 @@ class Channel:
         return self.sendv((data,))
 
     def _read(self, op: Callable[[int], _R]) -> _R:
-        """``op(fd)`` once the fd is readable: retried on EAGAIN and EINTR, errors named."""
         if self._rfd is None:
             raise ChannelError(f"{self.name}: channel is not readable")
-        while True:
-            try:
-                return op(self._rfd)
-            except BlockingIOError:
-                self._wait(self._rfd, select.POLLIN, "reading")
-            except InterruptedError:
-                continue
-            except OSError as exc:
-                raise self._error("read", exc) from exc
+        return self._retry(self._rfd, select.POLLIN, "read", op)
 
     def recv_into(self, buf: memoryview, *, hold_gil: bool = False) -> int:
         """Read at least one byte into ``buf``; 0 means the peer closed its side.
