@@ -28,15 +28,6 @@ _ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _ioctl.restype = ctypes.c_int
 
 
-class iovec(ctypes.Structure):
-    _fields_ = (("base", ctypes.c_void_p), ("len", ctypes.c_size_t))
-
-
-_writev = _libc.writev
-_writev.argtypes = (ctypes.c_int, ctypes.POINTER(iovec), ctypes.c_int)
-_writev.restype = ctypes.c_ssize_t
-
-
 def _fail(what: str) -> OSError:
     err = ctypes.get_errno()
     if err in (errno.EAGAIN, errno.EWOULDBLOCK):
@@ -60,14 +51,6 @@ def write(fd: int, data: bytes) -> int:
     n = _write(fd, data, len(data))
     if n < 0:
         raise _fail("write")
-    return n
-
-
-def writev(fd: int, iov: ctypes.Array, count: int) -> int:
-    """``writev`` of the first ``count`` entries of ``iov`` (an ``iovec`` array)."""
-    n = _writev(fd, iov, count)
-    if n < 0:
-        raise _fail("writev")
     return n
 
 

@@ -262,3 +262,26 @@ def test_hold_gil_errors_are_channel_errors() -> None:
     with pytest.raises(ChannelError):
         for _ in range(100):  # the first write may still be accepted before the reset
             a.sendv([b"x" * 65536], hold_gil=True)
+
+
+def test_held_calls_name_their_errors() -> None:
+    from livemig import held
+    from livemig.iovec import address
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    buf = bytearray(16)
+    addr, size, _keep = address(buf)
+    with pytest.raises(BlockingIOError):
+        held.read(a.fileno(), addr, size)  # nothing there: EAGAIN, not a hang
+    assert held.write(b.fileno(), b"abc") == 3
+    assert held.read(a.fileno(), addr, size) == 3 and bytes(buf[:3]) == b"abc"
+    r, w = os.pipe()
+    os.close(w)
+    os.close(r)
+    with pytest.raises(OSError) as exc:
+        held.write(w, b"x")
+    assert not isinstance(exc.value, BlockingIOError)
+    assert held.ioctl(r, 0, 0)[1] != 0  # EBADF reported as an errno, not raised
+    a.close()
+    b.close()

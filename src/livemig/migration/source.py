@@ -392,16 +392,20 @@ class OutgoingMigration:
                 return
             # what the socket still holds must cross the link in the blackout too
             queued = self.channel.unsent() if self.channel is not None else 0
-            pending = self.ram.pending_pages() * 4096 + queued
+            dirty = self.ram.pending_pages() * 4096
+            pending = dirty + queued
             threshold = self.stats.threshold
             # a refining pass sends all it started with before the next sync
-            check = pending == 0 if refining else pending <= threshold
+            check = dirty == 0 if refining else pending <= threshold
             if check:
                 self._sync(f"pending {pending} B <= threshold {threshold} B")
                 pending = self.stats.remaining + queued
                 refining = False
                 if pending <= self.stats.threshold:
-                    if not refiner.another_pass(pending, self._dirty_bps, self.stats.bandwidth):
+                    # another pass only shrinks dirty pages, not what the socket holds
+                    if not self.stats.remaining or not refiner.another_pass(
+                        pending, self._dirty_bps, self.stats.bandwidth
+                    ):
                         log.info("switch-over: %d B left fit in threshold %d B", pending,
                                  self.stats.threshold)  # fmt: skip
                         return
