@@ -254,6 +254,10 @@ def test_compute_reports_ops(boot: Boot, images: Images) -> None:
     assert m.wait_for_end(20), m.chardev.data
     assert m.exit_status == 0
     assert re.search(rb"compute: cpu0 \d+ ops/s", m.chardev.data), m.chardev.data
+    # both vCPUs print on the same clock tick: every line must still come out whole
+    line = re.compile(rb"compute: (cpu[01] \d+ ops/s \(total \d+, hash [0-9a-f]+\)|done .*)")
+    for ln in m.chardev.data.splitlines():
+        assert line.fullmatch(ln), m.chardev.data
     words = report_words(m)
     assert words[0] == abi.REPORT_MAGIC and words[1] == REPORT_KIND_COMPUTE
     assert words[5] > 0 and words[6] > 0  # both vCPUs count operations

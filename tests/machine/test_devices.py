@@ -52,6 +52,19 @@ def test_serial_state_round_trip_keeps_unread_input() -> None:
     assert "serial/recv_fifo" not in b.save_state()  # empty FIFO: subsection omitted
 
 
+def test_console_lock_is_per_vcpu_and_not_part_of_the_stream() -> None:
+    from livemig.machine.abi import CONSOLE_LOCK_PORT as P
+
+    s = Serial16550(BufferChardev())
+    assert s.io_read(0, P, 4) == 0 and s.io_read(0, P, 4) == 0  # taken; re-entrant for cpu0
+    assert s.io_read(1, P, 4) == 1  # cpu1 waits
+    s.io_write(1, P, 4, 0)  # not its lock: ignored
+    assert s.io_read(1, P, 4) == 1
+    s.io_write(0, P, 4, 0)
+    assert s.io_read(1, P, 4) == 0
+    assert "_console_owner" not in s.save_state()  # QEMU's serial fields only
+
+
 def test_clock_stops_while_paused_and_continues(make_machine: MakeMachine) -> None:
     m = make_machine()
     m.load_guest(assemble(guests.CLOCK_STORE))

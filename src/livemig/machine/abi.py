@@ -44,6 +44,8 @@ RING_DOORBELL_PORT = 0x520  # out 32: responses were produced: the device drains
 RING_WAIT_PORT = 0x524  # in 32: wait (bounded) for a request; returns how many are ready
 RING_SPACE_PORT = 0x528  # in 32: wait (bounded) for a free response slot; returns how many
 RING_SETUP_PORT = 0x52C  # out 32: 1 = the guest initialised the ring header, 2 = ring touched
+CONSOLE_LOCK_PORT = 0x530  # in 32: 0 = this vCPU now holds the console lock, 1 = held by
+# another; out: release it (the serial device's; whole lines from several vCPUs)
 
 RING_ADDR = 0x10000  # the ring area, below the vCPU stacks
 RING_SIZE = 0x70000

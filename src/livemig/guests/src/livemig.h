@@ -42,6 +42,7 @@ typedef unsigned long size_t;
 #define RING_WAIT_PORT 0x524
 #define RING_SPACE_PORT 0x528
 #define RING_SETUP_PORT 0x52C
+#define CONSOLE_LOCK_PORT 0x530
 
 #define RING_ADDR 0x10000
 #define RING_SIZE 0x70000

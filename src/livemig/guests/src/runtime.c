@@ -15,20 +15,19 @@ extern char __bss_end[];
 
 /*
  * One line at a time: vCPUs print from different host threads, so a whole line is written
- * under this lock or their characters would interleave. (The xchg is a real atomic on
- * hardware; under a one-vCPU-per-instance emulator it is close to one, and the worst case of
- * a lost race is a garbled line, never a hang.)
+ * under this lock or their characters would interleave. The lock is the serial device's
+ * (CONSOLE_LOCK_PORT): an xchg in guest memory is not atomic between vCPUs here, since each
+ * runs in its own emulator instance, and two vCPUs printing on the same clock tick garbled
+ * lines. Bounded: on a machine without the port (reads as all ones) the guest prints anyway,
+ * a garbled line at worst, never a hang.
  */
-static volatile u32 print_lock;
-
 static void lock_print(void)
 {
-	while (__atomic_exchange_n(&print_lock, 1, __ATOMIC_ACQUIRE))
-		while (print_lock)
-			cpu_relax();
+	for (u32 i = 0; i < 1000000 && inl(CONSOLE_LOCK_PORT); i++)
+		cpu_relax();
 }
 
-static void unlock_print(void) { __atomic_store_n(&print_lock, 0, __ATOMIC_RELEASE); }
+static void unlock_print(void) { outl(CONSOLE_LOCK_PORT, 0); }
 
 static void serial_write(char c)
 {

@@ -9,7 +9,8 @@ Register map (offset from ``SERIAL_BASE``; DLAB is LCR bit 7)::
 
 The machine has no interrupt controller, so the guest polls LSR; transmission is instantaneous
 (THR is always empty). Received bytes wait in a 16-byte FIFO, refilled from a host-side queue
-as the guest reads. The migrated state is QEMU's field list for the serial device, plus the
+as the guest reads. Beside the UART, ``CONSOLE_LOCK_PORT`` is a lock the guest runtime holds
+while it prints a line (see ``_console_acquire``). The migrated state is QEMU's field list for the serial device, plus the
 ``serial/recv_fifo`` subsection (QEMU's name) when the FIFO holds bytes.
 """
 
@@ -20,7 +21,7 @@ from collections import deque
 from typing import Any, ClassVar
 
 from livemig import vmstate as vs
-from livemig.machine.abi import SERIAL_BASE
+from livemig.machine.abi import CONSOLE_LOCK_PORT, SERIAL_BASE
 from livemig.machine.chardev import Chardev
 from livemig.machine.devices.base import Device
 
@@ -43,7 +44,10 @@ class Serial16550(Device):
     """COM1, polled, with a receive FIFO."""
 
     idstr: ClassVar[str] = "serial"
-    ports: ClassVar[tuple[range, ...]] = (range(SERIAL_BASE, SERIAL_BASE + 8),)
+    ports: ClassVar[tuple[range, ...]] = (
+        range(SERIAL_BASE, SERIAL_BASE + 8),
+        range(CONSOLE_LOCK_PORT, CONSOLE_LOCK_PORT + 1),
+    )
     vmsd = vs.vmsd(
         "serial",
         3,
@@ -77,6 +81,7 @@ class Serial16550(Device):
         self._fifo: deque[int] = deque()
         self._pending: deque[int] = deque()  # host bytes not yet in the FIFO
         self._lock = threading.Lock()
+        self._console_owner: int | None = None  # vCPU holding CONSOLE_LOCK_PORT
         self.chardev = chardev
         chardev.set_input_handler(self.receive)
 
@@ -98,7 +103,20 @@ class Serial16550(Device):
 
     # -- guest side ---------------------------------------------------------------------------
 
+    def _console_acquire(self, cpu: int) -> int:
+        """The console lock: guest memory atomics are not atomic between vCPUs here (each runs
+        in its own emulator instance), so the runtime takes its print lock from the device.
+        Not migrated (QEMU's serial fields stay as they are): a line being printed across a
+        switch-over can at worst interleave with another vCPU's once."""
+        with self._lock:
+            if self._console_owner is None or self._console_owner == cpu:
+                self._console_owner = cpu
+                return 0
+            return 1
+
     def io_read(self, cpu: int, port: int, size: int) -> int:
+        if port == CONSOLE_LOCK_PORT:
+            return self._console_acquire(cpu)
         off = port - SERIAL_BASE
         with self._lock:
             dlab = self.lcr & LCR_DLAB
@@ -119,6 +137,11 @@ class Serial16550(Device):
             return {3: self.lcr, 4: self.mcr, 6: self.msr, 7: self.scr}[off]
 
     def io_write(self, cpu: int, port: int, size: int, value: int) -> None:
+        if port == CONSOLE_LOCK_PORT:
+            with self._lock:
+                if self._console_owner == cpu:
+                    self._console_owner = None
+            return
         off = port - SERIAL_BASE
         value &= 0xFF
         if off == 0 and not self.lcr & LCR_DLAB:
