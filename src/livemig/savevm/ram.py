@@ -27,7 +27,8 @@ PAGE_SHIFT = 12
 WORDS_PER_PAGE = PAGE_SIZE // 8
 # take() looks this many bitmap entries ahead at a time: a small take (a post-copy PART) costs
 # a window, not a scan of the rest of a large block.
-TAKE_SCAN_WINDOW = 1 << 16
+TAKE_FIRST_WINDOW = 1 << 10  # pages a take scans first
+TAKE_SCAN_WINDOW = 1 << 16  # the widest it scans at once
 
 
 def _pages2d(block: object) -> np.ndarray:
@@ -116,13 +117,18 @@ class RamSaver:
         left = max_pages
         nblocks = len(self.blocks)
         visited = 0
+        # The scan starts as wide as the take and doubles each time it comes up short: a dense
+        # bitmap costs one short scan (a fixed 64 Ki-page window built a 512 KiB index array
+        # for every 4 MiB multifd job), a sparse one a few widening ones.
+        window = min(max(left, TAKE_FIRST_WINDOW), max(left, TAKE_SCAN_WINDOW))
         while left > 0 and visited <= nblocks:
             block = self.blocks[self._cursor_block]
             d = self.dirty[block.idstr]
-            end = min(block.npages, self._cursor_page + max(TAKE_SCAN_WINDOW, left))
+            end = min(block.npages, self._cursor_page + window)
             idx = np.flatnonzero(d[self._cursor_page : end])
             if len(idx) == 0 and end < block.npages:
                 self._cursor_page = end
+                window = min(2 * window, max(left, TAKE_SCAN_WINDOW))
                 continue
             if len(idx) == 0:
                 self._cursor_block = (self._cursor_block + 1) % nblocks
@@ -138,6 +144,7 @@ class RamSaver:
             out.append(self.split_zero(block, idx))
             left -= len(idx)
             visited = 0
+            window = min(2 * window, max(left, TAKE_SCAN_WINDOW))
         return out
 
     def seek(self, idstr: str, page: int) -> None:
