@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -30,18 +31,18 @@ _writev.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
 _writev.restype = ctypes.c_ssize_t
 
 
-class Gather:
+class Gather(ABC):
     """Bytes given as (address, length) rows rather than as Python buffer objects."""
 
     nbytes: int
 
+    @abstractmethod
     def iov(self) -> np.ndarray:
         """The rows, ``(n, 2)`` uint64: valid while this object lives."""
-        raise NotImplementedError
 
+    @abstractmethod
     def buffers(self) -> list[memoryview]:
         """The same bytes as buffer objects, for a channel that must see them (TLS)."""
-        raise NotImplementedError
 
 
 def address(buf: Any) -> tuple[int, int, np.ndarray]:
