@@ -27,7 +27,6 @@ from typing import IO, Any, TypeVar
 
 from livemig import held, iovec
 from livemig.errors import LivemigError
-from livemig.memtrack._sys import buffer_address
 
 _R = TypeVar("_R")
 
@@ -237,7 +236,7 @@ class Channel:
         except while they sleep in ``poll`` (``livemig/held.py``); ``buf`` must be
         writable."""
         if hold_gil:
-            addr, size = buffer_address(buf), len(buf)
+            addr, size, _keep = iovec.address(buf)
             n = self._read(lambda fd: held.read(fd, addr, size))
         else:
             n = self._read(lambda fd: os.readv(fd, [buf]))

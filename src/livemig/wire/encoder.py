@@ -271,7 +271,7 @@ class Encoder:
         w = int(words[0]) & ~C.RAM_SAVE_FLAG_CONTINUE
         return [_BE64.pack(w) + cstr(block), first_page]
 
-    def encode_pages_gather(self, block: str, offsets: np.ndarray, ram: memoryview) -> list:
+    def encode_pages_gather(self, block: str, offsets: np.ndarray, ram: memoryview | bytes) -> list:
         """``encode_pages`` for the whole block ``ram`` (1-D), with the records after the first
         as one ``PageGather``: headers and pages as address rows, no Python object per page
         (``livemig/iovec.py``). For ``Channel.sendv``; ``PageGather.buffers()`` gives the
@@ -301,6 +301,9 @@ class Encoder:
         ``ram`` is either the whole block (1-D bytes-like: pages are sliced from it at their
         offsets) or an ``(n, page_size)`` array holding the n pages in order. No page is copied.
         """
+        if not (isinstance(ram, np.ndarray) and ram.ndim == 2):
+            return [x for b in self.encode_pages_gather(block, offsets, ram)
+                    for x in (b.buffers() if isinstance(b, PageGather) else (b,))]  # fmt: skip
         ps = self.page_size
         n = len(offsets)
         if n == 0:
@@ -309,20 +312,9 @@ class Encoder:
         heads = memoryview(words.view(np.uint8))
         bufs: Buffers = self._lead(block, words, self._page_view(ram, 0, int(offsets[0]), ps))
         first = 1 if bufs else 0
-        offs = offsets.tolist()
-        if isinstance(ram, np.ndarray) and ram.ndim == 2:
-            pages = ram
-            for i in range(first, n):
-                bufs.append(heads[8 * i : 8 * i + 8])
-                bufs.append(memoryview(pages[i]))
-        else:
-            mem = _byte_view(ram)
-            for i in range(first, n):
-                o = offs[i]
-                bufs.append(heads[8 * i : 8 * i + 8])
-                bufs.append(mem[o : o + ps])
-            if offs and max(offs) + ps > len(mem):
-                raise ValueError(f"page offset {max(offs):#x} outside the {len(mem)}-byte block")
+        for i in range(first, n):
+            bufs.append(heads[8 * i : 8 * i + 8])
+            bufs.append(memoryview(ram[i]))
         self.bytes_sent += n * (8 + ps) + (len(bufs[0]) - 8 if first else 0)
         return bufs
 
