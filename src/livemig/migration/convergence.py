@@ -77,6 +77,7 @@ class SwitchoverRefiner:
 
     # Below this the blackout is dominated by the fixed costs (vCPU stop, device state).
     FLOOR = 1 << 20
+    DEFAULT_PASSES = 3  # x-switchover-refine's default
 
     def __init__(self, max_passes: int) -> None:
         self.max_passes = max_passes

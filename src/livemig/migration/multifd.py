@@ -582,27 +582,21 @@ class _RecvChannel:
         r = self.r
         hv = memoryview(self.head)
         at = self.channel.bytes_received
-        if self._alloc:
-            # Every packet of a migration has the same size (QEMU reads a fixed packet_len):
-            # header and offsets in one read, then check that this one says so too.
-            size = PACKET_HEADER.size + 8 * self._alloc
-            if not self._read(hv[:size], "a packet header", eof_ok=True):
-                return False
-            alloc = int.from_bytes(hv[12:16], "big")
-            if alloc != self._alloc:
-                raise StreamError(f"multifd channel {self.id}: packet {self.packets} has room "
-                                  f"for {alloc} pages, the first had {self._alloc}", at + 12)  # fmt: skip
-        else:
-            if not self._read(hv[: PACKET_HEADER.size], "a packet header", eof_ok=True):
-                return False
-            alloc = int.from_bytes(hv[12:16], "big")
-            if 0 < alloc <= 1 << 16 and PACKET_HEADER.size + 8 * alloc > len(self.head):
+        # Every packet of a migration has the same size (QEMU reads a fixed packet_len): once
+        # the first told it, header and offsets come in one read, and each packet must agree.
+        if not self._read(hv[: PACKET_HEADER.size + 8 * self._alloc], "a packet header",
+                          eof_ok=True):  # fmt: skip
+            return False
+        alloc = int.from_bytes(hv[12:16], "big")
+        if self._alloc and alloc != self._alloc:
+            raise StreamError(f"multifd channel {self.id}: packet {self.packets} has room "
+                              f"for {alloc} pages, the first had {self._alloc}", at + 12)  # fmt: skip
+        if not self._alloc and 0 < alloc <= 1 << 16:
+            if PACKET_HEADER.size + 8 * alloc > len(self.head):
                 self.head = bytearray(PACKET_HEADER.size + 8 * alloc)
                 self.head[: PACKET_HEADER.size] = hv[: PACKET_HEADER.size]
                 hv = memoryview(self.head)
-            if 0 < alloc <= 1 << 16:
-                self._read(hv[PACKET_HEADER.size : PACKET_HEADER.size + 8 * alloc],
-                           "page offsets")  # fmt: skip
+            self._read(hv[PACKET_HEADER.size : PACKET_HEADER.size + 8 * alloc], "page offsets")
         pkt = MultifdPacket.unpack(hv, at, r.block_sizes)  # checks magic, counts and offsets
         self._alloc = alloc
         where = f"multifd channel {self.id}, packet {pkt.packet_num}"

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from livemig.errors import UsageError
+from livemig.migration.convergence import SwitchoverRefiner
 
 # QEMU 7.2's capability order, then later additions.
 CAPABILITIES = (
@@ -163,7 +164,7 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("x-postcopy-prefetch", int, 0, 0, 512, unit="pages"),
     # livemig's own default (QEMU has no such pass): see convergence.SwitchoverRefiner; 0 is
     # QEMU's switch at the first chance.
-    ParamSpec("x-switchover-refine", int, 3, 0, 16, unit="passes"),
+    ParamSpec("x-switchover-refine", int, SwitchoverRefiner.DEFAULT_PASSES, 0, 16, unit="passes"),
 )
 _SPECS = {p.name: p for p in PARAMETERS}
 

@@ -47,7 +47,7 @@ class Prediction:
 def simulate(populated: int, working_set: int, dirty_rate: float, bandwidth: float,
              downtime_limit_ms: int, stop_bandwidth: float | None = None,
              max_time: float = 3600.0,
-             refine: int = 3) -> tuple[bool, list[int], float, float]:  # fmt: skip
+             refine: int = SwitchoverRefiner.DEFAULT_PASSES) -> tuple[bool, list[int], float, float]:  # fmt: skip
     """Run the source's loop in 100 ms steps; returns (converges, bytes found dirty at each
     sync, total s, downtime s).
 
@@ -111,7 +111,7 @@ def predict(
     inputs = {"populated-bytes": populated, "working-set-bytes": working_set,
               "dirty-rate-bytes-per-s": dirty_rate, "bandwidth-bytes-per-s": bandwidth,
               "downtime-limit-ms": downtime_limit_ms}  # fmt: skip
-    refine = (params or {}).get("x-switchover-refine", 3)
+    refine = (params or {}).get("x-switchover-refine", SwitchoverRefiner.DEFAULT_PASSES)
     ok, passes, total, down = simulate(populated, working_set, dirty_rate, bandwidth,
                                        downtime_limit_ms, stop_bandwidth, refine=refine)  # fmt: skip
     if ok:

@@ -10,8 +10,8 @@ Register map (offset from ``SERIAL_BASE``; DLAB is LCR bit 7)::
 The machine has no interrupt controller, so the guest polls LSR; transmission is instantaneous
 (THR is always empty). Received bytes wait in a 16-byte FIFO, refilled from a host-side queue
 as the guest reads. Beside the UART, ``CONSOLE_LOCK_PORT`` is a lock the guest runtime holds
-while it prints a line (see ``_console_acquire``). The migrated state is QEMU's field list for the serial device, plus the
-``serial/recv_fifo`` subsection (QEMU's name) when the FIFO holds bytes.
+while it prints a line (see ``_console_acquire``). The migrated state is QEMU's field list for
+the serial device, plus the ``serial/recv_fifo`` subsection (QEMU's name) when the FIFO holds bytes.
 """
 
 from __future__ import annotations
