@@ -24,26 +24,38 @@ def _mib(n: float) -> str:
     return format_size(n)
 
 
+def progress_line(info: dict[str, Any], verdict: str = "", left: float | None = None) -> str:
+    """``status · pass N · verdict, ETA``: the words of the display, above its numbers."""
+    ram = info.get("ram", {})
+    status = info.get("status", "none")
+    parts = [status]
+    if "dirty-sync-count" in ram:
+        parts.append(f"pass {ram['dirty-sync-count']}")
+    if verdict and verdict != status:
+        parts.append(verdict if left is None else f"{verdict}, about {left:.1f} s left")
+    return " · ".join(parts)
+
+
 def progress_table(info: dict[str, Any], verdict: str = "", left: float | None = None
                    ) -> Table:  # fmt: skip
-    """One status table from a ``query-migrate`` reply, with the judge's verdict and ETA."""
+    """One status table from a ``query-migrate`` reply, with the judge's verdict and ETA.
+
+    The words go in the title and the numbers in seven columns, so that the display fits an
+    80-column terminal (and a log file, where rich assumes 80) without wrapping a cell.
+    """
     ram = info.get("ram", {})
-    t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for col in ("status", "pass", "sent", "left", "dirtied", "Mbit/s", "exp. down",
-                "time", "verdict", "ETA"):  # fmt: skip
-        t.add_column(col, justify="right" if col != "status" else "left")
+    t = Table(title=progress_line(info, verdict, left), title_justify="left",
+              show_header=True, header_style="bold", box=None, pad_edge=False)  # fmt: skip
+    for col in ("sent", "left", "dirtied", "Mbit/s", "exp. downtime", "time"):
+        t.add_column(col, justify="right", no_wrap=True)
     rate = ram.get("dirty-pages-rate", 0) * ram.get("page-size", 4096)
     t.add_row(
-        info.get("status", "none"),
-        str(ram.get("dirty-sync-count", "-")),
         _mib(ram.get("transferred", 0)),
         _mib(ram.get("remaining", 0)),
         f"{_mib(rate)}/s",
         f"{ram.get('mbps', 0):.0f}",
         f"{info.get('expected-downtime', info.get('downtime', 0))} ms",
         f"{info.get('total-time', 0) / 1000:.1f} s",
-        verdict,
-        "-" if left is None else f"{left:.1f} s",
     )
     return t
 
@@ -84,6 +96,10 @@ def follow(
     finally:
         if live is not None:
             live.stop()
+            if not console.is_terminal:
+                # rich ends a live display with a newline only on a terminal; in a log file
+                # the next line would start at the end of the table's last row
+                console.line()
 
 
 def summary_table(info: dict[str, Any], extra: dict[str, Any] | None = None) -> Table:
