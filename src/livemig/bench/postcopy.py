@@ -6,7 +6,11 @@ the source pre-copies one pass over TCP loopback, switches to post-copy, and the
 ``query-migrate`` gives the request latency percentiles (targets: p50 <= 200 us, p99 <= 2 ms)
 and blocktime. Guest progress during post-copy is memstress passes per second on the
 destination between switch-over and the end (from its console's pass marks), as a share of
-the rate on the source in the seconds before the migration (the in-run baseline). (Until
+the rate on the source in the seconds before the migration (the in-run baseline). Before each
+livemig row, ``livemig.bench.request_floor`` measures this machine's floor for one request
+(the same request path as a bare Python program, with ``--smp`` cores kept busy), and the row
+prints its p50 and p99 as ratios to it: the targets are absolute, the ratio says how much of
+a figure is livemig and how much the hour it ran in. (Until
 2026-11-26 both machines ran in the benchmark's own process; one interpreter lock for both
 sides made the latency figures worse than a real pair's.)
 
@@ -34,11 +38,13 @@ from rich.console import Console
 from rich.table import Table
 
 from livemig import procs
+from livemig.bench import request_floor
 from livemig.units import parse_size
 
 QEMU_HEADROOM_MIB = 224
 MARK_MS = 50  # memstress's pass marks: the guest-progress figure's resolution
 BASE_SECONDS = 1.5  # undisturbed rate measured over this long before ``migrate``
+FLOOR_FAULTS = 2000  # faults in each floor measurement (about half a second)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -268,7 +274,9 @@ def run(args: argparse.Namespace) -> int:
     results = []
     for preempt in (False, True):
         for prefetch in (int(x) for x in args.prefetch.split(",")):
-            results.append(measure(ram, args.ws, args.smp, preempt, prefetch, pc_bw, args.rate))
+            floor = request_floor.measure(FLOOR_FAULTS, busy=args.smp)
+            r = measure(ram, args.ws, args.smp, preempt, prefetch, pc_bw, args.rate)
+            results.append({**r, "floor": floor})
     if args.vs_qemu:
         from livemig.bench.qemu_baseline import qemu_available
         from livemig.errors import UsageError
@@ -289,22 +297,36 @@ def run(args: argparse.Namespace) -> int:
         "TCP loopback (livemig: memstress; qemu: Linux + dirtier, TCG)"
     )
     for col in ("vm", "dirty GB/s", "preempt", "prefetch", "requests", "p50 us", "p90 us",
-                "p99 us", "max us", "blocktime ms", "downtime ms", "post-copy s", "total s",
-                "guest progress"):  # fmt: skip
+                "p99 us", "max us", "floor p50/p99 us", "p50/p99 ÷ floor", "blocktime ms",
+                "downtime ms", "post-copy s", "total s", "guest progress"):  # fmt: skip
         t.add_column(col, justify="right")
     for r in results:
         lat = r["latency"]
+        fl = r.get("floor")
+        floor_cells = (
+            ("-", "-")
+            if fl is None
+            else (
+                f"{fl['p50-us']:.0f} / {fl['p99-us']:.0f}",
+                f"{lat['p50-us'] / fl['p50-us']:.1f}x / {lat['p99-us'] / fl['p99-us']:.1f}x",
+            )
+        )
         t.add_row(f"{r['vm']} {r['ram-mib']}M", str(r.get("dirty-gbps", "-")), str(r["preempt"]),
                   "-" if r["prefetch"] is None else str(r["prefetch"]), str(r["requests"]),
                   *(str(lat.get(k, "-")) for k in ("p50-us", "p90-us", "p99-us", "max-us")),
+                  *floor_cells,
                   str(r["blocktime-ms"]), str(r.get("downtime-ms", "-")),
                   str(r.get("postcopy-s", "-")), str(r["total-s"]),
                   f"{r['progress-share']:.0%}" if r["progress-share"] is not None else "-")  # fmt: skip
     out = Console()
     if not out.is_terminal:
-        out = Console(width=170)  # a table piped to a file or README keeps its columns
+        out = Console(width=210)  # a table piped to a file or README keeps its columns
     out.print(t)
     print("targets: p50 <= 200 us, p99 <= 2000 us; guest progress = share of its undisturbed rate")
+    print(
+        f"floor: the same request path as a bare Python program ({FLOOR_FAULTS} faults, "
+        f"{args.smp} busy cores), measured just before each livemig row"
+    )
     if args.vs_qemu:
         print(f"qemu: 7.2 under TCG, 1 vCPU, Linux + dirtier (RAM = ws + {QEMU_HEADROOM_MIB}M); it "
               "reports no per-request latency, only requests and postcopy-blocktime; compare "
