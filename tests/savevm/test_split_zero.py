@@ -32,3 +32,20 @@ def test_split_zero_matches_a_full_scan(kinds: list[str], pick: st.DataObject) -
     want_zero = [i for i in idx.tolist() if kinds[i] == "zero"]
     assert zero.tolist() == want_zero
     assert sorted(normal.tolist() + zero.tolist()) == idx.tolist()
+
+
+def test_split_zero_long_runs_both_strategies() -> None:
+    """A long contiguous run takes one streaming pass when its first words look mostly zero
+    (an idle guest) and the first-word filter otherwise; both must agree with a full scan."""
+    rng = np.random.default_rng(3)
+    n = 4096
+    for data_share in (0.02, 0.3, 0.6, 1.0):
+        words = np.zeros((n, 512), np.uint64)
+        data = rng.random(n) < data_share
+        words[data, rng.integers(0, 512, int(data.sum()))] = 1  # anywhere in the page
+        words[rng.random(n) < 0.1, 0] = 5  # some first words set on their own
+        idx = np.arange(100, n - 100, dtype=np.int64)
+        normal, zero = split_zero(words, idx)
+        want = idx[~words[idx].any(axis=1)]
+        assert zero.tolist() == want.tolist()
+        assert sorted(normal.tolist() + zero.tolist()) == idx.tolist()
