@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from livemig.bench.common import table_console
 from livemig.units import PAGE_SIZE, format_size, parse_size
 from livemig.wire import (
     NEED_DATA,
@@ -70,7 +71,6 @@ def _time(fn, repeat: int) -> float:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     total = parse_size(args.size, "--size")
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     t_copy = _time(copy, repeat)
     t_dec = _time(decode, repeat)
     t_enc = _time(encode, repeat)
-    console = Console()
+    console = table_console()
     table = Table(title=f"codec: {format_size(processed)} of page records "
                         f"({RUN_NORMAL} normal + {RUN_ZERO} zero pages per run)")  # fmt: skip
     for col in ("operation", "GB/s", "x memory copy", "target"):

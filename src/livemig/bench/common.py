@@ -388,3 +388,13 @@ class Workdir:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def table_console(stderr: bool = False) -> Any:
+    """A rich console for a benchmark's tables: the terminal's width on a terminal, 200
+    columns otherwise, so that a table piped to a file or pasted in a README keeps its columns
+    instead of being squeezed to rich's default 80 (cells cut to "channe…")."""
+    from rich.console import Console
+
+    probe = Console(stderr=stderr)
+    return probe if probe.is_terminal else Console(stderr=stderr, width=200)

@@ -57,6 +57,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from livemig.bench.common import table_console
 from livemig.errors import LivemigError
 from livemig.testing_procs import LivemigProcess, ProcError, ProcHarness, wait_until
 
@@ -730,7 +731,6 @@ def _figures(results: list[FaultResult], fuzz: Any) -> dict[str, Any]:
 
 
 def _table(f: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
 
     t = Table(title="livemig bench faults")
@@ -738,7 +738,7 @@ def _table(f: dict[str, Any]) -> None:
         t.add_column(col, justify="right" if col != "phase" else "left")
     for phase, p in f["phases"].items():
         t.add_row(phase, str(p["injected"]), str(p["survived"]), str(p["skipped"]))
-    console = Console()
+    console = table_console()
     console.print(t)
     console.print(f"guests lost (source alive): {f['guests-lost']}")
     if f.get("guests-lost-expected"):

@@ -51,6 +51,7 @@ from livemig.bench.common import (
     _event_time,
     _wait_event,
     free_port,
+    table_console,
 )
 from livemig.errors import LivemigError, MigrationError, UsageError
 from livemig.units import format_size, parse_size
@@ -597,8 +598,5 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
         err.print(f"bench matrix: results in {args.json}")
-    out = Console()
-    if not out.is_terminal:
-        out = Console(width=200)  # a table piped to a file or README keeps its columns
-    out.print(render(result))
+    table_console().print(render(result))
     return 0

@@ -21,6 +21,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from livemig.bench.common import table_console
 from livemig.errors import UsageError
 from livemig.memtrack import TRACKERS, open_tracker, probe
 from livemig.memtrack._sys import PAGE_SIZE, buffer_address
@@ -134,7 +135,7 @@ def _print(results: dict[str, Any], console: Console) -> None:
 
 def run(args: argparse.Namespace) -> int:
     size = parse_size(args.size, "--size")
-    console = Console(stderr=args.json)
+    console = table_console(stderr=args.json)
     backends = args.backend or list(TRACKERS)
     usable = []
     for name in backends:

@@ -34,11 +34,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from livemig import procs
 from livemig.bench import request_floor
+from livemig.bench.common import table_console
 from livemig.units import parse_size
 
 QEMU_HEADROOM_MIB = 224
@@ -318,10 +318,7 @@ def run(args: argparse.Namespace) -> int:
                   str(r["blocktime-ms"]), str(r.get("downtime-ms", "-")),
                   str(r.get("postcopy-s", "-")), str(r["total-s"]),
                   f"{r['progress-share']:.0%}" if r["progress-share"] is not None else "-")  # fmt: skip
-    out = Console()
-    if not out.is_terminal:
-        out = Console(width=210)  # a table piped to a file or README keeps its columns
-    out.print(t)
+    table_console().print(t)
     print("targets: p50 <= 200 us, p99 <= 2000 us; guest progress = share of its undisturbed rate")
     print(
         f"floor: the same request path as a bare Python program ({FLOOR_FAULTS} faults, "

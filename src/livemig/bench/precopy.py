@@ -52,6 +52,7 @@ from livemig.bench.common import (
     free_port,
     loopback_tcp_throughput,
     summarize,
+    table_console,
     window_throughput,
 )
 from livemig.errors import MigrationError, UsageError
@@ -523,8 +524,5 @@ def main(args: argparse.Namespace) -> int:
         json.dump(result, sys.stdout, indent=2, sort_keys=True, default=str)
         print()
     else:
-        out = Console()
-        if not out.is_terminal:
-            out = Console(width=150)  # a table piped to a file or README keeps its columns
-        out.print(render(result))
+        table_console().print(render(result))
     return 0

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from livemig.bench.common import table_console
 from livemig.errors import LivemigError, MigrationError
 from livemig.units import PAGE_SIZE, format_size, parse_size
 
@@ -252,7 +253,6 @@ def _median_run(machine: Any, size: int, n: int, method: str, workdir: Path, pre
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     size = parse_size(args.size, "--size")
@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     repeat = max(1, args.repeat)
     modes = {"fresh": [False], "prefault": [True], "both": [False, True]}[args.dest_ram]
     workdir = Path(os.environ.get("TMPDIR", "/tmp"))
-    console = Console()
+    console = table_console()
     results: dict[str, Any] = {"size": size, "rows": [], "compression": []}
     t1 = Table(title=f"multifd throughput, {format_size(size)} guest, vs N-stream loopback TCP "
                      f"(median of {repeat})")  # fmt: skip
@@ -392,7 +392,6 @@ COMPRESS_DEFAULT = "none,zlib,zstd"
 
 
 def run_two_hosts(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.table import Table
 
     methods = [c for c in args.compress.split(",") if c]
@@ -410,7 +409,7 @@ def run_two_hosts(args: argparse.Namespace) -> int:
         r = rs[len(rs) // 2]
         t.add_row(method, f"{r['total_ms'] / 1000:.2f}", str(r["downtime_ms"]),
                   f"{r['transferred'] / 1e6:.0f}", str(r["normal"]), f"{r['cpu_s']:.1f}")  # fmt: skip
-    Console().print(t)
+    table_console().print(t)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
