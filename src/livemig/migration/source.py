@@ -56,6 +56,10 @@ MACHINE_TYPE = "livemig-x86_64"
 RAM_SECTION_VERSION = 4
 MAX_PART_TIME = 0.05  # QEMU yields a RAM iteration after 50 ms
 BATCH_PAGES = 256  # pages per gather / writev batch (1 MiB)
+# Waiting for the socket to drain below the threshold: at least this long (a system call per
+# turn otherwise), at most this long (the guest may have dirtied pages worth a sync meanwhile).
+DRAIN_WAIT_MIN = 0.0001
+DRAIN_WAIT_MAX = 0.02
 VERIFY_IDSTR = "x-verify"
 
 
@@ -413,6 +417,13 @@ class OutgoingMigration:
                     log.info("refining pass: %d B left fit in threshold %d B, but the guest "
                              "dirties %d B/s: one more pass to shrink the blackout", pending,
                              self.stats.threshold, self._dirty_bps)  # fmt: skip
+            if dirty == 0 and queued > threshold:
+                # Every page is sent but the socket still holds more than the threshold: wait
+                # for it to drain (about the excess over the measured bandwidth) rather than
+                # send empty sections in a loop, which burnt this thread's core and added a
+                # 20-byte PART per turn to the stream.
+                self._wait_drain(queued - threshold)
+                continue
             self._send_part()
             self.stats.remaining = self.ram.pending_pages() * 4096
             self.stats.update_window(params["downtime-limit"],
@@ -420,6 +431,14 @@ class OutgoingMigration:
                                      self.channel.unsent() if self.channel else 0)  # fmt: skip
             self.rate.wait(self._wake)
             self._wake.clear()
+
+    def _wait_drain(self, excess: int) -> None:
+        bw = self.stats.bandwidth or 100e6
+        self.stats.update_window(self.config.params["downtime-limit"],
+                                 self.config.params["avail-switchover-bandwidth"],
+                                 self.rate.rate, self.channel.unsent() if self.channel else 0)  # fmt: skip
+        self._wake.wait(min(DRAIN_WAIT_MAX, max(DRAIN_WAIT_MIN, excess / bw / 2)))
+        self._wake.clear()
 
     def _send_part(self) -> None:
         enc = self.encoder
