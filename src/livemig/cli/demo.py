@@ -183,13 +183,9 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
         "guest invariant": "holds" if invariant and invariant.get("ok") else str(invariant),
         "dirty tracker": final.get("x-dirty-tracker", "?"),
     }
-    pc = dest_final.get("x-postcopy")
-    if pc and pc.get("requests"):
-        lat = pc.get("latency", {})
-        extra["post-copy page requests"] = (
-            f"{pc['requests']} (p50 {lat.get('p50-us', '?')} us, p99 {lat.get('p99-us', '?')} us), "
-            f"blocktime {pc.get('blocktime-ms', '?')} ms"
-        )
+    pc = progress.postcopy_summary(dest_final)
+    if pc is not None:
+        extra["post-copy page requests"] = pc
     if prediction is not None and prediction.total_time_s is not None:
         extra["predicted (planner)"] = (
             f"{prediction.recommendation}, {prediction.passes} passes, "

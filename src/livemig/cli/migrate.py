@@ -15,8 +15,8 @@ from typing import Any
 
 from rich.console import Console
 
-from livemig.errors import UsageError
-from livemig.report.progress import follow, summary_table
+from livemig.errors import LivemigError, UsageError
+from livemig.report.progress import follow, postcopy_summary, summary_table
 from livemig.transport import parse_uri
 
 
@@ -102,8 +102,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--xbzrle", metavar="SIZE", default=None,
                    help="capability xbzrle with this xbzrle-cache-size (e.g. 64M)")  # fmt: skip
     p.add_argument("--dest-qmp", metavar="ADDR", default=None,
-                   help="QMP of a destination started with --incoming defer: set the same "
-                   "multifd capability and parameters there, then migrate-incoming URI")  # fmt: skip
+                   help="QMP of a destination started with --incoming defer: set there the "
+                   "capabilities and parameters both sides need (multifd and its channels and "
+                   "compression, postcopy-ram, postcopy-preempt, mapped-ram), then "
+                   "migrate-incoming URI")  # fmt: skip
     p.add_argument(
         "--timeout", type=float, default=None, help="cancel if not finished after this many seconds"
     )
@@ -111,9 +113,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# What a destination must have set too, as in QEMU: the stream alone does not turn these on
+# (a post-copy or multifd stream into a destination without them fails at its first packet).
+DEST_CAPS = ("multifd", "postcopy-ram", "postcopy-preempt", "mapped-ram")
+DEST_PARAMS = ("multifd-channels", "multifd-compression", "multifd-zlib-level",
+               "multifd-zstd-level")  # fmt: skip
+
+
+def _dest_caps(caps: dict[str, bool]) -> dict[str, bool]:
+    return {k: v for k, v in caps.items() if k in DEST_CAPS and v}
+
+
 def _multifd_options(args: argparse.Namespace, caps: dict[str, bool]) -> None:
-    """--multifd/--compress/--xbzrle as capabilities and parameters; --dest-qmp applies the
-    multifd ones to the destination too and starts its incoming side."""
+    """--multifd/--compress/--xbzrle as capabilities and parameters."""
     from livemig.units import parse_size
 
     if args.compress is not None and args.multifd is None:
@@ -130,17 +142,35 @@ def _multifd_options(args: argparse.Namespace, caps: dict[str, bool]) -> None:
     if args.xbzrle is not None:
         caps["xbzrle"] = True
         args.params.append(("xbzrle-cache-size", parse_size(args.xbzrle, "--xbzrle")))
-    if args.dest_qmp is not None:
-        from livemig.qmp.client import QMPConnection
 
-        with QMPConnection(args.dest_qmp).connect() as dq:
-            if args.multifd is not None:
-                dq.command("migrate-set-capabilities",
-                           capabilities=[{"capability": "multifd", "state": True}])  # fmt: skip
-                dq.command("migrate-set-parameters", **{
-                    "multifd-channels": args.multifd,
-                    "multifd-compression": args.compress or "none"})  # fmt: skip
-            dq.command("migrate-incoming", uri=args.uri)
+
+def _setup_destination(args: argparse.Namespace, caps: dict[str, bool]) -> None:
+    """--dest-qmp: the capabilities and parameters both sides need, then migrate-incoming."""
+    from livemig.qmp.client import QMPConnection
+
+    dcaps = _dest_caps(caps)
+    if dcaps.get("postcopy-ram"):
+        dcaps["postcopy-blocktime"] = True  # the destination's post-copy figures
+    params = {k: v for k, v in args.params if k in DEST_PARAMS}
+    with QMPConnection(args.dest_qmp).connect() as dq:
+        if dcaps:
+            dq.command("migrate-set-capabilities", capabilities=[
+                {"capability": k, "state": v} for k, v in dcaps.items()])  # fmt: skip
+        if params:
+            dq.command("migrate-set-parameters", **params)
+        dq.command("migrate-incoming", uri=args.uri)
+
+
+def _destination_result(addr: str) -> dict[str, Any] | None:
+    """The destination's query-migrate once it has finished (post-copy ends there a moment
+    after the source); None when it cannot be asked (it may have exited on failure)."""
+    from livemig.qmp.client import QMPConnection
+
+    try:
+        with QMPConnection(addr).connect() as dq:
+            return follow(lambda: dq.command("query-migrate"), quiet=True, timeout=10)
+    except (OSError, LivemigError):
+        return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -159,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     if args.postcopy or args.postcopy_after_precopy:
         caps["postcopy-ram"] = True
     _multifd_options(args, caps)
+    if args.dest_qmp is not None:
+        _setup_destination(args, caps)
     with QMPConnection(args.qmp).connect() as qmp:
         if caps:
             qmp.command("migrate-set-capabilities", capabilities=[
@@ -190,15 +222,27 @@ def run(args: argparse.Namespace) -> int:
             qmp.command("migrate_cancel")
             info = follow(lambda: qmp.command("query-migrate"), quiet=True, timeout=30)
     verified = info.get("x-verified") if args.verify else None
+    dest_info = _destination_result(args.dest_qmp) if args.dest_qmp is not None else None
     if args.json:
         out = dict(info)
         if args.verify:
             out["verified"] = bool(verified)
+        if dest_info is not None:
+            out["destination"] = dest_info
         json.dump(out, sys.stdout, indent=2, sort_keys=True)
         print()
     else:
         extra = {"verified": "yes, RAM identical" if verified else "NO"} if args.verify else None
-        if "x-dirty-tracker" in info:
+        if info.get("x-dirty-tracker"):  # none when it failed before tracking began
             extra = {**(extra or {}), "dirty tracker": info["x-dirty-tracker"]}
+        pc = postcopy_summary(dest_info) if dest_info else None
+        if pc is not None:
+            extra = {**(extra or {}), "post-copy page requests": pc}
+        need = _dest_caps(caps)
+        if info.get("status") == "failed" and need and args.dest_qmp is None:
+            # the destination's reason is in its own log; the likeliest one is worth saying
+            extra = {**(extra or {}), "hint": (
+                f"the destination needs {', '.join(need)} too: set it there before "
+                "migrate-incoming, or pass --dest-qmp")}  # fmt: skip
         Console().print(summary_table(info, extra))
     return 0 if info.get("status") == "completed" else 1

@@ -102,6 +102,16 @@ def follow(
                 console.line()
 
 
+def postcopy_summary(dest_info: dict[str, Any]) -> str | None:
+    """The destination's post-copy figures in one line (None when no page was requested)."""
+    pc = dest_info.get("x-postcopy")
+    if not pc or not pc.get("requests"):
+        return None
+    lat = pc.get("latency", {})
+    return (f"{pc['requests']} (p50 {lat.get('p50-us', '?')} us, p99 {lat.get('p99-us', '?')} "
+            f"us), blocktime {pc.get('blocktime-ms', '?')} ms")  # fmt: skip
+
+
 def summary_table(info: dict[str, Any], extra: dict[str, Any] | None = None) -> Table:
     """The final summary of a migration."""
     ram = info.get("ram", {})
