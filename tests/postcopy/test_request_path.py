@@ -25,7 +25,6 @@ from livemig.savevm.ram import RamSaver
 from livemig.transport import Channel
 from livemig.transport.ratelimit import RateLimiter
 from livemig.wire.encoder import Encoder
-from livemig.wire.returnpath import ReqPages
 
 PAGE = 4096
 
@@ -97,7 +96,7 @@ def test_request_is_served_while_the_background_send_is_blocked(source) -> None:
     served = threading.Event()
 
     def request() -> None:
-        ps._on_request(ReqPages(want * PAGE, PAGE, "pc.ram"))
+        ps.on_page_request("pc.ram", want * PAGE, PAGE)
         served.set()
 
     threading.Thread(target=request, daemon=True).start()

@@ -229,7 +229,7 @@ class PostcopySource:
 
     def on_rp(self, msg: Any) -> None:
         if isinstance(msg, RP.ReqPages):
-            self._on_request(msg)
+            self.on_page_request(msg.block, msg.start, msg.length)
         elif isinstance(msg, RP.RecvBitmapReply):
             self._bitmaps[msg.block] = msg.bitmap
             self._bitmap_event.set()
@@ -238,17 +238,22 @@ class PostcopySource:
                 self.mig._rp_error = f"RESUME_ACK with value {msg.value}, expected 1"
             self._acked.set()
 
-    def _on_request(self, msg: RP.ReqPages) -> None:
-        block = msg.block
-        ram = self.mig.ram
-        b = next((x for x in ram.blocks if x.idstr == block), None)
-        if b is None or msg.start % PAGE or msg.length % PAGE or msg.start + msg.length > b.size:
+    @functools.cached_property
+    def _blocks(self) -> dict[str, Any]:
+        """The RAM blocks being sent, by idstr (the request path's lookup)."""
+        return {b.idstr: b for b in self.mig.ram.blocks}
+
+    def on_page_request(self, block: str | None, start: int, length: int) -> None:
+        """REQ_PAGES(_ID) from the return-path thread (``ReturnPathDecoder.page_request`` or a
+        decoded ``ReqPages``)."""
+        b = self._blocks.get(block)  # type: ignore[arg-type]
+        if b is None or start % PAGE or length % PAGE or start + length > b.size:
             self.mig._rp_error = (
-                f"bad page request: block {block!r} start {msg.start:#x} length {msg.length:#x}"
+                f"bad page request: block {block!r} start {start:#x} length {length:#x}"
             )
             self.mig._wake.set()
             return
-        self.requests += msg.length // PAGE
+        self.requests += length // PAGE
         if not self._rp_boosted:
             self._rp_boosted = True
             boost_thread(realtime=True)
@@ -263,18 +268,18 @@ class PostcopySource:
                     self.preempt_channel,
                     self.preempt_encoder,
                     b,
-                    msg.start,
-                    msg.length,
+                    start,
+                    length,
                     "postcopy",
                 ):
                     return
-                if self._serve_main(b, msg.start, msg.length):
+                if self._serve_main(b, start, length):
                     return
             except (ChannelError, OSError) as exc:
                 # The page went back into the bitmap; queue it for the migration thread too,
                 # which finds the link broken (or, for preempt, sends it on main).
                 log.warning("%s channel: %s", "preempt" if preempt else "main", exc)
-        self.queue.append((block, msg.start))
+        self.queue.append((block, start))
         self.mig._wake.set()
 
     def _serve_main(self, b: Any, start: int, length: int) -> bool:

@@ -329,6 +329,11 @@ class OutgoingMigration:
                     if self._rp_shut is None:
                         self._rp_error = "destination closed the return path without SHUT"
                     break
+                if self.postcopy is not None:
+                    req = dec.page_request(view[:n])
+                    if req is not None:
+                        self.postcopy.on_page_request(*req)
+                        continue
                 dec.receive_data(bytes(view[:n]))
                 for msg in dec.events():
                     self._on_rp(msg)

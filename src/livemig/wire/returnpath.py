@@ -14,6 +14,10 @@ from livemig.wire.constants import MAX_RP_PAYLOAD, RECV_BITMAP_ENDING, ReturnPat
 from livemig.wire.events import NEED_DATA, _NeedData
 
 _HEAD = struct.Struct(">HH")
+_REQ = struct.Struct(">HHQI")  # REQ_PAGES: header, start, length
+_REQ_ID = struct.Struct(">HHQIB")  # REQ_PAGES_ID: the same, then the block name's length
+_REQ_PAGES = int(ReturnPathType.REQ_PAGES)
+_REQ_PAGES_ID = int(ReturnPathType.REQ_PAGES_ID)
 
 
 class RPMessage:
@@ -121,6 +125,36 @@ class ReturnPathDecoder:
             self._eof = True
         else:
             self._buf += data
+
+    def page_request(self, data: bytes | bytearray | memoryview) -> tuple[str, int, int] | None:
+        """(block, start, length) when ``data`` is exactly one well-formed REQ_PAGES or
+        REQ_PAGES_ID message and nothing is buffered; None otherwise, and then ``data`` is for
+        ``receive_data`` as usual (which also reports what is wrong with it).
+
+        The post-copy request path's read: in post-copy almost every read of the return path
+        is one page request, and decoding it without the general parser and message objects
+        saves tens of microseconds on the cold caches a request meets.
+        """
+        n = len(data)
+        if self._buf or n < _REQ.size:
+            return None
+        kind, length, start, ln = _REQ.unpack_from(data)
+        if kind == _REQ_PAGES and length == 12 and n == _REQ.size:
+            block = self._last_block
+        elif kind == _REQ_PAGES_ID and n == 4 + length and 13 <= length <= MAX_RP_PAYLOAD:
+            if _REQ_ID.unpack_from(data)[4] != length - 13:
+                return None
+            try:
+                block = bytes(data[_REQ_ID.size : n]).decode()
+            except UnicodeDecodeError:
+                return None
+            self._last_block = block
+        else:
+            return None
+        if block is None:
+            return None
+        self._base += n
+        return block, start, ln
 
     def next_event(self) -> RPMessage | _NeedData:
         msg = self._parse()
