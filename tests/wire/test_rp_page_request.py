@@ -57,3 +57,14 @@ def test_shortcut_declines_the_rest() -> None:
     assert ok.page_request(req) is None  # bytes are buffered: never skip ahead of them
     ok.receive_data(req[5:])
     assert ok.events() == [ReqPages(4096, 4096, "pc.ram")]
+
+
+def test_encoder_shortcut_is_encode_rp() -> None:
+    enc = ReturnPathEncoder()
+    assert enc.page_request("pc.ram", 8192, 4096) == encode_rp(ReqPages(8192, 4096, "pc.ram"))
+    assert enc.page_request("pc.ram", 4096, 4096) == encode_rp(ReqPages(4096, 4096))
+    assert enc.page_request("vga", 0, 4096) == encode_rp(ReqPages(0, 4096, "vga"))
+    enc.reset()
+    assert enc.page_request("vga", 0, 4096) == encode_rp(ReqPages(0, 4096, "vga"))
+    with pytest.raises(ValueError, match="longer than 255"):
+        enc.page_request("x" * 256, 0, 4096)

@@ -385,8 +385,7 @@ class PostcopyIncoming:
                 if ch is None:
                     raise ChannelError("no main channel")
                 enc = inc._rp_encoder
-                ch.sendv([enc.send(RP.ReqPages(i * PAGE, PAGE, n)) for n, i in pages],
-                         hold_gil=True)  # fmt: skip
+                ch.sendv([enc.page_request(n, i * PAGE, PAGE) for n, i in pages], hold_gil=True)
         except ChannelError as exc:
             # The listen thread sees the broken link too and pauses; the requests are re-sent
             # after recovery.

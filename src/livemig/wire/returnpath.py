@@ -99,11 +99,19 @@ class ReturnPathEncoder:
 
     def send(self, msg: RPMessage) -> bytes:
         if isinstance(msg, ReqPages) and msg.block is not None:
-            if msg.block == self._last_block:
-                msg = ReqPages(msg.start, msg.length, None)
-            else:
-                self._last_block = msg.block
+            return self.page_request(msg.block, msg.start, msg.length)
         return encode_rp(msg)
+
+    def page_request(self, block: str, start: int, length: int) -> bytes:
+        """``send(ReqPages(start, length, block))`` without the message object: the
+        destination's fault thread calls this for every page it asks for."""
+        if block == self._last_block:
+            return _REQ.pack(_REQ_PAGES, 12, start, length)
+        name = block.encode()
+        if len(name) > 255:
+            raise ValueError("block name longer than 255 bytes")
+        self._last_block = block
+        return _REQ_ID.pack(_REQ_PAGES_ID, 13 + len(name), start, length, len(name)) + name
 
     def reset(self) -> None:
         """After a postcopy recovery the first request names its block again."""
