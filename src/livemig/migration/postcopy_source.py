@@ -102,9 +102,10 @@ def boost_thread(realtime: bool = False) -> bool:
         return False
 
 
+_ZERO_PAGE = bytes(PAGE)  # a requested page equal to it goes as a ZERO record
+
 # Odd 64-bit weights per word of a page: a page's checksum is sum(word_j * K_j) * (2*index+1),
 # so an all-zero page counts 0 and unpopulated pages need not be read.
-_ZERO_PAGE = bytes(PAGE)
 _K = (np.arange(1, PAGE_WORDS + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
 
 
