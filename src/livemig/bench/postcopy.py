@@ -45,6 +45,7 @@ QEMU_HEADROOM_MIB = 224
 MARK_MS = 50  # memstress's pass marks: the guest-progress figure's resolution
 BASE_SECONDS = 1.5  # undisturbed rate measured over this long before ``migrate``
 FLOOR_FAULTS = 2000  # faults in each floor measurement (about half a second)
+P50_TARGET_US, P99_TARGET_US = 200, 2000  # the issue's targets
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -68,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qemu-rate", type=int, default=None,
                    help="dirty rate of the QEMU guest in MiB/s (default: --rate, or 1024 when "
                         "that is 0; TCG may reach less)")  # fmt: skip
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per livemig configuration: the row is the median run by p50, with "
+                        "how many runs met each target (default 1)")  # fmt: skip
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=run)
 
@@ -268,15 +272,31 @@ def measure_qemu(ram: int, ws_mib: int, rate_mib: int, preempt: bool, pc_bw: int
     return out
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median p50 (a real run's figures, not a mix), and with several runs
+    how many met each target, and every run's p50 / p99 / floor."""
+    ranked = sorted(runs, key=lambda r: r["latency"]["p50-us"])
+    out = dict(ranked[(len(ranked) - 1) // 2])
+    if len(runs) > 1:
+        out["runs"] = [{"p50-us": r["latency"]["p50-us"], "p99-us": r["latency"]["p99-us"],
+                        "floor-p50-us": r["floor"]["p50-us"]} for r in runs]  # fmt: skip
+        out["met-p50"] = sum(r["latency"]["p50-us"] <= P50_TARGET_US for r in runs)
+        out["met-p99"] = sum(r["latency"]["p99-us"] <= P99_TARGET_US for r in runs)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     ram = parse_size(args.memory, "--memory")
     pc_bw = parse_size(args.postcopy_bandwidth, "--postcopy-bandwidth")
     results = []
     for preempt in (False, True):
         for prefetch in (int(x) for x in args.prefetch.split(",")):
-            floor = request_floor.measure(FLOOR_FAULTS, busy=args.smp)
-            r = measure(ram, args.ws, args.smp, preempt, prefetch, pc_bw, args.rate)
-            results.append({**r, "floor": floor})
+            runs = []
+            for _ in range(max(1, args.repeat)):
+                floor = request_floor.measure(FLOOR_FAULTS, busy=args.smp)
+                r = measure(ram, args.ws, args.smp, preempt, prefetch, pc_bw, args.rate)
+                runs.append({**r, "floor": floor})
+            results.append(_median_run(runs))
     if args.vs_qemu:
         from livemig.bench.qemu_baseline import qemu_available
         from livemig.errors import UsageError
@@ -298,7 +318,8 @@ def run(args: argparse.Namespace) -> int:
     )
     for col in ("vm", "dirty GB/s", "preempt", "prefetch", "requests", "p50 us", "p90 us",
                 "p99 us", "max us", "floor p50/p99 us", "p50/p99 ÷ floor", "blocktime ms",
-                "downtime ms", "post-copy s", "total s", "guest progress"):  # fmt: skip
+                "downtime ms", "post-copy s", "total s", "guest progress", "runs meeting "
+                "p50 / p99"):  # fmt: skip
         t.add_column(col, justify="right")
     for r in results:
         lat = r["latency"]
@@ -317,9 +338,12 @@ def run(args: argparse.Namespace) -> int:
                   *floor_cells,
                   str(r["blocktime-ms"]), str(r.get("downtime-ms", "-")),
                   str(r.get("postcopy-s", "-")), str(r["total-s"]),
-                  f"{r['progress-share']:.0%}" if r["progress-share"] is not None else "-")  # fmt: skip
+                  f"{r['progress-share']:.0%}" if r["progress-share"] is not None else "-",
+                  f"{r['met-p50']}/{len(r['runs'])} / {r['met-p99']}/{len(r['runs'])}"
+                  if "runs" in r else "-")  # fmt: skip
     table_console().print(t)
-    print("targets: p50 <= 200 us, p99 <= 2000 us; guest progress = share of its undisturbed rate")
+    print(f"targets: p50 <= {P50_TARGET_US} us, p99 <= {P99_TARGET_US} us; guest progress = share "
+          "of its undisturbed rate; with --repeat a row is the run with the median p50")  # fmt: skip
     print(
         f"floor: the same request path as a bare Python program ({FLOOR_FAULTS} faults, "
         f"{args.smp} busy cores), measured just before each livemig row"
