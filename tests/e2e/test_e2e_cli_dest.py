@@ -54,3 +54,23 @@ def test_postcopy_without_dest_caps_fails_with_a_hint(harness: ProcHarness) -> N
     assert dst.wait_exit(timeout=20) == 1
     assert "capability postcopy-ram is off on the destination" in dst.log()
     src.wait_status("running", timeout=10)  # the source guest runs on, untouched
+
+
+@pytest.mark.timeout(120)
+def test_multifd_then_postcopy_with_verify(harness: ProcHarness) -> None:
+    """Pre-copy on two multifd channels, then post-copy with preempt: the channels are flushed
+    before the switch, requested pages come on the preempt channel, and RAM ends identical."""
+    src = harness.source(append="ws=48M rate=0")
+    dst = harness.destination(incoming="defer")
+    src.wait_passes_increase(0)
+    out = _migrate("--qmp", src.qmp_uri, "--dest-qmp", dst.qmp_uri, "--multifd", "2",
+                   "--postcopy-after-precopy", "--cap", "postcopy-preempt", "--verify", "--json",
+                   f"tcp:127.0.0.1:{free_port()}")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout)
+    assert info["status"] == "completed" and info["verified"] is True
+    assert info["ram"]["multifd-bytes"] > 0 and info["ram"]["postcopy-bytes"] > 0
+    assert info["destination"]["status"] == "completed"
+    dst.wait_status("running")
+    report = dst.guest_check()
+    assert report["ok"], report["problems"]
