@@ -60,17 +60,20 @@ for s in (req, rep):
 page = bytes(range(256)) * 16
 try:
     while True:
-        r = req.recv(8)
-        if len(r) < 8:
-            break
+        r = b""
+        while len(r) < 8:
+            got = req.recv(8 - len(r))
+            if not got:
+                raise EOFError
+            r += got
         rep.sendall(r + page)
-except OSError:
+except (OSError, EOFError):
     pass
 """
 
 # A stand-in for a vCPU: rewrites one byte of every page of 48 MiB, as memstress does, so the
 # request path's code and data are pushed out of the caches between two faults as in a run
-# with a guest (a bare spin loop leaves them warm and the floor ~30% lower).
+# with a guest (a bare spin loop touches no memory and leaves them in the caches).
 _BUSY = """
 import sys, time
 import numpy as np
