@@ -529,7 +529,7 @@ class PostcopySource:
             with self.lock:
                 while self.queue and len(batches) < 64:
                     block, start = self.queue.popleft()
-                    b = next(x for x in mig.ram.blocks if x.idstr == block)
+                    b = self._blocks[block]
                     idx = self._take_requested(b, start, PAGE)
                     if len(idx):
                         batches.append(mig.ram.split_zero(b, idx))

@@ -431,17 +431,18 @@ class OutgoingMigration:
                 continue
             self._send_part()
             self.stats.remaining = self.ram.pending_pages() * 4096
-            self.stats.update_window(params["downtime-limit"],
-                                     params["avail-switchover-bandwidth"], self.rate.rate,
-                                     self.channel.unsent() if self.channel else 0)  # fmt: skip
+            self._update_window()
             self.rate.wait(self._wake)
             self._wake.clear()
 
+    def _update_window(self) -> None:
+        params = self.config.params
+        self.stats.update_window(params["downtime-limit"], params["avail-switchover-bandwidth"],
+                                 self.rate.rate, self.channel.unsent() if self.channel else 0)  # fmt: skip
+
     def _wait_drain(self, excess: int) -> None:
         bw = self.stats.bandwidth or 100e6
-        self.stats.update_window(self.config.params["downtime-limit"],
-                                 self.config.params["avail-switchover-bandwidth"],
-                                 self.rate.rate, self.channel.unsent() if self.channel else 0)  # fmt: skip
+        self._update_window()
         self._wake.wait(min(DRAIN_WAIT_MAX, max(DRAIN_WAIT_MIN, excess / bw / 2)))
         self._wake.clear()
 

@@ -40,7 +40,7 @@ def progress_table(info: dict[str, Any], verdict: str = "", left: float | None =
                    ) -> Table:  # fmt: skip
     """One status table from a ``query-migrate`` reply, with the judge's verdict and ETA.
 
-    The words go in the title and the numbers in seven columns, so that the display fits an
+    The words go in the title and the numbers in six columns, so that the display fits an
     80-column terminal (and a log file, where rich assumes 80) without wrapping a cell.
     """
     ram = info.get("ram", {})
