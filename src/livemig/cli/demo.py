@@ -191,14 +191,22 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
     if pc is not None:
         extra["post-copy page requests"] = pc
     if prediction is not None and prediction.total_time_s is not None:
-        extra["predicted (planner)"] = (
-            f"{prediction.recommendation}, {prediction.passes} passes, "
-            f"{prediction.total_time_s * 1000:.0f} ms total, "
-            f"{(prediction.downtime_s or 0) * 1000:.0f} ms downtime"
-        )
+        extra["planner's advice"] = _advice(prediction, "post-copy" if args.postcopy
+                                            else "pre-copy")  # fmt: skip
     console.print(progress.summary_table(final, extra))
     console.print(f"report: {jpath}\nplots:  {ppath}")
     return 0 if ok and (invariant is None or invariant.get("ok")) else 1
+
+
+def _advice(prediction: Any, used: str) -> str:
+    """The planner's strategy and its forecast, and whether this run followed it (the demo
+    does not switch strategy by itself: it runs pre-copy, or post-copy when asked)."""
+    text = (f"{prediction.recommendation}: {prediction.passes} passes, "
+            f"{prediction.total_time_s * 1000:.0f} ms total, "
+            f"{(prediction.downtime_s or 0) * 1000:.0f} ms downtime predicted")  # fmt: skip
+    if prediction.recommendation != used:
+        text += f" (this run used {used})"
+    return text
 
 
 def _shared_capabilities(args: argparse.Namespace) -> list[str]:

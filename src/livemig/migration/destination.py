@@ -118,6 +118,8 @@ class IncomingMigration:
             self.state.try_move(self.state.status, MigrationStatus.FAILED, error=reason)
         except BaseException as exc:
             log.exception("incoming migration crashed")
+            if self.postcopy is not None:
+                self.postcopy.fail()  # the guest may be running on pages it does not have
             self._shut(1)
             self.state.try_move(self.state.status, MigrationStatus.FAILED,
                                 error=f"internal error: {exc!r}")  # fmt: skip

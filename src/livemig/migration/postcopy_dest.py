@@ -197,6 +197,7 @@ class PostcopyIncoming:
         self.verified: bool | None = None
         self.t_run: float | None = None
         self._last_rx = time.monotonic()  # last byte from the source on any channel
+        self._crash: str | None = None  # a helper thread's internal error: the migration fails
 
     # -- events of the main stream -------------------------------------------------------------
 
@@ -338,6 +339,9 @@ class PostcopyIncoming:
         except (U.UffdError, ChannelError, OSError) as exc:
             if not self._stop.is_set():
                 log.error("post-copy fault thread stopped: %s", exc)
+        except BaseException as exc:
+            if not self._stop.is_set():
+                self._crashed("fault thread", exc)
 
     def _on_fault(self, addr: int, tid: int) -> tuple[str, int] | None:
         """Resolve a fault on a page known locally; the page to request otherwise (or None)."""
@@ -555,6 +559,8 @@ class PostcopyIncoming:
             except (ChannelError, OSError) as exc:
                 if inc._cancel.is_set():
                     raise
+                if self._crash is not None:
+                    raise MigrationError(self._crash) from None
                 reason = str(exc) or type(exc).__name__
                 self._paused(f"source connection lost: {reason}")
                 ch, dec = self._wait_recovery(dec)
@@ -658,6 +664,17 @@ class PostcopyIncoming:
             self.uffd.close()
             self.uffd = None
 
+    def _crashed(self, thread: str, exc: BaseException) -> None:
+        """A bug in a helper thread. Without its fault thread (or preempt thread) the guest
+        would wait for pages nobody asks for, and the listen loop would never notice: record why
+        and wake that loop, which fails the migration and stops the incomplete guest."""
+        log.error("post-copy %s crashed", thread, exc_info=exc)
+        if self._crash is None:
+            self._crash = f"internal error in the post-copy {thread}: {exc!r}"
+        ch = self.inc.channel
+        if ch is not None:
+            ch.shutdown()  # a paused loop sees ``_crash`` within 0.2 s
+
     def fail(self) -> None:
         """The migration failed for good: the guest is incomplete, stop it before the
         userfaultfd goes (its missing pages would then read as zero)."""
@@ -715,6 +732,9 @@ class PostcopyIncoming:
         except (ChannelError, StreamError, OSError, MigrationError) as exc:
             if not self._stop.is_set():
                 log.info("preempt channel ended: %s", exc)
+        except BaseException as exc:
+            if not self._stop.is_set():
+                self._crashed("preempt thread", exc)
         finally:
             if parser.eos:
                 self._preempt_eos.set()
@@ -769,6 +789,8 @@ class PostcopyIncoming:
         while True:
             if inc._cancel.is_set():
                 raise ChannelError("incoming migration cancelled while post-copy was paused")
+            if self._crash is not None:
+                raise MigrationError(self._crash)
             listener = None
             if self._recover_event.is_set():
                 listener = self._recover_listener

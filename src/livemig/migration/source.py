@@ -344,6 +344,9 @@ class OutgoingMigration:
                 self._rp_error = f"return path: {exc}"
         except LivemigError as exc:
             self._rp_error = f"return path: {exc}"
+        except BaseException as exc:  # a bug: the migration thread must hear of it
+            log.exception("return-path thread crashed")
+            self._rp_error = f"return path: internal error: {exc!r}"
         finally:
             self._rp_event.set()
             self._wake.set()

@@ -1,0 +1,58 @@
+"""A bug in a post-copy helper thread fails the migration with its cause; nothing hangs and no
+guest runs on memory it does not have."""
+
+from __future__ import annotations
+
+import pytest
+
+from livemig.machine.runstate import RunState
+from livemig.migration.postcopy_dest import PostcopyIncoming
+from livemig.migration.postcopy_source import PostcopySource
+
+
+class Injected(RuntimeError):
+    pass
+
+
+def _boom(*args: object, **kwargs: object) -> None:
+    raise Injected("injected bug")
+
+
+def _postcopy(p, preempt: bool = False) -> None:
+    p.caps(postcopy_ram=True, postcopy_preempt=preempt, events=True)
+    p.params(max_bandwidth=16 << 20, max_postcopy_bandwidth=4 << 20)
+    p.wait_guest()
+    p.start(verify=False)
+    p.wait_pass(1)
+    p.sm.outgoing.postcopy.start_postcopy()
+
+
+@pytest.mark.parametrize("where", ["fault thread", "preempt thread"])
+def test_destination_thread_crash_fails_the_migration(pair, monkeypatch, where: str) -> None:
+    p = pair(ram=32 << 20, append="ws=24M rate=0")
+    name = "_on_fault" if where == "fault thread" else "install_one"
+    monkeypatch.setattr(PostcopyIncoming, name, _boom)
+    _postcopy(p, preempt=where == "preempt thread")
+    assert p.wait("dst", {"completed", "failed"}, timeout=20) == "failed"
+    q = p.dm.query_migrate()
+    assert f"internal error in the post-copy {where}" in q["error-desc"], q
+    assert "injected bug" in q["error-desc"]
+    # the guest had pages still on the source: it is stopped, never left running on zeros
+    assert p.dst.runstate == RunState.INTERNAL_ERROR
+    # the source ran its guest on the destination already: it must never restart it
+    assert p.wait("src", {"postcopy-paused", "failed"}, timeout=20)
+    assert p.src.runstate != RunState.RUNNING
+
+
+def test_source_return_path_crash_pauses_with_its_cause(pair, monkeypatch) -> None:
+    p = pair(ram=32 << 20, append="ws=24M rate=0")
+    monkeypatch.setattr(PostcopySource, "on_page_request", _boom)
+    _postcopy(p)
+    # post-copy keeps both halves of the guest: the source pauses (recoverable), and says why
+    assert (
+        p.wait("src", {"postcopy-paused", "failed", "completed"}, timeout=20) == "postcopy-paused"
+    )
+    q = p.sm.query_migrate()
+    assert "return path: internal error" in q["error-desc"] and "injected bug" in q["error-desc"]
+    assert p.wait("dst", {"postcopy-paused"}, timeout=20) == "postcopy-paused"
+    assert p.src.runstate != RunState.RUNNING
