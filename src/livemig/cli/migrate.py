@@ -238,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
         pc = postcopy_summary(dest_info) if dest_info else None
         if pc is not None:
             extra = {**(extra or {}), "post-copy page requests": pc}
+        if args.postcopy_after_precopy and info.get("status") == "completed" and not switched:
+            extra = {**(extra or {}), "post-copy": "not used: pre-copy converged first"}
         need = _dest_caps(caps)
         if info.get("status") == "failed" and need and args.dest_qmp is None:
             # the destination's reason is in its own log; the likeliest one is worth saying
