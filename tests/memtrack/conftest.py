@@ -32,3 +32,9 @@ def ram() -> Iterator[Ram]:
 @pytest.fixture
 def two_rams() -> Iterator[tuple[Ram, Ram]]:
     yield Ram("pc.ram", 2 << 20), Ram("vga.vram", 1 << 20)
+
+
+@pytest.fixture
+def make_ram() -> type[Ram]:
+    """``Ram`` itself, for a test that needs fresh regions inside one test (hypothesis)."""
+    return Ram

@@ -225,6 +225,33 @@ def _event_time(ev: dict[str, Any]) -> float:
     return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
 
 
+def placement(smp: int) -> tuple[list[set[int]], set[int]] | None:
+    """CPUs for ``smp`` vCPUs (one each) and for the migration threads (the rest), or None
+    when this machine has no CPU left over once every vCPU has its own."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) <= smp:
+        return None
+    return [{c} for c in cpus[:smp]], set(cpus[smp:])
+
+
+def pin_threads(q: Any, vcpus: list[set[int]] | None, migration: set[int]) -> int:
+    """Pin a VM's threads the way libvirt's ``vcpupin`` and ``emulatorpin`` do, by the thread
+    ids QMP reports: vCPU i to ``vcpus[i]`` (``query-cpus-fast``; skipped when None), and the
+    migration threads to ``migration`` (``query-migrationthreads``). The threads pinned."""
+    pinned = 0
+    if vcpus is not None:
+        for cpu in q.command("query-cpus-fast"):
+            os.sched_setaffinity(int(cpu["thread-id"]), vcpus[int(cpu["cpu-index"])])
+            pinned += 1
+    for t in q.command("query-migrationthreads"):
+        try:
+            os.sched_setaffinity(int(t["thread-id"]), migration)
+            pinned += 1
+        except ProcessLookupError:
+            pass  # ended meanwhile
+    return pinned
+
+
 def drive_migration(
     src: GuestProcess,
     dst: GuestProcess,
@@ -234,17 +261,22 @@ def drive_migration(
     params: dict[str, Any] | None = None,
     timeout: float = 120.0,
     window: Callable[[float, dict[str, Any]], bool] | None = None,
+    pin: tuple[list[set[int]], set[int]] | None = None,
 ) -> tuple[MigrationFigures, list[tuple[float, dict[str, Any]]]]:
     """Migrate ``src`` to ``dst`` over tcp:127.0.0.1:``port`` and measure it.
 
     ``window(t, info)`` is called on every poll during the migration with the host time and the
     ``query-migrate`` reply; when it returns True the migration is cancelled (a measurement of
-    pre-copy that need not converge). Returns the figures and every polled reply with its time.
+    pre-copy that need not converge). ``pin`` (from ``placement``): both sides' migration
+    threads go to its migration CPUs once they exist (the caller pins the vCPUs, for the VM's
+    lifetime). Returns the figures and every polled reply with its time.
     """
     uri = f"tcp:127.0.0.1:{port}"
     samples: list[tuple[float, dict[str, Any]]] = []
     with src.qmp() as sq, dst.qmp() as dq:
         dq.command("migrate-incoming", uri=uri)
+        if pin is not None:
+            pin_threads(dq, None, pin[1])
         if caps:
             sq.command("migrate-set-capabilities", capabilities=[
                 {"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
@@ -254,6 +286,8 @@ def drive_migration(
         dq.events()
         t0 = time.monotonic()
         sq.command("migrate", uri=uri)
+        if pin is not None:
+            pin_threads(sq, None, pin[1])  # the vCPUs: see ``pin_threads``
         info: dict[str, Any] = {}
         cancelled = False
         while True:

@@ -13,10 +13,15 @@ The figures of issue 4's "Speed and memory", each beside a baseline measured in 
 - **brownout**: in that same run, memstress's page-write rate during pre-copy as a share of its
   rate in the seconds just before (pass marks on the console, host-time-stamped), with the
   ``uffd-wp-async`` tracker. Target >= 0.9.
-- **brownout at a bandwidth limit**: the same, with ``max-bandwidth`` at QEMU's default
-  (128 MiB/s) and at 1 Gbit/s. On this 2-core host the unlimited run's two migration processes
-  take more than a core from a vCPU that wants a whole one, so that figure mostly measures core
-  contention; these runs show what tracking and sending cost the guest when they do not.
+- **brownout, pinned**: the same unlimited window with the vCPUs on CPUs of their own and both
+  sides' migration threads on the rest, pinned by the thread ids QMP reports
+  (``query-cpus-fast``, ``query-migrationthreads``) as libvirt's ``vcpupin`` and
+  ``emulatorpin`` do. Unpinned, on this 2-core host the two migration processes take more
+  than a core from a vCPU that wants a whole one, so the unpinned figure mostly measures core
+  contention; pinned, it measures what tracking costs the guest. Needs more CPUs than vCPUs.
+- **brownout at a bandwidth limit**: the same, unpinned, with ``max-bandwidth`` at QEMU's
+  default (128 MiB/s) and at 1 Gbit/s: what tracking and sending cost the guest when the
+  migration does not take a whole core.
 - **downtime**: a ``--dirty-memory`` guest (1 GiB) dirtying a 256 MiB working set at each of
   ``--rates`` MiB/s (memstress ``rate=`` in pages/s = MiB/s x 256; the QEMU guest's dirtier
   the same), with each ``--limits`` downtime-limit: the blackout (source STOP event to
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -51,6 +57,8 @@ from livemig.bench.common import (
     drive_migration,
     free_port,
     loopback_tcp_throughput,
+    pin_threads,
+    placement,
     summarize,
     table_console,
     window_throughput,
@@ -82,6 +90,7 @@ class Config:
     # max-bandwidth values of the extra brownout runs: QEMU's default, and 1 Gbit/s
     brownout_bws: list[int] = field(default_factory=lambda: [128 << 20, 125_000_000])
     only: set[str] = field(default_factory=lambda: {"idle", "throughput", "brownout", "downtime"})
+    pin: bool = True  # the extra pinned brownout run (when there are more CPUs than vCPUs)
 
 
 # -- livemig processes ------------------------------------------------------------------------
@@ -115,8 +124,10 @@ def run_livemig(
     ready: Callable[[str], bool],
     params: dict[str, Any],
     window: float | None = None,
+    pin: bool = False,
 ) -> tuple[MigrationFigures, GuestProcess, list[tuple[float, dict[str, Any]]]]:
-    """One livemig migration; returns the figures, the (stopped) source, the polled replies."""
+    """One livemig migration; returns the figures, the (stopped) source, the polled replies.
+    ``pin``: vCPUs and migration threads on separate CPUs (``common.placement``)."""
     caps = {"return-path": True, "x-verify": cfg.verify}
     params = {"x-dirty-tracker": cfg.tracker, **params}
     with Workdir() as wd:
@@ -126,13 +137,24 @@ def run_livemig(
             boot = 30.0 + 10.0 * memory / (1 << 30)
             src.wait_qmp(boot)
             dst.wait_qmp(boot)
+            where = placement(cfg.smp) if pin else None
+            if pin and where is None:
+                raise UsageError(f"cannot pin: {len(os.sched_getaffinity(0))} CPUs for "
+                                 f"{cfg.smp} vCPUs leave none for the migration")  # fmt: skip
+            if where is not None:
+                # the vCPUs for the VM's lifetime (the undisturbed rate is read pinned too),
+                # the migration threads once they exist
+                with src.qmp() as q:
+                    pin_threads(q, where[0], where[1])
             src.wait_line(ready, 120.0)
             stop_at: Callable[[float, dict[str, Any]], bool] | None = None
             if window is not None:
                 t_start = time.monotonic()
                 stop_at = lambda now, info: now - t_start > window  # noqa: E731
             fig, samples = drive_migration(src, dst, port=free_port(), caps=caps, params=params,
-                                           timeout=cfg.timeout, window=stop_at)  # fmt: skip
+                                           timeout=cfg.timeout, window=stop_at,
+                                           pin=where)  # fmt: skip
+            fig.extra["pinned"] = pin
             fig.guest_ram = memory
             final = samples[-1][1] if samples else {}
             fig.extra["dirty-tracker"] = final.get("x-dirty-tracker")
@@ -214,7 +236,8 @@ def pass_rate(lines: list[tuple[float, str]], t0: float, t1: float) -> float | N
     return sum(rates) if rates else None
 
 
-def _window_runs(cfg: Config, max_bw: int) -> tuple[list[MigrationFigures], list, list]:
+def _window_runs(cfg: Config, max_bw: int, pin: bool = False
+                 ) -> tuple[list[MigrationFigures], list, list]:  # fmt: skip
     """``cfg.repeat`` never-converging pre-copy windows at ``max_bw``: figures, throughputs, and
     brownouts (write rate during pre-copy / the rate in the seconds before ``migrate``)."""
     params = {"max-bandwidth": max_bw, "downtime-limit": 1}
@@ -226,7 +249,7 @@ def _window_runs(cfg: Config, max_bw: int) -> tuple[list[MigrationFigures], list
         # The undisturbed rate is read over the seconds before ``migrate``: wait that long.
         ready = _settled(_ready_line("memstress: cpu0 pass"), undisturbed_s + 0.5)
         fig, src, samples = run_livemig(cfg, cfg.dirty_memory, "memstress", append, ready,
-                                        params, window=cfg.window)  # fmt: skip
+                                        params, window=cfg.window, pin=pin)  # fmt: skip
         figs.append(fig)
         tput = window_throughput(samples)
         fig.throughput = tput
@@ -274,13 +297,15 @@ def bench_throughput(cfg: Config, tcp: float, tcp_loaded: float | None = None) -
     }  # fmt: skip
 
 
-def bench_brownout(cfg: Config, max_bw: int) -> dict[str, Any]:
-    """Brownout alone, pre-copy held to ``max_bw``: what dirty tracking and the sender cost the
-    guest when the migration does not also take a whole core (the unlimited run's brownout on a
+def bench_brownout(cfg: Config, max_bw: int, pin: bool = False) -> dict[str, Any]:
+    """Brownout alone, pre-copy held to ``max_bw`` (0: unlimited), with the vCPUs and the
+    migration threads pinned apart or not: what dirty tracking and the sender cost the guest
+    when the migration does not also take its core (the unlimited, unpinned run's brownout on a
     2-core host is mostly the two migration processes competing with the vCPU for the cores)."""
-    figs, tputs, brown = _window_runs(cfg, max_bw)
+    figs, tputs, brown = _window_runs(cfg, max_bw, pin)
     return {
         "scenario": "brownout", "size": cfg.dirty_memory, "ws": cfg.ws, "max_bandwidth": max_bw,
+        "pinned": pin,
         "throughput": summarize(tputs), "brownout": summarize(brown), "tracker": cfg.tracker,
         "runs": {"livemig": [f.as_dict() for f in figs]},
     }  # fmt: skip
@@ -340,6 +365,13 @@ def run_bench(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> 
         progress(f"throughput and brownout, {cfg.window:.0f} s of pre-copy")
         result["scenarios"].append(bench_throughput(cfg, tcp, tcp_loaded))
     if "brownout" in cfg.only:
+        if cfg.pin:
+            if placement(cfg.smp) is None:
+                progress(f"brownout pinned: skipped, {cfg.smp} vCPUs leave no CPU over")
+            else:
+                progress(f"brownout, unlimited, vCPUs and migration pinned apart, "
+                         f"{cfg.window:.0f} s")  # fmt: skip
+                result["scenarios"].append(bench_brownout(cfg, 0, pin=True))
         for bw in cfg.brownout_bws:
             progress(f"brownout at max-bandwidth {_bw_label(bw)}, {cfg.window:.0f} s")
             result["scenarios"].append(bench_brownout(cfg, bw))
@@ -417,8 +449,10 @@ def render(result: dict[str, Any]) -> Any:
             )  # fmt: skip
         elif sc["scenario"] == "brownout":
             b = sc["brownout"]["median"]
+            where = ("unlimited, vCPU and migration threads pinned apart" if sc.get("pinned")
+                     else f"at max-bandwidth {_bw_label(sc['max_bandwidth'])}")  # fmt: skip
             table.add_row(
-                f"brownout ({sc['tracker']}) at max-bandwidth {_bw_label(sc['max_bandwidth'])} "
+                f"brownout ({sc['tracker']}) {where} "
                 f"({_fmt(sc['throughput'], ' MB/s', 1e-6)} sent)",
                 _fmt(sc["brownout"], "", 1, 2), "1.00 undisturbed", _x(b), ">= 0.9x",
                 ok(None if b is None else b >= 0.9),
@@ -491,6 +525,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true",
                    help="livemig x-verify (RAM hashes compared; adds to downtime)")  # fmt: skip
     p.add_argument("--tracker", default="uffd-wp-async", help="livemig x-dirty-tracker")
+    p.add_argument("--no-pin", action="store_true",
+                   help="skip the brownout run with vCPUs and migration threads pinned apart")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(func=main)
 
@@ -510,7 +546,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if args.repeat < 1:
         raise UsageError("--repeat must be at least 1")
     cfg.repeat, cfg.smp, cfg.qemu = args.repeat, args.smp, not args.no_qemu
-    cfg.verify, cfg.tracker = args.verify, args.tracker
+    cfg.verify, cfg.tracker, cfg.pin = args.verify, args.tracker, not args.no_pin
     return cfg
 
 

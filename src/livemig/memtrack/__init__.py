@@ -18,6 +18,10 @@ kernel (probed once; each fallback's reason goes to the debug log) or the one na
 returns ``{region name: numpy bool array}``, one entry per 4 KiB page (see ``base`` for why bool
 rather than packed bits); iterate dirty pages with ``numpy.flatnonzero``.
 
+``open_tracker(..., hot=True)`` (the migration source, parameter ``x-dirty-hot-chunks``) leaves
+2 MiB chunks that the guest rewrites densely at every pass writable between syncs and counts
+them dirty whole (``hot``): the guest is spared a write fault per page per pass.
+
 ``uffd`` is the userfaultfd wrapper (post-copy's missing mode uses it too) and ``pagemap`` has
 ``present_pages`` for skipping never-populated pages in a first pass.
 """
@@ -95,22 +99,30 @@ def available_backends() -> list[str]:
     return [name for name in TRACKERS if probe(name) is None]
 
 
-def open_tracker(regions: Iterable[Any], backend: str = "auto") -> TrackerBase:
+def open_tracker(regions: Iterable[Any], backend: str = "auto", hot: bool = False) -> TrackerBase:
     """A tracker over ``regions`` (``Region``s, ``(name, host_addr, length, view)`` tuples or
     RamBlocks), not yet started. ``backend`` is ``"auto"`` or a name from :data:`TRACKERS`;
-    a named backend is used as is (its own errors say what the kernel refused)."""
+    a named backend is used as is (its own errors say what the kernel refused). ``hot``: leave
+    densely rewritten chunks writable between syncs (``memtrack.hot``; ``uffd-wp-async``
+    only, the other backends ignore it)."""
     regions = list(regions)
+
+    def make(factory: TrackerFactory) -> TrackerBase:
+        if hot and factory is AsyncWPTracker:
+            return AsyncWPTracker(regions, hot=True)
+        return factory(regions)
+
     if backend != "auto":
         factory = TRACKERS.get(backend)
         if factory is None:
             raise UsageError(
                 f"memtrack: unknown backend {backend!r}; choose auto or one of {', '.join(TRACKERS)}"
             )
-        return factory(regions)
+        return make(factory)
     for name, factory in TRACKERS.items():
         reason = probe(name)
         if reason is None:
             log.debug("dirty tracking: using %s", name)
-            return factory(regions)
+            return make(factory)
         log.debug("dirty tracking: %s unavailable: %s", name, reason)
     raise LivemigError("memtrack: no dirty-tracking backend works here (not even shadow)")

@@ -9,6 +9,11 @@ returns the written runs and protects them again in the same page-table walk, so
 write shows up in this sync or the next (see ``pagemap``). Shared anonymous memory is shmem,
 hence ``WP_HUGETLBFS_SHMEM``; ``WP_UNPOPULATED`` (when offered) makes never-touched pages
 protected too without populating them.
+
+With ``hot=True`` (the migration source) dense, constantly rewritten chunks stay writable
+between syncs (``hot`` says why and when): each sync reads and protects the other chunks in
+one scan as above, reads the hot chunks and those about to turn hot without protecting them,
+and then protects those of them that the policy says to.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from livemig.memtrack._sys import PAGE_SHIFT
 from livemig.memtrack.base import TrackerBase
+from livemig.memtrack.hot import HotChunks, chunk_runs
 from livemig.memtrack.pagemap import (
     PAGE_IS_WRITTEN,
     PM_SCAN_CHECK_WPASYNC,
@@ -47,10 +54,21 @@ class AsyncWPTracker(TrackerBase):
 
     name = "uffd-wp-async"
 
-    def __init__(self, regions: Iterable[Any]) -> None:
+    def __init__(self, regions: Iterable[Any], hot: bool = False) -> None:
         super().__init__(regions)
         self._uffd: Userfaultfd | None = None
         self._scanner: PagemapScanner | None = None
+        self._hot = {r.name: HotChunks(r.npages) for r in self.regions} if hot else None
+
+    @property
+    def hot_pages(self) -> int:
+        """Pages left writable between syncs now (0 without ``hot``)."""
+        return sum(h.hot_pages for h in self._hot.values()) if self._hot else 0
+
+    def cool(self) -> None:
+        """From the next sync on, exact again: hot chunks are protected, none become hot."""
+        for h in (self._hot or {}).values():
+            h.cool()
 
     def _start(self) -> None:
         uffd = Userfaultfd(wanted_features())
@@ -66,14 +84,41 @@ class AsyncWPTracker(TrackerBase):
             uffd.close()
             raise
         self._uffd, self._scanner = uffd, scanner
+        for h in (self._hot or {}).values():
+            h.reset()  # everything is protected now
 
     def _sync_guest(self) -> dict[str, np.ndarray]:
         assert self._scanner is not None
         flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
-        return {
-            r.name: self._scanner.scan_bitmap(r.host_addr, r.length, PAGE_IS_WRITTEN, flags)
-            for r in self.regions
-        }
+        if self._hot is None:
+            return {
+                r.name: self._scanner.scan_bitmap(r.host_addr, r.length, PAGE_IS_WRITTEN, flags)
+                for r in self.regions
+            }
+        out = {}
+        for r in self.regions:
+            hot = self._hot[r.name]
+            maybe = hot.candidates()
+            written = np.zeros(r.npages, dtype=bool)
+            # Chunks that will be protected whatever they read: read and protect in one scan.
+            self._scan_runs(r, chunk_runs(~maybe, r.npages), flags, written)
+            # The others: read first, decide, then protect those the policy says to. A page
+            # written between the two scans is in the second (which protects it); one written
+            # after is in the next sync.
+            self._scan_runs(r, chunk_runs(maybe, r.npages), PM_SCAN_CHECK_WPASYNC, written)
+            protect = hot.update(written) & maybe
+            self._scan_runs(r, chunk_runs(protect, r.npages), flags, written)
+            out[r.name] = written
+        return out
+
+    def _scan_runs(self, r: Any, runs: list[tuple[int, int]], flags: int,
+                   out: np.ndarray) -> None:  # fmt: skip
+        """The written pages of each [first, end) page run of ``r``, OR-ed into ``out``."""
+        assert self._scanner is not None
+        for first, end in runs:
+            self._scanner.scan_bitmap(r.host_addr + (first << PAGE_SHIFT),
+                                      (end - first) << PAGE_SHIFT, PAGE_IS_WRITTEN, flags,
+                                      out=out[first:end])  # fmt: skip
 
     def _stop(self) -> None:
         if self._scanner is not None:

@@ -159,6 +159,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec(
         "x-dirty-tracker", str, "auto", choices=("auto", "uffd-wp-async", "uffd-wp", "shadow")
     ),
+    # livemig's own (memtrack/hot.py): densely rewritten 2 MiB chunks stay writable between
+    # syncs, sparing the guest a write fault per page per pass at the cost of resending a
+    # chunk that went quiet; uffd-wp-async only.
+    ParamSpec("x-dirty-hot-chunks", bool, True),
     ParamSpec("x-io-timeout", int, 30000, 100, 3600000, unit="milliseconds"),
     ParamSpec("x-postcopy-auto-recover", int, 0, 0, 1000),
     ParamSpec("x-postcopy-prefetch", int, 0, 0, 512, unit="pages"),

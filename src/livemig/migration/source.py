@@ -255,7 +255,8 @@ class OutgoingMigration:
         from livemig.memtrack import open_tracker, present_pages
 
         factory = self._tracker_factory or open_tracker
-        self.tracker = factory(self.machine.ram_blocks, backend=cfg.params["x-dirty-tracker"])
+        self.tracker = factory(self.machine.ram_blocks, backend=cfg.params["x-dirty-tracker"],
+                               hot=cfg.params["x-dirty-hot-chunks"])  # fmt: skip
         self.tracker_name = self.tracker.name
         # Pages the kernel never populated are zero on both sides: the first pass skips them
         # without reading them (QEMU reads every page of the guest). The scan must come before
@@ -502,6 +503,9 @@ class OutgoingMigration:
 
             conv = self._conv = AutoConverge(self.config.params)
         pct = conv.on_sync(self.stats.transferred, new_dirty)
+        if pct and not self.stats.throttle and hasattr(self.tracker, "cool"):
+            # throttling decisions need the guest's real dirty rate, not hot chunks' superset
+            self.tracker.cool()
         if pct != self.stats.throttle:
             self.stats.throttle = pct
             self.machine.set_throttle(pct)
@@ -683,6 +687,9 @@ class OutgoingMigration:
                 self.state.error:  # fmt: skip
             out["error-desc"] = self.state.error
         out["x-dirty-tracker"] = self.tracker_name
+        if "ram" in out and self.tracker is not None:
+            # pages of chunks left writable between syncs (memtrack/hot.py), counted dirty
+            out["ram"]["x-hot-pages"] = getattr(self.tracker, "hot_pages", 0)
         if self.config.verify and status == MigrationStatus.COMPLETED:
             out["x-verified"] = self.verified
         if self.postcopy is not None:

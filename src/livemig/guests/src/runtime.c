@@ -312,6 +312,9 @@ int arg_flag(const char *key)
 
 void exit(int status)
 {
+	/* Not while another vCPU is halfway through a line: the machine ends at the power port,
+	 * and that line would come out cut (seen once: "compute: cpu1 448" after cpu0's "done"). */
+	lock_print();
 	outl(POWER_PORT, (u32)status);
 	/* The machine stops us at the power port; should it not, never run on. */
 	park();
