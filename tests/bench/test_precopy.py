@@ -113,6 +113,16 @@ def test_bench_precopy_tiny_end_to_end() -> None:
     assert status in ("cancelled", "completed")
     if status == "cancelled":  # the window ran its course: both figures were measured
         assert tp["throughput"]["median"] > 0 and tp["brownout"]["median"] is not None
+    pinned = [sc for sc in result["scenarios"] if sc["scenario"] == "brownout" and sc["pinned"]]
+    if len(os.sched_getaffinity(0)) > 1:  # a CPU for the vCPU, the rest for the migration
+        (pb,) = pinned
+        run = pb["runs"]["livemig"][0]
+        assert pb["max_bandwidth"] == 0 and run["status"] == "cancelled"
+        # the vCPU, then the source's migration thread(s) and the destination's incoming one
+        assert run["extra"]["pinned-vcpus"] == 1 and run["extra"]["pinned-migration-threads"] >= 2
+        assert pb["brownout"]["median"] is not None
+    else:
+        assert not pinned
     bo = by["brownout"]
     assert bo["max_bandwidth"] == 32 << 20 and bo["runs"]["livemig"][0]["status"] == "cancelled"
     # held to 32 MiB/s, it must not have sent much faster than that

@@ -275,8 +275,7 @@ def drive_migration(
     samples: list[tuple[float, dict[str, Any]]] = []
     with src.qmp() as sq, dst.qmp() as dq:
         dq.command("migrate-incoming", uri=uri)
-        if pin is not None:
-            pin_threads(dq, None, pin[1])
+        pinned = pin_threads(dq, None, pin[1]) if pin is not None else 0
         if caps:
             sq.command("migrate-set-capabilities", capabilities=[
                 {"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
@@ -287,7 +286,7 @@ def drive_migration(
         t0 = time.monotonic()
         sq.command("migrate", uri=uri)
         if pin is not None:
-            pin_threads(sq, None, pin[1])  # the vCPUs: see ``pin_threads``
+            pinned += pin_threads(sq, None, pin[1])  # the vCPUs: the caller's
         info: dict[str, Any] = {}
         cancelled = False
         while True:
@@ -316,6 +315,8 @@ def drive_migration(
             passes=int(ram.get("dirty-sync-count", 0)),
             mbps=ram.get("mbps"),
         )
+        if pin is not None:
+            fig.extra["pinned-migration-threads"] = pinned
         if fig.status == "completed":
             stop = _wait_event(sq, "STOP", 5.0)
             resume = _wait_event(dq, "RESUME", 10.0)

@@ -145,7 +145,7 @@ def run_livemig(
                 # the vCPUs for the VM's lifetime (the undisturbed rate is read pinned too),
                 # the migration threads once they exist
                 with src.qmp() as q:
-                    pin_threads(q, where[0], where[1])
+                    vcpus = pin_threads(q, where[0], where[1])
             src.wait_line(ready, 120.0)
             stop_at: Callable[[float, dict[str, Any]], bool] | None = None
             if window is not None:
@@ -155,6 +155,8 @@ def run_livemig(
                                            timeout=cfg.timeout, window=stop_at,
                                            pin=where)  # fmt: skip
             fig.extra["pinned"] = pin
+            if where is not None:
+                fig.extra["pinned-vcpus"] = vcpus
             fig.guest_ram = memory
             final = samples[-1][1] if samples else {}
             fig.extra["dirty-tracker"] = final.get("x-dirty-tracker")
