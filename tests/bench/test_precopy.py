@@ -113,6 +113,10 @@ def test_bench_precopy_tiny_end_to_end() -> None:
     assert status in ("cancelled", "completed")
     if status == "cancelled":  # the window ran its course: both figures were measured
         assert tp["throughput"]["median"] > 0 and tp["brownout"]["median"] is not None
+    mf = tp["multifd"]  # the same window over 2 multifd channels
+    assert mf["channels"] == 2 and mf["runs"][0]["status"] in ("cancelled", "completed")
+    if mf["runs"][0]["status"] == "cancelled":
+        assert mf["throughput"]["median"] > 0 and mf["ratio"]["median"] > 0
     pinned = [sc for sc in result["scenarios"] if sc["scenario"] == "brownout" and sc["pinned"]]
     if len(os.sched_getaffinity(0)) > 1:  # a CPU for the vCPU, the rest for the migration
         (pb,) = pinned

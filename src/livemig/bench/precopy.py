@@ -10,6 +10,7 @@ The figures of issue 4's "Speed and memory", each beside a baseline measured in 
   ``--window`` of seconds then cancelled; as a ratio to one raw Python loopback TCP stream
   (1 MiB ``sendall``) in the same run. Target >= 0.8. For context, also as a ratio to the same
   TCP stream measured while that guest runs flat out beside it (the cores it leaves).
+  Then the same window with ``--multifd`` channels (2): the faster path QEMU has for it.
 - **brownout**: in that same run, memstress's page-write rate during pre-copy as a share of its
   rate in the seconds just before (pass marks on the console, host-time-stamped), with the
   ``uffd-wp-async`` tracker. Target >= 0.9.
@@ -91,6 +92,7 @@ class Config:
     brownout_bws: list[int] = field(default_factory=lambda: [128 << 20, 125_000_000])
     only: set[str] = field(default_factory=lambda: {"idle", "throughput", "brownout", "downtime"})
     pin: bool = True  # the extra pinned brownout run (when there are more CPUs than vCPUs)
+    multifd: int = 2  # channels of the extra multifd throughput run (0: none)
 
 
 # -- livemig processes ------------------------------------------------------------------------
@@ -125,10 +127,15 @@ def run_livemig(
     params: dict[str, Any],
     window: float | None = None,
     pin: bool = False,
+    multifd: int = 0,
 ) -> tuple[MigrationFigures, GuestProcess, list[tuple[float, dict[str, Any]]]]:
     """One livemig migration; returns the figures, the (stopped) source, the polled replies.
-    ``pin``: vCPUs and migration threads on separate CPUs (``common.placement``)."""
+    ``pin``: vCPUs and migration threads on separate CPUs (``common.placement``); ``multifd``:
+    that many multifd channels (0: the single pre-copy stream)."""
     caps = {"return-path": True, "x-verify": cfg.verify}
+    if multifd:
+        caps["multifd"] = True
+        params = {**params, "multifd-channels": multifd}
     params = {"x-dirty-tracker": cfg.tracker, **params}
     with Workdir() as wd:
         src, dst = start_livemig_pair(wd, memory, guest, append, cfg.smp)
@@ -137,6 +144,13 @@ def run_livemig(
             boot = 30.0 + 10.0 * memory / (1 << 30)
             src.wait_qmp(boot)
             dst.wait_qmp(boot)
+            if multifd:  # the destination must know before it listens, as with QEMU
+                with dst.qmp() as q:
+                    q.command(
+                        "migrate-set-capabilities",
+                        capabilities=[{"capability": "multifd", "state": True}],
+                    )
+                    q.command("migrate-set-parameters", **{"multifd-channels": multifd})
             where = placement(cfg.smp) if pin else None
             if pin and where is None:
                 raise UsageError(f"cannot pin: {len(os.sched_getaffinity(0))} CPUs for "
@@ -238,7 +252,7 @@ def pass_rate(lines: list[tuple[float, str]], t0: float, t1: float) -> float | N
     return sum(rates) if rates else None
 
 
-def _window_runs(cfg: Config, max_bw: int, pin: bool = False
+def _window_runs(cfg: Config, max_bw: int, pin: bool = False, multifd: int = 0
                  ) -> tuple[list[MigrationFigures], list, list]:  # fmt: skip
     """``cfg.repeat`` never-converging pre-copy windows at ``max_bw``: figures, throughputs, and
     brownouts (write rate during pre-copy / the rate in the seconds before ``migrate``)."""
@@ -251,7 +265,8 @@ def _window_runs(cfg: Config, max_bw: int, pin: bool = False
         # The undisturbed rate is read over the seconds before ``migrate``: wait that long.
         ready = _settled(_ready_line("memstress: cpu0 pass"), undisturbed_s + 0.5)
         fig, src, samples = run_livemig(cfg, cfg.dirty_memory, "memstress", append, ready,
-                                        params, window=cfg.window, pin=pin)  # fmt: skip
+                                        params, window=cfg.window, pin=pin,
+                                        multifd=multifd)  # fmt: skip
         figs.append(fig)
         tput = window_throughput(samples)
         fig.throughput = tput
@@ -289,12 +304,18 @@ def bench_throughput(cfg: Config, tcp: float, tcp_loaded: float | None = None) -
     """Sustained pre-copy throughput and brownout, memstress flat out, never converging."""
     figs, tputs, brown = _window_runs(cfg, 0)
     beside = [t / tcp_loaded if t and tcp_loaded else None for t in tputs]
+    mf: dict[str, Any] | None = None
+    if cfg.multifd:
+        mfigs, mtputs, _ = _window_runs(cfg, 0, multifd=cfg.multifd)
+        mf = {"channels": cfg.multifd, "throughput": summarize(mtputs),
+              "ratio": summarize([t / tcp if t else None for t in mtputs]),
+              "runs": [f.as_dict() for f in mfigs]}  # fmt: skip
     return {
         "scenario": "throughput", "size": cfg.dirty_memory, "ws": cfg.ws,
         "tcp_bytes_per_s": tcp, "throughput": summarize(tputs),
         "ratio": summarize([t / tcp if t else None for t in tputs]),
         "tcp_beside_guest_bytes_per_s": tcp_loaded, "ratio_beside_guest": summarize(beside),
-        "brownout": summarize(brown), "tracker": cfg.tracker,
+        "brownout": summarize(brown), "tracker": cfg.tracker, "multifd": mf,
         "runs": {"livemig": [f.as_dict() for f in figs]},
     }  # fmt: skip
 
@@ -445,6 +466,15 @@ def render(result: dict[str, Any]) -> Any:
                     _fmt(sc["throughput"], " MB/s", 1e-6), f"{loaded / 1e6:.0f} MB/s TCP",
                     _x(rl), "(context)", "-",
                 )  # fmt: skip
+            mf = sc.get("multifd")
+            if mf:
+                rm = mf["ratio"]["median"]
+                table.add_row(
+                    f"  the same with multifd, {mf['channels']} channels",
+                    _fmt(mf["throughput"], " MB/s", 1e-6),
+                    f"{sc['tcp_bytes_per_s'] / 1e6:.0f} MB/s TCP", _x(rm), ">= 0.8x",
+                    ok(None if rm is None else rm >= 0.8),
+                )  # fmt: skip
             table.add_row(
                 f"brownout ({sc['tracker']}): write rate kept", _fmt(sc["brownout"], "", 1, 2),
                 "1.00 undisturbed", _x(b), ">= 0.9x", ok(None if b is None else b >= 0.9),
@@ -527,6 +557,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true",
                    help="livemig x-verify (RAM hashes compared; adds to downtime)")  # fmt: skip
     p.add_argument("--tracker", default="uffd-wp-async", help="livemig x-dirty-tracker")
+    p.add_argument("--multifd", type=int, default=2, metavar="N",
+                   help="channels of the extra multifd throughput run (2; 0: none)")  # fmt: skip
     p.add_argument("--no-pin", action="store_true",
                    help="skip the brownout run with vCPUs and migration threads pinned apart")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -549,6 +581,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise UsageError("--repeat must be at least 1")
     cfg.repeat, cfg.smp, cfg.qemu = args.repeat, args.smp, not args.no_qemu
     cfg.verify, cfg.tracker, cfg.pin = args.verify, args.tracker, not args.no_pin
+    if not 0 <= args.multifd <= 255:
+        raise UsageError("--multifd takes 0 to 255 channels")
+    cfg.multifd = args.multifd
     return cfg
 
 
