@@ -9,8 +9,12 @@ the source). ``--json`` prints the final ``query-migrate`` reply plus ``"verifie
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
@@ -144,6 +148,34 @@ def _multifd_options(args: argparse.Namespace, caps: dict[str, bool]) -> None:
         args.params.append(("xbzrle-cache-size", parse_size(args.xbzrle, "--xbzrle")))
 
 
+class _Interrupted(Exception):
+    """Ctrl-C, seen between two QMP exchanges."""
+
+
+@contextlib.contextmanager
+def _ctrl_c_as_flag() -> Iterator[threading.Event]:
+    """SIGINT sets the event instead of raising KeyboardInterrupt wherever the main thread is.
+    Raised inside a QMP exchange (the client runs an asyncio loop), it left the connection
+    waiting for a reply it had lost, and the ``migrate_cancel`` that followed hung (a CI
+    failure). A second Ctrl-C raises as usual. Outside the main thread nothing changes."""
+    flag = threading.Event()
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if flag.is_set():
+            raise KeyboardInterrupt  # a second Ctrl-C: do not wait for the cancel
+        flag.set()
+
+    try:
+        old = signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main thread
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
 def _setup_destination(args: argparse.Namespace, caps: dict[str, bool]) -> None:
     """--dest-qmp: the capabilities and parameters both sides need, then migrate-incoming."""
     from livemig.qmp.client import QMPConnection
@@ -191,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     _multifd_options(args, caps)
     if args.dest_qmp is not None:
         _setup_destination(args, caps)
-    with QMPConnection(args.qmp).connect() as qmp:
+    with _ctrl_c_as_flag() as interrupted, QMPConnection(args.qmp).connect() as qmp:
         if caps:
             qmp.command("migrate-set-capabilities", capabilities=[
                 {"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
@@ -202,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
 
         def query() -> dict[str, Any]:
             nonlocal switched
+            if interrupted.is_set():
+                raise _Interrupted
             info = qmp.command("query-migrate")
             # After the first full pass (QEMU's tests wait for dirty-sync-count 2 likewise).
             if args.postcopy_after_precopy and not switched and info.get("status") == "active" \
@@ -217,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
                 console.print("[yellow]time-out: cancelling the migration[/]")
                 qmp.command("migrate_cancel")
                 info = follow(lambda: qmp.command("query-migrate"), quiet=True, timeout=30)
-        except KeyboardInterrupt:
+        except (_Interrupted, KeyboardInterrupt):
             console.print("[yellow]interrupted: cancelling the migration[/]")
             qmp.command("migrate_cancel")
             info = follow(lambda: qmp.command("query-migrate"), quiet=True, timeout=30)
