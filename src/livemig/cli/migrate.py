@@ -154,10 +154,11 @@ class _Interrupted(Exception):
 
 @contextlib.contextmanager
 def _ctrl_c_as_flag() -> Iterator[threading.Event]:
-    """SIGINT sets the event instead of raising KeyboardInterrupt wherever the main thread is.
-    Raised inside a QMP exchange (the client runs an asyncio loop), it left the connection
-    waiting for a reply it had lost, and the ``migrate_cancel`` that followed hung (a CI
-    failure). A second Ctrl-C raises as usual. Outside the main thread nothing changes."""
+    """SIGINT sets the event instead of raising KeyboardInterrupt wherever the main thread is:
+    raised inside a QMP exchange (the client runs an asyncio loop) it can leave the connection
+    in any state before the ``migrate_cancel`` that must follow. Once in CI an interrupted
+    ``livemig migrate`` did not exit within 30 s. A second Ctrl-C raises as usual. Outside the
+    main thread nothing changes."""
     flag = threading.Event()
 
     def on_sigint(signum: int, frame: Any) -> None:
