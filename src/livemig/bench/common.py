@@ -225,6 +225,15 @@ def _event_time(ev: dict[str, Any]) -> float:
     return float(ts.get("seconds", 0)) + float(ts.get("microseconds", 0)) / 1e6
 
 
+def set_migration(q: Any, caps: dict[str, bool] | None, params: dict[str, Any] | None) -> None:
+    """``migrate-set-capabilities`` and ``migrate-set-parameters`` on one side, each if given."""
+    if caps:
+        q.command("migrate-set-capabilities", capabilities=[
+            {"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
+    if params:
+        q.command("migrate-set-parameters", **params)
+
+
 def placement(smp: int) -> tuple[list[set[int]], set[int]] | None:
     """CPUs for ``smp`` vCPUs (one each) and for the migration threads (the rest), or None
     when this machine has no CPU left over once every vCPU has its own."""
@@ -276,11 +285,7 @@ def drive_migration(
     with src.qmp() as sq, dst.qmp() as dq:
         dq.command("migrate-incoming", uri=uri)
         pinned = pin_threads(dq, None, pin[1]) if pin is not None else 0
-        if caps:
-            sq.command("migrate-set-capabilities", capabilities=[
-                {"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
-        if params:
-            sq.command("migrate-set-parameters", **params)
+        set_migration(sq, caps, params)
         sq.events()  # only events of this migration from here on
         dq.events()
         t0 = time.monotonic()

@@ -51,6 +51,7 @@ from livemig.bench.common import (
     _event_time,
     _wait_event,
     free_port,
+    set_migration,
     table_console,
 )
 from livemig.errors import LivemigError, MigrationError, UsageError
@@ -150,14 +151,6 @@ class RunFigures:
 # -- one migration, either VM -----------------------------------------------------------------
 
 
-def _set(q: Any, caps: dict[str, bool], params: dict[str, Any]) -> None:
-    if caps:
-        q.command("migrate-set-capabilities", capabilities=[
-            {"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
-    if params:
-        q.command("migrate-set-parameters", **params)
-
-
 def drive(
     src: GuestProcess,
     dst: GuestProcess,
@@ -175,9 +168,9 @@ def drive(
     """
     uri = f"tcp:127.0.0.1:{free_port()}"
     with src.qmp() as sq, dst.qmp() as dq:
-        _set(dq, strategy.dest_caps, strategy.params)
+        set_migration(dq, strategy.dest_caps, strategy.params)
         dq.command("migrate-incoming", uri=uri)
-        _set(sq, {**caps, **strategy.caps}, {**params, **strategy.params})
+        set_migration(sq, {**caps, **strategy.caps}, {**params, **strategy.params})
         sq.events()  # only this migration's events from here on
         dq.events()
         t0 = time.monotonic()

@@ -60,6 +60,7 @@ from livemig.bench.common import (
     loopback_tcp_throughput,
     pin_threads,
     placement,
+    set_migration,
     summarize,
     table_console,
     window_throughput,
@@ -146,11 +147,7 @@ def run_livemig(
             dst.wait_qmp(boot)
             if multifd:  # the destination must know before it listens, as with QEMU
                 with dst.qmp() as q:
-                    q.command(
-                        "migrate-set-capabilities",
-                        capabilities=[{"capability": "multifd", "state": True}],
-                    )
-                    q.command("migrate-set-parameters", **{"multifd-channels": multifd})
+                    set_migration(q, {"multifd": True}, {"multifd-channels": multifd})
             where = placement(cfg.smp) if pin else None
             if pin and where is None:
                 raise UsageError(f"cannot pin: {len(os.sched_getaffinity(0))} CPUs for "

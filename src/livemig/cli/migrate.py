@@ -267,19 +267,20 @@ def run(args: argparse.Namespace) -> int:
         json.dump(out, sys.stdout, indent=2, sort_keys=True)
         print()
     else:
-        extra = {"verified": "yes, RAM identical" if verified else "NO"} if args.verify else None
+        extra: dict[str, Any] = {}
+        if args.verify:
+            extra["verified"] = "yes, RAM identical" if verified else "NO"
         if info.get("x-dirty-tracker"):  # none when it failed before tracking began
-            extra = {**(extra or {}), "dirty tracker": info["x-dirty-tracker"]}
+            extra["dirty tracker"] = info["x-dirty-tracker"]
         pc = postcopy_summary(dest_info) if dest_info else None
         if pc is not None:
-            extra = {**(extra or {}), "post-copy page requests": pc}
+            extra["post-copy page requests"] = pc
         if args.postcopy_after_precopy and info.get("status") == "completed" and not switched:
-            extra = {**(extra or {}), "post-copy": "not used: pre-copy converged first"}
+            extra["post-copy"] = "not used: pre-copy converged first"
         need = _dest_caps(caps)
         if info.get("status") == "failed" and need and args.dest_qmp is None:
             # the destination's reason is in its own log; the likeliest one is worth saying
-            extra = {**(extra or {}), "hint": (
-                f"the destination needs {', '.join(need)} too: set it there before "
-                "migrate-incoming, or pass --dest-qmp")}  # fmt: skip
-        Console().print(summary_table(info, extra))
+            extra["hint"] = (f"the destination needs {', '.join(need)} too: set it there "
+                             "before migrate-incoming, or pass --dest-qmp")  # fmt: skip
+        Console().print(summary_table(info, extra or None))
     return 0 if info.get("status") == "completed" else 1

@@ -50,6 +50,8 @@ class HotChunks:
         self.streak = np.zeros(n, dtype=np.int16)  # dense fresh readings in a row
         self.was_hot = np.zeros(n, dtype=bool)
         self.enabled = True
+        self._dense_at = np.full(n, HOT_SHARE * CHUNK)  # written pages that make a chunk dense
+        self._dense_at[-1] = HOT_SHARE * (npages - (n - 1) * CHUNK)  # the last may be short
 
     @property
     def hot_pages(self) -> int:
@@ -71,10 +73,7 @@ class HotChunks:
     def update(self, written: np.ndarray) -> np.ndarray:
         """Given the pages written since the last sync (bool, one per page), advance the state
         and return the chunks to protect again now (bool, one per chunk)."""
-        counts = _chunk_counts(written, len(self.hot_left))
-        sizes = np.full(len(counts), CHUNK, dtype=np.int64)
-        sizes[-1] = self.npages - (len(counts) - 1) * CHUNK
-        dense = counts >= HOT_SHARE * sizes
+        dense = _chunk_counts(written, len(self.hot_left)) >= self._dense_at
 
         hot = self.hot_left > 0
         self.hot_left[hot] -= 1
