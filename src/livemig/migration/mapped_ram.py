@@ -41,7 +41,7 @@ import numpy as np
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
 from livemig.migration.multifd import PageWorkerPool
-from livemig.savevm.ram import split_zero
+from livemig.savevm.ram import page_runs, split_zero
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +60,6 @@ _SYNC = object()
 def bitmap_size(npages: int) -> int:
     """Bytes of a block's page bitmap on file (whole 64-bit longs, as QEMU)."""
     return (npages + 63) // 64 * 8
-
-
-def _runs(idx: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted page indices as (first, count) runs of consecutive pages."""
-    if len(idx) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(idx)]))
-    return list(zip(idx[starts].tolist(), (ends - starts).tolist(), strict=True))
 
 
 def _pwritev_all(fd: int, bufs: list[memoryview], offset: int) -> int:
@@ -183,7 +173,7 @@ class MappedRamSender(PageWorkerPool):
         nbytes = 0
         if len(normal):
             view = layout.block.view
-            for first, count in _runs(normal):
+            for first, count in page_runs(normal):
                 buf = view[first << PAGE_SHIFT : (first + count) << PAGE_SHIFT]
                 nbytes += _pwritev_all(self.fd, [buf], layout.pages_offset + (first << PAGE_SHIFT))
             layout.written[normal] = True
@@ -334,7 +324,7 @@ def incoming_load(mig: Any, setup: Any, offset: int) -> None:
         bits = np.unpackbits(np.frombuffer(raw, np.uint8), bitorder="little")[:npages]
         idx = np.flatnonzero(bits)
         view = block.view
-        for first, count in _runs(idx):
+        for first, count in page_runs(idx):
             # big runs are split so the threads share the work evenly
             for f in range(first, first + count, 2048):
                 n = min(2048, first + count - f)

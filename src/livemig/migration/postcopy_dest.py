@@ -58,10 +58,10 @@ from livemig.migration.postcopy_source import (
     boost_thread,
     checksum_vmsd,
     page_checksums,
-    runs,
 )
 from livemig.migration.state import MigrationStatus
 from livemig.savevm.devices import decode_globalstate, descriptions
+from livemig.savevm.ram import page_runs
 from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener
 from livemig.wire import events as E
 from livemig.wire import returnpath as RP
@@ -443,7 +443,7 @@ class PostcopyIncoming:
             for s in range(0, len(idx), STAGING_PAGES):
                 part = idx[s : s + STAGING_PAGES]
                 if data is None:
-                    for first, count in runs(part):
+                    for first, count in page_runs(part):
                         uffd.zeropage(b.host_addr + first * PAGE, count * PAGE, exist_ok=True)
                 else:
                     stage = staging[: len(part)]
@@ -452,7 +452,7 @@ class PostcopyIncoming:
                         checksum += page_checksums(stage.view(np.uint64).reshape(-1, PAGE_WORDS),
                                                    part)  # fmt: skip
                     pos = 0
-                    for first, count in runs(part):
+                    for first, count in page_runs(part):
                         self._copy(b.host_addr + first * PAGE, base + pos * PAGE, count)
                         pos += count
         finally:

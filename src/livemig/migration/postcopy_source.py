@@ -52,6 +52,7 @@ from livemig.errors import MigrationError
 from livemig.machine.runstate import RunState
 from livemig.migration.state import MigrationStatus
 from livemig.savevm.devices import GLOBALSTATE_VMSD, encode_globalstate, machine_entries
+from livemig.savevm.ram import page_runs
 from livemig.transport import Channel, ChannelError, connect
 from livemig.wire import events as E
 from livemig.wire import returnpath as RP
@@ -134,16 +135,6 @@ def checksum_vmsd(blocks: list) -> Any:
     from livemig import vmstate
 
     return vmstate.vmsd(CHECKSUM_IDSTR, 1, [vmstate.u64(b.idstr) for b in blocks])
-
-
-def runs(idx: np.ndarray) -> list[tuple[int, int]]:
-    """(first, count) of each run of consecutive page indices in sorted ``idx``."""
-    if len(idx) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(idx) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [len(idx)]))
-    return [(int(idx[s]), int(e - s)) for s, e in zip(starts, ends, strict=True)]
 
 
 class PostcopySource:
@@ -445,7 +436,9 @@ class PostcopySource:
         enc = mig.encoder
         bufs: list = []
         for b in mig.ram.blocks:
-            ranges = [(s * PAGE, n * PAGE) for s, n in runs(np.flatnonzero(mig.ram.dirty[b.idstr]))]
+            ranges = [
+                (s * PAGE, n * PAGE) for s, n in page_runs(np.flatnonzero(mig.ram.dirty[b.idstr]))
+            ]
             for i in range(0, len(ranges), MAX_DISCARD_RANGES):
                 chunk = tuple(ranges[i : i + MAX_DISCARD_RANGES])
                 bufs += enc.send(E.PostcopyRamDiscard(b.idstr, chunk))

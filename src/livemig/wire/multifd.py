@@ -143,6 +143,7 @@ class MultifdPacket:
             bsize = block_sizes.get(name)
             if bsize is None:
                 raise StreamError(f"multifd packet for unknown RAMBlock {name!r}", offset + 64)
-            if int(offs.max()) + page_size > bsize or int((offs % page_size).max()):
+            # an OR of all offsets has a low bit set iff one of them is not page-aligned
+            if int(offs.max()) + page_size > bsize or int(np.bitwise_or.reduce(offs)) % page_size:
                 raise StreamError(f"multifd page offset outside block {name!r}", offset + 320)
         return cls(flags, num, name, offs, normal, zero, alloc, size)
