@@ -13,7 +13,11 @@ sender thread per stream doing ``sendall`` of 1 MiB buffers and a receiver proce
 issue's target is >= 0.85 of it. For context, the same again with each receiver writing
 through its share of 256 MiB instead of one cached MiB ("TCP into RAM"): a destination writes
 every byte to a different place in guest RAM, and on these machines that write, not the
-protocol, is much of the difference.
+protocol, is much of the difference. And for guests whose RAM is populated (not *idle*), "TCP
+RAM to RAM": the senders read the guest's own RAM, each stream its share, instead of one
+cached MiB, so raw TCP does the memory traffic a migration must (what is left between it and
+livemig is the protocol and Python). Every TCP figure comes with the CPU seconds both ends
+spent per GB, beside livemig's.
 
 Tables: (1) idle and random, 1/2/4 channels: GB/s and the ratio to N-stream TCP (target
 >= 0.85); (2) per compression method on the mixed image: wire bytes per page and CPU seconds
@@ -33,7 +37,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -42,12 +46,13 @@ from livemig.errors import LivemigError, MigrationError
 from livemig.units import PAGE_SIZE, format_size, parse_size
 
 _RX = """
-import socket, sys, threading
+import socket, sys, threading, time
 port, n, ring = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 total = [0] * n
 # ring > 0: each stream writes through its own ``ring`` bytes (allocated and zeroed, so
 # populated, before connecting) instead of one reused MiB that stays in the cache
 bufs = [memoryview(bytearray(max(ring, 1 << 20))) for _ in range(n)]
+cpu0 = time.process_time()  # after populating the buffers: the transfer's CPU only
 def rx(i, s):
     v = bufs[i]; at = 0; size = len(v)
     while True:
@@ -58,7 +63,7 @@ def rx(i, s):
 socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
 ts = [threading.Thread(target=rx, args=(i, s)) for i, s in enumerate(socks)]
 [t.start() for t in ts]; [t.join() for t in ts]
-print(sum(total))
+print(sum(total), time.process_time() - cpu0)
 """
 
 
@@ -67,14 +72,24 @@ print(sum(total))
 RAM_RING = 256 << 20
 
 
-def tcp_streams(total: int, n: int, ring: int = 0) -> float:
-    """Bytes/s of ``n`` parallel loopback TCP streams moving ``total`` bytes together.
+class TcpResult(NamedTuple):
+    rate: float  # bytes/s
+    cpu_per_gb: float  # CPU seconds of sender and receiver together per GB moved
+
+
+def tcp_streams(total: int, n: int, ring: int = 0, source: np.ndarray | None = None) -> TcpResult:
+    """``n`` parallel loopback TCP streams moving ``total`` bytes together.
 
     ``ring``: bytes of memory the receiver writes through, spread over the streams (0: one
     reused 1 MiB buffer per stream, which stays in the CPU cache; a migration destination
-    writes every byte to a different place in guest RAM)."""
+    writes every byte to a different place in guest RAM). ``source``: memory the senders read,
+    each stream walking its own share (None: one cached 1 MiB buffer)."""
     chunk = 1 << 20
     per = max(chunk, total // n // chunk * chunk)
+    if source is not None:
+        per = min(per, len(source) // n // chunk * chunk)
+        if per < chunk:
+            raise ValueError("TCP baseline: source memory smaller than 1 MiB a stream")
     with socket.socket() as ls:
         ls.bind(("127.0.0.1", 0))
         ls.listen(n)
@@ -84,27 +99,31 @@ def tcp_streams(total: int, n: int, ring: int = 0) -> float:
         ls.settimeout(30)
         conns = [ls.accept()[0] for _ in range(n)]
         buf = memoryview(bytearray(os.urandom(chunk)))
+        mem = memoryview(source.reshape(-1)) if source is not None else None
 
-        def tx(c: socket.socket) -> None:
+        def tx(i: int, c: socket.socket) -> None:
             sent = 0
             while sent < per:
-                c.sendall(buf)
+                c.sendall(buf if mem is None else mem[i * per + sent : i * per + sent + chunk])
                 sent += chunk
             c.shutdown(socket.SHUT_WR)
 
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
-        ts = [threading.Thread(target=tx, args=(c,)) for c in conns]
+        ts = [threading.Thread(target=tx, args=(i, c)) for i, c in enumerate(conns)]
         for t in ts:
             t.start()
         for t in ts:
             t.join()
+        tx_cpu = time.process_time() - cpu0
         out, _ = rx.communicate(timeout=300)
         elapsed = time.perf_counter() - t0
         for c in conns:
             c.close()
-    if int(out or 0) != per * n:
+    got, _, rx_cpu = (out or b"").decode().partition(" ")
+    if not got.isdigit() or int(got) != per * n:
         raise MigrationError(f"TCP baseline: receiver got {out!r} of {per * n} bytes")
-    return per * n / elapsed
+    return TcpResult(per * n / elapsed, (tx_cpu + float(rx_cpu)) / (per * n / 1e9))
 
 
 def fill(array: np.ndarray, kind: str, seed: int = 1) -> None:
@@ -184,8 +203,12 @@ class _Destination:
 
 
 def migrate_once(machine: Any, size: int, channels: int, compression: str,
-                 workdir: Path, prefault: bool = False) -> dict[str, Any]:  # fmt: skip
-    """One multifd migration of ``machine`` to a fresh destination process; its figures."""
+                 workdir: Path, prefault: bool = False,
+                 verify: bool = False) -> dict[str, Any]:  # fmt: skip
+    """One multifd migration of ``machine`` to a fresh destination process; its figures.
+
+    ``verify``: capability ``x-verify`` (both sides hash RAM at switch-over, inside the
+    measured time; the smoke test's check that the pages arrived, not for the figures)."""
     from livemig.migration.manager import MigrationManager
     from livemig.transport.open import Listener
 
@@ -194,13 +217,14 @@ def migrate_once(machine: Any, size: int, channels: int, compression: str,
     dest = _Destination(size, workdir, prefault)
     try:
         params = {"multifd-channels": channels, "multifd-compression": compression}
-        dest.qmp.command("migrate-set-capabilities",
-                         capabilities=[{"capability": "multifd", "state": True}])  # fmt: skip
+        caps = [{"capability": "multifd", "state": True}]
+        if verify:
+            caps.append({"capability": "x-verify", "state": True})
+        dest.qmp.command("migrate-set-capabilities", capabilities=caps)
         dest.qmp.command("migrate-set-parameters", **params, **{"x-io-timeout": 120000})
         dest.qmp.command("migrate-incoming", uri=uri)
         mgr = MigrationManager(machine)
-        mgr.set_capabilities([{"capability": "multifd", "state": True},
-                              {"capability": "return-path", "state": True}])  # fmt: skip
+        mgr.set_capabilities([*caps, {"capability": "return-path", "state": True}])
         mgr.set_parameters({**params, "max-bandwidth": 1 << 40, "x-io-timeout": 120000,
                             "downtime-limit": 300})  # fmt: skip
         cpu0 = time.process_time() + dest.cpu()
@@ -213,6 +237,9 @@ def migrate_once(machine: Any, size: int, channels: int, compression: str,
         q = mgr.query_migrate()
         if q.get("status") != "completed":
             raise MigrationError(f"benchmark migration {q.get('status')}: {q.get('error-desc')}")
+        if verify and q.get("x-verified") is not True:
+            raise MigrationError(f"benchmark migration ({channels} channels, {compression}): "
+                                 f"destination RAM differs from the source's")  # fmt: skip
         active = (q["total-time"] - q["setup-time"]) / 1000
         ram = q["ram"]
         pages = ram["normal"] + ram["duplicate"]
@@ -222,6 +249,7 @@ def migrate_once(machine: Any, size: int, channels: int, compression: str,
             "wire_bytes": ram["transferred"],
             "bytes_per_page": ram["transferred"] / max(1, pages),
             "cpu_per_gb": cpu / (size / 1e9),
+            **({"verified": q.get("x-verified")} if verify else {}),
         }
     finally:
         dest.close()
@@ -242,14 +270,21 @@ def _reuse(machine: Any) -> None:
 
 
 def _median_run(machine: Any, size: int, n: int, method: str, workdir: Path, prefault: bool,
-                repeat: int) -> dict[str, Any]:  # fmt: skip
+                repeat: int, verify: bool = False) -> dict[str, Any]:  # fmt: skip
     """The run with the median throughput of ``repeat`` (the host is shared and noisy)."""
     runs = []
     for _ in range(repeat):
         _reuse(machine)
-        runs.append(migrate_once(machine, size, n, method, workdir, prefault))
+        runs.append(migrate_once(machine, size, n, method, workdir, prefault, verify))
     runs.sort(key=lambda r: r["throughput"])
     return {**runs[len(runs) // 2], "runs": [r["throughput"] for r in runs]}
+
+
+def _median_tcp(size: int, n: int, repeat: int, ring: int = 0,
+                source: np.ndarray | None = None) -> TcpResult:  # fmt: skip
+    """The TCP run with the median rate of ``repeat``."""
+    runs = sorted((tcp_streams(size, n, ring, source) for _ in range(repeat)), key=lambda t: t.rate)
+    return runs[len(runs) // 2]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -264,32 +299,42 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {"size": size, "rows": [], "compression": []}
     t1 = Table(title=f"multifd throughput, {format_size(size)} guest, vs N-stream loopback TCP "
                      f"(median of {repeat})")  # fmt: skip
-    for col in ("memory", "dest RAM", "channels", "livemig GB/s", "TCP GB/s", "ratio",
-                "TCP into RAM GB/s", "ratio to it"):  # fmt: skip
+    for col in ("memory", "dest RAM", "channels", "livemig GB/s", "CPU s/GB", "TCP GB/s",
+                "CPU s/GB", "ratio", "TCP into RAM GB/s", "ratio to it", "TCP RAM to RAM GB/s",
+                "CPU s/GB", "ratio to it"):  # fmt: skip
         t1.add_column(col, justify="right")
-    baselines, into_ram = {}, {}
-    for n in chans:
-        runs = sorted(tcp_streams(size, n) for _ in range(repeat))
-        baselines[n] = runs[len(runs) // 2]
-        runs = sorted(tcp_streams(size, n, RAM_RING) for _ in range(repeat))
-        into_ram[n] = runs[len(runs) // 2]
+    baselines = {n: _median_tcp(size, n, repeat) for n in chans}
+    into_ram = {n: _median_tcp(size, n, repeat, RAM_RING) for n in chans}
     for kind in args.kinds.split(","):
         m = _machine(size)
         try:
             fill(m.ram_blocks[0].array, kind)
+            # idle RAM is populated too (fill writes every page), but its baseline would be the
+            # random one's: measured where the guest's pages are data
+            ram_to_ram = ({n: _median_tcp(size, n, repeat, RAM_RING, m.ram_blocks[0].array)
+                           for n in chans} if kind != "idle" else {})  # fmt: skip
             for prefault in modes:
                 for n in chans:
-                    r = _median_run(m, size, n, "none", workdir, prefault, repeat)
-                    ratio = r["throughput"] / baselines[n]
-                    ratio_ram = r["throughput"] / into_ram[n]
+                    r = _median_run(m, size, n, "none", workdir, prefault, repeat, args.verify)
+                    tcp, ram, r2r = baselines[n], into_ram[n], ram_to_ram.get(n)
                     dest_ram = "prefaulted" if prefault else "fresh"
-                    results["rows"].append({"memory": kind, "dest_ram": dest_ram, "channels": n,
-                                            **r, "tcp": baselines[n], "ratio": ratio,
-                                            "tcp_into_ram": into_ram[n],
-                                            "ratio_into_ram": ratio_ram})  # fmt: skip
+                    row = {"memory": kind, "dest_ram": dest_ram, "channels": n, **r,
+                           "tcp": tcp.rate, "tcp_cpu_per_gb": tcp.cpu_per_gb,
+                           "ratio": r["throughput"] / tcp.rate,
+                           "tcp_into_ram": ram.rate,
+                           "ratio_into_ram": r["throughput"] / ram.rate}  # fmt: skip
+                    if r2r is not None:
+                        row.update(tcp_ram_to_ram=r2r.rate,
+                                   tcp_ram_to_ram_cpu_per_gb=r2r.cpu_per_gb,
+                                   ratio_ram_to_ram=r["throughput"] / r2r.rate)  # fmt: skip
+                    results["rows"].append(row)
                     t1.add_row(kind, dest_ram, str(n), f"{r['throughput'] / 1e9:.2f}",
-                               f"{baselines[n] / 1e9:.2f}", f"{ratio:.2f}",
-                               f"{into_ram[n] / 1e9:.2f}", f"{ratio_ram:.2f}")  # fmt: skip
+                               f"{r['cpu_per_gb']:.2f}", f"{tcp.rate / 1e9:.2f}",
+                               f"{tcp.cpu_per_gb:.2f}", f"{row['ratio']:.2f}",
+                               f"{ram.rate / 1e9:.2f}", f"{row['ratio_into_ram']:.2f}",
+                               *(("-",) * 3 if r2r is None else
+                                 (f"{r2r.rate / 1e9:.2f}", f"{r2r.cpu_per_gb:.2f}",
+                                  f"{row['ratio_ram_to_ram']:.2f}")))  # fmt: skip
         finally:
             m.close()
     console.print(t1)
@@ -304,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
             fill(m.ram_blocks[0].array, "mixed")
             for method in methods:
                 _reuse(m)
-                r = migrate_once(m, size, 2, method, workdir)
+                r = migrate_once(m, size, 2, method, workdir, verify=args.verify)
                 results["compression"].append({"method": method, **r})
                 t2.add_row(method, f"{r['bytes_per_page']:.0f}", f"{r['cpu_per_gb']:.2f}",
                            f"{r['throughput'] / 1e9:.2f}")  # fmt: skip
@@ -426,6 +471,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="destination RAM untouched, or populated at start (livemig run "
                         "--prefault, QEMU's -mem-prealloc)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--verify", action="store_true",
+                   help="x-verify on every migration: both sides hash RAM (inside the measured "
+                        "time, so for checking, not for figures)")  # fmt: skip
     p.add_argument(
         "--two-hosts",
         action="store_true",
