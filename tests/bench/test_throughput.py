@@ -13,10 +13,19 @@ from livemig.bench import throughput
 
 
 def test_tcp_baselines_move_every_byte_and_count_cpu() -> None:
-    src = np.random.default_rng(5).integers(0, 256, 8 << 20, dtype=np.uint8)
-    for kwargs in ({}, {"ring": 4 << 20}, {"ring": 4 << 20, "source": src}):
-        r = throughput.tcp_streams(8 << 20, 2, **kwargs)
+    # each baseline raises if the receiver did not get every byte
+    for ring in (0, 4 << 20):
+        r = throughput.tcp_streams(8 << 20, 2, ring)
         assert r.rate > 0 and r.cpu_per_gb > 0
+    src = np.random.default_rng(5).integers(0, 256, 8 << 20, dtype=np.uint8)
+    rx = throughput.GuestMemoryTcp(8 << 20)
+    try:
+        for n in (1, 2, 4):  # one receiver process for every run
+            r = rx.run(n, src)
+            assert r.rate > 0 and r.cpu_per_gb > 0
+    finally:
+        rx.close()
+    assert rx.proc.returncode == 0
 
 
 def test_bench_throughput_small_guest(tmp_path: Path) -> None:

@@ -67,6 +67,35 @@ print(sum(total), time.process_time() - cpu0)
 """
 
 
+# The "TCP RAM to RAM" receiver: one process for every run, its memory like a destination's
+# guest RAM (shared anonymous, guest-sized, populated once), each stream writing its share.
+# It reads a stream count per line on stdin, connects that many streams, and answers with the
+# bytes received and the CPU seconds it spent.
+_RX_GUEST = """
+import mmap, socket, sys, threading, time
+port, size = int(sys.argv[1]), int(sys.argv[2])
+mem = memoryview(mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE))
+print("ready", flush=True)
+for line in sys.stdin:
+    n = int(line)
+    share = size // n // 4096 * 4096
+    total = [0] * n
+    def rx(i, s):
+        v = mem[i * share : (i + 1) * share]; at = 0
+        while True:
+            k = s.recv_into(v[at : at + (1 << 20)])
+            if not k: break
+            total[i] += k
+            at = (at + k) % share
+    cpu0 = time.process_time()
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    ts = [threading.Thread(target=rx, args=(i, s)) for i, s in enumerate(socks)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+    [s.close() for s in socks]
+    print(sum(total), time.process_time() - cpu0, flush=True)
+"""
+
+
 # Receiver memory of the "TCP into RAM" baseline: well beyond the CPU caches, small enough to
 # populate in about a second before timing (first touch costs ~5 s/GiB here).
 RAM_RING = 256 << 20
@@ -77,19 +106,14 @@ class TcpResult(NamedTuple):
     cpu_per_gb: float  # CPU seconds of sender and receiver together per GB moved
 
 
-def tcp_streams(total: int, n: int, ring: int = 0, source: np.ndarray | None = None) -> TcpResult:
+def tcp_streams(total: int, n: int, ring: int = 0) -> TcpResult:
     """``n`` parallel loopback TCP streams moving ``total`` bytes together.
 
     ``ring``: bytes of memory the receiver writes through, spread over the streams (0: one
     reused 1 MiB buffer per stream, which stays in the CPU cache; a migration destination
-    writes every byte to a different place in guest RAM). ``source``: memory the senders read,
-    each stream walking its own share (None: one cached 1 MiB buffer)."""
+    writes every byte to a different place in guest RAM)."""
     chunk = 1 << 20
     per = max(chunk, total // n // chunk * chunk)
-    if source is not None:
-        per = min(per, len(source) // n // chunk * chunk)
-        if per < chunk:
-            raise ValueError("TCP baseline: source memory smaller than 1 MiB a stream")
     with socket.socket() as ls:
         ls.bind(("127.0.0.1", 0))
         ls.listen(n)
@@ -99,18 +123,17 @@ def tcp_streams(total: int, n: int, ring: int = 0, source: np.ndarray | None = N
         ls.settimeout(30)
         conns = [ls.accept()[0] for _ in range(n)]
         buf = memoryview(bytearray(os.urandom(chunk)))
-        mem = memoryview(source.reshape(-1)) if source is not None else None
 
-        def tx(i: int, c: socket.socket) -> None:
+        def tx(c: socket.socket) -> None:
             sent = 0
             while sent < per:
-                c.sendall(buf if mem is None else mem[i * per + sent : i * per + sent + chunk])
+                c.sendall(buf)
                 sent += chunk
             c.shutdown(socket.SHUT_WR)
 
         cpu0 = time.process_time()
         t0 = time.perf_counter()
-        ts = [threading.Thread(target=tx, args=(i, c)) for i, c in enumerate(conns)]
+        ts = [threading.Thread(target=tx, args=(c,)) for c in conns]
         for t in ts:
             t.start()
         for t in ts:
@@ -280,11 +303,71 @@ def _median_run(machine: Any, size: int, n: int, method: str, workdir: Path, pre
     return {**runs[len(runs) // 2], "runs": [r["throughput"] for r in runs]}
 
 
-def _median_tcp(size: int, n: int, repeat: int, ring: int = 0,
-                source: np.ndarray | None = None) -> TcpResult:  # fmt: skip
-    """The TCP run with the median rate of ``repeat``."""
-    runs = sorted((tcp_streams(size, n, ring, source) for _ in range(repeat)), key=lambda t: t.rate)
-    return runs[len(runs) // 2]
+class GuestMemoryTcp:
+    """The "TCP RAM to RAM" baseline: ``n`` streams from the source guest's RAM (each sender
+    its share) into a receiver whose memory is like the destination's guest RAM. Exactly the
+    memory traffic of a migration of that RAM, with nothing of the protocol."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.listener.settimeout(60)
+        port = self.listener.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, "-c", _RX_GUEST, str(port), str(size)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.proc.stdout is not None and self.proc.stdin is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise MigrationError("TCP RAM-to-RAM baseline: the receiver did not start")
+
+    def run(self, n: int, source: np.ndarray) -> TcpResult:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        chunk = 1 << 20
+        per = min(self.size // n, source.nbytes // n) // chunk * chunk
+        mem = memoryview(source.reshape(-1))
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        conns = [self.listener.accept()[0] for _ in range(n)]
+
+        def tx(i: int, c: socket.socket) -> None:
+            for at in range(i * per, (i + 1) * per, chunk):
+                c.sendall(mem[at : at + chunk])
+            c.shutdown(socket.SHUT_WR)
+
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        ts = [threading.Thread(target=tx, args=(i, c)) for i, c in enumerate(conns)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        tx_cpu = time.process_time() - cpu0
+        got, _, rx_cpu = self.proc.stdout.readline().partition(" ")
+        elapsed = time.perf_counter() - t0
+        for c in conns:
+            c.close()
+        if not got.isdigit() or int(got) != per * n:
+            raise MigrationError(
+                f"TCP RAM-to-RAM baseline: receiver got {got!r} of {per * n} bytes"
+            )
+        return TcpResult(per * n / elapsed, (tx_cpu + float(rx_cpu)) / (per * n / 1e9))
+
+    def close(self) -> None:
+        self.listener.close()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _median(runs: list[TcpResult]) -> TcpResult:
+    """The TCP run with the median rate."""
+    return sorted(runs, key=lambda t: t.rate)[len(runs) // 2]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -303,16 +386,24 @@ def run(args: argparse.Namespace) -> int:
                 "CPU s/GB", "ratio", "TCP into RAM GB/s", "ratio to it", "TCP RAM to RAM GB/s",
                 "CPU s/GB", "ratio to it"):  # fmt: skip
         t1.add_column(col, justify="right")
-    baselines = {n: _median_tcp(size, n, repeat) for n in chans}
-    into_ram = {n: _median_tcp(size, n, repeat, RAM_RING) for n in chans}
+    baselines = {n: _median([tcp_streams(size, n) for _ in range(repeat)]) for n in chans}
+    into_ram = {n: _median([tcp_streams(size, n, RAM_RING) for _ in range(repeat)])
+                for n in chans}  # fmt: skip
     for kind in args.kinds.split(","):
         m = _machine(size)
         try:
             fill(m.ram_blocks[0].array, kind)
-            # idle RAM is populated too (fill writes every page), but its baseline would be the
-            # random one's: measured where the guest's pages are data
-            ram_to_ram = ({n: _median_tcp(size, n, repeat, RAM_RING, m.ram_blocks[0].array)
-                           for n in chans} if kind != "idle" else {})  # fmt: skip
+            ram_to_ram: dict[int, TcpResult] = {}
+            if kind != "idle":
+                # (an idle guest's pages go as zero pages: raw TCP of its RAM would not be
+                # the traffic of its migration)
+                rx = GuestMemoryTcp(size)
+                try:
+                    array = m.ram_blocks[0].array
+                    ram_to_ram = {n: _median([rx.run(n, array) for _ in range(repeat)])
+                                  for n in chans}  # fmt: skip
+                finally:
+                    rx.close()
             for prefault in modes:
                 for n in chans:
                     r = _median_run(m, size, n, "none", workdir, prefault, repeat, args.verify)
