@@ -9,7 +9,9 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
   QEMU 7.2's rule (first = main). A wrong magic, version or UUID, an id out of range or seen
   twice is refused with an error naming the channel.
 * **Packets.** The migration thread hands batches of dirty page indices of one RAMBlock to the
-  next channel with room in its queue (round robin). The channel thread sorts them into zero
+  channel with the fewest jobs queued, waiting while no channel has room (QEMU's
+  ``channels_ready`` semaphore: a job never waits behind a slow channel while another idles).
+  The channel thread sorts them into zero
   and normal pages (zero-page detection runs here, 9.0's ``zero-page-detection=multifd``),
   builds the 1344-byte packet header (``wire.multifd.MultifdPacket``) and sends header + page
   data with one ``writev`` whose buffers are memoryview slices of the RAM mmap (no copy in
