@@ -121,10 +121,14 @@ def test_bench_precopy_tiny_end_to_end() -> None:
     if len(os.sched_getaffinity(0)) > 1:  # a CPU for the vCPU, the rest for the migration
         (pb,) = pinned
         run = pb["runs"]["livemig"][0]
-        assert pb["max_bandwidth"] == 0 and run["status"] == "cancelled"
-        # the vCPU, then the source's migration thread(s) and the destination's incoming one
-        assert run["extra"]["pinned-vcpus"] == 1 and run["extra"]["pinned-migration-threads"] >= 2
-        assert pb["brownout"]["median"] is not None
+        assert pb["max_bandwidth"] == 0 and run["status"] in ("cancelled", "completed")
+        assert run["extra"]["pinned-vcpus"] == 1  # from boot
+        # Like the unpinned window, the tiny working set may converge first (once in a loaded
+        # full-suite run); then the threads may have ended before they were pinned.
+        if run["status"] == "cancelled":
+            # the source's migration thread(s) and the destination's incoming one
+            assert run["extra"]["pinned-migration-threads"] >= 2
+            assert pb["brownout"]["median"] is not None
     else:
         assert not pinned
     bo = by["brownout"]

@@ -37,6 +37,7 @@ def test_bench_throughput_small_guest(tmp_path: Path) -> None:
     res = json.loads(out.read_text())
     rows = {(r["memory"], r["channels"]): r for r in res["rows"]}
     assert set(rows) == {("idle", 1), ("idle", 2), ("random", 1), ("random", 2)}
+    assert res["target"] == 0.85
     for (kind, _), r in rows.items():
         assert r["verified"] is True
         assert r["throughput"] > 0 and r["tcp"] > 0 and r["cpu_per_gb"] > 0
