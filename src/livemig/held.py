@@ -45,6 +45,22 @@ def read(fd: int, address: int, size: int) -> int:
     return n
 
 
+def try_read(fd: int, address: int, size: int) -> int:
+    """``read`` that reports an empty descriptor as -1 instead of raising BlockingIOError.
+
+    The request path's reads mostly find nothing (the thread has just served the last
+    message), and building that exception cost more than the read itself."""
+    while True:
+        n = _read(fd, address, size)
+        if n >= 0:
+            return n
+        err = ctypes.get_errno()
+        if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return -1
+        if err != errno.EINTR:
+            raise _fail("read")
+
+
 def write(fd: int, data: bytes) -> int:
     """``write`` of ``data``; returns the bytes written (maybe fewer); BlockingIOError when
     none fit."""

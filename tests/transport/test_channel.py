@@ -285,3 +285,53 @@ def test_held_calls_name_their_errors() -> None:
     assert held.ioctl(r, 0, 0)[1] != 0  # EBADF reported as an errno, not raised
     a.close()
     b.close()
+
+
+def test_held_try_read_reports_empty_as_minus_one() -> None:
+    from livemig import held
+    from livemig.iovec import address
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    buf = bytearray(16)
+    addr, size, _keep = address(buf)
+    assert held.try_read(a.fileno(), addr, size) == -1  # empty: no exception
+    b.send(b"xyz")
+    assert held.try_read(a.fileno(), addr, size) == 3 and bytes(buf[:3]) == b"xyz"
+    a.close()
+    b.close()
+    with pytest.raises(OSError):
+        held.try_read(a.fileno(), addr, size)  # a closed descriptor (EBADF)
+
+
+def test_hold_gil_recv_follows_the_buffer_it_is_given() -> None:
+    """The held read caches the address of the buffer it last read into: a different buffer
+    must get the bytes, never the cached one."""
+    a, b = _pair()
+    one, two = memoryview(bytearray(4)), memoryview(bytearray(4))
+    for i, buf in enumerate([one, two, one, two, two, one]):
+        a.sendv([bytes([i]) * 4])
+        got = 0
+        while got < 4:
+            got += b.recv_into(buf[got:] if got else buf, hold_gil=True)
+        assert bytes(buf) == bytes([i]) * 4
+
+
+def test_waits_from_several_threads_each_use_their_own_poll() -> None:
+    """Poll objects are cached per thread (a poll object polled from two threads at once
+    raises): readers in turn on different threads, and a writer waiting for room on another,
+    all complete."""
+    a, b = _pair()
+    a._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # type: ignore[union-attr]
+    data = os.urandom(1 << 20)
+    outs: list[bytearray] = []
+    for _ in range(3):
+        out = bytearray()
+        reader = threading.Thread(target=_drain, args=(b, len(data), out))
+        reader.start()
+        writer = threading.Thread(target=a.sendv, args=([data],))
+        writer.start()
+        writer.join(10)
+        reader.join(10)
+        outs.append(out)
+    assert all(bytes(o) == data for o in outs)

@@ -31,6 +31,7 @@ import errno
 import os
 import select
 import struct
+import threading
 from typing import NamedTuple
 
 from livemig import held
@@ -289,6 +290,7 @@ class Userfaultfd:
         """Close the fd; the kernel unregisters every range and wakes any waiting fault."""
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
+            self.__dict__.pop("_pollers", None)  # they watch the old number
             os.close(fd)
 
     def __enter__(self) -> Userfaultfd:
@@ -374,8 +376,14 @@ class Userfaultfd:
     # --- events --------------------------------------------------------------------------------
     def wait(self, timeout: float | None) -> bool:
         """Wait until events can be read (or ``timeout`` seconds pass); True if readable."""
-        poller = select.poll()
-        poller.register(self.fd, select.POLLIN)
+        if self.fd < 0:
+            raise UffdError("wait: userfaultfd is closed", errno.EBADF)
+        # one poll object per thread, made once (the post-copy fault thread waits per fault)
+        pollers = self.__dict__.setdefault("_pollers", {})
+        poller = pollers.get(threading.get_ident())
+        if poller is None:
+            poller = pollers[threading.get_ident()] = select.poll()
+            poller.register(self.fd, select.POLLIN)
         ms = None if timeout is None else max(0, int(timeout * 1000))
         return bool(poller.poll(ms))
 
@@ -387,7 +395,10 @@ class Userfaultfd:
         while True:
             try:
                 if hold_gil:
-                    n = held.read(self.fd, buffer_address(view), size)
+                    # self._buf is never resized: its address is taken once
+                    addr = self.__dict__.get("_buf_addr") or buffer_address(memoryview(self._buf))
+                    self._buf_addr = addr
+                    n = held.read(self.fd, addr, size)
                 else:
                     n = os.readv(self.fd, [view])
                 break

@@ -71,6 +71,11 @@ class Channel:
         self._file = file
         self._closed = threading.Event()
         self._pipe_r, self._pipe_w = os.pipe()  # wakes pollers on shutdown()
+        # Each thread's poll objects, made once: a poll set up per wait cost the post-copy
+        # request path a few microseconds a hop, several times that on cold caches.
+        self._pollers = threading.local()
+        self._held_buf: memoryview | None = None  # the buffer a held read last used
+        self._held_at: tuple[int, int, Any] = (0, 0, None)  # its (address, size, keep-alive)
         self.bytes_sent = 0
         self.bytes_received = 0
         for fd in {rfd, wfd} - {None}:
@@ -123,9 +128,12 @@ class Channel:
     def _wait(self, fd: int, events: int, what: str) -> None:
         if self._closed.is_set():
             raise ChannelClosed(f"{self.name}: channel shut down")
-        poller = select.poll()
-        poller.register(fd, events)
-        poller.register(self._pipe_r, select.POLLIN)
+        mine = self._pollers.__dict__
+        poller = mine.get((fd, events))
+        if poller is None:
+            poller = mine[(fd, events)] = select.poll()
+            poller.register(fd, events)
+            poller.register(self._pipe_r, select.POLLIN)
         ms = None if self.timeout is None else int(self.timeout * 1000)
         ready = poller.poll(ms)
         if self._closed.is_set():
@@ -235,13 +243,28 @@ class Channel:
         ``hold_gil``: the post-copy request path's reads, which keep the interpreter lock
         except while they sleep in ``poll`` (``livemig/held.py``); ``buf`` must be
         writable."""
-        if hold_gil:
-            addr, size, _keep = iovec.address(buf)
-            n = self._read(lambda fd: held.read(fd, addr, size))
-        else:
-            n = self._read(lambda fd: os.readv(fd, [buf]))
+        n = self._recv_held(buf) if hold_gil else self._read(lambda fd: os.readv(fd, [buf]))
         self.bytes_received += n
         return n
+
+    def _recv_held(self, buf: memoryview) -> int:
+        """``recv_into(buf, hold_gil=True)``. The request path reads into the same buffer
+        every time: its address is resolved once, and an empty socket is a return value, not
+        an exception, before the wait."""
+        if self._rfd is None:
+            raise ChannelError(f"{self.name}: channel is not readable")
+        if buf is not self._held_buf:
+            self._held_at = iovec.address(buf)
+            self._held_buf = buf
+        addr, size, _keep = self._held_at
+        while True:
+            try:
+                n = held.try_read(self._rfd, addr, size)
+            except OSError as exc:
+                raise self._error("read", exc) from exc
+            if n >= 0:
+                return n
+            self._wait(self._rfd, select.POLLIN, "reading")
 
     def recv(self, n: int) -> bytes:
         """Up to ``n`` bytes as a new ``bytes`` (``b""``: the peer closed its side).
