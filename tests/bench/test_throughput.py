@@ -14,8 +14,8 @@ from livemig.bench import throughput
 
 def test_tcp_baselines_move_every_byte_and_count_cpu() -> None:
     # each baseline raises if the receiver did not get every byte
-    for ring in (0, 4 << 20):
-        r = throughput.tcp_streams(8 << 20, 2, ring)
+    for n in (1, 2):
+        r = throughput.tcp_streams(8 << 20, n)
         assert r.rate > 0 and r.cpu_per_gb > 0
     src = np.random.default_rng(5).integers(0, 256, 8 << 20, dtype=np.uint8)
     rx = throughput.GuestMemoryTcp(8 << 20)
