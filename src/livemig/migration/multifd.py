@@ -11,11 +11,10 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
 * **Packets.** The migration thread hands batches of dirty page indices of one RAMBlock to the
   channel with the fewest jobs queued, waiting while no channel has room (QEMU's
   ``channels_ready`` semaphore: a job never waits behind a slow channel while another idles).
-  The channel thread sorts them into zero
-  and normal pages (zero-page detection runs here, 9.0's ``zero-page-detection=multifd``),
-  builds the 1344-byte packet header (``wire.multifd.MultifdPacket``) and sends header + page
-  data with one ``writev`` whose buffers are memoryview slices of the RAM mmap (no copy in
-  Python). With compression the pages of a packet go through the channel's single zlib or zstd
+  The channel thread sorts them into zero and normal pages (zero-page detection runs here,
+  9.0's ``zero-page-detection=multifd``), builds the 1344-byte packet header
+  (``wire.multifd.MultifdPacket``) and sends header + page data with one ``writev`` whose
+  buffers are memoryview slices of the RAM mmap (no copy in Python). With compression the pages of a packet go through the channel's single zlib or zstd
   stream (QEMU: one stream per channel; each packet ends with a sync/block flush so it can be
   decoded on its own arrival).
 * **Sync.** Channels reorder, so an old copy of a page must never land after a newer one. At
