@@ -14,9 +14,9 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
   The channel thread sorts them into zero and normal pages (zero-page detection runs here,
   9.0's ``zero-page-detection=multifd``), builds the 1344-byte packet header
   (``wire.multifd.MultifdPacket``) and sends header + page data with one ``writev`` whose
-  buffers are memoryview slices of the RAM mmap (no copy in Python). With compression the pages of a packet go through the channel's single zlib or zstd
-  stream (QEMU: one stream per channel; each packet ends with a sync/block flush so it can be
-  decoded on its own arrival).
+  buffers are memoryview slices of the RAM mmap (no copy in Python). With compression the
+  pages of a packet go through the channel's single zlib or zstd stream (QEMU: one stream per
+  channel; each packet ends with a sync/block flush so it can be decoded on its own arrival).
 * **Sync.** Channels reorder, so an old copy of a page must never land after a newer one. At
   every dirty-bitmap sync (a pass), and before the device state, ``MultifdSender.sync()`` makes
   every channel send a SYNC packet after everything queued before it and waits until all were
