@@ -99,15 +99,25 @@ class PreemptParser:
     """Raw page records of the preempt channel (§7.4): no sections, EOS at the end."""
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        self._buf = bytearray()  # the start of a record cut at the end of the last read
         self.last_block: str | None = None
         self.eos = False
 
-    def feed(self, data: bytes | memoryview) -> list[tuple[str, int, bytes | None]]:
-        """(block, offset, page bytes or None for a zero page) of each complete record."""
-        self._buf += data
-        buf = self._buf
-        out: list[tuple[str, int, bytes | None]] = []
+    def feed(self, data: bytes | memoryview) -> list[tuple[str, int, bytes | memoryview | None]]:
+        """(block, offset, page or None for a zero page) of each complete record.
+
+        A read normally holds whole records: then the pages are views into ``data``, valid
+        until the caller reuses that buffer (the preempt thread installs them first), not
+        copies (two copies of every requested page before, on the request path). Only a record
+        cut by the end of a read is buffered, and the pages parsed out of that buffer are
+        copied."""
+        joined = bool(self._buf)
+        if joined:
+            self._buf += data
+            buf: bytearray | memoryview = self._buf
+        else:
+            buf = memoryview(data)
+        out: list[tuple[str, int, bytes | memoryview | None]] = []
         p = 0
         while not self.eos and len(buf) - p >= 8:
             word = _BE64.unpack_from(buf, p)[0]
@@ -134,7 +144,8 @@ class PreemptParser:
             if kind == 0x08:
                 if len(buf) < at + PAGE:
                     break
-                out.append((block, offset, bytes(buf[at : at + PAGE])))
+                page = buf[at : at + PAGE]
+                out.append((block, offset, bytes(page) if joined else page))
                 at += PAGE
             elif kind == 0x02:
                 if len(buf) < at + 1:
@@ -145,7 +156,10 @@ class PreemptParser:
                 raise StreamError(f"preempt channel: unexpected record flags 0x{flags:x}")
             self.last_block = block
             p = at
-        del buf[:p]
+        if joined:
+            del self._buf[:p]
+        else:
+            self._buf += buf[p:]
         return out
 
 
@@ -488,7 +502,7 @@ class PostcopyIncoming:
             stage = self._local.staging = np.zeros((STAGING_PAGES, PAGE), dtype=np.uint8)
         return stage
 
-    def install_one(self, name: str, i: int, page: bytes | None) -> None:
+    def install_one(self, name: str, i: int, page: bytes | memoryview | None) -> None:
         """``install`` for one page (the preempt channel's requested pages): plain ints, no
         array work. Half of a request's round trip was the ~100 us that ``install`` spends on
         numpy calls sized for a batch."""
