@@ -246,6 +246,37 @@ def test_unix_socket_mode_and_cleanup(make_server: Callable[..., QMPServer], soc
     server.close()  # idempotent
 
 
+def test_socket_file_accepts_as_soon_as_it_exists(sockdir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that connects the moment the socket file appears (as the benchmarks and
+    libvirt wait for it) is queued, not refused, however late the event loop starts serving."""
+    path = sockdir / "early.sock"
+    server = QMPServer(f"unix:{path}", registry())
+    serve = QMPServer._serve
+
+    async def late(self: QMPServer, sock: socket.socket, started) -> None:  # type: ignore[no-untyped-def]
+        import asyncio
+
+        await asyncio.sleep(0.3)  # a loaded host between bind() and the loop's first turn
+        await serve(self, sock, started)
+
+    monkeypatch.setattr(QMPServer, "_serve", late)
+    starter = threading.Thread(target=server.start)
+    starter.start()
+    try:
+        deadline = time.monotonic() + 5
+        while not path.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        c = socket.socket(socket.AF_UNIX)
+        c.settimeout(5)
+        c.connect(str(path))  # refused (ECONNREFUSED) before the fix
+        assert c.recv(4096).startswith(b'{"QMP": ')
+        c.close()
+    finally:
+        starter.join(10)
+        server.close()
+
+
 def test_refuses_to_replace_a_regular_file(sockdir) -> None:
     path = sockdir / "file"
     path.write_text("keep me")

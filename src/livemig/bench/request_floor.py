@@ -95,6 +95,7 @@ def measure(faults: int = 2000, busy: int = 0) -> dict[str, Any]:
     socks: list[socket.socket] = []
     uf: U.Userfaultfd | None = None
     threads: list[threading.Thread] = []
+    stop = threading.Event()  # ends the fault thread's wait when the measurement is over
     area = mmap.mmap(-1, faults * PAGE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         server = subprocess.Popen([sys.executable, "-c", _SERVER, str(TIMEOUT), str(RT_PRIORITY)],
@@ -127,9 +128,15 @@ def measure(faults: int = 2000, busy: int = 0) -> dict[str, Any]:
             requested = 0
             boost_thread(realtime=True)
             try:
-                while requested < faults:
-                    if not uf.wait(TIMEOUT):
-                        raise LivemigError("no fault within the time-out")
+                idle_since = time.monotonic()
+                while requested < faults and not stop.is_set():
+                    # short polls, so that a failed measurement ends this thread at once:
+                    # closing the uffd should wake the poll, but once in a CI run it did not
+                    if not uf.wait(0.1):
+                        if time.monotonic() - idle_since > TIMEOUT:
+                            raise LivemigError("no fault within the time-out")
+                        continue
+                    idle_since = time.monotonic()
                     for ev in uf.read_events():
                         if ev.is_pagefault:
                             addr = ev.address & ~(PAGE_SIZE - 1)
@@ -175,6 +182,7 @@ def measure(faults: int = 2000, busy: int = 0) -> dict[str, Any]:
         if len(lat) < faults:
             raise LivemigError(f"request floor: {len(lat)} of {faults} faults served in time")
     finally:
+        stop.set()
         if uf is not None:
             uf.close()  # wakes a toucher still blocked on a fault: it retries without uffd
         for t in threads:

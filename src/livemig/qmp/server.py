@@ -59,6 +59,7 @@ REQUEST_QUEUE_LEN = 8
 OUTPUT_LIMIT = 8 << 20
 #: Default number of simultaneous clients.
 MAX_CLIENTS = 16
+LISTEN_BACKLOG = 100  # asyncio's own default
 TLS_HANDSHAKE_TIMEOUT = 10.0  # a client that stalls its TLS handshake is dropped
 #: How long close() waits for clients' output to drain and the loop thread to stop.
 CLOSE_TIMEOUT = 2.0
@@ -485,10 +486,20 @@ class QMPServer:
     def _bind(self) -> socket.socket:
         try:
             if self._kind == "unix":
-                return self._bind_unix(self._where)
-            return self._bind_tcp(*self._where)
+                sock = self._bind_unix(self._where)
+            else:
+                sock = self._bind_tcp(*self._where)
         except OSError as exc:
             raise UsageError(f"cannot listen for QMP on {self._describe()}: {exc}") from exc
+        # Listen now, not when the event loop gets to it: a client that sees the socket file
+        # may connect at once (libvirt and the benchmarks wait for the file, as for QEMU's),
+        # and until listen() it is refused. Its connection now waits in the backlog.
+        try:
+            sock.listen(LISTEN_BACKLOG)
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"cannot listen for QMP on {self._describe()}: {exc}") from exc
+        return sock
 
     def _bind_unix(self, path: str) -> socket.socket:
         try:
