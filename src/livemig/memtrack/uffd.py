@@ -32,7 +32,7 @@ import os
 import select
 import struct
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from livemig import held
 from livemig.memtrack._sys import (
@@ -253,7 +253,7 @@ class Userfaultfd:
             raise
         self.features = int(api.features)
         self.ioctls = int(api.ioctls)
-        self._buf = bytearray(UFFD_MSG.size * 256)
+        self._reader_state()
 
     @classmethod
     def adopt(cls, fd: int, features: int = 0) -> Userfaultfd:
@@ -261,8 +261,15 @@ class Userfaultfd:
         handler process); ``features`` records what was granted to it."""
         self = cls.__new__(cls)
         self.fd, self.features, self.ioctls = fd, features, 0
-        self._buf = bytearray(UFFD_MSG.size * 256)
+        self._reader_state()
         return self
+
+    def _reader_state(self) -> None:
+        """The event buffer (never resized, so its address is taken once, for held reads) and
+        each waiting thread's poll object, made on its first wait."""
+        self._buf = bytearray(UFFD_MSG.size * 256)
+        self._buf_addr = buffer_address(memoryview(self._buf))
+        self._pollers: dict[int, Any] = {}  # thread id -> select.poll()
 
     # --- plumbing ----------------------------------------------------------------------------
     def _ioctl(self, request: int, arg: ctypes.Structure, what: str) -> int:
@@ -290,7 +297,7 @@ class Userfaultfd:
         """Close the fd; the kernel unregisters every range and wakes any waiting fault."""
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            self.__dict__.pop("_pollers", None)  # they watch the old number
+            self._pollers.clear()  # they watch the old number
             os.close(fd)
 
     def __enter__(self) -> Userfaultfd:
@@ -379,10 +386,9 @@ class Userfaultfd:
         if self.fd < 0:
             raise UffdError("wait: userfaultfd is closed", errno.EBADF)
         # one poll object per thread, made once (the post-copy fault thread waits per fault)
-        pollers = self.__dict__.setdefault("_pollers", {})
-        poller = pollers.get(threading.get_ident())
+        poller = self._pollers.get(threading.get_ident())
         if poller is None:
-            poller = pollers[threading.get_ident()] = select.poll()
+            poller = self._pollers[threading.get_ident()] = select.poll()
             poller.register(self.fd, select.POLLIN)
         ms = None if timeout is None else max(0, int(timeout * 1000))
         return bool(poller.poll(ms))
@@ -395,10 +401,7 @@ class Userfaultfd:
         while True:
             try:
                 if hold_gil:
-                    # self._buf is never resized: its address is taken once
-                    addr = self.__dict__.get("_buf_addr") or buffer_address(memoryview(self._buf))
-                    self._buf_addr = addr
-                    n = held.read(self.fd, addr, size)
+                    n = held.read(self.fd, self._buf_addr, size)
                 else:
                     n = os.readv(self.fd, [view])
                 break
