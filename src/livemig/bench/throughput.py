@@ -35,6 +35,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -114,29 +115,39 @@ def tcp_streams(total: int, n: int) -> TcpResult:
         conns = [ls.accept()[0] for _ in range(n)]
         buf = memoryview(bytearray(os.urandom(chunk)))
 
-        def tx(c: socket.socket) -> None:
+        def tx(_: int, c: socket.socket) -> None:
             sent = 0
             while sent < per:
                 c.sendall(buf)
                 sent += chunk
             c.shutdown(socket.SHUT_WR)
 
-        cpu0 = time.process_time()
         t0 = time.perf_counter()
-        ts = [threading.Thread(target=tx, args=(c,)) for c in conns]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        tx_cpu = time.process_time() - cpu0
+        tx_cpu = _send_all(conns, tx)
         out, _ = rx.communicate(timeout=300)
         elapsed = time.perf_counter() - t0
         for c in conns:
             c.close()
-    got, _, rx_cpu = (out or b"").decode().partition(" ")
-    if not got.isdigit() or int(got) != per * n:
-        raise MigrationError(f"TCP baseline: receiver got {out!r} of {per * n} bytes")
-    return TcpResult(per * n / elapsed, (tx_cpu + float(rx_cpu)) / (per * n / 1e9))
+    return _tcp_result("TCP baseline", (out or b"").decode(), per * n, elapsed, tx_cpu)
+
+
+def _send_all(conns: list[socket.socket], tx: Callable[[int, socket.socket], None]) -> float:
+    """Run ``tx(i, conn)`` on a thread per connection; the CPU seconds they took."""
+    cpu0 = time.process_time()
+    ts = [threading.Thread(target=tx, args=(i, c)) for i, c in enumerate(conns)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return time.process_time() - cpu0
+
+
+def _tcp_result(what: str, reply: str, nbytes: int, elapsed: float, tx_cpu: float) -> TcpResult:
+    """A receiver's reply ("BYTES CPU-SECONDS") checked against what was sent."""
+    got, _, rx_cpu = reply.strip().partition(" ")
+    if not got.isdigit() or int(got) != nbytes:
+        raise MigrationError(f"{what}: receiver got {reply!r} of {nbytes} bytes")
+    return TcpResult(nbytes / elapsed, (tx_cpu + float(rx_cpu)) / (nbytes / 1e9))
 
 
 def fill(array: np.ndarray, kind: str, seed: int = 1) -> None:
@@ -326,23 +337,13 @@ class GuestMemoryTcp:
                 c.sendall(mem[at : at + chunk])
             c.shutdown(socket.SHUT_WR)
 
-        cpu0 = time.process_time()
         t0 = time.perf_counter()
-        ts = [threading.Thread(target=tx, args=(i, c)) for i, c in enumerate(conns)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        tx_cpu = time.process_time() - cpu0
-        got, _, rx_cpu = self.proc.stdout.readline().partition(" ")
+        tx_cpu = _send_all(conns, tx)
+        reply = self.proc.stdout.readline()
         elapsed = time.perf_counter() - t0
         for c in conns:
             c.close()
-        if not got.isdigit() or int(got) != per * n:
-            raise MigrationError(
-                f"TCP RAM-to-RAM baseline: receiver got {got!r} of {per * n} bytes"
-            )
-        return TcpResult(per * n / elapsed, (tx_cpu + float(rx_cpu)) / (per * n / 1e9))
+        return _tcp_result("TCP RAM-to-RAM baseline", reply, per * n, elapsed, tx_cpu)
 
     def close(self) -> None:
         self.listener.close()
