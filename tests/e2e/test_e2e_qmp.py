@@ -2,10 +2,13 @@
 
 Capabilities in QEMU's order, parameters set and queried, QEMU's refusals (a second migrate,
 migrate-incoming without ``-incoming defer``, a bad URI), ``--incoming defer`` with one
-``migrate-incoming``, and ``query-migrationthreads`` naming ``live_migration``.
+``migrate-incoming``, and ``query-migrationthreads`` naming ``live_migration`` (the name the
+host's tools see too).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +22,10 @@ QEMU_72_CAPS = [
     "multifd", "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared",
     "validate-uuid", "background-snapshot", "zero-copy-send", "postcopy-preempt",
 ]  # fmt: skip
+
+
+def _comm(pid: int, tid: int) -> str:
+    return Path(f"/proc/{pid}/task/{tid}/comm").read_text().rstrip("\n")
 
 
 def refused(proc, command: str, **args) -> str:
@@ -79,6 +86,11 @@ def test_migration_commands(harness: ProcHarness) -> None:
     threads = src.cmd("query-migrationthreads")
     assert "live_migration" in [t["name"] for t in threads], threads
     assert all(isinstance(t["thread-id"], int) and t["thread-id"] > 0 for t in threads)
+    # the host's tools (top -H, ps -T, perf) see the same names (livemig.threads)
+    for t in threads:
+        assert _comm(src.pid, t["thread-id"]) == t["name"][:15], t
+    for cpu in src.cmd("query-cpus-fast"):
+        assert _comm(src.pid, cpu["thread-id"]) == f"vcpu{cpu['cpu-index']}", cpu
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})  # unlimited, applies at once
     info = src.wait_migration(timeout=60)
     assert info["status"] == "completed", info

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from typing import BinaryIO
 
+from livemig import threads
 from livemig.errors import MachineError, UsageError
 
 InputHandler = Callable[[bytes], None]
@@ -119,7 +120,7 @@ class StdioChardev(StreamChardev):
     def __init__(self, *, read_input: bool = False) -> None:
         super().__init__(sys.stdout.buffer)
         if read_input:
-            threading.Thread(target=self._reader, name="chardev-stdin", daemon=True).start()
+            threads.Thread(target=self._reader, name="chardev-stdin", daemon=True).start()
 
     def _reader(self) -> None:
         fd = sys.stdin.fileno()
@@ -151,7 +152,7 @@ class SocketChardev(Chardev):
         self._client: socket.socket | None = None
         self._lock = threading.Lock()
         self._closed = False
-        threading.Thread(target=self._accept_loop, name=f"chardev-{path}", daemon=True).start()
+        threads.Thread(target=self._accept_loop, name=f"chardev-{path}", daemon=True).start()
 
     def _accept_loop(self) -> None:
         while not self._closed:

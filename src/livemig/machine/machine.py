@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from livemig import threads
 from livemig.errors import MachineError
 from livemig.machine.abi import MAX_CPUS, RING_ADDR, RING_SIZE
 from livemig.machine.chardev import BufferChardev, Chardev, open_chardev
@@ -70,7 +71,7 @@ class VCPU:
         self.runs = 0  # how many times the backend was entered (pauses + 1)
         self._machine = machine
         self._exit = False
-        self._thread = threading.Thread(target=self._loop, name=f"vcpu{index}", daemon=True)
+        self._thread = threads.Thread(target=self._loop, name=f"vcpu{index}", daemon=True)
 
     @property
     def runnable(self) -> bool:
@@ -331,7 +332,7 @@ class Machine:
         with self._cond:
             self._throttle_pct = percent
             if percent and self._throttle_thread is None:
-                self._throttle_thread = threading.Thread(
+                self._throttle_thread = threads.Thread(
                     target=self._throttle_loop, name="cpu-throttle", daemon=True
                 )
                 self._throttle_thread.start()
@@ -396,7 +397,7 @@ class Machine:
                 except MachineError as exc:
                     log.error("cannot end the guest run: %s", exc)
 
-        threading.Thread(target=end, name=f"machine-{reason}", daemon=True).start()
+        threads.Thread(target=end, name=f"machine-{reason}", daemon=True).start()
 
     # -- the guest ---------------------------------------------------------------------------
 

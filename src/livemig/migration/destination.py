@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from livemig import threads
 from livemig.errors import LivemigError, StreamError
 from livemig.machine.runstate import RunState
 from livemig.migration import mapped_ram, multifd, postcopy_dest
@@ -79,7 +80,7 @@ class IncomingMigration:
         self.postcopy: postcopy_dest.PostcopyIncoming | None = None
         self.source_hashes: dict[str, str] | None = None
         self.timeline: dict[str, float] = {}
-        self.thread = threading.Thread(target=self._run, name="incoming", daemon=True)
+        self.thread = threads.Thread(target=self._run, name="incoming", daemon=True)
         if state.status == MigrationStatus.NONE:
             state.move(MigrationStatus.SETUP)
 

@@ -10,12 +10,12 @@ which the convergence planner needs.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import numpy as np
 
+from livemig import threads
 from livemig.machine.abi import PAGE_SIZE
 
 INTERVAL = 0.1
@@ -32,7 +32,7 @@ class DirtyRateMeasurement:
         self.start_time = 0
         self.result: dict[str, Any] = {}
         self.error: str | None = None
-        self.thread = threading.Thread(target=self._run, name="dirtyrate", daemon=True)
+        self.thread = threads.Thread(target=self._run, name="dirtyrate", daemon=True)
 
     def start(self) -> None:
         self.status = "measuring"

@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from livemig import threads
 from livemig.errors import LivemigError, UsageError
 from livemig.machine.runstate import RunState
 from livemig.migration.destination import IncomingMigration
@@ -112,7 +113,7 @@ class MigrationManager:
             self.outgoing = OutgoingMigration(self.machine, config, self.source,
                                               emit=self._emit_pass)  # fmt: skip
             self.outgoing.start()
-            threading.Thread(target=self._watch_outgoing, args=(self.outgoing,),
+            threads.Thread(target=self._watch_outgoing, args=(self.outgoing,),
                              name="migration watcher", daemon=True).start()  # fmt: skip
 
     def _watch_outgoing(self, mig: OutgoingMigration) -> None:
@@ -258,13 +259,13 @@ class MigrationManager:
         raise UsageError("no migration has run in this process")
 
     def query_threads(self) -> list[dict[str, Any]]:
-        threads: list[threading.Thread] = []
+        running: list[threading.Thread] = []
         if self.outgoing is not None:
-            threads += self.outgoing.threads
+            running += self.outgoing.threads
         if self.incoming is not None:
-            threads.append(self.incoming.thread)
+            running.append(self.incoming.thread)
         return [{"name": t.name, "thread-id": t.native_id or os.getpid()}
-                for t in threads if t.is_alive()]  # fmt: skip
+                for t in running if t.is_alive()]  # fmt: skip
 
 
 def register_migration_commands(registry: Any, manager: MigrationManager) -> None:

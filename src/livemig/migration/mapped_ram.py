@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from livemig import threads
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
 from livemig.migration.multifd import PageWorkerPool
@@ -122,7 +123,7 @@ class _Writer:
         self.id = wid
         self.queue: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
         self.synced = threading.Semaphore(0)
-        self.thread = threading.Thread(target=self._run, name=f"mapped-ram_{wid}", daemon=True)
+        self.thread = threads.Thread(target=self._run, name=f"mapped-ram_{wid}", daemon=True)
 
     def _run(self) -> None:
         s = self.sender
@@ -344,11 +345,11 @@ def incoming_load(mig: Any, setup: Any, offset: int) -> None:
         except (OSError, StreamError) as exc:
             errors.append(exc)
 
-    threads = [threading.Thread(target=run, args=(jobs[i::n],), name=f"mapped-ram-load_{i}",
-                                daemon=True) for i in range(n)]  # fmt: skip
-    for t in threads:
+    loaders = [threads.Thread(target=run, args=(jobs[i::n],), name=f"mapped-ram-load_{i}",
+                              daemon=True) for i in range(n)]  # fmt: skip
+    for t in loaders:
         t.start()
-    for t in threads:
+    for t in loaders:
         t.join(mig.timeout + 60)
         if t.is_alive():
             raise MigrationError(f"mapped-ram: reading pages took longer than {mig.timeout:g} s")

@@ -63,6 +63,7 @@ from typing import Any
 
 import numpy as np
 
+from livemig import threads
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
 from livemig.savevm.ram import page_runs, split_zero
@@ -174,7 +175,7 @@ class _SendChannel:
         self.queue: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
         self.synced = threading.Semaphore(0)
         self.compressor = _Compressor(sender.compression, sender.level)
-        self.thread = threading.Thread(target=self._run, name=f"multifdsend_{cid}", daemon=True)
+        self.thread = threads.Thread(target=self._run, name=f"multifdsend_{cid}", daemon=True)
 
     def _run(self) -> None:
         s = self.sender
@@ -549,7 +550,7 @@ class _RecvChannel:
         self._alloc = 0  # page slots per packet, once the first packet told
         self.payload = bytearray(2 * PAGES_ALLOC * PAGE_SIZE + 4096)
         self.packets = 0
-        self.thread = threading.Thread(target=self._run, name=f"multifdrecv_{cid}", daemon=True)
+        self.thread = threads.Thread(target=self._run, name=f"multifdrecv_{cid}", daemon=True)
 
     def _read(self, view: memoryview, what: str, eof_ok: bool = False) -> bool:
         got = 0

@@ -46,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from livemig import threads
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.runstate import RunState
 from livemig.memtrack import uffd as U
@@ -313,7 +314,7 @@ class PostcopyIncoming:
         self.linked = True
         if self.preempt:
             self._accept_preempt(inc.listener)
-        self._fault_thread = threading.Thread(target=self._fault_loop, name="postcopy/fault",
+        self._fault_thread = threads.Thread(target=self._fault_loop, name="postcopy/fault",
                                               daemon=True)  # fmt: skip
         self._fault_thread.start()
         inc.state.move(MigrationStatus.POSTCOPY_ACTIVE)
@@ -707,7 +708,7 @@ class PostcopyIncoming:
 
         # vCPUs asleep on missing pages cannot stop until woken: ask them to stop first,
         # then let closing the userfaultfd wake them.
-        stopper = threading.Thread(target=stop, name="postcopy/stop-guest", daemon=True)
+        stopper = threads.Thread(target=stop, name="postcopy/stop-guest", daemon=True)
         stopper.start()
         time.sleep(0.05)
         try:
@@ -721,7 +722,7 @@ class PostcopyIncoming:
     def _accept_preempt(self, listener: Listener) -> None:
         self._preempt_ch = listener.accept(timeout=self.inc.timeout, name="postcopy preempt")
         self._preempt_eos.clear()
-        self._preempt_thread = threading.Thread(target=self._preempt_loop,
+        self._preempt_thread = threads.Thread(target=self._preempt_loop,
                                                 args=(self._preempt_ch,),
                                                 name="postcopy/preempt", daemon=True)  # fmt: skip
         self._preempt_thread.start()

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from livemig import threads
 from livemig.errors import LivemigError, MigrationError
 from livemig.machine.runstate import RunState
 from livemig.migration import mapped_ram, multifd
@@ -150,7 +151,7 @@ class OutgoingMigration:
         self.multifd: Any = None  # multifd.MultifdSender with capability multifd
         self.xbzrle: Any = None  # xbzrle_cache.XbzrleCache with capability xbzrle
         self.mapped_ram: Any = None  # mapped_ram.MappedRamSender (also self.multifd)
-        self.thread = threading.Thread(target=self._run, name="live_migration", daemon=True)
+        self.thread = threads.Thread(target=self._run, name="live_migration", daemon=True)
         self._rp_thread: threading.Thread | None = None
         self._rp_shut: int | None = None
         self._rp_event = threading.Event()
@@ -309,7 +310,7 @@ class OutgoingMigration:
     # -- return path ---------------------------------------------------------------------------
 
     def _start_return_path(self) -> None:
-        self._rp_thread = threading.Thread(target=self._rp_loop, name="return path", daemon=True)
+        self._rp_thread = threads.Thread(target=self._rp_loop, name="return path", daemon=True)
         self._rp_thread.start()
 
     def _rp_loop(self) -> None:

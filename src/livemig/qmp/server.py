@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Any
 
-from livemig import __version__
+from livemig import __version__, threads
 from livemig.errors import LivemigError, UsageError
 from livemig.qmp.codec import (
     MAX_MESSAGE_SIZE,
@@ -235,7 +235,7 @@ class _Session:
             self.send_bytes(data)
         if after:
             await self._drain_quietly()
-            threading.Thread(target=_run_all, args=(after,), daemon=True).start()
+            threads.Thread(target=_run_all, args=(after,), daemon=True).start()
 
     async def _drain_quietly(self) -> None:
         try:
@@ -368,7 +368,10 @@ class QMPServer:
         self.package = package if package is not None else f"livemig {__version__}"
         self.max_clients = max_clients
         self.max_message_size = max_message_size
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="qmp-cmd")
+        self.executor = ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="qmp-cmd",
+            initializer=lambda: threads.set_native_name(threading.current_thread().name),
+        )  # fmt: skip
         self.command_lock: asyncio.Lock  # created on the loop
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -417,7 +420,7 @@ class QMPServer:
         loop.set_exception_handler(_log_loop_exception)
         self._loop = loop
         started: asyncio.Future[None] = loop.create_future()
-        self._thread = threading.Thread(
+        self._thread = threads.Thread(
             target=self._run_loop, args=(sock, started), name="qmp-server", daemon=True
         )
         self._thread.start()

@@ -41,10 +41,10 @@ import logging
 import os
 import socket
 import struct
-import threading
 import time
 from typing import Any
 
+from livemig import threads
 from livemig.errors import LivemigError, StreamError, UsageError
 from livemig.machine import Machine, RunState
 from livemig.machine.devices.ring import CHAIN_MAX, RingDevice
@@ -221,7 +221,7 @@ class ServiceFront:
         self._conns: dict[int, _Endpoint] = {}
         self._orphans: dict[int, tuple[float, list[bytes]]] = {}
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run_loop, name="serve", daemon=True)
+        self._thread = threads.Thread(target=self._run_loop, name="serve", daemon=True)
         self._server: asyncio.AbstractServer | None = None
         self._tunnel_out: _TunnelProtocol | None = None
         self.redirect_uri: str | None = None
