@@ -335,3 +335,77 @@ def test_waits_from_several_threads_each_use_their_own_poll() -> None:
         reader.join(10)
         outs.append(out)
     assert all(bytes(o) == data for o in outs)
+
+
+def _tcp_pair(timeout: float = 5.0) -> tuple[Channel, Channel]:
+    with Listener("tcp:127.0.0.1:0", timeout=timeout) as lst:
+        src = connect(lst.address, timeout=timeout)
+        return src, lst.accept(timeout=timeout)
+
+
+def test_wait_buffered_returns_once_enough_is_there() -> None:
+    src, dst = _tcp_pair()
+    try:
+        src.send(b"x" * 1000)
+        feeder = threading.Timer(0.1, lambda: src.send(b"y" * 63_000))
+        feeder.start()
+        t0 = time.monotonic()
+        dst.wait_buffered(64_000, 5.0)
+        waited = time.monotonic() - t0
+        feeder.join()
+        # woken by the second send, not by the first 1000 bytes, and long before the time-out
+        assert 0.05 < waited < 2.0, waited
+        assert len(dst.recv(1 << 20)) == 64_000
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_wait_buffered_gives_up_at_its_time_out_and_leaves_reads_as_they_were() -> None:
+    src, dst = _tcp_pair(timeout=0.5)
+    try:
+        src.send(b"tail")
+        t0 = time.monotonic()
+        dst.wait_buffered(1 << 19, 0.05)  # a tail shorter than the mark: only the time-out
+        assert 0.04 < time.monotonic() - t0 < 1.0
+        assert dst.recv(100) == b"tail"
+        # the mark is reset: an ordinary wait wakes on a few bytes, not on half a MiB
+        threading.Timer(0.05, lambda: src.send(b"ok")).start()
+        t0 = time.monotonic()
+        assert dst.recv(100) == b"ok"
+        assert time.monotonic() - t0 < 0.4
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_wait_buffered_returns_at_the_end_of_the_stream_and_on_shutdown() -> None:
+    src, dst = _tcp_pair()
+    try:
+        src.send(b"last")
+        src.close_write()
+        t0 = time.monotonic()
+        dst.wait_buffered(1 << 19, 5.0)
+        assert time.monotonic() - t0 < 1.0
+        assert dst.recv(100) == b"last"
+        assert dst.recv(100) == b""
+        threading.Timer(0.05, dst.shutdown).start()
+        t0 = time.monotonic()
+        dst.wait_buffered(1 << 19, 5.0)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        src.close()
+        dst.close()
+
+
+def test_wait_buffered_does_nothing_on_a_pipe() -> None:
+    r, w = os.pipe()
+    ch = Channel("pipe", r, None, timeout=1.0)
+    try:
+        t0 = time.monotonic()
+        ch.wait_buffered(1 << 19, 5.0)
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        ch.close()
+        os.close(w)
+        os.close(r)

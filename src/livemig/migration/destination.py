@@ -37,6 +37,11 @@ from livemig.wire.decoder import Decoder
 log = logging.getLogger(__name__)
 
 RECV_CHUNK = 1 << 20
+# In a pre-copy pass, a read waits up to BULK_WAIT for BULK_READ bytes (Channel.wait_buffered):
+# fewer, fuller reads. Never after a section ends or in the final (END) section, so the
+# switch-over's tail is read as it arrives.
+BULK_READ = RECV_CHUNK // 2
+BULK_WAIT = 0.001
 VMDESC_WAIT = 2.0  # seconds to wait for the optional vmdesc after EOF
 
 
@@ -160,10 +165,14 @@ class IncomingMigration:
                       block_sizes=self.loader.block_sizes())  # fmt: skip
         eof_at: float | None = None
         done = False
+        bulk = False  # the last read ended inside the pages of a pass
+        final = False  # the END section (switch-over) has begun
         while not done:
             if eof_at is not None:
                 ch.timeout = max(0.01, eof_at + VMDESC_WAIT - time.monotonic())
             try:
+                if bulk:
+                    ch.wait_buffered(BULK_READ, BULK_WAIT)
                 # a fresh bytes object per read: the decoder keeps it without copying it
                 data = ch.recv(RECV_CHUNK)
             except ChannelTimeout:
@@ -173,7 +182,10 @@ class IncomingMigration:
             n = len(data)
             dec.receive_data(data)
             # One event at a time: after a PACKAGED command post-copy takes the decoder over.
+            ev = None
             for ev in iter(dec.next_event, E.NEED_DATA):
+                if isinstance(ev, E.SectionEnd):
+                    final = True
                 if isinstance(ev, E.Eof):
                     eof_at = time.monotonic()
                     self.timeline["eof"] = eof_at
@@ -190,6 +202,7 @@ class IncomingMigration:
                 if eof_at is None:
                     raise StreamError("stream ended before EOF", dec.offset)
                 break
+            bulk = not final and isinstance(ev, E.RamPages | E.RamZeroPages)
         self._start_guest()
 
     def _handle(self, ev: Any, dec: Decoder) -> None:
