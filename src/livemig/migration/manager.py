@@ -114,7 +114,7 @@ class MigrationManager:
                                               emit=self._emit_pass)  # fmt: skip
             self.outgoing.start()
             threads.Thread(target=self._watch_outgoing, args=(self.outgoing,),
-                             name="migration watcher", daemon=True).start()  # fmt: skip
+                           name="migration watcher", daemon=True).start()  # fmt: skip
 
     def _watch_outgoing(self, mig: OutgoingMigration) -> None:
         mig.join()

@@ -315,7 +315,7 @@ class PostcopyIncoming:
         if self.preempt:
             self._accept_preempt(inc.listener)
         self._fault_thread = threads.Thread(target=self._fault_loop, name="postcopy/fault",
-                                              daemon=True)  # fmt: skip
+                                            daemon=True)  # fmt: skip
         self._fault_thread.start()
         inc.state.move(MigrationStatus.POSTCOPY_ACTIVE)
 
@@ -723,8 +723,8 @@ class PostcopyIncoming:
         self._preempt_ch = listener.accept(timeout=self.inc.timeout, name="postcopy preempt")
         self._preempt_eos.clear()
         self._preempt_thread = threads.Thread(target=self._preempt_loop,
-                                                args=(self._preempt_ch,),
-                                                name="postcopy/preempt", daemon=True)  # fmt: skip
+                                              args=(self._preempt_ch,),
+                                              name="postcopy/preempt", daemon=True)  # fmt: skip
         self._preempt_thread.start()
 
     def _preempt_loop(self, ch: Channel) -> None:
