@@ -108,6 +108,7 @@ def test_bench_precopy_tiny_end_to_end() -> None:
     assert 0 <= by["downtime"]["livemig"]["median"] < 5000
     tp = by["throughput"]
     assert tp["tcp_beside_guest_bytes_per_s"] > 0
+    assert tp["tcp_ram_to_ram_beside_guest_bytes_per_s"] > 0 and tp["ceiling"] > 0
     # The window normally ends it (cancel); a tiny working set may still converge first.
     status = tp["runs"]["livemig"][0]["status"]
     assert status in ("cancelled", "completed")
@@ -117,6 +118,7 @@ def test_bench_precopy_tiny_end_to_end() -> None:
     assert mf["channels"] == 2 and mf["runs"][0]["status"] in ("cancelled", "completed")
     if mf["runs"][0]["status"] == "cancelled":
         assert mf["throughput"]["median"] > 0 and mf["ratio"]["median"] > 0
+    assert mf["tcp_ram_to_ram_beside_guest_bytes_per_s"] > 0 and mf["ceiling"] > 0
     pinned = [sc for sc in result["scenarios"] if sc["scenario"] == "brownout" and sc["pinned"]]
     if len(os.sched_getaffinity(0)) > 1:  # a CPU for the vCPU, the rest for the migration
         (pb,) = pinned

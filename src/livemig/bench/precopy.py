@@ -9,7 +9,10 @@ The figures of issue 4's "Speed and memory", each beside a baseline measured in 
   keeps its working set dirty and the migration cannot converge (downtime-limit 1 ms), over a
   ``--window`` of seconds then cancelled; as a ratio to one raw Python loopback TCP stream
   (1 MiB ``sendall``) in the same run. Target >= 0.8. For context, also as a ratio to the same
-  TCP stream measured while that guest runs flat out beside it (the cores it leaves).
+  TCP stream measured while that guest runs flat out beside it (the cores it leaves), and to
+  TCP moving cold guest-sized memory into memory like a destination's guest RAM beside it
+  (``throughput.GuestMemoryTcp``): the traffic of a migration with no protocol at all, so
+  its rate over the first baseline (``ceiling``) is the most any pre-copy can reach here.
   Then the same window with ``--multifd`` channels (2): the faster path QEMU has for it.
 - **brownout**: in that same run, memstress's page-write rate during pre-copy as a share of its
   rate in the seconds just before (pass marks on the console, host-time-stamped), with the
@@ -279,39 +282,76 @@ def _window_runs(cfg: Config, max_bw: int, pin: bool = False, multifd: int = 0
     return figs, tputs, brown
 
 
-def tcp_beside_guest(cfg: Config) -> float:
+def tcp_beside_guest(cfg: Config) -> tuple[float, dict[int, float]]:
     """Raw loopback TCP while the throughput runs' guest (memstress flat out, ``cfg.smp``
     vCPUs) runs in a livemig process beside it: the baseline with the same competitor for
-    the cores. On 2 cores that guest takes one, which the plain TCP baseline has to itself."""
+    the cores. On 2 cores that guest takes one, which the plain TCP baseline has to itself.
+
+    Returns the cached rate and the RAM-to-RAM rates by stream count (1, and ``cfg.multifd``
+    for the multifd window), in bytes/s. RAM to RAM moves the traffic of a migration of a
+    guest of this size and nothing else: from cold, guest-sized shared memory (random bytes)
+    into memory made like a destination's guest RAM (``throughput.GuestMemoryTcp``), median
+    of three. It is the most any pre-copy with as many streams could reach beside this guest,
+    protocol or not (more streams than one take more of the guest's core too)."""
+    from livemig.bench.throughput import GuestMemoryTcp, fill
+    from livemig.machine.ram import RAMBlock
+
+    size = cfg.dirty_memory
+    sender = RAMBlock("tcp-baseline", size, prefault=True)  # populated before any timing
+    fill(sender.array, "random")
     append = f"ws={cfg.ws >> 20}M rate=0 mark_ms=100"
-    with Workdir() as wd:
-        src = GuestProcess(_livemig_argv(
-            "run", "--guest", "memstress", "--append", append, "--memory", str(cfg.dirty_memory),
-            "--smp", str(cfg.smp), "--qmp", f"unix:{wd.sock('tq')}", "--serial", "stdio"),
-            wd.sock("tq"), name="livemig guest")  # fmt: skip
-        try:
-            src.wait_qmp(30.0 + 10.0 * cfg.dirty_memory / (1 << 30))
-            src.wait_line(_settled(_ready_line("memstress: cpu0 pass"), 1.0), 120.0)
-            return loopback_tcp_throughput(cfg.tcp_bytes)
-        finally:
-            src.stop()
+    try:
+        with Workdir() as wd:
+            src = GuestProcess(_livemig_argv(
+                "run", "--guest", "memstress", "--append", append, "--memory", str(size),
+                "--smp", str(cfg.smp), "--qmp", f"unix:{wd.sock('tq')}", "--serial", "stdio"),
+                wd.sock("tq"), name="livemig guest")  # fmt: skip
+            try:
+                src.wait_qmp(30.0 + 10.0 * size / (1 << 30))
+                src.wait_line(_settled(_ready_line("memstress: cpu0 pass"), 1.0), 120.0)
+                cached = loopback_tcp_throughput(cfg.tcp_bytes)
+                ram = GuestMemoryTcp(size)
+                try:
+                    rates = {n: sorted(ram.run(n, sender.array).rate for _ in range(3))[1]
+                             for n in sorted({1, cfg.multifd} - {0})}  # fmt: skip
+                finally:
+                    ram.close()
+                return cached, rates
+            finally:
+                src.stop()
+    finally:
+        sender.close()
 
 
-def bench_throughput(cfg: Config, tcp: float, tcp_loaded: float | None = None) -> dict[str, Any]:
-    """Sustained pre-copy throughput and brownout, memstress flat out, never converging."""
+def bench_throughput(cfg: Config, tcp: float, tcp_loaded: float | None = None,
+                     ram_loaded: dict[int, float] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Sustained pre-copy throughput and brownout, memstress flat out, never converging.
+    ``tcp_loaded``, ``ram_loaded``: ``tcp_beside_guest``'s rates."""
     figs, tputs, brown = _window_runs(cfg, 0)
     beside = [t / tcp_loaded if t and tcp_loaded else None for t in tputs]
+    ram_loaded = ram_loaded or {}
+
+    def against_ram(tputs: list, streams: int) -> dict[str, Any]:
+        """The RAM-to-RAM baseline beside the guest with ``streams`` streams, the ratio to it,
+        and the ceiling it sets: its own ratio to the cached baseline."""
+        r = ram_loaded.get(streams)
+        return {"tcp_ram_to_ram_beside_guest_bytes_per_s": r,
+                "ratio_ram_to_ram_beside_guest": summarize([t / r if t and r else None
+                                                            for t in tputs]),
+                "ceiling": r / tcp if r and tcp else None}  # fmt: skip
+
     mf: dict[str, Any] | None = None
     if cfg.multifd:
         mfigs, mtputs, _ = _window_runs(cfg, 0, multifd=cfg.multifd)
         mf = {"channels": cfg.multifd, "throughput": summarize(mtputs),
               "ratio": summarize([t / tcp if t else None for t in mtputs]),
-              "runs": [f.as_dict() for f in mfigs]}  # fmt: skip
+              **against_ram(mtputs, cfg.multifd), "runs": [f.as_dict() for f in mfigs]}  # fmt: skip
     return {
         "scenario": "throughput", "size": cfg.dirty_memory, "ws": cfg.ws,
         "tcp_bytes_per_s": tcp, "throughput": summarize(tputs),
         "ratio": summarize([t / tcp if t else None for t in tputs]),
         "tcp_beside_guest_bytes_per_s": tcp_loaded, "ratio_beside_guest": summarize(beside),
+        **against_ram(tputs, 1),
         "brownout": summarize(brown), "tracker": cfg.tracker, "multifd": mf,
         "runs": {"livemig": [f.as_dict() for f in figs]},
     }  # fmt: skip
@@ -380,10 +420,11 @@ def run_bench(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> 
     if "throughput" in cfg.only:
         progress(f"raw loopback TCP, {format_size(cfg.tcp_bytes)} in 1 MiB sendall")
         tcp = loopback_tcp_throughput(cfg.tcp_bytes)
-        progress("raw loopback TCP again, beside the same guest running flat out")
-        tcp_loaded = tcp_beside_guest(cfg)
+        progress("raw loopback TCP again, cached and RAM to RAM, beside the same guest "
+                 "running flat out")  # fmt: skip
+        tcp_loaded, ram_loaded = tcp_beside_guest(cfg)
         progress(f"throughput and brownout, {cfg.window:.0f} s of pre-copy")
-        result["scenarios"].append(bench_throughput(cfg, tcp, tcp_loaded))
+        result["scenarios"].append(bench_throughput(cfg, tcp, tcp_loaded, ram_loaded))
     if "brownout" in cfg.only:
         if cfg.pin:
             if placement(cfg.smp) is None:
@@ -463,6 +504,14 @@ def render(result: dict[str, Any]) -> Any:
                     _fmt(sc["throughput"], " MB/s", 1e-6), f"{loaded / 1e6:.0f} MB/s TCP",
                     _x(rl), "(context)", "-",
                 )  # fmt: skip
+            ram = sc.get("tcp_ram_to_ram_beside_guest_bytes_per_s")
+            if ram:
+                table.add_row(
+                    "  the same, against TCP RAM to RAM beside that guest (the most a "
+                    f"migration could do here: {sc['ceiling']:.2f}x of TCP)",
+                    _fmt(sc["throughput"], " MB/s", 1e-6), f"{ram / 1e6:.0f} MB/s TCP",
+                    _x(sc["ratio_ram_to_ram_beside_guest"]["median"]), "(context)", "-",
+                )  # fmt: skip
             mf = sc.get("multifd")
             if mf:
                 rm = mf["ratio"]["median"]
@@ -472,6 +521,14 @@ def render(result: dict[str, Any]) -> Any:
                     f"{sc['tcp_bytes_per_s'] / 1e6:.0f} MB/s TCP", _x(rm), ">= 0.8x",
                     ok(None if rm is None else rm >= 0.8),
                 )  # fmt: skip
+                mram = mf.get("tcp_ram_to_ram_beside_guest_bytes_per_s")
+                if mram:
+                    table.add_row(
+                        f"    against TCP RAM to RAM, {mf['channels']} streams, beside that "
+                        f"guest (the most here: {mf['ceiling']:.2f}x of TCP)",
+                        _fmt(mf["throughput"], " MB/s", 1e-6), f"{mram / 1e6:.0f} MB/s TCP",
+                        _x(mf["ratio_ram_to_ram_beside_guest"]["median"]), "(context)", "-",
+                    )  # fmt: skip
             table.add_row(
                 f"brownout ({sc['tracker']}): write rate kept", _fmt(sc["brownout"], "", 1, 2),
                 "1.00 undisturbed", _x(b), ">= 0.9x", ok(None if b is None else b >= 0.9),
