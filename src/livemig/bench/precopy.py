@@ -293,7 +293,7 @@ def tcp_beside_guest(cfg: Config) -> tuple[float, dict[int, float]]:
     into memory made like a destination's guest RAM (``throughput.GuestMemoryTcp``), median
     of three. It is the most any pre-copy with as many streams could reach beside this guest,
     protocol or not (more streams than one take more of the guest's core too)."""
-    from livemig.bench.throughput import GuestMemoryTcp, fill
+    from livemig.bench.throughput import GuestMemoryTcp, _median, fill
     from livemig.machine.ram import RAMBlock
 
     size = cfg.dirty_memory
@@ -312,7 +312,7 @@ def tcp_beside_guest(cfg: Config) -> tuple[float, dict[int, float]]:
                 cached = loopback_tcp_throughput(cfg.tcp_bytes)
                 ram = GuestMemoryTcp(size)
                 try:
-                    rates = {n: sorted(ram.run(n, sender.array).rate for _ in range(3))[1]
+                    rates = {n: _median([ram.run(n, sender.array) for _ in range(3)]).rate
                              for n in sorted({1, cfg.multifd} - {0})}  # fmt: skip
                 finally:
                     ram.close()
@@ -504,14 +504,7 @@ def render(result: dict[str, Any]) -> Any:
                     _fmt(sc["throughput"], " MB/s", 1e-6), f"{loaded / 1e6:.0f} MB/s TCP",
                     _x(rl), "(context)", "-",
                 )  # fmt: skip
-            ram = sc.get("tcp_ram_to_ram_beside_guest_bytes_per_s")
-            if ram:
-                table.add_row(
-                    "  the same, against TCP RAM to RAM beside that guest (the most a "
-                    f"migration could do here: {sc['ceiling']:.2f}x of TCP)",
-                    _fmt(sc["throughput"], " MB/s", 1e-6), f"{ram / 1e6:.0f} MB/s TCP",
-                    _x(sc["ratio_ram_to_ram_beside_guest"]["median"]), "(context)", "-",
-                )  # fmt: skip
+            _ceiling_row(table, sc, "  the same, against TCP RAM to RAM beside that guest")
             mf = sc.get("multifd")
             if mf:
                 rm = mf["ratio"]["median"]
@@ -521,14 +514,8 @@ def render(result: dict[str, Any]) -> Any:
                     f"{sc['tcp_bytes_per_s'] / 1e6:.0f} MB/s TCP", _x(rm), ">= 0.8x",
                     ok(None if rm is None else rm >= 0.8),
                 )  # fmt: skip
-                mram = mf.get("tcp_ram_to_ram_beside_guest_bytes_per_s")
-                if mram:
-                    table.add_row(
-                        f"    against TCP RAM to RAM, {mf['channels']} streams, beside that "
-                        f"guest (the most here: {mf['ceiling']:.2f}x of TCP)",
-                        _fmt(mf["throughput"], " MB/s", 1e-6), f"{mram / 1e6:.0f} MB/s TCP",
-                        _x(mf["ratio_ram_to_ram_beside_guest"]["median"]), "(context)", "-",
-                    )  # fmt: skip
+                _ceiling_row(table, mf, f"    against TCP RAM to RAM, {mf['channels']} streams, "
+                             "beside that guest")  # fmt: skip
             table.add_row(
                 f"brownout ({sc['tracker']}): write rate kept", _fmt(sc["brownout"], "", 1, 2),
                 "1.00 undisturbed", _x(b), ">= 0.9x", ok(None if b is None else b >= 0.9),
@@ -565,6 +552,20 @@ def render(result: dict[str, Any]) -> Any:
 def _bw_label(bw: int) -> str:
     """Bytes/s as a user would name it: 1 Gbit/s for a link rate, 128.0 MiB/s otherwise."""
     return f"{bw * 8 / 1e9:g} Gbit/s" if bw % 125_000_000 == 0 else f"{format_size(bw)}/s"
+
+
+def _ceiling_row(table: Any, fig: dict[str, Any], label: str) -> None:
+    """A throughput figure against its RAM-to-RAM baseline beside the guest, if measured."""
+    ram = fig.get("tcp_ram_to_ram_beside_guest_bytes_per_s")
+    if ram:
+        table.add_row(
+            f"{label} (the most a migration could do here: {fig['ceiling']:.2f}x of TCP)",
+            _fmt(fig["throughput"], " MB/s", 1e-6),
+            f"{ram / 1e6:.0f} MB/s TCP",
+            _x(fig["ratio_ram_to_ram_beside_guest"]["median"]),
+            "(context)",
+            "-",
+        )
 
 
 def _x(r: float | None) -> str:
