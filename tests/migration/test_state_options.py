@@ -77,6 +77,12 @@ def test_parameters_defaults_and_checks() -> None:
         p.set({"xbzrle-cache-size": 5000})
     with pytest.raises(UsageError, match="does not accept value 'lz4'"):
         p.set({"multifd-compression": "lz4"})
+    assert p["zero-page-detection"] == "multifd"  # QEMU 9.0's default
+    p.set({"zero-page-detection": "none"})
+    with pytest.raises(UsageError, match=r"'zero-page-detection' does not accept value 'all' "
+                       r"\(one of: none, legacy, multifd\)"):  # fmt: skip
+        p.set({"zero-page-detection": "all"})
+    assert p["zero-page-detection"] == "none"
     with pytest.raises(UsageError):
         p.set({"downtime-limit": 10, "cpu-throttle-initial": 0})
     assert p["downtime-limit"] == 50  # all or nothing

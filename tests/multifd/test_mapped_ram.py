@@ -182,3 +182,30 @@ def test_mapped_ram_restore_in_a_new_process(tmp_path: Path) -> None:
         time.sleep(0.3)  # the guest runs on from the restored state
         report = dst.guest_check()
         assert report.get("ok") is True, report
+
+
+@pytest.mark.parametrize("detection", ["multifd", "none"])
+def test_mapped_ram_zero_page_detection(
+    make_pair: MakePair, tmp_path: Path, detection: str
+) -> None:
+    """Zero pages found by the writers are left as holes (bitmap bit clear); with
+    zero-page-detection none they are written like any other page."""
+    p = make_pair("ws=1M rate=2000", ram=RAM)
+    p.src.write_guest(12 << 20, bytes(2 << 20))  # populated pages that read as zero
+    time.sleep(0.2)
+    p.src_mgr.set_parameters({"zero-page-detection": detection})
+    path = tmp_path / "vm.mapped"
+    assert _save(p, path, passes=2, channels=2)["status"] == "completed"
+    data = path.read_bytes()
+    dec = Decoder(vmdesc=find_vmdesc(data))
+    dec.receive_data(data)
+    dec.receive_data(b"")
+    (info,) = next(e for e in dec.events() if isinstance(e, E.RamSetup)).blocks
+    bitmap_offset = info.mapped_ram[2]
+    bits = np.unpackbits(np.frombuffer(data, np.uint8, bitmap_size(RAM // 4096), bitmap_offset),
+                         bitorder="little")[: RAM // 4096]  # fmt: skip
+    zeroed = bits[(12 << 20) // 4096 : (14 << 20) // 4096]
+    assert zeroed.all() if detection == "none" else not zeroed.any()
+    dst = _restore(p, path, 2)
+    assert dst["status"] == "completed", dst
+    assert dst["x-verify"]["equal"] is True

@@ -42,7 +42,7 @@ from livemig import threads
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
 from livemig.migration.multifd import PageWorkerPool
-from livemig.savevm.ram import page_runs, split_zero
+from livemig.savevm.ram import page_runs, split_zero, whole_batch
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,9 @@ class MappedRamSender(PageWorkerPool):
     stream_flush = False  # no MULTIFD_FLUSH words in a mapped-ram stream (QEMU 9.0)
 
     def __init__(self, fd: int, layouts: list[BlockLayout], nthreads: int,
-                 timeout: float = 30.0) -> None:  # fmt: skip
+                 timeout: float = 30.0, zero_detect: bool = True) -> None:  # fmt: skip
         self.fd = fd
+        self.zero_detect = zero_detect  # False: zero pages are written like any other
         self.layouts = {lay.idstr: lay for lay in layouts}
         self.words = {lay.idstr: lay.block.array.view(np.uint64).reshape(-1, WORDS_PER_PAGE)
                       for lay in layouts}  # fmt: skip
@@ -167,7 +168,10 @@ class MappedRamSender(PageWorkerPool):
             w.thread.start()
 
     def _write(self, layout: BlockLayout, idx: np.ndarray) -> None:
-        normal, zero = split_zero(self.words[layout.idstr], idx)
+        if self.zero_detect:
+            normal, zero = split_zero(self.words[layout.idstr], idx)
+        else:
+            normal, zero = idx, idx[:0]
         # Each page index belongs to one batch per pass and passes are separated by sync(),
         # so two threads never update the same bitmap entries at once.
         layout.written[zero] = False
@@ -273,16 +277,13 @@ def source_setup(mig: Any) -> None:
         os.lseek(fd, lay.end, os.SEEK_SET)
         layouts.append(lay)
     n = p["multifd-channels"] if "multifd" in mig.config.capabilities else 1
-    mig.multifd = MappedRamSender(fd, layouts, n, timeout=p["x-io-timeout"] / 1000)
+    mig.multifd = MappedRamSender(fd, layouts, n, timeout=p["x-io-timeout"] / 1000,
+                                  zero_detect=p["zero-page-detection"] != "none")  # fmt: skip
     mig.mapped_ram = mig.multifd
 
-    def _no_zero_split(block: Any, idx: np.ndarray) -> Any:
-        from livemig.savevm.ram import Batch
-
-        return Batch(block, idx, idx[:0])
-
-    # zero pages are found by the writer threads, not by the migration thread's page walk
-    mig.ram.split_zero = _no_zero_split
+    # zero pages are found by the writer threads (unless zero-page-detection is none), not by
+    # the migration thread's page walk
+    mig.ram.split_zero = whole_batch
 
 
 # -- destination ---------------------------------------------------------------------------

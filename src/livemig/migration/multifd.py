@@ -12,7 +12,9 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
   channel with the fewest jobs queued, waiting while no channel has room (QEMU's
   ``channels_ready`` semaphore: a job never waits behind a slow channel while another idles).
   The channel thread sorts them into zero and normal pages (zero-page detection runs here,
-  9.0's ``zero-page-detection=multifd``), builds the 1344-byte packet header
+  9.0's default ``zero-page-detection=multifd``; with ``legacy`` the migration thread finds
+  them and sends ZERO records on the main channel, as QEMU up to 8.2; with ``none`` every page
+  goes as a normal one), builds the 1344-byte packet header
   (``wire.multifd.MultifdPacket``) and sends header + page data with one ``writev`` whose
   buffers are memoryview slices of the RAM mmap (no copy in Python). With compression the
   pages of a packet go through the channel's single zlib or zstd stream (QEMU: one stream per
@@ -66,7 +68,7 @@ import numpy as np
 from livemig import threads
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
-from livemig.savevm.ram import page_runs, split_zero
+from livemig.savevm.ram import Batch, page_runs, split_zero, whole_batch
 from livemig.transport import Channel, ChannelError, ChannelTimeout
 from livemig.wire.constants import QEVM_MAGIC
 from livemig.wire.multifd import (
@@ -212,7 +214,7 @@ class _SendChannel:
                                  0, 0, PAGES_ALLOC, 0).pack()  # fmt: skip
             s._count(self.channel.sendv([head]), 0, 0)
             return
-        normal, zero = split_zero(s.words[block.idstr], idx)
+        normal, zero = split_zero(s.words[block.idstr], idx) if s.zero_detect else (idx, idx[:0])
         if len(zero):
             is_zero = np.zeros(len(idx), bool)
             is_zero[np.searchsorted(idx, zero)] = True
@@ -306,8 +308,10 @@ class MultifdSender(PageWorkerPool):
         level: int = 1,
         uuid: bytes | None = None,
         timeout: float = 30.0,
+        zero_detect: bool = True,
     ) -> None:
         self.blocks = list(blocks)
+        self.zero_detect = zero_detect  # False: every page goes as a normal one
         self.words = {b.idstr: b.array.view(np.uint64).reshape(-1, WORDS_PER_PAGE)
                       for b in self.blocks}  # fmt: skip
         self.compression = compression
@@ -338,6 +342,7 @@ class MultifdSender(PageWorkerPool):
         level: int = 1,
         uuid: bytes | None = None,
         timeout: float = 30.0,
+        zero_detect: bool = True,
     ) -> MultifdSender:
         """Open ``n`` multifd connections to ``uri`` (after the main one) and start them."""
         from livemig.transport import connect
@@ -347,7 +352,7 @@ class MultifdSender(PageWorkerPool):
             for i in range(n):
                 chans.append(connect(uri, timeout=timeout, name=f"multifd {i}"))
             return cls(blocks, chans, compression=compression, level=level, uuid=uuid,
-                       timeout=timeout)  # fmt: skip
+                       timeout=timeout, zero_detect=zero_detect)  # fmt: skip
         except BaseException:
             for ch in chans:
                 ch.close()
@@ -775,12 +780,6 @@ class MultifdReceiver:
 # -- hooks called by source.py / destination.py -------------------------------------------------
 
 
-def _no_zero_split(block: Any, idx: np.ndarray) -> Any:
-    from livemig.savevm.ram import Batch
-
-    return Batch(block, idx, idx[:0])
-
-
 def source_setup(mig: Any) -> None:
     """After the main channel's setup: open the multifd channels if capability ``multifd``."""
     cfg = mig.config
@@ -789,16 +788,20 @@ def source_setup(mig: Any) -> None:
     p = cfg.params
     method = p["multifd-compression"]
     level = p["multifd-zstd-level"] if method == "zstd" else p["multifd-zlib-level"]
+    detection = p["zero-page-detection"]
     mig.multifd = MultifdSender.connect(
         cfg.uri, mig.machine.ram_blocks, p["multifd-channels"], compression=method, level=level,
         uuid=machine_uuid(mig.machine), timeout=p["x-io-timeout"] / 1000,
+        zero_detect=detection == "multifd",
     )  # fmt: skip
-    # zero pages are found by the channel threads, not by the migration thread's page walk
-    mig.ram.split_zero = _no_zero_split
+    if detection != "legacy":
+        # the channel threads find the zero pages ("multifd"), or nobody does ("none")
+        mig.ram.split_zero = whole_batch
 
 
 def source_queue(mig: Any, batches: list) -> tuple[list, int, int]:
-    """Pages go to the channels; nothing for the main channel (stats come via ``account``).
+    """Normal pages go to the channels (their stats come via ``account``); zero pages found by
+    the migration thread (``zero-page-detection`` legacy) go as ZERO records on main.
 
     ``max-bandwidth`` is charged here, when pages are queued, not when a channel thread has
     sent them: charged late, the migration thread would keep queueing for a whole PART and
@@ -808,8 +811,16 @@ def source_queue(mig: Any, batches: list) -> tuple[list, int, int]:
     normal = sum(len(b.normal) for b in batches)
     zero = sum(len(b.zero) for b in batches)
     mig.rate.account(normal * (PAGE_SIZE + 16) + zero * 16)
-    mig.multifd.send_batches(batches)
-    return [], 0, 0
+    if not zero:
+        mig.multifd.send_batches(batches)
+        return [], 0, 0
+    out: list = []
+    for b in batches:
+        if len(b.zero):
+            out += mig.encoder.encode_zero_pages(b.idstr, b.zero.astype(np.uint64) << PAGE_SHIFT)
+    mig.multifd.send_batches([Batch(b.block, b.normal, b.zero[:0]) for b in batches
+                              if len(b.normal)])  # fmt: skip
+    return out, 0, zero
 
 
 def source_account(mig: Any, phase: str) -> int:

@@ -153,6 +153,10 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("multifd-compression", str, "none", choices=("none", "zlib", "zstd")),
     ParamSpec("multifd-zlib-level", int, 1, 0, 9),
     ParamSpec("multifd-zstd-level", int, 1, 0, 20),
+    # QEMU 9.0: where zero pages are found. "multifd": the multifd channel threads (without
+    # multifd, and in post-copy, the migration thread); "legacy": the migration thread, zero
+    # pages going as ZERO records on the main channel; "none": nowhere, every page is sent.
+    ParamSpec("zero-page-detection", str, "multifd", choices=("none", "legacy", "multifd")),
     ParamSpec("xbzrle-cache-size", int, 67108864, 4096, 1 << 40, unit="bytes"),
     ParamSpec("max-postcopy-bandwidth", int, 0, 0, 1 << 62, unit="bytes/s"),
     ParamSpec("max-cpu-throttle", int, 99, 1, 99, unit="percent"),

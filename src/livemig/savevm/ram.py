@@ -115,6 +115,13 @@ class Batch:
         return self.block.idstr  # type: ignore[attr-defined]
 
 
+def whole_batch(block: object, idx: np.ndarray) -> Batch:
+    """``idx`` as a batch of normal pages, no zero page sorted out: the workers that send them
+    find the zero pages (multifd's channel threads, mapped-ram's writers), or nobody does
+    (``zero-page-detection`` none). Replaces ``RamSaver.split_zero`` for such a migration."""
+    return Batch(block, idx, idx[:0])
+
+
 class RamSaver:
     """Source-side dirty bitmaps and the page walk."""
 
