@@ -227,12 +227,13 @@ class _Destination:
 
 
 def migrate_once(machine: Any, size: int, channels: int, compression: str,
-                 workdir: Path, prefault: bool = False,
-                 verify: bool = False) -> dict[str, Any]:  # fmt: skip
+                 workdir: Path, prefault: bool = False, verify: bool = False,
+                 zero_page_detection: str = "multifd") -> dict[str, Any]:  # fmt: skip
     """One multifd migration of ``machine`` to a fresh destination process; its figures.
 
     ``verify``: capability ``x-verify`` (both sides hash RAM at switch-over, inside the
-    measured time; the smoke test's check that the pages arrived, not for the figures)."""
+    measured time; the smoke test's check that the pages arrived, not for the figures).
+    ``zero_page_detection``: the source's parameter (none: no page is scanned)."""
     from livemig.migration.manager import MigrationManager
     from livemig.transport.open import Listener
 
@@ -250,7 +251,8 @@ def migrate_once(machine: Any, size: int, channels: int, compression: str,
         mgr = MigrationManager(machine)
         mgr.set_capabilities([*caps, {"capability": "return-path", "state": True}])
         mgr.set_parameters({**params, "max-bandwidth": 1 << 40, "x-io-timeout": 120000,
-                            "downtime-limit": 300})  # fmt: skip
+                            "downtime-limit": 300,
+                            "zero-page-detection": zero_page_detection})  # fmt: skip
         cpu0 = time.process_time() + dest.cpu()
         mgr.migrate(uri)
         assert mgr.outgoing is not None
@@ -294,12 +296,14 @@ def _reuse(machine: Any) -> None:
 
 
 def _median_run(machine: Any, size: int, n: int, method: str, workdir: Path, prefault: bool,
-                repeat: int, verify: bool = False) -> dict[str, Any]:  # fmt: skip
+                repeat: int, verify: bool = False,
+                zero_page_detection: str = "multifd") -> dict[str, Any]:  # fmt: skip
     """The run with the median throughput of ``repeat`` (the host is shared and noisy)."""
     runs = []
     for _ in range(repeat):
         _reuse(machine)
-        runs.append(migrate_once(machine, size, n, method, workdir, prefault, verify))
+        runs.append(migrate_once(machine, size, n, method, workdir, prefault, verify,
+                                 zero_page_detection))  # fmt: skip
     runs.sort(key=lambda r: r["throughput"])
     return {**runs[len(runs) // 2], "runs": [r["throughput"] for r in runs]}
 
@@ -370,9 +374,12 @@ def run(args: argparse.Namespace) -> int:
     modes = {"fresh": [False], "prefault": [True], "both": [False, True]}[args.dest_ram]
     workdir = Path(os.environ.get("TMPDIR", "/tmp"))
     console = table_console()
-    results: dict[str, Any] = {"size": size, "target": TARGET, "rows": [], "compression": []}
+    results: dict[str, Any] = {"size": size, "target": TARGET, "rows": [], "compression": [],
+                               "zero_page_detection": args.zero_page_detection}  # fmt: skip
+    zpd = args.zero_page_detection
     t1 = Table(title=f"multifd throughput, {format_size(size)} guest, vs N-stream loopback TCP "
-                     f"(median of {repeat})")  # fmt: skip
+                     f"(median of {repeat})"
+                     + ("" if zpd == "multifd" else f", zero-page-detection {zpd}"))  # fmt: skip
     for col in ("memory", "dest RAM", "channels", "livemig GB/s", "CPU s/GB", "TCP GB/s",
                 "CPU s/GB", "ratio", f">= {TARGET}", "TCP RAM to RAM GB/s", "CPU s/GB",
                 "ratio to it"):  # fmt: skip
@@ -395,7 +402,8 @@ def run(args: argparse.Namespace) -> int:
                     rx.close()
             for prefault in modes:
                 for n in chans:
-                    r = _median_run(m, size, n, "none", workdir, prefault, repeat, args.verify)
+                    r = _median_run(m, size, n, "none", workdir, prefault, repeat, args.verify,
+                                    args.zero_page_detection)  # fmt: skip
                     tcp, r2r = baselines[n], ram_to_ram.get(n)
                     dest_ram = "prefaulted" if prefault else "fresh"
                     row = {"memory": kind, "dest_ram": dest_ram, "channels": n, **r,
@@ -548,6 +556,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dest-ram", choices=("fresh", "prefault", "both"), default="both",
                    help="destination RAM untouched, or populated at start (livemig run "
                         "--prefault, QEMU's -mem-prealloc)")  # fmt: skip
+    p.add_argument("--zero-page-detection", choices=("none", "legacy", "multifd"),
+                   default="multifd", help="the source's zero-page-detection for the first "
+                   "table (none: no page is scanned; an idle guest then goes as data)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the figures to this file")
     p.add_argument("--verify", action="store_true",
                    help="x-verify on every migration: both sides hash RAM (inside the measured "
