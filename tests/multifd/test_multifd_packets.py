@@ -1,18 +1,20 @@
-"""The destination's multifd channel places exactly the pages each packet names: the fast path
-for a run of uncompressed pages and the full path agree, and a packet that only looks like a
-run (out of order, repeated, past the block's end) is placed page by page or refused."""
+"""Multifd packets on both sides of one channel. The source's fast path for a run of data pages
+writes the same bytes as the general path (QEMU's layout). The destination places exactly the
+pages each packet names: a packet that only looks like a run (out of order, repeated, past the
+block's end) is placed page by page or refused."""
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from livemig.machine.ram import RAMBlock
-from livemig.migration.multifd import MultifdReceiver
-from livemig.savevm.ram import RamLoader
+from livemig.migration.multifd import MultifdReceiver, MultifdSender
+from livemig.savevm.ram import Batch, RamLoader
 from livemig.transport.channel import Channel
 from livemig.wire.multifd import MultifdPacket
 
@@ -120,3 +122,58 @@ def test_large_run_after_small_one(rx: Rx) -> None:
     rx.send(list(range(8, 136)))
     assert rx.finish() is None
     rx.check()
+
+
+def _sent_bytes(idx: np.ndarray, zero_detect: bool = True) -> tuple[bytes, RAMBlock]:
+    """What one multifd send channel writes for a job of pages ``idx`` (after its init
+    packet)."""
+    block = RAMBlock("pc.ram", NPAGES * PAGE, prefault=True)
+    rows = block.array.reshape(-1, PAGE)
+    rows[:] = (np.arange(NPAGES) % 250 + 1)[:, None]
+    rows[5] = 0  # a zero page
+    a, b = socket.socketpair()
+    got: list[bytes] = []
+
+    def drain() -> None:
+        while chunk := b.recv(1 << 20):
+            got.append(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    snd = MultifdSender([block], [Channel.from_socket(a, "multifd 0")], timeout=5,
+                        zero_detect=zero_detect)  # fmt: skip
+    snd.send_batches([Batch(block, idx, idx[:0])])
+    snd.sync()
+    snd.close()
+    reader.join(5)
+    b.close()
+    return b"".join(got)[64:], block
+
+
+@pytest.mark.parametrize("first,count", [(6, 128), (10, 300), (NPAGES - 129, 129), (3, 1)])
+def test_sender_packets_of_a_run_are_qemus(first: int, count: int) -> None:
+    """A job that is one run of data pages goes out byte for byte as the general path (and
+    QEMU) lays it out: 128-page packets, offsets padded to pages_alloc, then the pages."""
+    idx = np.arange(first, first + count)
+    data, block = _sent_bytes(idx)
+    want = b""
+    for num, at in enumerate(range(0, count, 128)):
+        pages = idx[at : at + 128]
+        offs = pages.astype(np.uint64) << np.uint64(12)
+        want += MultifdPacket(0, num, "pc.ram", offs, len(pages)).pack()
+        want += block.view[int(pages[0]) * PAGE : (int(pages[-1]) + 1) * PAGE].tobytes()
+    sync = MultifdPacket(1, count // 128 + bool(count % 128), "", np.empty(0, np.uint64), 0)
+    assert data == want + sync.pack()
+
+
+def test_sender_zero_page_detection_off_sends_zero_pages_as_data() -> None:
+    idx = np.arange(0, 16)
+    with_detection, _ = _sent_bytes(idx)
+    without, _ = _sent_bytes(idx, zero_detect=False)
+    # with detection page 5 is a zero page (an offset, no data); without, it is data
+    assert len(without) == len(with_detection) + PAGE
+    pkt = MultifdPacket.unpack(memoryview(without), 0)
+    assert (pkt.normal_pages, pkt.zero_pages) == (16, 0)
+    pkt = MultifdPacket.unpack(memoryview(with_detection), 0)
+    assert (pkt.normal_pages, pkt.zero_pages) == (15, 1)
+    assert int(pkt.offsets[15]) == 5 * PAGE
