@@ -43,6 +43,9 @@ def test_bench_throughput_small_guest(tmp_path: Path) -> None:
         assert r["verified"] is True
         assert r["throughput"] > 0 and r["tcp"] > 0 and r["cpu_per_gb"] > 0
         assert r["ratio"] == r["throughput"] / r["tcp"]
+        # each run has its own TCP baseline, measured just before it; the row is the median
+        (run,) = r["runs"]
+        assert run["tcp"] == r["tcp"] and run["ratio"] == r["ratio"]
         # the RAM-to-RAM baseline reads the guest's pages: only where they are data
         assert ("tcp_ram_to_ram" in r) == (kind == "random")
     # idle: one page in 64 has data, the rest go as zero pages (a few bytes each)
