@@ -42,7 +42,7 @@ from livemig import threads
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
 from livemig.migration.multifd import PageWorkerPool
-from livemig.savevm.ram import page_runs, split_zero, whole_batch
+from livemig.savevm.ram import page_runs, split_zero
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ def source_setup(mig: Any) -> None:
 
     # zero pages are found by the writer threads (unless zero-page-detection is none), not by
     # the migration thread's page walk
-    mig.ram.split_zero = whole_batch
+    mig.ram.find_zero = False
 
 
 # -- destination ---------------------------------------------------------------------------

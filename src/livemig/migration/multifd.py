@@ -68,7 +68,7 @@ import numpy as np
 from livemig import threads
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
-from livemig.savevm.ram import Batch, page_runs, split_zero, whole_batch
+from livemig.savevm.ram import Batch, page_runs, split_zero
 from livemig.transport import Channel, ChannelError, ChannelTimeout
 from livemig.wire.constants import QEVM_MAGIC
 from livemig.wire.multifd import (
@@ -831,7 +831,7 @@ def source_setup(mig: Any) -> None:
     )  # fmt: skip
     if detection != "legacy":
         # the channel threads find the zero pages ("multifd"), or nobody does ("none")
-        mig.ram.split_zero = whole_batch
+        mig.ram.find_zero = False
 
 
 def source_queue(mig: Any, batches: list) -> tuple[list, int, int]:

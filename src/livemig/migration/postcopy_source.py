@@ -452,6 +452,9 @@ class PostcopySource:
         mig.stats.downtime = t_run - t_stop
         mig.stats.downtime_breakdown = {"postcopy-switch": t_run - t_stop}
         mig.stats.remaining = mig.ram.pending_pages() * PAGE
+        # Post-copy pages never go by multifd: the page walk finds the zero pages again, as
+        # QEMU's migration thread does after the switch (unless zero-page-detection is none).
+        mig.ram.find_zero = self.params.get("zero-page-detection") != "none"
         self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
         mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
         self.active = True

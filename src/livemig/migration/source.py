@@ -44,7 +44,7 @@ from livemig.savevm.devices import (
     encode_globalstate,
     machine_entries,
 )
-from livemig.savevm.ram import RamSaver, whole_batch
+from livemig.savevm.ram import RamSaver
 from livemig.transport import Channel, ChannelError, ChannelTimeout, RateLimiter, connect
 from livemig.wire import events as E
 from livemig.wire import returnpath as RP
@@ -301,7 +301,7 @@ class OutgoingMigration:
         self._send(bufs)
         multifd.source_setup(self)
         if self.multifd is None and self.config.params["zero-page-detection"] == "none":
-            self.ram.split_zero = whole_batch  # QEMU 9.0: every page is sent as a normal one
+            self.ram.find_zero = False  # QEMU 9.0: every page is sent as a normal one
         xbzrle_cache.source_setup(self)
         self.stats.setup_time = time.monotonic() - self.stats.start
         self.stats.remaining = self.ram.pending_pages() * 4096

@@ -115,13 +115,6 @@ class Batch:
         return self.block.idstr  # type: ignore[attr-defined]
 
 
-def whole_batch(block: object, idx: np.ndarray) -> Batch:
-    """``idx`` as a batch of normal pages, no zero page sorted out: the workers that send them
-    find the zero pages (multifd's channel threads, mapped-ram's writers), or nobody does
-    (``zero-page-detection`` none). Replaces ``RamSaver.split_zero`` for such a migration."""
-    return Batch(block, idx, idx[:0])
-
-
 class RamSaver:
     """Source-side dirty bitmaps and the page walk."""
 
@@ -135,6 +128,10 @@ class RamSaver:
                 self.dirty[b.idstr] = np.ones(b.npages, dtype=bool)
         self._words = {b.idstr: b.array.view(np.uint64).reshape(-1, WORDS_PER_PAGE)
                        for b in self.blocks}  # fmt: skip
+        # Whether the page walk sorts out zero pages. Off when the workers that send the pages
+        # find them (multifd's channel threads, mapped-ram's writers), or when nobody does
+        # (zero-page-detection none).
+        self.find_zero = True
         self._cursor_block = 0
         self._cursor_page = 0
         self.skipped_unpopulated = sum(b.npages for b in self.blocks) - self.pending_pages()
@@ -206,6 +203,9 @@ class RamSaver:
                 return
 
     def split_zero(self, block: object, idx: np.ndarray) -> Batch:
+        """``idx`` as a batch, its zero pages sorted out if ``find_zero``."""
+        if not self.find_zero:
+            return Batch(block, idx, idx[:0])
         normal, zero = split_zero(self._words[block.idstr], idx)  # type: ignore[attr-defined]
         return Batch(block, normal, zero)
 
