@@ -29,7 +29,10 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
   pass can go in any order.
 * **Receive.** Uncompressed page data is read straight into the guest RAM slots the (already
   checked) header names; compressed payloads are read into one reusable buffer per channel and
-  inflated into a reusable page buffer before placement.
+  inflated into a reusable page buffer before placement. A packet whose pages are one run of
+  the previous packet's block (almost every packet of a busy pass) is checked and placed
+  without the general path's packet object (``_run_of_pages``); the source builds such runs'
+  packets the same short way (``_run_packets``), to the same bytes.
 
 * **QEMU 7.2 streams** (not handled, by design): a 7.2 source (and any machine type up to
   8.0, QEMU's ``multifd-flush-after-each-section=on`` compat property) sends no
