@@ -841,14 +841,15 @@ def source_queue(mig: Any, batches: list) -> tuple[list, int, int]:
     """Normal pages go to the channels (their stats come via ``account``); zero pages found by
     the migration thread (``zero-page-detection`` legacy) go as ZERO records on main.
 
-    ``max-bandwidth`` is charged here, when pages are queued, not when a channel thread has
-    sent them: charged late, the migration thread would keep queueing for a whole PART and
-    overrun the limit (a normal page costs its bytes plus its share of a packet header, a zero
-    page only an offset).
+    ``max-bandwidth`` is charged here for the channels' pages, when they are queued, not when a
+    channel thread has sent them: charged late, the migration thread would keep queueing for a
+    whole PART and overrun the limit. A page costs its bytes plus its share of a packet header
+    (one the channel finds zero costs less than charged). ZERO records on main are charged
+    when sent, like everything on main.
     """
     normal = sum(len(b.normal) for b in batches)
     zero = sum(len(b.zero) for b in batches)
-    mig.rate.account(normal * (PAGE_SIZE + 16) + zero * 16)
+    mig.rate.account(normal * (PAGE_SIZE + 16))
     if not zero:
         mig.multifd.send_batches(batches)
         return [], 0, 0
