@@ -63,6 +63,21 @@ def _restore(p: Pair, path: Path, channels: int | None) -> dict[str, Any]:
     return _wait(p.dst_mgr, "dest", 30)
 
 
+def _decode(path: Path) -> tuple[bytes, list[Any]]:
+    """The file's bytes and the events the stream decoder reads from it."""
+    data = path.read_bytes()
+    dec = Decoder(vmdesc=find_vmdesc(data))
+    dec.receive_data(data)
+    dec.receive_data(b"")
+    return data, dec.events()
+
+
+def _page_bits(data: bytes, bitmap_offset: int) -> np.ndarray:
+    """The block's page bitmap as one 0/1 entry a page."""
+    return np.unpackbits(np.frombuffer(data, np.uint8, bitmap_size(RAM // 4096), bitmap_offset),
+                         bitorder="little")[: RAM // 4096]  # fmt: skip
+
+
 @pytest.mark.parametrize("channels", [None, 4])
 def test_mapped_ram_save_many_passes_and_restore(
     make_pair: MakePair, tmp_path: Path, channels: int | None
@@ -92,11 +107,7 @@ def test_mapped_ram_layout_is_qemus(make_pair: MakePair, tmp_path: Path) -> None
     time.sleep(0.2)
     path = tmp_path / "vm.mapped"
     assert _save(p, path, passes=2, channels=2)["status"] == "completed"
-    data = path.read_bytes()
-    dec = Decoder(vmdesc=find_vmdesc(data))
-    dec.receive_data(data)
-    dec.receive_data(b"")
-    evs = dec.events()
+    data, evs = _decode(path)
     cfg = next(e for e in evs if isinstance(e, E.Configuration))
     assert cfg.capabilities == ("mapped-ram",)
     setup = next(e for e in evs if isinstance(e, E.RamSetup))
@@ -109,8 +120,7 @@ def test_mapped_ram_layout_is_qemus(make_pair: MakePair, tmp_path: Path) -> None
     assert struct.unpack_from(">IQQQ", data, bitmap_offset - 28) == info.mapped_ram
     assert not any(isinstance(e, E.RamPages) for e in evs)  # pages live in the region only
     assert any(isinstance(e, E.Eof) for e in evs)
-    bits = np.unpackbits(np.frombuffer(data, np.uint8, bitmap_size(RAM // 4096), bitmap_offset),
-                         bitorder="little")[: RAM // 4096]  # fmt: skip
+    bits = _page_bits(data, bitmap_offset)
     pages = np.frombuffer(data, np.uint8, RAM, pages_offset).reshape(-1, 4096)
     nonzero = pages.any(axis=1)
     assert bits.sum() > 256  # memstress's working set
@@ -196,15 +206,9 @@ def test_mapped_ram_zero_page_detection(
     p.src_mgr.set_parameters({"zero-page-detection": detection})
     path = tmp_path / "vm.mapped"
     assert _save(p, path, passes=2, channels=2)["status"] == "completed"
-    data = path.read_bytes()
-    dec = Decoder(vmdesc=find_vmdesc(data))
-    dec.receive_data(data)
-    dec.receive_data(b"")
-    (info,) = next(e for e in dec.events() if isinstance(e, E.RamSetup)).blocks
-    bitmap_offset = info.mapped_ram[2]
-    bits = np.unpackbits(np.frombuffer(data, np.uint8, bitmap_size(RAM // 4096), bitmap_offset),
-                         bitorder="little")[: RAM // 4096]  # fmt: skip
-    zeroed = bits[(12 << 20) // 4096 : (14 << 20) // 4096]
+    data, evs = _decode(path)
+    (info,) = next(e for e in evs if isinstance(e, E.RamSetup)).blocks
+    zeroed = _page_bits(data, info.mapped_ram[2])[(12 << 20) // 4096 : (14 << 20) // 4096]
     assert zeroed.all() if detection == "none" else not zeroed.any()
     dst = _restore(p, path, 2)
     assert dst["status"] == "completed", dst
