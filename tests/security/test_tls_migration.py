@@ -172,3 +172,20 @@ def test_tampered_stream_detected(harness: ProcHarness, creds: dict[str, Path]) 
     assert src.wait_migration(timeout=60)["status"] == "completed"
     dst2.wait_status("running", timeout=15)
     assert dst2.guest_check()["ok"]
+
+
+def test_tls_multifd_migration_completes(harness: ProcHarness, creds: dict[str, Path]) -> None:
+    """Every multifd channel is a TLS connection too (QEMU: migration/tls.c for each)."""
+    uri = f"tcp:127.0.0.1:{free_tcp_port()}"
+    src = harness.source(append="ws=4M rate=5000", extra=_tls(creds["good"]))
+    dst = harness.destination(incoming="defer", extra=_tls(creds["good2"]))
+    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    dst.cmd("migrate-incoming", uri=uri)
+    src.wait_passes_increase(0, timeout=20)
+    harness.migrate(src, uri, caps={"return-path": True, "x-verify": True, "multifd": True})
+    info = src.wait_migration(timeout=60)
+    assert info["status"] == "completed", info
+    assert info["x-verified"] is True
+    assert info["ram"]["multifd-bytes"] > 0
+    dst.wait_status("running", timeout=15)
+    assert dst.guest_check()["ok"]

@@ -525,9 +525,32 @@ def accept_channels(
     main: Channel | None = None
     chans: dict[int, Channel] = {}
     pending: list[Channel] = []
+    # TLS channels cannot be peeked at (the bytes under them are records): as in QEMU, the
+    # first connection is main and the others are multifd, whose initial packets are read
+    # once all have arrived. A source may send them only then (livemig's did): reading one
+    # before the next connection's handshake deadlocked both sides.
+    unpeeked: list[Channel] = []
     deadline: float | None = None
+
+    def register(ch: Channel) -> None:
+        try:
+            raw = ch.recv_exact(INIT_PACKET.size)
+        except ChannelError as exc:
+            raise StreamError(f"multifd channel handshake: {exc}") from exc
+        init = MultifdInit.unpack(raw)
+        if init.uuid != uuid:
+            raise StreamError(f"multifd channel: received uuid '{_fmt_uuid(init.uuid)}', "
+                              f"expected uuid '{_fmt_uuid(uuid)}'")  # fmt: skip
+        if init.channel_id >= nchannels:
+            raise StreamError(f"multifd channel id {init.channel_id} out of range "
+                              f"(multifd-channels is {nchannels})")  # fmt: skip
+        if init.channel_id in chans:
+            raise StreamError(f"multifd channel id {init.channel_id} arrived twice")
+        ch.name = f"multifd {init.channel_id}"
+        chans[init.channel_id] = ch
+
     try:
-        while main is None or len(chans) < nchannels:
+        while main is None or len(chans) + len(unpeeked) < nchannels:
             if cancelled():
                 raise ChannelError("incoming migration cancelled while channels were arriving")
             try:
@@ -535,7 +558,7 @@ def accept_channels(
             except ChannelTimeout:
                 if deadline is not None and time.monotonic() > deadline:
                     raise MigrationError(
-                        f"multifd: {len(chans)} of {nchannels} channels arrived"
+                        f"multifd: {len(chans) + len(unpeeked)} of {nchannels} channels arrived"
                         + ("" if main else " and no main channel")
                         + f" within {timeout:g} s"
                     ) from None
@@ -543,6 +566,12 @@ def accept_channels(
             pending.append(ch)
             if deadline is None:
                 deadline = time.monotonic() + timeout
+            if getattr(ch, "_sock", None) is None:  # TLS
+                if main is None:
+                    main = ch
+                else:
+                    unpeeked.append(ch)
+                continue
             head = _peek(ch, 4, timeout)
             magic = int.from_bytes(head, "big") if len(head) == 4 else None
             if magic == QEVM_MAGIC or (magic != MULTIFD_MAGIC and main is None):
@@ -551,21 +580,9 @@ def accept_channels(
                     raise StreamError(f"{ch.name}: a second main channel")
                 main = ch
                 continue
-            try:
-                raw = ch.recv_exact(INIT_PACKET.size)
-            except ChannelError as exc:
-                raise StreamError(f"multifd channel handshake: {exc}") from exc
-            init = MultifdInit.unpack(raw)
-            if init.uuid != uuid:
-                raise StreamError(f"multifd channel: received uuid '{_fmt_uuid(init.uuid)}', "
-                                  f"expected uuid '{_fmt_uuid(uuid)}'")  # fmt: skip
-            if init.channel_id >= nchannels:
-                raise StreamError(f"multifd channel id {init.channel_id} out of range "
-                                  f"(multifd-channels is {nchannels})")  # fmt: skip
-            if init.channel_id in chans:
-                raise StreamError(f"multifd channel id {init.channel_id} arrived twice")
-            ch.name = f"multifd {init.channel_id}"
-            chans[init.channel_id] = ch
+            register(ch)
+        for ch in unpeeked:
+            register(ch)
     except BaseException:
         for ch in pending:
             ch.close()
