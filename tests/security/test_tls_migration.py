@@ -189,3 +189,43 @@ def test_tls_multifd_migration_completes(harness: ProcHarness, creds: dict[str, 
     assert info["ram"]["multifd-bytes"] > 0
     dst.wait_status("running", timeout=15)
     assert dst.guest_check()["ok"]
+
+
+def test_tls_postcopy_preempt_multifd_pause_and_recover(
+    harness: ProcHarness, creds: dict[str, Path]
+) -> None:
+    """Pre-copy on multifd channels, post-copy with a preempt channel, a migrate-pause and a
+    recovery on a new port: every one of these connections over TLS. The preempt channel's
+    handshake can finish only once the destination reads POSTCOPY_LISTEN (or RESUME); made
+    before those were sent, it hung the switch until the handshake time-out. The pause comes
+    as soon as the state says postcopy-active, which is before the switch is over: it must
+    wait for the switch, not break it (that failed the migration, 1 run in ~5)."""
+    uri = f"tcp:127.0.0.1:{free_tcp_port()}"
+    src = harness.source(append="ws=4M rate=5000", extra=_tls(creds["good"]))
+    dst = harness.destination(incoming="defer", extra=_tls(creds["good2"]))
+    caps = {"multifd": True, "postcopy-ram": True, "postcopy-preempt": True}
+    dst.cmd("migrate-set-capabilities",
+            capabilities=[{"capability": k, "state": True} for k in caps])  # fmt: skip
+    dst.cmd("migrate-incoming", uri=uri)
+    src.wait_passes_increase(0, timeout=20)
+    harness.migrate(src, uri, caps={"return-path": True, "x-verify": True, **caps},
+                    params={"max-bandwidth": 8 << 20,
+                            "max-postcopy-bandwidth": 2 << 20})  # fmt: skip
+    src.cmd("migrate-start-postcopy")
+    info = src.wait_migration(30, frozenset({"postcopy-active", "failed", "completed"}))
+    assert info["status"] == "postcopy-active", info
+    src.cmd("migrate-pause")
+    info = src.wait_migration(30, frozenset({"postcopy-paused", "failed"}))
+    assert info["status"] == "postcopy-paused", info
+    assert dst.wait_migration(30, frozenset({"postcopy-paused", "failed"}))["status"] == \
+        "postcopy-paused"  # fmt: skip
+    new = f"tcp:127.0.0.1:{free_tcp_port()}"
+    dst.cmd("migrate-recover", uri=new)
+    src.cmd("migrate", uri=new, resume=True)
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    info = src.wait_migration(timeout=60)
+    assert info["status"] == "completed", info
+    assert info["x-verified"] is True
+    assert info["x-postcopy"]["recoveries"] >= 1
+    dst.wait_status("running", timeout=15)
+    assert dst.guest_check()["ok"]

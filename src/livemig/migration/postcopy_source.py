@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from livemig import threads
 from livemig.errors import MigrationError
 from livemig.machine.runstate import RunState
 from livemig.migration.state import MigrationStatus
@@ -161,6 +162,9 @@ class PostcopySource:
         self.preempt_channel: Channel | None = None
         self.preempt_encoder: Any = None
         self.active = False
+        # Set once the switch is over (the package sent, the preempt channel up): until then a
+        # broken link fails the migration instead of pausing it, so migrate-pause waits.
+        self.switched = threading.Event()
         self.requests = 0  # pages asked for by the destination
         self.requested_sent = 0  # pages sent because they were asked for (prefetch included)
         self.pushed = 0  # pages sent by the background walk
@@ -189,7 +193,16 @@ class PostcopySource:
         return self.requested.is_set()
 
     def pause(self) -> None:
-        """``migrate-pause``: break the link on purpose (postcopy-active only)."""
+        """``migrate-pause``: break the link on purpose (postcopy-active only).
+
+        The state is postcopy-active from the start of the switch; a pause asked for before
+        the switch is over waits for it (a link broken mid-switch failed the migration)."""
+        deadline = time.monotonic() + self.params["x-io-timeout"] / 1000
+        while not self.switched.wait(0.05):
+            if self.mig.state.status != MigrationStatus.POSTCOPY_ACTIVE:
+                break
+            if time.monotonic() > deadline:
+                raise MigrationError("migrate-pause: the switch to post-copy did not finish")
         if self.mig.state.status != MigrationStatus.POSTCOPY_ACTIVE:
             raise MigrationError("migrate-pause is only possible in postcopy-active")
         self.pause_requested.set()
@@ -425,8 +438,7 @@ class PostcopySource:
         """Switch to post-copy and run it to completion (or raise for the thread to fail)."""
         mig = self.mig
         t_stop = time.monotonic()
-        if self.preempt:
-            self._connect_preempt(mig.config.uri)
+        preempt_ready = self._connect_preempt(mig.config.uri) if self.preempt else None
         mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
         mig.stop_guest()
         new = mig.ram.merge(mig.tracker.sync())
@@ -448,6 +460,8 @@ class PostcopySource:
         # From here the destination may run the guest: this side must never restart it.
         mig._stopped_guest = False
         mig._send([*enc.send(E.Packaged(package)), *enc.send(E.Ping(4))], "downtime")
+        if preempt_ready is not None:
+            preempt_ready()  # the destination accepts it at POSTCOPY_LISTEN
         t_run = time.monotonic()
         mig.stats.downtime = t_run - t_stop
         mig.stats.downtime_breakdown = {"postcopy-switch": t_run - t_stop}
@@ -458,6 +472,7 @@ class PostcopySource:
         self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
         mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
         self.active = True
+        self.switched.set()
         boost_thread()
         self._loop()
 
@@ -490,12 +505,48 @@ class PostcopySource:
         out += enc.send(E.PostcopyRun())
         return b"".join(bytes(x) for x in out)
 
-    def _connect_preempt(self, uri: str) -> None:
+    def _connect_preempt(self, uri: str) -> Callable[[], None]:
+        """Open the preempt channel; returns what to call once the destination has been told
+        to accept it (POSTCOPY_LISTEN in the package, or POSTCOPY_RESUME).
+
+        A plain connection completes here (the kernel queues it until the destination
+        accepts), so a refused one fails the switch before the package, while this side can
+        still restart the guest. A TLS client also waits for the server's half of the
+        handshake, which the destination does only once it has read that command: such a
+        connection is made in a thread and waited for after the command is sent. Made here,
+        it hung the switch-over until the handshake's time-out (QEMU connects it
+        asynchronously too).
+        """
+        from livemig.transport.tls import TLSChannel
         from livemig.wire.encoder import Encoder
 
         timeout = self.params["x-io-timeout"] / 1000
-        self.preempt_channel = connect(uri, timeout=timeout)
         self.preempt_encoder = Encoder()
+        if not isinstance(self.mig.channel, TLSChannel):
+            self.preempt_channel = connect(uri, timeout=timeout)
+            return lambda: None
+        made: list[Channel] = []
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                made.append(connect(uri, timeout=timeout, name="postcopy preempt"))
+            except BaseException as exc:
+                failed.append(exc)
+
+        t = threads.Thread(target=run, name="postcopy/preempt-connect", daemon=True)
+        t.start()
+
+        def wait() -> None:
+            t.join(timeout + 1)
+            if failed:
+                raise failed[0]
+            if not made:
+                raise MigrationError(f"postcopy preempt channel: not connected within "
+                                     f"{timeout:g} s")  # fmt: skip
+            self.preempt_channel = made[0]
+
+        return wait
 
     # -- the post-copy phase ---------------------------------------------------------------------
 
@@ -674,9 +725,10 @@ class PostcopySource:
                 mig.ram.dirty[b.idstr][:] = bits == 0
             self.queue.clear()
             mig.stats.remaining = mig.ram.pending_pages() * PAGE
-        if self.preempt:
-            self._connect_preempt(uri)
+        preempt_ready = self._connect_preempt(uri) if self.preempt else None
         mig._send(enc.send(E.PostcopyResume()), "postcopy")
+        if preempt_ready is not None:
+            preempt_ready()  # the destination accepts it at POSTCOPY_RESUME
         while not self._acked.wait(0.05):
             mig._check_cancel()
             mig._check_rp()
