@@ -122,3 +122,46 @@ def test_destination_rejects_stream(harness: ProcHarness) -> None:
     assert "pc.ram" in dst.log(), dst.log()
     assert_source_unharmed(src, before)
     assert_no_leak(src, baseline)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("fault", ["killed", "stalled"])
+def test_multifd_destination_fault(harness: ProcHarness, fault: str) -> None:
+    """The same with two multifd channels: every channel's thread gives up, the source fails
+    cleanly with the first reason and leaks nothing."""
+    src = harness.source(append="ws=16M rate=20000")
+    uri = f"unix:{harness.path('mf-fault.sock')}"
+    dst = harness.destination(incoming="defer")
+    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    dst.cmd("migrate-incoming", uri=uri)
+    before = src.wait_passes_increase(0)
+    baseline = resources(src)
+    params = {**SLOW, **({"x-io-timeout": 1000} if fault == "stalled" else {})}
+    harness.migrate(src, uri, caps={"events": True, "return-path": True, "multifd": True},
+                    params=params)  # fmt: skip
+    wait_until(lambda: src.query_migrate().get("ram", {}).get("multifd-bytes", 0) > 2 << 20,
+               15, "2 MiB sent on the multifd channels")  # fmt: skip
+    dst.signal(signal.SIGKILL if fault == "killed" else signal.SIGSTOP)
+    try:
+        info = src.wait_migration(timeout=20)
+        assert info["status"] == "failed", info
+        assert info["error-desc"], info
+        if fault == "stalled":
+            assert "no progress" in info["error-desc"] or "within" in info["error-desc"], info
+        assert_source_unharmed(src, before)
+        assert_no_leak(src, baseline)
+    finally:
+        if fault == "stalled":
+            dst.signal(signal.SIGCONT)
+    # and multifd again, to a fresh destination: nothing of the failed attempt is left over
+    uri2 = f"unix:{harness.path('mf-again.sock')}"
+    dst2 = harness.destination(incoming="defer")
+    dst2.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    dst2.cmd("migrate-incoming", uri=uri2)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 128 << 20, "x-io-timeout": 30000})
+    src.cmd("migrate", uri=uri2)
+    info = src.wait_migration(timeout=60)
+    assert info["status"] == "completed", info
+    assert info["ram"]["multifd-bytes"] > 0
+    dst2.wait_status("running")
+    assert dst2.guest_check()["ok"]
