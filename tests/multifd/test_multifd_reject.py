@@ -154,3 +154,26 @@ def test_refused_channel_source_keeps_running(make_pair: MakePair) -> None:
     later = check_invariant(p.src.read_guest, first)
     assert later.ok, later.problems
     assert sum(later.passes) > sum(first.passes)  # the guest kept running after the failure
+
+
+@pytest.mark.parametrize("uri", ["exec:cat > /dev/null", "fd:3", "file:/tmp/livemig-mf.bin"])
+def test_multifd_needs_a_uri_with_many_connections(uri: str) -> None:
+    """exec:, fd: and (without mapped-ram) file: carry one connection: migrate and
+    migrate-incoming refuse multifd on them before anything starts."""
+    from livemig.errors import UsageError
+
+    src = Machine([RAMBlockSpec("pc.ram", RAM)], smp=1)
+    dst = Machine([RAMBlockSpec("pc.ram", RAM)], smp=1)
+    dst.set_runstate(RunState.INMIGRATE)
+    try:
+        for m in (src, dst):
+            mgr = MigrationManager(m)
+            mgr.set_capabilities([{"capability": "multifd", "state": True}])
+            start = mgr.incoming_start if m is dst else mgr.migrate
+            with pytest.raises(UsageError, match=r"multifd is not supported by current protocol"
+                               r": .* carries one connection; multifd needs tcp: or unix:"):  # fmt: skip
+                start(uri)
+            assert (mgr.dest if m is dst else mgr.source).status.value == "none"
+    finally:
+        src.close()
+        dst.close()

@@ -17,6 +17,7 @@ from typing import Any
 from livemig import threads
 from livemig.errors import LivemigError, UsageError
 from livemig.machine.runstate import RunState
+from livemig.migration import multifd
 from livemig.migration.destination import IncomingMigration
 from livemig.migration.dirtyrate import DirtyRateMeasurement
 from livemig.migration.options import PARAMETERS, Capabilities, Parameters
@@ -99,7 +100,7 @@ class MigrationManager:
             job = self.dirty_rate_job
             if job is not None and job.status == "measuring":
                 raise UsageError("a dirty rate calculation is running: wait for it to finish")
-            parse_uri(uri)
+            multifd.check_uri(parse_uri(uri), self.caps.enabled())
             # tls-creds: every channel this migration opens is a TLS client (bad creds: refused
             # here, before any state change)
             set_migration_tls("client", creds_from_params(self.params.query(), "client"))
@@ -161,7 +162,7 @@ class MigrationManager:
         with self._lock:
             if self.incoming is not None:
                 raise UsageError("The incoming migration has already been started")
-            parse_uri(uri)
+            multifd.check_uri(parse_uri(uri), self.caps.enabled())
             set_migration_tls("server", creds_from_params(self.params.query(), "server"))
             self.exit_on_error = exit_on_error
             self.incoming = IncomingMigration(

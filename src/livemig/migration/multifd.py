@@ -69,7 +69,7 @@ from typing import Any
 import numpy as np
 
 from livemig import threads
-from livemig.errors import MigrationError, StreamError
+from livemig.errors import MigrationError, StreamError, UsageError
 from livemig.machine.abi import PAGE_SIZE
 from livemig.savevm.ram import Batch, page_runs, split_zero
 from livemig.transport import Channel, ChannelError, ChannelTimeout
@@ -833,6 +833,20 @@ class MultifdReceiver:
 
 
 # -- hooks called by source.py / destination.py -------------------------------------------------
+
+
+def check_uri(u: Any, capabilities: Any) -> None:
+    """Refuse capability multifd on a URI that carries one connection (``exec:``, ``fd:``):
+    its N extra channels would go to N more commands, or nowhere. Raised by ``migrate`` and
+    ``migrate-incoming`` before anything starts (QEMU: "multifd is not supported by current
+    protocol"). ``file:`` takes multifd only as mapped-ram's parallel writers."""
+    if "multifd" not in capabilities or u.scheme in ("tcp", "unix"):
+        return
+    if u.scheme == "file" and "mapped-ram" in capabilities:
+        return
+    need = "tcp: or unix:, or file: with capability mapped-ram"
+    raise UsageError(f"multifd is not supported by current protocol: {u} carries one "
+                     f"connection; multifd needs {need}")  # fmt: skip
 
 
 def source_setup(mig: Any) -> None:
