@@ -229,3 +229,34 @@ def test_tls_postcopy_preempt_multifd_pause_and_recover(
     assert info["x-postcopy"]["recoveries"] >= 1
     dst.wait_status("running", timeout=15)
     assert dst.guest_check()["ok"]
+
+
+def test_tls_destination_pause_then_auto_recover(
+    harness: ProcHarness, creds: dict[str, Path]
+) -> None:
+    """A migrate-pause on the destination as soon as it is in post-copy; the source finds the
+    link gone and, with x-postcopy-auto-recover, reconnects by itself over TLS (main and
+    preempt channels) to the original URI, and the migration completes."""
+    uri = f"tcp:127.0.0.1:{free_tcp_port()}"
+    src = harness.source(append="ws=4M rate=5000", extra=_tls(creds["good"]))
+    dst = harness.destination(incoming="defer", extra=_tls(creds["good2"]))
+    caps = {"multifd": True, "postcopy-ram": True, "postcopy-preempt": True}
+    dst.cmd("migrate-set-capabilities",
+            capabilities=[{"capability": k, "state": True} for k in caps])  # fmt: skip
+    dst.cmd("migrate-set-parameters", **{"x-postcopy-auto-recover": 5})
+    dst.cmd("migrate-incoming", uri=uri)
+    src.wait_passes_increase(0, timeout=20)
+    harness.migrate(src, uri, caps={"return-path": True, "x-verify": True, **caps},
+                    params={"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 2 << 20,
+                            "x-postcopy-auto-recover": 5})  # fmt: skip
+    src.cmd("migrate-start-postcopy")
+    info = dst.wait_migration(30, frozenset({"postcopy-active", "failed", "completed"}))
+    assert info["status"] == "postcopy-active", info
+    dst.cmd("migrate-pause")
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    info = src.wait_migration(timeout=90)
+    assert info["status"] == "completed", info
+    assert info["x-verified"] is True
+    assert info["x-postcopy"]["recoveries"] >= 1
+    dst.wait_status("running", timeout=15)
+    assert dst.guest_check()["ok"]
