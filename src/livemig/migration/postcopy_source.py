@@ -515,7 +515,9 @@ class PostcopySource:
         handshake, which the destination does only once it has read that command: such a
         connection is made in a thread and waited for after the command is sent. Made here,
         it hung the switch-over until the handshake's time-out (QEMU connects it
-        asynchronously too).
+        asynchronously too). Its failure then comes after the package, too late for this
+        side to run the guest again; the main channel's handshake with the same credentials
+        has succeeded by then, so what is left to fail is the link itself.
         """
         from livemig.transport.tls import TLSChannel
         from livemig.wire.encoder import Encoder
