@@ -121,7 +121,10 @@ def test_tiny_matrix_end_to_end(tmp_path) -> None:
         summary = sc["livemig"]
         assert summary["completed"] == 1 and summary["total_ms"] == run["total_ms"]
     pc = result["scenarios"][1]["livemig_runs"][0]
-    assert pc["postcopy_requests"] is not None and pc["blocktime_ms"] is not None
+    if pc["postcopy_bytes"]:
+        assert pc["postcopy_requests"] is not None and pc["blocktime_ms"] is not None
+    else:  # this small guest converged before migrate-start-postcopy arrived (rare)
+        assert "pre-copy converged before the switch to post-copy" in pc["notes"]
     assert result["scenarios"][0]["livemig_runs"][0]["postcopy_requests"] is None
 
 

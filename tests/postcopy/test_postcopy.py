@@ -112,3 +112,18 @@ def test_start_postcopy_needs_the_capability(pair) -> None:
     p.sm.set_capabilities([{"capability": "postcopy-ram", "state": True}])
     with pytest.raises(UsageError, match="after migration has been started"):
         start_postcopy(p.sm)
+
+
+def test_start_postcopy_after_precopy_finished_is_not_an_error(pair) -> None:
+    """QEMU accepts migrate-start-postcopy once the migration is over ("that would be racy
+    with issuing this command"): a client that saw "active" a moment before must not fail
+    because pre-copy converged meanwhile."""
+    from livemig.migration.postcopy_source import start_postcopy
+
+    p = pair(ram=8 << 20, append="ws=1M rate=1000")
+    p.caps(postcopy_ram=True)
+    p.wait_guest()
+    p.start()
+    assert p.wait("src", {"completed", "failed"}) == "completed"
+    start_postcopy(p.sm)  # no error, nothing happens
+    assert p.sm.source.status.value == "completed"

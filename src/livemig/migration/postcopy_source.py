@@ -779,9 +779,13 @@ def start_postcopy(manager: Any) -> None:
         raise UsageError("Enable postcopy with migrate_set_capability before the start of "
                          "migration")  # fmt: skip
     mig = manager.outgoing
-    if mig is None or manager.source.status not in (MigrationStatus.SETUP,
-                                                    MigrationStatus.ACTIVE):  # fmt: skip
+    if mig is None or manager.source.status == MigrationStatus.NONE:
         raise UsageError("Postcopy must be started after migration has been started")
+    if manager.source.status not in (MigrationStatus.SETUP, MigrationStatus.ACTIVE):
+        # QEMU does not fail once the migration is past pre-copy (finished, or switching
+        # over): "that would be racy with issuing this command". A client that saw "active"
+        # a moment ago must not get an error because pre-copy converged meanwhile.
+        return
     if mig.postcopy is None:
         # still in setup: PostcopySource appears once the channel is up; keep the request
         deadline = time.monotonic() + 5
