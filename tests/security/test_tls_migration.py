@@ -13,6 +13,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -174,21 +175,47 @@ def test_tampered_stream_detected(harness: ProcHarness, creds: dict[str, Path]) 
     assert dst2.guest_check()["ok"]
 
 
-def test_tls_multifd_migration_completes(harness: ProcHarness, creds: dict[str, Path]) -> None:
-    """Every multifd channel is a TLS connection too (QEMU: migration/tls.c for each)."""
+def _tls_pair(
+    harness: ProcHarness,
+    creds: dict[str, Path],
+    caps: dict[str, bool],
+    dst_params: dict[str, Any] | None = None,
+) -> tuple[LivemigProcess, LivemigProcess, str]:
+    """A running source and a ``--incoming defer`` destination, both with TLS, the
+    destination given ``caps`` (and ``dst_params``) and listening on a fresh port."""
     uri = f"tcp:127.0.0.1:{free_tcp_port()}"
     src = harness.source(append="ws=4M rate=5000", extra=_tls(creds["good"]))
     dst = harness.destination(incoming="defer", extra=_tls(creds["good2"]))
-    dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+    dst.cmd("migrate-set-capabilities",
+            capabilities=[{"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
+    if dst_params:
+        dst.cmd("migrate-set-parameters", **dst_params)
     dst.cmd("migrate-incoming", uri=uri)
     src.wait_passes_increase(0, timeout=20)
-    harness.migrate(src, uri, caps={"return-path": True, "x-verify": True, "multifd": True})
-    info = src.wait_migration(timeout=60)
+    return src, dst, uri
+
+
+def _completed(src: LivemigProcess, dst: LivemigProcess, timeout: float = 60) -> dict[str, Any]:
+    """Wait for the source to complete with RAM verified and the guest running on the
+    destination; the source's last query-migrate."""
+    info = src.wait_migration(timeout=timeout)
     assert info["status"] == "completed", info
     assert info["x-verified"] is True
-    assert info["ram"]["multifd-bytes"] > 0
     dst.wait_status("running", timeout=15)
     assert dst.guest_check()["ok"]
+    return info
+
+
+def test_tls_multifd_migration_completes(harness: ProcHarness, creds: dict[str, Path]) -> None:
+    """Every multifd channel is a TLS connection too (QEMU: migration/tls.c for each)."""
+    src, dst, uri = _tls_pair(harness, creds, {"multifd": True})
+    harness.migrate(src, uri, caps={"return-path": True, "x-verify": True, "multifd": True})
+    assert _completed(src, dst)["ram"]["multifd-bytes"] > 0
+
+
+POSTCOPY_CAPS = {"multifd": True, "postcopy-ram": True, "postcopy-preempt": True}
+# slow enough that post-copy is still running when it is paused
+POSTCOPY_SLOW = {"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 2 << 20}
 
 
 def test_tls_postcopy_preempt_multifd_pause_and_recover(
@@ -200,17 +227,9 @@ def test_tls_postcopy_preempt_multifd_pause_and_recover(
     before those were sent, it hung the switch until the handshake time-out. The pause comes
     as soon as the state says postcopy-active, which is before the switch is over: it must
     wait for the switch, not break it (that failed the migration, 1 run in ~5)."""
-    uri = f"tcp:127.0.0.1:{free_tcp_port()}"
-    src = harness.source(append="ws=4M rate=5000", extra=_tls(creds["good"]))
-    dst = harness.destination(incoming="defer", extra=_tls(creds["good2"]))
-    caps = {"multifd": True, "postcopy-ram": True, "postcopy-preempt": True}
-    dst.cmd("migrate-set-capabilities",
-            capabilities=[{"capability": k, "state": True} for k in caps])  # fmt: skip
-    dst.cmd("migrate-incoming", uri=uri)
-    src.wait_passes_increase(0, timeout=20)
-    harness.migrate(src, uri, caps={"return-path": True, "x-verify": True, **caps},
-                    params={"max-bandwidth": 8 << 20,
-                            "max-postcopy-bandwidth": 2 << 20})  # fmt: skip
+    src, dst, uri = _tls_pair(harness, creds, POSTCOPY_CAPS)
+    harness.migrate(src, uri, caps={"return-path": True, "x-verify": True, **POSTCOPY_CAPS},
+                    params=POSTCOPY_SLOW)  # fmt: skip
     src.cmd("migrate-start-postcopy")
     info = src.wait_migration(30, frozenset({"postcopy-active", "failed", "completed"}))
     assert info["status"] == "postcopy-active", info
@@ -223,12 +242,7 @@ def test_tls_postcopy_preempt_multifd_pause_and_recover(
     dst.cmd("migrate-recover", uri=new)
     src.cmd("migrate", uri=new, resume=True)
     src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
-    info = src.wait_migration(timeout=60)
-    assert info["status"] == "completed", info
-    assert info["x-verified"] is True
-    assert info["x-postcopy"]["recoveries"] >= 1
-    dst.wait_status("running", timeout=15)
-    assert dst.guest_check()["ok"]
+    assert _completed(src, dst)["x-postcopy"]["recoveries"] >= 1
 
 
 def test_tls_destination_pause_then_auto_recover(
@@ -237,26 +251,12 @@ def test_tls_destination_pause_then_auto_recover(
     """A migrate-pause on the destination as soon as it is in post-copy; the source finds the
     link gone and, with x-postcopy-auto-recover, reconnects by itself over TLS (main and
     preempt channels) to the original URI, and the migration completes."""
-    uri = f"tcp:127.0.0.1:{free_tcp_port()}"
-    src = harness.source(append="ws=4M rate=5000", extra=_tls(creds["good"]))
-    dst = harness.destination(incoming="defer", extra=_tls(creds["good2"]))
-    caps = {"multifd": True, "postcopy-ram": True, "postcopy-preempt": True}
-    dst.cmd("migrate-set-capabilities",
-            capabilities=[{"capability": k, "state": True} for k in caps])  # fmt: skip
-    dst.cmd("migrate-set-parameters", **{"x-postcopy-auto-recover": 5})
-    dst.cmd("migrate-incoming", uri=uri)
-    src.wait_passes_increase(0, timeout=20)
-    harness.migrate(src, uri, caps={"return-path": True, "x-verify": True, **caps},
-                    params={"max-bandwidth": 8 << 20, "max-postcopy-bandwidth": 2 << 20,
-                            "x-postcopy-auto-recover": 5})  # fmt: skip
+    src, dst, uri = _tls_pair(harness, creds, POSTCOPY_CAPS, {"x-postcopy-auto-recover": 5})
+    harness.migrate(src, uri, caps={"return-path": True, "x-verify": True, **POSTCOPY_CAPS},
+                    params={**POSTCOPY_SLOW, "x-postcopy-auto-recover": 5})  # fmt: skip
     src.cmd("migrate-start-postcopy")
     info = dst.wait_migration(30, frozenset({"postcopy-active", "failed", "completed"}))
     assert info["status"] == "postcopy-active", info
     dst.cmd("migrate-pause")
     src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
-    info = src.wait_migration(timeout=90)
-    assert info["status"] == "completed", info
-    assert info["x-verified"] is True
-    assert info["x-postcopy"]["recoveries"] >= 1
-    dst.wait_status("running", timeout=15)
-    assert dst.guest_check()["ok"]
+    assert _completed(src, dst, timeout=90)["x-postcopy"]["recoveries"] >= 1

@@ -485,11 +485,9 @@ class MultifdSender(PageWorkerPool):
 # -- destination ------------------------------------------------------------------------------
 
 
-def _peek(ch: Channel, n: int, timeout: float) -> bytes:
-    """The first ``n`` bytes of a new socket channel, left in place for the real reader."""
-    sock: socket.socket | None = getattr(ch, "_sock", None)
-    if sock is None:
-        return b""
+def _peek(ch: Channel, sock: socket.socket, n: int, timeout: float) -> bytes:
+    """The first ``n`` bytes of a new channel on plain socket ``sock``, left in place for the
+    real reader."""
     deadline = time.monotonic() + timeout
     while True:
         left = deadline - time.monotonic()
@@ -566,13 +564,14 @@ def accept_channels(
             pending.append(ch)
             if deadline is None:
                 deadline = time.monotonic() + timeout
-            if getattr(ch, "_sock", None) is None:  # TLS
+            sock: socket.socket | None = getattr(ch, "_sock", None)
+            if sock is None:  # TLS
                 if main is None:
                     main = ch
                 else:
                     unpeeked.append(ch)
                 continue
-            head = _peek(ch, 4, timeout)
+            head = _peek(ch, sock, 4, timeout)
             magic = int.from_bytes(head, "big") if len(head) == 4 else None
             if magic == QEVM_MAGIC or (magic != MULTIFD_MAGIC and main is None):
                 # 8.1+: the stream magic says main; 7.2 order: the first connection is main
