@@ -11,6 +11,7 @@ import threading
 import numpy as np
 import pytest
 
+from livemig.errors import MigrationError
 from livemig.machine.ram import RAMBlock
 from livemig.migration.multifd import MultifdReceiver, MultifdSender
 from livemig.savevm.ram import Batch, RamLoader
@@ -174,3 +175,62 @@ def test_sender_zero_page_detection_off_sends_zero_pages_as_data() -> None:
     pkt = MultifdPacket.unpack(memoryview(with_detection), 0)
     assert (pkt.normal_pages, pkt.zero_pages) == (15, 1)
     assert int(pkt.offsets[15]) == 5 * PAGE
+
+
+def _raw(flags: int, num: int, pages: list[int], data: bytes = b"") -> bytes:
+    offs = np.array(pages, np.uint64) << np.uint64(12)
+    return MultifdPacket(flags, num, "pc.ram" if pages else "", offs, len(pages)).pack() + data
+
+
+def _sync_point(rx: Rx) -> str | None:
+    """Wait for the channel's SYNC as a MULTIFD_FLUSH would; the error, if any."""
+    try:
+        rx.rx.wait_synced()
+    except MigrationError as exc:
+        return str(exc)
+    rx.rx.release()
+    return None
+
+
+def test_qemu72_sync_riding_on_pages_skips_a_packet_number(rx: Rx) -> None:
+    """QEMU 7.2, one channel: pages queued as packet 1 are still unsent when the SYNC comes,
+    which takes number 2 and carries them; an empty flags-0 packet repeats number 2. Seen on
+    the wire from 7.2; the numbers 0, 2 are complete."""
+    page = bytes([9]) * PAGE
+    rx.tx.sendall(_raw(1, 0, []))
+    assert _sync_point(rx) is None
+    rx.tx.sendall(_raw(1, 2, [3], page) + _raw(0, 2, []))
+    assert _sync_point(rx) is None
+    rx.sent[3] = page
+    assert rx.finish() is None
+    rx.check()
+
+
+def test_a_packet_number_never_seen_fails_the_sync_point(rx: Rx) -> None:
+    """Packet 1 went to a channel this side does not read (the source has more channels)."""
+    rx.tx.sendall(_raw(1, 0, []) + _raw(0, 2, [4], bytes([1]) * PAGE))
+    assert _sync_point(rx) is None
+    rx.tx.sendall(_raw(1, 3, []))
+    err = _sync_point(rx)
+    assert err is not None and "1 channels brought 3 distinct packet numbers" in err, err
+    assert "source used 0..3" in err and "different multifd-channels" in err
+    rx.finish()
+
+
+def test_page_less_sync_packet_needs_no_compression_flag() -> None:
+    """7.2 leaves the compression bits out of packets without pages (QEMU checks them only
+    where there are pages); a zlib receiver takes such a SYNC."""
+    block = RAMBlock("pc.ram", NPAGES * PAGE, prefault=True)
+    a, b = socket.socketpair()
+    rx = MultifdReceiver(RamLoader([block]), [Channel.from_socket(b, "multifd 0")],
+                         compression="zlib", timeout=5)  # fmt: skip
+    a.sendall(_raw(1, 0, []))
+    rx.wait_synced()
+    rx.release()
+    assert rx.error is None
+    a.sendall(_raw(0, 1, [0], bytes(PAGE)))  # pages without the zlib bit: refused
+    a.shutdown(socket.SHUT_WR)
+    rx.channels[0].thread.join(5)
+    assert rx.error is not None and "compression flags 0x0, this side uses 'zlib'" in rx.error
+    rx.close()
+    a.close()

@@ -605,6 +605,15 @@ class _RecvChannel:
         self._alloc = 0  # page slots per packet, once the first packet told
         self.payload = bytearray(2 * PAGES_ALLOC * PAGE_SIZE + 4096)
         self.packets = 0
+        # Packet numbers: the source numbers all channels' packets from one counter, so at a
+        # sync point the numbers seen on all channels together are 0..top, each once. QEMU 7.2
+        # has one exception: when a SYNC catches a channel that has not sent its pages yet,
+        # the SYNC's number replaces theirs (one number skipped, ``rides``), and the channel
+        # then sends an empty packet repeating it (counted once).
+        self.numbers = 0
+        self.rides = 0
+        self.top = -1
+        self._last_num = -1
         # The last data packet's RAMBlock, for _run_of_pages: its name field as sent, and where
         # its pages go. Empty until a packet went through the full checks.
         self._raw_name = b""
@@ -671,8 +680,11 @@ class _RecvChannel:
             return True
         pkt = MultifdPacket.unpack(hv, at, r.block_sizes)  # checks magic, counts and offsets
         self._alloc = alloc
+        self._numbered(pkt.packet_num, bool(pkt.flags & MULTIFD_FLAG_SYNC and pkt.normal_pages))
         where = f"multifd channel {self.id}, packet {pkt.packet_num}"
-        if pkt.flags & MULTIFD_FLAG_COMPRESSION_MASK != r.flag:
+        # QEMU checks the compression bits only of packets that carry pages: 7.2 leaves them
+        # out of page-less (SYNC) packets
+        if pkt.normal_pages and pkt.flags & MULTIFD_FLAG_COMPRESSION_MASK != r.flag:
             raise StreamError(f"{where}: compression flags 0x{pkt.flags & 0x3E:x}, this side "
                               f"uses {r.compression!r} (0x{r.flag:x})", at + 8)  # fmt: skip
         self.packets += 1
@@ -690,6 +702,14 @@ class _RecvChannel:
                     return False
         return True
 
+    def _numbered(self, num: int, ride: bool = False) -> None:
+        if ride:
+            self.rides += 1
+        if num != self._last_num:
+            self._last_num = num
+            self.numbers += 1
+            self.top = max(self.top, num)
+
     def _run_of_pages(self, hv: memoryview) -> bool:
         """Place a packet of the commonest kind, or return False to leave it to the full path:
         uncompressed normal pages that are one run, for the previous packet's RAMBlock.
@@ -701,7 +721,7 @@ class _RecvChannel:
         checks are fewer but as exact: offsets that step by one page from an aligned first one
         and end inside the block name exactly that run.
         """
-        magic, version, flags, alloc, normal, size, _num, zero, raw = PACKET_HEADER.unpack_from(hv)
+        magic, version, flags, alloc, normal, size, num, zero, raw = PACKET_HEADER.unpack_from(hv)
         r = self.r
         if not (magic == MULTIFD_MAGIC and version == MULTIFD_VERSION and flags == 0
                 and r.flag == 0 and alloc == self._alloc and zero == 0 and 0 < normal <= alloc
@@ -718,6 +738,7 @@ class _RecvChannel:
         ):
             return False
         self.packets += 1
+        self._numbered(num)
         self._read(view[first:end], "page data")
         page = first >> PAGE_SHIFT
         touched[page : page + normal] = True
@@ -808,11 +829,30 @@ class MultifdReceiver:
 
     def flush(self) -> None:
         """At a MULTIFD_FLUSH: wait until every channel stopped at its SYNC, then release all."""
+        self.wait_synced()
+        self.release()
+
+    def wait_synced(self) -> None:
+        """Wait until every channel stopped at its SYNC: all pages sent before it are placed,
+        and none after it will be until ``release()``."""
         for _ in self.channels:
             if not self._arrived.acquire(timeout=self.timeout):
                 raise MigrationError(f"multifd: channels did not reach their SYNC within "
                                      f"{self.timeout:g} s")  # fmt: skip
             self.check()
+        seen = sum(c.numbers for c in self.channels)
+        top = max(c.top for c in self.channels)
+        if seen != top + 1 - sum(c.rides for c in self.channels):
+            # Pages are missing (or came twice) and would be silently wrong: most often the
+            # source has more channels than this side accepted, whose packets nobody reads.
+            reason = (f"multifd: at a sync point {len(self.channels)} channels brought {seen} "
+                      f"distinct packet numbers, the source used 0..{top}: does the source "
+                      f"have a different multifd-channels ({len(self.channels)} here)?")  # fmt: skip
+            self._failed(reason)
+            raise MigrationError(reason)
+
+    def release(self) -> None:
+        """Let the channels stopped at their SYNC go on."""
         for c in self.channels:
             c.release.release()
 

@@ -296,10 +296,16 @@ class OutgoingMigration:
             mapped_ram.source_setup(self)  # block list + headers; the stream skips the regions
         else:
             bufs += enc.send(E.RamSetup(sum(b.size for b in self.machine.ram_blocks), infos))
+        if "multifd" in caps and not mapped:
+            # QEMU 8.1+: the channels connect and sync inside the setup section, and a
+            # MULTIFD_FLUSH says so; a reader then knows that EOS is not a sync point (7.2's)
+            self._send(bufs)
+            bufs = []
+            multifd.source_setup(self)
+            multifd.source_flush(self, "precopy", in_section=True)
         bufs += enc.send(E.RamEos())
         bufs += enc.send(E.SectionFooter(self._ram_sid))
         self._send(bufs)
-        multifd.source_setup(self)
         if self.multifd is None and self.config.params["zero-page-detection"] == "none":
             self.ram.find_zero = False  # QEMU 9.0: every page is sent as a normal one
         xbzrle_cache.source_setup(self)
