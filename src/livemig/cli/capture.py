@@ -6,21 +6,28 @@ OPEN_RETURN_PATH it answers each PING with PONG and, when the stream is complete
 (0 if the whole stream decodes, 1 if not). Device sections cannot be decoded live (their layouts
 come in the vmdesc trailer), so from the first device section on the capture only watches for
 the trailer; the whole file is then decoded with it before SHUT. Every wait has a time-out.
+
+With ``--multifd N`` it also accepts the source's N multifd channels and writes the pages they
+carry into OUT at each sync point (``capture_multifd``), so that OUT is a one-channel stream.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import time
+import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from livemig.errors import LivemigError, StreamError, UsageError
+from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener, parse_uri
 from livemig.wire import events as E
 from livemig.wire.decoder import Decoder, UnknownLayoutError
 from livemig.wire.returnpath import Pong, Shut, encode_rp
 from livemig.wire.vmdesc import find_vmdesc
+
+if TYPE_CHECKING:
+    from livemig.cli.capture_multifd import MultifdCapture
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -28,62 +35,57 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("uri", help="tcp:HOST:PORT or unix:PATH to listen on")
     parser.add_argument("out", help="file to store the stream in")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (each)")
+    parser.add_argument("--multifd", type=int, metavar="N", default=0,
+                        help="the source has capability multifd with multifd-channels N: accept "
+                             "N more channels and write their pages into OUT")  # fmt: skip
+    parser.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"),
+                        default="none", help="the source's multifd-compression")  # fmt: skip
+    parser.add_argument(
+        "--uuid",
+        default=str(uuid.UUID(int=0)),
+        help="the source's -uuid, which its multifd channels carry (QEMU's "
+        "destination checks them against its own; default all zero)",
+    )
     parser.set_defaults(func=run)
 
 
-def listen(uri: str) -> socket.socket:
-    """A listening socket for ``tcp:HOST:PORT`` or ``unix:PATH``."""
-    if uri.startswith("tcp:"):
-        host, _, port = uri[4:].rpartition(":")
-        host = host.strip("[]") or "0.0.0.0"
-        if not port.isdigit():
-            raise UsageError(f"bad tcp URI {uri!r}: expected tcp:HOST:PORT")
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        addr: object = (host, int(port))
-    elif uri.startswith("unix:"):
-        path = uri[5:]
-        if os.path.exists(path):
-            os.unlink(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        addr = path
-    else:
+def listen(uri: str, timeout: float) -> Listener:
+    """A listener on ``tcp:HOST:PORT`` or ``unix:PATH``."""
+    u = parse_uri(uri)
+    if u.scheme not in ("tcp", "unix"):
         raise UsageError(f"unsupported URI {uri!r}: expected tcp:HOST:PORT or unix:PATH")
-    try:
-        sock.bind(addr)  # type: ignore[arg-type]
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"cannot listen on {uri}: {exc.strerror}") from None
-    sock.listen(1)
-    return sock
+    return Listener(u, timeout=timeout, tls=None)
 
 
 class Capture:
     """The destination side of one captured migration (sans the socket)."""
 
-    def __init__(self) -> None:
+    def __init__(self, multifd: MultifdCapture | None = None) -> None:
         self.decoder = Decoder()
         self.data = bytearray()
         self.return_path = False
         self.live = True  # False once device sections are reached
         self.replies: list[bytes] = []
         self.pings = 0
+        self.multifd = multifd
 
     def feed(self, chunk: bytes) -> None:
         self.data += chunk
         if not self.live:
             return
-        self.decoder.receive_data(chunk)
+        dec = self.decoder
+        dec.receive_data(chunk)
         try:
-            for ev in self.decoder.events():
+            while (ev := dec.next_event()) is not E.NEED_DATA:
                 if isinstance(ev, E.OpenReturnPath):
                     self.return_path = True
                 elif isinstance(ev, E.Ping):
                     self.pings += 1
                     if not self.return_path:
-                        raise StreamError("PING without an open return path", self.decoder.offset)
+                        raise StreamError("PING without an open return path", dec.offset)
                     self.replies.append(encode_rp(Pong(ev.value)))
+                if self.multifd is not None:
+                    self.multifd.event(ev, dec.offset, dec.last_block)  # type: ignore[arg-type]
         except UnknownLayoutError:
             self.live = False  # device sections: wait for the vmdesc trailer
 
@@ -96,49 +98,87 @@ class Capture:
         except StreamError:
             return False
 
+    def stream(self) -> bytes:
+        """The captured stream; with multifd, the channels' pages written into it."""
+        if self.multifd is None or not self.multifd.inserts:
+            return bytes(self.data)
+        parts: list[bytes | memoryview] = []
+        view = memoryview(self.data)
+        at = 0
+        for offset, records in self.multifd.inserts:
+            parts += (view[at:offset], records)
+            at = offset
+        parts.append(view[at:])
+        return b"".join(parts)
+
     def verify(self) -> None:
         from livemig.cli.analyze import analyze
 
-        analyze(bytes(self.data))
+        analyze(self.stream())
 
 
 def run(args: argparse.Namespace) -> int:
-    server = listen(args.uri)
-    server.settimeout(args.timeout)
+    if args.multifd < 0 or args.multifd > 255:
+        raise UsageError(f"--multifd {args.multifd}: multifd-channels is 1..255")
+    try:
+        src_uuid = uuid.UUID(args.uuid).bytes
+    except ValueError:
+        raise UsageError(f"--uuid {args.uuid!r} is not a UUID") from None
+    listener = listen(args.uri, args.timeout)
+    multifd: MultifdCapture | None = None
     try:
         try:
-            conn, _ = server.accept()
-        except TimeoutError:
+            if args.multifd:
+                from livemig.cli.capture_multifd import MultifdCapture
+                from livemig.migration.multifd import accept_channels
+
+                main, chans = accept_channels(lambda t: listener.accept(timeout=t),
+                                              args.multifd, src_uuid, args.timeout)  # fmt: skip
+                multifd = MultifdCapture(chans, args.multifd_compression, args.timeout, main)
+            else:
+                main = listener.accept(timeout=args.timeout)
+        except ChannelTimeout:
             raise LivemigError(
                 f"no migration connected to {args.uri} in {args.timeout} s"
             ) from None
-        with conn:
-            cap = receive(conn, args.timeout)
+        with main:
+            cap = receive(main, args.timeout, multifd)
     finally:
-        server.close()
-        if args.uri.startswith("unix:"):
-            Path(args.uri[5:]).unlink(missing_ok=True)
-    Path(args.out).write_bytes(cap.data)
-    print(f"captured {len(cap.data)} bytes into {args.out}")
+        if multifd is not None:
+            multifd.close(completed=False)
+        listener.close()
+    out = cap.stream()
+    Path(args.out).write_bytes(out)
+    extra = ""
+    if multifd is not None:
+        extra = (f" ({multifd.pages} pages from {args.multifd} multifd channels, "
+                 f"{multifd.syncs} sync points)")  # fmt: skip
+    print(f"captured {len(out)} bytes into {args.out}{extra}")
     return 0
 
 
-def receive(conn: socket.socket, timeout: float) -> Capture:
+def receive(conn: Channel, timeout: float, multifd: MultifdCapture | None = None) -> Capture:
     """Read one migration from ``conn``, answering its return path; verify it; send SHUT."""
-    conn.settimeout(timeout)
-    cap = Capture()
+    conn.timeout = timeout
+    cap = Capture(multifd)
     deadline = time.monotonic() + 10 * timeout
     while True:
         if time.monotonic() > deadline:
             raise LivemigError("capture took too long; giving up")
         try:
             chunk = conn.recv(1 << 20)
-        except TimeoutError:
+        except ChannelTimeout:
             raise LivemigError(f"no data from the source for {timeout} s") from None
+        except ChannelError:
+            if multifd is not None:
+                multifd.check()  # a failed channel shut main down: say why
+            raise
+        if multifd is not None:
+            multifd.check()
         if chunk:
             cap.feed(chunk)
         for reply in cap.replies:
-            conn.sendall(reply)
+            conn.send(reply)
         cap.replies.clear()
         if not chunk or cap.complete():
             break
@@ -146,13 +186,13 @@ def receive(conn: socket.socket, timeout: float) -> Capture:
         cap.verify()
     except StreamError:
         if cap.return_path:
-            conn.sendall(encode_rp(Shut(1)))
+            conn.send(encode_rp(Shut(1)))
         raise
     if cap.return_path:
-        conn.sendall(encode_rp(Shut(0)))
+        conn.send(encode_rp(Shut(0)))
         # Let the source read SHUT and close first.
         try:
             conn.recv(1)
-        except OSError:
+        except (ChannelError, OSError):
             pass
     return cap
