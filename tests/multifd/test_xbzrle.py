@@ -4,13 +4,16 @@ pages (memstress bumps one counter word per page), where later passes go out as 
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from livemig.guests.memstress import check_invariant
-from livemig.savevm.xbzrle_cache import XbzrleCache
+from livemig.savevm.ram import Batch
+from livemig.savevm.xbzrle_cache import XbzrleCache, encode_batches
 from livemig.wire import xbzrle
+from livemig.wire.encoder import Encoder
 
 from .conftest import MakePair
 
@@ -20,6 +23,7 @@ class _Block:
         self.idstr = idstr
         self.npages = npages
         self.array = np.zeros(npages * 4096, np.uint8)
+        self.view = memoryview(self.array)
 
 
 def test_cache_hit_miss_overflow_and_rates() -> None:
@@ -39,7 +43,9 @@ def test_cache_hit_miss_overflow_and_rates() -> None:
     res = cache.process("pc.ram", idx)
     assert res.skipped == 6  # pages 2..7 did not change: nothing is sent
     assert [i for i, _ in res.encoded] == [0] and list(res.normal) == [1]
-    assert cache.overflow == 1 and cache.pages == 1
+    # QEMU counts every hit as an XBZRLE page (sent, unchanged or overflowing) and an overflow
+    # as a page of bytes; a record's bytes are counted where it is encoded (encode_batches)
+    assert cache.overflow == 1 and cache.pages == 8 and cache.bytes == 4096
     page = np.full(4096, 7, np.uint8)
     xbzrle.decode(res.encoded[0][1], page)
     assert (page == b.array[:4096]).all()
@@ -47,7 +53,7 @@ def test_cache_hit_miss_overflow_and_rates() -> None:
     info = cache.info()
     assert info["cache-size"] == 16 * 4096 and info["cache-miss"] == 8
     assert info["cache-miss-rate"] == 0.0  # no miss in the last period
-    assert info["encoding-rate"] == pytest.approx(4096 / info["bytes"], rel=1e-5)
+    assert info["encoding-rate"] == pytest.approx(8 * 4096 / 4096)
     # page 16 shares page 0's slot, which was just used: it does not evict it
     cache.process("pc.ram", np.array([16]))
     assert cache.addr[0] == 0
@@ -76,3 +82,23 @@ def test_xbzrle_migration_of_rewritten_pages(make_pair: MakePair) -> None:
     p.dst.pause()
     report = check_invariant(p.dst.read_guest)
     assert report.ok, report.problems
+
+
+def test_xbzrle_bytes_are_qemus() -> None:
+    """``bytes`` adds each XBZRLE record less its 8-byte word: encoding flag, length, delta,
+    and the block's name where the record names it (QEMU's ``bytes_xbzrle - 8``)."""
+    b = _Block("pc.ram", 64)
+    mig = SimpleNamespace(xbzrle=XbzrleCache([b], 16 * 4096), encoder=Encoder())
+    idx = np.arange(4)
+    for _ in range(2):  # bulk pass, then the pass that fills the cache
+        encode_batches(mig, [Batch(b, idx, idx[:0])])
+        mig.xbzrle.on_sync()
+    b.array[[0, 4096, 8192]] = 5  # pages 0, 1, 2: one byte each
+    mig.encoder.reset_block()  # as after a record of another block: the next names its own
+    out, normal, _zero = encode_batches(mig, [Batch(b, idx, idx[:0])])
+    assert normal == 0 and mig.xbzrle.pages == 4  # three deltas and one unchanged page
+    deltas = [xbzrle.encode(np.zeros(4096, np.uint8), b.array[i * 4096 : (i + 1) * 4096], 4096)
+              for i in range(3)]  # fmt: skip
+    named = 1 + len("pc.ram")  # the first record names its block
+    assert mig.xbzrle.bytes == named + sum(3 + len(d) for d in deltas)
+    assert sum(memoryview(x).nbytes for x in out) == mig.xbzrle.bytes + 3 * 8

@@ -84,8 +84,7 @@ class XbzrleCache:
             self.cache_miss_rate = (self.cache_miss - misses) / dp
         eb = self.bytes - enc_bytes
         ep = self.pages - enc_pages
-        if eb > 0:
-            self.encoding_rate = ep * PAGE_SIZE / eb
+        self.encoding_rate = ep * PAGE_SIZE / eb if ep and eb else 0.0
         self._period = (self._iter_pages, self.cache_miss, self.pages, self.bytes)
 
     def process(self, idstr: str, idx: np.ndarray) -> XbzrleResult:
@@ -119,9 +118,12 @@ class XbzrleCache:
                     n_over += 1
                 else:
                     encoded.append((int(idx[k]), delta))
-                    self.bytes += len(delta)
-            self.pages += len(encoded)
+            # QEMU (5.1+) counts every cache hit as an XBZRLE page, sent, unchanged or
+            # overflowing, and an overflow as a page of bytes: the encoding rate then says how
+            # well the guest's rewrites encode. Sent records' bytes: encode_batches.
+            self.pages += len(hk)
             self.overflow += n_over
+            self.bytes += n_over * PAGE_SIZE
         # the cache learns every page sent; a miss takes its slot only if that slot is free
         # or was not used in the last CACHE_MISS_THRESHOLD passes
         take = (
@@ -196,7 +198,10 @@ def encode_batches(mig: Any, batches: list) -> tuple[list, int, int]:
             continue
         res = cache.process(b.idstr, b.normal)
         for i, delta in res.encoded:
+            before = enc.bytes_sent
             out += enc.send(E.RamXbzrlePage(b.idstr, i << 12, delta))
+            # QEMU's xbzrle bytes: the record less its 8-byte word (as compressed bytes are)
+            cache.bytes += enc.bytes_sent - before - 8
         if len(res.normal):
             ram = res.data if res.data is not None else b.block.view
             out += enc.encode_pages(b.idstr, res.normal.astype(np.uint64) << 12, ram)
