@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from livemig.bench import throughput
+from livemig.bench import qemu_multifd, throughput
 
 
 def test_tcp_baselines_move_every_byte_and_count_cpu() -> None:
@@ -32,7 +34,7 @@ def test_bench_throughput_small_guest(tmp_path: Path) -> None:
     out = tmp_path / "t.json"
     args = argparse.Namespace(size="64M", channels="1,2", kinds="idle,random",
                               compress="none,zstd", repeat=1, dest_ram="fresh",
-                              json=str(out), verify=True,
+                              json=str(out), verify=True, no_qemu=True,
                               zero_page_detection="multifd")  # fmt: skip
     assert throughput.run(args) == 0
     res = json.loads(out.read_text())
@@ -60,7 +62,7 @@ def test_bench_throughput_without_zero_page_detection(tmp_path: Path) -> None:
     """zero-page-detection none: an idle guest's pages go as data, and still arrive."""
     out = tmp_path / "t.json"
     args = argparse.Namespace(size="32M", channels="1", kinds="idle", compress="", repeat=1,
-                              dest_ram="fresh", json=str(out), verify=True,
+                              dest_ram="fresh", json=str(out), verify=True, no_qemu=True,
                               zero_page_detection="none")  # fmt: skip
     assert throughput.run(args) == 0
     res = json.loads(out.read_text())
@@ -68,3 +70,20 @@ def test_bench_throughput_without_zero_page_detection(tmp_path: Path) -> None:
     (row,) = res["rows"]
     assert row["verified"] is True
     assert row["bytes_per_page"] > 4096  # every page as data (plus its share of a header)
+
+
+@pytest.mark.skipif(not qemu_multifd.available(), reason="qemu-system-x86_64 is not installed")
+def test_bench_throughput_beside_qemu(tmp_path: Path) -> None:
+    """QEMU 7.2 migrates the same RAM in the same round, beside prefaulted rows only."""
+    out = tmp_path / "t.json"
+    args = argparse.Namespace(size="64M", channels="2", kinds="random", compress="", repeat=2,
+                              dest_ram="both", json=str(out), verify=False, no_qemu=False,
+                              zero_page_detection="multifd")  # fmt: skip
+    assert throughput.run(args) == 0
+    rows = {r["dest_ram"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "qemu" not in rows["fresh"]
+    r = rows["prefaulted"]
+    assert r["qemu"] > 0 and r["qemu_cpu_per_gb"] > 0
+    assert r["ratio_qemu"] == r["throughput"] / r["qemu"]
+    assert len(r["runs"]) == 2 and all(run["qemu"] > 0 for run in r["runs"])
+    assert not list(Path("/dev/shm").glob(f"livemig-bench-{os.getpid()}-*"))  # RAM files gone

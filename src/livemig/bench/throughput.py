@@ -18,6 +18,9 @@ Python. (Until session 6 a "TCP into RAM" baseline, cached sender and a 256 MiB 
 stood here; this one replaces it.) Every TCP figure comes with the CPU seconds both ends spent
 per GB, beside livemig's.
 
+With QEMU installed (and not ``--no-qemu``), beside the prefaulted rows: QEMU 7.2 migrating the
+same RAM with the same channel count, measured in the same round (``qemu_multifd``).
+
 Tables: (1) idle and random, 1/2/4 channels: GB/s and the ratio to N-stream TCP (target
 >= 0.85); (2) per compression method on the mixed image: wire bytes per page and CPU seconds
 (both processes) per GB of guest RAM. ``--two-hosts`` instead runs the issue's ``tc tbf``
@@ -41,7 +44,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from livemig.bench.common import table_console
+from livemig.bench import qemu_multifd
+from livemig.bench.common import Workdir, table_console
 from livemig.errors import LivemigError, MigrationError
 from livemig.units import PAGE_SIZE, format_size, parse_size
 
@@ -296,9 +300,11 @@ def _reuse(machine: Any) -> None:
 
 
 def _paired_row(machine: Any, size: int, n: int, workdir: Path, prefault: bool, repeat: int,
-                args: argparse.Namespace, rx: GuestMemoryTcp | None) -> dict[str, Any]:  # fmt: skip
-    """``repeat`` rounds of: N-stream TCP, TCP RAM to RAM (``rx``), then the migration. The
-    row is the round whose livemig/TCP ratio is the median, all its figures from that round.
+                args: argparse.Namespace, rx: GuestMemoryTcp | None,
+                qemu: Any = None) -> dict[str, Any]:  # fmt: skip
+    """``repeat`` rounds of: N-stream TCP, TCP RAM to RAM (``rx``), the migration, then QEMU's
+    migration of the same RAM (``qemu``, a ``qemu_multifd.QemuSource``). The row is the round
+    whose livemig/TCP ratio is the median, all its figures from that round.
 
     The host is shared and drifts between a fast and a slow mode within minutes (raw TCP at
     4.5 GB/s in one run, 3.0 in the next); baselines measured once at the start compared
@@ -312,16 +318,27 @@ def _paired_row(machine: Any, size: int, n: int, workdir: Path, prefault: bool, 
         _reuse(machine)
         r = migrate_once(machine, size, n, "none", workdir, prefault, args.verify,
                          args.zero_page_detection)  # fmt: skip
-        rounds.append((r["throughput"] / tcp.rate, r, tcp, r2r))
+        q = qemu.migrate(n, _free_port()) if qemu is not None else None
+        rounds.append((r["throughput"] / tcp.rate, r, tcp, r2r, q))
     rounds.sort(key=lambda x: x[0])
-    ratio, r, tcp, r2r = rounds[len(rounds) // 2]
+    ratio, r, tcp, r2r, q = rounds[len(rounds) // 2]
     row = {**r, "tcp": tcp.rate, "tcp_cpu_per_gb": tcp.cpu_per_gb, "ratio": ratio,
-           "runs": [{"throughput": x[1]["throughput"], "tcp": x[2].rate, "ratio": x[0]}
+           "runs": [{"throughput": x[1]["throughput"], "tcp": x[2].rate, "ratio": x[0],
+                     **({"qemu": x[4]["throughput"]} if x[4] else {})}
                     for x in rounds]}  # fmt: skip
     if r2r is not None:
         row.update(tcp_ram_to_ram=r2r.rate, tcp_ram_to_ram_cpu_per_gb=r2r.cpu_per_gb,
                    ratio_ram_to_ram=r["throughput"] / r2r.rate)  # fmt: skip
+    if q is not None:
+        row.update(qemu=q["throughput"], qemu_cpu_per_gb=q["cpu_per_gb"],
+                   ratio_qemu=r["throughput"] / q["throughput"])  # fmt: skip
     return row
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class GuestMemoryTcp:
@@ -396,22 +413,32 @@ def run(args: argparse.Namespace) -> int:
     t1 = Table(title=f"multifd throughput, {format_size(size)} guest, vs N-stream loopback TCP "
                      f"measured just before each run (the median ratio of {repeat})"
                      + ("" if zpd == "multifd" else f", zero-page-detection {zpd}"))  # fmt: skip
+    use_qemu = not getattr(args, "no_qemu", False)
+    if use_qemu and not qemu_multifd.available():
+        console.print("QEMU 7.2 baseline skipped: qemu-system-x86_64 is not installed")
+        use_qemu = False
     for col in ("memory", "dest RAM", "channels", "livemig GB/s", "CPU s/GB", "TCP GB/s",
                 "CPU s/GB", "ratio (all runs)", f">= {TARGET}", "TCP RAM to RAM GB/s", "CPU s/GB",
-                "ratio to it"):  # fmt: skip
+                "ratio to it", "QEMU 7.2 GB/s", "CPU s/GB", "ratio to QEMU"):  # fmt: skip
         t1.add_column(col, justify="right")
+    wd = Workdir()
     for kind in args.kinds.split(","):
         m = _machine(size)
         rx = None
+        qemu = None
         try:
             fill(m.ram_blocks[0].array, kind)
             if kind != "idle":
                 # (an idle guest's pages go as zero pages: raw TCP of its RAM would not be
                 # the traffic of its migration)
                 rx = GuestMemoryTcp(size)
+            if use_qemu and True in modes:
+                qemu = qemu_multifd.QemuSource(m.ram_blocks[0].array, wd)
             for prefault in modes:
                 for n in chans:
-                    row = _paired_row(m, size, n, workdir, prefault, repeat, args, rx)
+                    # QEMU's destination RAM is preallocated: beside prefaulted rows only
+                    row = _paired_row(m, size, n, workdir, prefault, repeat, args, rx,
+                                      qemu if prefault else None)  # fmt: skip
                     row = {"memory": kind, "dest_ram": "prefaulted" if prefault else "fresh",
                            "channels": n, **row}  # fmt: skip
                     results["rows"].append(row)
@@ -424,11 +451,17 @@ def run(args: argparse.Namespace) -> int:
                                *(("-",) * 3 if rx is None else
                                  (f"{row['tcp_ram_to_ram'] / 1e9:.2f}",
                                   f"{row['tcp_ram_to_ram_cpu_per_gb']:.2f}",
-                                  f"{row['ratio_ram_to_ram']:.2f}")))  # fmt: skip
+                                  f"{row['ratio_ram_to_ram']:.2f}")),
+                               *(("-",) * 3 if "qemu" not in row else
+                                 (f"{row['qemu'] / 1e9:.2f}", f"{row['qemu_cpu_per_gb']:.2f}",
+                                  f"{row['ratio_qemu']:.2f}")))  # fmt: skip
         finally:
             if rx is not None:
                 rx.close()
+            if qemu is not None:
+                qemu.close()
             m.close()
+    wd.close()
     console.print(t1)
     t2 = Table(title=f"compression on a mixed image ({format_size(size)}: 1/3 random, 1/3 "
                      "text, 1/3 zero), 2 channels")  # fmt: skip
@@ -566,6 +599,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    default="multifd", help="the source's zero-page-detection for the first "
                    "table (none: no page is scanned; an idle guest then goes as data)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument(
+        "--no-qemu",
+        action="store_true",
+        help="skip QEMU 7.2 migrating the same RAM (beside prefaulted rows)",
+    )
     p.add_argument("--verify", action="store_true",
                    help="x-verify on every migration: both sides hash RAM (inside the measured "
                         "time, so for checking, not for figures)")  # fmt: skip

@@ -1,0 +1,135 @@
+"""QEMU 7.2 beside ``livemig bench throughput``: the same guest RAM migrated by QEMU, from a
+stopped source to a fresh destination, with the same channel counts.
+
+The source QEMU's RAM is a file in /dev/shm (``memory-backend-file``, share=on), into which the
+benchmark copies livemig's guest RAM, so both move the same bytes. The guest never runs
+(``-S``): no kernel to download, and QEMU 7.2's lost-dirty-pages bug under TCG
+(../shared/design/qemu-baseline.md) has nothing to lose. QEMU refuses to migrate a source again
+once it completed ("Can't migrate the vm that was paused due to previous migration"), so each
+migration starts a new source on the same RAM file, and a new destination whose RAM is
+preallocated (``prealloc=on``, as livemig's ``--prefault``). Throughput is measured as livemig's is: RAM
+bytes / (total-time - setup-time), from QEMU's own query-migrate.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from livemig.bench.common import GuestProcess, Workdir, set_migration
+from livemig.errors import LivemigError, MigrationError
+
+QEMU = os.environ.get("LIVEMIG_QEMU", "qemu-system-x86_64")
+MIB = 1 << 20
+
+
+def available() -> bool:
+    return shutil.which(QEMU) is not None
+
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class QemuSource:
+    """Guest RAM holding ``ram``'s bytes for a stopped QEMU 7.2; ``migrate`` starts one on it,
+    sends it to a new destination QEMU and returns livemig's figures for it."""
+
+    def __init__(self, ram: np.ndarray, wd: Workdir) -> None:
+        if ram.nbytes % MIB:
+            raise MigrationError(f"QEMU baseline: {ram.nbytes} bytes of RAM is not whole MiB")
+        self.size = ram.nbytes
+        self.wd = wd
+        tag = f"livemig-bench-{os.getpid()}-{time.monotonic_ns()}"
+        self._src_ram = Path("/dev/shm") / f"{tag}-src.ram"
+        self._dst_ram = Path("/dev/shm") / f"{tag}-dst.ram"
+        with open(self._src_ram, "w+b") as f:
+            f.truncate(self.size)
+            with mmap.mmap(f.fileno(), self.size) as m:
+                dst = np.frombuffer(m, np.uint8)
+                flat = ram.reshape(-1)
+                for at in range(0, self.size, 64 * MIB):  # bounded page-cache churn per step
+                    dst[at : at + 64 * MIB] = flat[at : at + 64 * MIB]
+                del dst
+
+    def _argv(self, ram: Path, qmp: str, incoming: bool) -> list[str]:
+        backend = (f"memory-backend-file,id=pc.ram,size={self.size // MIB}M,mem-path={ram},"
+                   f"share=on" + (",prealloc=on" if incoming else ""))  # fmt: skip
+        return [
+            QEMU, "-accel", "tcg", "-machine", "pc,memory-backend=pc.ram", "-cpu", "qemu64",
+            "-smp", "1", "-m", f"{self.size // MIB}M", "-object", backend, "-nodefaults",
+            "-display", "none", "-S", "-qmp", f"unix:{qmp},server=on,wait=off",
+            *(["-incoming", "defer"] if incoming else []),
+        ]  # fmt: skip
+
+    def _start(self, name: str, ram: Path, incoming: bool) -> GuestProcess:
+        qmp = self.wd.sock(name)
+        p = GuestProcess(self._argv(ram, qmp, incoming), qmp, console="none", name=f"QEMU {name}")
+        try:
+            p.wait_qmp(60)
+            deadline = time.monotonic() + 30
+            while True:  # the socket file appears at bind(), a moment before QEMU listens
+                try:
+                    with p.qmp(timeout=5):
+                        return p
+                except LivemigError:
+                    p.check_alive()
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        except BaseException:
+            p.stop()
+            raise
+
+    def migrate(self, channels: int, port: int) -> dict[str, Any]:
+        """One migration with ``channels`` multifd channels (0: without multifd) to a fresh
+        destination listening on ``port``; throughput (bytes/s) and CPU s/GB of both QEMUs."""
+        src = self._start("qsrc", self._src_ram, incoming=False)
+        try:
+            dst = self._start("qdst", self._dst_ram, incoming=True)
+        except BaseException:
+            src.stop()
+            raise
+        try:
+            caps = {"multifd": channels > 0}
+            params: dict[str, Any] = {"multifd-channels": channels} if channels else {}
+            with src.qmp() as sq, dst.qmp() as dq:
+                set_migration(dq, caps, params)
+                set_migration(sq, caps, {**params, "max-bandwidth": 1 << 40,
+                                         "downtime-limit": 300})  # fmt: skip
+                uri = f"tcp:127.0.0.1:{port}"
+                dq.command("migrate-incoming", uri=uri)
+                cpu0 = _cpu(src.pid) + _cpu(dst.pid)
+                sq.command("migrate", uri=uri)
+                deadline = time.monotonic() + 600
+                while True:
+                    q = sq.command("query-migrate")
+                    if q.get("status") in ("completed", "failed", "cancelled"):
+                        break
+                    if time.monotonic() > deadline:
+                        sq.command("migrate_cancel")
+                        raise MigrationError("QEMU baseline migration did not finish in 600 s")
+                    time.sleep(0.02)
+                cpu = _cpu(src.pid) + _cpu(dst.pid) - cpu0
+            if q["status"] != "completed":
+                raise MigrationError(f"QEMU baseline migration {q['status']}: "
+                                     f"{q.get('error-desc', dst.stderr_tail())}")  # fmt: skip
+            active = (q["total-time"] - q.get("setup-time", 0)) / 1000
+            return {"throughput": self.size / active, "cpu_per_gb": cpu / (self.size / 1e9),
+                    "seconds": active}  # fmt: skip
+        finally:
+            dst.stop()
+            src.stop()
+            self._dst_ram.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._src_ram.unlink(missing_ok=True)
+        self._dst_ram.unlink(missing_ok=True)
