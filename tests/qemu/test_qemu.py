@@ -216,6 +216,15 @@ def test_live_capture_of_qemu_xbzrle(tmp_path: Path) -> None:
     # more than one pass of deltas; QEMU's ``pages`` also counts cache hits that were not sent
     # (unchanged pages, overflows)
     assert len(DIRTIED) < counts["pc.ram"]["xbzrle"] <= info["xbzrle-cache"]["pages"]
+
+
+def test_live_capture_of_qemu_compress(tmp_path: Path) -> None:
+    """QEMU 7.2's compress threads (capability ``compress``: each page a zlib stream of its
+    own) over several passes: every compressed page decodes to QEMU's."""
+    info, _stdout, truth, out = _live_capture(tmp_path, ["return-path", "compress"], dirtier=True)
+    counts = _same_ram(out, truth)
+    assert counts["pc.ram"]["compressed"] > 2 * len(DIRTIED)
+    assert info["compression"]["pages"] >= counts["pc.ram"]["compressed"]
     assert any(truth[a] for a in DIRTIED)  # the dirtier ran (stopped maybe mid-round)
 
 
