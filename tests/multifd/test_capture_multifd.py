@@ -76,6 +76,8 @@ def test_capture_of_a_multifd_migration_holds_all_ram(
         (("--multifd", "2"), {"multifd-channels": 3}, "channel id 2 out of range|different multifd-channels"),
         (("--multifd", "2", "--uuid", "12345678-1234-5678-1234-567812345678"),
          {"multifd-channels": 2}, "expected uuid '12345678-1234-5678-1234-567812345678'"),
+        (("--timeout", "3"), {"multifd-channels": 2},
+         r"opened 2 multifd channel\(s\) besides main .* capture it with --multifd 2"),
     ],
 )  # fmt: skip
 def test_capture_that_disagrees_with_its_source_fails_cleanly(
@@ -84,7 +86,8 @@ def test_capture_that_disagrees_with_its_source_fails_cleanly(
     p = make_pair("ws=1M rate=2000", ram=RAM)
     sock, out = tmp_path / "mig.sock", tmp_path / "cap.mig"
     cap = _capture(sock, out, *capture_args)
-    info = _migrate(p, sock, {"multifd": True}, {**params, "max-bandwidth": 64 << 20})
+    info = _migrate(p, sock, {"multifd": True, "return-path": True},
+                    {**params, "max-bandwidth": 64 << 20})  # fmt: skip
     _stdout, stderr = cap.communicate(timeout=30)
     assert cap.returncode == 1 and re.search(error, stderr), stderr
     assert "Traceback" not in stderr

@@ -242,3 +242,38 @@ def test_live_capture_of_qemu_multifd(tmp_path: Path, channels: int, compression
     assert info["ram"]["normal"] > 3 * len(DIRTIED)  # the dirtied pages, several times
     assert f"{info['ram']['normal']} pages from {channels} multifd channels" in stdout, stdout
     _same_ram(out, truth)
+
+
+def test_capture_without_multifd_of_a_qemu_multifd_source_says_so(tmp_path: Path) -> None:
+    """Without ``--multifd`` the channels wait unread and main alone lacks the pages: the
+    capture fails and says how to capture it, rather than store a stream without its RAM."""
+    proc, qmp, ram = _start_qemu(tmp_path, "stray")
+    sock, out = tmp_path / "mig.sock", tmp_path / "captured.mig"
+    capture = subprocess.Popen(
+        [sys.executable, "-m", "livemig", "capture", f"unix:{sock}", str(out), "--timeout", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        for _ in range(100):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+
+        async def steps(client):
+            await _run_firmware(client)
+            states = [{"capability": c, "state": True} for c in ("return-path", "multifd")]
+            await client.execute("migrate-set-capabilities", {"capabilities": states})
+            await client.execute("migrate-set-parameters", {"multifd-channels": 3})
+            await client.execute("migrate", {"uri": f"unix:{sock}"})
+            return await _wait_completed(client)
+
+        info = asyncio.run(_qmp_session(qmp, steps))
+        _stdout, stderr = capture.communicate(timeout=20)
+    finally:
+        if capture.poll() is None:
+            capture.kill()
+        _stop(proc, ram)
+    assert capture.returncode == 1, stderr
+    assert "opened 3 multifd channel(s) besides main" in stderr and "--multifd 3" in stderr
+    assert "Traceback" not in stderr and not out.exists()
+    assert info["status"] == "failed", info  # no SHUT(0) on its return path

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -142,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
                 f"no migration connected to {args.uri} in {args.timeout} s"
             ) from None
         with main:
-            cap = receive(main, args.timeout, multifd)
+            cap = receive(main, args.timeout, multifd,
+                          None if multifd else lambda: _stray_multifd(listener))  # fmt: skip
     finally:
         if multifd is not None:
             multifd.close(completed=False)
@@ -157,8 +159,43 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def receive(conn: Channel, timeout: float, multifd: MultifdCapture | None = None) -> Capture:
-    """Read one migration from ``conn``, answering its return path; verify it; send SHUT."""
+def _stray_multifd(listener: Listener) -> int:
+    """How many multifd channels wait, never accepted, on ``listener``: a source with multifd
+    opens them right after main, and its pages travel on them, so a capture without
+    ``--multifd`` would otherwise store a stream without its RAM."""
+    from livemig.wire.multifd import MultifdInit
+
+    found = 0
+    while True:
+        try:
+            ch = listener.accept(timeout=0.05, name="extra")
+        except ChannelTimeout:
+            return found
+        with ch:
+            ch.timeout = 1.0
+            try:
+                MultifdInit.unpack(ch.recv_exact(64))
+                found += 1
+            except (ChannelError, StreamError):
+                pass  # not a multifd channel: not ours to judge
+
+
+def _check_stray(stray: Callable[[], int] | None) -> None:
+    n = stray() if stray is not None else 0
+    if n:
+        raise StreamError(f"the source opened {n} multifd channel(s) besides main and sent its "
+                          f"pages there: capture it with --multifd {n} (and its "
+                          f"multifd-compression)")  # fmt: skip
+
+
+def receive(
+    conn: Channel,
+    timeout: float,
+    multifd: MultifdCapture | None = None,
+    stray: Callable[[], int] | None = None,
+) -> Capture:
+    """Read one migration from ``conn``, answering its return path; verify it; send SHUT.
+    ``stray()`` counts multifd channels nobody accepted, checked before the SHUT."""
     conn.timeout = timeout
     cap = Capture(multifd)
     deadline = time.monotonic() + 10 * timeout
@@ -168,6 +205,7 @@ def receive(conn: Channel, timeout: float, multifd: MultifdCapture | None = None
         try:
             chunk = conn.recv(1 << 20)
         except ChannelTimeout:
+            _check_stray(stray)  # a source stalled on channels nobody reads
             raise LivemigError(f"no data from the source for {timeout} s") from None
         except ChannelError:
             if multifd is not None:
@@ -183,6 +221,7 @@ def receive(conn: Channel, timeout: float, multifd: MultifdCapture | None = None
         if not chunk or cap.complete():
             break
     try:
+        _check_stray(stray)
         cap.verify()
     except StreamError:
         if cap.return_path:
