@@ -17,6 +17,7 @@ import pytest
 
 from livemig.cli.analyze import analyze
 from livemig.guests.memstress import check_invariant
+from livemig.migration.manager import MigrationManager
 from livemig.testing_procs import wait_until
 
 from .conftest import FINAL, MakePair, Pair
@@ -94,3 +95,35 @@ def test_capture_that_disagrees_with_its_source_fails_cleanly(
     assert not out.exists()
     assert info["status"] == "failed", info
     assert p.src.runstate.value == "running"  # the guest went on
+
+
+def test_capture_then_replay_with_other_channels_into_livemig(
+    make_pair: MakePair, tmp_path: Path
+) -> None:
+    """A multifd migration captured into one stream, then ``livemig replay`` of it into a
+    livemig destination with 3 channels and zstd: the sync points are the stream's own
+    MULTIFD_FLUSH words, and the destination ends with the source's RAM."""
+    p = make_pair("ws=1M rate=2000", ram=RAM)
+    time.sleep(0.2)
+    sock, out = tmp_path / "mig.sock", tmp_path / "cap.mig"
+    cap = _capture(sock, out, "--multifd", "2")
+    info = _migrate(p, sock, {"multifd": True, "return-path": True},
+                    {"multifd-channels": 2, "max-bandwidth": 16 << 20, "downtime-limit": 100})  # fmt: skip
+    _stdout, stderr = cap.communicate(timeout=30)
+    assert cap.returncode == 0, stderr
+    assert info["status"] == "completed", info
+    p.dst_mgr = MigrationManager(p.dst, autostart=lambda: False)  # stays paused, as with -S
+    p.dst_mgr.set_capabilities([{"capability": c, "state": True}
+                                for c in ("multifd", "return-path")])  # fmt: skip
+    p.dst_mgr.set_parameters({"multifd-channels": 3, "multifd-compression": "zstd"})
+    uri = p.dst_mgr.incoming_start("tcp:127.0.0.1:0")
+    rp = subprocess.run(
+        [sys.executable, "-m", "livemig", "replay", str(out), uri, "--timeout", "10",
+         "--multifd", "3", "--multifd-compression", "zstd"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert rp.returncode == 0, rp.stderr
+    assert "over 3 multifd channels" in rp.stdout
+    assert p.dst_mgr.incoming is not None and p.dst_mgr.incoming.join(10)
+    assert p.dst_mgr.query_migrate()["status"] == "completed"
+    assert bytes(p.dst.read_guest(0, RAM)) == bytes(p.src.read_guest(0, RAM))

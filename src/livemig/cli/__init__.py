@@ -14,7 +14,7 @@ import sys
 from livemig.errors import LivemigError
 
 COMMANDS = (
-    "run", "guests", "demo", "migrate", "plan", "report", "analyze", "capture", "bench",
+    "run", "guests", "demo", "migrate", "plan", "report", "analyze", "capture", "replay", "bench",
 )  # fmt: skip
 
 

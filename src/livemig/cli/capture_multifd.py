@@ -35,7 +35,7 @@ from livemig.wire import events as E
 from livemig.wire.encoder import Encoder
 
 
-class _Block:
+class ImageBlock:
     """A RAMBlock as the receiver and loader see it: an array of the block's bytes."""
 
     def __init__(self, idstr: str, size: int) -> None:
@@ -86,7 +86,7 @@ class MultifdCapture:
             raise StreamError(f"{type(ev).__name__} on the main channel of a multifd migration: "
                               f"capture cannot place it", end)  # fmt: skip
 
-    def _block(self, name: str, where: int) -> _Block:
+    def _block(self, name: str, where: int) -> ImageBlock:
         if self.loader is None:
             raise StreamError("page record before the RAM setup section", where)
         b = self.loader.blocks.get(name)
@@ -97,7 +97,7 @@ class MultifdCapture:
     def _setup(self, ev: E.RamSetup, end: int) -> None:
         if self.receiver is not None:
             raise StreamError("a second RAM setup section", end)
-        self.loader = RamLoader([_Block(b.idstr, b.used_length) for b in ev.blocks])
+        self.loader = RamLoader([ImageBlock(b.idstr, b.used_length) for b in ev.blocks])
 
         def on_error(reason: str) -> None:
             self.main.shutdown()  # wake the reader of main: the capture fails with ``reason``

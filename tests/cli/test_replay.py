@@ -1,0 +1,90 @@
+"""``livemig replay`` without a QEMU: a stream sent without multifd arrives byte for byte as
+stored (its RAM records encoded again come out the same), and bad input fails with one clear
+line. Replays into QEMU 7.2 and into livemig with multifd are in ``tests/qemu`` and
+``tests/multifd/test_capture_multifd.py``."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from livemig.wire import events as E
+from livemig.wire.encoder import Encoder
+
+RAM = 1 << 20
+
+
+def _stream() -> bytes:
+    """Two RAM sections over two blocks (pages, zero pages, CONTINUE records), then EOF."""
+    enc = Encoder()
+    rng = np.random.default_rng(3)
+    evs: list[E.Event] = [E.Header(), E.Configuration("pc-i440fx-7.2"),
+                          E.SectionStart(2, "ram", 0, 4),
+                          E.RamSetup(2 * RAM, (E.RamBlockInfo("pc.ram", RAM),
+                                               E.RamBlockInfo("vga.vram", RAM))),
+                          E.RamEos(), E.SectionFooter(2)]  # fmt: skip
+    for _ in range(2):
+        evs.append(E.SectionPart(2))
+        for block in ("pc.ram", "vga.vram"):
+            offs = np.arange(0, 16 * 4096, 4096, dtype=np.uint64)
+            evs.append(E.RamPages(block, offs[:8], rng.integers(1, 256, (8, 4096), np.uint8)))
+            evs.append(E.RamZeroPages(block, offs[8:]))
+        evs += [E.RamEos(), E.SectionFooter(2)]
+    evs.append(E.Eof())
+    return b"".join(bytes(b) for ev in evs for b in enc.send(ev))
+
+
+def _replay(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "livemig", "replay", *args],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def _sink() -> tuple[socket.socket, list[bytes], threading.Thread]:
+    server = socket.create_server(("127.0.0.1", 0))
+    got: list[bytes] = []
+
+    def take() -> None:
+        conn, _ = server.accept()
+        with conn:
+            while chunk := conn.recv(1 << 16):
+                got.append(chunk)
+
+    t = threading.Thread(target=take)
+    t.start()
+    return server, got, t
+
+
+def test_replay_without_multifd_sends_the_stream_as_stored(tmp_path: Path) -> None:
+    data = _stream()
+    path = tmp_path / "s.mig"
+    path.write_bytes(data)
+    server, got, t = _sink()
+    with server:
+        r = _replay(str(path), f"tcp:127.0.0.1:{server.getsockname()[1]}", "--timeout", "5")
+        t.join(10)
+    assert r.returncode == 0, r.stderr
+    assert b"".join(got) == data
+
+
+def test_bad_input_fails_with_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "s.mig"
+    path.write_bytes(_stream()[:-300])  # cut inside the last RAM section
+    server, _got, t = _sink()
+    with server:
+        r = _replay(str(path), f"tcp:127.0.0.1:{server.getsockname()[1]}", "--timeout", "5")
+        t.join(10)
+    assert r.returncode == 1 and "stream offset" in r.stderr, r.stderr
+    for args, words in [
+        ((str(tmp_path / "none.mig"), "tcp:127.0.0.1:1"), "cannot read"),
+        ((str(path), "exec:cat"), "expected tcp:HOST:PORT or unix:PATH"),
+        ((str(path), "tcp:127.0.0.1:1"), "refused"),
+        ((str(path), "tcp:127.0.0.1:1", "--multifd", "300"), "1..255"),
+    ]:
+        r = _replay(*args)
+        assert r.returncode != 0 and words in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
