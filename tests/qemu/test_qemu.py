@@ -140,6 +140,19 @@ def test_qemu_stream_to_file_decodes_to_backing_file(tmp_path: Path) -> None:
     assert any(d["idstr"] == "globalstate" for d in result.devices)
 
 
+def _capture(sock: Path, out: Path, *args: str) -> subprocess.Popen[str]:
+    """``livemig capture`` listening on ``sock`` (once the socket exists)."""
+    capture = subprocess.Popen(
+        [sys.executable, "-m", "livemig", "capture", f"unix:{sock}", str(out), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    for _ in range(100):
+        if sock.exists() or capture.poll() is not None:
+            break
+        time.sleep(0.05)
+    return capture
+
+
 def _live_capture(
     tmp_path: Path,
     caps: list[str],
@@ -154,16 +167,8 @@ def _live_capture(
     proc, qmp, ram = _start_qemu(tmp_path, "live", dirtier)
     sock = tmp_path / "mig.sock"
     out = tmp_path / "captured.mig"
-    capture = subprocess.Popen(
-        [sys.executable, "-m", "livemig", "capture", f"unix:{sock}", str(out), "--timeout", "20",
-         *capture_args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    capture = _capture(sock, out, "--timeout", "20", *capture_args)
     try:
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
 
         async def steps(client):
             if dirtier:
@@ -255,15 +260,8 @@ def test_capture_without_multifd_of_a_qemu_multifd_source_says_so(tmp_path: Path
     capture fails and says how to capture it, rather than store a stream without its RAM."""
     proc, qmp, ram = _start_qemu(tmp_path, "stray")
     sock, out = tmp_path / "mig.sock", tmp_path / "captured.mig"
-    capture = subprocess.Popen(
-        [sys.executable, "-m", "livemig", "capture", f"unix:{sock}", str(out), "--timeout", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    capture = _capture(sock, out, "--timeout", "2")
     try:
-        for _ in range(100):
-            if sock.exists():
-                break
-            time.sleep(0.05)
 
         async def steps(client):
             await _run_firmware(client)

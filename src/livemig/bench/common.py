@@ -43,6 +43,31 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, with its children that ended (``ip netns
+    exec`` execs it); 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_migration_end(query: Callable[[], dict[str, Any]], timeout: float, what: str,
+                       interval: float = 0.02) -> dict[str, Any]:  # fmt: skip
+    """Poll ``query()`` (a ``query-migrate``) until completed, failed or cancelled; its last
+    reply. ``MigrationError`` naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        q = query()
+        if q.get("status") in FINAL_STATES:
+            return q
+        if time.monotonic() > deadline:
+            raise MigrationError(f"{what} did not end in {timeout:g} s")
+        time.sleep(interval)
+
+
 def peak_rss(pid: int) -> int | None:
     """Peak resident set (``VmHWM``, anonymous + file + shmem) of ``pid`` in bytes."""
     try:

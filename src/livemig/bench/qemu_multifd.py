@@ -22,7 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from livemig.bench.common import GuestProcess, Workdir, set_migration
+from livemig.bench.common import (
+    GuestProcess,
+    Workdir,
+    process_cpu,
+    set_migration,
+    wait_migration_end,
+)
 from livemig.errors import LivemigError, MigrationError
 
 QEMU = os.environ.get("LIVEMIG_QEMU", "qemu-system-x86_64")
@@ -31,12 +37,6 @@ MIB = 1 << 20
 
 def available() -> bool:
     return shutil.which(QEMU) is not None
-
-
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class QemuSource:
@@ -107,18 +107,15 @@ class QemuSource:
                                          "downtime-limit": 300})  # fmt: skip
                 uri = f"tcp:127.0.0.1:{port}"
                 dq.command("migrate-incoming", uri=uri)
-                cpu0 = _cpu(src.pid) + _cpu(dst.pid)
+                cpu0 = process_cpu(src.pid) + process_cpu(dst.pid)
                 sq.command("migrate", uri=uri)
-                deadline = time.monotonic() + 600
-                while True:
-                    q = sq.command("query-migrate")
-                    if q.get("status") in ("completed", "failed", "cancelled"):
-                        break
-                    if time.monotonic() > deadline:
-                        sq.command("migrate_cancel")
-                        raise MigrationError("QEMU baseline migration did not finish in 600 s")
-                    time.sleep(0.02)
-                cpu = _cpu(src.pid) + _cpu(dst.pid) - cpu0
+                try:
+                    q = wait_migration_end(lambda: sq.command("query-migrate"), 600,
+                                           "QEMU baseline migration")  # fmt: skip
+                except MigrationError:
+                    sq.command("migrate_cancel")
+                    raise
+                cpu = process_cpu(src.pid) + process_cpu(dst.pid) - cpu0
             if q["status"] != "completed":
                 raise MigrationError(f"QEMU baseline migration {q['status']}: "
                                      f"{q.get('error-desc', dst.stderr_tail())}")  # fmt: skip

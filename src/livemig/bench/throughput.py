@@ -31,6 +31,7 @@ network namespaces, total time per compression method (root only).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -45,7 +46,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from livemig.bench import qemu_multifd
-from livemig.bench.common import Workdir, table_console
+from livemig.bench.common import (
+    Workdir,
+    free_port,
+    process_cpu,
+    table_console,
+    wait_migration_end,
+)
 from livemig.errors import LivemigError, MigrationError
 from livemig.units import PAGE_SIZE, format_size, parse_size
 
@@ -209,10 +216,7 @@ class _Destination:
 
     def cpu(self) -> float:
         """CPU seconds the destination process used so far."""
-        with open(f"/proc/{self.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        tick = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / tick
+        return process_cpu(self.proc.pid)
 
     def close(self) -> None:
         try:
@@ -318,7 +322,7 @@ def _paired_row(machine: Any, size: int, n: int, workdir: Path, prefault: bool, 
         _reuse(machine)
         r = migrate_once(machine, size, n, "none", workdir, prefault, args.verify,
                          args.zero_page_detection)  # fmt: skip
-        q = qemu.migrate(n, _free_port()) if qemu is not None else None
+        q = qemu.migrate(n, free_port()) if qemu is not None else None
         rounds.append((r["throughput"] / tcp.rate, r, tcp, r2r, q))
     rounds.sort(key=lambda x: x[0])
     ratio, r, tcp, r2r, q = rounds[len(rounds) // 2]
@@ -333,12 +337,6 @@ def _paired_row(machine: Any, size: int, n: int, workdir: Path, prefault: bool, 
         row.update(qemu=q["throughput"], qemu_cpu_per_gb=q["cpu_per_gb"],
                    ratio_qemu=r["throughput"] / q["throughput"])  # fmt: skip
     return row
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class GuestMemoryTcp:
@@ -524,20 +522,14 @@ def two_hosts(size: str, ws: str, rate: str, methods: list[str], channels: int,
                     time.sleep(2.0)  # memstress fills its working set
                     src.qmp("migrate-set-parameters", **{"max-bandwidth": 0,
                                                         "downtime-limit": 300})  # fmt: skip
-                    cpu0 = _cpu(src.pid) + _cpu(dst.pid)
+                    cpu0 = process_cpu(src.pid) + process_cpu(dst.pid)
                     src.qmp("migrate", uri=uri)
-                    deadline = time.monotonic() + 300
-                    while True:
-                        q = src.qmp("query-migrate")
-                        if q.get("status") in ("completed", "failed", "cancelled"):
-                            break
-                        if time.monotonic() > deadline:
-                            raise MigrationError("two-hosts migration did not end in 300 s")
-                        time.sleep(0.1)
+                    q = wait_migration_end(functools.partial(src.qmp, "query-migrate"), 300,
+                                           "two-hosts migration", interval=0.1)  # fmt: skip
                     if q["status"] != "completed":
                         raise MigrationError(f"two-hosts migration {q['status']}: "
                                              f"{q.get('error-desc')}")  # fmt: skip
-                    cpu = _cpu(src.pid) + _cpu(dst.pid) - cpu0
+                    cpu = process_cpu(src.pid) + process_cpu(dst.pid) - cpu0
                     out.append({"method": method, "total_ms": q["total-time"],
                                 "downtime_ms": q.get("downtime"),
                                 "transferred": q["ram"]["transferred"],
@@ -546,16 +538,6 @@ def two_hosts(size: str, ws: str, rate: str, methods: list[str], channels: int,
                     src.stop()
                     dst.stop()
     return out
-
-
-def _cpu(pid: int) -> float:
-    """CPU seconds of a process and its children that ended (``ip netns exec`` execs it)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 COMPRESS_DEFAULT = "none,zlib,zstd"

@@ -36,26 +36,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("uri", help="tcp:HOST:PORT or unix:PATH to listen on")
     parser.add_argument("out", help="file to store the stream in")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (each)")
-    parser.add_argument("--multifd", type=int, metavar="N", default=0,
-                        help="the source has capability multifd with multifd-channels N: accept "
-                             "N more channels and write their pages into OUT")  # fmt: skip
-    parser.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"),
-                        default="none", help="the source's multifd-compression")  # fmt: skip
-    parser.add_argument(
-        "--uuid",
-        default=str(uuid.UUID(int=0)),
-        help="the source's -uuid, which its multifd channels carry (QEMU's "
-        "destination checks them against its own; default all zero)",
-    )
+    add_multifd_arguments(
+        parser, "the source has capability multifd with multifd-channels N: accept N more "
+        "channels and write their pages into OUT", "the source's -uuid, which its multifd "
+        "channels carry (QEMU's destination checks them against its own)",
+    )  # fmt: skip
     parser.set_defaults(func=run)
+
+
+def add_multifd_arguments(parser: argparse.ArgumentParser, multifd: str, uuid_: str) -> None:
+    """``--multifd N``, ``--multifd-compression``, ``--uuid`` (capture and replay)."""
+    parser.add_argument("--multifd", type=int, metavar="N", default=0, help=multifd)
+    parser.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"),
+                        default="none", help="multifd-compression, as the other side's")  # fmt: skip
+    parser.add_argument("--uuid", default=str(uuid.UUID(int=0)),
+                        help=f"{uuid_}; default all zero")  # fmt: skip
+
+
+def check_arguments(args: argparse.Namespace, uri: str) -> bytes:
+    """Refuse a bad ``--multifd``, ``--uuid`` or URI before anything starts; the UUID's bytes."""
+    if args.multifd < 0 or args.multifd > 255:
+        raise UsageError(f"--multifd {args.multifd}: multifd-channels is 1..255")
+    if parse_uri(uri).scheme not in ("tcp", "unix"):
+        raise UsageError(f"unsupported URI {uri!r}: expected tcp:HOST:PORT or unix:PATH")
+    try:
+        return uuid.UUID(args.uuid).bytes
+    except ValueError:
+        raise UsageError(f"--uuid {args.uuid!r} is not a UUID") from None
 
 
 def listen(uri: str, timeout: float) -> Listener:
     """A listener on ``tcp:HOST:PORT`` or ``unix:PATH``."""
-    u = parse_uri(uri)
-    if u.scheme not in ("tcp", "unix"):
-        raise UsageError(f"unsupported URI {uri!r}: expected tcp:HOST:PORT or unix:PATH")
-    return Listener(u, timeout=timeout, tls=None)
+    check_arguments(argparse.Namespace(multifd=0, uuid=str(uuid.UUID(int=0))), uri)
+    return Listener(parse_uri(uri), timeout=timeout, tls=None)
 
 
 class Capture:
@@ -119,12 +132,7 @@ class Capture:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.multifd < 0 or args.multifd > 255:
-        raise UsageError(f"--multifd {args.multifd}: multifd-channels is 1..255")
-    try:
-        src_uuid = uuid.UUID(args.uuid).bytes
-    except ValueError:
-        raise UsageError(f"--uuid {args.uuid!r} is not a UUID") from None
+    src_uuid = check_arguments(args, args.uri)
     listener = listen(args.uri, args.timeout)
     multifd: MultifdCapture | None = None
     try:

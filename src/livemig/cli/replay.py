@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import argparse
 import threading
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from livemig.cli.capture import add_multifd_arguments, check_arguments
 from livemig.errors import LivemigError, StreamError, UsageError
-from livemig.transport import Channel, ChannelError, ChannelTimeout, connect, parse_uri
+from livemig.transport import Channel, ChannelError, ChannelTimeout, connect
 from livemig.wire import events as E
 from livemig.wire.decoder import Decoder
 from livemig.wire.encoder import Encoder
@@ -46,15 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", help="a stream file (livemig capture, migrate to file:/exec:cat)")
     p.add_argument("uri", help="tcp:HOST:PORT or unix:PATH the destination listens on")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (each)")
-    p.add_argument("--multifd", type=int, metavar="N", default=0,
-                   help="send the pages over N multifd channels (the destination needs "
-                        "capability multifd and multifd-channels N)")  # fmt: skip
-    p.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"), default="none")
-    p.add_argument(
-        "--uuid",
-        default=str(uuid.UUID(int=0)),
-        help="VM UUID in the multifd handshake (the destination's -uuid)",
-    )
+    add_multifd_arguments(
+        p, "send the pages over N multifd channels (the destination needs capability multifd "
+        "and multifd-channels N)", "VM UUID in the multifd handshake (the destination's -uuid)",
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -95,9 +90,10 @@ class _ReturnPath:
 class Replay:
     """Turns the file's events into main's bytes and, with multifd, the channels' packets."""
 
-    def __init__(self, main: Channel, args: argparse.Namespace) -> None:
+    def __init__(self, main: Channel, args: argparse.Namespace, vm_uuid: bytes) -> None:
         self.main = main
         self.args = args
+        self.uuid = vm_uuid
         self.enc = Encoder()  # its last block is main's: what a CONTINUE record refers to
         self.out: list[Any] = []
         self.pending = 0
@@ -153,7 +149,7 @@ class Replay:
         self.staged = {n: np.zeros(b.npages, bool) for n, b in self.blocks.items()}
         self.sender = MultifdSender.connect(
             a.uri, list(self.blocks.values()), a.multifd, compression=a.multifd_compression,
-            uuid=uuid.UUID(a.uuid).bytes, timeout=a.timeout, zero_detect=False,
+            uuid=self.uuid, timeout=a.timeout, zero_detect=False,
         )  # fmt: skip
 
     def _stage(self, ev: E.RamPages, where: int) -> None:
@@ -205,20 +201,13 @@ def _events(data: bytes) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.multifd < 0 or args.multifd > 255:
-        raise UsageError(f"--multifd {args.multifd}: multifd-channels is 1..255")
-    try:
-        uuid.UUID(args.uuid)
-    except ValueError:
-        raise UsageError(f"--uuid {args.uuid!r} is not a UUID") from None
-    if parse_uri(args.uri).scheme not in ("tcp", "unix"):
-        raise UsageError(f"unsupported URI {args.uri!r}: expected tcp:HOST:PORT or unix:PATH")
+    src_uuid = check_arguments(args, args.uri)
     try:
         data = Path(args.file).read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
     main = connect(args.uri, timeout=args.timeout, tls=None)
-    rep = Replay(main, args)
+    rep = Replay(main, args, src_uuid)
     try:
         for ev, raw, where in _events(data):
             rep.event(ev, raw, where)
