@@ -720,7 +720,13 @@ class PostcopyIncoming:
     # -- preempt channel -------------------------------------------------------------------------
 
     def _accept_preempt(self, listener: Listener) -> None:
-        self._preempt_ch = listener.accept(timeout=self.inc.timeout, name="postcopy preempt")
+        try:
+            self._preempt_ch = listener.accept(timeout=self.inc.timeout, name="postcopy preempt")
+        except ChannelTimeout:
+            # QEMU needs the capability on both sides too; say which one is likely off
+            raise ChannelTimeout(f"postcopy-preempt: no preempt channel reached "
+                                 f"{listener.address} within {self.inc.timeout:g} s: is "
+                                 f"postcopy-preempt on at the source as well?") from None  # fmt: skip
         self._preempt_eos.clear()
         self._preempt_thread = threads.Thread(target=self._preempt_loop,
                                               args=(self._preempt_ch,),
