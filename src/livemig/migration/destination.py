@@ -81,6 +81,11 @@ class IncomingMigration:
         self._cancel = threading.Event()
         self.capabilities: frozenset[str] = frozenset()  # set by the manager before start()
         self.multifd: Any = None  # multifd.MultifdReceiver with capability multifd
+        # The stream's multifd sync points are MULTIFD_FLUSH words (QEMU 8.1+, livemig), whose
+        # first comes inside the setup section; without them (QEMU 7.2, or a stream sent
+        # by ``livemig replay --multifd`` from a file made without multifd), every RAM
+        # section's EOS is one.
+        self._flush_words = False
         self.verify: dict[str, Any] | None = None
         self.postcopy: postcopy_dest.PostcopyIncoming | None = None
         self.source_hashes: dict[str, str] | None = None
@@ -219,7 +224,11 @@ class IncomingMigration:
             if any(b.mapped_ram is not None for b in ev.blocks):
                 mapped_ram.incoming_load(self, ev, dec.offset)
         elif isinstance(ev, E.RamMultifdFlush):
+            self._flush_words = True
             multifd.incoming_flush(self, dec.offset)
+        elif isinstance(ev, E.RamEos):
+            if self.multifd is not None and not self._flush_words:
+                self.multifd.flush()
         elif isinstance(ev, E.RamXbzrlePage):
             load_xbzrle(self.loader, ev.block, ev.offset, ev.data, dec.offset)
         elif isinstance(ev, E.Configuration):
@@ -238,7 +247,7 @@ class IncomingMigration:
         elif isinstance(ev, E.SectionStart):
             if ev.idstr != "ram":
                 raise StreamError(f"unexpected iterative section {ev.idstr!r}", dec.offset)
-        elif isinstance(ev, (E.Header, E.SectionPart, E.SectionEnd, E.SectionFooter, E.RamEos)):
+        elif isinstance(ev, (E.Header, E.SectionPart, E.SectionEnd, E.SectionFooter)):
             pass
         else:
             raise StreamError(f"{type(ev).__name__} is not supported in a pre-copy stream",
