@@ -127,3 +127,26 @@ def test_start_postcopy_after_precopy_finished_is_not_an_error(pair) -> None:
     assert p.wait("src", {"completed", "failed"}) == "completed"
     start_postcopy(p.sm)  # no error, nothing happens
     assert p.sm.source.status.value == "completed"
+
+
+@pytest.mark.parametrize("preempt_on", ["src", "dst"])
+def test_preempt_on_one_side_only_says_so(pair, preempt_on: str) -> None:
+    """postcopy-preempt must be on at both ends (as in QEMU). On one only, the destination
+    fails in post-copy, and its error names the likely cause; the source waits paused, its
+    guest stopped, for a recovery, as QEMU's does."""
+    p = pair(ram=32 << 20, append="ws=24M rate=0")
+    p.caps(postcopy_ram=True)
+    (p.sm if preempt_on == "src" else p.dm).set_capabilities(
+        [{"capability": "postcopy-preempt", "state": True}])  # fmt: skip
+    p.params(max_bandwidth=16 << 20, x_io_timeout=2000)
+    p.wait_guest()
+    p.start(verify=False)
+    p.wait_pass(2)
+    p.sm.outgoing.postcopy.start_postcopy()
+    assert p.wait("dst", {"completed", "failed"}) == "failed"
+    err = p.dm.query_migrate()["error-desc"]
+    if preempt_on == "src":
+        assert "the source has postcopy-preempt on, this side off?" in err, err
+    else:
+        assert "is postcopy-preempt on at the source as well?" in err, err
+    assert p.wait("src", {"postcopy-paused"}) == "postcopy-paused"

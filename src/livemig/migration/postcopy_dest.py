@@ -647,7 +647,13 @@ class PostcopyIncoming:
             self._preempt_eos.wait(inc.timeout)
         missing = {n: int(np.count_nonzero(v)) for n, v in self.need.items() if v.any()}
         if missing:
-            raise MigrationError(f"post-copy stream ended with pages still missing: {missing}")
+            hint = ""
+            if self._preempt_ch is None and inc.listener is not None and inc.listener.pending():
+                # the pages the source sent on a preempt channel nobody accepted
+                hint = (f"; a connection waits unaccepted on {inc.listener.address}: the source "
+                        f"has postcopy-preempt on, this side off?")  # fmt: skip
+            raise MigrationError(f"post-copy stream ended with pages still missing: {missing}"
+                                 f"{hint}")  # fmt: skip
         self._teardown_uffd()
         if self.source_checksums is not None:
             self.verified = self.checksums == self.source_checksums

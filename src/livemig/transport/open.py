@@ -267,6 +267,14 @@ class Listener:
         f.seek(u.offset)
         return Channel(f"{name} {u}", f.fileno(), None, timeout=self.timeout, file=f)
 
+    def pending(self) -> bool:
+        """Whether a connection waits to be accepted (it is not accepted)."""
+        if self._sock is None:
+            return False
+        p = select.poll()
+        p.register(self._sock.fileno(), select.POLLIN)
+        return bool(p.poll(0))
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
