@@ -23,7 +23,7 @@ import numpy as np
 from livemig.errors import StreamError, UsageError
 from livemig.wire import events as E
 from livemig.wire import xbzrle
-from livemig.wire.decoder import Decoder
+from livemig.wire.decoder import Decoder, UnknownLayoutError
 from livemig.wire.vmdesc import find_vmdesc
 
 
@@ -61,6 +61,9 @@ class Analysis:
         self.commands: list[dict[str, Any]] = []
         self.devices: list[dict[str, Any]] = []
         self.vmdesc: bool = False
+        # what could not be decoded, and why: a post-copy package's device sections when the
+        # stream has no vmdesc (QEMU writes none after a post-copy switch)
+        self.undecoded: list[dict[str, Any]] = []
         self._open: dict[int, dict[str, Any]] = {}
         self._current = "(stream)"
 
@@ -179,6 +182,7 @@ class Analysis:
             "commands": self.commands,
             "devices": self.devices,
             "vmdesc": self.vmdesc,
+            "undecoded": self.undecoded,
         }
 
 
@@ -225,7 +229,16 @@ def _consume(decoder: Decoder, result: Analysis, vmdesc: dict[str, Any] | None) 
             nested.last_block = decoder.last_block
             nested.receive_data(bytes(ev.data))
             nested.receive_data(b"")
-            _consume(nested, result, vmdesc)
+            try:
+                _consume(nested, result, vmdesc)
+            except UnknownLayoutError as exc:
+                if vmdesc is not None:
+                    raise
+                # Device state without a layout (a post-copy stream has no vmdesc): the
+                # package's length bounds it, so the stream goes on after it.
+                end = base + len(ev.data)
+                result.undecoded.append({"offset": exc.offset, "bytes": end - (exc.offset or base),
+                                         "reason": str(exc)})  # fmt: skip
 
 
 def dump_ram(result: Analysis, directory: str) -> list[Path]:
@@ -297,5 +310,8 @@ def _print_tables(report: dict[str, Any], total: int) -> None:
     console.print(secs)
     for c in report["commands"]:
         console.print(f"command {c}")
+    for u in report["undecoded"]:
+        console.print(f"not decoded: {u['bytes']} bytes of a post-copy package from offset "
+                      f"{u['offset']} (the stream has no vmdesc): {u['reason']}")  # fmt: skip
     console.print("devices:")
     console.print_json(json.dumps(report["devices"]))

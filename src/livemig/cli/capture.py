@@ -1,4 +1,4 @@
-"""``livemig capture URI OUT``: receive a live pre-copy migration from QEMU and store it.
+"""``livemig capture URI OUT``: receive a live migration from QEMU and store it.
 
 Listens on ``tcp:HOST:PORT`` or ``unix:PATH``, accepts the source's main channel, writes every
 byte to OUT and decodes as it goes, acting as a destination on the return path: after
@@ -6,6 +6,11 @@ OPEN_RETURN_PATH it answers each PING with PONG and, when the stream is complete
 (0 if the whole stream decodes, 1 if not). Device sections cannot be decoded live (their layouts
 come in the vmdesc trailer), so from the first device section on the capture only watches for
 the trailer; the whole file is then decoded with it before SHUT. Every wait has a time-out.
+
+After a post-copy switch the source pushes the rest of RAM and ends with EOF, with no vmdesc
+trailer: the capture ends there (it requests no pages: no guest runs here). ``livemig analyze``
+then rebuilds RAM, and reports the package's device sections, which have no layout to be read
+by, as not decoded.
 
 With ``--multifd N`` it also accepts the source's N multifd channels and writes the pages they
 carry into OUT at each sync point (``capture_multifd``), so that OUT is a one-channel stream.
@@ -82,6 +87,8 @@ class Capture:
         self.replies: list[bytes] = []
         self.pings = 0
         self.multifd = multifd
+        self.postcopy = False  # a PACKAGED command came: no vmdesc trailer follows the EOF
+        self.eof = False
 
     def feed(self, chunk: bytes) -> None:
         self.data += chunk
@@ -98,6 +105,10 @@ class Capture:
                     if not self.return_path:
                         raise StreamError("PING without an open return path", dec.offset)
                     self.replies.append(encode_rp(Pong(ev.value)))
+                elif isinstance(ev, E.Packaged):
+                    self.postcopy = True
+                elif isinstance(ev, E.Eof):
+                    self.eof = True
                 if self.multifd is not None:
                     self.multifd.event(ev, dec.offset, dec.last_block)  # type: ignore[arg-type]
         except UnknownLayoutError:
@@ -106,7 +117,8 @@ class Capture:
     def complete(self) -> bool:
         """True when the stream ended cleanly: trailer seen (or EOF seen live)."""
         if self.live:
-            return self.decoder.finished
+            # after a post-copy switch QEMU ends with EOF alone, and waits for SHUT
+            return self.decoder.finished or (self.postcopy and self.eof)
         try:
             return find_vmdesc(self.data) is not None
         except StreamError:
