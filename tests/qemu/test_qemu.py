@@ -335,15 +335,18 @@ def test_replay_into_qemu(
     assert loaded == truth
 
 
-def test_live_capture_of_qemu_postcopy(tmp_path: Path) -> None:
+@pytest.mark.parametrize("multifd", [False, True])
+def test_live_capture_of_qemu_postcopy(tmp_path: Path, multifd: bool) -> None:
     """QEMU 7.2 switches to post-copy after several passes: the capture takes the PACKAGED
     command, the pages pushed after it and the EOF that ends a post-copy stream without a vmdesc
     (it used to wait for one while QEMU waited for SHUT), and answers SHUT. The rebuilt RAM is
     QEMU's; the package's device sections, with no layout to read them by, are reported as not
-    decoded."""
-    info, _stdout, truth, out = _live_capture(tmp_path, ["return-path", "postcopy-ram"],
-                                              dirtier=True, postcopy=True)  # fmt: skip
+    decoded. With multifd, pre-copy's pages come by 2 channels, post-copy's on main."""
+    caps = ["return-path", "postcopy-ram", *(["multifd"] if multifd else [])]
+    info, _stdout, truth, out = _live_capture(tmp_path, caps, dirtier=True, postcopy=True,
+                                              capture_args=("--multifd", "2") if multifd else ())  # fmt: skip
     assert info["ram"]["postcopy-bytes"] > 0, info
+    assert (info["ram"]["multifd-bytes"] > 0) == multifd
     _same_ram(out, truth)
     report = analyze(out.read_bytes()).report()
     assert any(c["command"] == "Packaged" for c in report["commands"])
