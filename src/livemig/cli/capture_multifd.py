@@ -77,11 +77,15 @@ class MultifdCapture:
             self._sync(end - 8, last_block)
         elif isinstance(ev, E.RamEos) and not self.flush_words and self.receiver is not None:
             self._sync(end - 8, last_block)
-        elif isinstance(ev, E.RamZeroPages):
-            # main's zero pages, kept so that this side knows every page's content
-            self._block(ev.block, end).pages[ev.offsets >> np.uint64(PAGE_SHIFT)] = ev.fill
-        elif isinstance(ev, E.RamPages):
-            self._block(ev.block, end).pages[ev.offsets >> np.uint64(PAGE_SHIFT)] = ev.data
+        elif isinstance(ev, E.RamZeroPages | E.RamPages):
+            # main's pages, kept so that this side knows every page's content (and ``touched``
+            # as the loader keeps it: a later zero page from a channel clears only those)
+            idx = ev.offsets >> np.uint64(PAGE_SHIFT)
+            block = self._block(ev.block, end)
+            assert self.loader is not None
+            zero = isinstance(ev, E.RamZeroPages)
+            block.pages[idx] = ev.fill if zero else ev.data
+            self.loader.touched[ev.block][idx] = not zero or ev.fill != 0
         elif isinstance(ev, E.RamXbzrlePage | E.RamCompressedPage):
             raise StreamError(f"{type(ev).__name__} on the main channel of a multifd migration: "
                               f"capture cannot place it", end)  # fmt: skip
