@@ -47,10 +47,11 @@ DIRTIED = range(0x10000, 0xA0000, 4096)
 
 
 def _start_qemu(
-    tmp: Path, name: str, dirtier: bool = False, incoming: bool = False
+    tmp: Path, name: str, dirtier: bool = False, incoming: bool = False, tls: str = ""
 ) -> tuple[subprocess.Popen, Path, Path]:
     """QEMU 7.2, stopped (``-S``), or waiting for ``migrate-incoming`` with ``incoming``; its
-    RAM in a /dev/shm file that the test reads."""
+    RAM in a /dev/shm file that the test reads. ``tls``: a credentials directory, as object
+    ``tls0`` (the client endpoint, or the server one with ``incoming``)."""
     ram = Path("/dev/shm") / f"livemig-test-{name}-{tmp.name}.ram"
     qmp = tmp / f"qmp-{name}.sock"
     cmd = [
@@ -65,6 +66,9 @@ def _start_qemu(
         cmd += ["-drive", f"file={boot},format=raw,if=ide,snapshot=on"]
     if incoming:
         cmd += ["-incoming", "defer"]
+    if tls:
+        endpoint = "server" if incoming else "client"
+        cmd += ["-object", f"tls-creds-x509,id=tls0,dir={tls},endpoint={endpoint}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     for _ in range(100):
         if qmp.exists():
@@ -160,16 +164,18 @@ def _live_capture(
     capture_args: tuple = (),
     dirtier: bool = False,
     postcopy: bool = False,
+    tls: str = "",
 ) -> tuple[dict, str, bytes, Path]:
     """QEMU migrates to ``livemig capture``: QEMU's final query-migrate, capture's stdout,
     QEMU's RAM, and the captured file. Without ``dirtier`` QEMU runs its firmware and stops
     first; with it, the boot sector dirties pages through six or more passes (a 1 ms
     downtime-limit keeps the migration from converging), then QEMU stops and completes, or
     with ``postcopy`` switches to post-copy (its guest stops; the rest of RAM is pushed)."""
-    proc, qmp, ram = _start_qemu(tmp_path, "live", dirtier)
+    proc, qmp, ram = _start_qemu(tmp_path, "live", dirtier, tls=tls)
     sock = tmp_path / "mig.sock"
     out = tmp_path / "captured.mig"
-    capture = _capture(sock, out, "--timeout", "20", *capture_args)
+    capture = _capture(sock, out, "--timeout", "20", *capture_args,
+                       *(("--tls-creds", tls) if tls else ()))  # fmt: skip
     try:
 
         async def steps(client):
@@ -181,6 +187,8 @@ def _live_capture(
             states = [{"capability": c, "state": True} for c in caps]
             await client.execute("migrate-set-capabilities", {"capabilities": states})
             more = {"downtime-limit": 1, "max-bandwidth": 8 << 20} if dirtier else {}
+            if tls:  # a unix: URI has no host name to check the certificate against
+                more.update({"tls-creds": "tls0", "tls-hostname": "localhost"})
             if params or more:
                 await client.execute("migrate-set-parameters", {**(params or {}), **more})
             await client.execute("migrate", {"uri": f"unix:{sock}"})
@@ -303,7 +311,14 @@ def test_replay_into_qemu(
     a SYNC on every channel before each RAM section's EOS), and QEMU loads it to the RAM the
     source had, byte for byte."""
     truth, captured = dirtied_capture
-    proc, qmp, ram = _start_qemu(tmp_path, "replay", dirtier=True, incoming=True)
+    assert _replay_into_qemu(tmp_path, captured, channels, compression) == truth
+
+
+def _replay_into_qemu(
+    tmp_path: Path, captured: Path, channels: int, compression: str, tls: str = ""
+) -> bytes:
+    """``livemig replay`` of ``captured`` into a fresh QEMU destination; the RAM it loaded."""
+    proc, qmp, ram = _start_qemu(tmp_path, "replay", dirtier=True, incoming=True, tls=tls)
     sock = tmp_path / "in.sock"
     try:
 
@@ -311,15 +326,19 @@ def test_replay_into_qemu(
             caps = ["return-path", *(["multifd"] if channels else [])]
             states = [{"capability": c, "state": True} for c in caps]
             await client.execute("migrate-set-capabilities", {"capabilities": states})
-            if channels:
-                params = {"multifd-channels": channels, "multifd-compression": compression}
+            params = {"multifd-channels": channels, "multifd-compression": compression} if (
+                channels) else {}  # fmt: skip
+            if tls:
+                params["tls-creds"] = "tls0"
+            if params:
                 await client.execute("migrate-set-parameters", params)
             await client.execute("migrate-incoming", {"uri": f"unix:{sock}"})
             more = ("--multifd", str(channels), "--multifd-compression", compression)
             rp = await asyncio.to_thread(
                 subprocess.run,
                 [sys.executable, "-m", "livemig", "replay", str(captured), f"unix:{sock}",
-                 "--timeout", "20", *(more if channels else ())],
+                 "--timeout", "20", *(more if channels else ()),
+                 *(("--tls-creds", tls, "--tls-hostname", "localhost") if tls else ())],
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             return rp, await _wait_completed(client)
@@ -329,10 +348,9 @@ def test_replay_into_qemu(
         assert info["status"] == "completed", info
         if channels:
             assert f"over {channels} multifd channels" in rp.stdout, rp.stdout
-        loaded = ram.read_bytes()
+        return ram.read_bytes()
     finally:
         _stop(proc, ram)
-    assert loaded == truth
 
 
 @pytest.mark.parametrize("multifd", [False, True])
@@ -351,3 +369,20 @@ def test_live_capture_of_qemu_postcopy(tmp_path: Path, multifd: bool) -> None:
     report = analyze(out.read_bytes()).report()
     assert any(c["command"] == "Packaged" for c in report["commands"])
     assert not report["vmdesc"] and len(report["undecoded"]) == 1
+
+
+def test_tls_both_ways_with_qemu(tmp_path: Path) -> None:
+    """Mutual TLS with QEMU 7.2's GnuTLS, on every channel: QEMU migrates with multifd to
+    ``livemig capture --tls-creds`` (the first connection is main: TLS cannot be peeked at),
+    then ``livemig replay --tls-creds --multifd`` into a QEMU destination with server
+    credentials. Both ends have the dirtied RAM byte for byte."""
+    from livemig.transport.tls import generate_creds
+
+    creds = str(generate_creds(tmp_path / "creds", names=("localhost",)))
+    _info, stdout, truth, out = _live_capture(
+        tmp_path, ["return-path", "multifd"], {"multifd-channels": 2}, ("--multifd", "2"),
+        dirtier=True, tls=creds,
+    )  # fmt: skip
+    assert "from 2 multifd channels" in stdout
+    _same_ram(out, truth)
+    assert _replay_into_qemu(tmp_path, out, 2, "zstd", tls=creds) == truth

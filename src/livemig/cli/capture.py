@@ -12,6 +12,9 @@ trailer: the capture ends there (it requests no pages: no guest runs here). ``li
 then rebuilds RAM, and reports the package's device sections, which have no layout to be read
 by, as not decoded.
 
+With ``--tls-creds DIR`` it is a mutual TLS server on every channel, as a QEMU destination
+with ``tls-creds``.
+
 With ``--multifd N`` it also accepts the source's N multifd channels and writes the pages they
 carry into OUT at each sync point (``capture_multifd``), so that OUT is a one-channel stream.
 """
@@ -27,6 +30,7 @@ from typing import TYPE_CHECKING
 
 from livemig.errors import LivemigError, StreamError, UsageError
 from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener, parse_uri
+from livemig.transport.tls import load_creds
 from livemig.wire import events as E
 from livemig.wire.decoder import Decoder, UnknownLayoutError
 from livemig.wire.returnpath import Pong, Shut, encode_rp
@@ -56,6 +60,12 @@ def add_multifd_arguments(parser: argparse.ArgumentParser, multifd: str, uuid_: 
                         default="none", help="multifd-compression, as the other side's")  # fmt: skip
     parser.add_argument("--uuid", default=str(uuid.UUID(int=0)),
                         help=f"{uuid_}; default all zero")  # fmt: skip
+    parser.add_argument("--tls-creds", metavar="DIR", default="",
+                        help="TLS on every channel with a QEMU tls-creds-x509 directory (ca-cert, "
+                             "server- and client- cert and key .pem), as the other side's")  # fmt: skip
+    parser.add_argument("--tls-hostname", default="",
+                        help="the name the server's certificate must carry (default: the URI's "
+                             "host)")  # fmt: skip
 
 
 def check_arguments(args: argparse.Namespace, uri: str) -> bytes:
@@ -70,10 +80,11 @@ def check_arguments(args: argparse.Namespace, uri: str) -> bytes:
         raise UsageError(f"--uuid {args.uuid!r} is not a UUID") from None
 
 
-def listen(uri: str, timeout: float) -> Listener:
-    """A listener on ``tcp:HOST:PORT`` or ``unix:PATH``."""
+def listen(uri: str, timeout: float, tls_creds: str = "") -> Listener:
+    """A listener on ``tcp:HOST:PORT`` or ``unix:PATH``; TLS with a credentials directory."""
     check_arguments(argparse.Namespace(multifd=0, uuid=str(uuid.UUID(int=0))), uri)
-    return Listener(parse_uri(uri), timeout=timeout, tls=None)
+    creds = load_creds(tls_creds, "server") if tls_creds else None
+    return Listener(parse_uri(uri), timeout=timeout, tls=creds)
 
 
 class Capture:
@@ -145,7 +156,7 @@ class Capture:
 
 def run(args: argparse.Namespace) -> int:
     src_uuid = check_arguments(args, args.uri)
-    listener = listen(args.uri, args.timeout)
+    listener = listen(args.uri, args.timeout, args.tls_creds)
     multifd: MultifdCapture | None = None
     try:
         try:

@@ -13,6 +13,9 @@ them has its first inside the setup section, before that EOS, which tells the tw
 pages stay ZERO records on main, as 7.2 sends them. A record that continues the previous record's
 block is encoded against what main carried, not what the file did.
 
+With ``--tls-creds DIR`` every channel is a mutual TLS client, as a QEMU source's with
+``tls-creds`` (``--tls-hostname`` for a ``unix:`` URI, which names no host).
+
 When the stream opens a return path, replay answers nothing (the destination answers it) but
 reads it, and ends with the destination's SHUT: 0 is success. Every wait has a time-out.
 """
@@ -29,6 +32,7 @@ import numpy as np
 from livemig.cli.capture import add_multifd_arguments, check_arguments
 from livemig.errors import LivemigError, StreamError, UsageError
 from livemig.transport import Channel, ChannelError, ChannelTimeout, connect
+from livemig.transport.tls import load_creds, set_migration_tls
 from livemig.wire import events as E
 from livemig.wire.decoder import Decoder
 from livemig.wire.encoder import Encoder
@@ -206,7 +210,10 @@ def run(args: argparse.Namespace) -> int:
         data = Path(args.file).read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
-    main = connect(args.uri, timeout=args.timeout, tls=None)
+    # every channel (main, multifd) connects with these, as a source's do
+    set_migration_tls("client", load_creds(args.tls_creds, "client", args.tls_hostname)
+                      if args.tls_creds else None)  # fmt: skip
+    main = connect(args.uri, timeout=args.timeout)
     rep = Replay(main, args, src_uuid)
     try:
         for ev, raw, where in _events(data):

@@ -341,6 +341,7 @@ class MultifdSender(PageWorkerPool):
         uuid: bytes | None = None,
         timeout: float = 30.0,
         zero_detect: bool = True,
+        handshake_sent: bool = False,
     ) -> None:
         self.blocks = list(blocks)
         self.zero_detect = zero_detect  # False: every page goes as a normal one
@@ -359,7 +360,8 @@ class MultifdSender(PageWorkerPool):
         self.channels = [_SendChannel(self, i, ch) for i, ch in enumerate(channels)]
         uuid = uuid if uuid is not None else zero_uuid()
         for c in self.channels:
-            c.channel.send(MultifdInit(uuid, c.id).pack())
+            if not handshake_sent:
+                c.channel.send(MultifdInit(uuid, c.id).pack())
             self._count(INIT_PACKET.size, 0, 0)
         for c in self.channels:
             c.thread.start()
@@ -377,15 +379,23 @@ class MultifdSender(PageWorkerPool):
         timeout: float = 30.0,
         zero_detect: bool = True,
     ) -> MultifdSender:
-        """Open ``n`` multifd connections to ``uri`` (after the main one) and start them."""
+        """Open ``n`` multifd connections to ``uri`` (after the main one) and start them.
+
+        Each sends its initial packet as soon as it is connected, as QEMU's do: a QEMU 7.2
+        destination reads it right after accepting the channel, on its main loop, and over
+        TLS the next channel's handshake waited behind that read (both sides stuck until a
+        time-out, when all the packets came after all the connects)."""
         from livemig.transport import connect
 
+        uuid = uuid if uuid is not None else zero_uuid()
         chans: list[Channel] = []
         try:
             for i in range(n):
-                chans.append(connect(uri, timeout=timeout, name=f"multifd {i}"))
+                ch = connect(uri, timeout=timeout, name=f"multifd {i}")
+                chans.append(ch)
+                ch.send(MultifdInit(uuid, i).pack())
             return cls(blocks, chans, compression=compression, level=level, uuid=uuid,
-                       timeout=timeout, zero_detect=zero_detect)  # fmt: skip
+                       timeout=timeout, zero_detect=zero_detect, handshake_sent=True)  # fmt: skip
         except BaseException:
             for ch in chans:
                 ch.close()
