@@ -228,6 +228,15 @@ def run(args: argparse.Namespace) -> int:
             if rep.rp.shut != 0:
                 why = rep.rp.error or ("no SHUT" if rep.rp.shut is None else f"SHUT {rep.rp.shut}")
                 raise LivemigError(f"the destination did not load the stream ({why})")
+    except ChannelError as exc:
+        if rep.sender is not None:
+            rep.sender.close(graceful=False)
+        if rep.rp is not None and rep.rp.done.wait(1) and rep.rp.shut:
+            # the destination gave up first and said so; the broken write only followed
+            raise LivemigError(f"the destination did not load the stream (SHUT "
+                               f"{rep.rp.shut}; then {exc})") from None  # fmt: skip
+        # QEMU exits when a load fails (exit-on-error), often without a SHUT
+        raise LivemigError(f"{exc} (the destination went away: its own log says why)") from None
     except BaseException:
         if rep.sender is not None:
             rep.sender.close(graceful=False)
