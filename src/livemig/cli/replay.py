@@ -149,6 +149,9 @@ class Replay:
         from livemig.migration.multifd import MultifdSender
 
         a = self.args
+        # main's first bytes go before the channels connect, as a source's do: a destination
+        # that tells main from multifd by peeking at them need not wait
+        self.flush()
         self.blocks = {b.idstr: ImageBlock(b.idstr, b.used_length) for b in ev.blocks}
         self.staged = {n: np.zeros(b.npages, bool) for n, b in self.blocks.items()}
         self.sender = MultifdSender.connect(
