@@ -199,7 +199,8 @@ def _completed(src: LivemigProcess, dst: LivemigProcess, timeout: float = 60) ->
     """Wait for the source to complete with RAM verified and the guest running on the
     destination; the source's last query-migrate."""
     info = src.wait_migration(timeout=timeout)
-    assert info["status"] == "completed", info
+    # both logs: a failed recovery attempt says why only there
+    assert info["status"] == "completed", (info, src.log(), dst.log())
     assert info["x-verified"] is True
     dst.wait_status("running", timeout=15)
     assert dst.guest_check()["ok"]
