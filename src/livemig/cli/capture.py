@@ -174,8 +174,14 @@ def run(args: argparse.Namespace) -> int:
                 f"no migration connected to {args.uri} in {args.timeout} s"
             ) from None
         with main:
-            cap = receive(main, args.timeout, multifd,
-                          None if multifd else lambda: _stray_multifd(listener))  # fmt: skip
+            try:
+                cap = receive(main, args.timeout, multifd,
+                              None if multifd else lambda: _stray_multifd(listener))  # fmt: skip
+            except ChannelError:
+                # a failed multifd channel shuts main down, under a read or a reply: say why
+                if multifd is not None:
+                    multifd.check()
+                raise
     finally:
         if multifd is not None:
             multifd.close(completed=False)
@@ -238,10 +244,6 @@ def receive(
         except ChannelTimeout:
             _check_stray(stray)  # a source stalled on channels nobody reads
             raise LivemigError(f"no data from the source for {timeout} s") from None
-        except ChannelError:
-            if multifd is not None:
-                multifd.check()  # a failed channel shut main down: say why
-            raise
         if multifd is not None:
             multifd.check()
         if chunk:
