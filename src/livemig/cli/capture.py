@@ -68,12 +68,16 @@ def add_multifd_arguments(parser: argparse.ArgumentParser, multifd: str, uuid_: 
                              "host)")  # fmt: skip
 
 
+def _check_uri(uri: str) -> None:
+    if parse_uri(uri).scheme not in ("tcp", "unix"):
+        raise UsageError(f"unsupported URI {uri!r}: expected tcp:HOST:PORT or unix:PATH")
+
+
 def check_arguments(args: argparse.Namespace, uri: str) -> bytes:
     """Refuse a bad ``--multifd``, ``--uuid`` or URI before anything starts; the UUID's bytes."""
     if args.multifd < 0 or args.multifd > 255:
         raise UsageError(f"--multifd {args.multifd}: multifd-channels is 1..255")
-    if parse_uri(uri).scheme not in ("tcp", "unix"):
-        raise UsageError(f"unsupported URI {uri!r}: expected tcp:HOST:PORT or unix:PATH")
+    _check_uri(uri)
     try:
         return uuid.UUID(args.uuid).bytes
     except ValueError:
@@ -82,7 +86,7 @@ def check_arguments(args: argparse.Namespace, uri: str) -> bytes:
 
 def listen(uri: str, timeout: float, tls_creds: str = "") -> Listener:
     """A listener on ``tcp:HOST:PORT`` or ``unix:PATH``; TLS with a credentials directory."""
-    check_arguments(argparse.Namespace(multifd=0, uuid=str(uuid.UUID(int=0))), uri)
+    _check_uri(uri)
     creds = load_creds(tls_creds, "server") if tls_creds else None
     return Listener(parse_uri(uri), timeout=timeout, tls=creds)
 
@@ -100,6 +104,7 @@ class Capture:
         self.multifd = multifd
         self.postcopy = False  # a PACKAGED command came: no vmdesc trailer follows the EOF
         self.eof = False
+        self._stream: bytes | None = None
 
     def feed(self, chunk: bytes) -> None:
         self.data += chunk
@@ -136,17 +141,18 @@ class Capture:
             return False
 
     def stream(self) -> bytes:
-        """The captured stream; with multifd, the channels' pages written into it."""
-        if self.multifd is None or not self.multifd.inserts:
-            return bytes(self.data)
-        parts: list[bytes | memoryview] = []
-        view = memoryview(self.data)
-        at = 0
-        for offset, records in self.multifd.inserts:
-            parts += (view[at:offset], records)
-            at = offset
-        parts.append(view[at:])
-        return b"".join(parts)
+        """The captured stream once complete; with multifd, the channels' pages written into
+        it. Made once: verifying it and storing it need the same bytes (a guest's RAM)."""
+        if self._stream is None:
+            parts: list[bytes | memoryview] = []
+            view = memoryview(self.data)
+            at = 0
+            for offset, records in self.multifd.inserts if self.multifd is not None else ():
+                parts += (view[at:offset], records)
+                at = offset
+            parts.append(view[at:])
+            self._stream = b"".join(parts)
+        return self._stream
 
     def verify(self) -> None:
         from livemig.cli.analyze import analyze
