@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from livemig.testing_procs import ProcHarness
+from livemig.testing.procs import ProcHarness
 
 
 @pytest.fixture

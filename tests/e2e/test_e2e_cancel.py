@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from livemig.testing_procs import LivemigProcess, ProcHarness, wait_until
+from livemig.testing.procs import LivemigProcess, ProcHarness, wait_until
 
 SLOW = {"max-bandwidth": 8 << 20}  # 64 MiB of guest at 8 MiB/s: several seconds of pre-copy
 

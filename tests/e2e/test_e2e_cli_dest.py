@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from livemig.procs import free_port
-from livemig.testing_procs import ProcHarness
+from livemig.testing.procs import ProcHarness
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 

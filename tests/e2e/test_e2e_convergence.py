@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from livemig.testing_procs import ProcHarness, wait_until
+from livemig.testing.procs import ProcHarness, wait_until
 
 from .test_e2e_cancel import assert_destination_failed, assert_source_unharmed
 

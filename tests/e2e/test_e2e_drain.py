@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from livemig.testing_procs import ProcHarness, wait_until
+from livemig.testing.procs import ProcHarness, wait_until
 from livemig.wire import events as E
 from livemig.wire.decoder import Decoder
 

@@ -13,7 +13,7 @@ import socket
 
 import pytest
 
-from livemig.testing_procs import LivemigProcess, ProcError, ProcHarness, wait_until
+from livemig.testing.procs import LivemigProcess, ProcError, ProcHarness, wait_until
 
 from .test_e2e_cancel import assert_source_unharmed, migrate_again
 

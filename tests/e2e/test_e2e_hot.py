@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from livemig.testing_procs import ProcHarness, free_tcp_port, wait_until
+from livemig.testing.procs import ProcHarness, free_tcp_port, wait_until
 
 from .test_e2e_precopy import check_completed_source, check_guest_continues
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from livemig.testing_procs import ProcHarness, free_tcp_port
+from livemig.testing.procs import ProcHarness, free_tcp_port
 
 from .test_e2e_precopy import check_completed_source, check_guest_continues
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from livemig.testing_procs import LivemigProcess, ProcHarness, free_tcp_port, wait_until
+from livemig.testing.procs import LivemigProcess, ProcHarness, free_tcp_port, wait_until
 
 # QEMU 7.2's MigrationStats members (qapi/migration.json) that livemig reports.
 RAM_FIELDS = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from livemig.qmp.client import QMPClientError
-from livemig.testing_procs import ProcHarness
+from livemig.testing.procs import ProcHarness
 
 # QEMU 7.2's MigrationCapability enum order (qapi/migration.json)
 QEMU_72_CAPS = [

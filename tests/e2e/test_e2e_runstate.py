@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from livemig.qmp.client import QMPClientError
-from livemig.testing_procs import ProcHarness, wait_until
+from livemig.testing.procs import ProcHarness, wait_until
 
 from .test_e2e_cancel import assert_source_unharmed
 

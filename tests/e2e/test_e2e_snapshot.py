@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 
-from livemig.testing_procs import ProcHarness
+from livemig.testing.procs import ProcHarness
 
 
 @pytest.mark.timeout(90)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from livemig.bench.faults import SCENARIOS, run_fault
-from livemig.testing_procs import ProcHarness
+from livemig.testing.procs import ProcHarness
 
 
 @pytest.mark.timeout(240)

@@ -18,7 +18,7 @@ import pytest
 from livemig.cli.analyze import analyze
 from livemig.guests.memstress import check_invariant
 from livemig.migration.manager import MigrationManager
-from livemig.testing_procs import wait_until
+from livemig.testing.procs import wait_until
 
 from .conftest import FINAL, MakePair, Pair
 

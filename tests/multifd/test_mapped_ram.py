@@ -168,7 +168,7 @@ def test_livemig_analyze_reads_a_mapped_ram_file(make_pair: MakePair, tmp_path: 
 def test_mapped_ram_restore_in_a_new_process(tmp_path: Path) -> None:
     """Save a running guest from one ``livemig run`` process, restore in another one started
     with ``--incoming defer`` (capabilities first, then migrate-incoming)."""
-    from livemig.testing_procs import ProcHarness
+    from livemig.testing.procs import ProcHarness
 
     with ProcHarness(workdir=tmp_path, memory="32M") as h:
         src = h.source(append="ws=8M rate=20000")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from livemig.savevm.ram import RamLoader
-from livemig.testing_fuzz import Corpus, default_corpus, feed, mutate, run_fuzz
+from livemig.testing.fuzz import Corpus, default_corpus, feed, mutate, run_fuzz
 
 FUZZ_INPUTS = 240  # ~4 s here; `livemig bench faults --fuzz-seconds N` runs longer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from livemig.qmp import Arg, CommandRegistry, QMPServer
-from livemig.testing_procs import ProcHarness
+from livemig.testing.procs import ProcHarness
 from livemig.transport.tls import load_creds
 
 TIMEOUT = 10.0

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from livemig.testing_procs import LivemigProcess, ProcHarness, free_tcp_port
+from livemig.testing.procs import LivemigProcess, ProcHarness, free_tcp_port
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from livemig.service import RespClient, RespError
-from livemig.testing_procs import ProcHarness, free_tcp_port, wait_until
+from livemig.testing.procs import ProcHarness, free_tcp_port, wait_until
 
 NKEYS = 100_000
 

@@ -1,6 +1,6 @@
 """``livemig bench faults``: faults injected at each phase of a migration, and the fuzzer.
 
-Each scenario (``run_fault``) starts real ``livemig run`` processes (``testing_procs``), injects
+Each scenario (``run_fault``) starts real ``livemig run`` processes (``livemig.testing.procs``), injects
 one fault at one point, and checks what issue 7 demands afterwards:
 
 * the source guest runs on with memstress's invariant intact and makes progress (where the
@@ -59,7 +59,7 @@ from typing import Any
 
 from livemig.bench.common import table_console
 from livemig.errors import LivemigError
-from livemig.testing_procs import LivemigProcess, ProcError, ProcHarness, wait_until
+from livemig.testing.procs import LivemigProcess, ProcError, ProcHarness, wait_until
 
 IO_TIMEOUT_MS = 1500
 SLOW = 8 << 20  # bytes/s during pre-copy: several seconds for the working set
@@ -675,7 +675,7 @@ def _selected(only: list[str]) -> list[tuple[str, str]]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from livemig.testing_fuzz import default_corpus, run_fuzz
+    from livemig.testing.fuzz import default_corpus, run_fuzz
 
     results: list[FaultResult] = []
     if not args.no_faults:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from livemig.service import RespClient, RespError
-from livemig.testing_procs import ProcHarness, free_tcp_port, wait_until
+from livemig.testing.procs import ProcHarness, free_tcp_port, wait_until
 
 
 class _Client(threading.Thread):

@@ -1,4 +1,4 @@
-"""Test helpers shipped with livemig: codec pairs, in-memory streams, fault injection.
+"""Stream test helpers: codec pairs, in-memory streams, fault injection.
 
 - ``decode_all(data, chunk=...)`` drives a ``Decoder`` whole, one byte at a time or in chunks.
 - ``encode_all(events)`` joins an ``Encoder``'s buffers; ``CodecPair`` wires an encoder to a
