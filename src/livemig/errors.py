@@ -38,7 +38,11 @@ class MachineError(LivemigError):
     """The emulated machine could not be built, run or restored."""
 
 
-class GuestBuildError(LivemigError):
+class BuildError(LivemigError):
+    """C code livemig builds with the machine's compiler did not build (with its message)."""
+
+
+class GuestBuildError(BuildError):
     """A guest program could not be compiled or linked (carries the compiler's message)."""
 
 

@@ -89,3 +89,25 @@ MIXED = r"""
 UD2 = "    nop\n    ud2\n"
 JUMP_NOWHERE = "    mov $0x7f0000000000, %rax\n    jmp *%rax\n"
 HALT = "    hlt\n"
+
+# Each vCPU increments a word of its own page with a read-modify-write instruction and counts
+# the same in rcx, stores rcx beside it, adds 1 to a third word with lock xadd counting those
+# adds in rdx, and xors rcx into a fourth. At any instruction boundary  rcx <= word0 <= rcx+1,
+# word1 in {rcx-1, rcx} and rdx <= word3 <= rdx+1. An instruction executed twice after a pause
+# (livemig issue #24) breaks these for good. (Each vCPU has its own words: a locked instruction
+# is not atomic *between* vCPUs here, each runs its own emulator instance; see runtime.c.)
+RMW_COUNTER = r"""
+    mov %rdi, %rbx
+    shl $12, %rbx
+    add $0x300000, %rbx
+    xor %ecx, %ecx
+    xor %edx, %edx
+1:  addq $1, (%rbx)
+    inc %rcx
+    mov %rcx, 8(%rbx)
+    mov $1, %eax
+    lock xadd %rax, 24(%rbx)
+    inc %rdx
+    xorq %rcx, 16(%rbx)
+    jmp 1b
+"""

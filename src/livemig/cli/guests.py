@@ -1,7 +1,8 @@
 """``livemig guests build | list``: build the guest programs into the cache, or list them.
 
-``build`` with no names builds every built-in guest (the ``./dev`` script runs it during
-setup, so the first ``livemig run`` does not wait for the compiler); names or paths to .c
+``build`` with no names builds every built-in guest and the small host libraries livemig
+loads with ctypes (the vCPU stop hook, the compute guest's reference; the ``./dev`` script
+runs it during setup, so the first ``livemig run`` does not wait for the compiler); names or paths to .c
 files build those instead. ``list`` shows the built-in guests and whether each is cached.
 """
 
@@ -10,8 +11,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from livemig.guests import BUILTIN_GUESTS, build_guest, builtin_guests, cache_dir
+from livemig.guests import BUILTIN_GUESTS, build_guest, builtin_guests, cache_dir, compute
 from livemig.guests.build import cache_key, find_compiler, find_objcopy, resolve_source
+from livemig.machine import stop_hook
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +38,17 @@ def _build(args: argparse.Namespace) -> int:
         img = build_guest(guest, rebuild=args.force)
         took = time.monotonic() - started
         print(f"{img.name:<12} {len(img.data):>7} bytes  {img.path}  ({took:.2f} s)")
+    if not args.guests:
+        # The host-side C livemig loads with ctypes: the vCPU stop hook every machine needs,
+        # and the compute guest's reference. Built here so that no run waits for them.
+        for name, build in (
+            ("vcpu_stop", stop_hook.library_path),
+            ("compute_ref", compute.library_path),
+        ):
+            started = time.monotonic()
+            path = build(rebuild=args.force)
+            took = time.monotonic() - started
+            print(f"{name:<12} {path.stat().st_size:>7} bytes  {path}  ({took:.2f} s)")
     return 0
 
 

@@ -10,16 +10,15 @@ the program, the flags and the compiler's version: any change rebuilds, nothing 
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from livemig.errors import GuestBuildError, UsageError
+from livemig import cbuild
+from livemig.errors import BuildError, GuestBuildError, UsageError
 from livemig.machine import abi
 
 SRC_DIR = Path(__file__).resolve().parent / "src"
@@ -54,8 +53,6 @@ CFLAGS = (
     "-Wl,--no-warn-rwx-segments",
 )
 
-COMPILE_TIMEOUT = 120.0
-
 
 @dataclass(frozen=True)
 class GuestImage:
@@ -81,22 +78,15 @@ def builtin_guests() -> list[str]:
 
 def cache_dir() -> Path:
     """Where built images live: ``$LIVEMIG_CACHE/guests`` or ``~/.cache/livemig/guests``."""
-    root = os.environ.get("LIVEMIG_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "livemig"
-    return base / "guests"
+    return cbuild.cache_root() / "guests"
 
 
 def find_compiler() -> str:
     """The C compiler to use: ``$CC`` if set, else gcc, else cc."""
-    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["gcc", "cc"]
-    for cand in candidates:
-        path = shutil.which(cand)
-        if path:
-            return path
-    raise GuestBuildError(
-        f"no C compiler found (looked for {', '.join(candidates)}); the guests are built with"
-        " the machine's C compiler: install one with `apt-get install gcc`"
-    )
+    try:
+        return cbuild.find_compiler()
+    except BuildError as exc:
+        raise GuestBuildError(str(exc)) from None
 
 
 def find_objcopy() -> str:
@@ -106,17 +96,6 @@ def find_objcopy() -> str:
             "objcopy not found; it flattens guests into images: `apt-get install binutils`"
         )
     return path
-
-
-@functools.lru_cache(maxsize=8)
-def _tool_version(tool: str) -> str:
-    try:
-        proc = subprocess.run(
-            [tool, "--version"], capture_output=True, text=True, timeout=30, check=False
-        )
-    except OSError as exc:
-        raise GuestBuildError(f"cannot run {tool}: {exc}") from exc
-    return proc.stdout.splitlines()[0] if proc.stdout else f"{tool} (unknown version)"
 
 
 def resolve_source(guest: str | os.PathLike[str]) -> tuple[str, Path]:
@@ -148,14 +127,7 @@ def _inputs(source: Path) -> list[Path]:
 
 def cache_key(source: Path, cc: str, objcopy: str) -> str:
     """Hash of the sources, flags and tool versions that determine the image."""
-    h = hashlib.sha256()
-    for item in (*CFLAGS, _tool_version(cc), _tool_version(objcopy)):
-        h.update(item.encode() + b"\0")
-    for path in _inputs(source):
-        h.update(path.name.encode() + b"\0")
-        h.update(path.read_bytes())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
+    return _guest_errors(cbuild.hash_inputs, CFLAGS, [cc, objcopy], _inputs(source))
 
 
 def build_guest(
@@ -179,18 +151,18 @@ def build_guest(
     return GuestImage(name=name, data=data, path=target, source=source)
 
 
-def _run(cmd: list[str], what: str, cwd: Path) -> None:
+def _guest_errors(fn: Any, *args: Any) -> Any:
+    """Call a ``cbuild`` helper, its failures reported as ``GuestBuildError``."""
     try:
-        proc = subprocess.run(
-            cmd, cwd=cwd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT, check=False
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise GuestBuildError(f"{what}: timed out after {COMPILE_TIMEOUT:.0f} s") from exc
-    except OSError as exc:
-        raise GuestBuildError(f"{what}: cannot run {cmd[0]}: {exc}") from exc
-    if proc.returncode != 0:
-        message = (proc.stderr or proc.stdout).strip()
-        raise GuestBuildError(f"{what} failed (exit {proc.returncode}):\n{message}")
+        return fn(*args)
+    except GuestBuildError:
+        raise
+    except BuildError as exc:
+        raise GuestBuildError(str(exc)) from exc.__cause__
+
+
+def _run(cmd: list[str], what: str, cwd: Path) -> None:
+    _guest_errors(cbuild.run_tool, cmd, what, cwd)
 
 
 def _compile(name: str, source: Path, cc: str, objcopy: str) -> bytes:
@@ -220,12 +192,4 @@ def _compile(name: str, source: Path, cc: str, objcopy: str) -> bytes:
 
 
 def _store(target: Path, data: bytes) -> None:
-    """Write atomically: parallel builds of the same guest must never see half a file."""
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=target.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except OSError as exc:
-        raise GuestBuildError(f"cannot write the guest image cache {target}: {exc}") from exc
+    _guest_errors(cbuild.store, target, data)

@@ -1,11 +1,13 @@
 """The unicorn vCPU backend: one ``Uc`` instance in x86-64 long mode per vCPU.
 
 unicorn is QEMU's TCG as a library. ``emu_start`` releases the GIL, so each vCPU runs in its
-own thread in parallel; ``emu_stop`` from another thread makes it return at the next
-translation-block boundary, which is an instruction boundary, and the rip read afterwards is
-the next instruction to execute, so a later ``run`` resumes without losing or repeating one.
-``hlt`` also makes ``emu_start`` return, with rip after the ``hlt``; the two are told apart by
-whether ``stop`` was called.
+own thread in parallel. ``stop`` never calls unicorn's ``emu_stop`` from the calling thread:
+that can stop a vCPU inside an instruction that already wrote memory and make it execute the
+instruction again on resume (``livemig.machine.stop_hook`` explains it). It raises a flag that
+a C block hook checks on the vCPU's own thread at the start of every translation block, so the
+vCPU stops before the block's first instruction, rip is the next instruction to execute, and a
+later ``run`` resumes without losing or repeating one. ``hlt`` also makes ``emu_start`` return,
+with rip after the ``hlt``; the two are told apart by whether ``stop`` was called.
 
 unicorn exposes only the selector of CS/DS/ES/SS and the base of FS/GS; the rest of their
 hidden parts stay at the backend's long-mode reset values (base 0, limit 0, flags 0: in 64-bit
@@ -15,12 +17,15 @@ read here reports exactly those values, and ``set_state`` refuses any other.
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import threading
 
-from unicorn import UC_ARCH_X86, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc, UcError
+from unicorn import UC_ARCH_X86, UC_HOOK_BLOCK, UC_HOOK_INSN, UC_MODE_64, UC_PROT_ALL, Uc, UcError
 from unicorn import x86_const as x
 
 from livemig.errors import MachineError
+from livemig.machine import stop_hook
 from livemig.machine.cpu import (
     EXIT_ERROR,
     EXIT_HALTED,
@@ -49,6 +54,7 @@ _FPREGS = [getattr(x, f"UC_X86_REG_FP{i}") for i in range(8)]
 _XMMS = [getattr(x, f"UC_X86_REG_XMM{i}") for i in range(16)]
 _FS, _GS = SEGMENT_NAMES.index("fs"), SEGMENT_NAMES.index("gs")
 _UNTIL_NEVER = 0xFFFF_FFFF_FFFF_FFFF
+_uc_binding = importlib.import_module(Uc.__module__)
 
 
 class UnicornCPU:
@@ -57,13 +63,44 @@ class UnicornCPU:
     def __init__(self, index: int) -> None:
         self.index = index
         self._uc = Uc(UC_ARCH_X86, UC_MODE_64)
-        self._stop_requested = False
         self._hook_error: BaseException | None = None
         self._lock = threading.Lock()
+        self._stop = stop_hook.StopFlag()
+        self._install_stop_hook()
         # unicorn's reset leaves FPCW and MXCSR at 0 (all exceptions unmasked); a real CPU
         # resets them to these values and compilers assume them.
         self._uc.reg_write(x.UC_X86_REG_FPCW, 0x37F)
         self._uc.reg_write(x.UC_X86_REG_MXCSR, 0x1F80)
+
+    def _install_stop_hook(self) -> None:
+        # The binding keeps its ctypes library and engine handle in these two attributes (2.1
+        # onwards); the hook is a C function pointer, which its hook_add (Python callbacks
+        # only) cannot take.
+        lib = getattr(_uc_binding, "uclib", None)
+        handle = getattr(self._uc, "_uch", None)
+        if lib is None or handle is None:
+            raise MachineError(
+                "this unicorn Python binding does not expose uclib / Uc._uch, which livemig's "
+                "vCPU stop hook needs (install unicorn 2.1.x)"
+            )
+        self._stop.emu_stop = ctypes.cast(lib.uc_emu_stop, ctypes.c_void_p).value
+        hook = ctypes.c_size_t()
+        status = lib.uc_hook_add(
+            handle,
+            ctypes.byref(hook),
+            UC_HOOK_BLOCK,
+            ctypes.c_void_p(stop_hook.hook_address()),
+            ctypes.cast(ctypes.pointer(self._stop), ctypes.c_void_p),
+            ctypes.c_uint64(1),
+            ctypes.c_uint64(0),
+        )
+        if status:
+            raise MachineError(f"vCPU {self.index}: cannot add the stop hook: {UcError(status)}")
+
+    @property
+    def hook_stops(self) -> int:
+        """How many times the stop hook stopped this vCPU."""
+        return int(self._stop.stops)
 
     def map_ram(self, gpa: int, size: int, host_addr: int) -> None:
         try:
@@ -93,6 +130,8 @@ class UnicornCPU:
         self._uc.hook_add(UC_HOOK_INSN, on_out, None, 1, 0, x.UC_X86_INS_OUT)
 
     def _fail_in_hook(self, exc: BaseException) -> None:
+        # On the vCPU's own thread, inside a port-I/O instruction that touches no memory: the
+        # guest is failing anyway, and stopping right here reports the rip of the fault.
         self._hook_error = exc
         self._uc.emu_stop()
 
@@ -108,18 +147,22 @@ class UnicornCPU:
             err, self._hook_error = self._hook_error, None
             return EXIT_ERROR, f"vCPU {self.index}: device error: {err!r}"
         with self._lock:
-            stopped, self._stop_requested = self._stop_requested, False
+            stopped, self._stop.requested = bool(self._stop.requested), 0
         return (EXIT_STOPPED, None) if stopped else (EXIT_HALTED, None)
 
     def stop(self) -> None:
+        """Ask the vCPU to stop at the start of its next translation block (any thread).
+
+        A request made while the vCPU is not running stops its next run before the first
+        instruction, unless ``clear_stop`` forgets it first.
+        """
         with self._lock:
-            self._stop_requested = True
-        self._uc.emu_stop()
+            self._stop.requested = 1
 
     def clear_stop(self) -> None:
         """Forget a stop request that arrived while not running (the caller re-checks flags)."""
         with self._lock:
-            self._stop_requested = False
+            self._stop.requested = 0
 
     # -- state --------------------------------------------------------------------------------
 

@@ -5,34 +5,21 @@
  * guest time, 0 = forever), seed=N.
  *
  * One operation hashes one 4 KiB block of the vCPU's buffer with FNV-1a over its 64-bit words
- * and stores the hash back into the block (xorshift-mixed), so each operation depends on the
- * last and the work cannot be optimised away. Every vCPU publishes its running operation count
- * in passes[cpu] of the GuestReport (kind REPORT_KIND_COMPUTE) and prints its operations per
- * second once per second of guest time.
+ * and stores the hash back into the block (xorshift-mixed, a read-modify-write), so each
+ * operation depends on the last and the work cannot be optimised away (compute.h). Every vCPU
+ * publishes its running operation count in passes[cpu] of the GuestReport (kind
+ * REPORT_KIND_COMPUTE) right after each operation, and vCPU 0 publishes the seed and buffer
+ * size in COMPUTE_INFO, so the host can recompute every buffer exactly
+ * (livemig.guests.compute): at any instruction boundary a vCPU's buffer is the reference after
+ * passes[cpu] or passes[cpu] + 1 operations. It prints its operations per second once per
+ * second of guest time.
  */
 #include "livemig.h"
+#include "compute.h"
 
-#define FNV_OFFSET 0xcbf29ce484222325UL
-#define FNV_PRIME 0x100000001b3UL
-#define BLOCK_WORDS (PAGE_SIZE / 8)
+#define COMPUTE_INFO ((volatile struct compute_info *)(GUEST_REPORT_ADDR + 0x200))
 
 static volatile u32 published;
-
-static u64 xorshift64(u64 x)
-{
-	x ^= x << 13;
-	x ^= x >> 7;
-	x ^= x << 17;
-	return x;
-}
-
-static u64 hash_block(u64 *block)
-{
-	u64 h = FNV_OFFSET;
-	for (u64 i = 0; i < BLOCK_WORDS; i++)
-		h = (h ^ block[i]) * FNV_PRIME;
-	return h;
-}
 
 int main(int cpu, const struct boot_info *bi)
 {
@@ -57,6 +44,11 @@ int main(int cpu, const struct boot_info *bi)
 		r->nslices = bi->ncpus;
 		for (int i = 0; i < MAX_CPUS; i++)
 			r->passes[i] = 0;
+		for (int i = 0; i < MAX_CPUS; i++)
+			COMPUTE_INFO->filled[i] = 0;
+		COMPUTE_INFO->seed = seed;
+		COMPUTE_INFO->buf_size = buf_size;
+		COMPUTE_INFO->magic = COMPUTE_INFO_MAGIC;
 		barrier();
 		r->magic = REPORT_MAGIC;
 		published = 1;
@@ -66,17 +58,13 @@ int main(int cpu, const struct boot_info *bi)
 	}
 
 	u64 *buf = (u64 *)(start + buf_size * cpu);
-	u64 x = seed * 0x9E3779B97F4A7C15UL + cpu + 1;
-	for (u64 i = 0; i < buf_size / 8; i++) {
-		x = xorshift64(x);
-		buf[i] = x;
-	}
+	compute_fill(buf, buf_size / 8, seed, cpu);
+	barrier();
+	COMPUTE_INFO->filled[cpu] = 1;
 
 	u64 t_start = clock_ns(), t_mark = t_start, ops = 0, ops_mark = 0, h = 0;
 	for (;;) {
-		u64 *block = buf + (ops % blocks) * BLOCK_WORDS;
-		h = hash_block(block);
-		block[h % BLOCK_WORDS] ^= xorshift64(h);
+		h = compute_op(buf, blocks, ops);
 		r->passes[cpu] = ++ops;
 		if (ops & 63)
 			continue;
