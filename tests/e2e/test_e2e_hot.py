@@ -44,5 +44,5 @@ def test_hot_chunks_then_complete_verified(harness: ProcHarness, hot: bool) -> N
     check_completed_source(src, info)
     at_source = src.guest_check()
     assert at_source["ok"], at_source["problems"]
-    assert dst.query_migrate()["x-verify"] == {"equal": True}
+    assert dst.query_migrate()["x-verify"] == {"equal": True, "state-equal": True}
     check_guest_continues(dst, at_source)

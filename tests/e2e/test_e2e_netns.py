@@ -90,5 +90,5 @@ def test_precopy_over_veth_with_tbf(harness: ProcHarness, netns_pair: tuple[str,
     assert 0 < info["ram"]["mbps"] < 260, info["ram"]
     at_source = src.guest_check()
     assert at_source["ok"], at_source["problems"]
-    assert dst.query_migrate()["x-verify"] == {"equal": True}
+    assert dst.query_migrate()["x-verify"] == {"equal": True, "state-equal": True}
     check_guest_continues(dst, at_source)

@@ -86,7 +86,7 @@ def test_precopy_loopback(harness: ProcHarness, transport: str, append: str) -> 
     at_source = src.guest_check()  # the stopped source guest, as it was sent
     assert at_source["ok"], at_source["problems"]
     assert dst.query_migrate()["status"] == "completed"
-    assert dst.query_migrate()["x-verify"] == {"equal": True}
+    assert dst.query_migrate()["x-verify"] == {"equal": True, "state-equal": True}
     check_guest_continues(dst, at_source)
 
 

@@ -59,7 +59,7 @@ def test_1g_working_set_at_gigabytes_per_second(pair) -> None:
     t_postcopy = time.monotonic() - t_switch
     src_q, dst_q = p.sm.query_migrate(), p.dm.query_migrate()
     assert src_q["x-verified"] is True
-    assert dst_q["x-verify"] == {"equal": True}
+    assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
     pc = dst_q["x-postcopy"]
     assert pc["pages-missing"] == 0 and pc["requests"] > 0
     p.dst.pause()

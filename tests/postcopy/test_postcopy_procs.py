@@ -78,7 +78,7 @@ def test_cli_postcopy_after_precopy(procs) -> None:
     assert info["status"] == "completed" and info["verified"] is True
     assert info["ram"]["postcopy-bytes"] > 0
     assert dm.dest.wait_for(frozenset({MigrationStatus.COMPLETED}), 10)
-    assert dm.query_migrate()["x-verify"] == {"equal": True}
+    assert dm.query_migrate()["x-verify"] == {"equal": True, "state-equal": True}
     assert dst.runstate == RunState.RUNNING
 
 

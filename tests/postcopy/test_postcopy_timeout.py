@@ -24,7 +24,7 @@ def _finish_and_check(p) -> dict:
     assert p.wait("dst", {"completed", "failed"}) == "completed", p.dm.query_migrate()
     assert p.wait("src", {"completed", "failed"}) == "completed", p.sm.query_migrate()
     dst_q = p.dm.query_migrate()
-    assert dst_q["x-verify"] == {"equal": True}
+    assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
     p.dst.pause()
     report = check_invariant(p.dst.read_guest)
     assert report.ok, report

@@ -38,7 +38,9 @@ A SIGSTOP counts as injected only once every thread of the target is stopped
 a moment once completed a "stalled" migration.
 
 The table gives per phase the faults injected and survived, then the fuzzer's inputs, crashes,
-hangs and oversized allocations, and the guests lost (0 wherever the source is alive).
+hangs and oversized allocations, and the guests lost (0 wherever the source is alive). Last, a
+short exact-resume soak (``livemig bench exact``): the compute guest through stop/cont cycles
+and one migration of every kind, checked against its host-side reference at every stop.
 """
 
 from __future__ import annotations
@@ -658,6 +660,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", metavar="FAULT[:PHASE]", action="append", default=[],
                    help="run only these scenarios (e.g. disk-full, kill-source:precopy)")  # fmt: skip
     p.add_argument("--no-faults", action="store_true", help="fuzz only")
+    p.add_argument(
+        "--exact-cycles",
+        type=int,
+        default=100,
+        help="stop/cont cycles of the exact-resume soak (0: no soak; default 100)",
+    )
+    p.add_argument(
+        "--exact-migrations",
+        type=int,
+        default=12,
+        help="migrations of the exact-resume soak (default 12: one of each kind)",
+    )
     p.add_argument("--json", action="store_true", help="print the figures as JSON")
     p.set_defaults(func=main)
 
@@ -693,12 +707,18 @@ def main(args: argparse.Namespace) -> int:
         with tempfile.TemporaryDirectory(prefix="livemig-fuzz-") as d:
             fuzz = run_fuzz(default_corpus(d), seconds=args.fuzz_seconds, seed=args.seed)
     figures = _figures(results, fuzz)
+    if args.exact_cycles or args.exact_migrations:
+        from livemig.bench.exact import run_soaks
+
+        _soaks, figures["exact-resume"] = run_soaks(args.exact_cycles, args.exact_migrations, [2])
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
         _table(figures)
     bad = figures["guests-lost"] or any(not r.survived and not r.skipped for r in results)
     bad = bad or (fuzz is not None and not fuzz.clean)
+    exact = figures.get("exact-resume")
+    bad = bad or bool(exact and (exact["diverged"] or exact["problems"]))
     return 1 if bad else 0
 
 
@@ -744,6 +764,13 @@ def _table(f: dict[str, Any]) -> None:
     if f.get("guests-lost-expected"):
         console.print(f"guests lost by design (post-copy, destination killed: its half of the "
                       f"guest died with it): {f['guests-lost-expected']}")  # fmt: skip
+    x = f.get("exact-resume")
+    if x:
+        console.print(f"exact resume (compute guest vs its reference): {x['cycles']} stop/cont "
+                      f"cycles, {x['migrations']} migrations, {x['checks']} checks, "
+                      f"diverged {x['diverged']}")  # fmt: skip
+        for p in x["problems"]:
+            console.print(f"exact-resume problem: {p}")
     z = f.get("fuzz")
     if z:
         ft = Table(title="incoming-stream fuzzer")

@@ -16,6 +16,7 @@ BENCHMARKS = (
     "throughput",
     "postcopy",
     "faults",
+    "exact",
     "service",
     "matrix",
 )

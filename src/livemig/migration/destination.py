@@ -23,9 +23,10 @@ from typing import Any
 from livemig import threads
 from livemig.errors import LivemigError, StreamError
 from livemig.machine.runstate import RunState
-from livemig.migration import mapped_ram, multifd, postcopy_dest
+from livemig.migration import mapped_ram, multifd, postcopy_dest, state_verify
 from livemig.migration.source import MACHINE_TYPE, VERIFY_IDSTR, ram_hashes, verify_vmsd
 from livemig.migration.state import MigrationState, MigrationStatus
+from livemig.migration.state_verify import STATE_IDSTR, state_vmsd
 from livemig.savevm.devices import decode_globalstate, descriptions, machine_entries
 from livemig.savevm.ram import RamLoader
 from livemig.savevm.xbzrle_cache import load_xbzrle
@@ -89,6 +90,8 @@ class IncomingMigration:
         self.verify: dict[str, Any] | None = None
         self.postcopy: postcopy_dest.PostcopyIncoming | None = None
         self.source_hashes: dict[str, str] | None = None
+        self.source_state: dict[str, Any] | None = None  # x-verify-state digests
+        self.state_verified: bool | None = None
         self.timeline: dict[str, float] = {}
         self.thread = threads.Thread(target=self._run, name="incoming", daemon=True)
         if state.status == MigrationStatus.NONE:
@@ -166,7 +169,8 @@ class IncomingMigration:
         ch = self.channel
         assert ch is not None
         dec = Decoder(devices={**descriptions(self.entries),
-                               VERIFY_IDSTR: verify_vmsd(self.machine.ram_blocks)},
+                               VERIFY_IDSTR: verify_vmsd(self.machine.ram_blocks),
+                               STATE_IDSTR: state_vmsd(self.entries)},
                       block_sizes=self.loader.block_sizes())  # fmt: skip
         eof_at: float | None = None
         done = False
@@ -260,6 +264,9 @@ class IncomingMigration:
         if ev.idstr == VERIFY_IDSTR:
             self.source_hashes = {k: bytes(v).hex() for k, v in ev.state.items()}
             return
+        if ev.idstr == STATE_IDSTR:
+            self.source_state = dict(ev.state)
+            return
         entry = self._by_key.get((ev.idstr, ev.instance_id))
         if entry is None:
             raise StreamError(f"section {ev.idstr!r} instance {ev.instance_id} has no device "
@@ -273,6 +280,7 @@ class IncomingMigration:
             except (KeyError, ValueError, TypeError) as exc:
                 raise StreamError(f"section {entry.idstr!r}: state does not load: {exc}") from exc
         self.machine.invalidate_translations()
+        self.check_state()
         if self.source_hashes is not None:
             mine = ram_hashes(self.machine.ram_blocks)
             equal = mine == self.source_hashes
@@ -280,6 +288,15 @@ class IncomingMigration:
             if not equal:
                 bad = [k for k in mine if mine[k] != self.source_hashes.get(k)]
                 raise StreamError(f"verification failed: RAM blocks differ: {', '.join(bad)}")
+
+    def check_state(self) -> None:
+        """x-verify: the machine as loaded holds the CPU and device state the source sent."""
+        if self.source_state is None:
+            return
+        differ = state_verify.compare(self.source_state, machine_entries(self.machine))
+        self.state_verified = not differ
+        if differ:
+            raise StreamError(state_verify.mismatch_message(differ))
 
     def _start_guest(self) -> None:
         m = self.machine
@@ -309,6 +326,8 @@ class IncomingMigration:
             out["error-desc"] = self.state.error
         if self.verify is not None:
             out["x-verify"] = {"equal": self.verify["equal"]}
+        if self.state_verified is not None:
+            out.setdefault("x-verify", {})["state-equal"] = self.state_verified
         if self.postcopy is not None:
             out.update(self.postcopy.query())
         return out

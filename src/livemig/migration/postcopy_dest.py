@@ -61,6 +61,7 @@ from livemig.migration.postcopy_source import (
     page_checksums,
 )
 from livemig.migration.state import MigrationStatus
+from livemig.migration.state_verify import STATE_IDSTR, state_vmsd
 from livemig.savevm.devices import decode_globalstate, descriptions
 from livemig.savevm.ram import page_runs
 from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener
@@ -261,7 +262,7 @@ class PostcopyIncoming:
     def _package(self, ev: E.Packaged, outer: Decoder) -> None:
         inc = self.inc
         devices = {**descriptions(inc.entries), CHECKSUM_IDSTR: checksum_vmsd(
-            list(self.blocks.values()))}  # fmt: skip
+            list(self.blocks.values())), STATE_IDSTR: state_vmsd(inc.entries)}  # fmt: skip
         dec = Decoder(with_header=False, devices=devices, block_sizes=inc.loader.block_sizes())
         dec.receive_data(bytes(ev.data))
         dec.receive_data(b"")
@@ -274,6 +275,8 @@ class PostcopyIncoming:
                     runstate = decode_globalstate(pev.state)
                 elif pev.idstr == CHECKSUM_IDSTR:
                     self.source_checksums = {k: int(v) for k, v in pev.state.items()}
+                elif pev.idstr == STATE_IDSTR:
+                    inc.source_state = dict(pev.state)
                 else:
                     entry = inc._by_key.get((pev.idstr, pev.instance_id))
                     if entry is None:
@@ -289,6 +292,7 @@ class PostcopyIncoming:
             elif isinstance(pev, E.PostcopyRun):
                 if not self.listening:
                     raise StreamError("POSTCOPY_RUN before POSTCOPY_LISTEN", outer.offset)
+                inc.check_state()  # x-verify: registers and devices as sent, before they run
                 self._run(runstate)
                 return
             else:

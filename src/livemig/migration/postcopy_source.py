@@ -52,6 +52,7 @@ from livemig import threads
 from livemig.errors import MigrationError
 from livemig.machine.runstate import RunState
 from livemig.migration.state import MigrationStatus
+from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
 from livemig.savevm.devices import GLOBALSTATE_VMSD, encode_globalstate, machine_entries
 from livemig.savevm.ram import page_runs
 from livemig.transport import Channel, ChannelError, connect
@@ -493,10 +494,20 @@ class PostcopySource:
             out += enc.send(E.SectionFull(sid, CHECKSUM_IDSTR, 0, 1, sums))
             sid += 1
         out += enc.send(E.PostcopyListen())
-        for e in machine_entries(mig.machine):
+        entries = machine_entries(mig.machine)
+        saved = []
+        for e in entries:
             enc.devices[e.idstr] = e.vmsd
+            values = e.save()
+            saved.append((e, values))
             out += enc.send(E.SectionFull(sid, e.idstr, e.instance_id, e.vmsd.version_id,
-                                          e.save()))  # fmt: skip
+                                          values))  # fmt: skip
+            sid += 1
+        if mig.config.verify:
+            # After the device sections: the destination checks what it loaded before RUN.
+            vmsd = state_vmsd(entries)
+            enc.devices[STATE_IDSTR] = vmsd
+            out += enc.send(E.SectionFull(sid, STATE_IDSTR, 0, 1, state_digests(saved)))
             sid += 1
         gs = encode_globalstate("running" if mig._was_running else "paused")
         enc.devices["globalstate"] = GLOBALSTATE_VMSD

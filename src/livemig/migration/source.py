@@ -36,6 +36,7 @@ from livemig.machine.runstate import RunState
 from livemig.migration import mapped_ram, multifd
 from livemig.migration.convergence import SwitchoverRefiner
 from livemig.migration.state import MigrationState, MigrationStatus
+from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
 from livemig.migration.stats import MigrationStats, PassRecord
 from livemig.savevm import xbzrle_cache
 from livemig.savevm.devices import (
@@ -603,10 +604,11 @@ class OutgoingMigration:
         enc = self.encoder
         bufs: list = []
         entries: list[SaveStateEntry] = machine_entries(self.machine)
+        saved = [(e, e.save()) for e in entries]
         sid = 3
-        states: list[tuple[str, int, Any, dict[str, Any]]] = []
-        for e in entries:
-            states.append((e.idstr, e.instance_id, e.vmsd, e.save()))
+        states: list[tuple[str, int, Any, dict[str, Any]]] = [
+            (e.idstr, e.instance_id, e.vmsd, values) for e, values in saved
+        ]
         gs = encode_globalstate("running" if self._was_running else "paused")
         states.append(("globalstate", 0, GLOBALSTATE_VMSD, gs))
         if self.config.verify:
@@ -614,6 +616,7 @@ class OutgoingMigration:
             vs = verify_vmsd(self.machine.ram_blocks)
             states.append((VERIFY_IDSTR, 0, vs, {k: bytes.fromhex(v) for k, v in hashes.items()}))
             self.source_hashes = hashes
+            states.append((STATE_IDSTR, 0, state_vmsd(entries), state_digests(saved)))
         for idstr, inst, vmsd, values in states:
             enc.devices[idstr] = vmsd
             bufs += enc.send(E.SectionFull(sid, idstr, inst, vmsd.version_id, values))
