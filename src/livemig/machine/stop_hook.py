@@ -46,6 +46,7 @@ from livemig.errors import BuildError, MachineError
 
 SOURCE = Path(__file__).resolve().parent / "csrc" / "vcpu_stop.c"
 HOOK_SYMBOL = "livemig_vcpu_stop_hook"
+_LOADED: list[ctypes.CDLL] = []  # unicorn calls into these for the life of the process
 
 
 class StopFlag(ctypes.Structure):
@@ -71,9 +72,5 @@ def library_path(rebuild: bool = False) -> Path:
 def hook_address() -> int:
     """The address of the C hook, building and loading the library on first use."""
     lib = ctypes.CDLL(str(library_path()))
-    # Keep the library loaded for the life of the process: unicorn calls into it.
     _LOADED.append(lib)
     return ctypes.cast(getattr(lib, HOOK_SYMBOL), ctypes.c_void_p).value or 0
-
-
-_LOADED: list[ctypes.CDLL] = []

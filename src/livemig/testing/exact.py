@@ -173,8 +173,7 @@ def _precopy_tcp_verify(s: _Soak, src: LivemigProcess) -> LivemigProcess:
     wait_until(lambda: dst.status() == "inmigrate", 30, "destination listening")
     s.settings(src, {"return-path": True, "x-verify": True}, {})
     src.cmd("migrate", uri=uri)
-    dst = s.finish(src, dst, "precopy-tcp-verify")
-    return dst
+    return s.finish(src, dst, "precopy-tcp-verify")
 
 
 def _multifd(s: _Soak, src: LivemigProcess) -> LivemigProcess:
