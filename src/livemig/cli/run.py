@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--serve", metavar="URI",
         help="bridge client connections on tcp:HOST:PORT or unix:PATH to the guest's ring "
-        "device (guest kvserver); kept across a migration (QMP x-serve-redirect)",
+        "device (guest kvserver); the clients follow the guest when it migrates (a "
+        "destination needs no --serve for that)",
     )  # fmt: skip
     add_machine_arguments(parser)
     parser.set_defaults(func=run)
@@ -89,15 +90,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, machine: Machine, image: Any) -> int:
     quit_event = threading.Event()
-    server = _start_control(args, machine, quit_event)
+    server, manager = _start_control(args, machine, quit_event)
     front = None
     try:
-        if args.serve:  # the service front (livemig.service): clients reach the guest here
+        if args.serve or args.incoming is not None:
+            # the service front (livemig.service): clients reach the guest here, and follow
+            # it when it migrates; a destination has one to take them over
             from livemig.service import start_service
 
             registry = server.registry if server is not None else None
-            front = start_service(machine, args.serve, registry)
-            print(f"livemig run: serving on {front.address}", file=sys.stderr)
+            front = start_service(machine, args.serve, registry, manager)
+            if args.serve:
+                print(f"livemig run: serving on {front.address}", file=sys.stderr)
         ram = ", ".join(f"{b.idstr}={format_size(b.size)}" for b in machine.ram_blocks)
         if image is not None:
             machine.load_guest(image.data, args.append)
@@ -138,8 +142,10 @@ def _wait(machine: Machine, quit_event: threading.Event) -> None:
             signal.signal(s, handler)
 
 
-def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threading.Event) -> Any:
-    """The QMP server (if ``--qmp``) and the migration manager (if QMP or ``--incoming``)."""
+def _start_control(
+    args: argparse.Namespace, machine: Machine, quit_event: threading.Event
+) -> tuple[Any, Any]:
+    """The QMP server (if ``--qmp``) and the migration manager."""
     server = control = None
     if args.qmp:
         from livemig.qmp import CommandRegistry, QMPServer
@@ -198,4 +204,4 @@ def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threa
         server.start()
     if args.incoming is not None and args.incoming != "defer":
         manager.incoming_start(args.incoming)
-    return server
+    return server, manager
