@@ -44,10 +44,12 @@ from livemig.savevm.devices import (
     encode_globalstate,
     machine_entries,
 )
+from livemig.savevm.machine_check import MACHINE_IDSTR, MACHINE_VMSD, describe_machine
 from livemig.savevm.ram import RamSaver
 from livemig.transport import Channel, ChannelError, ChannelTimeout, RateLimiter, connect
 from livemig.wire import events as E
 from livemig.wire import returnpath as RP
+from livemig.wire.constants import X_FEATURES_PING
 from livemig.wire.encoder import Encoder
 from livemig.wire.returnpath import ReturnPathDecoder
 
@@ -156,6 +158,7 @@ class OutgoingMigration:
         self._rp_shut: int | None = None
         self._rp_event = threading.Event()
         self._rp_error: str | None = None
+        self._rp_reason: str | None = None  # the destination's own error (XError)
         self._stopped_guest = False
         self._t_stop: float | None = None
         self._was_running = False
@@ -228,9 +231,23 @@ class OutgoingMigration:
         says "Broken pipe", which hides why."""
         if self._rp_thread is not None and self._rp_shut is None:
             self._rp_event.wait(0.5)  # the SHUT may still be on its way
+        if self._rp_reason is not None:
+            return self._refused()
         if self._rp_shut not in (None, 0) and "SHUT" not in str(exc):
             return f"destination failed to load the migration (SHUT {self._rp_shut}): {exc}"
+        if (isinstance(exc, ChannelError) and not getattr(self, "return_path", True)
+                and self.channel is not None and self.channel.readable):  # fmt: skip
+            return (
+                f"{exc} (the destination closed the connection: its log says why; with "
+                "capability return-path on, its reason is reported here)"
+            )
         return str(exc)
+
+    def _refused(self) -> str:
+        """The destination's verdict: its own words when it sent them (XError)."""
+        if self._rp_reason is not None:
+            return f"destination refused: {self._rp_reason}"
+        return f"destination failed to load the migration (SHUT {self._rp_shut})"
 
     def _send(self, buffers: list, phase: str = "precopy", normal: int = 0, zero: int = 0) -> int:
         assert self.channel is not None
@@ -279,6 +296,7 @@ class OutgoingMigration:
         if self.return_path:
             bufs += enc.send(E.OpenReturnPath())
             bufs += enc.send(E.Ping(1))
+            bufs += enc.send(E.Ping(X_FEATURES_PING))  # "send me your reason": wire/constants
             self._start_return_path()
         if "postcopy-ram" in caps:
             from livemig.migration.postcopy_source import PostcopySource
@@ -287,6 +305,10 @@ class OutgoingMigration:
                 raise MigrationError(f"post-copy needs a return path; {cfg.uri} has none")
             self.postcopy = PostcopySource(self)
             bufs += self.postcopy.advise()
+        # the machine's shape first: a destination that cannot take it refuses before any RAM
+        enc.devices[MACHINE_IDSTR] = MACHINE_VMSD
+        bufs += enc.send(E.SectionFull(1, MACHINE_IDSTR, 0, MACHINE_VMSD.version_id,
+                                       describe_machine(self.machine)))  # fmt: skip
         self._ram_sid = 2
         infos = tuple(E.RamBlockInfo(b.idstr, b.size) for b in self.machine.ram_blocks)
         bufs += enc.send(E.SectionStart(self._ram_sid, "ram", 0, RAM_SECTION_VERSION))
@@ -364,6 +386,8 @@ class OutgoingMigration:
     def _on_rp(self, msg: Any) -> None:
         if isinstance(msg, RP.Shut):
             self._rp_shut = msg.status
+        elif isinstance(msg, RP.XError):
+            self._rp_reason = msg.reason
         elif isinstance(msg, RP.Pong):
             log.debug("PONG %d", msg.value)
         elif self.postcopy is not None:
@@ -501,7 +525,7 @@ class OutgoingMigration:
         if self._rp_error is not None:
             raise MigrationError(self._rp_error)
         if self._rp_shut is not None and self._rp_shut != 0:
-            raise MigrationError(f"destination failed to load the migration (SHUT {self._rp_shut})")
+            raise MigrationError(self._refused())
 
     def _auto_converge(self, new_dirty: int) -> None:
         if "auto-converge" not in self.config.capabilities:
@@ -627,7 +651,7 @@ class OutgoingMigration:
         if self._rp_shut is None:
             raise MigrationError(self._rp_error or "return path closed without SHUT")
         if self._rp_shut != 0:
-            raise MigrationError(f"destination failed to load the migration (SHUT {self._rp_shut})")
+            raise MigrationError(self._refused())
 
     # -- failure and cleanup -----------------------------------------------------------------
 

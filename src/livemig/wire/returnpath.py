@@ -2,6 +2,10 @@
 
 Each message is ``be16 type, be16 length, payload`` (payload at most 512 bytes); RECV_BITMAP is
 followed, outside its message, by ``be64 size, bitmap bytes, be64 0x0123456789ABCDEF``.
+
+``XError`` is livemig's own (type ``X_ERROR``): the destination's reason for failing, as UTF-8
+text cut to the 512-byte payload, sent before SHUT(1) to a source that announced it reads it
+(a PING of ``X_FEATURES_PING`` in the stream); QEMU's return path has no such message.
 """
 
 from __future__ import annotations
@@ -61,6 +65,20 @@ class SwitchoverAck(RPMessage):
     pass
 
 
+@dataclass(frozen=True)
+class XError(RPMessage):
+    """livemig's own: why the destination failed (see the module docstring)."""
+
+    reason: str
+
+
+def _cut_utf8(text: str, limit: int) -> bytes:
+    raw = text.encode()
+    if len(raw) <= limit:
+        return raw
+    return raw[: limit - 3].decode(errors="ignore").encode() + b"..."
+
+
 def encode_rp(msg: RPMessage) -> bytes:
     """Wire form of one return-path message."""
     T = ReturnPathType
@@ -81,6 +99,9 @@ def encode_rp(msg: RPMessage) -> bytes:
         return _HEAD.pack(T.RESUME_ACK, 4) + struct.pack(">I", msg.value)
     if isinstance(msg, SwitchoverAck):
         return _HEAD.pack(T.SWITCHOVER_ACK, 0)
+    if isinstance(msg, XError):
+        body = _cut_utf8(msg.reason, MAX_RP_PAYLOAD)
+        return _HEAD.pack(T.X_ERROR, len(body)) + body
     raise TypeError(f"not a return-path message: {msg!r}")
 
 
@@ -243,6 +264,8 @@ class ReturnPathDecoder:
         elif kind == T.SWITCHOVER_ACK:
             fixed(0, "SWITCHOVER_ACK")
             msg = SwitchoverAck()
+        elif kind == T.X_ERROR:
+            msg = XError(body.decode(errors="replace"))
         else:
             raise StreamError(f"unknown return-path message type {kind}", self._base)
         del buf[:used]
