@@ -1,9 +1,11 @@
 """``livemig migrate``: drive a live migration of a running process over QMP, with progress.
 
 The source is any QMP server speaking QEMU's migration commands (a ``livemig run`` process or a
-QEMU). Capabilities and parameters are set first, then ``migrate``; progress is polled from
-``query-migrate`` until a final state. Ctrl-C cancels the migration (the guest keeps running on
-the source). ``--json`` prints the final ``query-migrate`` reply plus ``"verified"``.
+QEMU). Every capability and parameter it manages is set first, to what the command line asks or
+else to the source's default, so nothing leaks from an earlier run (``livemig.cli.settings``);
+what changed is printed. Then ``migrate``; progress is polled from ``query-migrate`` until a
+final state. Ctrl-C or SIGTERM cancels the migration (the guest keeps running on the source).
+``--json`` prints the final ``query-migrate`` reply plus ``"verified"`` and ``"changed"``.
 """
 
 from __future__ import annotations
@@ -20,38 +22,23 @@ from typing import Any
 from rich.console import Console
 
 from livemig.errors import LivemigError, UsageError
+from livemig.migration.options import parse_cap, parse_param
 from livemig.report.progress import follow, postcopy_summary, summary_table
 from livemig.transport import parse_uri
 
 
 def _param(text: str) -> tuple[str, Any]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    low = value.lower()
-    if low in ("on", "true", "yes"):
-        return name, True
-    if low in ("off", "false", "no"):
-        return name, False
     try:
-        return name, int(value)
-    except ValueError:
-        pass
-    from livemig.units import parse_size
-
-    if name in ("max-bandwidth", "xbzrle-cache-size", "max-postcopy-bandwidth",
-                "avail-switchover-bandwidth"):  # fmt: skip
-        return name, parse_size(value, name)
-    return name, value
+        return parse_param(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cap(text: str) -> tuple[str, bool]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        return name, True
-    if value.lower() not in ("on", "off", "true", "false"):
-        raise argparse.ArgumentTypeError(f"capability {name!r}: expected on or off")
-    return name, value.lower() in ("on", "true")
+    try:
+        return parse_cap(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -101,8 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--multifd", type=int, metavar="N", default=None,
                    help="capability multifd with N channels (the destination needs it too: "
                    "see --dest-qmp)")  # fmt: skip
-    p.add_argument("--compress", choices=("none", "zlib", "zstd"), default=None,
-                   help="multifd-compression (with --multifd)")  # fmt: skip
+    p.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"), default=None,
+                   help="compression of the multifd channels (with --multifd)")  # fmt: skip
     p.add_argument("--xbzrle", metavar="SIZE", default=None,
                    help="capability xbzrle with this xbzrle-cache-size (e.g. 64M)")  # fmt: skip
     p.add_argument("--dest-qmp", metavar="ADDR", default=None,
@@ -132,8 +119,8 @@ def _multifd_options(args: argparse.Namespace, caps: dict[str, bool]) -> None:
     """--multifd/--compress/--xbzrle as capabilities and parameters."""
     from livemig.units import parse_size
 
-    if args.compress is not None and args.multifd is None:
-        raise UsageError("--compress needs --multifd N")
+    if args.multifd_compression is not None and args.multifd is None:
+        raise UsageError("--multifd-compression needs --multifd N")
     if args.multifd is not None:
         if args.multifd < 1 or args.multifd > 255:
             raise UsageError("--multifd: 1 to 255 channels")
@@ -142,7 +129,7 @@ def _multifd_options(args: argparse.Namespace, caps: dict[str, bool]) -> None:
                              "compatible with multifd)")  # fmt: skip
         caps["multifd"] = True
         args.params.append(("multifd-channels", args.multifd))
-        args.params.append(("multifd-compression", args.compress or "none"))
+        args.params.append(("multifd-compression", args.multifd_compression or "none"))
     if args.xbzrle is not None:
         caps["xbzrle"] = True
         args.params.append(("xbzrle-cache-size", parse_size(args.xbzrle, "--xbzrle")))
@@ -177,8 +164,10 @@ def _ctrl_c_as_flag() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, old)
 
 
-def _setup_destination(args: argparse.Namespace, caps: dict[str, bool]) -> None:
-    """--dest-qmp: the capabilities and parameters both sides need, then migrate-incoming."""
+def _setup_destination(args: argparse.Namespace, caps: dict[str, bool]) -> list[str]:
+    """--dest-qmp: the capabilities and parameters both sides need (the rest of them back to
+    the destination's defaults), then migrate-incoming; returns what changed there."""
+    from livemig.cli.settings import apply_settings
     from livemig.qmp.client import QMPConnection
 
     dcaps = _dest_caps(caps)
@@ -186,12 +175,10 @@ def _setup_destination(args: argparse.Namespace, caps: dict[str, bool]) -> None:
         dcaps["postcopy-blocktime"] = True  # the destination's post-copy figures
     params = {k: v for k, v in args.params if k in DEST_PARAMS}
     with QMPConnection(args.dest_qmp).connect() as dq:
-        if dcaps:
-            dq.command("migrate-set-capabilities", capabilities=[
-                {"capability": k, "state": v} for k, v in dcaps.items()])  # fmt: skip
-        if params:
-            dq.command("migrate-set-parameters", **params)
+        changed = apply_settings(dq, dcaps, params, only_caps=(*DEST_CAPS, "postcopy-blocktime"),
+                                 only_params=DEST_PARAMS)  # fmt: skip
         dq.command("migrate-incoming", uri=args.uri)
+    return changed
 
 
 def _destination_result(addr: str) -> dict[str, Any] | None:
@@ -204,6 +191,12 @@ def _destination_result(addr: str) -> dict[str, Any] | None:
             return follow(lambda: dq.command("query-migrate"), quiet=True, timeout=10)
     except (OSError, LivemigError):
         return None
+
+
+def _say_changed(console: Console, side: str, changed: list[str], quiet: bool) -> None:
+    if changed and not quiet:
+        console.print(f"settings changed on the {side}: {'; '.join(changed)}",
+                      highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,14 +215,13 @@ def run(args: argparse.Namespace) -> int:
     if args.postcopy or args.postcopy_after_precopy:
         caps["postcopy-ram"] = True
     _multifd_options(args, caps)
-    if args.dest_qmp is not None:
-        _setup_destination(args, caps)
+    from livemig.cli.settings import apply_settings
+
+    dest_changed = _setup_destination(args, caps) if args.dest_qmp is not None else []
     with _ctrl_c_as_flag() as interrupted, QMPConnection(args.qmp).connect() as qmp:
-        if caps:
-            qmp.command("migrate-set-capabilities", capabilities=[
-                {"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
-        if args.params:
-            qmp.command("migrate-set-parameters", **dict(args.params))
+        changed = apply_settings(qmp, caps, dict(args.params))
+        _say_changed(console, "source", changed, args.json)
+        _say_changed(console, "destination", dest_changed, args.json)
         qmp.command("migrate", uri=args.uri)
         switched = False
 
@@ -260,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
     dest_info = _destination_result(args.dest_qmp) if args.dest_qmp is not None else None
     if args.json:
         out = dict(info)
+        out["changed"] = {"source": changed, "destination": dest_changed}
         if args.verify:
             out["verified"] = bool(verified)
         if dest_info is not None:

@@ -2,12 +2,16 @@
 
     livemig run --guest memstress --memory 1G --smp 2 --qmp unix:/tmp/a.sock [--append ARGS]
     livemig run --memory 1G --smp 2 --qmp unix:/tmp/b.sock --incoming tcp:0:4444 | defer
+    livemig run --memory 1G --incoming file:snap.mig --cap mapped-ram   # restore a snapshot
 
 The console goes to stdout (``--serial`` for another back-end). ``--qmp`` serves QEMU's
 monitor protocol on ``unix:PATH`` or ``tcp:HOST:PORT``: the machine commands (stop, cont,
 quit, query-status, ...) and, when the migration layer is installed, the migration commands.
 ``-S`` leaves the guest in ``prelaunch`` until ``cont``. ``--incoming`` starts in ``inmigrate``
 and takes the guest (RAM, CPUs, devices) from a migration stream instead of ``--guest``.
+``--cap`` and ``--set`` set migration capabilities and parameters at start, as QEMU's
+``-global migration.x=y`` does: they are this process's defaults (what ``livemig migrate``
+returns to for what it is not asked), and an incoming migration starts with them.
 
 The exit status is the guest's own (its ``exit()`` / the power port), 0 after ``quit``, 1 when
 the guest faulted, 130 on Ctrl-C.
@@ -22,16 +26,21 @@ import threading
 from typing import Any
 
 from livemig.errors import UsageError
+from livemig.guests import builtin_guests
 from livemig.machine import Machine, RunState
 from livemig.machine.options import add_machine_arguments, machine_from_args
 from livemig.units import format_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("run", help="run a guest on the emulated machine")
+    parser = sub.add_parser("run", help="run a guest on the emulated machine",
+                            description="Boot a guest on the emulated machine (or receive one "
+                            "by migration) and run it until it ends or is stopped.",
+                            epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument(
         "--guest", "-g", metavar="NAME|FILE.c",
-        help="built-in guest (memstress, compute, idle) or a freestanding C file",
+        help=f"built-in guest ({', '.join(builtin_guests())}) or a freestanding C file",
     )  # fmt: skip
     parser.add_argument(
         "--append", "-a", metavar="ARGS", default="",
@@ -59,6 +68,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="bridge client connections on tcp:HOST:PORT or unix:PATH to the guest's ring "
         "device (guest kvserver); the clients follow the guest when it migrates (a "
         "destination needs no --serve for that)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cap", dest="caps", action="append", default=[], metavar="NAME[=on|off]",
+        help="migration capability at start (QEMU: -global migration.NAME=on), e.g. mapped-ram "
+        "to restore a mapped-ram snapshot, multifd to receive one",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="params", action="append", default=[], metavar="PARAM=VALUE",
+        help="migration parameter at start, e.g. multifd-channels=4 downtime-limit=50",
     )  # fmt: skip
     add_machine_arguments(parser)
     parser.set_defaults(func=run)
@@ -142,6 +160,22 @@ def _wait(machine: Machine, quit_event: threading.Event) -> None:
             signal.signal(s, handler)
 
 
+def _start_settings(args: argparse.Namespace, manager: Any) -> None:
+    """``--cap`` / ``--set``: checked like QMP's (all or nothing), then this process's defaults."""
+    from livemig.migration.options import parse_cap, parse_param
+
+    caps = dict(parse_cap(c) for c in getattr(args, "caps", []))
+    params = dict(parse_param(p) for p in getattr(args, "params", []))
+    try:
+        if caps:
+            manager.caps.set(caps)
+        if params:
+            manager.params.set(params)
+    except UsageError as exc:
+        raise UsageError(f"--cap/--set: {exc}") from exc
+    manager.mark_defaults()
+
+
 def _start_control(
     args: argparse.Namespace, machine: Machine, quit_event: threading.Event
 ) -> tuple[Any, Any]:
@@ -179,6 +213,7 @@ def _start_control(
 
         load_creds(args.tls_creds, "server")  # a bad directory is a usage error at start
         manager.params.set({"tls-creds": args.tls_creds})
+    _start_settings(args, manager)
     if server is not None:
         register_migration_commands(server.registry, manager)
 
