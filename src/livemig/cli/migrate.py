@@ -23,8 +23,9 @@ from rich.console import Console
 
 from livemig.errors import LivemigError, UsageError
 from livemig.migration.options import parse_cap, parse_param
-from livemig.report.progress import follow, postcopy_summary, summary_table
+from livemig.report.progress import follow, postcopy_summary, summary_table, with_last_progress
 from livemig.transport import parse_uri
+from livemig.units import format_size
 
 
 def _param(text: str) -> tuple[str, Any]:
@@ -98,6 +99,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "compression, postcopy-ram, postcopy-preempt, mapped-ram), then "
                    "migrate-incoming URI")  # fmt: skip
     p.add_argument(
+        "--stop", action="store_true",
+        help="stop the guest before migrating (QMP stop): a snapshot then holds exactly one "
+        "pass; the guest is continued again if the migration does not complete",
+    )  # fmt: skip
+    p.add_argument(
         "--timeout", type=float, default=None, help="cancel if not finished after this many seconds"
     )
     p.add_argument("--interval", type=float, default=0.2, help="progress poll interval (s)")
@@ -135,33 +141,66 @@ def _multifd_options(args: argparse.Namespace, caps: dict[str, bool]) -> None:
         args.params.append(("xbzrle-cache-size", parse_size(args.xbzrle, "--xbzrle")))
 
 
+GROWTH_FACTOR = 3  # a snapshot past this many times the guest's RAM is not converging
+
+
+class _GrowthWatch:
+    """A ``file:`` or ``exec:`` snapshot keeps every pass: a guest that dirties memory as fast
+    as it is saved makes it grow without end (20 GB of a 1 GiB guest was seen). Past a few
+    passes' worth of RAM, say so once, with the ways out."""
+
+    def __init__(self, uri: Any, caps: dict[str, bool], console: Console) -> None:
+        self.on = uri.scheme in ("file", "exec") and not caps.get("mapped-ram")
+        self.console = console
+        self.warned = False
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        ram = info.get("ram", {})
+        total, sent = ram.get("total", 0), ram.get("transferred", 0)
+        if not self.on or self.warned or info.get("status") != "active" or not total:
+            return
+        if sent > GROWTH_FACTOR * total:
+            self.warned = True
+            self.console.print(
+                f"[yellow]warning: the snapshot has grown to {format_size(sent)}, "
+                f"{sent / total:.1f} times the guest's RAM, and is not done: the guest dirties "
+                "memory as fast as it is saved, and the file keeps every pass. Ctrl-C cancels "
+                "it. To make it converge: --stop (the guest stops first: one pass), --cap "
+                "mapped-ram (a fixed-size file: pages are overwritten in place), or a slower "
+                "guest (--cap auto-converge)[/]", soft_wrap=True)  # fmt: skip
+
+
 class _Interrupted(Exception):
-    """Ctrl-C, seen between two QMP exchanges."""
+    """Ctrl-C or SIGTERM, seen between two QMP exchanges."""
 
 
 @contextlib.contextmanager
 def _ctrl_c_as_flag() -> Iterator[threading.Event]:
-    """SIGINT sets the event instead of raising KeyboardInterrupt wherever the main thread is:
-    raised inside a QMP exchange (the client runs an asyncio loop) it can leave the connection
-    in any state before the ``migrate_cancel`` that must follow. Once in CI an interrupted
-    ``livemig migrate`` did not exit within 30 s. A second Ctrl-C raises as usual. Outside the
-    main thread nothing changes."""
+    """SIGINT and SIGTERM set the event instead of raising KeyboardInterrupt (or ending the
+    process) wherever the main thread is: raised inside a QMP exchange (the client runs an
+    asyncio loop) it can leave the connection in any state before the ``migrate_cancel`` that
+    must follow. Once in CI an interrupted ``livemig migrate`` did not exit within 30 s, and
+    ``timeout 60 livemig migrate`` (SIGTERM) used to exit and leave the migration running. A
+    second signal raises as usual. Outside the main thread nothing changes."""
     flag = threading.Event()
 
-    def on_sigint(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         if flag.is_set():
-            raise KeyboardInterrupt  # a second Ctrl-C: do not wait for the cancel
+            raise KeyboardInterrupt  # a second one: do not wait for the cancel
         flag.set()
 
+    old: dict[int, Any] = {}
     try:
-        old = signal.signal(signal.SIGINT, on_sigint)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, on_signal)
     except ValueError:  # not the main thread
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def _setup_destination(args: argparse.Namespace, caps: dict[str, bool]) -> list[str]:
@@ -222,8 +261,18 @@ def run(args: argparse.Namespace) -> int:
         changed = apply_settings(qmp, caps, dict(args.params))
         _say_changed(console, "source", changed, args.json)
         _say_changed(console, "destination", dest_changed, args.json)
-        qmp.command("migrate", uri=args.uri)
+        stopped = args.stop and qmp.command("query-status").get("status") == "running"
+        if stopped:
+            qmp.command("stop")
+        try:
+            qmp.command("migrate", uri=args.uri)
+        except LivemigError:
+            if stopped:
+                qmp.command("cont")
+            raise
         switched = False
+        growth = _GrowthWatch(uri, caps, console)
+        last: dict[str, Any] = {}
 
         def query() -> dict[str, Any]:
             nonlocal switched
@@ -235,6 +284,9 @@ def run(args: argparse.Namespace) -> int:
                     and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:  # fmt: skip
                 qmp.command("migrate-start-postcopy")
                 switched = True
+            growth(info)
+            if "ram" in info:
+                last.update(info)
             return info
 
         try:
@@ -248,6 +300,9 @@ def run(args: argparse.Namespace) -> int:
             console.print("[yellow]interrupted: cancelling the migration[/]")
             qmp.command("migrate_cancel")
             info = follow(lambda: qmp.command("query-migrate"), quiet=True, timeout=30)
+        if stopped and info.get("status") != "completed":
+            qmp.command("cont")  # as it was before --stop
+    info = with_last_progress(info, last or None)
     verified = info.get("x-verified") if args.verify else None
     dest_info = _destination_result(args.dest_qmp) if args.dest_qmp is not None else None
     if args.json:
@@ -275,5 +330,5 @@ def run(args: argparse.Namespace) -> int:
             # the destination's reason is in its own log; the likeliest one is worth saying
             extra["hint"] = (f"the destination needs {', '.join(need)} too: set it there "
                              "before migrate-incoming, or pass --dest-qmp")  # fmt: skip
-        Console().print(summary_table(info, extra or None))
+        Console().print(summary_table(info, extra or None, dest_info))
     return 0 if info.get("status") == "completed" else 1

@@ -284,9 +284,11 @@ class IncomingMigration:
                 raise StreamError(f"section {entry.idstr!r}: state does not load: {exc}") from exc
         self.machine.invalidate_translations()
         if self.source_hashes is not None:
+            t0 = time.monotonic()
             mine = ram_hashes(self.machine.ram_blocks)
             equal = mine == self.source_hashes
-            self.verify = {"equal": equal, "source": self.source_hashes, "destination": mine}
+            self.verify = {"equal": equal, "source": self.source_hashes, "destination": mine,
+                           "hash-ms": round((time.monotonic() - t0) * 1000, 1)}  # fmt: skip
             if not equal:
                 bad = [k for k in mine if mine[k] != self.source_hashes.get(k)]
                 raise StreamError(f"verification failed: RAM blocks differ: {', '.join(bad)}")
@@ -319,6 +321,8 @@ class IncomingMigration:
             out["error-desc"] = self.state.error
         if self.verify is not None:
             out["x-verify"] = {"equal": self.verify["equal"]}
+            if "hash-ms" in self.verify:  # pre-copy: hashed in the blackout (post-copy: not)
+                out["x-verify"]["hash-ms"] = self.verify["hash-ms"]
         if self.postcopy is not None:
             out.update(self.postcopy.query())
         return out

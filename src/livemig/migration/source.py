@@ -163,6 +163,7 @@ class OutgoingMigration:
         self._t_stop: float | None = None
         self._was_running = False
         self.verified: bool | None = None
+        self.verify_time = 0.0  # s spent hashing RAM for x-verify (the source's part)
         self.tracker_name = ""
         self.timeline: list[dict[str, Any]] = []
         self.postcopy: Any = None  # PostcopySource with capability postcopy-ram
@@ -426,6 +427,20 @@ class OutgoingMigration:
         self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
         self._record_pass(reason)
         self._auto_converge(new)
+        self._warn_growing_snapshot()
+
+    def _warn_growing_snapshot(self) -> None:
+        """A file or pipe keeps every pass: say so once when it passes 3x the guest's RAM."""
+        s = self.stats
+        if (not getattr(self, "_growth_warned", False) and self.mapped_ram is None
+                and self.channel is not None and not self.channel.is_socket
+                and s.transferred > 3 * s.total_bytes):  # fmt: skip
+            self._growth_warned = True
+            log.warning("the snapshot has grown to %d bytes, %.1f times the guest's RAM: the "
+                        "guest dirties memory as fast as it is saved. Cancel it, or make it "
+                        "converge: stop the guest first, capability mapped-ram (a fixed-size "
+                        "file) or auto-converge", s.transferred,
+                        s.transferred / max(1, s.total_bytes))  # fmt: skip
 
     def _iterate(self) -> None:
         params = self.config.params
@@ -588,8 +603,10 @@ class OutgoingMigration:
         self.stats.downtime_breakdown = {
             "final-sync": t_sync - t_stop,
             "final-ram": t_ram - t_sync,
-            "device-state": t_dev - t_ram,
+            "device-state": t_dev - t_ram - self.verify_time,
         }
+        if self.config.verify:
+            self.stats.downtime_breakdown["verify-hashing"] = self.verify_time
         if self.return_path:
             self._await_shut()
         else:
@@ -634,7 +651,9 @@ class OutgoingMigration:
         gs = encode_globalstate("running" if self._was_running else "paused")
         states.append(("globalstate", 0, GLOBALSTATE_VMSD, gs))
         if self.config.verify:
+            t0 = time.monotonic()
             hashes = ram_hashes(self.machine.ram_blocks)
+            self.verify_time = time.monotonic() - t0  # in the blackout: reported on its own
             vs = verify_vmsd(self.machine.ram_blocks)
             states.append((VERIFY_IDSTR, 0, vs, {k: bytes.fromhex(v) for k, v in hashes.items()}))
             self.source_hashes = hashes
@@ -725,6 +744,7 @@ class OutgoingMigration:
             out["ram"]["x-hot-pages"] = getattr(self.tracker, "hot_pages", 0)
         if self.config.verify and status == MigrationStatus.COMPLETED:
             out["x-verified"] = self.verified
+            out["x-verify-ms"] = round(self.verify_time * 1000, 1)
         if self.postcopy is not None:
             if "ram" in out:
                 out["ram"]["postcopy-requests"] = self.postcopy.requests

@@ -67,12 +67,24 @@ def build(
         "destination": destination_final or {},
         "passes": rep.get("passes", []),
         "phases": phases,
-        "downtime-breakdown": rep.get("downtime-breakdown", {}),
+        "downtime-breakdown": _breakdown(rep, destination_final),
         "postcopy": (destination_report or {}).get("postcopy", rep.get("postcopy", {})),
         "samples": samples or [],
         "prediction": prediction,
         "verification": verification,
     }
+
+
+def _breakdown(rep: dict[str, Any], dest: dict[str, Any] | None) -> dict[str, float]:
+    """The source's downtime breakdown, with the destination's --verify hashing moved out of
+    "resume" (the source waits for it inside that phase) into "verify-hashing"."""
+    bd = dict(rep.get("downtime-breakdown", {}))
+    hash_ms = ((dest or {}).get("x-verify") or {}).get("hash-ms")
+    if hash_ms and "resume" in bd:
+        moved = min(bd["resume"], hash_ms / 1000)
+        bd["resume"] -= moved
+        bd["verify-hashing"] = bd.get("verify-hashing", 0.0) + moved
+    return bd
 
 
 def save(report: dict[str, Any], stem: Path) -> tuple[Path, Path]:
@@ -128,9 +140,16 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax2.plot(xs, [p["bandwidth"] / 1e6 for p in passes], "o-", color="tab:blue",
                  label="bandwidth")  # fmt: skip
         ax2.set_ylabel("bandwidth of the pass (MB/s)")
+        ax.set_xticks(xs)  # passes are whole numbers
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize="small")
     ax.set_title("dirty pages and bandwidth per pass")
 
-    samples = report.get("samples", [])
+    # samples before the first pass counted anything (setup: "remaining" 0, nothing sent) would
+    # draw the remaining bytes rising from zero
+    samples = [s for s in report.get("samples", [])
+               if s.get("status") != "setup" and (s["transferred"] or s["remaining"])]  # fmt: skip
     ts = [s["t"] for s in samples]
     ax = axes[0][1]
     ax.plot(ts, [s["transferred"] / 2**20 for s in samples], color="tab:green")
