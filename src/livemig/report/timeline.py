@@ -113,6 +113,14 @@ def load(path: Path) -> dict[str, Any]:
     return data
 
 
+def plotted_samples(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The samples the over-time panels draw: not those taken before the first pass counted
+    anything (setup: "remaining" 0, nothing sent), which drew the remaining bytes rising from
+    zero."""
+    return [s for s in report.get("samples", [])
+            if s.get("status") != "setup" and (s["transferred"] or s["remaining"])]  # fmt: skip
+
+
 def plot(report: dict[str, Any], path: Path) -> None:
     """Four panels: per-pass dirty pages and bandwidth, cumulative bytes, remaining bytes,
     post-copy page-request latencies."""
@@ -146,10 +154,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize="small")
     ax.set_title("dirty pages and bandwidth per pass")
 
-    # samples before the first pass counted anything (setup: "remaining" 0, nothing sent) would
-    # draw the remaining bytes rising from zero
-    samples = [s for s in report.get("samples", [])
-               if s.get("status") != "setup" and (s["transferred"] or s["remaining"])]  # fmt: skip
+    samples = plotted_samples(report)
     ts = [s["t"] for s in samples]
     ax = axes[0][1]
     ax.plot(ts, [s["transferred"] / 2**20 for s in samples], color="tab:green")
