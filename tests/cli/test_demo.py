@@ -100,3 +100,11 @@ def test_demo_postcopy_report_has_latencies(tmp_path: Path) -> None:
     assert len(lat) == report["destination"]["x-postcopy"]["requests"]
     assert all(x > 0 for x in lat)
     assert report["verification"]["invariant"]["ok"] is True
+
+
+def test_report_of_a_binary_file_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "random.bin"
+    bad.write_bytes(bytes(range(256)) * 8)
+    proc = _livemig("report", str(bad), timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "is not a report: not UTF-8 text" in proc.stderr

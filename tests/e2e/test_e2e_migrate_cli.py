@@ -62,3 +62,23 @@ def test_growing_snapshot_warns_and_stop_makes_one_that_converges(harness: ProcH
     assert done.returncode == 0, done.stdout + done.stderr
     assert os.path.getsize(snap) < 2 * (16 << 20)
     assert src.status() == "postmigrate"
+
+
+@pytest.mark.timeout(120)
+def test_migrate_writes_a_report_that_livemig_report_redraws(harness: ProcHarness) -> None:
+    src = harness.source(append="ws=8M rate=20000", memory="32M", smp=1)
+    dst = harness.destination(memory="32M", smp=1)
+    stem = harness.path("rep")
+    out = subprocess.run([sys.executable, "-m", "livemig", "migrate", "--qmp", src.qmp_uri,
+                          "--report", stem, dst.incoming or ""],
+                         capture_output=True, text=True, timeout=90)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"report: {stem}.json" in out.stdout
+    import json
+
+    report = json.loads(open(f"{stem}.json").read())
+    assert report["query-migrate"]["status"] == "completed" and report["passes"]
+    again = subprocess.run([sys.executable, "-m", "livemig", "report", f"{stem}.json", "--png",
+                            f"{stem}2.png"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert os.path.getsize(f"{stem}2.png") > 10_000

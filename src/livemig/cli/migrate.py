@@ -17,12 +17,14 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
 from livemig.errors import LivemigError, UsageError
 from livemig.migration.options import parse_cap, parse_param
+from livemig.report import timeline
 from livemig.report.progress import follow, postcopy_summary, summary_table, with_last_progress
 from livemig.transport import parse_uri
 from livemig.units import format_size
@@ -86,6 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="enable post-copy and switch to it after the first full pre-copy pass",
     )
     p.add_argument("--json", action="store_true", help="print the final result as JSON")
+    p.add_argument("--report", metavar="STEM", default=None,
+                   help="write a report: STEM.json (timeline, passes, downtime breakdown) and "
+                   "STEM.png (plots; livemig report redraws them)")  # fmt: skip
     p.add_argument("--multifd", type=int, metavar="N", default=None,
                    help="capability multifd with N channels (the destination needs it too: "
                    "see --dest-qmp)")  # fmt: skip
@@ -273,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
         switched = False
         growth = _GrowthWatch(uri, caps, console)
         last: dict[str, Any] = {}
+        sampler = timeline.Sampler()
 
         def query() -> dict[str, Any]:
             nonlocal switched
@@ -285,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
                 qmp.command("migrate-start-postcopy")
                 switched = True
             growth(info)
+            sampler(info)
             if "ram" in info:
                 last.update(info)
             return info
@@ -302,9 +309,22 @@ def run(args: argparse.Namespace) -> int:
             info = follow(lambda: qmp.command("query-migrate"), quiet=True, timeout=30)
         if stopped and info.get("status") != "completed":
             qmp.command("cont")  # as it was before --stop
+        source_report = None
+        if args.report:
+            with contextlib.suppress(LivemigError):  # QEMU has no such command
+                source_report = qmp.command("x-query-migration-report")
     info = with_last_progress(info, last or None)
     verified = info.get("x-verified") if args.verify else None
     dest_info = _destination_result(args.dest_qmp) if args.dest_qmp is not None else None
+    paths = None
+    if args.report:
+        rep = timeline.build(
+            config={"uri": args.uri, "capabilities": caps, "parameters": dict(args.params)},
+            source_final=info, source_report=source_report, destination_final=dest_info,
+            samples=sampler.samples, sample_t0=sampler.t0,
+            verification={"ram-hashes-equal": verified} if args.verify else None,
+        )  # fmt: skip
+        paths = timeline.save(rep, Path(args.report))
     if args.json:
         out = dict(info)
         out["changed"] = {"source": changed, "destination": dest_changed}
@@ -312,6 +332,8 @@ def run(args: argparse.Namespace) -> int:
             out["verified"] = bool(verified)
         if dest_info is not None:
             out["destination"] = dest_info
+        if paths is not None:
+            out["report"] = [str(p) for p in paths]
         json.dump(out, sys.stdout, indent=2, sort_keys=True)
         print()
     else:
@@ -331,4 +353,6 @@ def run(args: argparse.Namespace) -> int:
             extra["hint"] = (f"the destination needs {', '.join(need)} too: set it there "
                              "before migrate-incoming, or pass --dest-qmp")  # fmt: skip
         Console().print(summary_table(info, extra or None, dest_info))
+        if paths is not None:
+            print(f"report: {paths[0]}\nplots:  {paths[1]}")
     return 0 if info.get("status") == "completed" else 1

@@ -105,6 +105,9 @@ def load(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
         raise UsageError(f"cannot read report {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not a report: not UTF-8 text (byte {exc.start}); a "
+                         "migration stream is read with livemig analyze") from exc  # fmt: skip
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is not a report: JSON error at line {exc.lineno}: "
                          f"{exc.msg}") from exc  # fmt: skip
