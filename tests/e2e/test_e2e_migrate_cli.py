@@ -75,8 +75,9 @@ def test_migrate_writes_a_report_that_livemig_report_redraws(harness: ProcHarnes
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"report: {stem}.json" in out.stdout
     import json
+    from pathlib import Path
 
-    report = json.loads(open(f"{stem}.json").read())
+    report = json.loads(Path(f"{stem}.json").read_text())
     assert report["query-migrate"]["status"] == "completed" and report["passes"]
     again = subprocess.run([sys.executable, "-m", "livemig", "report", f"{stem}.json", "--png",
                             f"{stem}2.png"], capture_output=True, text=True, timeout=60)  # fmt: skip
