@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--append", "-a", metavar="ARGS", default="",
-        help='boot arguments for the guest, e.g. "ws=64M rate=20000"',
+        help='boot arguments for the guest, checked for the built-in ones, e.g. memstress '
+        '"ws=64M rate=20000" (rate in 4 KiB pages per second)',
     )  # fmt: skip
     parser.add_argument("--qmp", metavar="URI", help="QMP monitor: unix:PATH or tcp:HOST:PORT")
     parser.add_argument(
@@ -98,7 +99,10 @@ def run(args: argparse.Namespace) -> int:
     if args.guest:
         from livemig.guests import build_guest
 
+        from livemig.guests.args import check_guest_args
+
         image = build_guest(args.guest)  # compile errors surface before any RAM is taken
+        check_guest_args(args.guest, args.append)  # built-in guests only
     machine = machine_from_args(args)
     try:
         return _run(args, machine, image)
