@@ -98,7 +98,6 @@ def run(args: argparse.Namespace) -> int:
     image = None
     if args.guest:
         from livemig.guests import build_guest
-
         from livemig.guests.args import check_guest_args
 
         image = build_guest(args.guest)  # compile errors surface before any RAM is taken
