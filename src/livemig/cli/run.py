@@ -241,5 +241,10 @@ def _start_control(
     if server is not None:
         server.start()
     if args.incoming is not None and args.incoming != "defer":
-        manager.incoming_start(args.incoming)
+        try:
+            manager.incoming_start(args.incoming)
+        except BaseException:
+            if server is not None:
+                server.close()  # removes its socket file: nothing listens there any more
+            raise
     return server, manager
