@@ -108,3 +108,10 @@ def test_setup_has_no_verdict_and_does_not_pin_the_countdown() -> None:
            "dirty-sync-count": 1}  # fmt: skip
     verdict, left = j.update(0.2, {"status": "active", "ram": ram, "expected-downtime": 300})
     assert verdict == "first pass" and left is not None and left > 0.5
+
+
+def test_zero_pages_split_as_analyze_counts_them() -> None:
+    done = {"status": "completed", "downtime": 5, "total-time": 90,
+            "ram": {"duplicate": 6139, "x-unpopulated": 6000, "dirty-sync-count": 2}}  # fmt: skip
+    text = "\n".join(_render(summary_table(done), 140))
+    assert "6139 (139 as zero records, 6000 never populated: not sent)" in text

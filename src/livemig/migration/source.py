@@ -287,6 +287,7 @@ class OutgoingMigration:
             self.tracker.start()
         self.ram = RamSaver(self.machine.ram_blocks, populated)
         self.stats.zero_pages += self.ram.skipped_unpopulated
+        self.stats.unpopulated_pages = self.ram.skipped_unpopulated
         self.encoder = Encoder()
         enc = self.encoder
         bufs: list = []

@@ -168,6 +168,16 @@ def postcopy_summary(dest_info: dict[str, Any]) -> str | None:
             f"us), blocktime {pc.get('blocktime-ms', '?')} ms")  # fmt: skip
 
 
+def _zero_pages(ram: dict[str, Any]) -> str:
+    """QEMU's "duplicate", split as livemig sends them: zero records in the stream (what
+    ``livemig analyze`` counts) and pages never populated, which are not sent at all."""
+    dup = ram.get("duplicate", 0)
+    unpop = ram.get("x-unpopulated")
+    if not unpop:
+        return str(dup)
+    return f"{dup} ({dup - unpop} as zero records, {unpop} never populated: not sent)"
+
+
 def _verify_ms(info: dict[str, Any], dest_info: dict[str, Any] | None) -> tuple[float, str]:
     """Milliseconds of --verify hashing inside the blackout, and where they were measured."""
     src = info.get("x-verify-ms")
@@ -216,7 +226,7 @@ def summary_table(info: dict[str, Any], extra: dict[str, Any] | None = None,
             ("transferred", _mib(ram.get("transferred", 0))),
             ("throughput", f"{ram.get('mbps', 0):.0f} Mbit/s"),
             ("pages sent", str(ram.get("normal", 0))),
-            ("zero pages", str(ram.get("duplicate", 0))),
+            ("zero pages", _zero_pages(ram)),
             ("guest RAM", _mib(ram.get("total", 0))),
         ]
     for k, v in (extra or {}).items():
