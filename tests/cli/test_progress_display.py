@@ -96,7 +96,7 @@ def test_a_pipe_gets_a_line_a_second_and_a_failed_run_says_what_it_sent() -> Non
 def test_verification_is_its_own_line_not_downtime() -> None:
     done = {"status": "completed", "downtime": 87, "x-verify-ms": 35.0, "total-time": 900,
             "ram": {"transferred": 1, "dirty-sync-count": 3}}  # fmt: skip
-    text = "\n".join(_render(summary_table(done, None, {"x-verify": {"hash-ms": 40.0}}), 120))
+    text = "\n".join(_render(summary_table(done, None, {"x-verify-ms": 40.0}), 120))
     assert "downtime" in text and " 12 ms" in text
     assert "75 ms more, guest stopped (source 35 ms + destination 40 ms)" in text
 

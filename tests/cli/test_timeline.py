@@ -20,7 +20,7 @@ def test_destination_hashing_moves_out_of_resume() -> None:
         config={},
         source_final={},
         source_report=rep,
-        destination_final={"x-verify": {"equal": True, "hash-ms": 3.0}},
+        destination_final={"x-verify": {"equal": True}, "x-verify-ms": 3.0},
     )
     bd = r["downtime-breakdown"]
     assert round(bd["resume"], 6) == 0.002 and round(bd["verify-hashing"], 6) == 0.007

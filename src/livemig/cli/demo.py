@@ -19,13 +19,14 @@ from typing import Any
 
 from rich.console import Console
 
+from livemig.cli import describe
 from livemig.errors import LivemigError, UsageError
 from livemig.units import PAGE_SIZE, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="migrate a running guest live between two local processes",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+                       description=describe(__doc__))  # fmt: skip
     p.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
     p.add_argument("--smp", type=int, default=2, help="vCPUs (default 2)")
     p.add_argument("--working-set", default="64M", help="memory the guest keeps dirtying")

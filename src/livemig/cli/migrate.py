@@ -22,6 +22,7 @@ from typing import Any
 
 from rich.console import Console
 
+from livemig.cli import describe
 from livemig.errors import LivemigError, UsageError
 from livemig.migration.options import parse_cap, parse_param
 from livemig.report import timeline
@@ -46,7 +47,7 @@ def _cap(text: str) -> tuple[str, bool]:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("migrate", help="migrate a running guest live (over QMP)",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+                       description=describe(__doc__))  # fmt: skip
     p.add_argument("uri", help="destination: tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH")
     p.add_argument("--qmp", required=True, help="QMP of the source: unix:PATH or tcp:HOST:PORT")
     p.add_argument(

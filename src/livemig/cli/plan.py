@@ -18,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from livemig.cli import describe
 from livemig.errors import LivemigError, UsageError
 from livemig.migration.planner import Prediction, predict
 from livemig.units import format_size, parse_size
@@ -25,7 +26,7 @@ from livemig.units import format_size, parse_size
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="predict a migration of a running guest, recommend a strategy",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+                       description=describe(__doc__))  # fmt: skip
     p.add_argument("--qmp", required=True, help="QMP of the running livemig: unix:PATH|tcp:H:P")
     p.add_argument("--bandwidth", default=None,
                    help="link bandwidth in bytes/s, e.g. 1G (default: loopback TCP, measured "

@@ -322,7 +322,7 @@ class IncomingMigration:
         if self.verify is not None:
             out["x-verify"] = {"equal": self.verify["equal"]}
             if "hash-ms" in self.verify:  # pre-copy: hashed in the blackout (post-copy: not)
-                out["x-verify"]["hash-ms"] = self.verify["hash-ms"]
+                out["x-verify-ms"] = self.verify["hash-ms"]
         if self.postcopy is not None:
             out.update(self.postcopy.query())
         return out

@@ -183,7 +183,7 @@ def _verify_ms(info: dict[str, Any], dest_info: dict[str, Any] | None) -> tuple[
     src = info.get("x-verify-ms")
     if src is None:
         return 0.0, ""
-    dst = ((dest_info or {}).get("x-verify") or {}).get("hash-ms")
+    dst = (dest_info or {}).get("x-verify-ms")
     if dst is None:
         return float(src), f"source {src:.0f} ms; the destination hashed too"
     return float(src) + float(dst), f"source {src:.0f} ms + destination {dst:.0f} ms"

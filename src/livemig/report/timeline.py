@@ -79,7 +79,7 @@ def _breakdown(rep: dict[str, Any], dest: dict[str, Any] | None) -> dict[str, fl
     """The source's downtime breakdown, with the destination's --verify hashing moved out of
     "resume" (the source waits for it inside that phase) into "verify-hashing"."""
     bd = dict(rep.get("downtime-breakdown", {}))
-    hash_ms = ((dest or {}).get("x-verify") or {}).get("hash-ms")
+    hash_ms = (dest or {}).get("x-verify-ms")
     if hash_ms and "resume" in bd:
         moved = min(bd["resume"], hash_ms / 1000)
         bd["resume"] -= moved
