@@ -56,6 +56,11 @@ def test_config_from_args() -> None:
         matrix.config_from_args(_args("--limit-seconds", "0"))
     with pytest.raises(SystemExit):  # argparse refuses a negative rate
         _args("--rates", "-5")
+    # one name per concept: parameters as livemig migrate names them
+    set_ = matrix.config_from_args(_args("--set", "max-bandwidth=1G", "--set", "downtime-limit=50"))
+    assert (set_.bandwidth, set_.downtime_limit) == (1 << 30, 50)
+    with pytest.raises(UsageError, match="not x-dirty-tracker"):
+        matrix.config_from_args(_args("--set", "x-dirty-tracker=shadow"))
 
 
 def test_ws_of_is_a_whole_mib_share() -> None:

@@ -33,6 +33,8 @@ def test_demo_migrates_and_summarises(demo) -> None:
                   "report:", "plots:"):  # fmt: skip
         assert words in text, text[-3000:]
     assert "destination │ memstress" in text  # the guest's console after the move
+    # --verify's hashing stopped the guest too, but it is its own line, not the downtime
+    assert "ms more, guest stopped (source" in text and "destination" in text
 
 
 def test_report_agrees_with_query_migrate(demo) -> None:
@@ -50,7 +52,10 @@ def test_report_agrees_with_query_migrate(demo) -> None:
     assert samples and samples[-1]["transferred"] == ram["transferred"]
     assert all(a["transferred"] <= b["transferred"] for a, b in itertools.pairwise(samples))
     bd = report["downtime-breakdown"]
-    assert set(bd) == {"final-sync", "final-ram", "device-state", "resume"}
+    assert set(bd) == {"final-sync", "final-ram", "device-state", "verify-hashing", "resume"}
+    # the source's hashing, and what the destination's took of the wait for its SHUT
+    assert bd["verify-hashing"] * 1000 >= qm["x-verify-ms"] - 0.1
+    assert report["destination"]["x-verify-ms"] > 0
     assert abs(sum(bd.values()) * 1000 - qm["downtime"]) <= 2
     assert report["verification"]["ram-hashes-equal"] is True
     assert report["verification"]["invariant"]["ok"] is True
@@ -84,8 +89,8 @@ def test_demo_bad_input_is_one_line() -> None:
 
 def test_demo_postcopy_report_has_latencies(tmp_path: Path) -> None:
     out = tmp_path / "pc"
-    proc = _livemig("demo", "--postcopy", "--memory", "64M", "--working-set", "16M",
-                    "--dirty-rate", "200M", "--max-bandwidth", "16M", "--watch", "0.3",
+    proc = _livemig("demo", "--postcopy-after-precopy", "--memory", "64M", "--working-set", "16M",
+                    "--dirty-rate", "200M", "--set", "max-bandwidth=16M", "--watch", "0.3",
                     "--out", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
@@ -95,3 +100,11 @@ def test_demo_postcopy_report_has_latencies(tmp_path: Path) -> None:
     assert len(lat) == report["destination"]["x-postcopy"]["requests"]
     assert all(x > 0 for x in lat)
     assert report["verification"]["invariant"]["ok"] is True
+
+
+def test_report_of_a_binary_file_is_an_error_not_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "random.bin"
+    bad.write_bytes(bytes(range(256)) * 8)
+    proc = _livemig("report", str(bad), timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "is not a report: not UTF-8 text" in proc.stderr

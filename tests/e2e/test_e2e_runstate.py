@@ -81,5 +81,6 @@ def test_destination_with_other_vcpu_count_refuses(harness: ProcHarness) -> None
     info = src.wait_migration()
     assert info["status"] == "failed", info
     assert dst.wait_exit(timeout=20) == 1
-    assert "cpu" in dst.log()
+    assert "the source has 2 vCPUs, this machine 1" in dst.log()
+    assert "destination refused: machine mismatch" in info["error-desc"], info
     assert_source_unharmed(src, before)

@@ -61,3 +61,32 @@ def test_restore_from_truncated_file_fails(harness: ProcHarness) -> None:
     assert dst.wait_exit(timeout=20) == 1
     assert "incoming migration failed: stream truncated" in dst.log()
     assert "at stream offset" in dst.log()
+
+
+@pytest.mark.timeout(90)
+def test_mapped_ram_restore_is_one_command(harness: ProcHarness) -> None:
+    """``livemig run --incoming file:PATH --cap mapped-ram`` restores a mapped-ram snapshot (it
+    needed migrate-set-capabilities typed by hand over QMP), and ``--set`` works the same way;
+    what the process started with is its default (x-query-migrate-defaults)."""
+    snap = harness.path("mapped.mig")
+    src = harness.source(append="ws=8M rate=20000")
+    src.wait_passes_increase(0)
+    harness.migrate(src, f"file:{snap}", caps={"mapped-ram": True})
+    assert src.wait_migration(timeout=60)["status"] == "completed"
+    saved = src.guest_check()
+    src.kill()
+    dst = harness.destination(incoming=f"file:{snap}", extra=[
+        "--paused", "--cap", "mapped-ram", "--set", "downtime-limit=42"])  # fmt: skip
+    assert dst.wait_migration(timeout=30)["status"] == "completed"
+    restored = dst.guest_check()
+    assert restored["ok"] and restored["total-passes"] == saved["total-passes"], restored
+    defaults = dst.cmd("x-query-migrate-defaults")
+    assert {"capability": "mapped-ram", "state": True} in defaults["capabilities"]
+    assert defaults["parameters"]["downtime-limit"] == 42
+
+
+def test_run_refuses_a_bad_setting(harness: ProcHarness) -> None:
+    bad = harness._spawn("dst", ["--incoming", "defer", "--memory", "16M", "--set",
+                                 "downtime-limit=fast"], None, None, wait_qmp=False)  # fmt: skip
+    assert bad.wait_exit(30) == 1
+    assert "downtime-limit" in bad.log() and "Traceback" not in bad.log()

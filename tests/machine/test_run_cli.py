@@ -124,3 +124,19 @@ def test_run_ctrl_c_is_status_130() -> None:
     proc.send_signal(2)
     proc.communicate(timeout=30)
     assert proc.returncode == 130
+
+
+def test_destination_that_cannot_listen_removes_its_qmp_socket(tmp_path: Path) -> None:
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    sock = Path(tempfile.mkdtemp(prefix="lmrun", dir="/tmp")) / "qmp.sock"
+    try:
+        out = subprocess.run([sys.executable, "-m", "livemig", "run", "--memory", "16M",
+                              "--incoming", f"tcp:127.0.0.1:{port}", "--qmp", f"unix:{sock}"],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    finally:
+        busy.close()
+    assert out.returncode == 1 and "cannot listen" in out.stderr
+    assert not sock.exists(), "a QMP socket file left behind with nobody listening"

@@ -113,3 +113,41 @@ def test_prediction_within_25_percent_of_a_real_migration(tmp_path: Path) -> Non
         assert info["status"] == "completed", info
         measured = info["total-time"] / 1000
         assert abs(pred.total_time_s - measured) <= 0.25 * measured, (pred, measured)
+
+
+def _table_text(pred: object) -> str:
+    import io
+
+    from rich.console import Console
+
+    from livemig.cli.plan import prediction_table
+
+    out = io.StringIO()
+    Console(file=out, width=200, color_system=None).print(prediction_table(pred))
+    return out.getvalue()
+
+
+def test_plan_output_cannot_contradict_itself() -> None:
+    p = predict(populated=256 * MiB, working_set=200 * MiB, dirty_rate=150 * MiB,
+                bandwidth=100 * MiB, downtime_limit_ms=300)  # fmt: skip
+    assert p.recommendation == "auto-converge" and not p.converges
+    text = _table_text(p)
+    assert "never fits the 300 ms limit" in text
+    assert "converges" not in text.split("recommendation")[0].split("pre-copy alone")[1]
+    assert "passes (auto-converge)" in text and "downtime (auto-converge)" in text
+    ok = _table_text(predict(populated=256 * MiB, working_set=64 * MiB, dirty_rate=10 * MiB,
+                             bandwidth=100 * MiB))  # fmt: skip
+    assert "converges" in ok and "passes (pre-copy)" in ok
+
+
+def test_plan_refuses_a_guest_that_is_not_running() -> None:
+    from livemig.cli.plan import plan_for
+    from livemig.errors import UsageError
+
+    class Fake:
+        def command(self, name: str, **kw: object) -> dict:
+            assert name == "query-status", "must not sample a stopped guest"
+            return {"status": "postmigrate"}
+
+    with pytest.raises(UsageError, match=r"not running \(run state postmigrate\)"):
+        plan_for(Fake(), 1.0, None)

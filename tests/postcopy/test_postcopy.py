@@ -132,8 +132,10 @@ def test_start_postcopy_after_precopy_finished_is_not_an_error(pair) -> None:
 @pytest.mark.parametrize("preempt_on", ["src", "dst"])
 def test_preempt_on_one_side_only_says_so(pair, preempt_on: str) -> None:
     """postcopy-preempt must be on at both ends (as in QEMU). On one only, the destination
-    fails in post-copy, and its error names the likely cause; the source waits paused, its
-    guest stopped, for a recovery, as QEMU's does."""
+    fails in post-copy, and its error names the likely cause. On at the source only, the
+    destination runs the guest and then misses pages: the source waits paused, its guest
+    stopped, for a recovery, as QEMU's does. On at the destination only, it fails before
+    POSTCOPY_RUN and says the guest never ran there: the source takes its guest back."""
     p = pair(ram=32 << 20, append="ws=24M rate=0")
     p.caps(postcopy_ram=True)
     (p.sm if preempt_on == "src" else p.dm).set_capabilities(
@@ -147,6 +149,11 @@ def test_preempt_on_one_side_only_says_so(pair, preempt_on: str) -> None:
     err = p.dm.query_migrate()["error-desc"]
     if preempt_on == "src":
         assert "the source has postcopy-preempt on, this side off?" in err, err
+        assert p.wait("src", {"postcopy-paused"}) == "postcopy-paused"
     else:
         assert "is postcopy-preempt on at the source as well?" in err, err
-    assert p.wait("src", {"postcopy-paused"}) == "postcopy-paused"
+        assert p.wait("src", {"failed"}) == "failed"
+        assert p.sm.query_migrate()["error-desc"].startswith("destination refused: ")
+        assert p.src.runstate == RunState.RUNNING
+        p.src.pause()
+        assert check_invariant(p.src.read_guest).ok

@@ -9,10 +9,12 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from typing import Any
 
 import pytest
 
+from livemig.errors import StreamError
 from livemig.service import RespClient, RespError
 from livemig.testing.procs import ProcHarness, free_tcp_port, wait_until
 
@@ -20,10 +22,11 @@ NKEYS = 100_000
 
 
 def _pair(h: ProcHarness, incoming: str | None = None) -> tuple[Any, Any, int, int]:
+    """A served kvserver and a destination with a serve address of its own (not needed for
+    following: a plain QMP migrate is all the source is told)."""
     p1, p2 = free_tcp_port(), free_tcp_port()
     src = h.source(guest="kvserver", append="", extra=["--serve", f"tcp:127.0.0.1:{p1}"])
     dst = h.destination(incoming, extra=["--serve", f"tcp:127.0.0.1:{p2}"])
-    src.cmd("x-serve-redirect", uri=f"tcp:127.0.0.1:{p2}")
     wait_until(lambda: _answers(p1), 20, "kvserver answering PING")
     return src, dst, p1, p2
 
@@ -80,7 +83,7 @@ def test_100k_keys_and_a_counter_survive_precopy() -> None:
         assert inc.replies == list(range(1, len(inc.replies) + 1)), "lost or repeated INCR"
         assert dst.status() == "running" and src.status() == "postmigrate"
         serve = src.cmd("x-query-serve")
-        assert serve["forwarding"] and serve["redirect"] == f"tcp:127.0.0.1:{p2}"
+        assert serve["forwarding"] and serve["error"] is None
         # Every key, through the source's (unchanged) address and directly at the destination.
         for port in (p1, p2):
             with RespClient("127.0.0.1", port, timeout=60) as c:
@@ -178,3 +181,160 @@ def test_keys_and_counter_survive_postcopy() -> None:
                               for j in range(0, n, 1000)])  # fmt: skip
             values = [v for chunk in got for v in chunk]
             assert values == [f"value:{i}".encode() for i in range(n)]
+
+
+def _served_source(h: ProcHarness) -> tuple[Any, int]:
+    port = free_tcp_port()
+    src = h.source(guest="kvserver", append="", extra=["--serve", f"tcp:127.0.0.1:{port}"])
+    wait_until(lambda: _answers(port), 20, "kvserver answering PING")
+    return src, port
+
+
+def _closed_or_error(client: RespClient) -> str:
+    """What a client sees once the service is gone: an error reply, then the close."""
+    try:
+        reply = client.call("PING")
+    except RespError as exc:
+        return f"error: {exc}"
+    except (OSError, StreamError) as exc:
+        return f"closed: {exc}"
+    return f"answered {reply!r}"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="redis-tools not installed")
+def test_redis_benchmark_default_tests_through_a_plain_qmp_migrate() -> None:
+    """The issue's case: a destination with no --serve, a plain QMP migrate and nothing else;
+    redis-benchmark's default test set (lists, sets, hashes, sorted sets, MSET, LRANGE) keeps
+    going at the source's address with zero errors, and the destination served part of it."""
+    with ProcHarness(memory="64M", smp=1) as h:
+        src, port = _served_source(h)
+        dst = h.destination(f"tcp:127.0.0.1:{free_tcp_port()}")
+        bench = subprocess.Popen(
+            ["redis-benchmark", "-h", "127.0.0.1", "-p", str(port), "-q", "-n", "1500",
+             "-c", "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            wait_until(lambda: src.cmd("x-query-serve")["requests"] > 3000, 60,
+                       "benchmark under way")  # fmt: skip
+            src.cmd("migrate", uri=dst.incoming)
+            info = src.wait_migration(timeout=60)
+            assert info["status"] == "completed", info
+            assert bench.poll() is None, "benchmark ended before the migration did: raise -n"
+            out, err = bench.communicate(timeout=200)
+        finally:
+            if bench.poll() is None:
+                bench.kill()
+                bench.wait(10)
+        text = out + err
+        assert bench.returncode == 0 and "error" not in text.lower(), text
+        done = {line.split(":")[0].split(" (")[0] for line in text.splitlines()
+                if "requests per second" in line}  # fmt: skip
+        assert {"LRANGE_600", "MSET", "ZPOPMIN"} <= done, text
+        serve = dst.cmd("x-query-serve")
+        assert serve["tunnels-in"] == 1 and serve["requests"] > 500, serve
+        assert src.cmd("x-query-serve")["forwarding"]
+
+
+@pytest.mark.timeout(120)
+def test_clients_hear_within_seconds_when_the_destination_goes_away() -> None:
+    with ProcHarness(memory="32M", smp=1) as h:
+        src, port = _served_source(h)
+        dst = h.destination()
+        with RespClient("127.0.0.1", port, timeout=30) as early:
+            assert early.call("SET", "k", "v") == "OK"
+            h.migrate(src, dst.incoming)
+            assert src.wait_migration(timeout=60)["status"] == "completed"
+            assert early.call("GET", "k") == b"v"  # through the tunnel, same connection
+            with RespClient("127.0.0.1", port, timeout=30) as late:
+                assert late.call("GET", "k") == b"v"  # a new connection goes through too
+                dst.kill()
+                t0 = time.monotonic()
+                seen = _closed_or_error(late)
+                assert time.monotonic() - t0 < 5, seen
+                assert not seen.startswith("answered"), seen
+        with RespClient("127.0.0.1", port, timeout=10) as after, \
+                pytest.raises(RespError, match="destination closed"):  # fmt: skip
+            after.call("PING")
+        assert "closed" in src.cmd("x-query-serve")["error"]
+
+
+@pytest.mark.timeout(120)
+def test_a_snapshot_tells_clients_and_cont_serves_them_again() -> None:
+    """migrate to file: has no destination to follow: clients get an error at once instead of
+    a hang; QMP cont runs the guest here again and the service with it."""
+    with ProcHarness(memory="32M", smp=1) as h:
+        src, port = _served_source(h)
+        with RespClient("127.0.0.1", port, timeout=30) as c:
+            assert c.call("SET", "k", "v") == "OK"
+            h.migrate(src, f"file:{h.path('snap.mig')}")
+            assert src.wait_migration(timeout=60)["status"] == "completed"
+            t0 = time.monotonic()
+            seen = _closed_or_error(c)
+            assert time.monotonic() - t0 < 5 and "snapshot" in seen, seen
+        src.cmd("cont")
+        wait_until(lambda: _answers(port), 10, "serving again after cont")
+        with RespClient("127.0.0.1", port, timeout=10) as c:
+            assert c.call("GET", "k") == b"v"
+
+
+@pytest.mark.timeout(180)
+def test_clients_follow_a_chain_of_migrations() -> None:
+    """A to B to C: A's clients go through B's tunnel to C, and B's own to C."""
+    with ProcHarness(memory="32M", smp=1) as h:
+        a, port = _served_source(h)
+        b = h.destination(f"tcp:127.0.0.1:{free_tcp_port()}")
+        inc = Incrementer(port)
+        inc.start()
+        wait_until(lambda: len(inc.replies) > 20, 10, "INCR running")
+        h.migrate(a, b.incoming)
+        assert a.wait_migration(timeout=60)["status"] == "completed"
+        wait_until(lambda: len(inc.replies) > 100, 20, "INCR on B")
+        c = h.destination(f"tcp:127.0.0.1:{free_tcp_port()}")
+        h.migrate(b, c.incoming)
+        assert b.wait_migration(timeout=60)["status"] == "completed"
+        seen = len(inc.replies)
+        wait_until(lambda: len(inc.replies) > seen + 100, 20, "INCR on C")
+        inc.stop.set()
+        inc.join(30)
+        assert not inc.errors
+        assert inc.replies == list(range(1, len(inc.replies) + 1)), "lost or repeated INCR"
+        assert c.cmd("x-query-serve")["tunnels-in"] == 1 and b.status() == "postmigrate"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
+def test_clients_follow_a_tls_migration_over_tls(tmp_path: Any) -> None:
+    """With tls-creds the tunnel is TLS too (mutual, the migration's CA): the source's follow
+    listener refuses a plain connection."""
+    import socket
+
+    from livemig.transport.tls import generate_creds
+
+    creds = str(generate_creds(tmp_path / "creds", names=("localhost", "127.0.0.1")))
+    with ProcHarness(memory="32M", smp=1) as h:
+        port = free_tcp_port()
+        src = h.source(guest="kvserver", append="",
+                       extra=["--serve", f"tcp:127.0.0.1:{port}", "--tls-creds", creds])  # fmt: skip
+        wait_until(lambda: _answers(port), 20, "kvserver answering PING")
+        dst = h.destination(f"tcp:127.0.0.1:{free_tcp_port()}", extra=["--tls-creds", creds])
+        h.migrate(src, dst.incoming, caps={"pause-before-switchover": True})
+        wait_until(lambda: src.query_migrate()["status"] == "pre-switchover", 20,
+                   "migration paused before switch-over")  # fmt: skip
+        follow = src.cmd("x-query-serve")["follow-address"]
+        fhost, _, fport = follow.rpartition(":")
+        with socket.create_connection((fhost, int(fport)), timeout=5) as s:
+            s.sendall(b"LMTUNNEL2\n" + bytes(16))
+            try:
+                assert s.recv(100) == b""  # no TLS handshake: closed
+            except ConnectionResetError:
+                pass
+        with RespClient("127.0.0.1", port, timeout=30) as c:
+            c.sock.sendall(b"SET k v\r\n")  # in the blackout: answered after it
+            src.cmd("migrate-continue", state="pre-switchover")
+            assert src.wait_migration(timeout=60)["status"] == "completed"
+            assert c._replies(1) == ["OK"]
+            assert c.call("GET", "k") == b"v"
+        assert (
+            dst.cmd("x-query-serve")["tunnels-in"] == 1 and src.cmd("x-query-serve")["forwarding"]
+        )

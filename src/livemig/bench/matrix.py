@@ -552,9 +552,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs per scenario (median)")
     p.add_argument("--limit-seconds", type=float, default=20.0,
                    help="cancel a migration not finished after this long (20)")  # fmt: skip
-    p.add_argument("--bandwidth", type=parse_size, default=128 << 20,
-                   help="max-bandwidth, 0 = unlimited (128M, QEMU's default)")  # fmt: skip
-    p.add_argument("--downtime-limit", type=int, default=300, help="downtime-limit in ms (300)")
+    p.add_argument("--set", dest="params", action="append", type=_param, default=[],
+                   metavar="PARAM=VALUE", help="max-bandwidth (128M, QEMU's default; 0 = "
+                   "unlimited) or downtime-limit (300 ms), named as for livemig migrate")  # fmt: skip
     p.add_argument("--ws-share", type=float, default=0.25,
                    help="working set as a share of guest RAM (0.25)")  # fmt: skip
     p.add_argument("--smp", type=int, default=1, help="livemig vCPUs (QEMU runs -smp 1)")
@@ -563,6 +563,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the same scenarios on QEMU 7.2 (TCG, Linux guest; slow)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     p.set_defaults(func=main)
+
+
+def _param(text: str) -> tuple[str, Any]:
+    from livemig.cli.migrate import _param as parse
+
+    return parse(text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -580,8 +586,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise UsageError("--limit-seconds must be positive")
     if not 0 < args.ws_share <= 0.75:
         raise UsageError("--ws-share must be in (0, 0.75]: the guest needs room beside it")
-    cfg.repeat, cfg.limit_seconds, cfg.bandwidth = args.repeat, args.limit_seconds, args.bandwidth
-    cfg.downtime_limit, cfg.ws_share, cfg.smp = args.downtime_limit, args.ws_share, args.smp
+    params = dict(args.params)
+    unknown = set(params) - {"max-bandwidth", "downtime-limit"}
+    if unknown:
+        raise UsageError(f"--set: bench matrix takes max-bandwidth and downtime-limit, not "
+                         f"{', '.join(sorted(unknown))}")  # fmt: skip
+    cfg.repeat, cfg.limit_seconds = args.repeat, args.limit_seconds
+    cfg.bandwidth = params.get("max-bandwidth", cfg.bandwidth)
+    cfg.downtime_limit = params.get("downtime-limit", cfg.downtime_limit)
+    cfg.ws_share, cfg.smp = args.ws_share, args.smp
     cfg.verify, cfg.vs_qemu = not args.no_verify, args.vs_qemu
     return cfg
 

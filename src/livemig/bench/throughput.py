@@ -572,7 +572,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", default="4G", help="guest RAM (4G, the issue's size)")
     p.add_argument("--channels", default="1,2,4", help="channel counts (1,2,4)")
     p.add_argument("--kinds", default="idle,random", help="memory contents (idle,random)")
-    p.add_argument("--compress", default=COMPRESS_DEFAULT, help="methods for the second table")
+    p.add_argument(
+        "--multifd-compression",
+        dest="compress",
+        default=COMPRESS_DEFAULT,
+        help="multifd-compression methods for the second table (none,zlib,zstd)",
+    )
     p.add_argument("--repeat", type=int, default=3, help="runs per row; the median is shown")
     p.add_argument("--dest-ram", choices=("fresh", "prefault", "both"), default="both",
                    help="destination RAM untouched, or populated at start (livemig run "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from livemig.errors import LivemigError
@@ -16,6 +17,15 @@ from livemig.errors import LivemigError
 COMMANDS = (
     "run", "guests", "demo", "migrate", "plan", "report", "analyze", "capture", "replay", "bench",
 )  # fmt: skip
+
+
+def describe(doc: str | None) -> str:
+    """A command's ``--help`` description from its module docstring's first paragraph, as
+    text: without the ``livemig NAME ...``: lead and the reStructuredText quotes."""
+    first = (doc or "").split("\n\n")[0]
+    first = re.sub(r"^``livemig [^`]*``:\s*", "", first.strip())
+    first = first.replace("``", "").replace("\n", " ")
+    return first[:1].upper() + first[1:]
 
 
 def build_parser() -> argparse.ArgumentParser:

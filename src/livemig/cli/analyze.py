@@ -1,10 +1,16 @@
 """``livemig analyze FILE|-``: decode a migration stream (QEMU's or ours) and report on it.
 
 Prints the sections, the RAM block list, page counts per block (normal, zero, XBZRLE,
-compressed), bytes per section and every device's state as JSON (layouts from the stream's
-vmdesc trailer, found first from the end as QEMU's analyze-migration.py does). ``--dump-ram
-DIR`` writes each RAM block's final contents to ``DIR/<idstr with '/' -> '_'>``; ``--json``
-prints one JSON document instead of tables. Bad input is one error line naming the offset.
+compressed) and bytes per section; ``--devices`` adds every device's state as JSON (layouts
+from the stream's vmdesc trailer, found first from the end as QEMU's analyze-migration.py
+does), with what has a meaning decoded (``globalstate``'s run state as its name, text fields as
+text). ``--dump-ram DIR`` writes each RAM block's final contents to ``DIR/<idstr with '/' ->
+'_'>``; ``--json`` prints one JSON document instead of tables (devices included). Bad input is
+one error line naming the offset.
+
+The zero column counts zero-page records in the stream. ``livemig migrate``'s "zero pages"
+(QEMU's ``duplicate``) also counts pages the guest never populated, which livemig does not
+send (zero on both sides): its summary shows the two parts.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("file", help="stream file, or - for standard input")
     parser.add_argument("--dump-ram", metavar="DIR", help="write each RAM block to DIR")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--devices", action="store_true",
+                        help="print every device section's state (JSON)")  # fmt: skip
     parser.set_defaults(func=run)
 
 
@@ -44,6 +52,29 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [jsonable(v) for v in value]
     return value
+
+
+def _text(raw: Any) -> str:
+    return bytes(raw).split(b"\0", 1)[0].decode("ascii", errors="replace")
+
+
+def readable(idstr: str, state: dict[str, Any]) -> Any:
+    """A device state for people: buffers that hold text or a name shown as such (the run
+    state of ``globalstate``, ``x-machine``'s device list, the ring's follow address), the rest
+    as ``jsonable`` shows it (other bytes as hex)."""
+    out = jsonable(state)
+    if idstr == "globalstate":
+        from livemig.savevm.devices import decode_globalstate
+
+        try:
+            out["runstate"] = decode_globalstate(state)
+        except StreamError:
+            pass  # shown as it is: hex
+    elif idstr == "x-machine":
+        out["devices"] = _text(state["devices"])
+    elif idstr == "livemig-ring" and "livemig-ring/follow" in state:
+        out["livemig-ring/follow"]["host"] = _text(state["livemig-ring/follow"]["host"])
+    return out
 
 
 class Analysis:
@@ -112,7 +143,7 @@ class Analysis:
                     "idstr": ev.idstr,
                     "instance_id": ev.instance_id,
                     "version_id": ev.version_id,
-                    "state": jsonable(ev.state),
+                    "state": readable(ev.idstr, ev.state),
                 }
             )
         elif isinstance(ev, E.Header):
@@ -269,7 +300,7 @@ def run(args: argparse.Namespace) -> int:
             json.dump(report, sys.stdout, indent=1)
             print()
         else:
-            _print_tables(report, len(data))
+            _print_tables(report, len(data), args.devices)
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (| head): not an error of ours, and no traceback at exit.
@@ -277,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_tables(report: dict[str, Any], total: int) -> None:
+def _print_tables(report: dict[str, Any], total: int, show_devices: bool = False) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -313,5 +344,13 @@ def _print_tables(report: dict[str, Any], total: int) -> None:
     for u in report["undecoded"]:
         console.print(f"not decoded: {u['bytes']} bytes of a post-copy package from offset "
                       f"{u['offset']} (the stream has no vmdesc): {u['reason']}")  # fmt: skip
+    devices = report["devices"]
+    if not show_devices:
+        names: dict[str, int] = {}
+        for d in devices:
+            names[d["idstr"]] = names.get(d["idstr"], 0) + 1
+        listed = ", ".join(f"{k} x{n}" if n > 1 else k for k, n in names.items())
+        console.print(f"{len(devices)} device sections ({listed}): --devices shows their state")
+        return
     console.print("devices:")
-    console.print_json(json.dumps(report["devices"]))
+    console.print_json(json.dumps(devices))

@@ -19,13 +19,14 @@ from typing import Any
 
 from rich.console import Console
 
+from livemig.cli import describe
 from livemig.errors import LivemigError, UsageError
 from livemig.units import PAGE_SIZE, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="migrate a running guest live between two local processes",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+                       description=describe(__doc__))  # fmt: skip
     p.add_argument("--memory", default="256M", help="guest RAM (default 256M)")
     p.add_argument("--smp", type=int, default=2, help="vCPUs (default 2)")
     p.add_argument("--working-set", default="64M", help="memory the guest keeps dirtying")
@@ -33,21 +34,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dirty-rate",
         default=None,
         help="bytes per second the guest dirties, e.g. 50M (0 = as fast as it can; default "
-        "20M, or 0 with --postcopy: a guest pre-copy cannot catch, so the switch happens)",
+        "20M, or 0 with --postcopy-after-precopy: a guest pre-copy cannot catch, so the switch "
+        "happens)",
     )
     p.add_argument("--guest", default="memstress", help="guest program (default memstress)")
-    p.add_argument("--downtime-limit", type=int, default=300, help="ms (QEMU's default 300)")
-    p.add_argument(
-        "--max-bandwidth",
-        default=None,
-        help="bytes/s, e.g. 1G (default QEMU's 128M; 0 = unlimited)",
-    )
-    p.add_argument("--postcopy", action="store_true",
+    p.add_argument("--set", dest="params", action="append", type=_param, default=[],
+                   metavar="PARAM=VALUE", help="migration parameter, as for livemig migrate, "
+                   "e.g. downtime-limit=50 max-bandwidth=1G (0 = unlimited)")  # fmt: skip
+    p.add_argument("--cap", dest="caps", action="append", type=_cap, default=[],
+                   metavar="NAME[=on|off]", help="migration capability, as for livemig migrate "
+                   "(postcopy-preempt=off: without the preempt channel)")  # fmt: skip
+    p.add_argument("--postcopy-after-precopy", dest="postcopy", action="store_true",
                    help="switch to post-copy after the first full pass, with postcopy-preempt "
                         "(requested pages on their own channel, not behind the background "
                         "stream: p99 ~1 ms instead of tens)")  # fmt: skip
-    p.add_argument("--no-preempt", action="store_true",
-                   help="with --postcopy: leave postcopy-preempt off (QEMU's default)")  # fmt: skip
     p.add_argument("--multifd", type=int, metavar="N", default=None,
                    help="send pages on N multifd channels")  # fmt: skip
     p.add_argument(
@@ -59,6 +59,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="livemig-report", help="report path stem (.json, .png)")
     p.add_argument("--watch", type=float, default=1.5, help="seconds of console before/after")
     p.set_defaults(func=run)
+
+
+def _param(text: str) -> tuple[str, Any]:
+    from livemig.cli.migrate import _param as parse
+
+    return parse(text)
+
+
+def _cap(text: str) -> tuple[str, bool]:
+    from livemig.cli.migrate import _cap as parse
+
+    return parse(text)
 
 
 def _pages_per_second(rate: str) -> int:
@@ -134,20 +146,21 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
     if args.multifd:
         dst.qmp("migrate-set-parameters", **{"multifd-channels": args.multifd})
     dst.qmp("migrate-incoming", uri=listen)
+    speed = ("as fast as it can" if parse_size(args.dirty_rate, "--dirty-rate") == 0
+             else f"at {args.dirty_rate}B/s")  # fmt: skip
     console.print(f"source      pid {src.pid}: {args.guest}, {args.memory}, {args.smp} vCPUs, "
-                  f"dirtying {args.working_set} at {args.dirty_rate}B/s")  # fmt: skip
+                  f"dirtying {args.working_set} {speed}")  # fmt: skip
     console.print(f"destination pid {dst.pid}: waiting on {listen}")
     _show_console(console, src, "source", args.watch, from_start=True)
 
-    caps = [{"capability": c, "state": True}
-            for c in ("events", "return-path", "x-verify", *both)]  # fmt: skip
-    src.qmp("migrate-set-capabilities", capabilities=caps)
-    params: dict[str, Any] = {"downtime-limit": args.downtime_limit}
+    caps = {**{c: True for c in ("events", "return-path", "x-verify", *both)}, **dict(args.caps)}
+    src.qmp("migrate-set-capabilities",
+            capabilities=[{"capability": c, "state": v} for c, v in caps.items()])  # fmt: skip
+    params: dict[str, Any] = dict(args.params)
     if args.multifd:
         params["multifd-channels"] = args.multifd
-    if args.max_bandwidth is not None:
-        params["max-bandwidth"] = parse_size(args.max_bandwidth, "--max-bandwidth")
-    src.qmp("migrate-set-parameters", **params)
+    if params:
+        src.qmp("migrate-set-parameters", **params)
     prediction = _plan(console, src, args)
     console.rule(f"migrating to {uri}")
     sampler = timeline.Sampler()
@@ -200,7 +213,7 @@ def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStac
     if prediction is not None and prediction.total_time_s is not None:
         extra["planner's advice"] = _advice(prediction, "post-copy" if args.postcopy
                                             else "pre-copy")  # fmt: skip
-    console.print(progress.summary_table(final, extra))
+    console.print(progress.summary_table(final, extra, dest_final))
     console.print(f"report: {jpath}\nplots:  {ppath}")
     return 0 if ok and (invariant is None or invariant.get("ok")) else 1
 
@@ -218,8 +231,9 @@ def _advice(prediction: Any, used: str) -> str:
 
 def _shared_capabilities(args: argparse.Namespace) -> list[str]:
     """Capabilities both sides must have on."""
+    preempt = dict(args.caps).get("postcopy-preempt", True)
     return [c for c, on in (("postcopy-ram", args.postcopy),
-                            ("postcopy-preempt", args.postcopy and not args.no_preempt),
+                            ("postcopy-preempt", args.postcopy and preempt),
                             ("multifd", bool(args.multifd))) if on]  # fmt: skip
 
 

@@ -1,9 +1,11 @@
 """``livemig migrate``: drive a live migration of a running process over QMP, with progress.
 
 The source is any QMP server speaking QEMU's migration commands (a ``livemig run`` process or a
-QEMU). Capabilities and parameters are set first, then ``migrate``; progress is polled from
-``query-migrate`` until a final state. Ctrl-C cancels the migration (the guest keeps running on
-the source). ``--json`` prints the final ``query-migrate`` reply plus ``"verified"``.
+QEMU). Every capability and parameter it manages is set first, to what the command line asks or
+else to the source's default, so nothing leaks from an earlier run (``livemig.cli.settings``);
+what changed is printed. Then ``migrate``; progress is polled from ``query-migrate`` until a
+final state. Ctrl-C or SIGTERM cancels the migration (the guest keeps running on the source).
+``--json`` prints the final ``query-migrate`` reply plus ``"verified"`` and ``"changed"``.
 """
 
 from __future__ import annotations
@@ -15,48 +17,37 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from livemig.cli import describe
 from livemig.errors import LivemigError, UsageError
-from livemig.report.progress import follow, postcopy_summary, summary_table
+from livemig.migration.options import parse_cap, parse_param
+from livemig.report import timeline
+from livemig.report.progress import follow, postcopy_summary, summary_table, with_last_progress
 from livemig.transport import parse_uri
+from livemig.units import format_size
 
 
 def _param(text: str) -> tuple[str, Any]:
-    name, sep, value = text.partition("=")
-    if not sep or not name:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    low = value.lower()
-    if low in ("on", "true", "yes"):
-        return name, True
-    if low in ("off", "false", "no"):
-        return name, False
     try:
-        return name, int(value)
-    except ValueError:
-        pass
-    from livemig.units import parse_size
-
-    if name in ("max-bandwidth", "xbzrle-cache-size", "max-postcopy-bandwidth",
-                "avail-switchover-bandwidth"):  # fmt: skip
-        return name, parse_size(value, name)
-    return name, value
+        return parse_param(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cap(text: str) -> tuple[str, bool]:
-    name, sep, value = text.partition("=")
-    if not sep:
-        return name, True
-    if value.lower() not in ("on", "off", "true", "false"):
-        raise argparse.ArgumentTypeError(f"capability {name!r}: expected on or off")
-    return name, value.lower() in ("on", "true")
+    try:
+        return parse_cap(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("migrate", help="migrate a running guest live (over QMP)",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+                       description=describe(__doc__))  # fmt: skip
     p.add_argument("uri", help="destination: tcp:HOST:PORT, unix:PATH, exec:CMD, file:PATH")
     p.add_argument("--qmp", required=True, help="QMP of the source: unix:PATH or tcp:HOST:PORT")
     p.add_argument(
@@ -98,11 +89,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="enable post-copy and switch to it after the first full pre-copy pass",
     )
     p.add_argument("--json", action="store_true", help="print the final result as JSON")
+    p.add_argument("--report", metavar="STEM", default=None,
+                   help="write a report: STEM.json (timeline, passes, downtime breakdown) and "
+                   "STEM.png (plots; livemig report redraws them)")  # fmt: skip
     p.add_argument("--multifd", type=int, metavar="N", default=None,
                    help="capability multifd with N channels (the destination needs it too: "
                    "see --dest-qmp)")  # fmt: skip
-    p.add_argument("--compress", choices=("none", "zlib", "zstd"), default=None,
-                   help="multifd-compression (with --multifd)")  # fmt: skip
+    p.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"), default=None,
+                   help="compression of the multifd channels (with --multifd)")  # fmt: skip
     p.add_argument("--xbzrle", metavar="SIZE", default=None,
                    help="capability xbzrle with this xbzrle-cache-size (e.g. 64M)")  # fmt: skip
     p.add_argument("--dest-qmp", metavar="ADDR", default=None,
@@ -110,6 +104,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "capabilities and parameters both sides need (multifd and its channels and "
                    "compression, postcopy-ram, postcopy-preempt, mapped-ram), then "
                    "migrate-incoming URI")  # fmt: skip
+    p.add_argument(
+        "--stop", action="store_true",
+        help="stop the guest before migrating (QMP stop): a snapshot then holds exactly one "
+        "pass; the guest is continued again if the migration does not complete",
+    )  # fmt: skip
     p.add_argument(
         "--timeout", type=float, default=None, help="cancel if not finished after this many seconds"
     )
@@ -132,8 +131,8 @@ def _multifd_options(args: argparse.Namespace, caps: dict[str, bool]) -> None:
     """--multifd/--compress/--xbzrle as capabilities and parameters."""
     from livemig.units import parse_size
 
-    if args.compress is not None and args.multifd is None:
-        raise UsageError("--compress needs --multifd N")
+    if args.multifd_compression is not None and args.multifd is None:
+        raise UsageError("--multifd-compression needs --multifd N")
     if args.multifd is not None:
         if args.multifd < 1 or args.multifd > 255:
             raise UsageError("--multifd: 1 to 255 channels")
@@ -142,43 +141,78 @@ def _multifd_options(args: argparse.Namespace, caps: dict[str, bool]) -> None:
                              "compatible with multifd)")  # fmt: skip
         caps["multifd"] = True
         args.params.append(("multifd-channels", args.multifd))
-        args.params.append(("multifd-compression", args.compress or "none"))
+        args.params.append(("multifd-compression", args.multifd_compression or "none"))
     if args.xbzrle is not None:
         caps["xbzrle"] = True
         args.params.append(("xbzrle-cache-size", parse_size(args.xbzrle, "--xbzrle")))
 
 
+GROWTH_FACTOR = 3  # a snapshot past this many times the guest's RAM is not converging
+
+
+class _GrowthWatch:
+    """A ``file:`` or ``exec:`` snapshot keeps every pass: a guest that dirties memory as fast
+    as it is saved makes it grow without end (20 GB of a 1 GiB guest was seen). Past a few
+    passes' worth of RAM, say so once, with the ways out."""
+
+    def __init__(self, uri: Any, caps: dict[str, bool], console: Console) -> None:
+        self.on = uri.scheme in ("file", "exec") and not caps.get("mapped-ram")
+        self.console = console
+        self.warned = False
+
+    def __call__(self, info: dict[str, Any]) -> None:
+        ram = info.get("ram", {})
+        total, sent = ram.get("total", 0), ram.get("transferred", 0)
+        if not self.on or self.warned or info.get("status") != "active" or not total:
+            return
+        if sent > GROWTH_FACTOR * total:
+            self.warned = True
+            self.console.print(
+                f"[yellow]warning: the snapshot has grown to {format_size(sent)}, "
+                f"{sent / total:.1f} times the guest's RAM, and is not done: the guest dirties "
+                "memory as fast as it is saved, and the file keeps every pass. Ctrl-C cancels "
+                "it. To make it converge: --stop (the guest stops first: one pass), --cap "
+                "mapped-ram (a fixed-size file: pages are overwritten in place), or a slower "
+                "guest (--cap auto-converge)[/]", soft_wrap=True)  # fmt: skip
+
+
 class _Interrupted(Exception):
-    """Ctrl-C, seen between two QMP exchanges."""
+    """Ctrl-C or SIGTERM, seen between two QMP exchanges."""
 
 
 @contextlib.contextmanager
 def _ctrl_c_as_flag() -> Iterator[threading.Event]:
-    """SIGINT sets the event instead of raising KeyboardInterrupt wherever the main thread is:
-    raised inside a QMP exchange (the client runs an asyncio loop) it can leave the connection
-    in any state before the ``migrate_cancel`` that must follow. Once in CI an interrupted
-    ``livemig migrate`` did not exit within 30 s. A second Ctrl-C raises as usual. Outside the
-    main thread nothing changes."""
+    """SIGINT and SIGTERM set the event instead of raising KeyboardInterrupt (or ending the
+    process) wherever the main thread is: raised inside a QMP exchange (the client runs an
+    asyncio loop) it can leave the connection in any state before the ``migrate_cancel`` that
+    must follow. Once in CI an interrupted ``livemig migrate`` did not exit within 30 s, and
+    ``timeout 60 livemig migrate`` (SIGTERM) used to exit and leave the migration running. A
+    second signal raises as usual. Outside the main thread nothing changes."""
     flag = threading.Event()
 
-    def on_sigint(signum: int, frame: Any) -> None:
+    def on_signal(signum: int, frame: Any) -> None:
         if flag.is_set():
-            raise KeyboardInterrupt  # a second Ctrl-C: do not wait for the cancel
+            raise KeyboardInterrupt  # a second one: do not wait for the cancel
         flag.set()
 
+    old: dict[int, Any] = {}
     try:
-        old = signal.signal(signal.SIGINT, on_sigint)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, on_signal)
     except ValueError:  # not the main thread
         yield flag
         return
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, old)
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
-def _setup_destination(args: argparse.Namespace, caps: dict[str, bool]) -> None:
-    """--dest-qmp: the capabilities and parameters both sides need, then migrate-incoming."""
+def _setup_destination(args: argparse.Namespace, caps: dict[str, bool]) -> list[str]:
+    """--dest-qmp: the capabilities and parameters both sides need (the rest of them back to
+    the destination's defaults), then migrate-incoming; returns what changed there."""
+    from livemig.cli.settings import apply_settings
     from livemig.qmp.client import QMPConnection
 
     dcaps = _dest_caps(caps)
@@ -186,12 +220,10 @@ def _setup_destination(args: argparse.Namespace, caps: dict[str, bool]) -> None:
         dcaps["postcopy-blocktime"] = True  # the destination's post-copy figures
     params = {k: v for k, v in args.params if k in DEST_PARAMS}
     with QMPConnection(args.dest_qmp).connect() as dq:
-        if dcaps:
-            dq.command("migrate-set-capabilities", capabilities=[
-                {"capability": k, "state": v} for k, v in dcaps.items()])  # fmt: skip
-        if params:
-            dq.command("migrate-set-parameters", **params)
+        changed = apply_settings(dq, dcaps, params, only_caps=(*DEST_CAPS, "postcopy-blocktime"),
+                                 only_params=DEST_PARAMS)  # fmt: skip
         dq.command("migrate-incoming", uri=args.uri)
+    return changed
 
 
 def _destination_result(addr: str) -> dict[str, Any] | None:
@@ -204,6 +236,12 @@ def _destination_result(addr: str) -> dict[str, Any] | None:
             return follow(lambda: dq.command("query-migrate"), quiet=True, timeout=10)
     except (OSError, LivemigError):
         return None
+
+
+def _say_changed(console: Console, side: str, changed: list[str], quiet: bool) -> None:
+    if changed and not quiet:
+        console.print(f"settings changed on the {side}: {'; '.join(changed)}",
+                      highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -222,16 +260,26 @@ def run(args: argparse.Namespace) -> int:
     if args.postcopy or args.postcopy_after_precopy:
         caps["postcopy-ram"] = True
     _multifd_options(args, caps)
-    if args.dest_qmp is not None:
-        _setup_destination(args, caps)
+    from livemig.cli.settings import apply_settings
+
+    dest_changed = _setup_destination(args, caps) if args.dest_qmp is not None else []
     with _ctrl_c_as_flag() as interrupted, QMPConnection(args.qmp).connect() as qmp:
-        if caps:
-            qmp.command("migrate-set-capabilities", capabilities=[
-                {"capability": k, "state": v} for k, v in caps.items()])  # fmt: skip
-        if args.params:
-            qmp.command("migrate-set-parameters", **dict(args.params))
-        qmp.command("migrate", uri=args.uri)
+        changed = apply_settings(qmp, caps, dict(args.params))
+        _say_changed(console, "source", changed, args.json)
+        _say_changed(console, "destination", dest_changed, args.json)
+        stopped = args.stop and qmp.command("query-status").get("status") == "running"
+        if stopped:
+            qmp.command("stop")
+        try:
+            qmp.command("migrate", uri=args.uri)
+        except LivemigError:
+            if stopped:
+                qmp.command("cont")
+            raise
         switched = False
+        growth = _GrowthWatch(uri, caps, console)
+        last: dict[str, Any] = {}
+        sampler = timeline.Sampler()
 
         def query() -> dict[str, Any]:
             nonlocal switched
@@ -243,6 +291,10 @@ def run(args: argparse.Namespace) -> int:
                     and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:  # fmt: skip
                 qmp.command("migrate-start-postcopy")
                 switched = True
+            growth(info)
+            sampler(info)
+            if "ram" in info:
+                last.update(info)
             return info
 
         try:
@@ -256,14 +308,33 @@ def run(args: argparse.Namespace) -> int:
             console.print("[yellow]interrupted: cancelling the migration[/]")
             qmp.command("migrate_cancel")
             info = follow(lambda: qmp.command("query-migrate"), quiet=True, timeout=30)
+        if stopped and info.get("status") != "completed":
+            qmp.command("cont")  # as it was before --stop
+        source_report = None
+        if args.report:
+            with contextlib.suppress(LivemigError):  # QEMU has no such command
+                source_report = qmp.command("x-query-migration-report")
+    info = with_last_progress(info, last or None)
     verified = info.get("x-verified") if args.verify else None
     dest_info = _destination_result(args.dest_qmp) if args.dest_qmp is not None else None
+    paths = None
+    if args.report:
+        rep = timeline.build(
+            config={"uri": args.uri, "capabilities": caps, "parameters": dict(args.params)},
+            source_final=info, source_report=source_report, destination_final=dest_info,
+            samples=sampler.samples, sample_t0=sampler.t0,
+            verification={"ram-hashes-equal": verified} if args.verify else None,
+        )  # fmt: skip
+        paths = timeline.save(rep, Path(args.report))
     if args.json:
         out = dict(info)
+        out["changed"] = {"source": changed, "destination": dest_changed}
         if args.verify:
             out["verified"] = bool(verified)
         if dest_info is not None:
             out["destination"] = dest_info
+        if paths is not None:
+            out["report"] = [str(p) for p in paths]
         json.dump(out, sys.stdout, indent=2, sort_keys=True)
         print()
     else:
@@ -282,5 +353,7 @@ def run(args: argparse.Namespace) -> int:
             # the destination's reason is in its own log; the likeliest one is worth saying
             extra["hint"] = (f"the destination needs {', '.join(need)} too: set it there "
                              "before migrate-incoming, or pass --dest-qmp")  # fmt: skip
-        Console().print(summary_table(info, extra or None))
+        Console().print(summary_table(info, extra or None, dest_info))
+        if paths is not None:
+            print(f"report: {paths[0]}\nplots:  {paths[1]}")
     return 0 if info.get("status") == "completed" else 1

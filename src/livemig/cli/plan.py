@@ -18,27 +18,33 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from livemig.errors import LivemigError
+from livemig.cli import describe
+from livemig.errors import LivemigError, UsageError
 from livemig.migration.planner import Prediction, predict
 from livemig.units import format_size, parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="predict a migration of a running guest, recommend a strategy",
-                       description=__doc__.split("\n\n")[0])  # fmt: skip
+                       description=describe(__doc__))  # fmt: skip
     p.add_argument("--qmp", required=True, help="QMP of the running livemig: unix:PATH|tcp:H:P")
     p.add_argument("--bandwidth", default=None,
                    help="link bandwidth in bytes/s, e.g. 1G (default: loopback TCP, measured "
                         "now); pre-copy is also held to the source's max-bandwidth")  # fmt: skip
     p.add_argument(
-        "--downtime-limit",
-        type=int,
-        default=None,
-        help="ms (default: the source's downtime-limit parameter)",
-    )
+        "--set", dest="params", action="append", type=_param, default=[],
+        metavar="PARAM=VALUE", help="plan as if the source had this migration parameter, e.g. "
+        "downtime-limit=50 or max-bandwidth=1G (default: the source's own)",
+    )  # fmt: skip
     p.add_argument("--seconds", type=float, default=3.0, help="how long to sample (default 3)")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
     p.set_defaults(func=run)
+
+
+def _param(text: str) -> tuple[str, Any]:
+    from livemig.cli.migrate import _param as parse
+
+    return parse(text)
 
 
 def sample(qmp: Any, seconds: float) -> dict[str, Any]:
@@ -85,19 +91,25 @@ def loopback_bandwidth(nbytes: int = 64 << 20) -> float:
     return nbytes / elapsed
 
 
-def plan_for(qmp: Any, seconds: float, link: int | None, downtime_limit: int | None
-             ) -> Prediction:  # fmt: skip
-    """Sample the guest behind ``qmp`` and predict its migration.
+def plan_for(qmp: Any, seconds: float, link: int | None,
+             overrides: dict[str, Any] | None = None) -> Prediction:  # fmt: skip
+    """Sample the guest behind ``qmp`` and predict its migration, with the source's migration
+    parameters (``overrides`` replacing some).
 
     Pre-copy is paced at ``max-bandwidth`` (or the link, if that is slower or the limit is
     off); the blackout is not rate limited, so it runs at the link's speed: ``link`` if given,
-    else loopback TCP measured now (a local migration).
+    else loopback TCP measured now (a local migration). A guest that is not running dirties
+    nothing: its measured rate says nothing about the migration, so that is an error.
     """
-    params = qmp.command("query-migrate-parameters")
+    state = qmp.command("query-status").get("status")
+    if state != "running":
+        raise UsageError(f"the guest is not running (run state {state}): a plan needs its "
+                         "dirty rate while it runs; start it (QMP cont) and plan again")  # fmt: skip
+    params = {**qmp.command("query-migrate-parameters"), **(overrides or {})}
     limit_bw = params.get("max-bandwidth", 0)
     stop_bw = float(link) if link else loopback_bandwidth()
     bw = min(limit_bw, stop_bw) if limit_bw else stop_bw
-    limit = downtime_limit if downtime_limit is not None else params.get("downtime-limit", 300)
+    limit = params.get("downtime-limit", 300)
     res = sample(qmp, seconds)
     pred = predict(populated=res["x-populated"], working_set=res["x-working-set"],
                    dirty_rate=res["x-dirty-rate-bytes"], bandwidth=bw,
@@ -112,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     bw = parse_size(args.bandwidth, "--bandwidth") if args.bandwidth else None
     with QMPConnection(args.qmp).connect() as qmp:
-        pred = plan_for(qmp, args.seconds, bw, args.downtime_limit)
+        pred = plan_for(qmp, args.seconds, bw, dict(args.params))
     if args.json:
         json.dump(pred.as_dict(), sys.stdout, indent=2)
         print()
@@ -136,13 +148,20 @@ def prediction_table(pred: Prediction) -> Table:
             f"{format_size(i.get('link-bytes-per-s', 0))}/s ({i.get('link', 'given')})",
         ),
         ("downtime limit", f"{i['downtime-limit-ms']} ms"),
-        ("pre-copy converges", "yes" if pred.converges else "no"),
-        ("passes", str(pred.passes)),
-        ("total time", "-" if pred.total_time_s is None else f"{pred.total_time_s:.2f} s"),
-        ("downtime", "-" if pred.downtime_s is None else f"{pred.downtime_s * 1000:.0f} ms"),
+        ("pre-copy alone", "converges" if pred.converges
+         else f"never fits the {i['downtime-limit-ms']} ms limit"),
         ("recommendation", f"[bold]{pred.recommendation}[/]"),
         ("why", pred.reason),
-    ]
+    ]  # fmt: skip
+    rec = pred.recommendation
+    if pred.recommendation != "post-copy":
+        rows.append((f"passes ({rec})", str(pred.passes)))
+    rows += [
+        (f"total time ({rec})", "-" if pred.total_time_s is None
+         else f"{pred.total_time_s:.2f} s"),
+        (f"downtime ({rec})", "-" if pred.downtime_s is None
+         else f"{pred.downtime_s * 1000:.0f} ms"),
+    ]  # fmt: skip
     for k, v in rows:
         t.add_row(k, v)
     return t

@@ -36,7 +36,7 @@ from livemig.transport.tls import load_creds, set_migration_tls
 from livemig.wire import events as E
 from livemig.wire.decoder import Decoder
 from livemig.wire.encoder import Encoder
-from livemig.wire.returnpath import ReturnPathDecoder, Shut
+from livemig.wire.returnpath import ReturnPathDecoder, Shut, XError
 from livemig.wire.vmdesc import find_vmdesc
 
 PAGE_SHIFT = 12
@@ -64,6 +64,7 @@ class _ReturnPath:
         self.ch = ch
         self.shut: int | None = None
         self.error: str | None = None
+        self.reason: str | None = None  # a livemig destination's own words (XError)
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="return path", daemon=True)
         self.thread.start()
@@ -83,6 +84,8 @@ class _ReturnPath:
                 for msg in dec.events():
                     if isinstance(msg, Shut):
                         self.shut = msg.status
+                    elif isinstance(msg, XError):
+                        self.reason = msg.reason
         except (ChannelError, StreamError) as exc:
             self.error = str(exc)
         except Exception as exc:  # a bug: say so rather than print a traceback
@@ -229,15 +232,17 @@ def run(args: argparse.Namespace) -> int:
             if not rep.rp.done.wait(args.timeout):
                 raise LivemigError(f"no SHUT from the destination within {args.timeout} s")
             if rep.rp.shut != 0:
-                why = rep.rp.error or ("no SHUT" if rep.rp.shut is None else f"SHUT {rep.rp.shut}")
+                why = rep.rp.reason or rep.rp.error or (
+                    "no SHUT" if rep.rp.shut is None else f"SHUT {rep.rp.shut}")  # fmt: skip
                 raise LivemigError(f"the destination did not load the stream ({why})")
     except ChannelError as exc:
         if rep.sender is not None:
             rep.sender.close(graceful=False)
         if rep.rp is not None and rep.rp.done.wait(1) and rep.rp.shut:
             # the destination gave up first and said so; the broken write only followed
-            raise LivemigError(f"the destination did not load the stream (SHUT "
-                               f"{rep.rp.shut}; then {exc})") from None  # fmt: skip
+            raise LivemigError(f"the destination did not load the stream ("
+                               f"{rep.rp.reason or f'SHUT {rep.rp.shut}'}; then {exc})"
+                               ) from None  # fmt: skip
         # QEMU exits when a load fails (exit-on-error), often without a SHUT
         raise LivemigError(f"{exc} (the destination went away: its own log says why)") from None
     except BaseException:

@@ -10,7 +10,11 @@ from livemig.report import timeline
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="draw a saved migration report (JSON) as PNG plots")
-    p.add_argument("file", type=Path, help="report JSON written by livemig demo / migrate")
+    p.add_argument(
+        "file",
+        type=Path,
+        help="report JSON written by livemig demo --out or livemig migrate --report",
+    )
     p.add_argument("--png", type=Path, default=None, help="output PNG (default: beside FILE)")
     p.set_defaults(func=run)
 

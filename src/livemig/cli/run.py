@@ -2,12 +2,16 @@
 
     livemig run --guest memstress --memory 1G --smp 2 --qmp unix:/tmp/a.sock [--append ARGS]
     livemig run --memory 1G --smp 2 --qmp unix:/tmp/b.sock --incoming tcp:0:4444 | defer
+    livemig run --memory 1G --incoming file:snap.mig --cap mapped-ram   # restore a snapshot
 
 The console goes to stdout (``--serial`` for another back-end). ``--qmp`` serves QEMU's
 monitor protocol on ``unix:PATH`` or ``tcp:HOST:PORT``: the machine commands (stop, cont,
 quit, query-status, ...) and, when the migration layer is installed, the migration commands.
 ``-S`` leaves the guest in ``prelaunch`` until ``cont``. ``--incoming`` starts in ``inmigrate``
 and takes the guest (RAM, CPUs, devices) from a migration stream instead of ``--guest``.
+``--cap`` and ``--set`` set migration capabilities and parameters at start, as QEMU's
+``-global migration.x=y`` does: they are this process's defaults (what ``livemig migrate``
+returns to for what it is not asked), and an incoming migration starts with them.
 
 The exit status is the guest's own (its ``exit()`` / the power port), 0 after ``quit``, 1 when
 the guest faulted, 130 on Ctrl-C.
@@ -22,20 +26,26 @@ import threading
 from typing import Any
 
 from livemig.errors import UsageError
+from livemig.guests import builtin_guests
 from livemig.machine import Machine, RunState
 from livemig.machine.options import add_machine_arguments, machine_from_args
 from livemig.units import format_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser("run", help="run a guest on the emulated machine")
+    parser = sub.add_parser("run", help="run a guest on the emulated machine",
+                            description="Boot a guest on the emulated machine (or receive one "
+                            "by migration) and run it until it ends or is stopped.",
+                            epilog=__doc__.split("\n\n", 1)[1],
+                            formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument(
         "--guest", "-g", metavar="NAME|FILE.c",
-        help="built-in guest (memstress, compute, idle) or a freestanding C file",
+        help=f"built-in guest ({', '.join(builtin_guests())}) or a freestanding C file",
     )  # fmt: skip
     parser.add_argument(
         "--append", "-a", metavar="ARGS", default="",
-        help='boot arguments for the guest, e.g. "ws=64M rate=20000"',
+        help='boot arguments for the guest, checked for the built-in ones, e.g. memstress '
+        '"ws=64M rate=20000" (rate in 4 KiB pages per second)',
     )  # fmt: skip
     parser.add_argument("--qmp", metavar="URI", help="QMP monitor: unix:PATH or tcp:HOST:PORT")
     parser.add_argument(
@@ -57,7 +67,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--serve", metavar="URI",
         help="bridge client connections on tcp:HOST:PORT or unix:PATH to the guest's ring "
-        "device (guest kvserver); kept across a migration (QMP x-serve-redirect)",
+        "device (guest kvserver); the clients follow the guest when it migrates (a "
+        "destination needs no --serve for that)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cap", dest="caps", action="append", default=[], metavar="NAME[=on|off]",
+        help="migration capability at start (QEMU: -global migration.NAME=on), e.g. mapped-ram "
+        "to restore a mapped-ram snapshot, multifd to receive one",
+    )  # fmt: skip
+    parser.add_argument(
+        "--set", dest="params", action="append", default=[], metavar="PARAM=VALUE",
+        help="migration parameter at start, e.g. multifd-channels=4 downtime-limit=50",
     )  # fmt: skip
     add_machine_arguments(parser)
     parser.set_defaults(func=run)
@@ -78,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
     image = None
     if args.guest:
         from livemig.guests import build_guest
+        from livemig.guests.args import check_guest_args
 
         image = build_guest(args.guest)  # compile errors surface before any RAM is taken
+        check_guest_args(args.guest, args.append)  # built-in guests only
     machine = machine_from_args(args)
     try:
         return _run(args, machine, image)
@@ -89,15 +111,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, machine: Machine, image: Any) -> int:
     quit_event = threading.Event()
-    server = _start_control(args, machine, quit_event)
+    server, manager = _start_control(args, machine, quit_event)
     front = None
     try:
-        if args.serve:  # the service front (livemig.service): clients reach the guest here
+        if args.serve or args.incoming is not None:
+            # the service front (livemig.service): clients reach the guest here, and follow
+            # it when it migrates; a destination has one to take them over
             from livemig.service import start_service
 
             registry = server.registry if server is not None else None
-            front = start_service(machine, args.serve, registry)
-            print(f"livemig run: serving on {front.address}", file=sys.stderr)
+            front = start_service(machine, args.serve, registry, manager)
+            if args.serve:
+                print(f"livemig run: serving on {front.address}", file=sys.stderr)
         ram = ", ".join(f"{b.idstr}={format_size(b.size)}" for b in machine.ram_blocks)
         if image is not None:
             machine.load_guest(image.data, args.append)
@@ -138,8 +163,26 @@ def _wait(machine: Machine, quit_event: threading.Event) -> None:
             signal.signal(s, handler)
 
 
-def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threading.Event) -> Any:
-    """The QMP server (if ``--qmp``) and the migration manager (if QMP or ``--incoming``)."""
+def _start_settings(args: argparse.Namespace, manager: Any) -> None:
+    """``--cap`` / ``--set``: checked like QMP's (all or nothing), then this process's defaults."""
+    from livemig.migration.options import parse_cap, parse_param
+
+    caps = dict(parse_cap(c) for c in getattr(args, "caps", []))
+    params = dict(parse_param(p) for p in getattr(args, "params", []))
+    try:
+        if caps:
+            manager.caps.set(caps)
+        if params:
+            manager.params.set(params)
+    except UsageError as exc:
+        raise UsageError(f"--cap/--set: {exc}") from exc
+    manager.mark_defaults()
+
+
+def _start_control(
+    args: argparse.Namespace, machine: Machine, quit_event: threading.Event
+) -> tuple[Any, Any]:
+    """The QMP server (if ``--qmp``) and the migration manager."""
     server = control = None
     if args.qmp:
         from livemig.qmp import CommandRegistry, QMPServer
@@ -173,6 +216,7 @@ def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threa
 
         load_creds(args.tls_creds, "server")  # a bad directory is a usage error at start
         manager.params.set({"tls-creds": args.tls_creds})
+    _start_settings(args, manager)
     if server is not None:
         register_migration_commands(server.registry, manager)
 
@@ -197,5 +241,10 @@ def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threa
     if server is not None:
         server.start()
     if args.incoming is not None and args.incoming != "defer":
-        manager.incoming_start(args.incoming)
-    return server
+        try:
+            manager.incoming_start(args.incoming)
+        except BaseException:
+            if server is not None:
+                server.close()  # removes its socket file: nothing listens there any more
+            raise
+    return server, manager

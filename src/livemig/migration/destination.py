@@ -6,7 +6,8 @@ RAM page batches are copied into their RAMBlocks (bounds checked), FULL sections
 EOF, then the vCPUs and devices are restored all at once and the guest starts if the source's
 global state says it was running (unless the destination was started paused, QEMU's ``-S``).
 With a return path the destination answers PINGs and ends with SHUT(0), or SHUT(1) on a load
-error, which tells the source to keep its guest.
+error, which tells the source to keep its guest; a livemig source (it sends a PING of
+``X_FEATURES_PING``) first gets the error itself (``XError``), whatever failed the load.
 
 A malformed stream fails the migration with the decoder's message (it names the stream
 offset); nothing outside guest RAM is written, and every read has a time-out.
@@ -28,11 +29,13 @@ from livemig.migration.source import MACHINE_TYPE, VERIFY_IDSTR, ram_hashes, ver
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_vmsd
 from livemig.savevm.devices import decode_globalstate, descriptions, machine_entries
+from livemig.savevm.machine_check import MACHINE_IDSTR, MACHINE_VMSD, check_machine
 from livemig.savevm.ram import RamLoader
 from livemig.savevm.xbzrle_cache import load_xbzrle
 from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener
 from livemig.wire import events as E
 from livemig.wire import returnpath as RP
+from livemig.wire.constants import X_FEATURES_PING
 from livemig.wire.decoder import Decoder
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,7 @@ class IncomingMigration:
         self._states: list[tuple[Any, dict[str, Any]]] = []
         self._runstate = "running"
         self._return_path = False
+        self._peer_reads_x_error = False  # the source sent X_FEATURES_PING
         self._rp_lock = threading.Lock()
         self._rp_encoder = RP.ReturnPathEncoder()
         self._cancel = threading.Event()
@@ -92,6 +96,7 @@ class IncomingMigration:
         self.source_hashes: dict[str, str] | None = None
         self.source_state: dict[str, Any] | None = None  # x-verify-state digests
         self.state_verified: bool | None = None
+        self.guest_started = False  # once True, the source must never run its copy again
         self.timeline: dict[str, float] = {}
         self.thread = threads.Thread(target=self._run, name="incoming", daemon=True)
         if state.status == MigrationStatus.NONE:
@@ -128,13 +133,13 @@ class IncomingMigration:
             log.warning("incoming migration failed: %s", reason)
             if self.postcopy is not None:
                 self.postcopy.fail()
-            self._shut(1)
+            self._shut(1, reason)
             self.state.try_move(self.state.status, MigrationStatus.FAILED, error=reason)
         except BaseException as exc:
             log.exception("incoming migration crashed")
             if self.postcopy is not None:
                 self.postcopy.fail()  # the guest may be running on pages it does not have
-            self._shut(1)
+            self._shut(1, f"internal error: {exc!r}")
             self.state.try_move(self.state.status, MigrationStatus.FAILED,
                                 error=f"internal error: {exc!r}")  # fmt: skip
         finally:
@@ -153,9 +158,11 @@ class IncomingMigration:
             except ChannelTimeout:
                 continue
 
-    def _shut(self, status: int) -> None:
+    def _shut(self, status: int, reason: str | None = None) -> None:
         if self._return_path and self.channel is not None:
             try:
+                if status and reason and self._peer_reads_x_error:
+                    self._send_rp(RP.XError(reason, not_started=not self.guest_started))
                 self._send_rp(RP.Shut(status))
             except ChannelError:
                 pass
@@ -168,7 +175,7 @@ class IncomingMigration:
     def _load(self) -> None:
         ch = self.channel
         assert ch is not None
-        dec = Decoder(devices={**descriptions(self.entries),
+        dec = Decoder(devices={**descriptions(self.entries), MACHINE_IDSTR: MACHINE_VMSD,
                                VERIFY_IDSTR: verify_vmsd(self.machine.ram_blocks),
                                STATE_IDSTR: state_vmsd(self.entries)},
                       block_sizes=self.loader.block_sizes())  # fmt: skip
@@ -247,6 +254,7 @@ class IncomingMigration:
         elif isinstance(ev, E.Ping):
             if not self._return_path:
                 raise StreamError("PING without a return path", dec.offset)
+            self._peer_reads_x_error |= ev.value == X_FEATURES_PING
             self._send_rp(RP.Pong(ev.value))
         elif isinstance(ev, E.SectionStart):
             if ev.idstr != "ram":
@@ -260,6 +268,9 @@ class IncomingMigration:
     def _on_full(self, ev: Any, dec: Decoder) -> None:
         if ev.idstr == "globalstate":
             self._runstate = decode_globalstate(ev.state)
+            return
+        if ev.idstr == MACHINE_IDSTR:
+            check_machine(self.machine, ev.state, dec.offset)  # at setup: before any RAM
             return
         if ev.idstr == VERIFY_IDSTR:
             self.source_hashes = {k: bytes(v).hex() for k, v in ev.state.items()}
@@ -282,9 +293,11 @@ class IncomingMigration:
         self.machine.invalidate_translations()
         self.check_state()
         if self.source_hashes is not None:
+            t0 = time.monotonic()
             mine = ram_hashes(self.machine.ram_blocks)
             equal = mine == self.source_hashes
-            self.verify = {"equal": equal, "source": self.source_hashes, "destination": mine}
+            self.verify = {"equal": equal, "source": self.source_hashes, "destination": mine,
+                           "hash-ms": round((time.monotonic() - t0) * 1000, 1)}  # fmt: skip
             if not equal:
                 bad = [k for k in mine if mine[k] != self.source_hashes.get(k)]
                 raise StreamError(f"verification failed: RAM blocks differ: {', '.join(bad)}")
@@ -300,6 +313,7 @@ class IncomingMigration:
 
     def _start_guest(self) -> None:
         m = self.machine
+        self.guest_started = True
         if self._runstate == "running" and self._autostart():
             m.set_runstate(RunState.RUNNING)
         else:
@@ -326,6 +340,8 @@ class IncomingMigration:
             out["error-desc"] = self.state.error
         if self.verify is not None:
             out["x-verify"] = {"equal": self.verify["equal"]}
+            if "hash-ms" in self.verify:  # pre-copy: hashed in the blackout (post-copy: not)
+                out["x-verify-ms"] = self.verify["hash-ms"]
         if self.state_verified is not None:
             out.setdefault("x-verify", {})["state-equal"] = self.state_verified
         if self.postcopy is not None:

@@ -50,8 +50,15 @@ class MigrationManager:
         self.dirty_rate_job: DirtyRateMeasurement | None = None
         self._lock = threading.Lock()
         self._done_callbacks: list[Callable[[str, bool], None]] = []
+        self.mark_defaults()
         for st in (self.source, self.dest):
             st.add_listener(self._on_status)
+
+    def mark_defaults(self) -> None:
+        """What the process started with (QEMU's defaults, or ``run --cap/--set``, QEMU's
+        ``-global migration.x=y``) is this process's default: ``x-query-migrate-defaults``
+        tells ``livemig migrate`` what to go back to for what it was not asked."""
+        self.defaults = {"capabilities": self.caps.query(), "parameters": self.params.query()}
 
     def emit(self, name: str, data: dict[str, Any] | None = None) -> None:
         self._emit(name, data)
@@ -305,6 +312,7 @@ def register_migration_commands(registry: Any, manager: MigrationManager) -> Non
         lambda **kw: manager.set_parameters({k.replace("_", "-"): v for k, v in kw.items()})),
         args=param_args)  # fmt: skip
     registry.add("query-migrate-parameters", wrap(manager.params.query))
+    registry.add("x-query-migrate-defaults", wrap(lambda: manager.defaults))
     registry.add("query-migrate", wrap(manager.query_migrate))
     registry.add("query-migrationthreads", wrap(manager.query_threads))
     from livemig.migration.postcopy_source import register_postcopy_commands

@@ -207,3 +207,57 @@ class Parameters:
                     "Parameter 'max-cpu-throttle' must not be below 'cpu-throttle-initial'"
                 )
             self._values = merged
+
+
+# -- settings as people type them (``--set NAME=VALUE``, ``--cap NAME[=on|off]``) ----------------
+
+# Not tuning knobs but the process's identity: set once at start (``run --tls-creds``), never
+# reset by ``livemig migrate``.
+UNMANAGED_PARAMETERS = frozenset({"tls-creds", "tls-hostname", "tls-authz"})
+
+
+def parse_param(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` to (name, typed value): integers with size suffixes for byte counts and
+    rates (``20M``), on/off for booleans, text otherwise. Unknown names keep a best-effort value
+    (a QEMU source may know parameters livemig does not) and are checked by whoever sets them."""
+    from livemig.units import parse_size
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise UsageError(f"expected NAME=VALUE, got {text!r}")
+    spec = _SPECS.get(name)
+    low = value.lower()
+    if spec is None or spec.type is bool:
+        if low in ("on", "true", "yes"):
+            return name, True
+        if low in ("off", "false", "no"):
+            return name, False
+        if spec is not None:
+            raise UsageError(f"parameter {name!r}: expected on or off, got {value!r}")
+    if spec is None or spec.type is int:
+        if spec is not None and spec.unit.startswith("bytes"):
+            return name, parse_size(value, name)
+        try:
+            return name, int(value)
+        except ValueError:
+            if spec is not None:
+                raise UsageError(f"parameter {name!r}: expected an integer, got {value!r}") \
+                    from None  # fmt: skip
+    return name, value
+
+
+def parse_cap(text: str) -> tuple[str, bool]:
+    """``NAME`` or ``NAME=on|off`` to (name, state)."""
+    name, sep, value = text.partition("=")
+    if not name:
+        raise UsageError(f"expected NAME[=on|off], got {text!r}")
+    if not sep:
+        return name, True
+    if value.lower() not in ("on", "off", "true", "false", "yes", "no"):
+        raise UsageError(f"capability {name!r}: expected on or off, got {value!r}")
+    return name, value.lower() in ("on", "true", "yes")
+
+
+def default_parameters() -> dict[str, Any]:
+    """QEMU's defaults (and livemig's for its own ``x-`` parameters)."""
+    return {p.name: p.default for p in PARAMETERS}

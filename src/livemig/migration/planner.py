@@ -29,7 +29,9 @@ STALL_TOLERANCE = 0.10  # remaining bytes within 10% of the previous pass: not s
 
 @dataclass
 class Prediction:
-    """What the planner expects, and why."""
+    """What the planner expects, and why. ``converges`` is about pre-copy alone; ``passes``,
+    ``total_time_s`` and ``downtime_s`` forecast the recommended strategy, so the two never
+    disagree (pre-copy alone may never converge where auto-converge does)."""
 
     converges: bool
     passes: int
@@ -126,7 +128,7 @@ def predict(
                                            downtime_limit_ms, stop_bandwidth,
                                            refine=refine)  # fmt: skip
     if ok2 and throttled < bandwidth * 0.5:
-        return Prediction(True, len(passes2), total2, down2, "auto-converge",
+        return Prediction(False, len(passes2), total2, down2, "auto-converge",
                           f"pre-copy alone never fits the {downtime_limit_ms} ms limit "
                           f"({_mb(dirty_rate)}/s dirtied vs {_mb(bandwidth)}/s); throttling "
                           f"the vCPUs (up to {cap}%) brings the rate under the link",
@@ -152,12 +154,23 @@ class ProgressJudge:
         self._last_t: float | None = None
 
     def update(self, t: float, info: dict[str, Any]) -> tuple[str, float | None]:
-        """Feed one sample (time in s); returns (verdict, seconds left or None)."""
+        """Feed one sample (time in s); returns (verdict, seconds left or None). The verdict
+        fits the phase: "first pass" only in the first pass, no trend until three passes are
+        known ("" then), and in post-copy the pull of what is left, with no downtime ahead."""
         ram = info.get("ram", {})
         status = info.get("status")
         if status in ("completed", "failed", "cancelled"):
             self.verdict = status
             return self.verdict, 0.0
+        if status in ("setup", "none", None):
+            self.verdict = ""  # nothing measured yet: no verdict, no count-down to keep
+            return self.verdict, None
+        if str(status).startswith("postcopy"):
+            self.verdict = "guest on the destination, pulling the rest"
+            bw = ram.get("mbps", 0) * 1e6 / 8
+            left = ram.get("remaining", 0) / bw if bw > 0 else None
+            self._eta_left, self._last_t = left, t
+            return self.verdict, left
         passes = ram.get("dirty-sync-count", 0)
         remaining = ram.get("remaining", 0)
         if passes not in self._pass_remaining:
@@ -171,13 +184,17 @@ class ProgressJudge:
                 self.verdict = "diverging"
             elif abs(c - b) <= b * STALL_TOLERANCE:
                 self.verdict = "stalled"
-        elif passes <= 2:
+            else:
+                self.verdict = ""  # no clear trend
+        elif passes <= 1:
             self.verdict = "first pass"
+        else:
+            self.verdict = ""  # a trend needs three passes
         left = self._estimate(ram, info)
         if left is not None and self._eta_left is not None and self._last_t is not None:
             # a count-down only counts down: never show more time left than before
             left = min(left, max(0.0, self._eta_left - (t - self._last_t)))
-        if self.verdict in ("stalled", "diverging"):
+        if self.verdict in ("stalled", "diverging") or status != "active":
             left = None
         self._eta_left, self._last_t = left, t
         return self.verdict, left

@@ -326,6 +326,7 @@ class PostcopyIncoming:
     def _run(self, runstate: str) -> None:
         m = self.machine
         m.invalidate_translations()
+        self.inc.guest_started = True  # from here the source must never run its copy again
         self.t_run = time.monotonic()
         self.inc.timeline["postcopy-run"] = self.t_run
         if runstate == "running" and self.inc._autostart():

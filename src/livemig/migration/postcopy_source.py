@@ -573,6 +573,7 @@ class PostcopySource:
             except (ChannelError, OSError, MigrationError) as exc:
                 if mig._cancel.is_set():
                     raise
+                self._refused_before_run()
                 self._paused(str(exc))
                 self._recover()
 
@@ -653,6 +654,17 @@ class PostcopySource:
         mig.state.move(MigrationStatus.COMPLETED)
 
     # -- recovery ---------------------------------------------------------------------------------
+
+    def _refused_before_run(self) -> None:
+        """A livemig destination that failed before POSTCOPY_RUN says so (XError): the guest
+        never ran there and every page is still here, so this side takes it back (fails and
+        runs it again) instead of waiting in postcopy-paused for a recovery that cannot come."""
+        mig = self.mig
+        if mig._rp_thread is not None and mig._rp_shut is None:
+            mig._rp_event.wait(0.5)  # the XError and SHUT may still be on their way
+        if mig._rp_reason is not None and mig._rp_not_started:
+            mig._stopped_guest = True
+            raise MigrationError(mig._refused())
 
     def _paused(self, reason: str) -> None:
         mig = self.mig

@@ -45,10 +45,12 @@ from livemig.savevm.devices import (
     encode_globalstate,
     machine_entries,
 )
+from livemig.savevm.machine_check import MACHINE_IDSTR, MACHINE_VMSD, describe_machine
 from livemig.savevm.ram import RamSaver
 from livemig.transport import Channel, ChannelError, ChannelTimeout, RateLimiter, connect
 from livemig.wire import events as E
 from livemig.wire import returnpath as RP
+from livemig.wire.constants import X_FEATURES_PING
 from livemig.wire.encoder import Encoder
 from livemig.wire.returnpath import ReturnPathDecoder
 
@@ -157,10 +159,13 @@ class OutgoingMigration:
         self._rp_shut: int | None = None
         self._rp_event = threading.Event()
         self._rp_error: str | None = None
+        self._rp_reason: str | None = None  # the destination's own error (XError)
+        self._rp_not_started = False  # ... and it said the guest never ran there
         self._stopped_guest = False
         self._t_stop: float | None = None
         self._was_running = False
         self.verified: bool | None = None
+        self.verify_time = 0.0  # s spent hashing RAM for x-verify (the source's part)
         self.tracker_name = ""
         self.timeline: list[dict[str, Any]] = []
         self.postcopy: Any = None  # PostcopySource with capability postcopy-ram
@@ -229,9 +234,23 @@ class OutgoingMigration:
         says "Broken pipe", which hides why."""
         if self._rp_thread is not None and self._rp_shut is None:
             self._rp_event.wait(0.5)  # the SHUT may still be on its way
+        if self._rp_reason is not None:
+            return self._refused()
         if self._rp_shut not in (None, 0) and "SHUT" not in str(exc):
             return f"destination failed to load the migration (SHUT {self._rp_shut}): {exc}"
+        if (isinstance(exc, ChannelError) and not getattr(self, "return_path", True)
+                and self.channel is not None and self.channel.readable):  # fmt: skip
+            return (
+                f"{exc} (the destination closed the connection: its log says why; with "
+                "capability return-path on, its reason is reported here)"
+            )
         return str(exc)
+
+    def _refused(self) -> str:
+        """The destination's verdict: its own words when it sent them (XError)."""
+        if self._rp_reason is not None:
+            return f"destination refused: {self._rp_reason}"
+        return f"destination failed to load the migration (SHUT {self._rp_shut})"
 
     def _send(self, buffers: list, phase: str = "precopy", normal: int = 0, zero: int = 0) -> int:
         assert self.channel is not None
@@ -270,6 +289,7 @@ class OutgoingMigration:
             self.tracker.start()
         self.ram = RamSaver(self.machine.ram_blocks, populated)
         self.stats.zero_pages += self.ram.skipped_unpopulated
+        self.stats.unpopulated_pages = self.ram.skipped_unpopulated
         self.encoder = Encoder()
         enc = self.encoder
         bufs: list = []
@@ -280,6 +300,7 @@ class OutgoingMigration:
         if self.return_path:
             bufs += enc.send(E.OpenReturnPath())
             bufs += enc.send(E.Ping(1))
+            bufs += enc.send(E.Ping(X_FEATURES_PING))  # "send me your reason": wire/constants
             self._start_return_path()
         if "postcopy-ram" in caps:
             from livemig.migration.postcopy_source import PostcopySource
@@ -288,6 +309,10 @@ class OutgoingMigration:
                 raise MigrationError(f"post-copy needs a return path; {cfg.uri} has none")
             self.postcopy = PostcopySource(self)
             bufs += self.postcopy.advise()
+        # the machine's shape first: a destination that cannot take it refuses before any RAM
+        enc.devices[MACHINE_IDSTR] = MACHINE_VMSD
+        bufs += enc.send(E.SectionFull(1, MACHINE_IDSTR, 0, MACHINE_VMSD.version_id,
+                                       describe_machine(self.machine)))  # fmt: skip
         self._ram_sid = 2
         infos = tuple(E.RamBlockInfo(b.idstr, b.size) for b in self.machine.ram_blocks)
         bufs += enc.send(E.SectionStart(self._ram_sid, "ram", 0, RAM_SECTION_VERSION))
@@ -365,6 +390,9 @@ class OutgoingMigration:
     def _on_rp(self, msg: Any) -> None:
         if isinstance(msg, RP.Shut):
             self._rp_shut = msg.status
+        elif isinstance(msg, RP.XError):
+            self._rp_reason = msg.reason
+            self._rp_not_started = msg.not_started
         elif isinstance(msg, RP.Pong):
             log.debug("PONG %d", msg.value)
         elif self.postcopy is not None:
@@ -403,6 +431,20 @@ class OutgoingMigration:
         self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
         self._record_pass(reason)
         self._auto_converge(new)
+        self._warn_growing_snapshot()
+
+    def _warn_growing_snapshot(self) -> None:
+        """A file or pipe keeps every pass: say so once when it passes 3x the guest's RAM."""
+        s = self.stats
+        if (not getattr(self, "_growth_warned", False) and self.mapped_ram is None
+                and self.channel is not None and not self.channel.is_socket
+                and s.transferred > 3 * s.total_bytes):  # fmt: skip
+            self._growth_warned = True
+            log.warning("the snapshot has grown to %d bytes, %.1f times the guest's RAM: the "
+                        "guest dirties memory as fast as it is saved. Cancel it, or make it "
+                        "converge: stop the guest first, capability mapped-ram (a fixed-size "
+                        "file) or auto-converge", s.transferred,
+                        s.transferred / max(1, s.total_bytes))  # fmt: skip
 
     def _iterate(self) -> None:
         params = self.config.params
@@ -502,7 +544,7 @@ class OutgoingMigration:
         if self._rp_error is not None:
             raise MigrationError(self._rp_error)
         if self._rp_shut is not None and self._rp_shut != 0:
-            raise MigrationError(f"destination failed to load the migration (SHUT {self._rp_shut})")
+            raise MigrationError(self._refused())
 
     def _auto_converge(self, new_dirty: int) -> None:
         if "auto-converge" not in self.config.capabilities:
@@ -565,8 +607,10 @@ class OutgoingMigration:
         self.stats.downtime_breakdown = {
             "final-sync": t_sync - t_stop,
             "final-ram": t_ram - t_sync,
-            "device-state": t_dev - t_ram,
+            "device-state": t_dev - t_ram - self.verify_time,
         }
+        if self.config.verify:
+            self.stats.downtime_breakdown["verify-hashing"] = self.verify_time
         if self.return_path:
             self._await_shut()
         else:
@@ -612,7 +656,9 @@ class OutgoingMigration:
         gs = encode_globalstate("running" if self._was_running else "paused")
         states.append(("globalstate", 0, GLOBALSTATE_VMSD, gs))
         if self.config.verify:
+            t0 = time.monotonic()
             hashes = ram_hashes(self.machine.ram_blocks)
+            self.verify_time = time.monotonic() - t0  # in the blackout: reported on its own
             vs = verify_vmsd(self.machine.ram_blocks)
             states.append((VERIFY_IDSTR, 0, vs, {k: bytes.fromhex(v) for k, v in hashes.items()}))
             self.source_hashes = hashes
@@ -630,7 +676,7 @@ class OutgoingMigration:
         if self._rp_shut is None:
             raise MigrationError(self._rp_error or "return path closed without SHUT")
         if self._rp_shut != 0:
-            raise MigrationError(f"destination failed to load the migration (SHUT {self._rp_shut})")
+            raise MigrationError(self._refused())
 
     # -- failure and cleanup -----------------------------------------------------------------
 
@@ -704,6 +750,7 @@ class OutgoingMigration:
             out["ram"]["x-hot-pages"] = getattr(self.tracker, "hot_pages", 0)
         if self.config.verify and status == MigrationStatus.COMPLETED:
             out["x-verified"] = self.verified
+            out["x-verify-ms"] = round(self.verify_time * 1000, 1)
         if self.postcopy is not None:
             if "ram" in out:
                 out["ram"]["postcopy-requests"] = self.postcopy.requests

@@ -45,7 +45,10 @@ class MigrationStats:
     downtime_bytes: int = 0
     postcopy_bytes: int = 0
     normal_pages: int = 0
-    zero_pages: int = 0
+    zero_pages: int = 0  # QEMU's "duplicate": zero pages, unpopulated ones included
+    # never-populated pages: counted in zero_pages (QEMU, reading every page, would send each
+    # as a zero record) but not sent at all (zero on both sides)
+    unpopulated_pages: int = 0
     remaining: int = 0
     dirty_sync_count: int = 0
     dirty_pages_rate: int = 0
@@ -128,6 +131,7 @@ class MigrationStats:
             "total": self.total_bytes,
             "duplicate": self.zero_pages,
             "skipped": 0,
+            "x-unpopulated": self.unpopulated_pages,
             "normal": self.normal_pages,
             "normal-bytes": self.normal_pages * PAGE_SIZE,
             "dirty-pages-rate": self.dirty_pages_rate,

@@ -67,12 +67,24 @@ def build(
         "destination": destination_final or {},
         "passes": rep.get("passes", []),
         "phases": phases,
-        "downtime-breakdown": rep.get("downtime-breakdown", {}),
+        "downtime-breakdown": _breakdown(rep, destination_final),
         "postcopy": (destination_report or {}).get("postcopy", rep.get("postcopy", {})),
         "samples": samples or [],
         "prediction": prediction,
         "verification": verification,
     }
+
+
+def _breakdown(rep: dict[str, Any], dest: dict[str, Any] | None) -> dict[str, float]:
+    """The source's downtime breakdown, with the destination's --verify hashing moved out of
+    "resume" (the source waits for it inside that phase) into "verify-hashing"."""
+    bd = dict(rep.get("downtime-breakdown", {}))
+    hash_ms = (dest or {}).get("x-verify-ms")
+    if hash_ms and "resume" in bd:
+        moved = min(bd["resume"], hash_ms / 1000)
+        bd["resume"] -= moved
+        bd["verify-hashing"] = bd.get("verify-hashing", 0.0) + moved
+    return bd
 
 
 def save(report: dict[str, Any], stem: Path) -> tuple[Path, Path]:
@@ -93,12 +105,23 @@ def load(path: Path) -> dict[str, Any]:
         data = json.loads(Path(path).read_text())
     except OSError as exc:
         raise UsageError(f"cannot read report {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path} is not a report: not UTF-8 text (byte {exc.start}); a "
+                         "migration stream is read with livemig analyze") from exc  # fmt: skip
     except json.JSONDecodeError as exc:
         raise UsageError(f"{path} is not a report: JSON error at line {exc.lineno}: "
                          f"{exc.msg}") from exc  # fmt: skip
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise UsageError(f"{path} is not a livemig report (schema {SCHEMA})")
     return data
+
+
+def plotted_samples(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The samples the over-time panels draw: not those taken before the first pass counted
+    anything (setup: "remaining" 0, nothing sent), which drew the remaining bytes rising from
+    zero."""
+    return [s for s in report.get("samples", [])
+            if s.get("status") != "setup" and (s["transferred"] or s["remaining"])]  # fmt: skip
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -128,9 +151,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax2.plot(xs, [p["bandwidth"] / 1e6 for p in passes], "o-", color="tab:blue",
                  label="bandwidth")  # fmt: skip
         ax2.set_ylabel("bandwidth of the pass (MB/s)")
+        ax.set_xticks(xs)  # passes are whole numbers
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = ax2.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize="small")
     ax.set_title("dirty pages and bandwidth per pass")
 
-    samples = report.get("samples", [])
+    samples = plotted_samples(report)
     ts = [s["t"] for s in samples]
     ax = axes[0][1]
     ax.plot(ts, [s["transferred"] / 2**20 for s in samples], color="tab:green")

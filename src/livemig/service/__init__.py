@@ -1,8 +1,10 @@
 """Host side of guest services: ``livemig run --guest kvserver --serve tcp:HOST:PORT``.
 
 ``front`` bridges client connections to the machine's livemig-ring device and keeps them
-alive across a live migration (tunnel to the destination's front after switch-over); ``resp``
-frames RESP requests and has a small client. The guest end is ``guests/src/kvserver.c``.
+alive across a live migration with no extra step: the destination's front dials the source's
+follow listener (its address travels in the ring's device state) and the source forwards its
+clients through that tunnel (``docs/service.md``); ``resp`` frames RESP requests and has a small
+client. The guest end is ``guests/src/kvserver.c``.
 """
 
 from livemig.service.front import ServiceFront, parse_serve_uri, start_service

@@ -55,7 +55,7 @@ sections sent so far; ``bytes_sent`` counts output.
 
 Return path: ``ReturnPathDecoder`` / ``ReturnPathEncoder`` (``encode_rp``) with ``Shut``,
 ``Pong``, ``ReqPages`` (block None = REQ_PAGES), ``RecvBitmapReply``, ``ResumeAck``,
-``SwitchoverAck``. Multifd: ``MultifdInit``, ``MultifdPacket`` (``wire.multifd``). XBZRLE:
+``SwitchoverAck`` and livemig's ``XError``. Multifd: ``MultifdInit``, ``MultifdPacket`` (``wire.multifd``). XBZRLE:
 ``xbzrle.encode(old, new)`` / ``xbzrle.decode(encoded, page)``. vmdesc: ``build_vmdesc``,
 ``find_vmdesc``, ``descriptions_from_vmdesc`` (``wire.vmdesc``).
 """
@@ -108,6 +108,7 @@ from livemig.wire.returnpath import (
     RPMessage,
     Shut,
     SwitchoverAck,
+    XError,
     encode_rp,
 )
 from livemig.wire.vmdesc import build_vmdesc, descriptions_from_vmdesc, find_vmdesc
@@ -160,6 +161,7 @@ __all__ = [
     "SwitchoverStart",
     "UnknownLayoutError",
     "VMDescription",
+    "XError",
     "build_vmdesc",
     "cstr",
     "descriptions_from_vmdesc",

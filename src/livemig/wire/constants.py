@@ -76,6 +76,16 @@ class ReturnPathType(enum.IntEnum):
     RECV_BITMAP = 5
     RESUME_ACK = 6
     SWITCHOVER_ACK = 7
+    # livemig's own (far from QEMU's numbers): the reason the destination failed, sent before
+    # SHUT(1) and only to a source that announced it reads it (X_FEATURES_PING): a QEMU source
+    # never announces it, so it never receives one.
+    X_ERROR = 0x4C01
+
+
+# A PING value no QEMU source sends: a livemig source sends it after OPEN_RETURN_PATH to say
+# that it reads X_ERROR. Any destination answers a PING with PONG (QEMU's too), so the stream
+# stays one a QEMU destination loads.
+X_FEATURES_PING = 0x4C4D0001
 
 
 # Capability names that change the byte layout of the stream.

@@ -29,6 +29,7 @@ from livemig.errors import StreamError
 from livemig.vmstate import VMStateDescription, VMStateTruncated
 from livemig.wire import constants as C
 from livemig.wire import events as E
+from livemig.wire.xsections import BUILTIN_LAYOUTS
 
 _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
@@ -77,7 +78,7 @@ class Decoder:
         self._block_page_sizes = dict(block_page_sizes or {})
         self._host_page_size = host_page_size
         self.block_sizes: dict[str, int] = dict(block_sizes or {})
-        self._devices: dict[str, VMStateDescription] = dict(devices or {})
+        self._devices: dict[str, VMStateDescription] = {**BUILTIN_LAYOUTS, **(devices or {})}
         self._vmdesc_devices: dict[tuple[str, int], VMStateDescription] = {}
         if vmdesc is not None:
             from livemig.wire.vmdesc import descriptions_from_vmdesc

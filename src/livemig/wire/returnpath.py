@@ -2,6 +2,12 @@
 
 Each message is ``be16 type, be16 length, payload`` (payload at most 512 bytes); RECV_BITMAP is
 followed, outside its message, by ``be64 size, bitmap bytes, be64 0x0123456789ABCDEF``.
+
+``XError`` is livemig's own (type ``X_ERROR``): the destination's reason for failing, sent
+before SHUT(1) to a source that announced it reads it (a PING of ``X_FEATURES_PING`` in the
+stream); QEMU's return path has no such message. Payload: one flags byte (bit 0: the guest
+never ran on this destination, so the source may run its own copy again even after a
+post-copy switch), then the reason as UTF-8 text, cut to fit the 512-byte payload.
 """
 
 from __future__ import annotations
@@ -61,6 +67,21 @@ class SwitchoverAck(RPMessage):
     pass
 
 
+@dataclass(frozen=True)
+class XError(RPMessage):
+    """livemig's own: why the destination failed (see the module docstring)."""
+
+    reason: str
+    not_started: bool = False  # the guest never ran on the destination
+
+
+def _cut_utf8(text: str, limit: int) -> bytes:
+    raw = text.encode()
+    if len(raw) <= limit:
+        return raw
+    return raw[: limit - 3].decode(errors="ignore").encode() + b"..."
+
+
 def encode_rp(msg: RPMessage) -> bytes:
     """Wire form of one return-path message."""
     T = ReturnPathType
@@ -81,6 +102,9 @@ def encode_rp(msg: RPMessage) -> bytes:
         return _HEAD.pack(T.RESUME_ACK, 4) + struct.pack(">I", msg.value)
     if isinstance(msg, SwitchoverAck):
         return _HEAD.pack(T.SWITCHOVER_ACK, 0)
+    if isinstance(msg, XError):
+        body = bytes((int(msg.not_started),)) + _cut_utf8(msg.reason, MAX_RP_PAYLOAD - 1)
+        return _HEAD.pack(T.X_ERROR, len(body)) + body
     raise TypeError(f"not a return-path message: {msg!r}")
 
 
@@ -243,6 +267,10 @@ class ReturnPathDecoder:
         elif kind == T.SWITCHOVER_ACK:
             fixed(0, "SWITCHOVER_ACK")
             msg = SwitchoverAck()
+        elif kind == T.X_ERROR:
+            if not body:
+                raise StreamError("X_ERROR without its flags byte", self._base)
+            msg = XError(body[1:].decode(errors="replace"), bool(body[0] & 1))
         else:
             raise StreamError(f"unknown return-path message type {kind}", self._base)
         del buf[:used]

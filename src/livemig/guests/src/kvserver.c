@@ -2,7 +2,8 @@
  * kvserver.c - a key-value store speaking the Redis protocol (RESP) over the livemig-ring
  * device: the guest that shows a service keeping its clients across a live migration.
  *
- * Boot arguments: none needed (buckets=N sets the initial hash table size, default 4096).
+ * Boot arguments: buckets=N sets the initial size of the key table (default 4096; a power of
+ * two at least 16 is used). Unknown arguments are refused by the host (guests/args.py).
  *
  * It runs on vCPU 0 (the others park). Requests arrive as chains in the request ring
  * (ring.h): each chain holds whole RESP commands of one client connection, so the parser keeps
@@ -10,13 +11,24 @@
  * slots tagged with the same connection id. When no request is ready the guest waits on
  * RING_WAIT_PORT, which is also where the host picks the responses up.
  *
- * Data: a chained hash table over the whole heap (block 0 from heap_start to heap_end), with a
- * power-of-two size-class allocator (free lists, no coalescing: values are small and SET of a
- * same-size value reuses its entry in place). Everything the server knows lives in guest RAM
- * and registers, so any instruction boundary is a consistent migration point.
+ * Data: chained hash tables ("dicts") over the whole heap (block 0 from heap_start to
+ * heap_end), with a power-of-two size-class allocator (free lists, no coalescing). The key
+ * space is one dict; a key holds a string, or a pointer to a list (doubly linked nodes), a set
+ * or a hash (a dict of its own) or a sorted set (a dict member -> node plus a skip list ordered
+ * by score, then member). Everything the server knows lives in guest RAM and registers, so any
+ * instruction boundary is a consistent migration point.
  *
- * Commands: PING ECHO SET GET DEL INCR EXISTS DBSIZE MSET MGET FLUSHALL FLUSHDB SELECT QUIT
- * INFO CLIENT, and the CONFIG GET / COMMAND replies redis-benchmark and redis-cli ask for.
+ * Sorted-set scores are kept as exact canonical decimals (no binary floating point: the guest
+ * runtime has no float printing, and an exact decimal compares and prints without rounding):
+ * "1.50" is stored and returned as "1.5", "1e3" as "1000", inf and -inf as such. A score with
+ * more than 17 significant digits or more than SCORE_MAX characters is refused with an error
+ * that says so, rather than rounded.
+ *
+ * Commands: strings PING ECHO SET GET DEL EXISTS TYPE INCR DBSIZE MSET MGET; lists LPUSH RPUSH
+ * LPOP RPOP LLEN LINDEX LRANGE; sets SADD SREM SPOP SCARD SISMEMBER SMEMBERS; hashes HSET HMSET
+ * HGET HMGET HDEL HLEN HEXISTS HGETALL; sorted sets ZADD (NX XX CH) ZPOPMIN ZCARD ZSCORE ZRANGE
+ * (WITHSCORES) ZREM; FLUSHALL FLUSHDB SELECT QUIT INFO CLIENT, and the CONFIG GET / COMMAND
+ * replies redis-benchmark and redis-cli ask for. That is redis-benchmark's default test set.
  */
 #include "livemig.h"
 #include "ring.h"
@@ -62,7 +74,23 @@ static void release(void *p, int k)
 	free_list[k] = p;
 }
 
-/* ---- hash table ---- */
+static void *alloc_bytes(u64 n) { return alloc_class(size_class(n)); }
+static void release_bytes(void *p, u64 n) { release(p, size_class(n)); }
+
+/* xorshift64*: SPOP's choice and skip-list levels (state in RAM: it migrates too) */
+static u64 rng_state = 0x9E3779B97F4A7C15UL;
+
+static u64 rnd(void)
+{
+	rng_state ^= rng_state >> 12;
+	rng_state ^= rng_state << 25;
+	rng_state ^= rng_state >> 27;
+	return rng_state * 0x2545F4914F6CDD1DUL;
+}
+
+/* ---- dict: a chained hash table of entries (key bytes, value bytes, type) ---- */
+
+enum { T_STRING, T_LIST, T_SET, T_HASH, T_ZSET };
 
 struct entry {
 	struct entry *next;
@@ -70,14 +98,25 @@ struct entry {
 	u32 klen;
 	u32 vlen;
 	u32 cls;
-	u32 pad;
+	u32 type;
 	u8 data[]; /* key, then value */
 };
 
-static struct entry **table;
-static u64 table_mask;
-static int table_cls;
-static u64 nkeys;
+struct dict {
+	struct entry **table;
+	u64 mask;
+	u64 n;
+	u64 cls;
+};
+
+#define VAL(e) ((e)->data + (e)->klen)
+
+static void *ptr_of(struct entry *e)
+{
+	void *p;
+	memcpy(&p, VAL(e), sizeof(p));
+	return p;
+}
 
 static u64 hash_bytes(const u8 *p, u64 n)
 {
@@ -90,46 +129,47 @@ static u64 hash_bytes(const u8 *p, u64 n)
 	return h;
 }
 
-static int table_init(u64 buckets)
+static int dict_init(struct dict *d, u64 buckets)
 {
 	u64 n = 16;
 	while (n < buckets)
 		n <<= 1;
-	table_cls = size_class(n * sizeof(void *));
-	table = alloc_class(table_cls);
-	if (!table)
+	d->cls = (u64)size_class(n * sizeof(void *));
+	d->table = alloc_class((int)d->cls);
+	if (!d->table)
 		return -1;
-	memset(table, 0, n * sizeof(void *));
-	table_mask = n - 1;
+	memset(d->table, 0, n * sizeof(void *));
+	d->mask = n - 1;
+	d->n = 0;
 	return 0;
 }
 
-static void table_grow(void)
+static void dict_grow(struct dict *d)
 {
-	u64 n = (table_mask + 1) * 2;
+	u64 n = (d->mask + 1) * 2;
 	int cls = size_class(n * sizeof(void *));
 	struct entry **t = alloc_class(cls);
 	if (!t)
 		return; /* out of memory: keep the longer chains */
 	memset(t, 0, n * sizeof(void *));
-	for (u64 i = 0; i <= table_mask; i++) {
-		struct entry *e = table[i], *next;
+	for (u64 i = 0; i <= d->mask; i++) {
+		struct entry *e = d->table[i], *next;
 		for (; e; e = next) {
 			next = e->next;
 			e->next = t[e->hash & (n - 1)];
 			t[e->hash & (n - 1)] = e;
 		}
 	}
-	release(table, table_cls);
-	table = t;
-	table_cls = cls;
-	table_mask = n - 1;
+	release(d->table, (int)d->cls);
+	d->table = t;
+	d->cls = (u64)cls;
+	d->mask = n - 1;
 }
 
 /* The link that points at the entry for key (or at the end of its chain). */
-static struct entry **lookup(const u8 *key, u64 klen, u64 h)
+static struct entry **dict_link(struct dict *d, const u8 *key, u64 klen, u64 h)
 {
-	struct entry **link = &table[h & table_mask];
+	struct entry **link = &d->table[h & d->mask];
 	for (; *link; link = &(*link)->next) {
 		struct entry *e = *link;
 		if (e->hash == h && e->klen == klen && memcmp(e->data, key, klen) == 0)
@@ -138,69 +178,422 @@ static struct entry **lookup(const u8 *key, u64 klen, u64 h)
 	return link;
 }
 
-static struct entry *find(const u8 *key, u64 klen)
+static struct entry *dict_find(struct dict *d, const u8 *key, u64 klen)
 {
-	return *lookup(key, klen, hash_bytes(key, klen));
+	return *dict_link(d, key, klen, hash_bytes(key, klen));
 }
 
-/* Store key = val; -1 when the heap is full. */
-static int store(const u8 *key, u64 klen, const u8 *val, u64 vlen)
+/* Store key = val with type; the entry (it may have moved), or 0 when the heap is full.
+ * An entry of another type is replaced as it is: its owner frees what it pointed to first. */
+static struct entry *dict_store(struct dict *d, const u8 *key, u64 klen, const u8 *val, u64 vlen,
+				u32 type)
 {
 	u64 h = hash_bytes(key, klen);
-	struct entry **link = lookup(key, klen, h);
+	struct entry **link = dict_link(d, key, klen, h);
 	struct entry *old = *link;
 	u64 need = sizeof(struct entry) + klen + vlen;
 	if (old && need <= ((u64)16 << old->cls)) {
 		memcpy(old->data + klen, val, vlen);
 		old->vlen = (u32)vlen;
-		return 0;
+		old->type = type;
+		return old;
 	}
 	int cls = size_class(need);
 	struct entry *e = alloc_class(cls);
 	if (!e)
-		return -1;
+		return 0;
 	e->hash = h;
 	e->klen = (u32)klen;
 	e->vlen = (u32)vlen;
 	e->cls = (u32)cls;
+	e->type = type;
 	memcpy(e->data, key, klen);
 	memcpy(e->data + klen, val, vlen);
 	if (old) {
 		e->next = old->next;
 		*link = e;
-		release(old, old->cls);
+		release(old, (int)old->cls);
 	} else {
-		e->next = table[h & table_mask];
-		table[h & table_mask] = e;
-		if (++nkeys > table_mask + 1)
-			table_grow();
+		e->next = d->table[h & d->mask];
+		d->table[h & d->mask] = e;
+		if (++d->n > d->mask + 1)
+			dict_grow(d);
 	}
-	return 0;
+	return e;
 }
 
-static int delete(const u8 *key, u64 klen)
+/* Remove key's entry and return it (the caller releases it), or 0. */
+static struct entry *dict_unlink(struct dict *d, const u8 *key, u64 klen)
 {
-	struct entry **link = lookup(key, klen, hash_bytes(key, klen));
+	struct entry **link = dict_link(d, key, klen, hash_bytes(key, klen));
 	struct entry *e = *link;
+	if (e) {
+		*link = e->next;
+		d->n--;
+	}
+	return e;
+}
+
+static int dict_delete(struct dict *d, const u8 *key, u64 klen)
+{
+	struct entry *e = dict_unlink(d, key, klen);
+	if (e)
+		release(e, (int)e->cls);
+	return e != 0;
+}
+
+/* A random entry (SPOP): a random non-empty bucket, a random place in its chain. */
+static struct entry *dict_random(struct dict *d)
+{
+	if (!d->n)
+		return 0;
+	struct entry *e;
+	do
+		e = d->table[rnd() & d->mask];
+	while (!e);
+	u64 len = 0;
+	for (struct entry *x = e; x; x = x->next)
+		len++;
+	for (u64 k = rnd() % len; k; k--)
+		e = e->next;
+	return e;
+}
+
+static void dict_clear(struct dict *d, void (*drop)(struct entry *))
+{
+	for (u64 i = 0; i <= d->mask; i++) {
+		struct entry *e = d->table[i], *next;
+		for (; e; e = next) {
+			next = e->next;
+			if (drop)
+				drop(e);
+			release(e, (int)e->cls);
+		}
+		d->table[i] = 0;
+	}
+	d->n = 0;
+}
+
+/* ---- containers ---- */
+
+struct lnode {
+	struct lnode *prev, *next;
+	u64 len;
+	u8 data[];
+};
+
+struct list {
+	struct lnode *head, *tail;
+	u64 n;
+};
+
+#define ZMAX 24
+#define SCORE_MAX 48
+
+struct znode {
+	u32 slen; /* score text, then member, after next[levels] */
+	u32 mlen;
+	u32 levels;
+	u32 pad;
+	struct znode *next[];
+};
+
+struct zset {
+	struct dict members; /* member -> struct znode * */
+	struct znode *head;  /* ZMAX levels, no score or member */
+	u64 level;
+};
+
+#define ZNODE_SIZE(levels, sl, ml) (sizeof(struct znode) + (u64)(levels) * 8 + (sl) + (ml))
+#define ZSCORE(z) ((u8 *)&(z)->next[(z)->levels])
+#define ZMEMBER(z) (ZSCORE(z) + (z)->slen)
+
+static struct dict db;
+
+static void znode_release(struct znode *z) { release_bytes(z, ZNODE_SIZE(z->levels, z->slen, z->mlen)); }
+
+static void *new_container(u32 type)
+{
+	if (type == T_LIST) {
+		struct list *l = alloc_bytes(sizeof(*l));
+		if (l)
+			l->head = l->tail = 0, l->n = 0;
+		return l;
+	}
+	if (type == T_SET || type == T_HASH) {
+		struct dict *d = alloc_bytes(sizeof(*d));
+		if (d && dict_init(d, 16) < 0) {
+			release_bytes(d, sizeof(*d));
+			return 0;
+		}
+		return d;
+	}
+	struct zset *z = alloc_bytes(sizeof(*z));
+	if (!z)
+		return 0;
+	z->head = alloc_bytes(ZNODE_SIZE(ZMAX, 0, 0));
+	if (!z->head || dict_init(&z->members, 16) < 0) {
+		if (z->head)
+			release_bytes(z->head, ZNODE_SIZE(ZMAX, 0, 0));
+		release_bytes(z, sizeof(*z));
+		return 0;
+	}
+	memset(z->head, 0, ZNODE_SIZE(ZMAX, 0, 0));
+	z->head->levels = ZMAX;
+	z->level = 1;
+	return z;
+}
+
+static void free_container(u32 type, void *c)
+{
+	if (type == T_LIST) {
+		struct list *l = c;
+		for (struct lnode *x = l->head, *next; x; x = next) {
+			next = x->next;
+			release_bytes(x, sizeof(*x) + x->len);
+		}
+		release_bytes(l, sizeof(*l));
+	} else if (type == T_SET || type == T_HASH) {
+		struct dict *d = c;
+		dict_clear(d, 0);
+		release(d->table, (int)d->cls);
+		release_bytes(d, sizeof(*d));
+	} else if (type == T_ZSET) {
+		struct zset *z = c;
+		for (struct znode *x = z->head->next[0], *next; x; x = next) {
+			next = x->next[0];
+			znode_release(x);
+		}
+		dict_clear(&z->members, 0);
+		release(z->members.table, (int)z->members.cls);
+		release_bytes(z->head, ZNODE_SIZE(ZMAX, 0, 0));
+		release_bytes(z, sizeof(*z));
+	}
+}
+
+static void drop_value(struct entry *e)
+{
+	if (e->type != T_STRING)
+		free_container(e->type, ptr_of(e));
+}
+
+static int del_key(const u8 *key, u64 klen)
+{
+	struct entry *e = dict_unlink(&db, key, klen);
 	if (!e)
 		return 0;
-	*link = e->next;
-	release(e, e->cls);
-	nkeys--;
+	drop_value(e);
+	release(e, (int)e->cls);
 	return 1;
 }
 
-static void flush_all(void)
+/* key = a string value; -1 when the heap is full */
+static int set_string(const u8 *key, u64 klen, const u8 *val, u64 vlen)
 {
-	for (u64 i = 0; i <= table_mask; i++) {
-		struct entry *e = table[i], *next;
-		for (; e; e = next) {
-			next = e->next;
-			release(e, e->cls);
-		}
-		table[i] = 0;
+	struct entry *e = dict_find(&db, key, klen);
+	if (e && e->type != T_STRING)
+		del_key(key, klen);
+	return dict_store(&db, key, klen, val, vlen, T_STRING) ? 0 : -1;
+}
+
+/* ---- sorted-set scores: exact canonical decimals (see the top of the file) ---- */
+
+static int lower(u8 c) { return c | 0x20; }
+
+static int word_is(const u8 *p, u64 n, const char *w)
+{
+	u64 k = strlen(w);
+	if (n != k)
+		return 0;
+	for (u64 i = 0; i < k; i++)
+		if (lower(p[i]) != w[i])
+			return 0;
+	return 1;
+}
+
+/* The canonical text of a score in out (SCORE_MAX bytes); its length, or 0 when p is not a
+ * number or one this server cannot keep exactly. */
+static u32 canon_score(const u8 *p, u64 n, char *out)
+{
+	u64 i = 0;
+	int neg = 0;
+	if (n > 64)
+		return 0;
+	if (i < n && (p[i] == '+' || p[i] == '-'))
+		neg = p[i++] == '-';
+	if (word_is(p + i, n - i, "inf") || word_is(p + i, n - i, "infinity")) {
+		memcpy(out, neg ? "-inf" : "inf", neg ? 4 : 3);
+		return neg ? 4 : 3;
 	}
-	nkeys = 0;
+	char m[64];
+	u64 ml = 0, ndig = 0;
+	i64 pos = 0; /* the decimal point sits after pos digits of m */
+	for (; i < n && p[i] >= '0' && p[i] <= '9'; i++, ndig++) {
+		if (ml == 0 && p[i] == '0') /* leading zeros carry no digit */
+			continue;
+		m[ml++] = (char)p[i];
+		pos++;
+	}
+	if (i < n && p[i] == '.') {
+		for (i++; i < n && p[i] >= '0' && p[i] <= '9'; i++, ndig++) {
+			if (ml == 0 && p[i] == '0') {
+				pos--;
+				continue;
+			}
+			m[ml++] = (char)p[i];
+		}
+	}
+	if (!ndig)
+		return 0;
+	if (i < n && (p[i] == 'e' || p[i] == 'E')) {
+		int eneg = 0;
+		i64 e = 0;
+		u64 edig = 0;
+		i++;
+		if (i < n && (p[i] == '+' || p[i] == '-'))
+			eneg = p[i++] == '-';
+		for (; i < n && p[i] >= '0' && p[i] <= '9' && edig < 4; i++, edig++)
+			e = e * 10 + (p[i] - '0');
+		if (!edig)
+			return 0;
+		pos += eneg ? -e : e;
+	}
+	if (i != n)
+		return 0;
+	while (ml && m[ml - 1] == '0')
+		ml--;
+	if (!ml) {
+		out[0] = '0';
+		return 1;
+	}
+	if (ml > 17)
+		return 0;
+	u64 len = (u64)neg + (pos <= 0 ? 2 + (u64)(-pos) + ml : pos >= (i64)ml ? (u64)pos : ml + 1);
+	if (len > SCORE_MAX)
+		return 0;
+	u64 o = 0;
+	if (neg)
+		out[o++] = '-';
+	if (pos <= 0) {
+		out[o++] = '0';
+		out[o++] = '.';
+		for (i64 k = 0; k < -pos; k++)
+			out[o++] = '0';
+		memcpy(out + o, m, ml);
+		o += ml;
+	} else if (pos >= (i64)ml) {
+		memcpy(out + o, m, ml);
+		o += ml;
+		for (i64 k = (i64)ml; k < pos; k++)
+			out[o++] = '0';
+	} else {
+		memcpy(out + o, m, (u64)pos);
+		o += (u64)pos;
+		out[o++] = '.';
+		memcpy(out + o, m + pos, ml - (u64)pos);
+		o += ml - (u64)pos;
+	}
+	return (u32)o;
+}
+
+/* -2 for -inf, -1 negative, 0 zero, 1 positive, 2 inf (of a canonical score) */
+static int score_sign(const u8 *s, u32 n)
+{
+	if (n == 4 && s[0] == '-' && s[1] == 'i')
+		return -2;
+	if (n == 3 && s[0] == 'i')
+		return 2;
+	if (s[0] == '-')
+		return -1;
+	return n == 1 && s[0] == '0' ? 0 : 1;
+}
+
+static u32 int_part(const u8 *s, u32 n)
+{
+	u32 k = 0;
+	while (k < n && s[k] != '.')
+		k++;
+	return k;
+}
+
+static int cmp_bytes(const u8 *a, u64 al, const u8 *b, u64 bl)
+{
+	int c = memcmp(a, b, al < bl ? al : bl);
+	if (c)
+		return c;
+	return al < bl ? -1 : al > bl;
+}
+
+/* Two canonical scores, numerically: no leading zeros, so a longer integer part is larger,
+ * and no trailing zeros, so a fraction that is a prefix of another is smaller. */
+static int cmp_score(const u8 *a, u32 al, const u8 *b, u32 bl)
+{
+	int sa = score_sign(a, al), sb = score_sign(b, bl);
+	if (sa != sb)
+		return sa < sb ? -1 : 1;
+	if (sa == 0 || sa == 2 || sa == -2)
+		return 0;
+	int neg = sa < 0;
+	a += neg, al -= neg, b += neg, bl -= neg;
+	u32 ia = int_part(a, al), ib = int_part(b, bl);
+	int c;
+	if (ia != ib)
+		c = ia < ib ? -1 : 1;
+	else if ((c = memcmp(a, b, ia)) == 0)
+		c = cmp_bytes(a + ia, al - ia, b + ib, bl - ib);
+	return neg ? -c : c;
+}
+
+/* ---- skip list of a sorted set (order: score, then member bytes) ---- */
+
+static int zcmp(struct znode *x, const u8 *s, u32 sl, const u8 *m, u64 ml)
+{
+	int c = cmp_score(ZSCORE(x), x->slen, s, sl);
+	return c ? c : cmp_bytes(ZMEMBER(x), x->mlen, m, ml);
+}
+
+static struct znode *zinsert(struct zset *z, const u8 *s, u32 sl, const u8 *m, u64 ml)
+{
+	struct znode *update[ZMAX], *x = z->head;
+	for (int i = (int)z->level - 1; i >= 0; i--) {
+		while (x->next[i] && zcmp(x->next[i], s, sl, m, ml) < 0)
+			x = x->next[i];
+		update[i] = x;
+	}
+	u32 levels = 1;
+	while (levels < ZMAX && (rnd() & 3) == 0)
+		levels++;
+	struct znode *n = alloc_bytes(ZNODE_SIZE(levels, sl, ml));
+	if (!n)
+		return 0;
+	n->slen = sl;
+	n->mlen = (u32)ml;
+	n->levels = levels;
+	memcpy(ZSCORE(n), s, sl);
+	memcpy(ZMEMBER(n), m, ml);
+	for (u32 i = (u32)z->level; i < levels; i++)
+		update[i] = z->head;
+	if (levels > z->level)
+		z->level = levels;
+	for (u32 i = 0; i < levels; i++) {
+		n->next[i] = update[i]->next[i];
+		update[i]->next[i] = n;
+	}
+	return n;
+}
+
+static void zunlink(struct zset *z, struct znode *n)
+{
+	struct znode *x = z->head;
+	for (int i = (int)z->level - 1; i >= 0; i--) {
+		while (x->next[i] && x->next[i] != n &&
+		       zcmp(x->next[i], ZSCORE(n), n->slen, ZMEMBER(n), n->mlen) < 0)
+			x = x->next[i];
+		if (x->next[i] == n)
+			x->next[i] = n->next[i];
+	}
+	while (z->level > 1 && !z->head->next[z->level - 1])
+		z->level--;
 }
 
 /* ---- the ring ---- */
@@ -384,6 +777,10 @@ static void wrong_args(void)
 }
 
 static const char OOM[] = "-OOM command not allowed: the guest heap is full\r\n";
+static const char WRONGTYPE[] =
+	"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n";
+static const char NOT_INT[] = "-ERR value is not an integer or out of range\r\n";
+static const char SYNTAX[] = "-ERR syntax error\r\n";
 
 /* A whole decimal int64 (Redis' rule for INCR); 0 if it is not one. */
 static int to_i64(const u8 *p, u64 n, i64 *v)
@@ -413,6 +810,505 @@ static int to_i64(const u8 *p, u64 n, i64 *v)
 	return 1;
 }
 
+/* argv[i] as an int64, or an error reply and 0 */
+static int arg_int(int i, i64 *v)
+{
+	if (to_i64(argv[i], argl[i], v))
+		return 1;
+	out_str(NOT_INT);
+	return 0;
+}
+
+/* The optional count of LPOP/RPOP/SPOP/ZPOPMIN at argv[2]: 1 with *count set (-1: none given),
+ * 0 after an error reply. */
+static int pop_count(int argc, i64 *count)
+{
+	*count = -1;
+	if (argc < 3)
+		return 1;
+	if (argc > 3) {
+		wrong_args();
+		return 0;
+	}
+	if (!to_i64(argv[2], argl[2], count) || *count < 0) {
+		out_str("-ERR value is out of range, must be positive\r\n");
+		return 0;
+	}
+	return 1;
+}
+
+/* The container of the key argv[i] if it has type t (0 if there is none and !create: a new
+ * empty one if create). *err is set after an error reply (another type, heap full). */
+static void *container(int i, u32 t, int create, int *err)
+{
+	struct entry *e = dict_find(&db, argv[i], argl[i]);
+	*err = 0;
+	if (e) {
+		if (e->type == t)
+			return ptr_of(e);
+		out_str(WRONGTYPE);
+		*err = 1;
+		return 0;
+	}
+	if (!create)
+		return 0;
+	void *c = new_container(t);
+	if (!c || !dict_store(&db, argv[i], argl[i], (const u8 *)&c, sizeof(c), t)) {
+		if (c)
+			free_container(t, c);
+		out_str(OOM);
+		*err = 1;
+		return 0;
+	}
+	return c;
+}
+
+/* Redis' LRANGE/ZRANGE index rules; 0 when the range is empty. */
+static int clamp_range(i64 *start, i64 *stop, u64 n)
+{
+	if (*start < 0)
+		*start += (i64)n;
+	if (*stop < 0)
+		*stop += (i64)n;
+	if (*start < 0)
+		*start = 0;
+	if (*start > *stop || *start >= (i64)n)
+		return 0;
+	if (*stop >= (i64)n)
+		*stop = (i64)n - 1;
+	return 1;
+}
+
+/* ---- lists ---- */
+
+static void cmd_push(int argc, int left)
+{
+	if (argc < 3)
+		return wrong_args();
+	int err;
+	struct list *l = container(1, T_LIST, 1, &err);
+	if (err)
+		return;
+	for (int i = 2; i < argc; i++) {
+		struct lnode *x = alloc_bytes(sizeof(*x) + argl[i]);
+		if (!x) {
+			if (!l->n)
+				del_key(argv[1], argl[1]);
+			return out_str(OOM);
+		}
+		x->len = argl[i];
+		memcpy(x->data, argv[i], argl[i]);
+		if (left) {
+			x->prev = 0;
+			x->next = l->head;
+			if (l->head)
+				l->head->prev = x;
+			else
+				l->tail = x;
+			l->head = x;
+		} else {
+			x->next = 0;
+			x->prev = l->tail;
+			if (l->tail)
+				l->tail->next = x;
+			else
+				l->head = x;
+			l->tail = x;
+		}
+		l->n++;
+	}
+	out_int((i64)l->n);
+}
+
+static void cmd_pop(int argc, int left)
+{
+	if (argc < 2)
+		return wrong_args();
+	i64 count;
+	int err;
+	if (!pop_count(argc, &count))
+		return;
+	struct list *l = container(1, T_LIST, 0, &err);
+	if (err)
+		return;
+	if (!l)
+		return out_str(count < 0 ? "$-1\r\n" : "*-1\r\n");
+	u64 k = count < 0 ? 1 : (u64)count < l->n ? (u64)count : l->n;
+	if (count >= 0)
+		out_array(k);
+	for (; k; k--) {
+		struct lnode *x = left ? l->head : l->tail;
+		if (left) {
+			l->head = x->next;
+			if (l->head)
+				l->head->prev = 0;
+			else
+				l->tail = 0;
+		} else {
+			l->tail = x->prev;
+			if (l->tail)
+				l->tail->next = 0;
+			else
+				l->head = 0;
+		}
+		l->n--;
+		out_bulk(x->data, x->len);
+		release_bytes(x, sizeof(*x) + x->len);
+	}
+	if (!l->n)
+		del_key(argv[1], argl[1]);
+}
+
+static void cmd_lrange(int argc)
+{
+	i64 start, stop;
+	int err;
+	if (argc != 4)
+		return wrong_args();
+	if (!arg_int(2, &start) || !arg_int(3, &stop))
+		return;
+	struct list *l = container(1, T_LIST, 0, &err);
+	if (err)
+		return;
+	if (!l || !clamp_range(&start, &stop, l->n))
+		return out_str("*0\r\n");
+	out_array((u64)(stop - start + 1));
+	struct lnode *x = l->head;
+	for (i64 k = 0; k < start; k++)
+		x = x->next;
+	for (i64 k = start; k <= stop; k++, x = x->next)
+		out_bulk(x->data, x->len);
+}
+
+static void cmd_lindex(int argc)
+{
+	i64 idx;
+	int err;
+	if (argc != 3)
+		return wrong_args();
+	if (!arg_int(2, &idx))
+		return;
+	struct list *l = container(1, T_LIST, 0, &err);
+	if (err)
+		return;
+	if (l && idx < 0)
+		idx += (i64)l->n;
+	if (!l || idx < 0 || idx >= (i64)l->n)
+		return out_str("$-1\r\n");
+	struct lnode *x = l->head;
+	for (; idx; idx--)
+		x = x->next;
+	out_bulk(x->data, x->len);
+}
+
+/* ---- sets and hashes (a dict each) ---- */
+
+static void cmd_sadd(int argc)
+{
+	if (argc < 3)
+		return wrong_args();
+	int err;
+	struct dict *d = container(1, T_SET, 1, &err);
+	if (err)
+		return;
+	i64 added = 0;
+	for (int i = 2; i < argc; i++) {
+		if (dict_find(d, argv[i], argl[i]))
+			continue;
+		if (!dict_store(d, argv[i], argl[i], 0, 0, T_STRING)) {
+			if (!d->n)
+				del_key(argv[1], argl[1]);
+			return out_str(OOM);
+		}
+		added++;
+	}
+	out_int(added);
+}
+
+/* SREM and HDEL: remove members (fields), drop the key once empty */
+static void cmd_remove(int argc, u32 t)
+{
+	if (argc < 3)
+		return wrong_args();
+	int err;
+	struct dict *d = container(1, t, 0, &err);
+	if (err)
+		return;
+	i64 n = 0;
+	for (int i = 2; d && i < argc; i++)
+		n += dict_delete(d, argv[i], argl[i]);
+	if (d && !d->n)
+		del_key(argv[1], argl[1]);
+	out_int(n);
+}
+
+static void cmd_spop(int argc)
+{
+	if (argc < 2)
+		return wrong_args();
+	i64 count;
+	int err;
+	if (!pop_count(argc, &count))
+		return;
+	struct dict *d = container(1, T_SET, 0, &err);
+	if (err)
+		return;
+	if (!d)
+		return out_str(count < 0 ? "$-1\r\n" : "*0\r\n");
+	u64 k = count < 0 ? 1 : (u64)count < d->n ? (u64)count : d->n;
+	if (count >= 0)
+		out_array(k);
+	for (; k; k--) {
+		struct entry *e = dict_random(d);
+		out_bulk(e->data, e->klen);
+		dict_delete(d, e->data, e->klen);
+	}
+	if (!d->n)
+		del_key(argv[1], argl[1]);
+}
+
+static void cmd_smembers(int argc, int what)
+{
+	int err;
+	if (argc != (what == 2 ? 3 : 2))
+		return wrong_args();
+	struct dict *d = container(1, T_SET, 0, &err);
+	if (err)
+		return;
+	if (what == 1) /* SCARD */
+		return out_int(d ? (i64)d->n : 0);
+	if (what == 2) /* SISMEMBER */
+		return out_int(d && dict_find(d, argv[2], argl[2]));
+	out_array(d ? d->n : 0);
+	for (u64 i = 0; d && i <= d->mask; i++)
+		for (struct entry *e = d->table[i]; e; e = e->next)
+			out_bulk(e->data, e->klen);
+}
+
+static void cmd_hset(int argc, int hmset)
+{
+	if (argc < 4 || argc % 2)
+		return wrong_args();
+	int err;
+	struct dict *d = container(1, T_HASH, 1, &err);
+	if (err)
+		return;
+	i64 added = 0;
+	for (int i = 2; i < argc; i += 2) {
+		int fresh = !dict_find(d, argv[i], argl[i]);
+		if (!dict_store(d, argv[i], argl[i], argv[i + 1], argl[i + 1], T_STRING)) {
+			if (!d->n)
+				del_key(argv[1], argl[1]);
+			return out_str(OOM);
+		}
+		added += fresh;
+	}
+	if (hmset)
+		out_str("+OK\r\n");
+	else
+		out_int(added);
+}
+
+static void cmd_hget(int argc, int many)
+{
+	if (many ? argc < 3 : argc != 3)
+		return wrong_args();
+	int err;
+	struct dict *d = container(1, T_HASH, 0, &err);
+	if (err)
+		return;
+	if (many)
+		out_array((u64)argc - 2);
+	for (int i = 2; i < argc; i++) {
+		struct entry *e = d ? dict_find(d, argv[i], argl[i]) : 0;
+		if (e)
+			out_bulk(VAL(e), e->vlen);
+		else
+			out_str("$-1\r\n");
+	}
+}
+
+static void cmd_hinfo(int argc, int what)
+{
+	int err;
+	if (argc != (what == 2 ? 3 : 2))
+		return wrong_args();
+	struct dict *d = container(1, T_HASH, 0, &err);
+	if (err)
+		return;
+	if (what == 1) /* HLEN */
+		return out_int(d ? (i64)d->n : 0);
+	if (what == 2) /* HEXISTS */
+		return out_int(d && dict_find(d, argv[2], argl[2]));
+	out_array(d ? 2 * d->n : 0); /* HGETALL */
+	for (u64 i = 0; d && i <= d->mask; i++)
+		for (struct entry *e = d->table[i]; e; e = e->next) {
+			out_bulk(e->data, e->klen);
+			out_bulk(VAL(e), e->vlen);
+		}
+}
+
+/* ---- sorted sets ---- */
+
+static void cmd_zadd(int argc)
+{
+	int nx = 0, xx = 0, ch = 0, i = 2;
+	for (; i < argc; i++) {
+		if (is(i, "nx"))
+			nx = 1;
+		else if (is(i, "xx"))
+			xx = 1;
+		else if (is(i, "ch"))
+			ch = 1;
+		else if (is(i, "gt") || is(i, "lt") || is(i, "incr"))
+			return out_str("-ERR kvserver: ZADD GT, LT and INCR are not implemented\r\n");
+		else
+			break;
+	}
+	if (argc - i < 2 || (argc - i) % 2)
+		return i == 2 ? wrong_args() : out_str(SYNTAX);
+	if (nx && xx)
+		return out_str("-ERR XX and NX options at the same time are not compatible\r\n");
+	static char scores[MAX_ARGS / 2][SCORE_MAX];
+	static u32 slens[MAX_ARGS / 2];
+	for (int k = i; k < argc; k += 2) {
+		u32 n = canon_score(argv[k], argl[k], scores[(k - i) / 2]);
+		if (!n)
+			return out_str("-ERR value is not a valid float (kvserver keeps scores as exact "
+				       "decimals: at most 17 significant digits)\r\n");
+		slens[(k - i) / 2] = n;
+	}
+	int err;
+	struct zset *z = container(1, T_ZSET, !xx, &err);
+	if (err)
+		return;
+	i64 added = 0, changed = 0;
+	for (int k = i; z && k < argc; k += 2) {
+		const u8 *s = (const u8 *)scores[(k - i) / 2], *m = argv[k + 1];
+		u32 sl = slens[(k - i) / 2];
+		u64 ml = argl[k + 1];
+		struct entry *e = dict_find(&z->members, m, ml);
+		if (e ? nx : xx)
+			continue;
+		struct znode *old = e ? ptr_of(e) : 0;
+		if (old && cmp_score(ZSCORE(old), old->slen, s, sl) == 0 && old->slen == sl)
+			continue;
+		struct znode *n = zinsert(z, s, sl, m, ml);
+		if (!n || !dict_store(&z->members, m, ml, (const u8 *)&n, sizeof(n), T_STRING)) {
+			if (n) {
+				zunlink(z, n);
+				znode_release(n);
+			}
+			if (!z->members.n)
+				del_key(argv[1], argl[1]);
+			return out_str(OOM);
+		}
+		if (old) {
+			zunlink(z, old);
+			znode_release(old);
+			changed++;
+		} else {
+			added++;
+		}
+	}
+	out_int(ch ? added + changed : added);
+}
+
+static void out_znode(struct znode *x, int scores)
+{
+	out_bulk(ZMEMBER(x), x->mlen);
+	if (scores)
+		out_bulk(ZSCORE(x), x->slen);
+}
+
+static void cmd_zpopmin(int argc)
+{
+	if (argc < 2)
+		return wrong_args();
+	i64 count;
+	int err;
+	if (!pop_count(argc, &count))
+		return;
+	struct zset *z = container(1, T_ZSET, 0, &err);
+	if (err)
+		return;
+	u64 n = z ? z->members.n : 0;
+	u64 k = count < 0 ? (n ? 1 : 0) : (u64)count < n ? (u64)count : n;
+	out_array(2 * k);
+	for (; k; k--) {
+		struct znode *x = z->head->next[0];
+		out_znode(x, 1);
+		dict_delete(&z->members, ZMEMBER(x), x->mlen);
+		zunlink(z, x);
+		znode_release(x);
+	}
+	if (z && !z->members.n)
+		del_key(argv[1], argl[1]);
+}
+
+static void cmd_zrange(int argc)
+{
+	i64 start, stop;
+	int err, scores = 0;
+	if (argc < 4)
+		return wrong_args();
+	for (int i = 4; i < argc; i++) {
+		if (is(i, "withscores"))
+			scores = 1;
+		else
+			return out_str("-ERR kvserver: ZRANGE takes only WITHSCORES (no BYSCORE, "
+				       "BYLEX, REV or LIMIT)\r\n");
+	}
+	if (!arg_int(2, &start) || !arg_int(3, &stop))
+		return;
+	struct zset *z = container(1, T_ZSET, 0, &err);
+	if (err)
+		return;
+	if (!z || !clamp_range(&start, &stop, z->members.n))
+		return out_str("*0\r\n");
+	out_array((u64)(stop - start + 1) * (scores ? 2 : 1));
+	struct znode *x = z->head->next[0];
+	for (i64 k = 0; k < start; k++)
+		x = x->next[0];
+	for (i64 k = start; k <= stop; k++, x = x->next[0])
+		out_znode(x, scores);
+}
+
+static void cmd_zmisc(int argc, int what)
+{
+	int err;
+	if (what == 0 ? argc != 2 : what == 1 ? argc != 3 : argc < 3)
+		return wrong_args();
+	struct zset *z = container(1, T_ZSET, 0, &err);
+	if (err)
+		return;
+	if (what == 0) /* ZCARD */
+		return out_int(z ? (i64)z->members.n : 0);
+	if (what == 1) { /* ZSCORE */
+		struct entry *e = z ? dict_find(&z->members, argv[2], argl[2]) : 0;
+		if (!e)
+			return out_str("$-1\r\n");
+		struct znode *x = ptr_of(e);
+		return out_bulk(ZSCORE(x), x->slen);
+	}
+	i64 n = 0; /* ZREM */
+	for (int i = 2; z && i < argc; i++) {
+		struct entry *e = dict_unlink(&z->members, argv[i], argl[i]);
+		if (!e)
+			continue;
+		struct znode *x = ptr_of(e);
+		release(e, (int)e->cls);
+		zunlink(z, x);
+		znode_release(x);
+		n++;
+	}
+	if (z && !z->members.n)
+		del_key(argv[1], argl[1]);
+	out_int(n);
+}
+
+/* ---- strings and the rest ---- */
+
 static void cmd_config(int argc)
 {
 	if (argc >= 3 && is(1, "get")) {
@@ -431,20 +1327,52 @@ static void cmd_config(int argc)
 	}
 }
 
+static void cmd_incr(int argc)
+{
+	if (argc != 2)
+		return wrong_args();
+	struct entry *e = dict_find(&db, argv[1], argl[1]);
+	i64 v = 0;
+	if (e && e->type != T_STRING)
+		return out_str(WRONGTYPE);
+	if (e && !to_i64(VAL(e), e->vlen, &v))
+		return out_str(NOT_INT);
+	if (v == 0x7fffffffffffffffL)
+		return out_str("-ERR increment or decrement would overflow\r\n");
+	v++;
+	char buf[24];
+	int n = snprintf(buf, sizeof(buf), "%ld", v);
+	if (set_string(argv[1], argl[1], (const u8 *)buf, (u64)n) < 0)
+		return out_str(OOM);
+	out_int(v);
+}
+
+static void cmd_type(int argc)
+{
+	static const char *const names[] = {"+string\r\n", "+list\r\n", "+set\r\n", "+hash\r\n",
+					    "+zset\r\n"};
+	if (argc != 2)
+		return wrong_args();
+	struct entry *e = dict_find(&db, argv[1], argl[1]);
+	out_str(e ? names[e->type] : "+none\r\n");
+}
+
 static void execute(int argc)
 {
 	if (is(0, "get")) {
 		if (argc != 2)
 			return wrong_args();
-		struct entry *e = find(argv[1], argl[1]);
-		if (e)
-			out_bulk(e->data + e->klen, e->vlen);
+		struct entry *e = dict_find(&db, argv[1], argl[1]);
+		if (e && e->type != T_STRING)
+			out_str(WRONGTYPE);
+		else if (e)
+			out_bulk(VAL(e), e->vlen);
 		else
 			out_str("$-1\r\n");
 	} else if (is(0, "set")) {
 		if (argc < 3)
 			return wrong_args();
-		if (store(argv[1], argl[1], argv[2], argl[2]) < 0)
+		if (set_string(argv[1], argl[1], argv[2], argl[2]) < 0)
 			out_str(OOM);
 		else
 			out_str("+OK\r\n");
@@ -459,30 +1387,60 @@ static void execute(int argc)
 		int del = is(0, "del");
 		i64 n = 0;
 		for (int i = 1; i < argc; i++)
-			n += del ? delete(argv[i], argl[i]) : find(argv[i], argl[i]) != 0;
+			n += del ? del_key(argv[i], argl[i]) : dict_find(&db, argv[i], argl[i]) != 0;
 		out_int(n);
 	} else if (is(0, "incr")) {
+		cmd_incr(argc);
+	} else if (is(0, "lpush") || is(0, "rpush")) {
+		cmd_push(argc, is(0, "lpush"));
+	} else if (is(0, "lpop") || is(0, "rpop")) {
+		cmd_pop(argc, is(0, "lpop"));
+	} else if (is(0, "lrange")) {
+		cmd_lrange(argc);
+	} else if (is(0, "llen")) {
+		int err;
 		if (argc != 2)
 			return wrong_args();
-		struct entry *e = find(argv[1], argl[1]);
-		i64 v = 0;
-		if (e && !to_i64(e->data + e->klen, e->vlen, &v))
-			return out_str("-ERR value is not an integer or out of range\r\n");
-		if (v == 0x7fffffffffffffffL)
-			return out_str("-ERR increment or decrement would overflow\r\n");
-		v++;
-		char buf[24];
-		int n = snprintf(buf, sizeof(buf), "%ld", v);
-		if (store(argv[1], argl[1], (const u8 *)buf, (u64)n) < 0)
-			return out_str(OOM);
-		out_int(v);
+		struct list *l = container(1, T_LIST, 0, &err);
+		if (!err)
+			out_int(l ? (i64)l->n : 0);
+	} else if (is(0, "lindex")) {
+		cmd_lindex(argc);
+	} else if (is(0, "sadd")) {
+		cmd_sadd(argc);
+	} else if (is(0, "srem")) {
+		cmd_remove(argc, T_SET);
+	} else if (is(0, "spop")) {
+		cmd_spop(argc);
+	} else if (is(0, "smembers") || is(0, "scard") || is(0, "sismember")) {
+		cmd_smembers(argc, is(0, "scard") ? 1 : is(0, "sismember") ? 2 : 0);
+	} else if (is(0, "hset") || is(0, "hmset")) {
+		cmd_hset(argc, is(0, "hmset"));
+	} else if (is(0, "hget") || is(0, "hmget")) {
+		cmd_hget(argc, is(0, "hmget"));
+	} else if (is(0, "hdel")) {
+		cmd_remove(argc, T_HASH);
+	} else if (is(0, "hgetall") || is(0, "hlen") || is(0, "hexists")) {
+		cmd_hinfo(argc, is(0, "hlen") ? 1 : is(0, "hexists") ? 2 : 0);
+	} else if (is(0, "zadd")) {
+		if (argc < 4)
+			return wrong_args();
+		cmd_zadd(argc);
+	} else if (is(0, "zpopmin")) {
+		cmd_zpopmin(argc);
+	} else if (is(0, "zrange")) {
+		cmd_zrange(argc);
+	} else if (is(0, "zcard") || is(0, "zscore") || is(0, "zrem")) {
+		cmd_zmisc(argc, is(0, "zcard") ? 0 : is(0, "zscore") ? 1 : 2);
+	} else if (is(0, "type")) {
+		cmd_type(argc);
 	} else if (is(0, "dbsize")) {
-		out_int((i64)nkeys);
+		out_int((i64)db.n);
 	} else if (is(0, "mset")) {
 		if (argc < 3 || argc % 2 == 0)
 			return wrong_args();
 		for (int i = 1; i < argc; i += 2)
-			if (store(argv[i], argl[i], argv[i + 1], argl[i + 1]) < 0)
+			if (set_string(argv[i], argl[i], argv[i + 1], argl[i + 1]) < 0)
 				return out_str(OOM);
 		out_str("+OK\r\n");
 	} else if (is(0, "mget")) {
@@ -490,9 +1448,9 @@ static void execute(int argc)
 			return wrong_args();
 		out_array((u64)argc - 1);
 		for (int i = 1; i < argc; i++) {
-			struct entry *e = find(argv[i], argl[i]);
-			if (e)
-				out_bulk(e->data + e->klen, e->vlen);
+			struct entry *e = dict_find(&db, argv[i], argl[i]);
+			if (e && e->type == T_STRING)
+				out_bulk(VAL(e), e->vlen);
 			else
 				out_str("$-1\r\n");
 		}
@@ -508,7 +1466,7 @@ static void execute(int argc)
 		else
 			out_str("*0\r\n");
 	} else if (is(0, "flushall") || is(0, "flushdb")) {
-		flush_all();
+		dict_clear(&db, drop_value);
 		out_str("+OK\r\n");
 	} else if (is(0, "select") || is(0, "quit") || is(0, "client")) {
 		out_str("+OK\r\n");
@@ -517,7 +1475,7 @@ static void execute(int argc)
 		int n = snprintf(buf, sizeof(buf),
 				 "# Server\r\nredis_version:7.0.0\r\nlivemig_guest:kvserver\r\n"
 				 "# Keyspace\r\ndb0:keys=%lu,expires=0\r\n",
-				 nkeys);
+				 db.n);
 		out_bulk((const u8 *)buf, (u64)n);
 	} else {
 		char buf[96];
@@ -559,7 +1517,7 @@ int main(int cpu, const struct boot_info *bi)
 	heap_lim = (u8 *)bi->heap_end;
 	chain = alloc_class(size_class(CHAIN_MAX));
 	out = alloc_class(size_class(OUT_CAP));
-	if (!chain || !out || table_init(arg_u64("buckets", 4096)) < 0) {
+	if (!chain || !out || dict_init(&db, arg_u64("buckets", 4096)) < 0) {
 		puts("kvserver: heap too small\n");
 		return 2;
 	}

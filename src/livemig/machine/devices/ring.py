@@ -25,6 +25,12 @@ state are one consistent snapshot: requests in the ring at switch-over migrate w
 still queued on the host (not in the ring) are not device state: the service front forwards
 them (``livemig.service``).
 
+Following the service (``livemig.service``): while a migration runs, the source's service front
+sets ``follow`` (a ``Follow``: where the destination's front must connect to take the clients
+over, and a one-time token); it travels as the optional subsection ``livemig-ring/follow``, sent
+only then, and is ``follow`` again on the destination, whose front dials it once the guest runs
+there. A ring state without it (an older stream, a snapshot) loads as before.
+
 After a load (``post_load``) the first WAIT or SPACE returns ``RING_WAIT_TOUCH``: the guest
 reads every ring page and answers ``RING_SETUP_TOUCHED``. Under post-copy that makes the pages
 present by guest faults (vCPUs fault without the GIL), before host code, which holds the GIL,
@@ -38,7 +44,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from livemig import vmstate as vs
 from livemig.errors import MachineError
@@ -79,6 +86,42 @@ assert ENTRY.size == RING_ENTRY_HDR and HEADER.size <= RING_REQ_OFF
 #: Called with [(conn, bytes), ...] in ring order, on the vCPU thread: must not block.
 ResponseHandler = Callable[[list[tuple[int, bytes]]], None]
 
+FOLLOW_HOST_MAX = 64
+FOLLOW_TLS = 1
+FOLLOW_VMSD = vs.vmsd(
+    "livemig-ring/follow",
+    1,
+    [vs.buffer("token", 16), vs.buffer("host", FOLLOW_HOST_MAX), vs.u16("port"), vs.u32("flags")],
+)
+
+
+@dataclass(frozen=True)
+class Follow:
+    """Where a destination's service front takes the clients over from the source's."""
+
+    token: bytes  # 16 random bytes, one migration's
+    host: str
+    port: int
+    tls: bool = False
+
+    def encode(self) -> dict[str, Any]:
+        host = self.host.encode()
+        if len(self.token) != 16 or len(host) >= FOLLOW_HOST_MAX or not 0 < self.port < 65536:
+            raise MachineError(f"livemig-ring: bad follow address {self.host}:{self.port}")
+        return {"token": self.token, "host": host.ljust(FOLLOW_HOST_MAX, b"\0"),
+                "port": self.port, "flags": FOLLOW_TLS if self.tls else 0}  # fmt: skip
+
+    @classmethod
+    def decode(cls, values: dict[str, Any]) -> Follow:
+        raw = bytes(values["host"]).split(b"\0", 1)[0]
+        try:
+            host = raw.decode("ascii")
+        except UnicodeDecodeError:
+            raise MachineError(f"livemig-ring: follow host {raw!r} is not text") from None
+        if not host or not 0 < values["port"] < 65536 or values["flags"] & ~FOLLOW_TLS:
+            raise MachineError(f"livemig-ring: bad follow subsection {values!r}")
+        return cls(bytes(values["token"]), host, values["port"], bool(values["flags"] & 1))
+
 
 class RingDevice(Device):
     """The request/response ring; ``ring`` is a writable view of the ring area of guest RAM."""
@@ -102,6 +145,7 @@ class RingDevice(Device):
             vs.u32("req_cons"),
             vs.u32("resp_prod"),
         ],
+        subsections=[FOLLOW_VMSD],
     )
 
     def __init__(self, ring: memoryview) -> None:
@@ -121,6 +165,7 @@ class RingDevice(Device):
         self._orphans: list[tuple[int, bytes]] = []  # responses drained with no handler set
         self.requests = 0  # chains put into the ring
         self.responses = 0  # response slots drained
+        self.follow: Follow | None = None  # see "Following the service" above
 
     # -- host side ---------------------------------------------------------------------------
 
@@ -308,6 +353,19 @@ class RingDevice(Device):
     def post_load(self) -> None:
         with self._cond:
             self.needs_touch = bool(self.enabled)
+
+    def save_state(self) -> dict[str, Any]:
+        out = super().save_state()
+        follow = self.follow
+        if follow is not None:
+            out[FOLLOW_VMSD.name] = follow.encode()
+        return out
+
+    def load_state(self, values: dict[str, Any]) -> None:
+        sub = values.get(FOLLOW_VMSD.name)
+        follow = Follow.decode(sub) if sub is not None else None
+        super().load_state(values)
+        self.follow = follow
 
     def in_flight(self) -> dict[str, int]:
         """Counts for status reports: requests in the ring, queued on the host, delivered."""
