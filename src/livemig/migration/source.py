@@ -37,6 +37,7 @@ from livemig.migration import mapped_ram, multifd
 from livemig.migration.convergence import SwitchoverRefiner
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.stats import MigrationStats, PassRecord
+from livemig.savevm import checksum as CK
 from livemig.savevm import xbzrle_cache
 from livemig.savevm.devices import (
     GLOBALSTATE_VMSD,
@@ -163,6 +164,7 @@ class OutgoingMigration:
         self.tracker_name = ""
         self.timeline: list[dict[str, Any]] = []
         self.postcopy: Any = None  # PostcopySource with capability postcopy-ram
+        self.checks: CK.SourceChecks | None = None  # with capability x-checksums
 
     # -- control (any thread) -----------------------------------------------------------------
 
@@ -273,9 +275,13 @@ class OutgoingMigration:
         enc = self.encoder
         bufs: list = []
         bufs += enc.send(E.Header())
-        # mapped-ram changes the block list layout: announced like QEMU's enforced capabilities
+        # mapped-ram changes the block list layout, x-checksums adds sections: announced like
+        # QEMU's enforced capabilities
         mapped = "mapped-ram" in caps
-        bufs += enc.send(E.Configuration(MACHINE_TYPE, ("mapped-ram",) if mapped else None))
+        announce = tuple(c for c in ("mapped-ram", CK.CAPABILITY) if c in caps)
+        bufs += enc.send(E.Configuration(MACHINE_TYPE, announce or None))
+        if CK.CAPABILITY in caps:
+            self._setup_checks()
         if self.return_path:
             bufs += enc.send(E.OpenReturnPath())
             bufs += enc.send(E.Ping(1))
@@ -314,6 +320,36 @@ class OutgoingMigration:
         self._pass_start = time.monotonic()
         self._pass_bytes = self.stats.transferred
         self._record_pass(reason="setup: every populated page is dirty")
+
+    def _setup_checks(self) -> None:
+        """x-checksums: every unit of RAM records and the device state end with a checksum."""
+        tracker = self.tracker
+        self.checks = CK.SourceChecks(
+            self.machine.ram_blocks, written=tracker.written,
+            live=lambda: not self._stopped_guest, requeue=tracker.mark_dirty_pages,
+        )  # fmt: skip
+        self.encoder.devices[CK.IDSTR] = CK.vmsd()
+        self._device_unit = CK.Unit()
+
+        def on_full(idstr: str, instance_id: int, version_id: int, payload: bytes) -> None:
+            if idstr != CK.IDSTR:
+                self._device_unit.add_device(idstr, instance_id, version_id, payload)
+
+        self.encoder.on_full = on_full
+
+    def _checksum(self, unit: CK.Unit) -> list:
+        """The x-checksum section closing ``unit``, which has just been sent."""
+        assert self.checks is not None
+        state = self.checks.section_state(unit)
+        return self.encoder.send(E.SectionFull(CK.SECTION_ID, CK.IDSTR, 0, CK.VERSION, state))
+
+    def _send_checked(self, section: E.Event, out: list, normal: int, zero: int,
+                      unit: CK.Unit, phase: str = "precopy") -> None:  # fmt: skip
+        """One RAM section holding one unit, then its checksum."""
+        enc = self.encoder
+        self._send([*enc.send(section), *out, *enc.send(E.RamEos()),
+                    *enc.send(E.SectionFooter(self._ram_sid))], phase, normal, zero)  # fmt: skip
+        self._send(self._checksum(unit), phase)
 
     # -- return path ---------------------------------------------------------------------------
 
@@ -461,10 +497,12 @@ class OutgoingMigration:
 
     def _send_part(self) -> None:
         enc = self.encoder
-        head = enc.send(E.SectionPart(self._ram_sid))
+        sid = self._ram_sid
         t0 = time.monotonic()
         # multifd channels take bigger jobs: each costs a queue hand-off and a writev
         batch = multifd.JOB_PAGES if self.multifd is not None else BATCH_PAGES
+        opened = False  # a PART of unchecked records is open
+        checked = 0
         while True:
             budget = self.rate.budget_left()
             if budget <= 0 or time.monotonic() - t0 > MAX_PART_TIME:
@@ -473,28 +511,47 @@ class OutgoingMigration:
             batches = self.ram.take(pages)
             if not batches:
                 break
-            out, normal, zero = self._encode_batches(batches)
-            self._send([*head, *out], normal=normal, zero=zero)
-            head = []
-        self._send([*head, *enc.send(E.RamEos()), *enc.send(E.SectionFooter(self._ram_sid))])
+            unit = CK.Unit() if self.checks is not None else None
+            out, normal, zero = self._encode_batches(batches, unit)
+            if unit is not None:
+                # x-checksums: a section per unit, closed by its checksum (every main-channel
+                # record is in the unit: none when the multifd channels took the pages)
+                if unit:
+                    self._send_checked(E.SectionPart(sid), out, normal, zero, unit)
+                    checked += 1
+                else:
+                    self._send(out, normal=normal, zero=zero)  # [], counts the channels' bytes
+                continue
+            if not opened:
+                out = [*enc.send(E.SectionPart(sid)), *out]
+                opened = True
+            self._send(out, normal=normal, zero=zero)
+        if opened or not checked:
+            head = [] if opened else enc.send(E.SectionPart(sid))
+            self._send([*head, *enc.send(E.RamEos()), *enc.send(E.SectionFooter(sid))])
 
-    def _encode_batches(self, batches: list) -> tuple[list, int, int]:
+    def _encode_batches(self, batches: list, unit: CK.Unit | None = None) -> tuple[list, int, int]:
+        """Main-channel records of ``batches`` (and, with checksums, what ``unit`` covers)."""
         if self.multifd is not None:
-            return multifd.source_queue(self, batches)
+            return multifd.source_queue(self, batches, unit)
         if self.xbzrle is not None:
-            return xbzrle_cache.encode_batches(self, batches)
+            return xbzrle_cache.encode_batches(self, batches, unit)
         out: list = []
         normal = zero = 0
         for b in batches:
             if len(b.zero):
                 out += self.encoder.encode_zero_pages(b.idstr, b.zero.astype(np.uint64) << 12)
                 zero += len(b.zero)
+                if unit is not None:
+                    unit.add(b.idstr, CK.KIND_ZERO, b.zero)
             if len(b.normal):
                 # address rows, not a memoryview per header and page (livemig/iovec.py)
                 out += self.encoder.encode_pages_gather(
                     b.idstr, b.normal.astype(np.uint64) << 12, b.block.view
                 )
                 normal += len(b.normal)
+                if unit is not None:
+                    unit.add(b.idstr, CK.KIND_DATA, b.normal)
         return out, normal, zero
 
     def _check_rp(self) -> None:
@@ -542,6 +599,9 @@ class OutgoingMigration:
         t_sync = time.monotonic()
         enc = self.encoder
         self._send(enc.send(E.SectionEnd(self._ram_sid)), "downtime")
+        # x-checksums: the END section is one unit (the guest is stopped: nothing to exclude),
+        # hashed batch by batch right after each send
+        unit = CK.Unit() if self.checks is not None else None
         while True:
             # 1 MiB at a time, as in pre-copy: the destination copies one batch while we
             # gather the next (16 MiB batches serialised the two: downtime 57-257 ms -> 24-32
@@ -549,15 +609,22 @@ class OutgoingMigration:
             batches = self.ram.take(BATCH_PAGES)
             if not batches:
                 break
-            out, normal, zero = self._encode_batches(batches)
+            out, normal, zero = self._encode_batches(batches, unit)
             self._send(out, "downtime", normal, zero)
+            if unit is not None:
+                unit.feed(self.checks.views)  # type: ignore[union-attr]
         if self.multifd is not None:
             multifd.source_flush(self, "downtime", in_section=True)  # all RAM before devices
         self._send([*enc.send(E.RamEos()), *enc.send(E.SectionFooter(self._ram_sid))],
                    "downtime")  # fmt: skip
+        if unit:
+            self._send(self._checksum(unit), "downtime")
         t_ram = time.monotonic()
         self.stats.remaining = 0
         bufs, described = self._device_sections()
+        if self.checks is not None:
+            bufs += self._checksum(self._device_unit)  # the device state as sent
+            described = enc.vmdesc().description
         self._send(bufs, "downtime")
         self._send([*enc.send(E.Eof()), *enc.send(E.VMDescription(described))], "downtime")
         t_dev = time.monotonic()
@@ -701,6 +768,8 @@ class OutgoingMigration:
             out["ram"]["x-hot-pages"] = getattr(self.tracker, "hot_pages", 0)
         if self.config.verify and status == MigrationStatus.COMPLETED:
             out["x-verified"] = self.verified
+        if self.checks is not None:
+            out["x-checksums"] = self.checks.query()
         if self.postcopy is not None:
             if "ram" in out:
                 out["ram"]["postcopy-requests"] = self.postcopy.requests

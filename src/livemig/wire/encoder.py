@@ -96,6 +96,10 @@ class Encoder:
         self.last_block: str | None = None
         self.bytes_sent = 0
         self._described: list[tuple[str, int, VMStateDescription, Mapping[str, Any]]] = []
+        self._described_keys: set[tuple[str, int]] = set()
+        # called with (idstr, instance_id, version_id, payload) of every FULL section encoded
+        # (livemig's checksums hash device state as it goes out)
+        self.on_full: Any = None
 
     def reset_block(self) -> None:
         """Forget the last sent block: the next page record names its block again."""
@@ -190,8 +194,15 @@ class Encoder:
             raise StreamError(f"no VMStateDescription registered for device {ev.idstr!r}")
         head = struct.pack(">BI", C.QEMU_VM_SECTION_FULL, ev.section_id) + cstr(ev.idstr)
         head += struct.pack(">II", ev.instance_id, ev.version_id)
-        self._described.append((ev.idstr, ev.instance_id, vmsd, ev.state))
-        return head + vmsd.encode(ev.state) + self._footer(ev.section_id)
+        if (ev.idstr, ev.instance_id) not in self._described_keys:
+            # one entry per device, as QEMU's: a section sent many times (livemig's
+            # x-checksum) is described once
+            self._described_keys.add((ev.idstr, ev.instance_id))
+            self._described.append((ev.idstr, ev.instance_id, vmsd, ev.state))
+        payload = vmsd.encode(ev.state)
+        if self.on_full is not None:
+            self.on_full(ev.idstr, ev.instance_id, ev.version_id, payload)
+        return head + payload + self._footer(ev.section_id)
 
     def vmdesc(self) -> E.VMDescription:
         """The VMDESCRIPTION event describing every FULL section sent so far."""
