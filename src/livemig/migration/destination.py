@@ -300,6 +300,10 @@ class IncomingMigration:
                                             vmsd.encode(ev.state))  # fmt: skip
         elif isinstance(ev, E.SectionFooter) and self.checks.unit.parts:
             self._must_check = True
+        elif isinstance(ev, E.SectionEnd):
+            for idstr, sealed in getattr(self, "mapped_seals", ()):
+                # the file's bitmaps and page digests, checked with the END section
+                self.checks.unit.add_device(mapped_ram.SEAL_IDSTR, 0, 1, idstr.encode() + sealed)
         return False
 
     def _set_checked(self, announced: bool, offset: int) -> None:

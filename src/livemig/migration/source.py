@@ -615,6 +615,9 @@ class OutgoingMigration:
                 unit.feed(self.checks.views)  # type: ignore[union-attr]
         if self.multifd is not None:
             multifd.source_flush(self, "downtime", in_section=True)  # all RAM before devices
+            if unit is not None and self.mapped_ram is not None:
+                for idstr, sealed in self.mapped_ram.seals:  # the file's bitmaps and digests
+                    unit.add_device(mapped_ram.SEAL_IDSTR, 0, 1, idstr.encode() + sealed)
         self._send([*enc.send(E.RamEos()), *enc.send(E.SectionFooter(self._ram_sid))],
                    "downtime")  # fmt: skip
         if unit:

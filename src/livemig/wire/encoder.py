@@ -24,7 +24,7 @@ from livemig.errors import StreamError
 from livemig.vmstate import VMStateDescription
 from livemig.wire import constants as C
 from livemig.wire import events as E
-from livemig.wire.vmdesc import build_vmdesc, dump_vmdesc
+from livemig.wire.vmdesc import build_vmdesc, configuration_entry, dump_vmdesc
 
 Buffers = list[bytes | memoryview]
 
@@ -100,6 +100,7 @@ class Encoder:
         # called with (idstr, instance_id, version_id, payload) of every FULL section encoded
         # (livemig's checksums hash device state as it goes out)
         self.on_full: Any = None
+        self._configuration_desc: dict[str, Any] | None = None
 
     def reset_block(self) -> None:
         """Forget the last sent block: the next page record names its block again."""
@@ -179,6 +180,7 @@ class Encoder:
                 raise ValueError("a VM UUID is 16 bytes")
             sub("configuration/uuid", ev.uuid)
         self.capabilities |= frozenset(ev.capabilities or ())
+        self._configuration_desc = configuration_entry(ev)
         return bytes(out)
 
     def _footer(self, section_id: int) -> bytes:
@@ -206,7 +208,10 @@ class Encoder:
 
     def vmdesc(self) -> E.VMDescription:
         """The VMDESCRIPTION event describing every FULL section sent so far."""
-        return E.VMDescription(build_vmdesc(self._described, self.page_size))
+        desc = build_vmdesc(self._described, self.page_size)
+        if self._configuration_desc is not None:
+            desc = {"configuration": self._configuration_desc, **desc}  # first, as QEMU's
+        return E.VMDescription(desc)
 
     def _setup(self, ev: E.RamSetup) -> bytes:
         out = bytearray(_BE64.pack(ev.total | C.RAM_SAVE_FLAG_MEM_SIZE))
