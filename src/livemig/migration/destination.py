@@ -20,8 +20,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-
 from livemig import threads
 from livemig.errors import LivemigError, StreamError
 from livemig.machine.runstate import RunState
@@ -92,9 +90,7 @@ class IncomingMigration:
         self.verify: dict[str, Any] | None = None
         # x-checksums: every unit of the stream is checked (``savevm.checksum``) when the
         # source announces them; with the capability on here, a stream without is refused
-        self.checks = CK.IncomingChecks(machine.ram_blocks)
-        self.checked: bool | None = None  # None until the configuration section told
-        self._must_check = False  # a RAM section with records ended: its checksum is next
+        self.checks = CK.StreamChecks(machine.ram_blocks, on_checked=self._on_checked)
         self.postcopy: postcopy_dest.PostcopyIncoming | None = None
         self.source_hashes: dict[str, str] | None = None
         self.timeline: dict[str, float] = {}
@@ -176,6 +172,7 @@ class IncomingMigration:
         self._vmsds = {**descriptions(self.entries), CK.IDSTR: CK.vmsd(),
                        VERIFY_IDSTR: verify_vmsd(self.machine.ram_blocks)}  # fmt: skip
         dec = Decoder(devices=self._vmsds, block_sizes=self.loader.block_sizes())
+        self.checks.required = CK.CAPABILITY in self.capabilities
         eof_at: float | None = None
         done = False
         bulk = False  # the last read ended inside the pages of a pass
@@ -202,7 +199,7 @@ class IncomingMigration:
                 if isinstance(ev, E.Eof):
                     eof_at = time.monotonic()
                     self.timeline["eof"] = eof_at
-                    self._checks_at_end(dec.offset)
+                    self.checks.at_end(dec.offset)
                     self._finish_load()
                     if not self._return_path and ch.is_socket is False and n == 0:
                         done = True
@@ -220,25 +217,20 @@ class IncomingMigration:
         self._start_guest()
 
     def _handle(self, ev: Any, dec: Decoder) -> None:
-        if self.checked is not False and self._check_event(ev, dec):
+        if self.checks.before(ev, dec.offset, self._vmsds):
             return
         if postcopy_dest.dispatch(self, ev, dec):
             return
         if isinstance(ev, E.RamPages):
             self.loader.load_pages(ev.block, ev.offsets, ev.data)
-            if self.checked:
-                self.checks.unit.add(ev.block, CK.KIND_DATA, ev.offsets >> 12)
-                self.checks.unit.feed(self.checks.views)  # just placed: in cache
+            self.checks.pages(ev)
         elif isinstance(ev, E.RamZeroPages):
             self.loader.load_zero(ev.block, ev.offsets, ev.fill)
-            if self.checked:
-                self.checks.unit.add(ev.block, CK.KIND_FILL if ev.fill else CK.KIND_ZERO,
-                                     ev.offsets >> 12)  # fmt: skip
+            self.checks.pages(ev)
         elif isinstance(ev, E.SectionFull):
             self._on_full(ev, dec)
         elif isinstance(ev, E.RamSetup):
             self.loader.check_setup(ev.blocks, dec.offset)
-            self.checks.set_block_order([b.idstr for b in ev.blocks])
             if any(b.mapped_ram is not None for b in ev.blocks):
                 mapped_ram.incoming_load(self, ev, dec.offset)
         elif isinstance(ev, E.RamMultifdFlush):
@@ -249,8 +241,7 @@ class IncomingMigration:
                 self.multifd.flush()
         elif isinstance(ev, E.RamXbzrlePage):
             load_xbzrle(self.loader, ev.block, ev.offset, ev.data, dec.offset)
-            if self.checked:
-                self.checks.unit.add(ev.block, CK.KIND_DATA, np.array([ev.offset >> 12]))
+            self.checks.pages(ev)
         elif isinstance(ev, E.Configuration):
             if ev.machine_type != MACHINE_TYPE:
                 raise StreamError(f"machine type {ev.machine_type!r} does not match this "
@@ -273,59 +264,14 @@ class IncomingMigration:
             raise StreamError(f"{type(ev).__name__} is not supported in a pre-copy stream",
                               dec.offset)  # fmt: skip
 
-    # -- x-checksums ----------------------------------------------------------------------------
+    @property
+    def checked(self) -> bool | None:
+        """Whether the stream carries checksums (None: its configuration not read yet)."""
+        return self.checks.checked
 
-    def _check_event(self, ev: Any, dec: Decoder) -> bool:
-        """Checksum bookkeeping before an event is handled; True when it was the checksum."""
-        if self.checked is None and not isinstance(ev, E.Header):
-            announced = isinstance(ev, E.Configuration) and CK.CAPABILITY in (ev.capabilities
-                                                                             or ())  # fmt: skip
-            self._set_checked(announced, dec.offset)
-            if not announced:
-                return False
-        if self._must_check:
-            self._must_check = False
-            if not (isinstance(ev, E.SectionFull) and ev.idstr == CK.IDSTR):
-                unit = self.checks.unit
-                raise CK.ChecksumError(f"the RAM section before this point ({unit.span()}) is "
-                                       "not followed by its checksum", dec.offset)  # fmt: skip
-        if isinstance(ev, E.SectionFull):
-            if ev.idstr == CK.IDSTR:
-                st = ev.state
-                self.checks.verify(st["records"], st["digest"], st["excluded"], dec.offset)
-                return True
-            vmsd = self._vmsds.get(ev.idstr)
-            if vmsd is not None:
-                self.checks.unit.add_device(ev.idstr, ev.instance_id, ev.version_id,
-                                            vmsd.encode(ev.state))  # fmt: skip
-        elif isinstance(ev, E.SectionFooter) and self.checks.unit.parts:
-            self._must_check = True
-        elif isinstance(ev, E.SectionEnd):
-            for idstr, sealed in getattr(self, "mapped_seals", ()):
-                # the file's bitmaps and page digests, checked with the END section
-                self.checks.unit.add_device(mapped_ram.SEAL_IDSTR, 0, 1, idstr.encode() + sealed)
-        return False
-
-    def _set_checked(self, announced: bool, offset: int) -> None:
-        self.checked = announced
+    def _on_checked(self, checked: bool) -> None:
         if self.multifd is not None:
-            self.multifd.checked = announced
-        if not announced and CK.CAPABILITY in self.capabilities:
-            raise CK.ChecksumError("this destination requires a checksummed stream (capability "
-                                   f"{CK.CAPABILITY}) and the source sent one without: turn "
-                                   f"{CK.CAPABILITY} on at the source, or off here to load it "
-                                   "unchecked", offset)  # fmt: skip
-
-    def _checks_at_end(self, offset: int) -> None:
-        """At EOF: every unit checked, every page that came unchecked came again checked."""
-        if not self.checked:
-            if self.checked is None:
-                self._set_checked(False, offset)
-            return
-        if self.checks.unit:
-            raise CK.ChecksumError(f"the stream ends without the checksum of its last part "
-                                   f"({self.checks.unit.span()})", offset)  # fmt: skip
-        self.checks.check_nothing_pending(offset, "before the end of the stream")
+            self.multifd.checked = checked
 
     def _on_full(self, ev: Any, dec: Decoder) -> None:
         if ev.idstr == "globalstate":

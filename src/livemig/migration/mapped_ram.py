@@ -137,9 +137,6 @@ def seal(idstr: str, header: bytes, bitmap: bytes, digests: bytes) -> bytes:
     return h.intdigest().to_bytes(8, "little")
 
 
-SEAL_IDSTR = "mapped-ram"  # the pseudo device name of a block's seal in the checksum unit
-
-
 # -- source ---------------------------------------------------------------------------------
 
 
@@ -387,7 +384,7 @@ def _check_digests(mig: Any, info: Any, fd: int, bits: np.ndarray, bitmap: bytes
                                "digest but no bit in the bitmap: the bitmap or the digests "
                                "are corrupted", offset)  # fmt: skip
     header = MAPPED_RAM_HEADER.pack(*info.mapped_ram)
-    mig.mapped_seals.append((info.idstr, seal(info.idstr, header, bitmap, raw)))
+    mig.checks.mapped_seals.append((info.idstr, seal(info.idstr, header, bitmap, raw)))
     return digests
 
 
@@ -403,8 +400,7 @@ def incoming_load(mig: Any, setup: Any, offset: int) -> None:
         raise StreamError("a mapped-ram stream can only be restored from a file: URI", offset)
     size = os.fstat(fd).st_size
     loader = mig.loader
-    checked = bool(getattr(mig, "checked", False))
-    mig.mapped_seals = []
+    checked = bool(mig.checked)
     jobs: list[tuple] = []
     for info in setup.blocks:
         if info.mapped_ram is None:

@@ -158,6 +158,7 @@ class OutgoingMigration:
         self._rp_event = threading.Event()
         self._rp_error: str | None = None
         self._stopped_guest = False
+        self._halted = False  # the vCPUs stopped for good (switch-over): pages stay as sent
         self._t_stop: float | None = None
         self._was_running = False
         self.verified: bool | None = None
@@ -326,7 +327,7 @@ class OutgoingMigration:
         tracker = self.tracker
         self.checks = CK.SourceChecks(
             self.machine.ram_blocks, written=tracker.written,
-            live=lambda: not self._stopped_guest, requeue=tracker.mark_dirty_pages,
+            live=lambda: not self._halted, requeue=tracker.mark_dirty_pages,
         )  # fmt: skip
         self.encoder.devices[CK.IDSTR] = CK.vmsd()
         self._device_unit = CK.Unit()
@@ -617,7 +618,7 @@ class OutgoingMigration:
             multifd.source_flush(self, "downtime", in_section=True)  # all RAM before devices
             if unit is not None and self.mapped_ram is not None:
                 for idstr, sealed in self.mapped_ram.seals:  # the file's bitmaps and digests
-                    unit.add_device(mapped_ram.SEAL_IDSTR, 0, 1, idstr.encode() + sealed)
+                    unit.add_device(CK.SEAL_IDSTR, 0, 1, idstr.encode() + sealed)
         self._send([*enc.send(E.RamEos()), *enc.send(E.SectionFooter(self._ram_sid))],
                    "downtime")  # fmt: skip
         if unit:
@@ -665,6 +666,7 @@ class OutgoingMigration:
         else:
             m.set_runstate(RunState.FINISH_MIGRATE)
         self._stopped_guest = True
+        self._halted = True
         if self.stats.throttle:
             m.set_throttle(0)
             self.stats.throttle = 0

@@ -53,6 +53,7 @@ livemig stream (machine type ``livemig-x86_64``) is not one a QEMU can load.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -74,6 +75,16 @@ KIND_DATA = 2
 KIND_FILL = 3
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
+
+
+PREEMPT_CHECKSUM_WORD = 0x200  # a record word no preempt channel carries otherwise
+PREEMPT_CHECKSUM = struct.Struct(">QIQ")  # the word, records, digest
+
+
+def discard_record(block: str, ranges: Any) -> tuple[str, int, int, bytes]:
+    """A POSTCOPY_RAM_DISCARD command as a unit's pseudo device section."""
+    body = b"".join(struct.pack(">QQ", s, n) for s, n in ranges)
+    return "discard", 0, 0, block.encode() + b"\0" + body
 
 
 class ChecksumError(StreamError):
@@ -381,3 +392,108 @@ class IncomingChecks:
                                     f"{lo:#x}-{hi:#x}) came only in copies the source could "
                                     f"not vouch for, and no checked copy followed {when}",
                                     offset)  # fmt: skip
+
+
+class StreamChecks(IncomingChecks):
+    """The checks of a whole main stream, event by event: the rules the destination and
+    ``livemig analyze --verify`` apply alike.
+
+    * the configuration section says whether the stream is checksummed (``checked``); with
+      ``required`` a stream that is not is refused there;
+    * a RAM section that held records must be followed at once by its ``x-checksum``;
+    * device sections are covered by the next ``x-checksum``, which must come before EOF;
+    * at EOF nothing is left unchecked and no page is still pending.
+
+    Call ``before(ev)`` for every event before handling it (True: it was a checksum, already
+    handled) and ``pages(ev)`` after a RAM event's data was placed.
+    """
+
+    def __init__(self, blocks: list, required: bool = False, on_checked: Any = None) -> None:
+        super().__init__(blocks)
+        self.required = required
+        self.checked: bool | None = None  # None until the configuration section told
+        self.mapped_seals: list[tuple[str, bytes]] = []  # set by a mapped-ram reader
+        self._must_check = False
+        self._on_checked = on_checked or (lambda checked: None)
+
+    def announce(self, announced: bool, offset: int | None) -> None:
+        self.checked = announced
+        self._on_checked(announced)
+        if not announced and self.required:
+            raise ChecksumError(f"this destination requires a checksummed stream (capability "
+                                f"{CAPABILITY}) and the source sent one without: turn "
+                                f"{CAPABILITY} on at the source, or off here to load it "
+                                "unchecked", offset)  # fmt: skip
+
+    def before(self, ev: Any, offset: int, vmsds: Mapping[str, Any]) -> bool:
+        from livemig.wire import events as E
+
+        if self.checked is None and not isinstance(ev, E.Header):
+            announced = isinstance(ev, E.Configuration) and CAPABILITY in (ev.capabilities
+                                                                          or ())  # fmt: skip
+            self.announce(announced, offset)
+        if not self.checked:
+            return False
+        if self._must_check:
+            self._must_check = False
+            if not (isinstance(ev, E.SectionFull) and ev.idstr == IDSTR):
+                raise ChecksumError(f"the RAM section before this point ({self.unit.span()}) is "
+                                    "not followed by its checksum", offset)  # fmt: skip
+        if isinstance(ev, E.SectionFull):
+            if ev.idstr == IDSTR:
+                st = ev.state
+                self.verify(st["records"], st["digest"], st["excluded"], offset)
+                return True
+            vmsd = vmsds.get(ev.idstr)
+            if vmsd is not None:
+                self.unit.add_device(ev.idstr, ev.instance_id, ev.version_id,
+                                     vmsd.encode(ev.state))  # fmt: skip
+        elif isinstance(ev, E.RamSetup):
+            self.set_block_order([b.idstr for b in ev.blocks])
+        elif isinstance(ev, E.SectionFooter) and self.unit.parts:
+            self._must_check = True
+        elif isinstance(ev, E.SectionEnd):
+            for idstr, sealed in self.mapped_seals:
+                # a mapped-ram file's bitmaps and page digests, checked with the END section
+                self.unit.add_device(SEAL_IDSTR, 0, 1, idstr.encode() + sealed)
+        elif isinstance(ev, E.PostcopyRamDiscard):
+            self.unit.add_device(*discard_record(ev.block, ev.ranges))
+            for start, length in ev.ranges:
+                self.discard(ev.block, start >> PAGE_SHIFT, length >> PAGE_SHIFT)
+        elif isinstance(ev, E.Packaged):
+            self.require_checked(offset, "before the post-copy package")
+        return False
+
+    def require_checked(self, offset: int | None, where: str) -> None:
+        """Nothing received since the last checksum may stay unchecked past this point."""
+        if self.checked and self.unit:
+            raise ChecksumError(f"{self.unit.span()} came without a checksum {where}", offset)
+
+    def pages(self, ev: Any) -> None:
+        """A RAM event whose data is now in place."""
+        if not self.checked:
+            return
+        from livemig.wire import events as E
+
+        if isinstance(ev, E.RamPages):
+            self.unit.add(ev.block, KIND_DATA, ev.offsets >> np.uint64(PAGE_SHIFT))
+            self.unit.feed(self.views)  # just placed: in cache
+        elif isinstance(ev, E.RamZeroPages):
+            kind = KIND_FILL if ev.fill else KIND_ZERO
+            self.unit.add(ev.block, kind, ev.offsets >> np.uint64(PAGE_SHIFT))
+        elif isinstance(ev, E.RamXbzrlePage | E.RamCompressedPage):
+            self.unit.add(ev.block, KIND_DATA, np.array([ev.offset >> PAGE_SHIFT]))
+
+    def at_end(self, offset: int | None) -> None:
+        """At EOF: every unit checked, every page that came unchecked came again checked."""
+        if self.checked is None:
+            self.announce(False, offset)
+        if not self.checked:
+            return
+        if self.unit:
+            raise ChecksumError(f"the stream ends without the checksum of its last part "
+                                f"({self.unit.span()})", offset)  # fmt: skip
+        self.check_nothing_pending(offset, "before the end of the stream")
+
+
+SEAL_IDSTR = "mapped-ram"  # the pseudo device of a mapped-ram block's seal in a unit
