@@ -220,7 +220,8 @@ def _shared_capabilities(args: argparse.Namespace) -> list[str]:
     """Capabilities both sides must have on."""
     return [c for c, on in (("postcopy-ram", args.postcopy),
                             ("postcopy-preempt", args.postcopy and not args.no_preempt),
-                            ("multifd", bool(args.multifd))) if on]  # fmt: skip
+                            ("multifd", bool(args.multifd)),
+                            ("x-checksums", True)) if on]  # fmt: skip
 
 
 class _PostcopySwitch:

@@ -9,6 +9,10 @@ quit, query-status, ...) and, when the migration layer is installed, the migrati
 ``-S`` leaves the guest in ``prelaunch`` until ``cont``. ``--incoming`` starts in ``inmigrate``
 and takes the guest (RAM, CPUs, devices) from a migration stream instead of ``--guest``.
 
+A checksummed stream (a livemig source with ``x-checksums``) is always checked. A ``file:`` or
+``exec:`` restore, or any ``--incoming`` with ``--verify``, requires one (capability
+``x-checksums`` on here); ``--no-checksums`` loads a stream without them.
+
 The exit status is the guest's own (its ``exit()`` / the power port), 0 after ``quit``, 1 when
 the guest faulted, 130 on Ctrl-C.
 """
@@ -48,6 +52,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="receive the guest by migration (defer: wait for migrate-incoming over QMP)",
     )  # fmt: skip
     parser.add_argument(
+        "--verify", action="store_true",
+        help="with --incoming: refuse a stream without livemig's checksums (the default "
+        "for file: and exec:)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-checksums", action="store_true",
+        help="with --incoming: load a stream without livemig's checksums, even from a file",
+    )  # fmt: skip
+    parser.add_argument(
         "--tls-creds", metavar="DIR",
         help="x509 credentials directory (ca-cert.pem, server-cert.pem, server-key.pem, "
         "client-cert.pem, client-key.pem, as QEMU's tls-creds-x509 dir=): sets the tls-creds "
@@ -68,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --guest NAME|FILE.c (or --incoming URI to receive a guest)")
     if args.incoming is not None and args.guest:
         raise UsageError("--guest and --incoming exclude each other: the guest comes by migration")
+    if (args.verify or args.no_checksums) and args.incoming is None:
+        raise UsageError("--verify and --no-checksums apply to --incoming")
+    if args.verify and args.no_checksums:
+        raise UsageError("--verify requires checksums: it excludes --no-checksums")
     if args.qmp:
         from livemig.qmp import parse_qmp_address
 
@@ -138,6 +155,16 @@ def _wait(machine: Machine, quit_event: threading.Event) -> None:
             signal.signal(s, handler)
 
 
+def _require_checksums(args: argparse.Namespace) -> bool:
+    """Whether this destination refuses a stream without checksums: with --verify, and by
+    default for a snapshot (file:, exec:), which nothing else vouches for."""
+    if getattr(args, "no_checksums", False):
+        return False
+    if getattr(args, "verify", False):
+        return True
+    return str(args.incoming).split(":", 1)[0] in ("file", "exec")
+
+
 def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threading.Event) -> Any:
     """The QMP server (if ``--qmp``) and the migration manager (if QMP or ``--incoming``)."""
     server = control = None
@@ -194,6 +221,8 @@ def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threa
         machine.set_runstate(RunState.INMIGRATE)
         if args.incoming == "defer":
             manager.incoming_deferred = True
+        if _require_checksums(args):
+            manager.caps.set({"x-checksums": True})
     if server is not None:
         server.start()
     if args.incoming is not None and args.incoming != "defer":

@@ -469,7 +469,17 @@ class PostcopySource:
         preempt_ready = self._connect_preempt(mig.config.uri) if self.preempt else None
         mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
         mig.stop_guest()
+        if mig.multifd is not None:
+            # Every page the channels still hold lands before the discards: one landing after
+            # them filled a page the destination was told it needs, so the fresh copy sent
+            # later could not be installed (EEXIST) and the guest kept the older one. Found
+            # by x-checksums, whose check of that job then read the discarded page. (And the
+            # channels' jobs are checked against what the tracker saw before this sync.)
+            from livemig.migration import multifd
+
+            multifd.source_flush(mig, "downtime")
         new = mig.ram.merge(mig.tracker.sync())
+        mig._frozen = True  # x-checksums: the pages sent from here are the pages hashed
         mig.stats.note_sync(new)
         mig.emit("MIGRATION_PASS", {"pass": mig.stats.dirty_sync_count})
         mig._record_pass("post-copy switch: last sync with the guest stopped")

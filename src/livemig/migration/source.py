@@ -158,7 +158,9 @@ class OutgoingMigration:
         self._rp_event = threading.Event()
         self._rp_error: str | None = None
         self._stopped_guest = False
-        self._halted = False  # the vCPUs stopped for good (switch-over): pages stay as sent
+        # The guest stopped for good and the tracker synced after that: from here a page sent is
+        # the page hashed (x-checksums asks the tracker nothing more)
+        self._frozen = False
         self._t_stop: float | None = None
         self._was_running = False
         self.verified: bool | None = None
@@ -327,7 +329,7 @@ class OutgoingMigration:
         tracker = self.tracker
         self.checks = CK.SourceChecks(
             self.machine.ram_blocks, written=tracker.written,
-            live=lambda: not self._halted, requeue=tracker.mark_dirty_pages,
+            live=lambda: not self._frozen, requeue=tracker.mark_dirty_pages,
         )  # fmt: skip
         self.encoder.devices[CK.IDSTR] = CK.vmsd()
         self._device_unit = CK.Unit()
@@ -592,8 +594,13 @@ class OutgoingMigration:
                 self._check_cancel()
             self._check_cancel()
             self.state.move(MigrationStatus.DEVICE)
+        if self.multifd is not None and self.checks is not None:
+            # the channels' jobs are checked against what the tracker saw since the previous
+            # sync, which the final one resets: they must all be out first
+            multifd.source_flush(self, "downtime")
         # final pass: everything still dirty, no rate limit
         new = self.ram.merge(self.tracker.sync())
+        self._frozen = True
         self.stats.note_sync(new)
         self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
         self._record_pass("final sync with the guest stopped")
@@ -666,7 +673,6 @@ class OutgoingMigration:
         else:
             m.set_runstate(RunState.FINISH_MIGRATE)
         self._stopped_guest = True
-        self._halted = True
         if self.stats.throttle:
             m.set_throttle(0)
             self.stats.throttle = 0
@@ -772,7 +778,11 @@ class OutgoingMigration:
             # pages of chunks left writable between syncs (memtrack/hot.py), counted dirty
             out["ram"]["x-hot-pages"] = getattr(self.tracker, "hot_pages", 0)
         if self.config.verify and status == MigrationStatus.COMPLETED:
-            out["x-verified"] = self.verified
+            if self.return_path:
+                out["x-verified"] = self.verified
+            else:
+                # a file or a pipe: its checksums and RAM digests are checked when it is loaded
+                out["x-verify"] = "at-load"
         if self.checks is not None:
             out["x-checksums"] = self.checks.query()
         if self.postcopy is not None:
