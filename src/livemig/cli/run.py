@@ -52,6 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="receive the guest by migration (defer: wait for migrate-incoming over QMP)",
     )  # fmt: skip
     parser.add_argument(
+        "--qmp-insecure", action="store_true",
+        help="allow --qmp tcp: on an address other than loopback without --tls-creds (anyone "
+        "who reaches it controls this machine)",
+    )  # fmt: skip
+    parser.add_argument(
         "--verify", action="store_true",
         help="with --incoming: refuse a stream without livemig's checksums (the default "
         "for file: and exec:)",
@@ -92,6 +97,11 @@ def run(args: argparse.Namespace) -> int:
             parse_qmp_address(args.qmp)
         except ValueError as exc:
             raise UsageError(f"--qmp {args.qmp!r}: {exc}") from exc
+        from livemig.qmp.server import check_exposure
+
+        check_exposure(
+            args.qmp, bool(getattr(args, "tls_creds", None)), getattr(args, "qmp_insecure", False)
+        )
     image = None
     if args.guest:
         from livemig.guests import build_guest
@@ -178,7 +188,8 @@ def _start_control(args: argparse.Namespace, machine: Machine, quit_event: threa
             from livemig.transport.tls import load_creds
 
             qmp_tls = load_creds(args.tls_creds, "server")
-        server = QMPServer(args.qmp, registry, tls=qmp_tls)
+        server = QMPServer(args.qmp, registry, tls=qmp_tls,
+                           insecure=getattr(args, "qmp_insecure", False))  # fmt: skip
 
         def on_quit() -> None:
             machine.shutdown("host-qmp-quit")

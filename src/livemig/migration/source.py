@@ -157,6 +157,7 @@ class OutgoingMigration:
         self._rp_shut: int | None = None
         self._rp_event = threading.Event()
         self._rp_error: str | None = None
+        self._pongs = 0  # PONGs seen: the destination reads our stream
         self._stopped_guest = False
         # The guest stopped for good and the tracker synced after that: from here a page sent is
         # the page hashed (x-checksums asks the tracker nothing more)
@@ -235,7 +236,23 @@ class OutgoingMigration:
             self._rp_event.wait(0.5)  # the SHUT may still be on its way
         if self._rp_shut not in (None, 0) and "SHUT" not in str(exc):
             return f"destination failed to load the migration (SHUT {self._rp_shut}): {exc}"
+        if self._rp_error is not None and "TLS certificate" in self._rp_error:
+            return self._rp_error  # the return path read the alert by which the peer refused us
+        if self._silent_drop(exc):
+            return (f"{exc}: the destination dropped the connection without answering the "
+                    "stream's first PING, as one with tls-creds does to a source without TLS "
+                    "(set tls-creds here too), or it is not a migration destination")  # fmt: skip
         return str(exc)
+
+    def _silent_drop(self, exc: BaseException) -> bool:
+        """A plain source's connection broken before the destination said anything: a TLS
+        destination drops a stream it cannot read so, and the source saw only a broken pipe."""
+        from livemig.transport.tls import TLSChannel
+
+        reset = isinstance(exc.__cause__, BrokenPipeError | ConnectionResetError) or any(
+            w in str(exc) for w in ("Broken pipe", "Connection reset"))  # fmt: skip
+        return (reset and bool(getattr(self, "return_path", False)) and self._pongs == 0
+                and not isinstance(self.channel, TLSChannel))  # fmt: skip
 
     def _send(self, buffers: list, phase: str = "precopy", normal: int = 0, zero: int = 0) -> int:
         assert self.channel is not None
@@ -404,6 +421,7 @@ class OutgoingMigration:
         if isinstance(msg, RP.Shut):
             self._rp_shut = msg.status
         elif isinstance(msg, RP.Pong):
+            self._pongs += 1
             log.debug("PONG %d", msg.value)
         elif self.postcopy is not None:
             self.postcopy.on_rp(msg)
