@@ -57,6 +57,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -723,7 +724,7 @@ def _corruptions(count: int, seed: int) -> dict[str, Any]:
     def progress(kind: str, checksums: bool, t: Any) -> None:
         print(f"  corruptions {kind:10} checksums {'on ' if checksums else 'off'} {t.inputs} "
               f"inputs: {t.refused} refused, {t.identical} loaded identical, {t.wrong} loaded "
-              f"WRONG", flush=True)  # fmt: skip
+              f"WRONG", file=sys.stderr, flush=True)  # fmt: skip
 
     tallies = run_corruptions(count, seed=seed, progress=progress)
     return {kind: {k: asdict(t) for k, t in by.items()} for kind, by in tallies.items()}

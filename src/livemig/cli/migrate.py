@@ -218,8 +218,10 @@ def _checksum_capability(args: argparse.Namespace, caps: dict[str, bool], qmp: A
                          uri: Any) -> None:  # fmt: skip
     """x-checksums on by default for a livemig source; --verify to a file or a pipe needs it."""
     livemig = "x-checksums" in _capability_names(qmp)
-    if livemig and not args.no_checksums:
-        caps.setdefault("x-checksums", True)
+    if livemig:
+        # set either way: capabilities outlive a migration in the source process
+        caps.setdefault("x-checksums", not args.no_checksums)
+        caps.setdefault("x-verify", bool(args.verify))
     if args.verify and not uri.has_return_path and not caps.get("x-checksums"):
         why = "--no-checksums" if livemig else "a source without x-checksums (QEMU)"
         raise UsageError(f"--verify to {uri} is the check of the stream's checksums when it "
