@@ -167,8 +167,8 @@ def test_digest_does_not_depend_on_how_records_are_split(cuts: list[int]) -> Non
 
 
 def test_bitmaps_round_trip() -> None:
-    flags = np.zeros(256, bool)
-    flags[[0, 7, 8, 255]] = True
+    flags = np.zeros(CK.MAX_DATA, bool)
+    flags[[0, 7, 8, CK.MAX_DATA - 1]] = True
     raw = CK.pack_bits(flags, CK.BITMAP_BYTES)
-    assert len(raw) == 32 and (CK.unpack_bits(raw, 256) == flags).all()
+    assert len(raw) == CK.MAX_DATA // 8 and (CK.unpack_bits(raw, CK.MAX_DATA) == flags).all()
     assert CK.pack_bits(None, 32) == bytes(32)

@@ -213,7 +213,10 @@ class IncomingMigration:
                 if eof_at is None:
                     raise StreamError("stream ended before EOF", dec.offset)
                 break
-            bulk = not final and isinstance(ev, E.RamPages | E.RamZeroPages)
+            # (with checksums a pass is a row of small sections, one per unit, and a read ends
+            # at any point of one)
+            bulk = not final and (isinstance(ev, E.RamPages | E.RamZeroPages) or bool(
+                self.checked and ev is not None))  # fmt: skip
         self._start_guest()
 
     def _handle(self, ev: Any, dec: Decoder) -> None:

@@ -184,6 +184,7 @@ class _SendChannel:
         self.queue: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
         self.synced = threading.Semaphore(0)
         self.compressor = _Compressor(sender.compression, sender.level)
+        self._trailer: list = []  # x-checksums: the last job's checksum packet, not yet sent
         self.thread = threads.Thread(target=self._run, name=f"multifdsend_{cid}", daemon=True)
 
     def _run(self) -> None:
@@ -202,21 +203,30 @@ class _SendChannel:
                 unit = CK.Unit() if s.checks is not None else None
                 self._send_packet(0, block, idx, unit)
                 if unit:
-                    self._send_trailer(unit)
+                    # after the packets: the tracker is asked once the pages are out; the
+                    # trailer goes with the next job's packets, or before the SYNC
+                    self._trailer = self._trailer_packet(unit)
         except (ChannelError, OSError, StreamError) as exc:
             s._failed(f"multifd channel {self.id}: {exc}")
         except BaseException as exc:  # a bug: report it instead of hanging the sync
             log.exception("multifd send channel %d crashed", self.id)
             s._failed(f"multifd channel {self.id}: internal error: {exc!r}")
 
-    def _send_trailer(self, unit: CK.Unit) -> None:
-        """x-checksums: the checksum of the job just sent, in a packet of its own."""
+    def _trailer_packet(self, unit: CK.Unit) -> list:
+        """x-checksums: the packet with the checksum of the job just sent."""
         s = self.sender
         digest, ex = s.checks.close(unit, JOB_PAGES)  # type: ignore[union-attr]
         head = CHECKSUM_PACKET.pack(MULTIFD_MAGIC, MULTIFD_VERSION, MULTIFD_FLAG_X_CHECKSUM,
                                     PAGES_ALLOC, 0, 0, next(s.packet_num), 0, unit.records,
                                     digest, b"")  # fmt: skip
-        s._count(self.channel.sendv([head, CK.pack_bits(ex, 8 * PAGES_ALLOC)]), 0, 0)
+        return [head, CK.pack_bits(ex, 8 * PAGES_ALLOC)]
+
+    def _with_trailer(self, bufs: list) -> list:
+        """``bufs`` after the pending trailer, if one is waiting (one writev for both)."""
+        if not self._trailer:
+            return bufs
+        out, self._trailer = [*self._trailer, *bufs], []
+        return out
 
     def _send_packet(self, flags: int, block: Any, idx: np.ndarray, unit: Any = None) -> None:
         """Send ``idx`` (up to ``JOB_PAGES`` pages of ``block``, or none for a SYNC packet) as
@@ -230,15 +240,16 @@ class _SendChannel:
         if len(idx) == 0:
             head = MultifdPacket(flags | s.flag, next(s.packet_num), "", idx.astype(np.uint64),
                                  0, 0, PAGES_ALLOC, 0).pack()  # fmt: skip
-            s._count(self.channel.sendv([head]), 0, 0)
+            s._count(self.channel.sendv(self._with_trailer([head])), 0, 0)
             return
         normal, zero = split_zero(s.words[block.idstr], idx) if s.zero_detect else (idx, idx[:0])
         first = int(idx[0])
         if not len(zero) and s.flag == 0 and int(idx[-1]) - first == len(idx) - 1:
-            s._count(self.channel.sendv(self._run_packets(flags, block, first, len(idx))),
-                     len(idx), 0)  # fmt: skip
             if unit is not None:
                 unit.add(block.idstr, CK.KIND_DATA, idx)
+                unit.feed(s.checks.views)  # type: ignore[union-attr]  # then the kernel's copy
+            bufs = self._run_packets(flags, block, first, len(idx))
+            s._count(self.channel.sendv(self._with_trailer(bufs)), len(idx), 0)
             return
         if len(zero):
             is_zero = np.zeros(len(idx), bool)
@@ -270,7 +281,9 @@ class _SendChannel:
                 len(pn), len(pz), PAGES_ALLOC, sum(len(p) for p in payload),
             ).pack())  # fmt: skip
             bufs += payload
-        s._count(self.channel.sendv(bufs), len(normal), len(zero))
+        if unit is not None:
+            unit.feed(s.checks.views)  # type: ignore[union-attr]
+        s._count(self.channel.sendv(self._with_trailer(bufs)), len(normal), len(zero))
 
     def _run_packets(self, flags: int, block: Any, first: int, count: int) -> list[Any]:
         """The packets of ``count`` uncompressed data pages from ``first``, one run: what a

@@ -363,14 +363,6 @@ class OutgoingMigration:
         state = self.checks.section_state(unit)
         return self.encoder.send(E.SectionFull(CK.SECTION_ID, CK.IDSTR, 0, CK.VERSION, state))
 
-    def _send_checked(self, section: E.Event, out: list, normal: int, zero: int,
-                      unit: CK.Unit, phase: str = "precopy") -> None:  # fmt: skip
-        """One RAM section holding one unit, then its checksum."""
-        enc = self.encoder
-        self._send([*enc.send(section), *out, *enc.send(E.RamEos()),
-                    *enc.send(E.SectionFooter(self._ram_sid))], phase, normal, zero)  # fmt: skip
-        self._send(self._checksum(unit), phase)
-
     # -- return path ---------------------------------------------------------------------------
 
     def _start_return_path(self) -> None:
@@ -524,6 +516,10 @@ class OutgoingMigration:
         batch = multifd.JOB_PAGES if self.multifd is not None else BATCH_PAGES
         opened = False  # a PART of unchecked records is open
         checked = 0
+        # x-checksums: the open unit (one PART section, up to MAX_DATA data records over
+        # several writevs), and the checksum of the last one, which goes out with the next
+        unit: CK.Unit | None = None
+        closing: list = []
         while True:
             budget = self.rate.budget_left()
             if budget <= 0 or time.monotonic() - t0 > MAX_PART_TIME:
@@ -532,21 +528,37 @@ class OutgoingMigration:
             batches = self.ram.take(pages)
             if not batches:
                 break
-            unit = CK.Unit() if self.checks is not None else None
-            out, normal, zero = self._encode_batches(batches, unit)
-            if unit is not None:
-                # x-checksums: a section per unit, closed by its checksum (every main-channel
-                # record is in the unit: none when the multifd channels took the pages)
-                if unit:
-                    self._send_checked(E.SectionPart(sid), out, normal, zero, unit)
+            if self.checks is not None:
+                fresh = unit is None
+                if unit is None:
+                    unit = CK.Unit()
+                out, normal, zero = self._encode_batches(batches, unit)
+                if not unit:  # every page went to the multifd channels
+                    self._send(out, normal=normal, zero=zero)
+                    unit = None
+                    continue
+                head = [*closing, *enc.send(E.SectionPart(sid))] if fresh else []
+                closing = []
+                # hashed before the send: the kernel then copies the pages out of the cache
+                unit.feed(self.checks.views)
+                if unit.ndata > CK.MAX_DATA - batch:
+                    out += [*enc.send(E.RamEos()), *enc.send(E.SectionFooter(sid))]
+                self._send([*head, *out], normal=normal, zero=zero)
+                if unit.ndata > CK.MAX_DATA - batch:
+                    closing, unit = self._checksum(unit), None
                     checked += 1
-                else:
-                    self._send(out, normal=normal, zero=zero)  # [], counts the channels' bytes
                 continue
+            out, normal, zero = self._encode_batches(batches)
             if not opened:
                 out = [*enc.send(E.SectionPart(sid)), *out]
                 opened = True
             self._send(out, normal=normal, zero=zero)
+        if unit is not None:
+            self._send([*enc.send(E.RamEos()), *enc.send(E.SectionFooter(sid))])
+            closing = self._checksum(unit)
+            checked += 1
+        if closing:
+            self._send(closing)
         if opened or not checked:
             head = [] if opened else enc.send(E.SectionPart(sid))
             self._send([*head, *enc.send(E.RamEos()), *enc.send(E.SectionFooter(sid))])
@@ -636,9 +648,9 @@ class OutgoingMigration:
             if not batches:
                 break
             out, normal, zero = self._encode_batches(batches, unit)
-            self._send(out, "downtime", normal, zero)
             if unit is not None:
-                unit.feed(self.checks.views)  # type: ignore[union-attr]
+                unit.feed(self.checks.views)  # type: ignore[union-attr]  # then the kernel's copy
+            self._send(out, "downtime", normal, zero)
         if self.multifd is not None:
             multifd.source_flush(self, "downtime", in_section=True)  # all RAM before devices
             if unit is not None and self.mapped_ram is not None:
