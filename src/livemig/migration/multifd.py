@@ -247,6 +247,7 @@ class _SendChannel:
         if not len(zero) and s.flag == 0 and int(idx[-1]) - first == len(idx) - 1:
             if unit is not None:
                 unit.add(block.idstr, CK.KIND_DATA, idx)
+                s.checks.prepare(unit)  # type: ignore[union-attr]
                 unit.feed(s.checks.views)  # type: ignore[union-attr]  # then the kernel's copy
             bufs = self._run_packets(flags, block, first, len(idx))
             s._count(self.channel.sendv(self._with_trailer(bufs)), len(idx), 0)
@@ -282,6 +283,7 @@ class _SendChannel:
             ).pack())  # fmt: skip
             bufs += payload
         if unit is not None:
+            s.checks.prepare(unit)  # type: ignore[union-attr]
             unit.feed(s.checks.views)  # type: ignore[union-attr]
         s._count(self.channel.sendv(self._with_trailer(bufs)), len(normal), len(zero))
 
@@ -820,7 +822,8 @@ class _RecvChannel:
         if self._checking():
             unit = self.checks.unit  # type: ignore[union-attr]
             unit.add(self._name, CK.KIND_DATA, np.arange(page, page + normal))
-            unit.feed(self.checks.views)  # type: ignore[union-attr]  # just received: in cache
+            if self.checks.eager:  # type: ignore[union-attr]
+                unit.feed(self.checks.views)  # type: ignore[union-attr]  # just received
         return True
 
     def _pages(self, pkt: MultifdPacket, idx: np.ndarray, where: str, at: int) -> None:
@@ -856,7 +859,8 @@ class _RecvChannel:
         r._count(pkt.normal_pages, 0)
         if self._checking():
             self.checks.unit.add(name, CK.KIND_DATA, idx)  # type: ignore[union-attr]
-            self.checks.unit.feed(self.checks.views)  # type: ignore[union-attr]
+            if self.checks.eager:  # type: ignore[union-attr]
+                self.checks.unit.feed(self.checks.views)  # type: ignore[union-attr]
 
 
 class MultifdReceiver:

@@ -540,6 +540,7 @@ class OutgoingMigration:
                 head = [*closing, *enc.send(E.SectionPart(sid))] if fresh else []
                 closing = []
                 # hashed before the send: the kernel then copies the pages out of the cache
+                self.checks.prepare(unit)
                 unit.feed(self.checks.views)
                 if unit.ndata > CK.MAX_DATA - batch:
                     out += [*enc.send(E.RamEos()), *enc.send(E.SectionFooter(sid))]

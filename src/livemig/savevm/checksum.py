@@ -123,15 +123,19 @@ class Unit:
     data records added so far while they are still in cache; ``digest`` finishes.
     """
 
-    __slots__ = ("_content", "_fed", "devices", "ndata", "parts", "records")
+    __slots__ = ("_content", "_fed", "_fed_ex", "devices", "ndata", "part_ex", "parts", "records")
 
     def __init__(self) -> None:
         self.parts: list[tuple[str, int, np.ndarray, Any]] = []
+        # per part: the data records left out of ``feed`` (pages already written again when
+        # the source looked before hashing), or None
+        self.part_ex: list[np.ndarray | None] = []
         self.devices: list[bytes] = []
         self.records = 0
         self.ndata = 0
         self._content = xxhash.xxh3_64()
         self._fed = 0
+        self._fed_ex = False  # something was left out of the fed digest
 
     def __bool__(self) -> bool:
         return self.records > 0
@@ -140,6 +144,7 @@ class Unit:
         if len(idx) == 0:
             return
         self.parts.append((block, kind, idx, data))
+        self.part_ex.append(None)
         self.records += len(idx)
         if kind == KIND_DATA:
             self.ndata += len(idx)
@@ -153,15 +158,32 @@ class Unit:
         return [(b, idx) for b, kind, idx, _ in self.parts if kind == KIND_DATA]
 
     def feed(self, views: Mapping[str, Any]) -> None:
-        """Hash the data records added since the last call (none excluded)."""
-        for part in self.parts[self._fed :]:
-            _hash_part(self._content, views, part, None)
+        """Hash the data records added since the last call, less ``part_ex``'s."""
+        for i in range(self._fed, len(self.parts)):
+            ex = self.part_ex[i]
+            _hash_part(self._content, views, self.parts[i], ex)
+            self._fed_ex = self._fed_ex or (ex is not None and bool(ex.any()))
         self._fed = len(self.parts)
+
+    def fed_exclusions(self) -> np.ndarray | None:
+        """The data records ``feed`` left out, in unit order (None: none)."""
+        if not self._fed_ex:
+            return None
+        return np.concatenate([ex if ex is not None else np.zeros(len(idx), bool)
+                               for (_b, kind, idx, _d), ex in zip(self.parts, self.part_ex,
+                                                                   strict=True)
+                               if kind == KIND_DATA])  # fmt: skip
 
     def digest(self, views: Mapping[str, Any], blocks: Mapping[str, int],
                excluded: np.ndarray | None = None) -> int:  # fmt: skip
         """XXH3-64 of the unit (see the module docstring); ``excluded`` flags data records."""
-        if excluded is None or not excluded.any():
+        fed = self.fed_exclusions()
+        if excluded is not None and not excluded.any():
+            excluded = None
+        same = (excluded is None and fed is None) or (
+            excluded is not None and fed is not None and np.array_equal(excluded, fed)
+        )
+        if same:
             self.feed(views)
             content = self._content.intdigest()
         else:
@@ -274,26 +296,45 @@ class SourceChecks:
             raise ValueError(f"a checksum unit holds {len(ex)} data records, at most {limit}")
         return ex
 
+    def prepare(self, unit: Unit) -> None:
+        """Before hashing the parts added since the last ``feed``: leave out the pages already
+        written again since the last sync (they are dirty: a later copy is checked). With a
+        guest that rewrites its working set that is most of a unit, which would otherwise be
+        hashed twice, once whole and once without them."""
+        if not self._live():
+            return
+        for i in range(unit._fed, len(unit.parts)):
+            block, kind, idx, data = unit.parts[i]
+            if kind == KIND_DATA and data is None:
+                w = self._written(block, idx)
+                unit.part_ex[i] = w if w.any() else None
+
     def close(self, unit: Unit, limit: int = MAX_DATA) -> tuple[int, np.ndarray | None]:
-        """(digest, excluded) of a unit that has just been sent."""
-        digest = unit.digest(self.views, self.blocks)
+        """(digest, excluded) of a unit that has just been sent (hashed before or after)."""
+        before = unit.fed_exclusions()
         ex = self.exclusions(unit, limit)
-        # A page written after the hash shows in a second query: hash without what is written
-        # until two queries agree. A guest that keeps writing new pages of the unit meanwhile
-        # gets them all excluded and sent again (marked dirty here).
-        for _ in range(4):
-            if ex is None:
-                break
+        if ex is not None and before is not None:
+            ex = ex | before
+        elif ex is None:
+            ex = before
+        if ex is None or (before is not None and np.array_equal(ex, before)):
+            # nothing written since the look before hashing: the fed digest is exact
             digest = unit.digest(self.views, self.blocks, ex)
-            again = self.exclusions(unit, limit)
-            if again is None or not bool((again & ~ex).any()):
-                break
-            ex = ex | again
         else:
-            ex = np.ones(unit.ndata, bool)
-            digest = unit.digest(self.views, self.blocks, ex)
-            for block, idx in unit.data_pages():
-                self._requeue(block, idx)
+            # A page written after the hash shows in a later look: hash without what is
+            # written until two looks agree. A guest that keeps writing new pages of the unit
+            # meanwhile gets them all excluded and sent again (marked dirty here).
+            for _ in range(4):
+                digest = unit.digest(self.views, self.blocks, ex)
+                again = self.exclusions(unit, limit)
+                if again is None or not bool((again & ~ex).any()):
+                    break
+                ex = ex | again
+            else:
+                ex = np.ones(unit.ndata, bool)
+                digest = unit.digest(self.views, self.blocks, ex)
+                for block, idx in unit.data_pages():
+                    self._requeue(block, idx)
         self.units += 1
         if ex is not None:
             self.excluded_pages += int(np.count_nonzero(ex))
@@ -324,6 +365,9 @@ class IncomingChecks:
         self.pending = {b.idstr: np.zeros(b.npages, bool) for b in blocks}
         self.units = 0
         self._lock = threading.Lock()
+        # Hash pages as they are placed (in cache), unless the last unit had excluded pages:
+        # then the next one likely has too, and is hashed once, at its checksum, without them
+        self.eager = True
 
     def query(self) -> dict[str, int]:
         return {"units": self.units}
@@ -338,7 +382,7 @@ class IncomingChecks:
         other = object.__new__(IncomingChecks)
         other.views, other.npages, other.blocks = self.views, self.npages, self.blocks
         other.pending, other.unit, other.units = self.pending, Unit(), 0
-        other._lock = self._lock
+        other._lock, other.eager = self._lock, True
         return other
 
     def verify(self, records: int, digest: int, excluded: bytes | memoryview,
@@ -358,6 +402,7 @@ class IncomingChecks:
                                 offset)  # fmt: skip
 
         got = unit.digest(self.views, self.blocks, ex)
+        self.eager = ex is None
         if got != digest:
             raise ChecksumError(f"checksum mismatch: {unit.span()}{what} (got {got:016x}, "
                                 f"the source sent {digest:016x}): the data was corrupted on "
@@ -479,7 +524,8 @@ class StreamChecks(IncomingChecks):
 
         if isinstance(ev, E.RamPages):
             self.unit.add(ev.block, KIND_DATA, ev.offsets >> np.uint64(PAGE_SHIFT))
-            self.unit.feed(self.views)  # just placed: in cache
+            if self.eager:
+                self.unit.feed(self.views)  # just placed: in cache
         elif isinstance(ev, E.RamZeroPages):
             kind = KIND_FILL if ev.fill else KIND_ZERO
             self.unit.add(ev.block, kind, ev.offsets >> np.uint64(PAGE_SHIFT))
