@@ -49,7 +49,7 @@ def test_the_process_default_is_what_run_started_with(harness: ProcHarness) -> N
     dst = harness.destination(memory="32M")
     out = _migrate("--qmp", src.qmp_uri, "--json", dst.incoming or "")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert json.loads(out.stdout)["changed"]["source"] == [
-        "return-path off -> on", "downtime-limit 999 -> 50"]  # fmt: skip
+    assert json.loads(out.stdout)["changed"]["source"] == [  # x-checksums: the CLI's default
+        "return-path off -> on", "x-checksums off -> on", "downtime-limit 999 -> 50"]  # fmt: skip
     caps = {c["capability"]: c["state"] for c in src.cmd("query-migrate-capabilities")}
     assert caps["auto-converge"]

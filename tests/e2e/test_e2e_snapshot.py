@@ -25,7 +25,8 @@ def test_snapshot_and_restore(harness: ProcHarness, kind: str) -> None:
         save, restore = f"exec:gzip -c > {snap}.gz", f"exec:gzip -dc < {snap}.gz"
     src = harness.source(append="ws=8M rate=20000")
     src.wait_passes_increase(0)
-    harness.migrate(src, save, caps={"events": True})
+    # a snapshot restored from the command line must carry checksums
+    harness.migrate(src, save, caps={"events": True, "x-checksums": True})
     info = src.wait_migration(timeout=60)
     assert info["status"] == "completed", info
     assert src.status() == "postmigrate"
@@ -51,7 +52,7 @@ def test_restore_from_truncated_file_fails(harness: ProcHarness) -> None:
     snap = harness.path("snap.bin")
     src = harness.source(append="ws=4M rate=20000")
     src.wait_passes_increase(0)  # the working set is written: the stream carries 4 MiB
-    harness.migrate(src, f"file:{snap}")
+    harness.migrate(src, f"file:{snap}", caps={"x-checksums": True})
     assert src.wait_migration(timeout=60)["status"] == "completed"
     with open(snap, "r+b") as f:
         size = f.seek(0, 2)
@@ -71,7 +72,8 @@ def test_mapped_ram_restore_is_one_command(harness: ProcHarness) -> None:
     snap = harness.path("mapped.mig")
     src = harness.source(append="ws=8M rate=20000")
     src.wait_passes_increase(0)
-    harness.migrate(src, f"file:{snap}", caps={"mapped-ram": True})
+    # (run --incoming file: wants a checksummed snapshot, as livemig migrate makes by default)
+    harness.migrate(src, f"file:{snap}", caps={"mapped-ram": True, "x-checksums": True})
     assert src.wait_migration(timeout=60)["status"] == "completed"
     saved = src.guest_check()
     src.kill()

@@ -34,7 +34,8 @@ def _wait(mgr: Any, side: str, timeout: float) -> dict[str, Any]:
 
 
 def _save(p: Pair, path: Path, passes: int, channels: int | None) -> dict[str, Any]:
-    caps = {"mapped-ram": True, "x-verify": True}
+    # x-verify to a file is the check of its checksums when it is loaded
+    caps = {"mapped-ram": True, "x-verify": True, "x-checksums": True}
     params: dict[str, Any] = {"downtime-limit": 0, "max-bandwidth": 32 << 20}
     if channels:
         caps["multifd"] = True
@@ -109,7 +110,7 @@ def test_mapped_ram_layout_is_qemus(make_pair: MakePair, tmp_path: Path) -> None
     assert _save(p, path, passes=2, channels=2)["status"] == "completed"
     data, evs = _decode(path)
     cfg = next(e for e in evs if isinstance(e, E.Configuration))
-    assert cfg.capabilities == ("mapped-ram",)
+    assert cfg.capabilities == ("mapped-ram", "x-checksums")
     setup = next(e for e in evs if isinstance(e, E.RamSetup))
     (info,) = setup.blocks
     version, page_size, bitmap_offset, pages_offset = info.mapped_ram
@@ -175,7 +176,8 @@ def test_mapped_ram_restore_in_a_new_process(tmp_path: Path) -> None:
         time.sleep(0.5)
         path = h.path("vm.mapped")
         h.migrate(src, f"file:{path}",
-                  caps={"mapped-ram": True, "multifd": True, "x-verify": True},
+                  caps={"mapped-ram": True, "multifd": True, "x-verify": True,
+                        "x-checksums": True},
                   params={"multifd-channels": 2})  # fmt: skip
         info = src.wait_migration(timeout=60)
         assert info["status"] == "completed", info

@@ -55,7 +55,7 @@ def source() -> Any:
         ram=RamSaver(machine.ram_blocks), encoder=Encoder(), _ram_sid=2,
         channel=Channel.from_socket(main_a, "main", timeout=30), stats=MigrationStats(),
         rate=RateLimiter(0), _wake=threading.Event(), cancelled=threading.Event(),
-        _rp_error=None,
+        _rp_error=None, checks=None,
     )  # fmt: skip
     ps = PostcopySource(mig)
     ps.preempt_channel = Channel.from_socket(pre_a, "preempt", timeout=5)

@@ -38,9 +38,17 @@ A SIGSTOP counts as injected only once every thread of the target is stopped
 a moment once completed a "stalled" migration.
 
 The table gives per phase the faults injected and survived, then the fuzzer's inputs, crashes,
-hangs and oversized allocations, and the guests lost (0 wherever the source is alive). Last, a
-short exact-resume soak (``livemig bench exact``): the compute guest through stop/cont cycles
-and one migration of every kind, checked against its host-side reference at every stop.
+hangs, oversized allocations and loads with the wrong RAM (every input that loads is compared
+with the source's RAM), and the guests lost (0 wherever the source is alive).
+
+``--corruptions N`` (``livemig.testing.integrity``): N random corruptions (a bit flipped, a
+4 KiB block zeroed, the stream cut) of each of a plain, a mapped-ram and a multifd stream,
+recorded with livemig's checksums on and again off; every input that loads has its RAM
+compared with the source's. With checksums on a load with the wrong RAM fails the benchmark;
+off, the count is there for the record.
+
+Last, a short exact-resume soak (``livemig bench exact``): the compute guest through stop/cont
+cycles and one migration of every kind, checked against its host-side reference at every stop.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -659,6 +668,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", metavar="FAULT[:PHASE]", action="append", default=[],
                    help="run only these scenarios (e.g. disk-full, kill-source:precopy)")  # fmt: skip
+    p.add_argument("--corruptions", type=int, default=1000, metavar="N",
+                   help="random corruptions of each stream kind (plain, mapped-ram, multifd), "
+                   "checksums on and off, each load's RAM compared with the source's "
+                   "(default 1000; 0: none)")  # fmt: skip
     p.add_argument("--no-faults", action="store_true", help="fuzz only")
     p.add_argument(
         "--exact-cycles",
@@ -706,7 +719,8 @@ def main(args: argparse.Namespace) -> int:
     if args.fuzz_seconds > 0:
         with tempfile.TemporaryDirectory(prefix="livemig-fuzz-") as d:
             fuzz = run_fuzz(default_corpus(d), seconds=args.fuzz_seconds, seed=args.seed)
-    figures = _figures(results, fuzz)
+    corruptions = _corruptions(args.corruptions, args.seed) if args.corruptions > 0 else None
+    figures = _figures(results, fuzz, corruptions)
     if args.exact_cycles or args.exact_migrations:
         from livemig.bench.exact import run_soaks
 
@@ -717,12 +731,28 @@ def main(args: argparse.Namespace) -> int:
         _table(figures)
     bad = figures["guests-lost"] or any(not r.survived and not r.skipped for r in results)
     bad = bad or (fuzz is not None and not fuzz.clean)
+    bad = bad or any(t["on"]["wrong"] or t["on"]["crashes"] or t["on"]["hangs"] or
+                     t["off"]["crashes"] or t["off"]["hangs"]
+                     for t in figures.get("corruptions", {}).values())  # fmt: skip
     exact = figures.get("exact-resume")
     bad = bad or bool(exact and (exact["diverged"] or exact["problems"]))
     return 1 if bad else 0
 
 
-def _figures(results: list[FaultResult], fuzz: Any) -> dict[str, Any]:
+def _corruptions(count: int, seed: int) -> dict[str, Any]:
+    from livemig.testing.integrity import run_corruptions
+
+    def progress(kind: str, checksums: bool, t: Any) -> None:
+        print(f"  corruptions {kind:10} checksums {'on ' if checksums else 'off'} {t.inputs} "
+              f"inputs: {t.refused} refused, {t.identical} loaded identical, {t.wrong} loaded "
+              f"WRONG", file=sys.stderr, flush=True)  # fmt: skip
+
+    tallies = run_corruptions(count, seed=seed, progress=progress)
+    return {kind: {k: asdict(t) for k, t in by.items()} for kind, by in tallies.items()}
+
+
+def _figures(results: list[FaultResult], fuzz: Any,
+             corruptions: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     phases: dict[str, dict[str, int]] = {}
     for r in results:
         p = phases.setdefault(r.phase, {"injected": 0, "survived": 0, "skipped": 0})
@@ -745,8 +775,10 @@ def _figures(results: list[FaultResult], fuzz: Any) -> dict[str, Any]:
             "crashes": fuzz.crashes, "hangs": fuzz.hangs, "oversized-allocations":
             fuzz.big_allocs, "seconds": round(fuzz.seconds, 1), "per-corpus": fuzz.per_corpus,
             "max-peak-alloc": fuzz.max_peak_alloc, "guard-pages": fuzz.guard_pages,
-            "findings": [asdict(f) for f in fuzz.findings],
+            "wrong-ram": fuzz.wrong_ram, "findings": [asdict(f) for f in fuzz.findings],
         }  # fmt: skip
+    if corruptions is not None:
+        out["corruptions"] = corruptions
     return out
 
 
@@ -775,10 +807,22 @@ def _table(f: dict[str, Any]) -> None:
     if z:
         ft = Table(title="incoming-stream fuzzer")
         for col in ("inputs", "completed", "rejected", "crashes", "hangs", "oversized allocs",
-                    "seconds"):  # fmt: skip
+                    "wrong RAM", "seconds"):  # fmt: skip
             ft.add_column(col, justify="right")
         ft.add_row(*(str(z[k]) for k in ("inputs", "completed", "rejected", "crashes", "hangs",
-                                         "oversized-allocations", "seconds")))  # fmt: skip
+                                         "oversized-allocations", "wrong-ram", "seconds")))  # fmt: skip
         console.print(ft)
         for finding in z["findings"][:5]:
             console.print(f"finding: {finding}")
+    c = f.get("corruptions")
+    if c:
+        ct = Table(title="random corruptions: every load's RAM compared with the source's")
+        for col in ("stream", "checksums", "inputs", "refused", "loaded identical",
+                    "loaded WRONG", "hangs", "crashes"):  # fmt: skip
+            ct.add_column(col, justify="left" if col in ("stream", "checksums") else "right")
+        for kind, by in c.items():
+            for on in ("on", "off"):
+                t = by[on]
+                ct.add_row(kind, on, *(str(t[k]) for k in ("inputs", "refused", "identical",
+                                                            "wrong", "hangs", "crashes")))  # fmt: skip
+        console.print(ct)

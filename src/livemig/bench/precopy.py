@@ -33,6 +33,11 @@ The figures of issue 4's "Speed and memory", each beside a baseline measured in 
 - **RSS**: peak RSS (VmHWM) of livemig's source and destination in every run, as a share of
   guest RAM. Target <= 1.15.
 
+``--checksums on|off|both`` (default on, the command line's default): livemig's checksums
+(``x-checksums``); ``both`` runs the throughput and downtime figures twice, without and with
+them, one after the other in the same run, and shows them side by side with the difference
+(the issue's targets: <= 3% of throughput, <= 1 ms of downtime).
+
 Both sides run with max-bandwidth=0 (unlimited, the baseline doc's "unlimited" rows): the
 default 128 MiB/s would measure the limiter, not the implementation. The livemig destination
 is started with ``--prefault`` (first touch of anonymous memory costs ~5 s/GiB here, before
@@ -97,6 +102,7 @@ class Config:
     only: set[str] = field(default_factory=lambda: {"idle", "throughput", "brownout", "downtime"})
     pin: bool = True  # the extra pinned brownout run (when there are more CPUs than vCPUs)
     multifd: int = 2  # channels of the extra multifd throughput run (0: none)
+    checksums: str = "on"  # x-checksums: on, off, or both (each figure without, then with)
 
 
 # -- livemig processes ------------------------------------------------------------------------
@@ -136,7 +142,7 @@ def run_livemig(
     """One livemig migration; returns the figures, the (stopped) source, the polled replies.
     ``pin``: vCPUs and migration threads on separate CPUs (``common.placement``); ``multifd``:
     that many multifd channels (0: the single pre-copy stream)."""
-    caps = {"return-path": True, "x-verify": cfg.verify}
+    caps = {"return-path": True, "x-verify": cfg.verify, "x-checksums": cfg.checksums != "off"}
     if multifd:
         caps["multifd"] = True
         params = {**params, "multifd-channels": multifd}
@@ -417,6 +423,16 @@ def run_bench(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> 
         for size in cfg.sizes:
             progress(f"idle {format_size(size)}")
             result["scenarios"].append(bench_idle(cfg, size))
+    import dataclasses
+
+    modes = ["off", "on"] if cfg.checksums == "both" else [cfg.checksums]
+
+    def each_mode(run: Callable[[Config], dict[str, Any]]) -> None:
+        for mode in modes:
+            sc = run(dataclasses.replace(cfg, checksums=mode))
+            sc["checksums"] = mode
+            result["scenarios"].append(sc)
+
     if "throughput" in cfg.only:
         progress(f"raw loopback TCP, {format_size(cfg.tcp_bytes)} in 1 MiB sendall")
         tcp = loopback_tcp_throughput(cfg.tcp_bytes)
@@ -424,7 +440,7 @@ def run_bench(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> 
                  "running flat out")  # fmt: skip
         tcp_loaded, ram_loaded = tcp_beside_guest(cfg)
         progress(f"throughput and brownout, {cfg.window:.0f} s of pre-copy")
-        result["scenarios"].append(bench_throughput(cfg, tcp, tcp_loaded, ram_loaded))
+        each_mode(lambda c: bench_throughput(c, tcp, tcp_loaded, ram_loaded))
     if "brownout" in cfg.only:
         if cfg.pin:
             if placement(cfg.smp) is None:
@@ -440,7 +456,7 @@ def run_bench(cfg: Config, progress: Callable[[str], None] = lambda s: None) -> 
         for rate in cfg.rates:
             for limit in cfg.limits:
                 progress(f"downtime {format_size(cfg.dirty_memory)}, {rate} MiB/s, limit {limit}")
-                result["scenarios"].append(bench_downtime(cfg, rate, limit))
+                each_mode(lambda c, rate=rate, limit=limit: bench_downtime(c, rate, limit))  # type: ignore[misc]
     result["rss"] = _rss_summary(result["scenarios"])
     return result
 
@@ -481,6 +497,8 @@ def render(result: dict[str, Any]) -> Any:
         return "-" if flag is None else ("[green]yes[/]" if flag else "[red]NO[/]")
 
     for sc in result["scenarios"]:
+        if "checksums" in sc and result["config"].get("checksums") == "both":
+            table.add_row(f"[dim]checksums {sc['checksums']}:[/]", "", "", "", "", "")
         if sc["scenario"] == "idle":
             r = sc["ratio"]
             table.add_row(
@@ -617,6 +635,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-pin", action="store_true",
                    help="skip the brownout run with vCPUs and migration threads pinned apart")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.add_argument("--checksums", choices=("on", "off", "both"), default="on",
+                   help="livemig's checksums (x-checksums): on (the command line's default), "
+                   "off, or both: throughput and downtime without then with them")  # fmt: skip
     p.set_defaults(func=main)
 
 
@@ -639,6 +660,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
     if not 0 <= args.multifd <= 255:
         raise UsageError("--multifd takes 0 to 255 channels")
     cfg.multifd = args.multifd
+    cfg.checksums = getattr(args, "checksums", "on")
     return cfg
 
 

@@ -21,6 +21,11 @@ per GB, beside livemig's.
 With QEMU installed (and not ``--no-qemu``), beside the prefaulted rows: QEMU 7.2 migrating the
 same RAM with the same channel count, measured in the same round (``qemu_multifd``).
 
+``--checksums on|off|both`` (default on, the command line's default): livemig's checksums
+(``x-checksums``); ``both`` migrates twice in every round, without and then with them, and the
+table shows the two rates side by side and the cost (the issue's target: <= 3%). Channel count
+0 is the single pre-copy stream (no multifd).
+
 Tables: (1) idle and random, 1/2/4 channels: GB/s and the ratio to N-stream TCP (target
 >= 0.85); (2) per compression method on the mixed image: wire bytes per page and CPU seconds
 (both processes) per GB of guest RAM. ``--two-hosts`` instead runs the issue's ``tc tbf``
@@ -236,8 +241,10 @@ class _Destination:
 
 def migrate_once(machine: Any, size: int, channels: int, compression: str,
                  workdir: Path, prefault: bool = False, verify: bool = False,
-                 zero_page_detection: str = "multifd") -> dict[str, Any]:  # fmt: skip
-    """One multifd migration of ``machine`` to a fresh destination process; its figures.
+                 zero_page_detection: str = "multifd",
+                 checksums: bool = True) -> dict[str, Any]:  # fmt: skip
+    """One multifd migration (``channels`` 0: the single stream) of ``machine`` to a fresh
+    destination process; its figures. ``checksums``: capability x-checksums.
 
     ``verify``: capability ``x-verify`` (both sides hash RAM at switch-over, inside the
     measured time; the smoke test's check that the pages arrived, not for the figures).
@@ -249,8 +256,11 @@ def migrate_once(machine: Any, size: int, channels: int, compression: str,
         uri = probe.address
     dest = _Destination(size, workdir, prefault)
     try:
-        params = {"multifd-channels": channels, "multifd-compression": compression}
-        caps = [{"capability": "multifd", "state": True}]
+        params: dict[str, Any] = {}
+        caps = [{"capability": "x-checksums", "state": checksums}]
+        if channels:
+            params = {"multifd-channels": channels, "multifd-compression": compression}
+            caps.append({"capability": "multifd", "state": True})
         if verify:
             caps.append({"capability": "x-verify", "state": True})
         dest.qmp.command("migrate-set-capabilities", capabilities=caps)
@@ -278,6 +288,7 @@ def migrate_once(machine: Any, size: int, channels: int, compression: str,
         ram = q["ram"]
         pages = ram["normal"] + ram["duplicate"]
         return {
+            "checksums": checksums,
             "seconds": active,
             "throughput": size / active,
             "wire_bytes": ram["transferred"],
@@ -316,18 +327,31 @@ def _paired_row(machine: Any, size: int, n: int, workdir: Path, prefault: bool, 
     is in the same mode.
     """
     rounds = []
+    mode = getattr(args, "checksums", "on")
+    streams = max(1, n)  # channel count 0: the single pre-copy stream
     for _ in range(repeat):
-        tcp = tcp_streams(size, n)
-        r2r = rx.run(n, machine.ram_blocks[0].array) if rx is not None else None
+        tcp = tcp_streams(size, streams)
+        r2r = rx.run(streams, machine.ram_blocks[0].array) if rx is not None else None
+        off = None
+        if mode == "both":  # the same round, without then with: the cost side by side
+            _reuse(machine)
+            off = migrate_once(machine, size, n, "none", workdir, prefault, args.verify,
+                               args.zero_page_detection, checksums=False)  # fmt: skip
         _reuse(machine)
         r = migrate_once(machine, size, n, "none", workdir, prefault, args.verify,
-                         args.zero_page_detection)  # fmt: skip
-        q = qemu.migrate(n, free_port()) if qemu is not None else None
+                         args.zero_page_detection, checksums=mode != "off")  # fmt: skip
+        if off is not None:
+            r["off"] = off["throughput"]
+            r["off_cpu_per_gb"] = off["cpu_per_gb"]
+            r["checksum_cost"] = 1 - r["throughput"] / off["throughput"]
+        q = qemu.migrate(streams, free_port()) if qemu is not None and n else None
         rounds.append((r["throughput"] / tcp.rate, r, tcp, r2r, q))
     rounds.sort(key=lambda x: x[0])
     ratio, r, tcp, r2r, q = rounds[len(rounds) // 2]
     row = {**r, "tcp": tcp.rate, "tcp_cpu_per_gb": tcp.cpu_per_gb, "ratio": ratio,
            "runs": [{"throughput": x[1]["throughput"], "tcp": x[2].rate, "ratio": x[0],
+                     **({"off": x[1]["off"], "checksum_cost": x[1]["checksum_cost"]}
+                        if "off" in x[1] else {}),
                      **({"qemu": x[4]["throughput"]} if x[4] else {})}
                     for x in rounds]}  # fmt: skip
     if r2r is not None:
@@ -415,9 +439,13 @@ def run(args: argparse.Namespace) -> int:
     if use_qemu and not qemu_multifd.available():
         console.print("QEMU 7.2 baseline skipped: qemu-system-x86_64 is not installed")
         use_qemu = False
-    for col in ("memory", "dest RAM", "channels", "livemig GB/s", "CPU s/GB", "TCP GB/s",
-                "CPU s/GB", "ratio (all runs)", f">= {TARGET}", "TCP RAM to RAM GB/s", "CPU s/GB",
-                "ratio to it", "QEMU 7.2 GB/s", "CPU s/GB", "ratio to QEMU"):  # fmt: skip
+    both = getattr(args, "checksums", "on") == "both"
+    checks_col = ("livemig GB/s" if getattr(args, "checksums", "on") == "on" or both
+                  else "livemig GB/s (no checksums)")  # fmt: skip
+    for col in ("memory", "dest RAM", "channels", checks_col, "CPU s/GB",
+                *(("no checksums GB/s", "checksum cost (all runs)") if both else ()),
+                "TCP GB/s", "CPU s/GB", "ratio (all runs)", f">= {TARGET}", "TCP RAM to RAM GB/s",
+                "CPU s/GB", "ratio to it", "QEMU 7.2 GB/s", "CPU s/GB", "ratio to QEMU"):  # fmt: skip
         t1.add_column(col, justify="right")
     wd = Workdir()
     for kind in args.kinds.split(","):
@@ -442,8 +470,15 @@ def run(args: argparse.Namespace) -> int:
                     results["rows"].append(row)
                     ratios = [x["ratio"] for x in row["runs"]]
                     spread = f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else ""
-                    t1.add_row(kind, row["dest_ram"], str(n), f"{row['throughput'] / 1e9:.2f}",
-                               f"{row['cpu_per_gb']:.2f}", f"{row['tcp'] / 1e9:.2f}",
+                    cost: tuple[str, ...] = ()
+                    if both:
+                        costs = [x["checksum_cost"] for x in row["runs"]]
+                        cost = (f"{row['off'] / 1e9:.2f}",
+                                f"{row['checksum_cost']:+.1%} ({min(costs):+.1%} to "
+                                f"{max(costs):+.1%})")  # fmt: skip
+                    t1.add_row(kind, row["dest_ram"], str(n) if n else "single stream",
+                               f"{row['throughput'] / 1e9:.2f}", f"{row['cpu_per_gb']:.2f}",
+                               *cost, f"{row['tcp'] / 1e9:.2f}",
                                f"{row['tcp_cpu_per_gb']:.2f}", f"{row['ratio']:.2f}{spread}",
                                "yes" if row["ratio"] >= TARGET else "NO",
                                *(("-",) * 3 if rx is None else
@@ -472,7 +507,15 @@ def run(args: argparse.Namespace) -> int:
             fill(m.ram_blocks[0].array, "mixed")
             for method in methods:
                 _reuse(m)
-                r = migrate_once(m, size, 2, method, workdir, verify=args.verify)
+                r = migrate_once(
+                    m,
+                    size,
+                    2,
+                    method,
+                    workdir,
+                    verify=args.verify,
+                    checksums=getattr(args, "checksums", "on") != "off",
+                )
                 results["compression"].append({"method": method, **r})
                 t2.add_row(method, f"{r['bytes_per_page']:.0f}", f"{r['cpu_per_gb']:.2f}",
                            f"{r['throughput'] / 1e9:.2f}")  # fmt: skip
@@ -586,6 +629,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    default="multifd", help="the source's zero-page-detection for the first "
                    "table (none: no page is scanned; an idle guest then goes as data)")  # fmt: skip
     p.add_argument("--json", default=None, help="also write the figures to this file")
+    p.add_argument("--checksums", choices=("on", "off", "both"), default="on",
+                   help="livemig's checksums (x-checksums): on (the command line's default), "
+                   "off, or both: each round migrates without then with them, side by side")  # fmt: skip
     p.add_argument(
         "--no-qemu",
         action="store_true",

@@ -70,6 +70,12 @@ class MultifdCapture:
     def event(self, ev: E.Event, end: int, last_block: str | None) -> None:
         """One event decoded from main, ending at offset ``end``; ``last_block`` is the block
         main's latest page record was in (the next CONTINUE record's block)."""
+        if isinstance(ev, E.Configuration) and "x-checksums" in (ev.capabilities or ()):
+            # The capture rewrites the channels' pages into main: the checksums of the
+            # livemig source would no longer describe the file.
+            raise StreamError("the source is livemig sending checksums (x-checksums), which a "
+                              "capture of its multifd channels into one stream cannot keep: "
+                              "migrate with --no-checksums to capture it", end)  # fmt: skip
         if isinstance(ev, E.RamSetup):
             self._setup(ev, end)
         elif isinstance(ev, E.RamMultifdFlush):

@@ -234,7 +234,8 @@ def _shared_capabilities(args: argparse.Namespace) -> list[str]:
     preempt = dict(args.caps).get("postcopy-preempt", True)
     return [c for c, on in (("postcopy-ram", args.postcopy),
                             ("postcopy-preempt", args.postcopy and preempt),
-                            ("multifd", bool(args.multifd))) if on]  # fmt: skip
+                            ("multifd", bool(args.multifd)),
+                            ("x-checksums", True)) if on]  # fmt: skip
 
 
 class _PostcopySwitch:

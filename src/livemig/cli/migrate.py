@@ -6,6 +6,12 @@ else to the source's default, so nothing leaks from an earlier run (``livemig.cl
 what changed is printed. Then ``migrate``; progress is polled from ``query-migrate`` until a
 final state. Ctrl-C or SIGTERM cancels the migration (the guest keeps running on the source).
 ``--json`` prints the final ``query-migrate`` reply plus ``"verified"`` and ``"changed"``.
+
+A livemig source (one whose capabilities list ``x-checksums``) sends a checksummed stream
+unless ``--no-checksums``; a QEMU source is left as it is. ``--verify``: on a socket, both
+sides hash RAM at switch-over and the destination's verdict comes back; to a ``file:`` the
+file is read back when the migration is over and its checksums and RAM digests checked
+(``livemig analyze --verify``); through ``exec:`` the loader checks them.
 """
 
 from __future__ import annotations
@@ -71,7 +77,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--verify",
         action="store_true",
-        help="hash every RAM block on both sides at switch-over and compare",
+        help="hash every RAM block on both sides at switch-over and compare (a file: is read "
+        "back and its checksums checked)",
+    )
+    p.add_argument(
+        "--no-checksums",
+        action="store_true",
+        help="send a stream without livemig's checksums (capability x-checksums off)",
     )
     p.add_argument(
         "--no-return-path",
@@ -216,14 +228,58 @@ def _setup_destination(args: argparse.Namespace, caps: dict[str, bool]) -> list[
     from livemig.qmp.client import QMPConnection
 
     dcaps = _dest_caps(caps)
+    if caps.get("x-checksums"):
+        dcaps["x-checksums"] = True  # not needed there, but then it refuses a stream without
     if dcaps.get("postcopy-ram"):
         dcaps["postcopy-blocktime"] = True  # the destination's post-copy figures
     params = {k: v for k, v in args.params if k in DEST_PARAMS}
     with QMPConnection(args.dest_qmp).connect() as dq:
-        changed = apply_settings(dq, dcaps, params, only_caps=(*DEST_CAPS, "postcopy-blocktime"),
+        if "x-checksums" in dcaps and "x-checksums" not in _capability_names(dq):
+            del dcaps["x-checksums"]  # a QEMU destination: it would not know the name
+        changed = apply_settings(dq, dcaps, params,
+                                 only_caps=(*DEST_CAPS, "postcopy-blocktime", "x-checksums"),
                                  only_params=DEST_PARAMS)  # fmt: skip
         dq.command("migrate-incoming", uri=args.uri)
     return changed
+
+
+def _capability_names(qmp: Any) -> set[str]:
+    return {c["capability"] for c in qmp.command("query-migrate-capabilities")}
+
+
+def _checksum_capability(args: argparse.Namespace, caps: dict[str, bool], qmp: Any,
+                         uri: Any) -> None:  # fmt: skip
+    """x-checksums on by default for a livemig source; --verify to a file or a pipe needs it."""
+    livemig = "x-checksums" in _capability_names(qmp)
+    if livemig:
+        # set either way: capabilities outlive a migration in the source process
+        caps.setdefault("x-checksums", not args.no_checksums)
+        caps.setdefault("x-verify", bool(args.verify))
+    if args.verify and not uri.has_return_path and not caps.get("x-checksums"):
+        why = "--no-checksums" if livemig else "a source without x-checksums (QEMU)"
+        raise UsageError(f"--verify to {uri} is the check of the stream's checksums when it "
+                         f"is loaded: not possible with {why}")  # fmt: skip
+
+
+def _verify_file(path: str, offset: int = 0) -> tuple[bool, str]:
+    """Read back a file the migration wrote: its checksums and RAM digests (analyze)."""
+    from livemig.cli.analyze import analyze
+    from livemig.errors import StreamError
+
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+        result = analyze(data, verify=True)
+    except OSError as exc:
+        return False, f"NO: cannot read {path} back: {exc.strerror}"
+    except StreamError as exc:
+        return False, f"NO: {exc}"
+    rep = result.verifier.report
+    text = f"yes, {rep['checksum-units']} checksums of the file match"
+    if "ram-digests" in rep:
+        text += ", RAM digests equal the source's"
+    return True, text
 
 
 def _destination_result(addr: str) -> dict[str, Any] | None:
@@ -255,13 +311,16 @@ def run(args: argparse.Namespace) -> int:
         caps.setdefault("return-path", True)
     if args.verify:
         caps["x-verify"] = True
-        if not uri.has_return_path or args.no_return_path:
-            raise UsageError("--verify needs a return path (a tcp:, unix: or fd: URI)")
+        if uri.has_return_path and args.no_return_path:
+            raise UsageError("--verify on a socket needs the return path (the destination's "
+                             "verdict comes back on it): drop --no-return-path")  # fmt: skip
     if args.postcopy or args.postcopy_after_precopy:
         caps["postcopy-ram"] = True
     _multifd_options(args, caps)
     from livemig.cli.settings import apply_settings
 
+    with QMPConnection(args.qmp).connect() as qmp:
+        _checksum_capability(args, caps, qmp, uri)
     dest_changed = _setup_destination(args, caps) if args.dest_qmp is not None else []
     with _ctrl_c_as_flag() as interrupted, QMPConnection(args.qmp).connect() as qmp:
         changed = apply_settings(qmp, caps, dict(args.params))
@@ -315,7 +374,13 @@ def run(args: argparse.Namespace) -> int:
             with contextlib.suppress(LivemigError):  # QEMU has no such command
                 source_report = qmp.command("x-query-migration-report")
     info = with_last_progress(info, last or None)
-    verified = info.get("x-verified") if args.verify else None
+    verified = bool(info.get("x-verified")) if args.verify else None
+    verified_text = "yes, RAM identical" if verified else "NO"
+    if args.verify and not uri.has_return_path and info.get("status") == "completed":
+        if uri.scheme == "file":
+            verified, verified_text = _verify_file(uri.path, uri.offset or 0)
+        else:
+            verified, verified_text = None, "when loaded: the stream carries checksums"
     dest_info = _destination_result(args.dest_qmp) if args.dest_qmp is not None else None
     paths = None
     if args.report:
@@ -330,7 +395,8 @@ def run(args: argparse.Namespace) -> int:
         out = dict(info)
         out["changed"] = {"source": changed, "destination": dest_changed}
         if args.verify:
-            out["verified"] = bool(verified)
+            out["verified"] = verified
+            out["verified-how"] = verified_text
         if dest_info is not None:
             out["destination"] = dest_info
         if paths is not None:
@@ -340,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         extra: dict[str, Any] = {}
         if args.verify:
-            extra["verified"] = "yes, RAM identical" if verified else "NO"
+            extra["verified"] = verified_text
         if info.get("x-dirty-tracker"):  # none when it failed before tracking began
             extra["dirty tracker"] = info["x-dirty-tracker"]
         pc = postcopy_summary(dest_info) if dest_info else None

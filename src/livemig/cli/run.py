@@ -13,6 +13,10 @@ and takes the guest (RAM, CPUs, devices) from a migration stream instead of ``--
 ``-global migration.x=y`` does: they are this process's defaults (what ``livemig migrate``
 returns to for what it is not asked), and an incoming migration starts with them.
 
+A checksummed stream (a livemig source with ``x-checksums``) is always checked. A ``file:`` or
+``exec:`` restore, or any ``--incoming`` with ``--verify``, requires one (capability
+``x-checksums`` on here); ``--no-checksums`` loads a stream without them.
+
 The exit status is the guest's own (its ``exit()`` / the power port), 0 after ``quit``, 1 when
 the guest faulted, 130 on Ctrl-C.
 """
@@ -58,6 +62,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="receive the guest by migration (defer: wait for migrate-incoming over QMP)",
     )  # fmt: skip
     parser.add_argument(
+        "--qmp-insecure", action="store_true",
+        help="allow --qmp tcp: on an address other than loopback without --tls-creds (anyone "
+        "who reaches it controls this machine)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--verify", action="store_true",
+        help="with --incoming: refuse a stream without livemig's checksums (the default "
+        "for file: and exec:)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--no-checksums", action="store_true",
+        help="with --incoming: load a stream without livemig's checksums, even from a file",
+    )  # fmt: skip
+    parser.add_argument(
         "--tls-creds", metavar="DIR",
         help="x509 credentials directory (ca-cert.pem, server-cert.pem, server-key.pem, "
         "client-cert.pem, client-key.pem, as QEMU's tls-creds-x509 dir=): sets the tls-creds "
@@ -88,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --guest NAME|FILE.c (or --incoming URI to receive a guest)")
     if args.incoming is not None and args.guest:
         raise UsageError("--guest and --incoming exclude each other: the guest comes by migration")
+    if (args.verify or args.no_checksums) and args.incoming is None:
+        raise UsageError("--verify and --no-checksums apply to --incoming")
+    if args.verify and args.no_checksums:
+        raise UsageError("--verify requires checksums: it excludes --no-checksums")
     if args.qmp:
         from livemig.qmp import parse_qmp_address
 
@@ -95,6 +117,11 @@ def run(args: argparse.Namespace) -> int:
             parse_qmp_address(args.qmp)
         except ValueError as exc:
             raise UsageError(f"--qmp {args.qmp!r}: {exc}") from exc
+        from livemig.qmp.server import check_exposure
+
+        check_exposure(
+            args.qmp, bool(getattr(args, "tls_creds", None)), getattr(args, "qmp_insecure", False)
+        )
     image = None
     if args.guest:
         from livemig.guests import build_guest
@@ -163,6 +190,16 @@ def _wait(machine: Machine, quit_event: threading.Event) -> None:
             signal.signal(s, handler)
 
 
+def _require_checksums(args: argparse.Namespace) -> bool:
+    """Whether this destination refuses a stream without checksums: with --verify, and by
+    default for a snapshot (file:, exec:), which nothing else vouches for."""
+    if getattr(args, "no_checksums", False):
+        return False
+    if getattr(args, "verify", False):
+        return True
+    return str(args.incoming).split(":", 1)[0] in ("file", "exec")
+
+
 def _start_settings(args: argparse.Namespace, manager: Any) -> None:
     """``--cap`` / ``--set``: checked like QMP's (all or nothing), then this process's defaults."""
     from livemig.migration.options import parse_cap, parse_param
@@ -194,7 +231,8 @@ def _start_control(
             from livemig.transport.tls import load_creds
 
             qmp_tls = load_creds(args.tls_creds, "server")
-        server = QMPServer(args.qmp, registry, tls=qmp_tls)
+        server = QMPServer(args.qmp, registry, tls=qmp_tls,
+                           insecure=getattr(args, "qmp_insecure", False))  # fmt: skip
 
         def on_quit() -> None:
             machine.shutdown("host-qmp-quit")
@@ -238,6 +276,8 @@ def _start_control(
         machine.set_runstate(RunState.INMIGRATE)
         if args.incoming == "defer":
             manager.incoming_deferred = True
+        if _require_checksums(args):
+            manager.caps.set({"x-checksums": True})
     if server is not None:
         server.start()
     if args.incoming is not None and args.incoming != "defer":

@@ -88,6 +88,12 @@ class DirtyTracker(Protocol):
     def mark_dirty_pages(self, name: str, pages: np.ndarray) -> None:
         """Put pages back (a bool bitmap or page indexes), e.g. after a failed send."""
 
+    def written(self, name: str, pages: np.ndarray) -> np.ndarray:
+        """Which of ``pages`` (ascending page indexes of region ``name``) were written since
+        the last sync, without re-arming anything (the next sync still reports them). Any
+        thread may ask between two syncs: the migration checks with it that a page it has
+        just sent and hashed did not change meanwhile (``livemig.savevm.checksum``)."""
+
     def stop(self) -> None:
         """Stop logging and release fds, threads and protections; idempotent."""
 
@@ -182,6 +188,18 @@ class TrackerBase(abc.ABC):
         with self._host_lock:
             self._host_dirty[name][pages] = True
 
+    def written(self, name: str, pages: np.ndarray) -> np.ndarray:
+        pages = np.asarray(pages)
+        if len(pages) == 0:
+            return np.zeros(0, bool)
+        if not self.running:
+            raise MachineError(f"dirty tracker {self.name}: written() before start()")
+        first, end = int(pages.min()), int(pages.max()) + 1
+        out = self._written_guest(name, first, end)[pages - first]
+        with self._host_lock:
+            out |= self._host_dirty[name][pages]
+        return out
+
     def stop(self) -> None:
         if self.running:
             self.running = False
@@ -196,6 +214,11 @@ class TrackerBase(abc.ABC):
     @abc.abstractmethod
     def _sync_guest(self) -> dict[str, np.ndarray]:
         """The guest-write bitmaps since the last call, re-arming as it reads them."""
+
+    @abc.abstractmethod
+    def _written_guest(self, name: str, first: int, end: int) -> np.ndarray:
+        """Guest writes to pages [first, end) of ``name`` since the last sync (bool array),
+        read without re-arming."""
 
     @abc.abstractmethod
     def _stop(self) -> None:

@@ -63,5 +63,10 @@ class ShadowTracker(TrackerBase):
             result[r.name] = dirty
         return result
 
+    def _written_guest(self, name: str, first: int, end: int) -> np.ndarray:
+        # changed since the last sync, by content (what the next sync will report)
+        live, shadow = self._pages(name), self._shadows[name]
+        return (live[first:end] != shadow[first:end]).any(axis=1)
+
     def _stop(self) -> None:
         self._shadows = {}

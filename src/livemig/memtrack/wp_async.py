@@ -18,6 +18,7 @@ and then protects those of them that the policy says to.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from typing import Any
 
@@ -59,6 +60,7 @@ class AsyncWPTracker(TrackerBase):
         self._uffd: Userfaultfd | None = None
         self._scanner: PagemapScanner | None = None
         self._hot = {r.name: HotChunks(r.npages) for r in self.regions} if hot else None
+        self._local = threading.local()  # a scanner per thread asking ``written``
 
     @property
     def hot_pages(self) -> int:
@@ -119,6 +121,17 @@ class AsyncWPTracker(TrackerBase):
             self._scanner.scan_bitmap(r.host_addr + (first << PAGE_SHIFT),
                                       (end - first) << PAGE_SHIFT, PAGE_IS_WRITTEN, flags,
                                       out=out[first:end])  # fmt: skip
+
+    def _written_guest(self, name: str, first: int, end: int) -> np.ndarray:
+        # Without PM_SCAN_WP_MATCHING the walk only reads: a written page stays written (and
+        # writable) for the next sync. A page of a hot chunk counts as written since the
+        # chunk's last protection, which that sync reports as dirty too.
+        scanner = getattr(self._local, "scanner", None)
+        if scanner is None:
+            scanner = self._local.scanner = PagemapScanner(256)
+        r = self._by_name[name]
+        return scanner.scan_bitmap(r.host_addr + (first << PAGE_SHIFT), (end - first) << PAGE_SHIFT,
+                                   PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC)  # fmt: skip
 
     def _stop(self) -> None:
         if self._scanner is not None:

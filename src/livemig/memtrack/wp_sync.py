@@ -138,6 +138,15 @@ class SyncWPTracker(TrackerBase):
             self._bitmaps.close()
             self._bitmaps = None
 
+    def _written_guest(self, name: str, first: int, end: int) -> np.ndarray:
+        assert self._bitmaps is not None
+        off = self._offsets[[r.name for r in self.regions].index(name)]
+        # the half the handler fills now: every page it unprotected since the last sync
+        live = np.frombuffer(self._bitmaps, dtype=bool, count=self._total, offset=self._active)
+        out = live[off + first : off + end].copy()
+        del live
+        return out
+
     # --- sync ------------------------------------------------------------------------------
     def _sync_guest(self) -> dict[str, np.ndarray]:
         assert self._ctl is not None and self._bitmaps is not None

@@ -28,6 +28,7 @@ from livemig.migration import mapped_ram, multifd, postcopy_dest, state_verify
 from livemig.migration.source import MACHINE_TYPE, VERIFY_IDSTR, ram_hashes, verify_vmsd
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_vmsd
+from livemig.savevm import checksum as CK
 from livemig.savevm.devices import decode_globalstate, descriptions, machine_entries
 from livemig.savevm.machine_check import MACHINE_IDSTR, MACHINE_VMSD, check_machine
 from livemig.savevm.ram import RamLoader
@@ -92,6 +93,9 @@ class IncomingMigration:
         # section's EOS is one.
         self._flush_words = False
         self.verify: dict[str, Any] | None = None
+        # x-checksums: every unit of the stream is checked (``savevm.checksum``) when the
+        # source announces them; with the capability on here, a stream without is refused
+        self.checks = CK.StreamChecks(machine.ram_blocks, on_checked=self._on_checked)
         self.postcopy: postcopy_dest.PostcopyIncoming | None = None
         self.source_hashes: dict[str, str] | None = None
         self.source_state: dict[str, Any] | None = None  # x-verify-state digests
@@ -175,10 +179,12 @@ class IncomingMigration:
     def _load(self) -> None:
         ch = self.channel
         assert ch is not None
-        dec = Decoder(devices={**descriptions(self.entries), MACHINE_IDSTR: MACHINE_VMSD,
-                               VERIFY_IDSTR: verify_vmsd(self.machine.ram_blocks),
-                               STATE_IDSTR: state_vmsd(self.entries)},
-                      block_sizes=self.loader.block_sizes())  # fmt: skip
+        self._vmsds = {**descriptions(self.entries), CK.IDSTR: CK.vmsd(),
+                       MACHINE_IDSTR: MACHINE_VMSD,
+                       VERIFY_IDSTR: verify_vmsd(self.machine.ram_blocks),
+                       STATE_IDSTR: state_vmsd(self.entries)}  # fmt: skip
+        dec = Decoder(devices=self._vmsds, block_sizes=self.loader.block_sizes())
+        self.checks.required = CK.CAPABILITY in self.capabilities
         eof_at: float | None = None
         done = False
         bulk = False  # the last read ended inside the pages of a pass
@@ -205,6 +211,7 @@ class IncomingMigration:
                 if isinstance(ev, E.Eof):
                     eof_at = time.monotonic()
                     self.timeline["eof"] = eof_at
+                    self.checks.at_end(dec.offset)
                     self._finish_load()
                     if not self._return_path and ch.is_socket is False and n == 0:
                         done = True
@@ -218,16 +225,23 @@ class IncomingMigration:
                 if eof_at is None:
                     raise StreamError("stream ended before EOF", dec.offset)
                 break
-            bulk = not final and isinstance(ev, E.RamPages | E.RamZeroPages)
+            # (with checksums a pass is a row of small sections, one per unit, and a read ends
+            # at any point of one)
+            bulk = not final and (isinstance(ev, E.RamPages | E.RamZeroPages) or bool(
+                self.checked and ev is not None))  # fmt: skip
         self._start_guest()
 
     def _handle(self, ev: Any, dec: Decoder) -> None:
+        if self.checks.before(ev, dec.offset, self._vmsds):
+            return
         if postcopy_dest.dispatch(self, ev, dec):
             return
         if isinstance(ev, E.RamPages):
             self.loader.load_pages(ev.block, ev.offsets, ev.data)
+            self.checks.pages(ev)
         elif isinstance(ev, E.RamZeroPages):
             self.loader.load_zero(ev.block, ev.offsets, ev.fill)
+            self.checks.pages(ev)
         elif isinstance(ev, E.SectionFull):
             self._on_full(ev, dec)
         elif isinstance(ev, E.RamSetup):
@@ -242,6 +256,7 @@ class IncomingMigration:
                 self.multifd.flush()
         elif isinstance(ev, E.RamXbzrlePage):
             load_xbzrle(self.loader, ev.block, ev.offset, ev.data, dec.offset)
+            self.checks.pages(ev)
         elif isinstance(ev, E.Configuration):
             if ev.machine_type != MACHINE_TYPE:
                 raise StreamError(f"machine type {ev.machine_type!r} does not match this "
@@ -264,6 +279,15 @@ class IncomingMigration:
         else:
             raise StreamError(f"{type(ev).__name__} is not supported in a pre-copy stream",
                               dec.offset)  # fmt: skip
+
+    @property
+    def checked(self) -> bool | None:
+        """Whether the stream carries checksums (None: its configuration not read yet)."""
+        return self.checks.checked
+
+    def _on_checked(self, checked: bool) -> None:
+        if self.multifd is not None:
+            self.multifd.checked = checked
 
     def _on_full(self, ev: Any, dec: Decoder) -> None:
         if ev.idstr == "globalstate":
@@ -344,6 +368,11 @@ class IncomingMigration:
                 out["x-verify-ms"] = self.verify["hash-ms"]
         if self.state_verified is not None:
             out.setdefault("x-verify", {})["state-equal"] = self.state_verified
+        if self.checked:
+            units = self.checks.units
+            if self.multifd is not None:
+                units += sum(c.checks.units for c in self.multifd.channels if c.checks)
+            out["x-checksums"] = {"units": units}
         if self.postcopy is not None:
             out.update(self.postcopy.query())
         return out

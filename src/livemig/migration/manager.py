@@ -107,7 +107,11 @@ class MigrationManager:
             job = self.dirty_rate_job
             if job is not None and job.status == "measuring":
                 raise UsageError("a dirty rate calculation is running: wait for it to finish")
-            multifd.check_uri(parse_uri(uri), self.caps.enabled())
+            u = parse_uri(uri)
+            multifd.check_uri(u, self.caps.enabled())
+            verify = ("x-verify" in self.caps) if verify is None else verify
+            if verify:
+                check_verify(u, self.caps.enabled())
             # tls-creds: every channel this migration opens is a TLS client (bad creds: refused
             # here, before any state change)
             set_migration_tls("client", creds_from_params(self.params.query(), "client"))
@@ -115,7 +119,7 @@ class MigrationManager:
                 uri=uri,
                 capabilities=self.caps.enabled(),
                 params=self.params.query(),
-                verify=("x-verify" in self.caps) if verify is None else verify,
+                verify=verify,
             )
             self.source.move(MigrationStatus.SETUP)
             self.outgoing = OutgoingMigration(self.machine, config, self.source,
@@ -274,6 +278,19 @@ class MigrationManager:
             running.append(self.incoming.thread)
         return [{"name": t.name, "thread-id": t.native_id or os.getpid()}
                 for t in running if t.is_alive()]  # fmt: skip
+
+
+def check_verify(u: Any, caps: frozenset[str]) -> None:
+    """x-verify needs a way to verify, or it would say nothing: on a socket the destination's
+    verdict comes back on the return path; a file or a pipe is checked when it is loaded, by
+    its checksums (x-checksums) and the RAM digests the stream carries."""
+    if u.has_return_path:
+        if "return-path" not in caps and "postcopy-ram" not in caps:
+            raise UsageError(f"x-verify needs capability return-path on {u}: the destination's "
+                             "verdict comes back on it")  # fmt: skip
+    elif "x-checksums" not in caps:
+        raise UsageError(f"x-verify on {u} is checked when the stream is loaded, by its "
+                         "checksums: turn capability x-checksums on")  # fmt: skip
 
 
 def register_migration_commands(registry: Any, manager: MigrationManager) -> None:

@@ -71,13 +71,16 @@ import numpy as np
 from livemig import threads
 from livemig.errors import MigrationError, StreamError, UsageError
 from livemig.machine.abi import PAGE_SIZE
+from livemig.savevm import checksum as CK
 from livemig.savevm.ram import Batch, page_runs, split_zero
 from livemig.transport import Channel, ChannelError, ChannelTimeout
 from livemig.wire.constants import QEVM_MAGIC
 from livemig.wire.multifd import (
+    CHECKSUM_PACKET,
     INIT_PACKET,
     MULTIFD_FLAG_COMPRESSION_MASK,
     MULTIFD_FLAG_SYNC,
+    MULTIFD_FLAG_X_CHECKSUM,
     MULTIFD_FLAG_ZLIB,
     MULTIFD_FLAG_ZSTD,
     MULTIFD_MAGIC,
@@ -181,6 +184,7 @@ class _SendChannel:
         self.queue: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
         self.synced = threading.Semaphore(0)
         self.compressor = _Compressor(sender.compression, sender.level)
+        self._trailer: list = []  # x-checksums: the last job's checksum packet, not yet sent
         self.thread = threads.Thread(target=self._run, name=f"multifdsend_{cid}", daemon=True)
 
     def _run(self) -> None:
@@ -196,14 +200,35 @@ class _SendChannel:
                     continue
                 s._room.release()  # a data job left the queue: any channel may take the next
                 block, idx = job
-                self._send_packet(0, block, idx)
+                unit = CK.Unit() if s.checks is not None else None
+                self._send_packet(0, block, idx, unit)
+                if unit:
+                    # after the packets: the tracker is asked once the pages are out; the
+                    # trailer goes with the next job's packets, or before the SYNC
+                    self._trailer = self._trailer_packet(unit)
         except (ChannelError, OSError, StreamError) as exc:
             s._failed(f"multifd channel {self.id}: {exc}")
         except BaseException as exc:  # a bug: report it instead of hanging the sync
             log.exception("multifd send channel %d crashed", self.id)
             s._failed(f"multifd channel {self.id}: internal error: {exc!r}")
 
-    def _send_packet(self, flags: int, block: Any, idx: np.ndarray) -> None:
+    def _trailer_packet(self, unit: CK.Unit) -> list:
+        """x-checksums: the packet with the checksum of the job just sent."""
+        s = self.sender
+        digest, ex = s.checks.close(unit, JOB_PAGES)  # type: ignore[union-attr]
+        head = CHECKSUM_PACKET.pack(MULTIFD_MAGIC, MULTIFD_VERSION, MULTIFD_FLAG_X_CHECKSUM,
+                                    PAGES_ALLOC, 0, 0, next(s.packet_num), 0, unit.records,
+                                    digest, b"")  # fmt: skip
+        return [head, CK.pack_bits(ex, 8 * PAGES_ALLOC)]
+
+    def _with_trailer(self, bufs: list) -> list:
+        """``bufs`` after the pending trailer, if one is waiting (one writev for both)."""
+        if not self._trailer:
+            return bufs
+        out, self._trailer = [*self._trailer, *bufs], []
+        return out
+
+    def _send_packet(self, flags: int, block: Any, idx: np.ndarray, unit: Any = None) -> None:
         """Send ``idx`` (up to ``JOB_PAGES`` pages of ``block``, or none for a SYNC packet) as
         packets of at most ``PAGES_ALLOC`` pages, all of them in one ``writev``.
 
@@ -215,13 +240,17 @@ class _SendChannel:
         if len(idx) == 0:
             head = MultifdPacket(flags | s.flag, next(s.packet_num), "", idx.astype(np.uint64),
                                  0, 0, PAGES_ALLOC, 0).pack()  # fmt: skip
-            s._count(self.channel.sendv([head]), 0, 0)
+            s._count(self.channel.sendv(self._with_trailer([head])), 0, 0)
             return
         normal, zero = split_zero(s.words[block.idstr], idx) if s.zero_detect else (idx, idx[:0])
         first = int(idx[0])
         if not len(zero) and s.flag == 0 and int(idx[-1]) - first == len(idx) - 1:
-            s._count(self.channel.sendv(self._run_packets(flags, block, first, len(idx))),
-                     len(idx), 0)  # fmt: skip
+            if unit is not None:
+                unit.add(block.idstr, CK.KIND_DATA, idx)
+                s.checks.prepare(unit)  # type: ignore[union-attr]
+                unit.feed(s.checks.views)  # type: ignore[union-attr]  # then the kernel's copy
+            bufs = self._run_packets(flags, block, first, len(idx))
+            s._count(self.channel.sendv(self._with_trailer(bufs)), len(idx), 0)
             return
         if len(zero):
             is_zero = np.zeros(len(idx), bool)
@@ -245,12 +274,18 @@ class _SendChannel:
                 raw = slices[0] if len(slices) == 1 else b"".join(slices)
                 payload = [self.compressor.compress(raw)]
             offsets = (np.concatenate((pn, pz)) if len(pz) else pn).astype(np.uint64)
+            if unit is not None:
+                unit.add(block.idstr, CK.KIND_DATA, pn)
+                unit.add(block.idstr, CK.KIND_ZERO, pz)
             bufs.append(MultifdPacket(
                 flags | s.flag, next(s.packet_num), block.idstr, offsets << np.uint64(PAGE_SHIFT),
                 len(pn), len(pz), PAGES_ALLOC, sum(len(p) for p in payload),
             ).pack())  # fmt: skip
             bufs += payload
-        s._count(self.channel.sendv(bufs), len(normal), len(zero))
+        if unit is not None:
+            s.checks.prepare(unit)  # type: ignore[union-attr]
+            unit.feed(s.checks.views)  # type: ignore[union-attr]
+        s._count(self.channel.sendv(self._with_trailer(bufs)), len(normal), len(zero))
 
     def _run_packets(self, flags: int, block: Any, first: int, count: int) -> list[Any]:
         """The packets of ``count`` uncompressed data pages from ``first``, one run: what a
@@ -342,8 +377,10 @@ class MultifdSender(PageWorkerPool):
         timeout: float = 30.0,
         zero_detect: bool = True,
         handshake_sent: bool = False,
+        checks: CK.SourceChecks | None = None,
     ) -> None:
         self.blocks = list(blocks)
+        self.checks = checks  # x-checksums: a trailer packet after every job
         self.zero_detect = zero_detect  # False: every page goes as a normal one
         self.names: dict[str, bytes] = {}  # RAMBlock idstr as the packet header carries it
         self.words = {b.idstr: b.array.view(np.uint64).reshape(-1, WORDS_PER_PAGE)
@@ -378,6 +415,7 @@ class MultifdSender(PageWorkerPool):
         uuid: bytes | None = None,
         timeout: float = 30.0,
         zero_detect: bool = True,
+        checks: CK.SourceChecks | None = None,
     ) -> MultifdSender:
         """Open ``n`` multifd connections to ``uri`` (after the main one) and start them.
 
@@ -395,7 +433,8 @@ class MultifdSender(PageWorkerPool):
                 chans.append(ch)
                 ch.send(MultifdInit(uuid, i).pack())
             return cls(blocks, chans, compression=compression, level=level, uuid=uuid,
-                       timeout=timeout, zero_detect=zero_detect, handshake_sent=True)  # fmt: skip
+                       timeout=timeout, zero_detect=zero_detect, handshake_sent=True,
+                       checks=checks)  # fmt: skip
         except BaseException:
             for ch in chans:
                 ch.close()
@@ -611,6 +650,10 @@ class _RecvChannel:
         self.channel = channel
         self.release = threading.Semaphore(0)
         self.decompressor = _Decompressor(receiver.compression)
+        # x-checksums: the pages since the last trailer packet, checked when it comes
+        self.checks = receiver.checks.fork() if receiver.checks is not None else None
+        self.unchecked = 0  # records not covered by a trailer when the last SYNC came
+        self._name = ""
         self.head = bytearray(PACKET_HEADER.size + 8 * PAGES_ALLOC)
         self._alloc = 0  # page slots per packet, once the first packet told
         self.payload = bytearray(2 * PAGES_ALLOC * PAGE_SIZE + 4096)
@@ -698,6 +741,9 @@ class _RecvChannel:
             raise StreamError(f"{where}: compression flags 0x{pkt.flags & 0x3E:x}, this side "
                               f"uses {r.compression!r} (0x{r.flag:x})", at + 8)  # fmt: skip
         self.packets += 1
+        if pkt.flags & MULTIFD_FLAG_X_CHECKSUM:
+            self._trailer(hv, pkt, where, at)
+            return True
         normal = pkt.normal_pages
         idx = pkt.offsets >> np.uint64(PAGE_SHIFT)
         if normal:
@@ -705,12 +751,31 @@ class _RecvChannel:
         if pkt.zero_pages:
             r.loader.load_zero(pkt.ramblock, pkt.offsets[normal:])
             r._count(0, pkt.zero_pages)
+            if self._checking():
+                self.checks.unit.add(pkt.ramblock, CK.KIND_ZERO, idx[normal:])  # type: ignore[union-attr]
         if pkt.flags & MULTIFD_FLAG_SYNC:
+            if self.checks is not None:
+                self.unchecked = self.checks.unit.records
             r._arrived.release()
             while not self.release.acquire(timeout=0.2):
                 if r.closing or r.error is not None:
                     return False
         return True
+
+    def _checking(self) -> bool:
+        """Whether pages are collected for a checksum: the stream announced x-checksums (or
+        the main thread has not read its configuration yet)."""
+        return self.checks is not None and self.r.checked is not False
+
+    def _trailer(self, hv: memoryview, pkt: MultifdPacket, where: str, at: int) -> None:
+        """x-checksums: check the job this trailer packet closes."""
+        if not self._checking() or pkt.normal_pages or pkt.zero_pages:
+            raise StreamError(f"{where}: a checksum packet where none can be", at + 8)
+        records, digest = CHECKSUM_PACKET.unpack_from(hv)[8:10]
+        alloc = self._alloc or PAGES_ALLOC
+        bitmap = hv[PACKET_HEADER.size : PACKET_HEADER.size + 8 * alloc]
+        self.checks.verify(records, digest, bitmap, None,
+                           f", multifd channel {self.id} before packet {pkt.packet_num}")  # fmt: skip
 
     def _numbered(self, num: int, ride: bool = False) -> None:
         if ride:
@@ -754,6 +819,11 @@ class _RecvChannel:
         touched[page : page + normal] = True
         received[page : page + normal] = True
         r._count(normal, 0)
+        if self._checking():
+            unit = self.checks.unit  # type: ignore[union-attr]
+            unit.add(self._name, CK.KIND_DATA, np.arange(page, page + normal))
+            if self.checks.eager:  # type: ignore[union-attr]
+                unit.feed(self.checks.views)  # type: ignore[union-attr]  # just received
         return True
 
     def _pages(self, pkt: MultifdPacket, idx: np.ndarray, where: str, at: int) -> None:
@@ -770,6 +840,7 @@ class _RecvChannel:
                 self._read(view[i << PAGE_SHIFT : (i + n) << PAGE_SHIFT], "page data")
             r.loader.touched[name][idx] = True
             r.loader.received[name][idx] = True
+            self._name = name
             self._raw_name = bytes(memoryview(self.head)[64:320])
             self._block = (r.block_sizes[name], view, r.loader.touched[name],
                            r.loader.received[name])  # fmt: skip
@@ -786,6 +857,10 @@ class _RecvChannel:
             pages = np.frombuffer(data, np.uint8).reshape(-1, PAGE_SIZE)
             r.loader.load_pages(name, pkt.offsets[: pkt.normal_pages], pages)
         r._count(pkt.normal_pages, 0)
+        if self._checking():
+            self.checks.unit.add(name, CK.KIND_DATA, idx)  # type: ignore[union-attr]
+            if self.checks.eager:  # type: ignore[union-attr]
+                self.checks.unit.feed(self.checks.views)  # type: ignore[union-attr]
 
 
 class MultifdReceiver:
@@ -799,8 +874,11 @@ class MultifdReceiver:
         compression: str = "none",
         timeout: float = 30.0,
         on_error: Callable[[str], None] | None = None,
+        checks: CK.IncomingChecks | None = None,
     ) -> None:
         self.loader = loader
+        self.checks = checks
+        self.checked: bool | None = None  # the stream announced x-checksums (the main thread)
         self.block_sizes = loader.block_sizes()
         self.views = {name: b.view for name, b in loader.blocks.items()}
         self.compression = compression
@@ -850,6 +928,13 @@ class MultifdReceiver:
                 raise MigrationError(f"multifd: channels did not reach their SYNC within "
                                      f"{self.timeout:g} s")  # fmt: skip
             self.check()
+        if self.checked:
+            for c in self.channels:
+                if c.unchecked:
+                    reason = (f"multifd channel {c.id}: {c.unchecked} page record(s) before its "
+                              "SYNC came without their checksum packet")  # fmt: skip
+                    self._failed(reason)
+                    raise MigrationError(reason)
         seen = sum(c.numbers for c in self.channels)
         top = max(c.top for c in self.channels)
         if seen != top + 1 - sum(c.rides for c in self.channels):
@@ -910,14 +995,14 @@ def source_setup(mig: Any) -> None:
     mig.multifd = MultifdSender.connect(
         cfg.uri, mig.machine.ram_blocks, p["multifd-channels"], compression=method, level=level,
         uuid=machine_uuid(mig.machine), timeout=p["x-io-timeout"] / 1000,
-        zero_detect=detection == "multifd",
+        zero_detect=detection == "multifd", checks=mig.checks,
     )  # fmt: skip
     if detection != "legacy":
         # the channel threads find the zero pages ("multifd"), or nobody does ("none")
         mig.ram.find_zero = False
 
 
-def source_queue(mig: Any, batches: list) -> tuple[list, int, int]:
+def source_queue(mig: Any, batches: list, unit: Any = None) -> tuple[list, int, int]:
     """Normal pages go to the channels (their stats come via ``account``); zero pages found by
     the migration thread (``zero-page-detection`` legacy) go as ZERO records on main.
 
@@ -937,6 +1022,8 @@ def source_queue(mig: Any, batches: list) -> tuple[list, int, int]:
     for b in batches:
         if len(b.zero):
             out += mig.encoder.encode_zero_pages(b.idstr, b.zero.astype(np.uint64) << PAGE_SHIFT)
+            if unit is not None:
+                unit.add(b.idstr, CK.KIND_ZERO, b.zero)
     mig.multifd.send_batches([Batch(b.block, b.normal, b.zero[:0]) for b in batches
                               if len(b.normal)])  # fmt: skip
     return out, 0, zero
@@ -988,10 +1075,14 @@ def incoming_accept(mig: Any) -> Channel:
     mig.channel = main
 
     def on_error(reason: str) -> None:
-        main.shutdown()  # wake the main thread: the migration fails with ``reason``
+        # The reason first, while main can still carry it (XError and SHUT 1 to a livemig
+        # source); then wake the main thread: the migration fails with ``reason``.
+        mig._shut(1, reason)
+        main.shutdown()
 
     mig.multifd = MultifdReceiver(mig.loader, chans, compression=p["multifd-compression"],
-                                  timeout=mig.timeout, on_error=on_error)  # fmt: skip
+                                  timeout=mig.timeout, on_error=on_error,
+                                  checks=mig.checks)  # fmt: skip
     return main
 
 

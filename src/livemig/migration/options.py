@@ -23,7 +23,7 @@ CAPABILITIES = (
     "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
     "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
     "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit", "mapped-ram",
-    "x-verify",
+    "x-verify", "x-checksums",
 )  # fmt: skip
 
 # What this build of livemig really implements; the rest are listed but refused.
@@ -34,6 +34,7 @@ SUPPORTED_CAPABILITIES = frozenset(
         "return-path",
         "pause-before-switchover",
         "x-verify",
+        "x-checksums",
         "multifd",
         "postcopy-ram",
         "postcopy-preempt",

@@ -62,6 +62,7 @@ from livemig.migration.postcopy_source import (
 )
 from livemig.migration.state import MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_vmsd
+from livemig.savevm import checksum as CK
 from livemig.savevm.devices import decode_globalstate, descriptions
 from livemig.savevm.ram import page_runs
 from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener
@@ -100,10 +101,13 @@ def percentiles(samples: list[float]) -> dict[str, float]:
 class PreemptParser:
     """Raw page records of the preempt channel (§7.4): no sections, EOS at the end."""
 
-    def __init__(self) -> None:
+    def __init__(self, checked: bool = False) -> None:
         self._buf = bytearray()  # the start of a record cut at the end of the last read
         self.last_block: str | None = None
         self.eos = False
+        # x-checksums: a 0x200 word then be32 records, be64 digest close a request's records,
+        # yielded as (None, records, digest)
+        self.checked = checked
 
     def feed(self, data: bytes | memoryview) -> list[tuple[str, int, bytes | memoryview | None]]:
         """(block, offset, page or None for a zero page) of each complete record.
@@ -129,6 +133,13 @@ class PreemptParser:
                 self.eos = True
                 p += 8
                 break
+            if self.checked and word == CK.PREEMPT_CHECKSUM_WORD:
+                if len(buf) - p < CK.PREEMPT_CHECKSUM.size:
+                    break
+                _w, records, digest = CK.PREEMPT_CHECKSUM.unpack_from(buf, p)
+                out.append((None, records, digest))  # type: ignore[arg-type]
+                p += CK.PREEMPT_CHECKSUM.size
+                continue
             kind = flags & ~0x20
             at = p + 8
             if flags & 0x20:
@@ -214,6 +225,9 @@ class PostcopyIncoming:
         self.t_run: float | None = None
         self._last_rx = time.monotonic()  # last byte from the source on any channel
         self._crash: str | None = None  # a helper thread's internal error: the migration fails
+        self._held: list[Any] = []  # x-checksums: pages of a PART waiting for its checksum
+        self._corrupt: str | None = None  # a checksum failed on the preempt channel
+        self._must_check = False
 
     # -- events of the main stream -------------------------------------------------------------
 
@@ -261,14 +275,26 @@ class PostcopyIncoming:
 
     def _package(self, ev: E.Packaged, outer: Decoder) -> None:
         inc = self.inc
-        devices = {**descriptions(inc.entries), CHECKSUM_IDSTR: checksum_vmsd(
+        devices = {**descriptions(inc.entries), CK.IDSTR: CK.vmsd(), CHECKSUM_IDSTR: checksum_vmsd(
             list(self.blocks.values())), STATE_IDSTR: state_vmsd(inc.entries)}  # fmt: skip
         dec = Decoder(with_header=False, devices=devices, block_sizes=inc.loader.block_sizes())
         dec.receive_data(bytes(ev.data))
         dec.receive_data(b"")
         runstate = "running"
+        checks = inc.checks if inc.checked else None
+        vmsds = devices
         for pev in iter(dec.next_event, E.NEED_DATA):
+            if checks is not None and isinstance(pev, E.SectionFull):
+                if pev.idstr == CK.IDSTR:
+                    st = pev.state
+                    checks.verify(st["records"], st["digest"], st["excluded"], outer.offset,
+                                  " (the post-copy package's device state)")  # fmt: skip
+                    continue
+                checks.unit.add_device(pev.idstr, pev.instance_id, pev.version_id,
+                                       vmsds[pev.idstr].encode(pev.state))  # fmt: skip
             if isinstance(pev, E.PostcopyListen):
+                if checks is not None:
+                    checks.check_nothing_pending(outer.offset, "before the switch to post-copy")
                 self._listen()
             elif isinstance(pev, E.SectionFull):
                 if pev.idstr == "globalstate":
@@ -292,6 +318,8 @@ class PostcopyIncoming:
             elif isinstance(pev, E.PostcopyRun):
                 if not self.listening:
                     raise StreamError("POSTCOPY_RUN before POSTCOPY_LISTEN", outer.offset)
+                if checks is not None:
+                    checks.require_checked(outer.offset, "when POSTCOPY_RUN would start the guest")
                 inc.check_state()  # x-verify: registers and devices as sent, before they run
                 self._run(runstate)
                 return
@@ -576,13 +604,20 @@ class PostcopyIncoming:
                 self._pump(ch, dec)
                 self._complete()
                 return
-            except (ChannelError, OSError) as exc:
+            except (ChannelError, OSError, CK.ChecksumError) as exc:
                 if inc._cancel.is_set():
                     raise
                 if self._crash is not None:
                     raise MigrationError(self._crash) from None
                 reason = str(exc) or type(exc).__name__
-                self._paused(f"source connection lost: {reason}")
+                if isinstance(exc, CK.ChecksumError) or self._corrupt is not None:
+                    # a page damaged on the way never reaches the guest: like a broken link,
+                    # the source sends it again after a recovery (its bitmap says so)
+                    reason = f"a checksum failed, the link is dropped: {self._corrupt or reason}"
+                    self._corrupt = None
+                    self._paused(reason)
+                else:
+                    self._paused(f"source connection lost: {reason}")
                 ch, dec = self._wait_recovery(dec)
 
     def _pump(self, ch: Channel, dec: Decoder) -> None:
@@ -630,6 +665,8 @@ class PostcopyIncoming:
 
     def _event(self, ev: Any, dec: Decoder) -> bool:
         """Handle one main-channel event in post-copy; True at EOF."""
+        if self.inc.checked and self._checked_event(ev, dec):
+            return False
         if isinstance(ev, (E.RamPages, E.RamZeroPages)):
             self._on_pages(ev)
         elif isinstance(ev, E.Ping):
@@ -644,6 +681,35 @@ class PostcopyIncoming:
             pass
         else:
             raise StreamError(f"{type(ev).__name__} is not expected in post-copy", dec.offset)
+        return False
+
+    def _checked_event(self, ev: Any, dec: Decoder) -> bool:
+        """x-checksums in post-copy: a PART's pages are held until its checksum says they are
+        right, then installed (a wrong page must never reach the running guest). True when the
+        event was taken here."""
+        checks = self.inc.checks
+        if self._must_check and not (isinstance(ev, E.SectionFull) and ev.idstr == CK.IDSTR):
+            raise CK.ChecksumError(f"the RAM section before this point ({checks.unit.span()}) "
+                                   "is not followed by its checksum", dec.offset)  # fmt: skip
+        self._must_check = False
+        if isinstance(ev, (E.RamPages, E.RamZeroPages)):
+            data = ev.data if isinstance(ev, E.RamPages) else None
+            kind = CK.KIND_DATA if data is not None else (CK.KIND_FILL if ev.fill else
+                                                           CK.KIND_ZERO)  # fmt: skip
+            checks.unit.add(ev.block, kind, ev.offsets >> np.uint64(12), data)
+            self._held.append(ev)
+            return True
+        if isinstance(ev, E.SectionFooter) and self._held:
+            self._must_check = True
+        elif isinstance(ev, E.SectionFull) and ev.idstr == CK.IDSTR:
+            st = ev.state
+            checks.verify(st["records"], st["digest"], st["excluded"], dec.offset)
+            held, self._held = self._held, []
+            for pev in held:
+                self._on_pages(pev)
+            return True
+        elif isinstance(ev, E.Eof):
+            checks.require_checked(dec.offset, "at the end of the stream")
         return False
 
     def _complete(self) -> None:
@@ -746,7 +812,9 @@ class PostcopyIncoming:
 
     def _preempt_loop(self, ch: Channel) -> None:
         boost_thread(realtime=True)
-        parser = PreemptParser()
+        checks = self.inc.checks.fork() if self.inc.checked else None
+        parser = PreemptParser(checked=checks is not None)
+        held: list[tuple[str, int, bytes | None]] = []
         buf = bytearray(1 << 16)
         view = memoryview(buf)
         ch.timeout = None
@@ -757,10 +825,23 @@ class PostcopyIncoming:
                     break
                 self._last_rx = time.monotonic()
                 for block, offset, page in parser.feed(view[:n]):
-                    b = self.blocks.get(block)
-                    if b is None or offset // PAGE >= b.npages:
-                        raise StreamError(f"preempt page {offset:#x} of {block!r} is outside RAM")
+                    if checks is not None:
+                        if block is None:  # the checksum of the records held
+                            self._install_checked(checks, held, offset, page)  # type: ignore[arg-type]
+                            held = []
+                            continue
+                        # a copy: the next read overwrites ``view`` before the checksum comes
+                        held.append((block, offset, bytes(page) if page is not None else None))
+                        self._check_preempt_page(block, offset)
+                        continue
+                    self._check_preempt_page(block, offset)
                     self.install_one(block, offset // PAGE, page)
+        except CK.ChecksumError as exc:
+            if not self._stop.is_set():
+                self._corrupt = str(exc)  # the listen loop pauses with this reason
+                main = self.inc.channel
+                if main is not None:
+                    main.shutdown()
         except (ChannelError, StreamError, OSError, MigrationError) as exc:
             if not self._stop.is_set():
                 log.info("preempt channel ended: %s", exc)
@@ -770,6 +851,24 @@ class PostcopyIncoming:
         finally:
             if parser.eos:
                 self._preempt_eos.set()
+
+    def _check_preempt_page(self, block: str, offset: int) -> None:
+        b = self.blocks.get(block)
+        if b is None or offset // PAGE >= b.npages:
+            raise StreamError(f"preempt page {offset:#x} of {block!r} is outside RAM")
+
+    def _install_checked(self, checks: Any, held: list, records: int, digest: int) -> None:
+        """x-checksums: install the preempt channel's held pages once their checksum matches."""
+        unit = checks.unit
+        for block, offset, page in held:
+            i = np.array([offset // PAGE])
+            if page is None:
+                unit.add(block, CK.KIND_ZERO, i)
+            else:
+                unit.add(block, CK.KIND_DATA, i, np.frombuffer(page, np.uint8).reshape(1, PAGE))
+        checks.verify(records, digest, bytes(CK.BITMAP_BYTES), None, " (preempt channel)")
+        for block, offset, page in held:
+            self.install_one(block, offset // PAGE, page)
 
     # -- recovery ---------------------------------------------------------------------------------
 
@@ -847,9 +946,14 @@ class PostcopyIncoming:
             inc.state.move(MigrationStatus.POSTCOPY_RECOVER)
             self._recover_event.clear()
             self._resume_listener = listener  # the preempt channel comes there too
-            dec = Decoder(with_header=False, block_sizes=inc.loader.block_sizes())
+            dec = Decoder(with_header=False, block_sizes=inc.loader.block_sizes(),
+                          devices={CK.IDSTR: CK.vmsd()})  # fmt: skip
             # The resumed stream continues the sections started on the first channel.
             dec._sections.update(old._sections)
+            # x-checksums: pages held for a checksum that never came are still needed (the
+            # source sends them again after RECV_BITMAP)
+            self._held, self._must_check = [], False
+            inc.checks.unit = CK.Unit()
             return ch, dec
 
     def _send_bitmap(self, name: str, dec: Decoder) -> None:

@@ -53,6 +53,7 @@ from livemig.errors import MigrationError
 from livemig.machine.runstate import RunState
 from livemig.migration.state import MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
+from livemig.savevm import checksum as CK
 from livemig.savevm.devices import GLOBALSTATE_VMSD, encode_globalstate, machine_entries
 from livemig.savevm.ram import page_runs
 from livemig.transport import Channel, ChannelError, connect
@@ -354,8 +355,13 @@ class PostcopySource:
                 return True  # already sent: it is on its way
             batch = self.mig.ram.split_zero(b, idx)
             self.preempt_lock.acquire()
-        n, normal, zero = self._send_holding(self.preempt_lock, ch,
-                                             lambda: self._encode(enc, [batch]),
+
+        def build() -> tuple[list, int, int]:
+            unit = CK.Unit() if self.mig.checks is not None else None
+            out, normal, zero = self._encode(enc, [batch], unit)
+            return [*out, *self._preempt_checksum(unit)], normal, zero
+
+        n, normal, zero = self._send_holding(self.preempt_lock, ch, build,
                                              functools.partial(self._requeue, [batch]))  # fmt: skip
         self.requested_sent += len(idx)
         self.mig.stats.account(n, normal, zero, phase)
@@ -378,8 +384,14 @@ class PostcopySource:
             # memcmp against a zero page: 40x cheaper than a numpy reduction set up for one
             # page (1.8 us hot, several times that on the cold caches of a request)
             if page != _ZERO_PAGE:
-                return enc.encode_page(b.idstr, i * PAGE, page), 1, 0
-            return enc.encode_zero_page(b.idstr, i * PAGE), 0, 1
+                out, normal, zero = enc.encode_page(b.idstr, i * PAGE, page), 1, 0
+            else:
+                out, normal, zero = enc.encode_zero_page(b.idstr, i * PAGE), 0, 1
+            if self.mig.checks is not None:
+                unit = CK.Unit()
+                unit.add(b.idstr, CK.KIND_DATA if normal else CK.KIND_ZERO, np.array([i]))
+                out = [*out, *self._preempt_checksum(unit)]
+            return out, normal, zero
 
         def undo() -> None:
             d[i] = True  # back in the bitmap, as ``requeue`` does for a batch
@@ -413,25 +425,41 @@ class PostcopySource:
             self.mig.ram.requeue(batch)
 
     def _part(self, batches: list) -> tuple[list, int, int]:
-        """One RAM PART section on the main channel holding ``batches``."""
-        enc = self.mig.encoder
-        sid = self.mig._ram_sid
-        out, normal, zero = self._encode(enc, batches)
+        """One RAM PART section on the main channel holding ``batches`` (and, with
+        x-checksums, its checksum: the destination installs none of its pages before)."""
+        mig = self.mig
+        enc = mig.encoder
+        sid = mig._ram_sid
+        unit = CK.Unit() if mig.checks is not None else None
+        out, normal, zero = self._encode(enc, batches, unit)
+        tail = mig._checksum(unit) if unit else []
         return ([*enc.send(E.SectionPart(sid)), *out, *enc.send(E.RamEos()),
-                 *enc.send(E.SectionFooter(sid))], normal, zero)  # fmt: skip
+                 *enc.send(E.SectionFooter(sid)), *tail], normal, zero)  # fmt: skip
 
     @staticmethod
-    def _encode(enc: Any, batches: list) -> tuple[list, int, int]:
+    def _encode(enc: Any, batches: list, unit: Any = None) -> tuple[list, int, int]:
         out: list = []
         normal = zero = 0
         for b in batches:
             if len(b.zero):
                 out += enc.encode_zero_pages(b.idstr, b.zero.astype(np.uint64) << 12)
                 zero += len(b.zero)
+                if unit is not None:
+                    unit.add(b.idstr, CK.KIND_ZERO, b.zero)
             if len(b.normal):
                 out += enc.encode_pages(b.idstr, b.normal.astype(np.uint64) << 12, b.block.view)
                 normal += len(b.normal)
+                if unit is not None:
+                    unit.add(b.idstr, CK.KIND_DATA, b.normal)
         return out, normal, zero
+
+    def _preempt_checksum(self, unit: Any) -> list:
+        """x-checksums on the preempt channel (raw records, no sections): after the records of
+        one request, the word 0x200 then ``be32 records, be64 digest`` (livemig only)."""
+        if unit is None or not unit:
+            return []
+        digest = self.mig.checks.close(unit)[0]
+        return [CK.PREEMPT_CHECKSUM.pack(CK.PREEMPT_CHECKSUM_WORD, unit.records, digest)]
 
     # -- the switch (migration thread) -----------------------------------------------------------
 
@@ -442,12 +470,23 @@ class PostcopySource:
         preempt_ready = self._connect_preempt(mig.config.uri) if self.preempt else None
         mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
         mig.stop_guest()
+        if mig.multifd is not None:
+            # Every page the channels still hold lands before the discards: one landing after
+            # them filled a page the destination was told it needs, so the fresh copy sent
+            # later could not be installed (EEXIST) and the guest kept the older one. Found
+            # by x-checksums, whose check of that job then read the discarded page. (And the
+            # channels' jobs are checked against what the tracker saw before this sync.)
+            from livemig.migration import multifd
+
+            multifd.source_flush(mig, "downtime")
         new = mig.ram.merge(mig.tracker.sync())
+        mig._frozen = True  # x-checksums: the pages sent from here are the pages hashed
         mig.stats.note_sync(new)
         mig.emit("MIGRATION_PASS", {"pass": mig.stats.dirty_sync_count})
         mig._record_pass("post-copy switch: last sync with the guest stopped")
         enc = mig.encoder
         bufs: list = []
+        unit = CK.Unit()  # x-checksums: a discard left out would leave stale pages in place
         for b in mig.ram.blocks:
             ranges = [
                 (s * PAGE, n * PAGE) for s, n in page_runs(np.flatnonzero(mig.ram.dirty[b.idstr]))
@@ -455,6 +494,9 @@ class PostcopySource:
             for i in range(0, len(ranges), MAX_DISCARD_RANGES):
                 chunk = tuple(ranges[i : i + MAX_DISCARD_RANGES])
                 bufs += enc.send(E.PostcopyRamDiscard(b.idstr, chunk))
+                unit.add_device(*CK.discard_record(b.idstr, chunk))
+        if mig.checks is not None and unit:
+            bufs += mig._checksum(unit)
         bufs += enc.send(E.Ping(2))
         mig._send(bufs, "downtime")
         package = self._package()
@@ -512,6 +554,8 @@ class PostcopySource:
         gs = encode_globalstate("running" if mig._was_running else "paused")
         enc.devices["globalstate"] = GLOBALSTATE_VMSD
         out += enc.send(E.SectionFull(sid, "globalstate", 0, GLOBALSTATE_VMSD.version_id, gs))
+        if mig.checks is not None:
+            out += mig._checksum(mig._device_unit)  # checked before RUN starts the guest
         out += enc.send(E.Ping(3))
         out += enc.send(E.PostcopyRun())
         return b"".join(bytes(x) for x in out)

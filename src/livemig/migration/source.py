@@ -38,6 +38,7 @@ from livemig.migration.convergence import SwitchoverRefiner
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
 from livemig.migration.stats import MigrationStats, PassRecord
+from livemig.savevm import checksum as CK
 from livemig.savevm import xbzrle_cache
 from livemig.savevm.devices import (
     GLOBALSTATE_VMSD,
@@ -161,7 +162,11 @@ class OutgoingMigration:
         self._rp_error: str | None = None
         self._rp_reason: str | None = None  # the destination's own error (XError)
         self._rp_not_started = False  # ... and it said the guest never ran there
+        self._pongs = 0  # PONGs seen: the destination reads our stream
         self._stopped_guest = False
+        # The guest stopped for good and the tracker synced after that: from here a page sent is
+        # the page hashed (x-checksums asks the tracker nothing more)
+        self._frozen = False
         self._t_stop: float | None = None
         self._was_running = False
         self.verified: bool | None = None
@@ -169,6 +174,7 @@ class OutgoingMigration:
         self.tracker_name = ""
         self.timeline: list[dict[str, Any]] = []
         self.postcopy: Any = None  # PostcopySource with capability postcopy-ram
+        self.checks: CK.SourceChecks | None = None  # with capability x-checksums
 
     # -- control (any thread) -----------------------------------------------------------------
 
@@ -238,6 +244,12 @@ class OutgoingMigration:
             return self._refused()
         if self._rp_shut not in (None, 0) and "SHUT" not in str(exc):
             return f"destination failed to load the migration (SHUT {self._rp_shut}): {exc}"
+        if self._rp_error is not None and "TLS certificate" in self._rp_error:
+            return self._rp_error  # the return path read the alert by which the peer refused us
+        if self._silent_drop(exc):
+            return (f"{exc}: the destination dropped the connection without answering the "
+                    "stream's first PING, as one with tls-creds does to a source without TLS "
+                    "(set tls-creds here too), or it is not a migration destination")  # fmt: skip
         if (isinstance(exc, ChannelError) and not getattr(self, "return_path", True)
                 and self.channel is not None and self.channel.readable):  # fmt: skip
             return (
@@ -245,6 +257,16 @@ class OutgoingMigration:
                 "capability return-path on, its reason is reported here)"
             )
         return str(exc)
+
+    def _silent_drop(self, exc: BaseException) -> bool:
+        """A plain source's connection broken before the destination said anything: a TLS
+        destination drops a stream it cannot read so, and the source saw only a broken pipe."""
+        from livemig.transport.tls import TLSChannel
+
+        reset = isinstance(exc.__cause__, BrokenPipeError | ConnectionResetError) or any(
+            w in str(exc) for w in ("Broken pipe", "Connection reset"))  # fmt: skip
+        return (reset and bool(getattr(self, "return_path", False)) and self._pongs == 0
+                and not isinstance(self.channel, TLSChannel))  # fmt: skip
 
     def _refused(self) -> str:
         """The destination's verdict: its own words when it sent them (XError)."""
@@ -294,9 +316,13 @@ class OutgoingMigration:
         enc = self.encoder
         bufs: list = []
         bufs += enc.send(E.Header())
-        # mapped-ram changes the block list layout: announced like QEMU's enforced capabilities
+        # mapped-ram changes the block list layout, x-checksums adds sections: announced like
+        # QEMU's enforced capabilities
         mapped = "mapped-ram" in caps
-        bufs += enc.send(E.Configuration(MACHINE_TYPE, ("mapped-ram",) if mapped else None))
+        announce = tuple(c for c in ("mapped-ram", CK.CAPABILITY) if c in caps)
+        bufs += enc.send(E.Configuration(MACHINE_TYPE, announce or None))
+        if CK.CAPABILITY in caps:
+            self._setup_checks()
         if self.return_path:
             bufs += enc.send(E.OpenReturnPath())
             bufs += enc.send(E.Ping(1))
@@ -313,6 +339,9 @@ class OutgoingMigration:
         enc.devices[MACHINE_IDSTR] = MACHINE_VMSD
         bufs += enc.send(E.SectionFull(1, MACHINE_IDSTR, 0, MACHINE_VMSD.version_id,
                                        describe_machine(self.machine)))  # fmt: skip
+        if self.checks is not None:  # a unit of its own: the device state's comes at the end
+            bufs += self._checksum(self._device_unit)
+            self._device_unit = CK.Unit()
         self._ram_sid = 2
         infos = tuple(E.RamBlockInfo(b.idstr, b.size) for b in self.machine.ram_blocks)
         bufs += enc.send(E.SectionStart(self._ram_sid, "ram", 0, RAM_SECTION_VERSION))
@@ -340,6 +369,28 @@ class OutgoingMigration:
         self._pass_start = time.monotonic()
         self._pass_bytes = self.stats.transferred
         self._record_pass(reason="setup: every populated page is dirty")
+
+    def _setup_checks(self) -> None:
+        """x-checksums: every unit of RAM records and the device state end with a checksum."""
+        tracker = self.tracker
+        self.checks = CK.SourceChecks(
+            self.machine.ram_blocks, written=tracker.written,
+            live=lambda: not self._frozen, requeue=tracker.mark_dirty_pages,
+        )  # fmt: skip
+        self.encoder.devices[CK.IDSTR] = CK.vmsd()
+        self._device_unit = CK.Unit()
+
+        def on_full(idstr: str, instance_id: int, version_id: int, payload: bytes) -> None:
+            if idstr != CK.IDSTR:
+                self._device_unit.add_device(idstr, instance_id, version_id, payload)
+
+        self.encoder.on_full = on_full
+
+    def _checksum(self, unit: CK.Unit) -> list:
+        """The x-checksum section closing ``unit``, which has just been sent."""
+        assert self.checks is not None
+        state = self.checks.section_state(unit)
+        return self.encoder.send(E.SectionFull(CK.SECTION_ID, CK.IDSTR, 0, CK.VERSION, state))
 
     # -- return path ---------------------------------------------------------------------------
 
@@ -394,6 +445,7 @@ class OutgoingMigration:
             self._rp_reason = msg.reason
             self._rp_not_started = msg.not_started
         elif isinstance(msg, RP.Pong):
+            self._pongs += 1
             log.debug("PONG %d", msg.value)
         elif self.postcopy is not None:
             self.postcopy.on_rp(msg)
@@ -504,10 +556,16 @@ class OutgoingMigration:
 
     def _send_part(self) -> None:
         enc = self.encoder
-        head = enc.send(E.SectionPart(self._ram_sid))
+        sid = self._ram_sid
         t0 = time.monotonic()
         # multifd channels take bigger jobs: each costs a queue hand-off and a writev
         batch = multifd.JOB_PAGES if self.multifd is not None else BATCH_PAGES
+        opened = False  # a PART of unchecked records is open
+        checked = 0
+        # x-checksums: the open unit (one PART section, up to MAX_DATA data records over
+        # several writevs), and the checksum of the last one, which goes out with the next
+        unit: CK.Unit | None = None
+        closing: list = []
         while True:
             budget = self.rate.budget_left()
             if budget <= 0 or time.monotonic() - t0 > MAX_PART_TIME:
@@ -516,28 +574,64 @@ class OutgoingMigration:
             batches = self.ram.take(pages)
             if not batches:
                 break
+            if self.checks is not None:
+                fresh = unit is None
+                if unit is None:
+                    unit = CK.Unit()
+                out, normal, zero = self._encode_batches(batches, unit)
+                if not unit:  # every page went to the multifd channels
+                    self._send(out, normal=normal, zero=zero)
+                    unit = None
+                    continue
+                head = [*closing, *enc.send(E.SectionPart(sid))] if fresh else []
+                closing = []
+                # hashed before the send: the kernel then copies the pages out of the cache
+                self.checks.prepare(unit)
+                unit.feed(self.checks.views)
+                if unit.ndata > CK.MAX_DATA - batch:
+                    out += [*enc.send(E.RamEos()), *enc.send(E.SectionFooter(sid))]
+                self._send([*head, *out], normal=normal, zero=zero)
+                if unit.ndata > CK.MAX_DATA - batch:
+                    closing, unit = self._checksum(unit), None
+                    checked += 1
+                continue
             out, normal, zero = self._encode_batches(batches)
-            self._send([*head, *out], normal=normal, zero=zero)
-            head = []
-        self._send([*head, *enc.send(E.RamEos()), *enc.send(E.SectionFooter(self._ram_sid))])
+            if not opened:
+                out = [*enc.send(E.SectionPart(sid)), *out]
+                opened = True
+            self._send(out, normal=normal, zero=zero)
+        if unit is not None:
+            self._send([*enc.send(E.RamEos()), *enc.send(E.SectionFooter(sid))])
+            closing = self._checksum(unit)
+            checked += 1
+        if closing:
+            self._send(closing)
+        if opened or not checked:
+            head = [] if opened else enc.send(E.SectionPart(sid))
+            self._send([*head, *enc.send(E.RamEos()), *enc.send(E.SectionFooter(sid))])
 
-    def _encode_batches(self, batches: list) -> tuple[list, int, int]:
+    def _encode_batches(self, batches: list, unit: CK.Unit | None = None) -> tuple[list, int, int]:
+        """Main-channel records of ``batches`` (and, with checksums, what ``unit`` covers)."""
         if self.multifd is not None:
-            return multifd.source_queue(self, batches)
+            return multifd.source_queue(self, batches, unit)
         if self.xbzrle is not None:
-            return xbzrle_cache.encode_batches(self, batches)
+            return xbzrle_cache.encode_batches(self, batches, unit)
         out: list = []
         normal = zero = 0
         for b in batches:
             if len(b.zero):
                 out += self.encoder.encode_zero_pages(b.idstr, b.zero.astype(np.uint64) << 12)
                 zero += len(b.zero)
+                if unit is not None:
+                    unit.add(b.idstr, CK.KIND_ZERO, b.zero)
             if len(b.normal):
                 # address rows, not a memoryview per header and page (livemig/iovec.py)
                 out += self.encoder.encode_pages_gather(
                     b.idstr, b.normal.astype(np.uint64) << 12, b.block.view
                 )
                 normal += len(b.normal)
+                if unit is not None:
+                    unit.add(b.idstr, CK.KIND_DATA, b.normal)
         return out, normal, zero
 
     def _check_rp(self) -> None:
@@ -577,14 +671,22 @@ class OutgoingMigration:
                 self._check_cancel()
             self._check_cancel()
             self.state.move(MigrationStatus.DEVICE)
+        if self.multifd is not None and self.checks is not None:
+            # the channels' jobs are checked against what the tracker saw since the previous
+            # sync, which the final one resets: they must all be out first
+            multifd.source_flush(self, "downtime")
         # final pass: everything still dirty, no rate limit
         new = self.ram.merge(self.tracker.sync())
+        self._frozen = True
         self.stats.note_sync(new)
         self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
         self._record_pass("final sync with the guest stopped")
         t_sync = time.monotonic()
         enc = self.encoder
         self._send(enc.send(E.SectionEnd(self._ram_sid)), "downtime")
+        # x-checksums: the END section is one unit (the guest is stopped: nothing to exclude),
+        # hashed batch by batch right after each send
+        unit = CK.Unit() if self.checks is not None else None
         while True:
             # 1 MiB at a time, as in pre-copy: the destination copies one batch while we
             # gather the next (16 MiB batches serialised the two: downtime 57-257 ms -> 24-32
@@ -592,15 +694,25 @@ class OutgoingMigration:
             batches = self.ram.take(BATCH_PAGES)
             if not batches:
                 break
-            out, normal, zero = self._encode_batches(batches)
+            out, normal, zero = self._encode_batches(batches, unit)
+            if unit is not None:
+                unit.feed(self.checks.views)  # type: ignore[union-attr]  # then the kernel's copy
             self._send(out, "downtime", normal, zero)
         if self.multifd is not None:
             multifd.source_flush(self, "downtime", in_section=True)  # all RAM before devices
+            if unit is not None and self.mapped_ram is not None:
+                for idstr, sealed in self.mapped_ram.seals:  # the file's bitmaps and digests
+                    unit.add_device(CK.SEAL_IDSTR, 0, 1, idstr.encode() + sealed)
         self._send([*enc.send(E.RamEos()), *enc.send(E.SectionFooter(self._ram_sid))],
                    "downtime")  # fmt: skip
+        if unit:
+            self._send(self._checksum(unit), "downtime")
         t_ram = time.monotonic()
         self.stats.remaining = 0
         bufs, described = self._device_sections()
+        if self.checks is not None:
+            bufs += self._checksum(self._device_unit)  # the device state as sent
+            described = enc.vmdesc().description
         self._send(bufs, "downtime")
         self._send([*enc.send(E.Eof()), *enc.send(E.VMDescription(described))], "downtime")
         t_dev = time.monotonic()
@@ -749,8 +861,14 @@ class OutgoingMigration:
             # pages of chunks left writable between syncs (memtrack/hot.py), counted dirty
             out["ram"]["x-hot-pages"] = getattr(self.tracker, "hot_pages", 0)
         if self.config.verify and status == MigrationStatus.COMPLETED:
-            out["x-verified"] = self.verified
-            out["x-verify-ms"] = round(self.verify_time * 1000, 1)
+            if self.return_path:
+                out["x-verified"] = self.verified
+                out["x-verify-ms"] = round(self.verify_time * 1000, 1)
+            else:
+                # a file or a pipe: its checksums and RAM digests are checked when it is loaded
+                out["x-verify"] = "at-load"
+        if self.checks is not None:
+            out["x-checksums"] = self.checks.query()
         if self.postcopy is not None:
             if "ram" in out:
                 out["ram"]["postcopy-requests"] = self.postcopy.requests

@@ -14,7 +14,12 @@ caller) and runs an asyncio loop in a daemon thread. Each client gets a ``_Sessi
 
 Output is never awaited per client: replies and events are written into the transport, and a
 client whose unread output passes ``OUTPUT_LIMIT`` is dropped, so a stuck or vanished client never
-blocks the server or the others. Events go to every client that finished capabilities
+blocks the server or the others. A client that has not negotiated capabilities within
+``NEGOTIATION_TIMEOUT`` is dropped, and when every slot is taken a new client takes the slot of
+the oldest one still negotiating: connections that never negotiate cannot lock management out.
+
+A TCP listener on an address other than loopback needs TLS (``tls``) unless ``insecure`` is
+set: a QMP client controls the machine (``migrate exec:`` runs a shell command). Events go to every client that finished capabilities
 negotiation. ``close()`` is idempotent, flushes what it can, and removes the unix socket file.
 
 A handler that must act only after its reply went out (``quit``) calls ``call_after_reply(fn)``.
@@ -61,6 +66,9 @@ OUTPUT_LIMIT = 8 << 20
 MAX_CLIENTS = 16
 LISTEN_BACKLOG = 100  # asyncio's own default
 TLS_HANDSHAKE_TIMEOUT = 10.0  # a client that stalls its TLS handshake is dropped
+#: Seconds a client may take to send qmp_capabilities before it is dropped (QEMU has no limit;
+#: sixteen idle connections then locked every other client out).
+NEGOTIATION_TIMEOUT = 10.0
 #: How long close() waits for clients' output to drain and the loop thread to stop.
 CLOSE_TIMEOUT = 2.0
 
@@ -76,6 +84,29 @@ def call_after_reply(fn: Callable[[], Any]) -> None:
     if pending is None:
         raise LivemigError("call_after_reply() used outside a QMP command handler")
     pending.append(fn)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listening address is reachable from this host only."""
+    import ipaddress
+
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(address: str, tls: bool, insecure: bool = False) -> None:
+    """Refuse a QMP TCP listener beyond loopback without TLS, unless told it is meant."""
+    kind, where = parse_qmp_address(address)
+    if kind == "tcp" and not tls and not insecure and not is_loopback(where[0]):
+        raise UsageError(
+            f"QMP on {address} would let anyone who reaches {where[0]} control this machine "
+            "(migrate exec: runs a shell command) with no authentication: listen on loopback, "
+            "give TLS credentials (--tls-creds), or accept the risk with --qmp-insecure"
+        )
 
 
 def parse_qmp_address(uri: str) -> tuple[str, Any]:
@@ -122,6 +153,7 @@ class _Session:
         self.server = server
         self.reader = reader
         self.writer = writer
+        self.number = number
         self.state = SessionState.NEGOTIATING
         self.oob = False
         self.log = logger.getChild(f"client{number}")
@@ -153,11 +185,14 @@ class _Session:
     async def run(self) -> None:
         self.send(self.server.greeting())
         dispatcher = asyncio.create_task(self._dispatch_loop())
+        loop = asyncio.get_running_loop()
+        deadline = loop.call_later(self.server.negotiation_timeout, self._negotiation_expired)
         try:
             await self._read_loop()
         except (ConnectionError, OSError) as exc:
             self.log.info("connection lost: %s", exc)
         finally:
+            deadline.cancel()
             # Let the command being run finish (commands are never cut in half), then stop.
             if not dispatcher.done():
                 self._put_nowait_stop(dispatcher)
@@ -168,6 +203,17 @@ class _Session:
             for task in list(self.oob_tasks):
                 task.cancel()
             await self._close_transport()
+
+    def _negotiation_expired(self) -> None:
+        if self.state is SessionState.NEGOTIATING:
+            self.drop(f"no qmp_capabilities within {self.server.negotiation_timeout:g} s")
+
+    def drop(self, why: str) -> None:
+        """Say why, then close: a client that kept a slot without negotiating."""
+        self.log.warning("dropping client: %s", why)
+        self.send({"error": {"class": "GenericError", "desc": f"connection closed: {why}"}})
+        self.state = SessionState.CLOSING
+        self.writer.close()
 
     def _put_nowait_stop(self, dispatcher: asyncio.Task[None]) -> None:
         try:
@@ -358,8 +404,18 @@ class QMPServer:
         max_clients: int = MAX_CLIENTS,
         max_message_size: int = MAX_MESSAGE_SIZE,
         tls: Any = None,
+        insecure: bool = False,
+        negotiation_timeout: float = NEGOTIATION_TIMEOUT,
     ) -> None:
         self._kind, self._where = parse_qmp_address(address)
+        if self._kind == "tcp" and tls is None and not insecure and not is_loopback(self._where[0]):
+            raise UsageError(
+                f"QMP on {address} would let anyone who reaches {self._where[0]} control this "
+                "machine (migrate exec: runs a shell command) with no authentication: listen "
+                "on loopback, give TLS credentials (--tls-creds), or accept the risk with "
+                "--qmp-insecure"
+            )
+        self.negotiation_timeout = negotiation_timeout
         # livemig.transport.tls.TLSCreds (endpoint server): clients must present a certificate
         # signed by its CA; one without is dropped during the handshake, before any command.
         self.tls = tls
@@ -575,11 +631,19 @@ class QMPServer:
             writer.close()
             return
         if len(self._sessions) >= self.max_clients:
-            desc = f"too many QMP clients (limit {self.max_clients}); connection refused"
-            logger.warning(desc)
-            writer.write(encode_message({"error": {"class": "GenericError", "desc": desc}}))
-            writer.close()
-            return
+            # a slot held by a client that never negotiated goes to the newcomer
+            waiting = [s for s in self._sessions if s.state is SessionState.NEGOTIATING]
+            if waiting:
+                oldest = min(waiting, key=lambda s: s.number)
+                oldest.drop(f"all {self.max_clients} client slots taken and this client has "
+                            "not negotiated: its slot goes to a new client")  # fmt: skip
+                self._sessions.discard(oldest)
+            else:
+                desc = f"too many QMP clients (limit {self.max_clients}); connection refused"
+                logger.warning(desc)
+                writer.write(encode_message({"error": {"class": "GenericError", "desc": desc}}))
+                writer.close()
+                return
         session = _Session(self, reader, writer, next(self._numbers))
         session.log.debug("connected from %r", writer.get_extra_info("peername"))
         self._sessions.add(session)

@@ -44,6 +44,7 @@ class XbzrleResult:
     normal: np.ndarray  # page indices still to send as PAGE records ...
     data: np.ndarray | None  # ... with their contents as cached (None: read them from RAM)
     skipped: int  # pages unchanged since they were last sent: nothing goes out
+    current: np.ndarray | None = None  # the copy of every page asked about (rows as ``idx``)
 
 
 class XbzrleCache:
@@ -132,7 +133,7 @@ class XbzrleCache:
         self.data[slot[take]] = cur[take]
         self.addr[slot[take]] = ram[take]
         self.age[slot[take]] = self.generation
-        return XbzrleResult(encoded, idx[send], cur[send], skipped)
+        return XbzrleResult(encoded, idx[send], cur[send], skipped, cur)
 
     def zero_pages(self, idstr: str, idx: np.ndarray) -> None:
         """Pages sent as ZERO records: a cached copy of them is now zero (QEMU caches them)."""
@@ -181,8 +182,11 @@ def source_setup(mig: Any) -> None:
         mig.xbzrle = XbzrleCache(mig.machine.ram_blocks, cfg.params["xbzrle-cache-size"])
 
 
-def encode_batches(mig: Any, batches: list) -> tuple[list, int, int]:
-    """Main-channel records for ``ram.Batch`` objects with XBZRLE: ZERO, XBZRLE, PAGE."""
+def encode_batches(mig: Any, batches: list, unit: Any = None) -> tuple[list, int, int]:
+    """Main-channel records for ``ram.Batch`` objects with XBZRLE: ZERO, XBZRLE, PAGE. With
+    checksums, ``unit`` (``savevm.checksum.Unit``) learns them, with the copies they were
+    encoded from (what the destination ends up with)."""
+    from livemig.savevm import checksum as CK
     from livemig.wire import events as E
 
     cache: XbzrleCache = mig.xbzrle
@@ -194,6 +198,8 @@ def encode_batches(mig: Any, batches: list) -> tuple[list, int, int]:
             out += enc.encode_zero_pages(b.idstr, b.zero.astype(np.uint64) << 12)
             cache.zero_pages(b.idstr, b.zero)
             zero += len(b.zero)
+            if unit is not None:
+                unit.add(b.idstr, CK.KIND_ZERO, b.zero)
         if not len(b.normal):
             continue
         res = cache.process(b.idstr, b.normal)
@@ -202,8 +208,13 @@ def encode_batches(mig: Any, batches: list) -> tuple[list, int, int]:
             out += enc.send(E.RamXbzrlePage(b.idstr, i << 12, delta))
             # QEMU's xbzrle bytes: the record less its 8-byte word (as compressed bytes are)
             cache.bytes += enc.bytes_sent - before - 8
+        if unit is not None and res.encoded:
+            rows = np.searchsorted(b.normal, [i for i, _ in res.encoded])
+            unit.add(b.idstr, CK.KIND_DATA, b.normal[rows], res.current[rows])
         if len(res.normal):
             ram = res.data if res.data is not None else b.block.view
             out += enc.encode_pages(b.idstr, res.normal.astype(np.uint64) << 12, ram)
             normal += len(res.normal)
+            if unit is not None:
+                unit.add(b.idstr, CK.KIND_DATA, res.normal, res.data)
     return out, normal, zero

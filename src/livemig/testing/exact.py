@@ -35,9 +35,12 @@ from livemig.testing.procs import LivemigProcess, ProcHarness, free_tcp_port, wa
 
 MIGRATION_TIMEOUT = 60.0
 # Capabilities and parameters a hop may change: every hop sets all of them on its source, so
-# nothing one hop asked for leaks into the next migration of the same process.
+# nothing one hop asked for leaks into the next migration of the same process. x-checksums is
+# on unless a hop says otherwise, as ``livemig migrate`` has it (and ``run --incoming file:``
+# requires it).
 _CAPS = ("return-path", "x-verify", "multifd", "postcopy-ram", "postcopy-preempt", "xbzrle",
-         "auto-converge", "mapped-ram")  # fmt: skip
+         "auto-converge", "mapped-ram", "x-checksums")  # fmt: skip
+_CAPS_ON = ("x-checksums",)
 _PARAMS: dict[str, Any] = {"max-bandwidth": 0, "downtime-limit": 300, "multifd-channels": 2,
                            "multifd-compression": "none"}  # fmt: skip
 
@@ -119,7 +122,7 @@ class _Soak:
 
     def settings(self, proc: LivemigProcess, caps: dict[str, bool], params: dict[str, Any]) -> None:
         proc.cmd("migrate-set-capabilities", capabilities=[
-            {"capability": c, "state": bool(caps.get(c, False))} for c in _CAPS])  # fmt: skip
+            {"capability": c, "state": bool(caps.get(c, c in _CAPS_ON))} for c in _CAPS])  # fmt: skip
         proc.cmd("migrate-set-parameters", **{**_PARAMS, **params})
 
     def deferred(self, caps: dict[str, bool], params: dict[str, Any] | None = None,

@@ -12,8 +12,11 @@ Every input goes to a fresh machine with the stream's RAM layout, through a ``so
 ``migrate-incoming fd:N``, exactly as a destination receives a socket. An input passes when the
 migration ends within the time-out, as ``completed`` or as ``failed`` with the loader's own error
 (a ``StreamError``-style message), never as an internal error (an exception the destination did
-not expect: a crash). On top of that:
+not expect: a crash). livemig's corpus streams carry checksums (``x-checksums``, as the command
+line sends them); on top of that:
 
+* **no load with the wrong RAM**: an input that completes has its RAM compared with the RAM the
+  source had at the end of the recorded migration; a difference is a finding (``wrong-ram``);
 * **no write outside a RAM block**: each block gets a ``PROT_NONE`` guard page mapped right
   before and after it (``MAP_FIXED_NOREPLACE``), so a stray write kills the process instead of
   silently corrupting a neighbour; the guard count is reported;
@@ -70,11 +73,12 @@ class Corpus:
     memory: str  # --memory of the destination
     ram_blocks: tuple[str, ...] = ()  # extra --ram-block NAME=SIZE
     smp: int = 1
+    ram: dict[str, str] | None = None  # the source's RAM at the end (XXH3-128), when known
 
 
 @dataclass
 class Finding:
-    kind: str  # crash | hang | alloc | guard
+    kind: str  # crash | hang | alloc | guard | wrong-ram
     corpus: str
     seed: int
     mutations: list[str]
@@ -89,6 +93,7 @@ class FuzzStats:
     crashes: int = 0
     hangs: int = 0
     big_allocs: int = 0
+    wrong_ram: int = 0  # inputs that loaded with RAM other than the source's
     guard_pages: int = 0
     max_peak_alloc: int = 0
     seconds: float = 0.0
@@ -97,19 +102,24 @@ class FuzzStats:
 
     @property
     def clean(self) -> bool:
-        return self.crashes == 0 and self.hangs == 0 and self.big_allocs == 0
+        return (self.crashes == 0 and self.hangs == 0 and self.big_allocs == 0
+                and self.wrong_ram == 0)  # fmt: skip
 
 
 # -- corpus ------------------------------------------------------------------------------------
 
 
 def record_livemig_stream(
-    path: str | os.PathLike[str], memory: str = "4M", verify: bool = False
+    path: str | os.PathLike[str],
+    memory: str = "4M",
+    verify: bool = False,
+    checksums: bool = True,
 ) -> Corpus:
-    """Migrate a running memstress guest (1 vCPU) to ``exec:cat > path``; the stream as corpus.
+    """Migrate a running memstress guest (1 vCPU) to ``exec:cat > path``; the stream as corpus,
+    with the source's final RAM digests.
 
-    With ``verify`` the stream carries the x-verify section, so any change to a page is caught
-    at the end (the input is rejected); without it, page changes load like any other data.
+    With ``checksums`` (the command line's default) every unit of the stream is checked; with
+    ``verify`` the stream also carries the x-verify section (RAM digests at switch-over).
     """
     from livemig.guests import build_guest
     from livemig.machine import Machine
@@ -124,7 +134,7 @@ def record_livemig_stream(
         machine.start()
         time.sleep(0.2)  # the guest has written some of its working set
         mgr = MigrationManager(machine)
-        mgr.caps.set({"x-verify": verify})
+        mgr.caps.set({"x-verify": verify, "x-checksums": checksums})
         mgr.migrate(f"exec:cat > {path}")
         deadline = time.monotonic() + 60
         while mgr.source.status not in (MigrationStatus.COMPLETED, MigrationStatus.FAILED,
@@ -137,9 +147,13 @@ def record_livemig_stream(
             raise LivemigError(f"recording the fuzz corpus failed: {mgr.source.error}")
         assert mgr.outgoing is not None
         mgr.outgoing.join(10)
+        from livemig.testing.integrity import ram_digests
+
+        ram = ram_digests(machine.ram_blocks)
     finally:
         machine.close()
-    return Corpus("livemig-verify" if verify else "livemig", Path(path).read_bytes(), memory)
+    name = "livemig-verify" if verify else "livemig"
+    return Corpus(name, Path(path).read_bytes(), memory, ram=ram)
 
 
 def qemu_fixture_corpus() -> Corpus | None:
@@ -297,7 +311,8 @@ def feed(corpus: Corpus, data: bytes, timeout: float = 10.0) -> tuple[str, str, 
     """Load ``data`` into a fresh destination machine: (outcome, detail, peak alloc, guards).
 
     ``outcome`` is ``completed``, ``rejected`` (failed with the loader's message), ``crash``
-    (an internal error) or ``hang``.
+    (an internal error), ``hang``, or ``wrong-ram`` (completed with RAM other than the
+    source's, when the corpus knows it).
     """
     from livemig.machine import Machine, RunState
     from livemig.machine.ram import parse_ram_blocks
@@ -348,6 +363,13 @@ def feed(corpus: Corpus, data: bytes, timeout: float = 10.0) -> tuple[str, str, 
         _, peak = tracemalloc.get_traced_memory()
         status, err = state.status, state.error or ""
         if status == MigrationStatus.COMPLETED:
+            if corpus.ram is not None:
+                from livemig.testing.integrity import ram_digests
+
+                mine = ram_digests(machine.ram_blocks)
+                if mine != corpus.ram:
+                    bad = [n for n in mine if mine[n] != corpus.ram.get(n)]
+                    return "wrong-ram", f"loaded, RAM differs in {', '.join(bad)}", peak, n_guards
             return "completed", "", peak, n_guards
         if status == MigrationStatus.FAILED and not err.startswith(INTERNAL):
             return "rejected", err, peak, n_guards
@@ -404,6 +426,9 @@ def run_fuzz(
             elif outcome == "crash":
                 stats.crashes += 1
                 finding = "crash"
+            elif outcome == "wrong-ram":
+                stats.wrong_ram += 1
+                finding = "wrong-ram"
             else:
                 stats.hangs += 1
                 finding = "hang"

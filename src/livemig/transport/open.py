@@ -8,19 +8,30 @@ in TLS when credentials are given (``tls=``) or, by default, set process-wide wi
 ``tls.set_migration_tls`` (QEMU reads the one MigrationState's ``tls-creds`` the same way), so
 main, multifd and post-copy channels all get it. ``exec:`` and ``file:`` refuse TLS rather than
 silently sending the guest in clear.
+
+A TLS ``Listener`` accepts in a thread of its own and runs each handshake in a thread too, with
+``HANDSHAKE_TIMEOUT``: a client that connects and says nothing is dropped after that, and never
+holds up another (one idle connection used to keep a real source waiting for the whole
+``x-io-timeout``). ``accept`` returns connections as their handshakes complete; a source makes
+its channels one after the other, each after the previous one's handshake, so that is also the
+order they were opened in. A peer that fails its handshake fails ``accept`` with the reason; one
+that sends a plain migration stream is told apart (its first bytes are the stream's magic).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
+import queue
 import select
 import socket
 import subprocess
 import time
 from collections.abc import Callable
 
+from livemig import threads
 from livemig.errors import UsageError
 from livemig.transport import tls as _tls
 from livemig.transport.channel import DEFAULT_TIMEOUT, Channel, ChannelError, ChannelTimeout
@@ -28,6 +39,10 @@ from livemig.transport.uri import MigrationURI, parse_uri
 
 # ``tls=FROM_PROCESS``: use the process-wide migration TLS settings of that endpoint.
 FROM_PROCESS: object = object()
+HANDSHAKE_TIMEOUT = 5.0  # seconds an accepted peer has to complete its TLS handshake
+PLAIN_MAGICS = {b"QEVM": "a plain migration stream", b"\x11\x22\x33\x44": "a plain multifd channel"}
+
+log = logging.getLogger(__name__)
 
 
 def _creds(tls: object, endpoint: str) -> _tls.TLSCreds | None:
@@ -194,6 +209,7 @@ class Listener:
         self.timeout = timeout
         self._sock: socket.socket | None = None
         self._used = False
+        self._tls_done: queue.Queue[Channel | BaseException] | None = None
         u = self.uri
         self.tls = _creds(tls, "server")
         if u.scheme in ("exec", "file"):
@@ -236,6 +252,8 @@ class Listener:
     def accept(self, timeout: float | None = None, name: str = "main") -> Channel:
         """The next incoming channel; ``ChannelTimeout`` if none arrives in time."""
         u = self.uri
+        if self._sock is not None and self.tls is not None:
+            return self._accept_tls(timeout, name)
         if self._sock is not None:
             self._sock.settimeout(timeout)
             try:
@@ -245,9 +263,6 @@ class Listener:
             except OSError as exc:
                 raise ChannelError(f"accept on {u} failed: {exc.strerror or exc}") from exc
             conn.settimeout(None)
-            if self.tls is not None:
-                # A peer without a valid certificate fails here, before a byte is read.
-                return _tls.server_wrap(conn, self.tls, f"{name} {u}", self.timeout)
             return Channel.from_socket(conn, f"{name} {u}", self.timeout)
         if self._used:
             raise ChannelError(f"{u} carries only one channel")
@@ -267,8 +282,61 @@ class Listener:
         f.seek(u.offset)
         return Channel(f"{name} {u}", f.fileno(), None, timeout=self.timeout, file=f)
 
+    # -- TLS: handshakes in threads ------------------------------------------------------------
+
+    def _accept_tls(self, timeout: float | None, name: str) -> Channel:
+        u = self.uri
+        if self._tls_done is None:
+            self._tls_done = queue.Queue()
+            threads.Thread(target=self._tls_acceptor, name="tls accept", daemon=True).start()
+        try:
+            got = self._tls_done.get(timeout=timeout)
+        except queue.Empty:
+            raise ChannelTimeout(f"no connection on {u} within {timeout:g} s") from None
+        if isinstance(got, BaseException):
+            raise got
+        got.name = f"{name} {u}"
+        return got
+
+    def _tls_acceptor(self) -> None:
+        sock = self._sock
+        while sock is not None and self._sock is sock:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return  # closed
+            conn.settimeout(None)
+            threads.Thread(target=self._tls_handshake, args=(conn,), name="tls handshake",
+                           daemon=True).start()  # fmt: skip
+
+    def _tls_handshake(self, conn: socket.socket) -> None:
+        assert self.tls is not None and self._tls_done is not None
+        u = self.uri
+        limit = HANDSHAKE_TIMEOUT if self.timeout is None else min(HANDSHAKE_TIMEOUT,
+                                                                    self.timeout)  # fmt: skip
+        try:
+            plain = _plain_stream(conn, limit)
+            if plain is not None:
+                conn.close()
+                raise ChannelError(
+                    f"incoming {u}: the peer sent {plain} (no TLS): this side "
+                    "requires TLS (tls-creds); the source needs tls-creds too"
+                )
+            ch = _tls.server_wrap(conn, self.tls, f"incoming {u}", self.timeout,
+                                  handshake_timeout=limit)  # fmt: skip
+        except ChannelTimeout as exc:
+            # a client that never completed a handshake is no migration: dropped, not fatal
+            log.warning("%s: dropped", exc)
+            return
+        except ChannelError as exc:
+            self._tls_done.put(exc)
+            return
+        self._tls_done.put(ch)
+
     def pending(self) -> bool:
         """Whether a connection waits to be accepted (it is not accepted)."""
+        if self._tls_done is not None and not self._tls_done.empty():
+            return True
         if self._sock is None:
             return False
         p = select.poll()
@@ -277,17 +345,37 @@ class Listener:
 
     def close(self) -> None:
         if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes the TLS acceptor
             self._sock.close()
             self._sock = None
             if self.uri.scheme == "unix":
                 with contextlib.suppress(OSError):
                     os.unlink(self.uri.path)
+        while self._tls_done is not None and not self._tls_done.empty():
+            got = self._tls_done.get_nowait()
+            if isinstance(got, Channel):
+                got.close()
 
     def __enter__(self) -> Listener:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _plain_stream(conn: socket.socket, timeout: float) -> str | None:
+    """What a peer that starts with a plain migration magic sends, instead of a TLS hello (a
+    peek: the bytes stay for the handshake); None for anything else."""
+    p = select.poll()
+    p.register(conn.fileno(), select.POLLIN)
+    if not p.poll(int(timeout * 1000)):
+        raise ChannelTimeout(f"TLS handshake: the peer sent nothing within {timeout:g} s")
+    try:
+        head = conn.recv(4, socket.MSG_PEEK)
+    except OSError:
+        return None
+    return PLAIN_MAGICS.get(head)
 
 
 def connect_retry(

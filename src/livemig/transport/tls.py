@@ -158,15 +158,38 @@ class TLSChannel(Channel):
     def _ssl_error(self, what: str, exc: Exception) -> ChannelError:
         if self._closed.is_set():
             return ChannelClosed(f"{self.name}: channel shut down")
+        if what == "writing" and isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError |
+                                            BrokenPipeError | ConnectionResetError):  # fmt: skip
+            # A peer that refused our certificate (TLS 1.3: after our half of the handshake)
+            # sent an alert before closing; a write only sees the close, a read sees why.
+            refused = self._pending_alert()
+            if refused is not None:
+                return ChannelError(f"{self.name}: {refused}")
         if isinstance(exc, ssl.SSLEOFError):
             return ChannelError(f"{self.name}: TLS stream truncated (peer closed the connection "
                                 f"without close_notify) while {what}")  # fmt: skip
         if isinstance(exc, ssl.SSLError):
+            refused = _refusal(exc)
+            if refused is not None:
+                return ChannelError(f"{self.name}: {refused}")
             return ChannelError(f"{self.name}: TLS error while {what}: {exc.reason or exc} "
                                 f"(the stream was corrupted or tampered with)")  # fmt: skip
         if isinstance(exc, OSError):
             return self._error(what, exc)
         return ChannelError(f"{self.name}: {what} failed: {exc}")
+
+    def _pending_alert(self) -> str | None:
+        """The refusal an alert waiting in the receive buffer says, if one does."""
+        with self._ssl_lock:
+            if self._ssock is None:
+                return None
+            try:
+                self._ssock.recv(1)
+            except ssl.SSLError as exc:
+                return _refusal(exc)
+            except OSError:
+                return None
+        return None
 
     def recv_into(self, buf: memoryview, *, hold_gil: bool = False) -> int:
         # hold_gil is ignored: every byte goes through the TLS layer, which releases the lock
@@ -284,6 +307,12 @@ def _handshake(ssock: ssl.SSLSocket, name: str, timeout: float | None) -> None:
             raise ChannelError(f"{name}: TLS handshake refused: the peer's certificate is not "
                                f"valid: {exc.verify_message or exc.reason}") from exc  # fmt: skip
         except ssl.SSLError as exc:
+            refused = _refusal(exc)
+            if refused is not None:
+                raise ChannelError(f"{name}: {refused}") from exc
+            if exc.reason == "WRONG_VERSION_NUMBER":
+                raise ChannelError(f"{name}: TLS handshake failed: the peer does not speak TLS "
+                                   "(no tls-creds there?)") from exc  # fmt: skip
             raise ChannelError(f"{name}: TLS handshake failed: {exc.reason or exc}") from exc
         except OSError as exc:
             raise ChannelError(f"{name}: TLS handshake failed: {exc.strerror or exc} "
@@ -294,6 +323,26 @@ def _handshake(ssock: ssl.SSLSocket, name: str, timeout: float | None) -> None:
         p = select.poll()
         p.register(ssock.fileno(), events)
         p.poll(None if left is None else max(1, int(left * 1000)))
+
+
+# The alerts a TLS peer sends when it will not accept our certificate (OpenSSL's reasons).
+_CERT_ALERTS = ("BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "UNKNOWN_CA", "CERTIFICATE_UNKNOWN",
+                "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED", "UNSUPPORTED_CERTIFICATE",
+                "ACCESS_DENIED", "DECRYPT_ERROR")  # fmt: skip
+
+
+def _refusal(exc: ssl.SSLError) -> str | None:
+    """The message for an alert by which the peer refused us (TLS 1.3 sends it after our side
+    of the handshake already completed: it shows on the first read or write)."""
+    reason = str(exc.reason or "")
+    if "ALERT" not in reason:
+        return None
+    if any(a in reason for a in _CERT_ALERTS):
+        return (
+            f"the peer refused this side's TLS certificate (alert {reason}): it was not "
+            "issued by a CA the peer trusts, or does not fit its settings"
+        )
+    return f"the peer ended the TLS session with alert {reason}"
 
 
 def _now() -> float:
@@ -339,9 +388,14 @@ def client_wrap(
 
 
 def server_wrap(
-    sock: socket.socket, creds: TLSCreds, name: str, timeout: float | None = DEFAULT_TIMEOUT
+    sock: socket.socket,
+    creds: TLSCreds,
+    name: str,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    handshake_timeout: float | None = None,
 ) -> TLSChannel:
-    """TLS server side over an accepted socket: handshake, require a valid client certificate."""
+    """TLS server side over an accepted socket: handshake (within ``handshake_timeout``, else
+    ``timeout``), require a valid client certificate."""
     if creds.endpoint != "server":
         sock.close()
         raise UsageError(f"{creds.describe()}: a listening side needs endpoint=server")
@@ -355,7 +409,7 @@ def server_wrap(
         sock.close()
         raise ChannelError(f"{name}: cannot start TLS: {exc}") from exc
     try:
-        _handshake(ssock, name, timeout)
+        _handshake(ssock, name, timeout if handshake_timeout is None else handshake_timeout)
         if not ssock.getpeercert():
             raise ChannelError(f"{name}: TLS peer presented no certificate")
     except BaseException:

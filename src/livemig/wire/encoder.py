@@ -24,7 +24,7 @@ from livemig.errors import StreamError
 from livemig.vmstate import VMStateDescription
 from livemig.wire import constants as C
 from livemig.wire import events as E
-from livemig.wire.vmdesc import build_vmdesc, dump_vmdesc
+from livemig.wire.vmdesc import build_vmdesc, configuration_entry, dump_vmdesc
 
 Buffers = list[bytes | memoryview]
 
@@ -96,6 +96,11 @@ class Encoder:
         self.last_block: str | None = None
         self.bytes_sent = 0
         self._described: list[tuple[str, int, VMStateDescription, Mapping[str, Any]]] = []
+        self._described_keys: set[tuple[str, int]] = set()
+        # called with (idstr, instance_id, version_id, payload) of every FULL section encoded
+        # (livemig's checksums hash device state as it goes out)
+        self.on_full: Any = None
+        self._configuration_desc: dict[str, Any] | None = None
 
     def reset_block(self) -> None:
         """Forget the last sent block: the next page record names its block again."""
@@ -175,6 +180,7 @@ class Encoder:
                 raise ValueError("a VM UUID is 16 bytes")
             sub("configuration/uuid", ev.uuid)
         self.capabilities |= frozenset(ev.capabilities or ())
+        self._configuration_desc = configuration_entry(ev)
         return bytes(out)
 
     def _footer(self, section_id: int) -> bytes:
@@ -190,12 +196,22 @@ class Encoder:
             raise StreamError(f"no VMStateDescription registered for device {ev.idstr!r}")
         head = struct.pack(">BI", C.QEMU_VM_SECTION_FULL, ev.section_id) + cstr(ev.idstr)
         head += struct.pack(">II", ev.instance_id, ev.version_id)
-        self._described.append((ev.idstr, ev.instance_id, vmsd, ev.state))
-        return head + vmsd.encode(ev.state) + self._footer(ev.section_id)
+        if (ev.idstr, ev.instance_id) not in self._described_keys:
+            # one entry per device, as QEMU's: a section sent many times (livemig's
+            # x-checksum) is described once
+            self._described_keys.add((ev.idstr, ev.instance_id))
+            self._described.append((ev.idstr, ev.instance_id, vmsd, ev.state))
+        payload = vmsd.encode(ev.state)
+        if self.on_full is not None:
+            self.on_full(ev.idstr, ev.instance_id, ev.version_id, payload)
+        return head + payload + self._footer(ev.section_id)
 
     def vmdesc(self) -> E.VMDescription:
         """The VMDESCRIPTION event describing every FULL section sent so far."""
-        return E.VMDescription(build_vmdesc(self._described, self.page_size))
+        desc = build_vmdesc(self._described, self.page_size)
+        if self._configuration_desc is not None:
+            desc = {"configuration": self._configuration_desc, **desc}  # first, as QEMU's
+        return E.VMDescription(desc)
 
     def _setup(self, ev: E.RamSetup) -> bytes:
         out = bytearray(_BE64.pack(ev.total | C.RAM_SAVE_FLAG_MEM_SIZE))

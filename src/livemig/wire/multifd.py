@@ -22,6 +22,16 @@ RAM packet header (1344 bytes with pages_alloc = 128)::
 
 then the payload: normal_pages x page_size raw bytes (compression "none"). A zeroed buffer never
 decodes: the magic is checked first (reserved zero value).
+
+livemig's checksum trailer (only between livemig peers, with ``x-checksums``): a packet with
+flag ``MULTIFD_FLAG_X_CHECKSUM`` and no pages, numbered like the others, closes the job sent
+before it on its channel. Its reserved bytes hold ``be32 records, be64 digest`` (then 16 zero
+bytes) and its offset area the excluded-pages bitmap (``livemig.savevm.checksum``)::
+
+    36        40          48            64
+    +---------+-----------+-------------+
+    |records  |digest     |zero (16)    |
+    +---------+-----------+-------------+
 """
 
 from __future__ import annotations
@@ -39,11 +49,13 @@ MULTIFD_FLAG_SYNC = 0x01
 MULTIFD_FLAG_COMPRESSION_MASK = 0x3E
 MULTIFD_FLAG_ZLIB = 0x02
 MULTIFD_FLAG_ZSTD = 0x04
+MULTIFD_FLAG_X_CHECKSUM = 0x100  # livemig's; QEMU uses bits 0-5
 PAGES_ALLOC = 128
 
 INIT_PACKET = struct.Struct(">II16sB39x")
 PACKET_HEADER = struct.Struct(">IIIIIIQI28x256s")
-assert INIT_PACKET.size == 64 and PACKET_HEADER.size == 320
+CHECKSUM_PACKET = struct.Struct(">IIIIIIQIIQ16x256s")  # the reserved bytes: records, digest
+assert INIT_PACKET.size == 64 and PACKET_HEADER.size == 320 == CHECKSUM_PACKET.size
 
 
 @dataclass(frozen=True)

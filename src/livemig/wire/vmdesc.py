@@ -42,6 +42,33 @@ def build_vmdesc(
     }
 
 
+def configuration_entry(ev: Any) -> dict[str, Any] | None:
+    """The vmdesc ``configuration`` member for a configuration section with subsections (as
+    QEMU 8.2+ writes it): without it QEMU's ``analyze-migration.py`` reads only the machine
+    type and trips over the first subsection. None when there are none to describe."""
+    subs = []
+    if ev.target_page_bits is not None:
+        subs.append({"vmsd_name": "configuration/target-page-bits", "version": 1,
+                     "fields": [{"name": "target_page_bits", "type": "uint32", "size": 4}]})  # fmt: skip
+    if ev.capabilities is not None:
+        caps: dict[str, Any] = {"name": "capabilities", "type": "capability", "size": 4}
+        if len(ev.capabilities) > 1:
+            caps["array_len"] = len(ev.capabilities)
+        fields = [{"name": "caps_count", "type": "uint32", "size": 4}]
+        if ev.capabilities:
+            fields.append(caps)
+        subs.append({"vmsd_name": "configuration/capabilities", "version": 1, "fields": fields})
+    if ev.uuid is not None:
+        subs.append({"vmsd_name": "configuration/uuid", "version": 1,
+                     "fields": [{"name": "uuid", "type": "buffer", "size": 16}]})  # fmt: skip
+    if not subs:
+        return None
+    return {"vmsd_name": "configuration", "version": 1, "fields": [
+        {"name": "len", "type": "uint32", "size": 4},
+        {"name": "name", "type": "buffer", "size": len(ev.machine_type.encode())},
+    ], "subsections": subs}  # fmt: skip
+
+
 def dump_vmdesc(desc: Mapping[str, Any]) -> bytes:
     """Serialise as QEMU does (its JSON writer's separators)."""
     return json.dumps(desc, separators=(", ", ": ")).encode()
