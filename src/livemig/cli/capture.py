@@ -196,7 +196,9 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).write_bytes(out)
     extra = ""
     if multifd is not None:
-        extra = (f" ({multifd.pages} pages from {args.multifd} multifd channels, "
+        zero = multifd.zero_pages
+        zeros = f" and {zero} zero pages" if zero else ""  # QEMU 9.0+: zero-page-detection
+        extra = (f" ({multifd.pages} pages{zeros} from {args.multifd} multifd channels, "
                  f"{multifd.syncs} sync points)")  # fmt: skip
     print(f"captured {len(out)} bytes into {args.out}{extra}")
     return 0
