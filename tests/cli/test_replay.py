@@ -88,3 +88,16 @@ def test_bad_input_fails_with_one_line(tmp_path: Path) -> None:
         r = _replay(*args)
         assert r.returncode != 0 and words in r.stderr, (args, r.stderr)
         assert "Traceback" not in r.stderr
+
+
+def test_sync_style_follows_the_machine_type() -> None:
+    """A stream without MULTIFD_FLUSH words replayed with multifd: a QEMU destination of a
+    machine type from 8.1 on syncs its channels at those words only (QEMU 10.0 waited
+    forever at the first SYNC, and replay gave up: 'SYNC not sent'), up to 8.0 at every EOS."""
+    from livemig.cli.replay import flush_words_expected
+
+    assert not flush_words_expected("pc-i440fx-7.2")
+    assert not flush_words_expected("pc-q35-8.0")
+    assert flush_words_expected("pc-i440fx-8.1") and flush_words_expected("pc-q35-10.0")
+    assert flush_words_expected("pc-i440fx-10.0")
+    assert flush_words_expected("livemig-x86_64")  # livemig's destination takes either

@@ -8,7 +8,9 @@ records leave main: their pages go as QEMU's multifd packets over N more connect
 (``--multifd-compression``). The sync points are the stream's own: where its source wrote
 MULTIFD_FLUSH words (QEMU 8.1+, livemig), each channel sends a SYNC packet before main gets
 the word; in a stream without them (QEMU 7.2, or one made without multifd), before the EOS of
-every RAM section, as 7.2 and later versions' machine types up to 8.0 expect. A stream with
+every RAM section, and when the stream's machine type is a QEMU one from 8.1 on (the
+destination's: QEMU refuses any other), main gets a MULTIFD_FLUSH word there too, since such a
+destination syncs its channels at those words only (up to 8.0 at every EOS). A stream with
 them has its first inside the setup section, before that EOS, which tells the two apart. Zero
 pages stay ZERO records on main, as 7.2 sends them. A record that continues the previous record's
 block is encoded against what main carried, not what the file did.
@@ -23,6 +25,7 @@ reads it, and ends with the destination's SHUT: 0 is success. Every wait has a t
 from __future__ import annotations
 
 import argparse
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -108,6 +111,9 @@ class Replay:
         self.pages = 0
         self.syncs = 0
         self.flush_words = False  # the stream's sync points are MULTIFD_FLUSH words
+        # where it has none: does the destination's machine type sync at MULTIFD_FLUSH words
+        # (QEMU 8.1+), or at every EOS (up to 8.0)?
+        self.flush_style = True
         self.rp: _ReturnPath | None = None
 
     def _emit(self, bufs: list[Any] | bytes | memoryview) -> None:
@@ -124,6 +130,8 @@ class Replay:
         self.out, self.pending = [], 0
 
     def event(self, ev: E.Event, raw: memoryview, where: int) -> None:
+        if isinstance(ev, E.Configuration):
+            self.flush_style = flush_words_expected(ev.machine_type)
         if isinstance(ev, E.OpenReturnPath) and self.rp is None:
             self.rp = _ReturnPath(self.main)
         if isinstance(ev, E.Packaged | E.PostcopyListen | E.PostcopyRun):
@@ -142,6 +150,9 @@ class Replay:
                 self._sync()
             elif isinstance(ev, E.RamEos) and not self.flush_words:
                 self._sync()
+                if self.flush_style:
+                    # the destination syncs its channels at MULTIFD_FLUSH words only
+                    self._emit(self.enc.send(E.RamMultifdFlush()))
         self._emit(self.enc.send(ev))
 
     def _setup(self, ev: E.RamSetup) -> None:
@@ -189,6 +200,18 @@ class Replay:
         for s in self.staged.values():
             s[:] = False
         self.syncs += 1
+
+
+def flush_words_expected(machine_type: str) -> bool:
+    """Whether a destination of ``machine_type`` syncs its multifd channels at MULTIFD_FLUSH
+    words (QEMU's machine types from 8.1 on, livemig's) rather than at every RAM section's EOS
+    (QEMU's ``multifd-flush-after-each-section``, on for machine types up to 8.0). A QEMU
+    destination refuses a stream whose machine type is not its own, so the stream's names the
+    destination's."""
+    m = re.fullmatch(r"pc(?:-i440fx|-q35)?-(\d+)\.(\d+)", machine_type)
+    if m is None:
+        return True
+    return (int(m[1]), int(m[2])) >= (8, 1)
 
 
 def _events(data: bytes) -> Any:
