@@ -66,6 +66,7 @@ class Analysis:
         self.undecoded: list[dict[str, Any]] = []
         self._open: dict[int, dict[str, Any]] = {}
         self._current = "(stream)"
+        self.data: bytes | memoryview = b""  # the whole stream: mapped-ram pages are read there
 
     def _count(self, block: str, kind: str, n: int) -> None:
         counts = self.pages.setdefault(
@@ -136,6 +137,8 @@ class Analysis:
                 if self.keep_ram and b.idstr not in self.ram:
                     npages = -(-b.used_length // self.page_size)
                     self.ram[b.idstr] = np.zeros((npages, self.page_size), np.uint8)
+                if b.mapped_ram is not None:
+                    self._mapped_ram(b, decoder.offset)
         elif isinstance(ev, E.RamPages):
             self._count(ev.block, "normal", len(ev))
             if self.keep_ram:
@@ -162,6 +165,15 @@ class Analysis:
             if not isinstance(ev, E.Packaged):
                 key = "(commands)"
         self.section_bytes[key] = self.section_bytes.get(key, 0) + size
+
+    def _mapped_ram(self, block: E.RamBlockInfo, offset: int) -> None:
+        """A mapped-ram block's pages: in the file at fixed offsets, not in the stream."""
+        from livemig.migration.mapped_ram import file_pages
+
+        idx, pages = file_pages(self.data, block, offset)
+        self._count(block.idstr, "normal", len(idx))
+        if self.keep_ram:
+            self.ram[block.idstr][idx] = pages[idx]
 
     def _inflate(self, ev: E.RamCompressedPage, offset: int) -> np.ndarray:
         try:
@@ -205,6 +217,7 @@ def analyze(data: bytes, keep_ram: bool = False) -> Analysis:
     """Decode a whole stream; raises ``StreamError`` naming the offset of any problem."""
     vmdesc = find_vmdesc(data)
     result = Analysis(keep_ram)
+    result.data = data
     decoder = Decoder(vmdesc=vmdesc)
     decoder.receive_data(data)
     decoder.receive_data(b"")
