@@ -25,6 +25,7 @@ reads it, and ends with the destination's SHUT: 0 is success. Every wait has a t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import threading
 from pathlib import Path
@@ -37,6 +38,7 @@ from livemig.errors import LivemigError, StreamError, UsageError
 from livemig.transport import Channel, ChannelError, ChannelTimeout, connect
 from livemig.transport.tls import load_creds, set_migration_tls
 from livemig.wire import events as E
+from livemig.wire.constants import CAP_MAPPED_RAM
 from livemig.wire.decoder import Decoder
 from livemig.wire.encoder import Encoder
 from livemig.wire.returnpath import ReturnPathDecoder, Shut
@@ -46,6 +48,7 @@ PAGE_SHIFT = 12
 _RAM_RECORDS = (E.RamSetup, E.RamPages, E.RamZeroPages, E.RamXbzrlePage, E.RamCompressedPage,
                 E.RamEos, E.RamMultifdFlush, E.RamHook)  # fmt: skip
 _FLUSH_BYTES = 1 << 20  # main's buffered bytes are sent once there are this many
+_MAPPED_BATCH = 4096  # pages of a mapped-ram file taken at a time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -115,6 +118,8 @@ class Replay:
         # (QEMU 8.1+), or at every EOS (up to 8.0)?
         self.flush_style = True
         self.rp: _ReturnPath | None = None
+        self.mapped_ram = False  # a mapped-ram file: its pages are sent from the page regions
+        self.data: bytes = b""
 
     def _emit(self, bufs: list[Any] | bytes | memoryview) -> None:
         if isinstance(bufs, bytes | memoryview):
@@ -132,12 +137,22 @@ class Replay:
     def event(self, ev: E.Event, raw: memoryview, where: int) -> None:
         if isinstance(ev, E.Configuration):
             self.flush_style = flush_words_expected(ev.machine_type)
+            if CAP_MAPPED_RAM in (ev.capabilities or ()):
+                self.mapped_ram = True
+                caps = tuple(c for c in ev.capabilities or () if c != CAP_MAPPED_RAM)
+                ev = dataclasses.replace(ev, capabilities=caps or None)
+            # through the encoder: it lays the block list out by the capabilities
+            self._emit(self.enc.send(ev))
+            return
         if isinstance(ev, E.OpenReturnPath) and self.rp is None:
             self.rp = _ReturnPath(self.main)
         if isinstance(ev, E.Packaged | E.PostcopyListen | E.PostcopyRun):
             raise StreamError("a post-copy stream: replay sends pre-copy streams only", where)
         if not isinstance(ev, _RAM_RECORDS):
             self._emit(raw)
+            return
+        if self.mapped_ram and isinstance(ev, E.RamSetup):
+            self._mapped_ram_setup(ev, where)
             return
         if self.args.multifd:
             if isinstance(ev, E.RamSetup):
@@ -154,6 +169,24 @@ class Replay:
                     # the destination syncs its channels at MULTIFD_FLUSH words only
                     self._emit(self.enc.send(E.RamMultifdFlush()))
         self._emit(self.enc.send(ev))
+
+    def _mapped_ram_setup(self, ev: E.RamSetup, where: int) -> None:
+        """A mapped-ram file's block list, then its pages as PAGE records (or by the multifd
+        channels): what the file's bitmaps mark, as a QEMU destination restoring the file
+        with mapped-ram reads it (pages not marked are left as the destination has them)."""
+        from livemig.migration.mapped_ram import file_pages
+
+        plain = tuple(dataclasses.replace(b, mapped_ram=None) for b in ev.blocks)
+        setup = E.RamSetup(ev.total, plain)
+        if self.args.multifd:
+            self._setup(setup)
+        self._emit(self.enc.send(setup))
+        for info in ev.blocks:
+            idx, pages = file_pages(self.data, info, where)
+            for at in range(0, len(idx), _MAPPED_BATCH):
+                part = idx[at : at + _MAPPED_BATCH]
+                offsets = part.astype(np.uint64) << np.uint64(PAGE_SHIFT)
+                self.event(E.RamPages(info.idstr, offsets, pages[part]), memoryview(b""), where)
 
     def _setup(self, ev: E.RamSetup) -> None:
         from livemig.cli.capture_multifd import ImageBlock
@@ -241,6 +274,7 @@ def run(args: argparse.Namespace) -> int:
                       if args.tls_creds else None)  # fmt: skip
     main = connect(args.uri, timeout=args.timeout)
     rep = Replay(main, args, src_uuid)
+    rep.data = data
     try:
         for ev, raw, where in _events(data):
             rep.event(ev, raw, where)
