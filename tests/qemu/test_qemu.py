@@ -5,9 +5,6 @@ and a replay into a QEMU destination loads the RAM the source had."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,16 +12,18 @@ import numpy as np
 import pytest
 from qemu_helpers import (
     DIRTIED,
-    DIRTIER,
+    capture_proc,
+    live_capture,
     qmp_session,
+    replay_into_qemu,
     run_firmware,
+    same_ram,
     set_caps,
-    start_dirtier,
     wait_completed,
 )
 
 from livemig.cli.analyze import analyze
-from livemig.testing.qemu import UNALIGNED_KIB, QemuBinary, QemuVM
+from livemig.testing.qemu import QemuBinary, QemuVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(90)]
 
@@ -48,162 +47,6 @@ def test_qemu_stream_to_file_decodes_to_backing_file(tmp_path: Path, qemu: QemuB
     # QEMU 10.0's machine types announce the switch-over (MIG_CMD_SWITCHOVER_START)
     switchover = [c for c in result.commands if c["command"] == "SwitchoverStart"]
     assert len(switchover) == (1 if qemu.at_least(10) else 0), result.commands
-
-
-def capture_proc(sock: Path, out: Path, *args: str) -> subprocess.Popen[str]:
-    """``livemig capture`` listening on ``sock`` (once the socket exists)."""
-    capture = subprocess.Popen(
-        [sys.executable, "-m", "livemig", "capture", f"unix:{sock}", str(out), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    for _ in range(200):
-        if sock.exists() or capture.poll() is not None:
-            break
-        time.sleep(0.05)
-    return capture
-
-
-class ConvergedEarly(Exception):
-    """QEMU completed before the passes a test wanted (see ``live_capture``)."""
-
-
-def live_capture(
-    tmp_path: Path,
-    qemu: QemuBinary,
-    caps: list[str],
-    params: dict | None = None,
-    capture_args: tuple = (),
-    dirtier: bool = False,
-    postcopy: bool = False,
-    tls: str = "",
-    passes: int = 6,
-) -> tuple[dict, str, bytes, Path]:
-    """QEMU migrates to ``livemig capture``: QEMU's final query-migrate, capture's stdout,
-    QEMU's RAM, and the captured file. Without ``dirtier`` QEMU runs its firmware and stops
-    first; with it, the boot sector dirties pages through ``passes`` or more passes (see
-    ``dirtier_params``), then QEMU stops and completes, or with ``postcopy`` switches to
-    post-copy (its guest stops; the rest of RAM is pushed).
-
-    QEMU decides convergence on its own, and a sync that finds no dirty page completes the
-    migration whatever the limits say: a vCPU starved of the CPU between two syncs (a busy
-    machine; QEMU 7.2's unthrottled multifd channels make passes that last microseconds)
-    dirties nothing. Such a run proves nothing about livemig and is made again, up to three
-    times; every attempt that ran to the end is checked in full."""
-    for attempt in range(3):
-        try:
-            return _live_capture(tmp_path / f"try{attempt}", qemu, caps, params, capture_args,
-                                 dirtier, postcopy, tls, passes)  # fmt: skip
-        except ConvergedEarly as exc:
-            last = exc
-    raise AssertionError(f"QEMU converged before {passes} passes three times: {last}")
-
-
-def _live_capture(
-    tmp_path: Path,
-    qemu: QemuBinary,
-    caps: list[str],
-    params: dict | None,
-    capture_args: tuple,
-    dirtier: bool,
-    postcopy: bool,
-    tls: str,
-    passes: int,
-) -> tuple[dict, str, bytes, Path]:
-    tmp_path.mkdir()
-    sock = tmp_path / "mig.sock"
-    out = tmp_path / "captured.mig"
-    # QEMU before 9.0 syncs a 256 KiB-aligned RAM block 64 pages at a time and loses dirty
-    # pages under TCG (qemu-baseline.md): an unaligned size makes it go page by page
-    memory = UNALIGNED_KIB if dirtier and not qemu.at_least(9) else 65536
-    with QemuVM(qemu, tmp_path, "live", boot=DIRTIER if dirtier else None, tls=tls,
-                memory_kib=memory) as vm:  # fmt: skip
-        capture = capture_proc(sock, out, "--timeout", "20", *capture_args,
-                               *(("--tls-creds", tls) if tls else ()))  # fmt: skip
-        try:
-
-            async def steps(client):
-                if dirtier:
-                    await start_dirtier(client, vm)
-                else:
-                    await run_firmware(client)
-                await client.execute("migrate-set-capabilities", set_caps(caps))
-                more = dirtier_params(qemu) if dirtier else {}
-                if tls:  # a unix: URI has no host name to check the certificate against
-                    more.update({"tls-creds": "tls0", "tls-hostname": "localhost"})
-                if params or more:
-                    await client.execute("migrate-set-parameters", {**(params or {}), **more})
-                await client.execute("migrate", {"uri": f"unix:{sock}"})
-                if dirtier:
-                    await _passes(client, passes)
-                    await client.execute("migrate-start-postcopy" if postcopy else "stop")
-                return await wait_completed(client)
-
-            info = asyncio.run(qmp_session(vm, steps))
-            stdout, stderr = capture.communicate(timeout=30)
-            assert capture.returncode == 0, stderr
-            assert info["status"] == "completed", info
-            truth = vm.ram()
-        finally:
-            if capture.poll() is None:
-                capture.kill()
-                capture.wait()
-    return info, stdout, truth, out
-
-
-def _pages_sent(info: dict) -> int:
-    """Pages QEMU sent with their contents so far: normal, XBZRLE, compressed (7.2)."""
-    return (info.get("ram", {}).get("normal", 0) + info.get("xbzrle-cache", {}).get("pages", 0)
-            + info.get("compression", {}).get("pages", 0))  # fmt: skip
-
-
-async def _passes(client, passes: int) -> None:
-    """Wait until QEMU has synced its dirty bitmap ``passes`` times and sent the dirtied
-    pages' contents four times over, still migrating. Syncs alone say little: on a busy
-    machine the vCPU may dirty a few pages between two of them."""
-    deadline = time.monotonic() + 20
-    fast = False
-    while time.monotonic() < deadline:
-        info = await client.execute("query-migrate")
-        syncs = info.get("ram", {}).get("dirty-sync-count", 0)
-        if syncs >= passes and _pages_sent(info) >= 4 * len(DIRTIED) + 200:
-            return
-        if info["status"] not in ("setup", "active"):
-            if info["status"] in ("device", "completed"):
-                await wait_completed(client)
-                raise ConvergedEarly(f"{info['status']} after {syncs} syncs")
-            raise AssertionError(info)
-        if syncs >= 2 and not fast:
-            await client.execute("migrate-set-parameters", FAST)
-            fast = True
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"QEMU did not make {passes} passes in 20 s")
-
-
-def dirtier_params(qemu: QemuBinary) -> dict:
-    """Parameters that keep a migration of the dirtying guest from converging: a 1 ms
-    downtime-limit, from 8.2 on a switch-over bandwidth of 1 kB/s (QEMU otherwise takes the
-    bandwidth it measured over a 100 ms window, and a window that holds a burst of zero pages
-    makes the threshold cover a whole pass of the dirtier), and 1 MiB/s until the first pass
-    is over (``FAST`` after): QEMU's threshold is 0 until its first 100 ms have passed, and a
-    first pass that ends before then leaves nothing pending, which QEMU takes for convergence
-    (7.2 and 10.0 alike; seen on a busy machine)."""
-    params = {"downtime-limit": 1, "max-bandwidth": 1 << 20}
-    if qemu.at_least(8, 2):
-        params["avail-switchover-bandwidth"] = 1000
-    return params
-
-
-FAST = {"max-bandwidth": 8 << 20}  # once past the first pass: a pass of the dirtier in ~70 ms
-
-
-def same_ram(out: Path, truth: bytes) -> dict:
-    """The captured stream rebuilds QEMU's RAM byte for byte; its page counts by block."""
-    result = analyze(out.read_bytes(), keep_ram=True)
-    got = result.ram["pc.ram"].reshape(-1)
-    want = np.frombuffer(truth, np.uint8)
-    bad = np.flatnonzero((got != want).reshape(-1, 4096).any(axis=1))
-    assert len(bad) == 0, f"{len(bad)} pages differ, first at {bad[:8] * 4096}"
-    return result.pages
 
 
 def test_live_capture_from_qemu(tmp_path: Path, qemu: QemuBinary) -> None:
@@ -315,44 +158,6 @@ def test_replay_into_qemu(
     source had, byte for byte."""
     truth, captured = dirtied_captures(qemu)
     assert replay_into_qemu(tmp_path, qemu, captured, channels, compression, len(truth)) == truth
-
-
-def replay_into_qemu(
-    tmp_path: Path, qemu: QemuBinary, captured: Path, channels: int, compression: str,
-    ram_size: int, tls: str = "", caps: tuple[str, ...] = (), replay_args: tuple[str, ...] = (),
-) -> bytes:  # fmt: skip
-    """``livemig replay`` of ``captured`` into a fresh QEMU destination with ``ram_size``
-    bytes of RAM (the source's); the RAM it loaded."""
-    sock = tmp_path / "in.sock"
-    with QemuVM(qemu, tmp_path, "replay", boot=DIRTIER, incoming=True, tls=tls,
-                memory_kib=ram_size // 1024) as vm:  # fmt: skip
-
-        async def steps(client):
-            more = ["return-path", *(["multifd"] if channels else []), *caps]
-            await client.execute("migrate-set-capabilities", set_caps(more))
-            params = {"multifd-channels": channels, "multifd-compression": compression} if (
-                channels) else {}  # fmt: skip
-            if tls:
-                params["tls-creds"] = "tls0"
-            if params:
-                await client.execute("migrate-set-parameters", params)
-            await client.execute("migrate-incoming", {"uri": f"unix:{sock}"})
-            more = ("--multifd", str(channels), "--multifd-compression", compression)
-            rp = await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "livemig", "replay", str(captured), f"unix:{sock}",
-                 "--timeout", "20", *(more if channels else ()), *replay_args,
-                 *(("--tls-creds", tls, "--tls-hostname", "localhost") if tls else ())],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
-            return rp, await wait_completed(client)
-
-        rp, info = asyncio.run(qmp_session(vm, steps))
-        assert rp.returncode == 0, rp.stderr
-        assert info["status"] == "completed", (info, vm.stderr())
-        if channels:
-            assert f"over {channels} multifd channels" in rp.stdout, rp.stdout
-        return vm.ram()
 
 
 @pytest.mark.parametrize("multifd", [False, True])
