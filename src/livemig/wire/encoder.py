@@ -24,7 +24,7 @@ from livemig.errors import StreamError
 from livemig.vmstate import VMStateDescription
 from livemig.wire import constants as C
 from livemig.wire import events as E
-from livemig.wire.vmdesc import build_vmdesc, dump_vmdesc
+from livemig.wire.vmdesc import build_vmdesc, configuration_entry, dump_vmdesc
 
 Buffers = list[bytes | memoryview]
 
@@ -96,6 +96,7 @@ class Encoder:
         self.last_block: str | None = None
         self.bytes_sent = 0
         self._described: list[tuple[str, int, VMStateDescription, Mapping[str, Any]]] = []
+        self._configuration_desc: dict[str, Any] | None = None  # once a configuration is sent
 
     def reset_block(self) -> None:
         """Forget the last sent block: the next page record names its block again."""
@@ -175,6 +176,9 @@ class Encoder:
                 raise ValueError("a VM UUID is 16 bytes")
             sub("configuration/uuid", ev.uuid)
         self.capabilities |= frozenset(ev.capabilities or ())
+        self._configuration_desc = configuration_entry(
+            ev.machine_type, ev.capabilities, ev.target_page_bits, ev.uuid
+        )
         return bytes(out)
 
     def _footer(self, section_id: int) -> bytes:
@@ -195,7 +199,9 @@ class Encoder:
 
     def vmdesc(self) -> E.VMDescription:
         """The VMDESCRIPTION event describing every FULL section sent so far."""
-        return E.VMDescription(build_vmdesc(self._described, self.page_size))
+        return E.VMDescription(
+            build_vmdesc(self._described, self.page_size, self._configuration_desc)
+        )
 
     def _setup(self, ev: E.RamSetup) -> bytes:
         out = bytearray(_BE64.pack(ev.total | C.RAM_SAVE_FLAG_MEM_SIZE))
