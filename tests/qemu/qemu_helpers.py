@@ -116,6 +116,19 @@ class ConvergedEarly(Exception):
     """QEMU completed before the passes a test wanted (see ``live_capture``)."""
 
 
+def several_passes(info: dict) -> bool:
+    """The default of ``live_capture``'s ``enough``: four syncs, and the dirtied pages'
+    contents sent three times over (syncs alone say little if the vCPU barely ran)."""
+    return (info.get("ram", {}).get("dirty-sync-count", 0) >= 4
+            and pages_sent(info) >= 3 * len(DIRTIED) + 200)  # fmt: skip
+
+
+def pages_sent(info: dict) -> int:
+    """Pages QEMU sent with their contents so far: normal, XBZRLE, compressed (7.2)."""
+    return (info.get("ram", {}).get("normal", 0) + info.get("xbzrle-cache", {}).get("pages", 0)
+            + info.get("compression", {}).get("pages", 0))  # fmt: skip
+
+
 def live_capture(
     tmp_path: Path,
     qemu: QemuBinary,
@@ -125,26 +138,28 @@ def live_capture(
     dirtier: bool = False,
     postcopy: bool = False,
     tls: str = "",
-    passes: int = 6,
+    enough: Callable[[dict], bool] = several_passes,
+    then: dict | None = None,
 ) -> tuple[dict, str, bytes, Path]:
     """QEMU migrates to ``livemig capture``: QEMU's final query-migrate, capture's stdout,
     QEMU's RAM, and the captured file. Without ``dirtier`` QEMU runs its firmware and stops
-    first; with it, the boot sector dirties pages through ``passes`` or more passes (see
-    ``dirtier_params``), then QEMU stops and completes, or with ``postcopy`` switches to
-    post-copy (its guest stops; the rest of RAM is pushed).
+    first; with it, the boot sector dirties pages until QEMU's query-migrate is ``enough``
+    (see ``dirtier_params``; ``then``: parameters set once the first pass is over), then QEMU
+    stops and completes, or with ``postcopy`` switches to post-copy (its guest stops; the rest
+    of RAM is pushed).
 
     QEMU decides convergence on its own, and a sync that finds no dirty page completes the
-    migration whatever the limits say: a vCPU starved of the CPU between two syncs (a busy
-    machine; QEMU 7.2's unthrottled multifd channels make passes that last microseconds)
-    dirties nothing. Such a run proves nothing about livemig and is made again, up to three
-    times; every attempt that ran to the end is checked in full."""
+    migration whatever the limits say: a vCPU that did not run between two syncs (a busy
+    machine; passes that take microseconds: XBZRLE's, QEMU 7.2's unthrottled multifd
+    channels) dirtied nothing. Such a run proves nothing about livemig and is made again, up
+    to three times; every attempt that ran to the end is checked in full."""
     for attempt in range(3):
         try:
             return _live_capture(tmp_path / f"try{attempt}", qemu, caps, params, capture_args,
-                                 dirtier, postcopy, tls, passes)  # fmt: skip
+                                 dirtier, postcopy, tls, enough, then)  # fmt: skip
         except ConvergedEarly as exc:
             last = exc
-    raise AssertionError(f"QEMU converged before {passes} passes three times: {last}")
+    raise AssertionError(f"QEMU converged early three times: {last}")
 
 
 def _live_capture(
@@ -156,7 +171,8 @@ def _live_capture(
     dirtier: bool,
     postcopy: bool,
     tls: str,
-    passes: int,
+    enough: Callable[[dict], bool],
+    then: dict | None,
 ) -> tuple[dict, str, bytes, Path]:
     tmp_path.mkdir()
     sock = tmp_path / "mig.sock"
@@ -183,9 +199,13 @@ def _live_capture(
                     await client.execute("migrate-set-parameters", {**(params or {}), **more})
                 await client.execute("migrate", {"uri": f"unix:{sock}"})
                 if dirtier:
-                    await _passes(client, passes)
+                    await _until(client, enough, then)
                     await client.execute("migrate-start-postcopy" if postcopy else "stop")
-                return await wait_completed(client)
+                info = await wait_completed(client)
+                if postcopy and not info.get("ram", {}).get("postcopy-bytes"):
+                    # it completed in pre-copy before the switch was asked for
+                    raise ConvergedEarly("completed before migrate-start-postcopy took effect")
+                return info
 
             info = asyncio.run(qmp_session(vm, steps))
             stdout, stderr = capture.communicate(timeout=30)
@@ -199,50 +219,39 @@ def _live_capture(
     return info, stdout, truth, out
 
 
-def _pages_sent(info: dict) -> int:
-    """Pages QEMU sent with their contents so far: normal, XBZRLE, compressed (7.2)."""
-    return (info.get("ram", {}).get("normal", 0) + info.get("xbzrle-cache", {}).get("pages", 0)
-            + info.get("compression", {}).get("pages", 0))  # fmt: skip
-
-
-async def _passes(client, passes: int) -> None:
-    """Wait until QEMU has synced its dirty bitmap ``passes`` times and sent the dirtied
-    pages' contents four times over, still migrating. Syncs alone say little: on a busy
-    machine the vCPU may dirty a few pages between two of them."""
+async def _until(client, enough: Callable[[dict], bool], then: dict | None) -> None:
+    """Wait until QEMU's query-migrate is ``enough``, still migrating; set ``then`` once the
+    first pass is over."""
     deadline = time.monotonic() + 20
-    fast = False
     while time.monotonic() < deadline:
         info = await client.execute("query-migrate")
-        syncs = info.get("ram", {}).get("dirty-sync-count", 0)
-        if syncs >= passes and _pages_sent(info) >= 4 * len(DIRTIED) + 200:
+        if enough(info):
             return
+        if then and info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
+            await client.execute("migrate-set-parameters", then)
+            then = None
         if info["status"] not in ("setup", "active"):
             if info["status"] in ("device", "completed"):
                 await wait_completed(client)
+                syncs = info.get("ram", {}).get("dirty-sync-count", 0)
                 raise ConvergedEarly(f"{info['status']} after {syncs} syncs")
             raise AssertionError(info)
-        if syncs >= 2 and not fast:
-            await client.execute("migrate-set-parameters", FAST)
-            fast = True
         await asyncio.sleep(0.05)
-    raise TimeoutError(f"QEMU did not make {passes} passes in 20 s")
+    raise TimeoutError("QEMU did not make the passes the test wants in 20 s")
 
 
 def dirtier_params(qemu: QemuBinary) -> dict:
-    """Parameters that keep a migration of the dirtying guest from converging: a 1 ms
-    downtime-limit, from 8.2 on a switch-over bandwidth of 1 kB/s (QEMU otherwise takes the
-    bandwidth it measured over a 100 ms window, and a window that holds a burst of zero pages
-    makes the threshold cover a whole pass of the dirtier), and 1 MiB/s until the first pass
-    is over (``FAST`` after): QEMU's threshold is 0 until its first 100 ms have passed, and a
-    first pass that ends before then leaves nothing pending, which QEMU takes for convergence
-    (7.2 and 10.0 alike; seen on a busy machine)."""
-    params = {"downtime-limit": 1, "max-bandwidth": 1 << 20}
+    """Parameters that keep a migration of the dirtying guest from converging on its own: a
+    1 ms downtime-limit, from 8.2 on a switch-over bandwidth of 1 kB/s (QEMU otherwise takes
+    the bandwidth it measured over a 100 ms window, and a window that holds a burst of zero
+    pages makes the threshold cover a whole pass of the dirtier), and 2 MiB/s: a pass of the
+    dirtier's 144 pages lasts ~0.3 s, so the vCPU runs between two syncs even on a busy
+    machine, and the first pass outlasts QEMU's first 100 ms, before which its threshold is
+    0 (a pass that ended then would leave nothing pending: convergence to QEMU)."""
+    params = {"downtime-limit": 1, "max-bandwidth": 2 << 20}
     if qemu.at_least(8, 2):
         params["avail-switchover-bandwidth"] = 1000
     return params
-
-
-FAST = {"max-bandwidth": 8 << 20}  # once past the first pass: a pass of the dirtier in ~70 ms
 
 
 def same_ram(out: Path, truth: bytes) -> dict:
@@ -258,12 +267,14 @@ def same_ram(out: Path, truth: bytes) -> dict:
 def replay_into_qemu(
     tmp_path: Path, qemu: QemuBinary, captured: Path, channels: int, compression: str,
     ram_size: int, tls: str = "", caps: tuple[str, ...] = (), replay_args: tuple[str, ...] = (),
+    paused: bool = True, out: list | None = None,
 ) -> bytes:  # fmt: skip
     """``livemig replay`` of ``captured`` into a fresh QEMU destination with ``ram_size``
-    bytes of RAM (the source's); the RAM it loaded."""
+    bytes of RAM (the source's); the RAM it loaded (stopped first when ``paused`` is False:
+    then its guest ran once loaded). ``out`` gets replay's stdout."""
     sock = tmp_path / "in.sock"
     with QemuVM(qemu, tmp_path, "replay", boot=DIRTIER, incoming=True, tls=tls,
-                memory_kib=ram_size // 1024) as vm:  # fmt: skip
+                memory_kib=ram_size // 1024, paused=paused) as vm:  # fmt: skip
 
         async def steps(client):
             more = ["return-path", *(["multifd"] if channels else []), *caps]
@@ -283,11 +294,45 @@ def replay_into_qemu(
                  *(("--tls-creds", tls, "--tls-hostname", "localhost") if tls else ())],
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
-            return rp, await wait_completed(client)
+            info = await wait_completed(client)
+            if not paused:
+                await client.execute("stop")
+            return rp, info
 
         rp, info = asyncio.run(qmp_session(vm, steps))
+        if out is not None:
+            out.append(rp.stdout)
         assert rp.returncode == 0, rp.stderr
         assert info["status"] == "completed", (info, vm.stderr())
         if channels:
             assert f"over {channels} multifd channels" in rp.stdout, rp.stdout
         return vm.ram()
+
+
+def replay_postcopy_capture(
+    tmp_path: Path, qemu: QemuBinary, running: bool, preempt: bool = False
+) -> None:
+    """Capture a post-copy migration of the dirtying guest, replay it into a QEMU destination
+    with postcopy-ram (and ``preempt``: postcopy-preempt on both), and check its RAM: every
+    byte when its guest stayed paused, every byte but the one the boot sector goes on
+    incrementing in its pages when it ran (then it must have asked for pages)."""
+    caps = ["return-path", "postcopy-ram"]
+    _info, _stdout, truth, out = live_capture(tmp_path, qemu, caps, dirtier=True, postcopy=True)
+    printed: list[str] = []
+    # a push slower than the guest's faults (its 144 pages in about a second)
+    args = ("--max-postcopy-bandwidth", str(512 << 10)) if running else ()
+    dest = ("postcopy-ram", *(("postcopy-preempt",) if preempt else ()))
+    args += ("--postcopy-preempt",) if preempt else ()
+    got = replay_into_qemu(tmp_path, qemu, out, 0, "none", len(truth), caps=dest,
+                           paused=not running, out=printed, replay_args=args)  # fmt: skip
+    assert "post-copy:" in printed[0], printed
+    want = np.frombuffer(truth, np.uint8).copy()
+    have = np.frombuffer(got, np.uint8).copy()
+    if running:
+        served = int(printed[0].split(" sent on request")[0].rsplit(" ", 1)[1])
+        assert served > 0, printed  # the guest faulted, and its pages came on request
+        dirtied = np.array(DIRTIED)
+        assert len(set(have[dirtied].tolist())) <= 2  # the boot sector ran on, all pages alike
+        want[dirtied] = have[dirtied] = 0
+    bad = np.flatnonzero((want != have).reshape(-1, 4096).any(axis=1))
+    assert len(bad) == 0, f"{len(bad)} pages differ, first at {bad[:8] * 4096}"

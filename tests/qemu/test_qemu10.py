@@ -15,6 +15,7 @@ from qemu_helpers import (
     live_capture,
     qmp_session,
     replay_into_qemu,
+    replay_postcopy_capture,
     run_firmware,
     same_ram,
     set_caps,
@@ -128,3 +129,10 @@ def test_live_capture_of_postcopy_with_preempt(tmp_path: Path, qemu10: QemuBinar
                                              )  # fmt: skip
     assert info["ram"]["postcopy-bytes"] > 0, info
     same_ram(out, truth)
+
+
+def test_replay_of_a_postcopy_capture_with_preempt(tmp_path: Path, qemu10: QemuBinary) -> None:
+    """Into a QEMU 10.0 destination with postcopy-preempt, ``replay --postcopy-preempt``
+    opens the preempt channel before the package (such a destination waits for it there) and
+    sends the requested pages on it; the running destination ends with the source's RAM."""
+    replay_postcopy_capture(tmp_path, qemu10, running=True, preempt=True)

@@ -20,6 +20,15 @@ With ``--tls-creds DIR`` every channel is a mutual TLS client, as a QEMU source'
 
 When the stream opens a return path, replay answers nothing (the destination answers it) but
 reads it, and ends with the destination's SHUT: 0 is success. Every wait has a time-out.
+
+A post-copy capture (one with a PACKAGED command) is replayed as a post-copy source: after the
+package replay serves the destination's page requests from the pages the capture holds after
+the switch, each page once, before the rest of the recorded push (``replay_postcopy``;
+``--max-postcopy-bandwidth`` paces the push). The destination needs capability postcopy-ram.
+
+The whole file is decoded and checked before the first byte goes out: a stream that does not
+decode, a post-copy capture without what a destination needs to run it, or options that do not
+fit the capture are refused then, saying why.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from livemig.cli.capture import add_multifd_arguments, check_arguments
+from livemig.cli.replay_postcopy import PostcopyPlan, PostcopyServer
 from livemig.errors import LivemigError, StreamError, UsageError
 from livemig.transport import Channel, ChannelError, ChannelTimeout, connect
 from livemig.transport.tls import load_creds, set_migration_tls
@@ -41,7 +51,7 @@ from livemig.wire import events as E
 from livemig.wire.constants import CAP_MAPPED_RAM
 from livemig.wire.decoder import Decoder
 from livemig.wire.encoder import Encoder
-from livemig.wire.returnpath import ReturnPathDecoder, Shut
+from livemig.wire.returnpath import ReqPages, ReturnPathDecoder, Shut
 from livemig.wire.vmdesc import find_vmdesc
 
 PAGE_SHIFT = 12
@@ -56,6 +66,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", help="a stream file (livemig capture, migrate to file:/exec:cat)")
     p.add_argument("uri", help="tcp:HOST:PORT or unix:PATH the destination listens on")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (each)")
+    p.add_argument("--postcopy-preempt", action="store_true",
+                   help="a post-copy capture into a destination with postcopy-preempt: open "
+                        "its preempt channel and send requested pages there (machine types "
+                        "from 8.0 on)")  # fmt: skip
+    p.add_argument("--max-postcopy-bandwidth", type=int, default=0, metavar="BYTES",
+                   help="a post-copy capture: bytes/s of the background push after the switch "
+                        "(QEMU's max-postcopy-bandwidth; requested pages are not held back); "
+                        "default unlimited")  # fmt: skip
     add_multifd_arguments(
         p, "send the pages over N multifd channels (the destination needs capability multifd "
         "and multifd-channels N)", "VM UUID in the multifd handshake (the destination's -uuid)",
@@ -64,10 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 class _ReturnPath:
-    """Reads the destination's return path on main until SHUT or the end."""
+    """Reads the destination's return path on main until SHUT or the end; page requests go to
+    ``on_request(block, start, length)`` (post-copy)."""
 
-    def __init__(self, ch: Channel) -> None:
+    def __init__(self, ch: Channel, on_request: Any = None) -> None:
         self.ch = ch
+        self.on_request = on_request
         self.shut: int | None = None
         self.error: str | None = None
         self.done = threading.Event()
@@ -76,6 +96,7 @@ class _ReturnPath:
 
     def _run(self) -> None:
         dec = ReturnPathDecoder()
+        last: str | None = None
         try:
             while self.shut is None:
                 try:
@@ -89,6 +110,14 @@ class _ReturnPath:
                 for msg in dec.events():
                     if isinstance(msg, Shut):
                         self.shut = msg.status
+                    elif isinstance(msg, ReqPages):
+                        block = msg.block or last
+                        if block is None or self.on_request is None:
+                            raise StreamError("a page request, but no post-copy to serve it"
+                                              if self.on_request is None else
+                                              "REQ_PAGES before any REQ_PAGES_ID named a block")  # fmt: skip
+                        last = block
+                        self.on_request(block, msg.start, msg.length)
         except (ChannelError, StreamError) as exc:
             self.error = str(exc)
         except Exception as exc:  # a bug: say so rather than print a traceback
@@ -119,6 +148,10 @@ class Replay:
         self.flush_style = True
         self.rp: _ReturnPath | None = None
         self.mapped_ram = False  # a mapped-ram file: its pages are sent from the page regions
+        self.plan: PostcopyPlan | None = None  # a post-copy capture's pages after the switch
+        self.post: PostcopyServer | None = None  # once switched: serves the requests
+        self.preempt: Channel | None = None  # --postcopy-preempt: the urgent pages' channel
+        self.penc: Encoder | None = None
         self.data: bytes = b""
 
     def _emit(self, bufs: list[Any] | bytes | memoryview) -> None:
@@ -145,9 +178,23 @@ class Replay:
             self._emit(self.enc.send(ev))
             return
         if isinstance(ev, E.OpenReturnPath) and self.rp is None:
-            self.rp = _ReturnPath(self.main)
-        if isinstance(ev, E.Packaged | E.PostcopyListen | E.PostcopyRun):
-            raise StreamError("a post-copy stream: replay sends pre-copy streams only", where)
+            self.rp = _ReturnPath(self.main, self._on_request)
+        if self.post is not None:
+            self._postcopy(ev, raw)
+            return
+        if isinstance(ev, E.Packaged):
+            # the switch: the destination runs the guest from here and asks for its pages
+            assert self.plan is not None  # checked before the first byte
+            self.flush()
+            if self.args.postcopy_preempt:
+                # as QEMU's postcopy_start: the channel for urgent pages is there before the
+                # package (a destination with postcopy-preempt waits for it to load one)
+                self.preempt = connect(self.args.uri, timeout=self.args.timeout)
+                self.penc = Encoder()
+            self._emit(raw)
+            self.flush()
+            self.post = PostcopyServer(self.plan, self.args.max_postcopy_bandwidth)
+            return
         if not isinstance(ev, _RAM_RECORDS):
             self._emit(raw)
             return
@@ -169,6 +216,45 @@ class Replay:
                     # the destination syncs its channels at MULTIFD_FLUSH words only
                     self._emit(self.enc.send(E.RamMultifdFlush()))
         self._emit(self.enc.send(ev))
+
+    def _urgent(self, events: list[E.Event]) -> None:
+        """Requested pages: on the preempt channel when there is one, else on main (inside
+        the current RAM section), sent at once."""
+        if not events:
+            return
+        if self.preempt is not None:
+            assert self.penc is not None
+            self.preempt.sendv([b for e in events for b in self.penc.send(e)])
+            return
+        for e in events:
+            self._emit(self.enc.send(e))
+        self.flush()
+
+    def _on_request(self, block: str, start: int, length: int) -> None:
+        if self.post is None:
+            raise StreamError(f"the destination asked for pages ({block!r} at {start:#x}) "
+                              "before the switch to post-copy")  # fmt: skip
+        self.post.request(block, start, length)
+
+    def _postcopy(self, ev: E.Event, raw: memoryview) -> None:
+        """After the switch: pages once each, requested ones first, sent without delay."""
+        post = self.post
+        assert post is not None
+        if isinstance(ev, E.RamPages | E.RamZeroPages):
+            for e in post.push(ev, self._urgent):
+                self._emit(self.enc.send(e))
+                sent = self.pending
+                self.flush()
+                if isinstance(e, E.RamPages) and post.pace(sent):
+                    self._urgent(post.serve())
+            return
+        if isinstance(ev, E.RamEos):
+            self._urgent(post.serve())  # still inside the section: page records may go here
+        if isinstance(ev, _RAM_RECORDS):
+            self._emit(self.enc.send(ev))
+        else:
+            self._emit(raw)
+        self.flush()
 
     def _mapped_ram_setup(self, ev: E.RamSetup, where: int) -> None:
         """A mapped-ram file's block list, then its pages as PAGE records (or by the multifd
@@ -247,6 +333,13 @@ def flush_words_expected(machine_type: str) -> bool:
     return (int(m[1]), int(m[2])) >= (8, 1)
 
 
+def preempt_supported(machine_type: str) -> bool:
+    """Whether replay can be the preempt source of a destination of ``machine_type``: QEMU
+    8.0+ (before, ``preempt-pre-7-2``: the channel made at the start, ended by an EOS)."""
+    m = re.fullmatch(r"pc(?:-i440fx|-q35)?-(\d+)\.(\d+)", machine_type)
+    return m is None or (int(m[1]), int(m[2])) >= (8, 0)
+
+
 def _events(data: bytes) -> Any:
     vmdesc = find_vmdesc(data)
     dec = Decoder(vmdesc=vmdesc)
@@ -272,11 +365,29 @@ def run(args: argparse.Namespace) -> int:
     # every channel (main, multifd) connects with these, as a source's do
     set_migration_tls("client", load_creds(args.tls_creds, "client", args.tls_hostname)
                       if args.tls_creds else None)  # fmt: skip
+    # the whole file is read and checked before the first byte goes out: what cannot be
+    # replayed is refused here, saying why, rather than after part of it
+    events = list(_events(data))
+    plan = PostcopyPlan.from_events(events)
+    if args.max_postcopy_bandwidth < 0:
+        raise UsageError("--max-postcopy-bandwidth is bytes/s, 0 or more")
+    if args.postcopy_preempt:
+        if plan is None:
+            raise UsageError("--postcopy-preempt: the capture has no switch to post-copy")
+        machine = next((ev.machine_type for ev, _r, _w in events
+                        if isinstance(ev, E.Configuration)), "")  # fmt: skip
+        if not preempt_supported(machine):
+            raise UsageError(f"--postcopy-preempt with machine type {machine!r}: destinations "
+                             "before 8.0 run preempt another way, which replay does not")  # fmt: skip
+    if plan is not None and args.multifd:
+        raise UsageError("a post-copy capture is replayed on the main channel only (QEMU "
+                         "refuses post-copy with multifd since 9.1): drop --multifd")  # fmt: skip
     main = connect(args.uri, timeout=args.timeout)
     rep = Replay(main, args, src_uuid)
     rep.data = data
+    rep.plan = plan
     try:
-        for ev, raw, where in _events(data):
+        for ev, raw, where in events:
             rep.event(ev, raw, where)
         rep.flush()
         if rep.sender is not None:
@@ -291,6 +402,10 @@ def run(args: argparse.Namespace) -> int:
     except ChannelError as exc:
         if rep.sender is not None:
             rep.sender.close(graceful=False)
+        if rep.post is not None and rep.preempt is None and isinstance(exc, ChannelTimeout):
+            raise LivemigError(f"{exc} after the switch to post-copy: a destination with "
+                               "postcopy-preempt waits for its preempt channel there; give "
+                               "--postcopy-preempt") from None  # fmt: skip
         if rep.rp is not None and rep.rp.done.wait(1) and rep.rp.shut:
             # the destination gave up first and said so; the broken write only followed
             raise LivemigError(f"the destination did not load the stream (SHUT "
@@ -303,7 +418,15 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         main.close()
+        if rep.preempt is not None:
+            rep.preempt.close()
     extra = (f", {rep.pages} pages over {args.multifd} multifd channels, {rep.syncs} sync "
              f"points" if args.multifd else "")  # fmt: skip
+    if rep.post is not None:
+        post = rep.post
+        if post.unsent():
+            raise LivemigError(f"{post.unsent()} post-copy pages were never sent (a bug)")
+        extra += (f", post-copy: {plan.pages if plan else 0} pages after the switch, "
+                  f"{post.served} sent on request ({post.requested} requests)")  # fmt: skip
     print(f"replayed {len(data)} bytes of {args.file}{extra}")
     return 0

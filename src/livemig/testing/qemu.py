@@ -101,7 +101,8 @@ def default_qemu() -> QemuBinary | None:
 
 
 class QemuVM:
-    """One QEMU process for a test: ``-M pc`` under TCG, stopped (``-S``), QMP on a unix
+    """One QEMU process for a test: ``-M pc`` under TCG, stopped (``-S``; ``paused=False``: a
+    destination that runs its guest once loaded), QMP on a unix
     socket, RAM (``pc.ram``) in a /dev/shm file whose bytes are the block's contents (the truth
     a decoded stream is compared with, see ../shared/fixtures/qemu/README.md).
 
@@ -116,7 +117,7 @@ class QemuVM:
 
     def __init__(self, qemu: QemuBinary, workdir: Path, name: str, *, memory_kib: int = 65536,
                  boot: bytes | None = None, incoming: bool = False, tls: str = "",
-                 extra: tuple[str, ...] = ()) -> None:  # fmt: skip
+                 paused: bool = True, extra: tuple[str, ...] = ()) -> None:  # fmt: skip
         self.qemu = qemu
         self.name = name
         self.ram_path = Path("/dev/shm") / f"livemig-test-{name}-{os.getpid()}-{workdir.name}.ram"
@@ -125,7 +126,7 @@ class QemuVM:
         cmd = [
             qemu.path, "-M", "pc,memory-backend=pc.ram", "-m", size, "-accel", "tcg",
             "-object", f"memory-backend-file,id=pc.ram,size={size},mem-path={self.ram_path},share=on",
-            "-display", "none", "-nodefaults", "-S",
+            "-display", "none", "-nodefaults", *(["-S"] if paused else []),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip
         if boot is not None:
