@@ -151,7 +151,7 @@ class OutgoingMigration:
         self.multifd: Any = None  # multifd.MultifdSender with capability multifd
         self.xbzrle: Any = None  # xbzrle_cache.XbzrleCache with capability xbzrle
         self.mapped_ram: Any = None  # mapped_ram.MappedRamSender (also self.multifd)
-        self.thread = threads.Thread(target=self._run, name="live_migration", daemon=True)
+        self.thread = threads.Thread(target=self._run, name="mig/src/main", daemon=True)
         self._rp_thread: threading.Thread | None = None
         self._rp_shut: int | None = None
         self._rp_event = threading.Event()
@@ -268,6 +268,10 @@ class OutgoingMigration:
                          for b in self.machine.ram_blocks}  # fmt: skip
             self.tracker.start()
         self.ram = RamSaver(self.machine.ram_blocks, populated)
+        # QEMU's ram_init_bitmaps: the first dirty-bitmap sync (every page dirty) is pass 1,
+        # with its MIGRATION_PASS, while the migration is still in setup
+        self.stats.note_sync(0)
+        self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
         self.stats.zero_pages += self.ram.skipped_unpopulated
         self.encoder = Encoder()
         enc = self.encoder
@@ -318,7 +322,7 @@ class OutgoingMigration:
     # -- return path ---------------------------------------------------------------------------
 
     def _start_return_path(self) -> None:
-        self._rp_thread = threads.Thread(target=self._rp_loop, name="return path", daemon=True)
+        self._rp_thread = threads.Thread(target=self._rp_loop, name="mig/src/return", daemon=True)
         self._rp_thread.start()
 
     def _rp_loop(self) -> None:
@@ -533,7 +537,8 @@ class OutgoingMigration:
             while not self._continue.wait(0.1):
                 self._check_cancel()
             self._check_cancel()
-            self.state.move(MigrationStatus.DEVICE)
+        # QEMU 10.0 (migration_switchover_prepare) is in "device" for the whole switch-over
+        self.state.move(MigrationStatus.DEVICE)
         # final pass: everything still dirty, no rate limit
         new = self.ram.merge(self.tracker.sync())
         self.stats.note_sync(new)
