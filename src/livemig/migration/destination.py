@@ -301,8 +301,12 @@ class IncomingMigration:
 
     def query(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.state.status.value}
-        if self.state.status == MigrationStatus.SETUP:
-            out["socket-address"] = [self.uri]
+        address = socket_address(self.uri)
+        if address is not None and self.state.status not in (
+            MigrationStatus.COMPLETED,
+            MigrationStatus.NONE,
+        ):  # QEMU keeps the address while its incoming side lives
+            out["socket-address"] = [address]
         # as QEMU 8.1+ does: the reason also while post-copy waits paused for a recovery
         if self.state.status in (MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED) and \
                 self.state.error:  # fmt: skip
@@ -312,3 +316,19 @@ class IncomingMigration:
         if self.postcopy is not None:
             out.update(self.postcopy.query())
         return out
+
+
+def socket_address(uri: str) -> dict[str, Any] | None:
+    """QEMU's ``SocketAddress`` of a listening URI (None: not a socket)."""
+    from livemig.transport import parse_uri
+
+    u = parse_uri(uri)
+    if u.scheme == "tcp":
+        v6 = ":" in u.host
+        return {"port": str(u.port), "ipv6" if v6 else "ipv4": True, "host": u.host,
+                "type": "inet"}  # fmt: skip
+    if u.scheme == "unix":
+        return {"path": u.path, "type": "unix"}
+    if u.scheme == "fd":
+        return {"str": str(u.fd), "type": "fd"}
+    return None

@@ -181,7 +181,7 @@ class _SendChannel:
         self.queue: queue.Queue[Any] = queue.Queue(QUEUE_DEPTH)
         self.synced = threading.Semaphore(0)
         self.compressor = _Compressor(sender.compression, sender.level)
-        self.thread = threads.Thread(target=self._run, name=f"multifdsend_{cid}", daemon=True)
+        self.thread = threads.Thread(target=self._run, name=f"mig/src/send_{cid}", daemon=True)
 
     def _run(self) -> None:
         s = self.sender
@@ -628,7 +628,7 @@ class _RecvChannel:
         # its pages go. Empty until a packet went through the full checks.
         self._raw_name = b""
         self._block: tuple[int, memoryview, np.ndarray, np.ndarray] | None = None
-        self.thread = threads.Thread(target=self._run, name=f"multifdrecv_{cid}", daemon=True)
+        self.thread = threads.Thread(target=self._run, name=f"mig/dst/recv_{cid}", daemon=True)
 
     def _read(self, view: memoryview, what: str, eof_ok: bool = False) -> bool:
         got = 0

@@ -127,7 +127,6 @@ class MigrationStats:
             "remaining": self.remaining,
             "total": self.total_bytes,
             "duplicate": self.zero_pages,
-            "skipped": 0,
             "normal": self.normal_pages,
             "normal-bytes": self.normal_pages * PAGE_SIZE,
             "dirty-pages-rate": self.dirty_pages_rate,
