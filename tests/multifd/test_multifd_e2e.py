@@ -136,3 +136,26 @@ def test_postcopy_after_multifd_finds_zero_pages_itself(
         assert ram["postcopy-bytes"] > zeros, ram
     else:
         assert ram["postcopy-bytes"] < zeros, ram
+
+
+def test_switchover_ack(make_pair: MakePair) -> None:
+    """Capability switchover-ack (QEMU 8.1+): the source switches over only once the destination
+    approved; a livemig destination does when its return path opens (no device needs more
+    time). Without the approval the source keeps iterating, as QEMU's does, until cancelled;
+    it was listed and refused before."""
+    p = make_pair("ws=1M rate=2000")
+    p.configure({"return-path": True, "switchover-ack": True})
+    src, dst = p.migrate()
+    assert src["status"] == "completed" and dst["status"] == "completed", (src, dst)
+
+    q = make_pair("ws=1M rate=2000")
+    q.src_mgr.set_capabilities([{"capability": c, "state": True}
+                                for c in ("return-path", "switchover-ack")])  # fmt: skip
+    wait = q.migrate_later(timeout=10)
+    time.sleep(1.5)
+    info = q.src_mgr.query_migrate()
+    assert info["status"] == "active" and info["ram"]["dirty-sync-count"] > 2, info
+    q.src_mgr.cancel()
+    src, _dst = wait()
+    assert src["status"] == "cancelled"
+    assert q.src.runstate.value == "running"

@@ -240,6 +240,9 @@ class IncomingMigration:
                 raise StreamError("OPEN_RETURN_PATH on a channel without a return path",
                                   dec.offset)  # fmt: skip
             self._return_path = True
+            if "switchover-ack" in self.capabilities:
+                # QEMU's loadvm: no device here needs more time, so approve at once
+                self._send_rp(RP.SwitchoverAck())
         elif isinstance(ev, E.Ping):
             if not self._return_path:
                 raise StreamError("PING without a return path", dec.offset)

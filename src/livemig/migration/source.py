@@ -156,6 +156,8 @@ class OutgoingMigration:
         self._rp_shut: int | None = None
         self._rp_event = threading.Event()
         self._rp_error: str | None = None
+        # switchover-ack: the destination's approval of the switch-over (QEMU 8.1+)
+        self._switchover_acked = threading.Event()
         self._stopped_guest = False
         self._t_stop: float | None = None
         self._was_running = False
@@ -370,6 +372,9 @@ class OutgoingMigration:
             self._rp_shut = msg.status
         elif isinstance(msg, RP.Pong):
             log.debug("PONG %d", msg.value)
+        elif isinstance(msg, RP.SwitchoverAck):
+            self._switchover_acked.set()
+            self._wake.set()
         elif self.postcopy is not None:
             self.postcopy.on_rp(msg)
 
@@ -407,14 +412,22 @@ class OutgoingMigration:
         self._record_pass(reason)
         self._auto_converge(new)
 
+    def can_switchover(self) -> bool:
+        """QEMU's migration_can_switchover: with switchover-ack, not before the destination
+        approved (it does once its return path is open, when no device needs more time)."""
+        return ("switchover-ack" not in self.config.capabilities
+                or self._switchover_acked.is_set())  # fmt: skip
+
     def _iterate(self) -> None:
         params = self.config.params
         refiner = SwitchoverRefiner(params["x-switchover-refine"])
         refining = False
+        waiting_ack = False
         while True:
             self._check_cancel()
             self._check_rp()
-            if self.postcopy is not None and self.postcopy.should_switch():
+            if self.postcopy is not None and self.postcopy.should_switch() and \
+                    self.can_switchover():  # fmt: skip
                 return
             # what the socket still holds must cross the link in the blackout too
             queued = self.channel.unsent() if self.channel is not None else 0
@@ -427,6 +440,14 @@ class OutgoingMigration:
                 self._sync(f"pending {pending} B <= threshold {threshold} B")
                 pending = self.stats.remaining + queued
                 refining = False
+                if pending <= self.stats.threshold and not self.can_switchover():
+                    # QEMU goes on iterating until the destination approves
+                    if not waiting_ack:
+                        log.info("switch-over waits for the destination's switchover-ack")
+                        waiting_ack = True
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
                 if pending <= self.stats.threshold:
                     # another pass only shrinks dirty pages, not what the socket holds
                     if not self.stats.remaining or not refiner.another_pass(
