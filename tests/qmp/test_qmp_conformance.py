@@ -410,26 +410,36 @@ def _drive(raw: Raw, mig: Path, scenario: str) -> dict[str, Any]:
     elif scenario == "source-migrating":
         peer = Silent(mig)
         try:
+            out["events-on"] = raw.ask(_caps(("events", True)))
             out["migrate"] = raw.ask(_x("migrate", uri=f"unix:{mig}"))
             _wait_status(raw, ("active",))
             out.update(_run(raw, MIGRATING))
             out["migrate_cancel"] = raw.ask(_x("migrate_cancel"))
             _wait_status(raw, ("cancelled", "failed"))
             out["query-migrate-cancelled"] = _normal(raw.ask(_x("query-migrate")))
+            out["events"] = _events(raw)
         finally:
             peer.close()
     elif scenario == "destination-migrating":
+        out["events-on"] = raw.ask(_caps(("events", True)))
         out["migrate-incoming"] = raw.ask(_x("migrate-incoming", uri=f"unix:{mig}"))
         peer = Silent(mig, _HEAD)
         peer.connect()
         try:
             _wait_status(raw, ("active",))
             out.update(_run(raw, INCOMING))
+            out["events"] = _events(raw)
         finally:
             peer.close()
     else:
         raise AssertionError(scenario)
     return out
+
+
+def _events(raw: Raw) -> list[Any]:
+    """The events so far, in order, with their data (the timestamps aside)."""
+    raw.ask(_x("query-status"))  # a round trip: events sent before it have arrived
+    return [[e["event"], e.get("data")] for e in raw.events]
 
 
 def _wait_status(raw: Raw, wanted: tuple[str, ...]) -> None:
