@@ -159,3 +159,23 @@ def test_switchover_ack(make_pair: MakePair) -> None:
     src, _dst = wait()
     assert src["status"] == "cancelled"
     assert q.src.runstate.value == "running"
+
+
+def test_query_migrationthreads_lists_the_multifd_send_threads(make_pair: MakePair) -> None:
+    """QEMU 10.0's query-migrationthreads: the source's main thread and its multifd send
+    threads, by QEMU's names (also their kernel names); the multifd threads were missing."""
+    p = make_pair("ws=8M rate=20000", ram=32 << 20)
+    p.configure({"multifd": True}, {"multifd-channels": 3, "max-bandwidth": 4 << 20})
+    wait = p.migrate_later(timeout=30)
+    deadline = time.monotonic() + 10
+    names: list[str] = []
+    while time.monotonic() < deadline:
+        names = [t["name"] for t in p.src_mgr.query_threads()]
+        if len(names) == 4:
+            break
+        time.sleep(0.02)
+    assert sorted(names) == ["mig/src/main", "mig/src/send_0", "mig/src/send_1", "mig/src/send_2"]
+    assert p.dst_mgr.query_threads() == []  # QEMU lists none on a destination
+    p.src_mgr.set_parameters({"max-bandwidth": 0})
+    src, _dst = wait()
+    assert src["status"] == "completed", src
