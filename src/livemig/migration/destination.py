@@ -252,6 +252,8 @@ class IncomingMigration:
                 raise StreamError(f"unexpected iterative section {ev.idstr!r}", dec.offset)
         elif isinstance(ev, (E.Header, E.SectionPart, E.SectionEnd, E.SectionFooter)):
             pass
+        elif isinstance(ev, E.SwitchoverStart):
+            pass  # QEMU 10.0 tells devices the switch-over begins: none here waits for it
         else:
             raise StreamError(f"{type(ev).__name__} is not supported in a pre-copy stream",
                               dec.offset)  # fmt: skip
