@@ -115,3 +115,42 @@ def test_parameters_defaults_and_checks() -> None:
     with pytest.raises(UsageError):
         p.set({"downtime-limit": 10, "cpu-throttle-initial": 0})
     assert p["downtime-limit"] == 50  # all or nothing
+
+
+def test_migrate_channels_as_qemu_10_takes_them() -> None:
+    """QEMU 10.0's ``channels`` argument: the URI QEMU's migrate_uri_parse gives the same
+    address, and QEMU's errors."""
+    from livemig.migration.channels import channels_uri
+    from livemig.migration.manager import qmp_uri
+
+    def main(addr: dict) -> list:
+        return [{"channel-type": "main", "addr": addr}]
+
+    sock = {"transport": "socket", "type": "inet", "host": "127.0.0.1", "port": "4444"}
+    assert channels_uri(main(sock), False) == "tcp:127.0.0.1:4444"
+    assert channels_uri(main({**sock, "host": "::1"}), False) == "tcp:[::1]:4444"
+    assert channels_uri(main({"transport": "socket", "type": "unix", "path": "/p"}),
+                        True) == "unix:/p"  # fmt: skip
+    assert channels_uri(main({"transport": "exec", "args": ["/bin/sh", "-c", "cat > f"]}),
+                        False) == "exec:cat > f"  # fmt: skip
+    assert channels_uri(main({"transport": "exec", "args": ["cat", "a b"]}),
+                        False) == "exec:cat 'a b'"  # fmt: skip
+    assert channels_uri(main({"transport": "file", "filename": "/f", "offset": 4096}),
+                        False) == "file:/f,offset=4096"  # fmt: skip
+    for chans, words in [
+        ([*main(sock), *main(sock)], "Channel list has more than one main entry"),
+        ([{"channel-type": "cpr", "addr": sock}], "Channel list has no main entry"),
+        (main({**sock, "port": 4444}), "Invalid parameter type for 'channels[0].addr.port', "
+                                       "expected: string"),
+        (main({"transport": "socket", "type": "inet", "host": "h"}),
+         "Parameter 'channels[0].addr.port' is missing"),
+        (main({"transport": "pigeon"}), "Parameter 'transport' does not accept value 'pigeon'"),
+        (main({"transport": "rdma", "host": "h", "port": "1"}), "RDMA migration is not supported"),
+    ]:  # fmt: skip
+        with pytest.raises(UsageError, match=re.escape(words)):
+            channels_uri(chans, False)
+    with pytest.raises(UsageError, match="must have only one entry"):
+        channels_uri([*main(sock), {"channel-type": "cpr", "addr": sock}], True)
+    with pytest.raises(UsageError, match="need either 'uri' or 'channels' argument"):
+        qmp_uri("tcp:h:1", main(sock))
+    assert qmp_uri(None, main(sock)) == "tcp:127.0.0.1:4444"

@@ -411,7 +411,8 @@ def _drive(raw: Raw, mig: Path, scenario: str) -> dict[str, Any]:
         peer = Silent(mig)
         try:
             out["events-on"] = raw.ask(_caps(("events", True)))
-            out["migrate"] = raw.ask(_x("migrate", uri=f"unix:{mig}"))
+            # QEMU 10.0's channels form of the address (the other form is used below)
+            out["migrate"] = raw.ask(_x("migrate", channels=_unix_channel(mig)))
             _wait_status(raw, ("active",))
             out.update(_run(raw, MIGRATING))
             out["migrate_cancel"] = raw.ask(_x("migrate_cancel"))
@@ -434,6 +435,11 @@ def _drive(raw: Raw, mig: Path, scenario: str) -> dict[str, Any]:
     else:
         raise AssertionError(scenario)
     return out
+
+
+def _unix_channel(path: Path) -> list[dict[str, Any]]:
+    return [{"channel-type": "main",
+             "addr": {"transport": "socket", "type": "unix", "path": str(path)}}]  # fmt: skip
 
 
 def _events(raw: Raw) -> list[Any]:

@@ -200,7 +200,7 @@ class MigrationManager:
             raise UsageError("The incoming migration has already been started")
         if not self.incoming_deferred or self.machine.runstate != RunState.INMIGRATE:
             raise UsageError("'-incoming' was not specified on the command line")
-        uri = qmp_uri(uri, channels)
+        uri = qmp_uri(uri, channels, incoming=True)
         parse_qmp_uri(uri)
         self.incoming_start(uri, exit_on_error)
 
@@ -301,13 +301,17 @@ class MigrationManager:
                 for t in running if t.is_alive()]  # fmt: skip
 
 
-def qmp_uri(uri: str | None, channels: list[Any] | None) -> str:
+def qmp_uri(uri: str | None, channels: list[Any] | None, incoming: bool = False) -> str:
     """The URI of a QMP ``migrate`` / ``migrate-incoming``: QEMU 10.0 takes either ``uri`` or
-    ``channels``; livemig takes ``uri`` only."""
+    ``channels`` (``migration/channels.py``). An empty list is no list, as in QEMU's C."""
+    channels = channels or None
     if (uri is None) == (channels is None):
         raise UsageError("need either 'uri' or 'channels' argument")
     if uri is None:
-        raise UsageError("the 'channels' argument is not supported by livemig: give 'uri'")
+        from livemig.migration.channels import channels_uri
+
+        assert channels is not None
+        return channels_uri(channels, incoming)
     return uri
 
 
