@@ -132,7 +132,8 @@ def measure(ram: int, ws: str, smp: int, preempt: bool, prefetch: int, pc_bw: in
                 q = src.qmp("query-migrate")
                 if q.get("status") in ("failed", "cancelled"):
                     raise RuntimeError(f"pre-copy {q['status']}: {q.get('error-desc')}")
-                return q.get("status") == "active" and q["ram"]["dirty-sync-count"] >= 1
+                # the setup's sync is pass 1 (as QEMU counts): 2 = the first full pass is done
+                return q.get("status") == "active" and q["ram"]["dirty-sync-count"] >= 2
 
             _wait(first_pass_done, 60, "pre-copy did not finish a pass")
             src.qmp("migrate-start-postcopy")
