@@ -4,8 +4,8 @@ Python names a thread for Python alone: ``top -H``, ``ps -T``, ``perf`` and ``/p
 every thread of a livemig process as ``python``, so a profile of a migration cannot tell the
 migration thread from a multifd channel or a vCPU. ``Thread`` gives the kernel the thread's
 Python name when it starts (``prctl(PR_SET_NAME)``, which keeps the first 15 bytes), so the
-names ``query-migrationthreads`` reports (``live_migration``, ``multifdsend_0``,
-``return path``, ...) are the ones the host's tools show.
+names ``query-migrationthreads`` reports (``mig/src/main``, ``mig/src/send_0``,
+``mig/src/return``, QEMU 10.0's names, ...) are the ones the host's tools show.
 """
 
 from __future__ import annotations

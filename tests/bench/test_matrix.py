@@ -8,12 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 
 import pytest
 
 from livemig.bench import matrix
+from livemig.bench.qemu_baseline import qemu_available
 from livemig.errors import UsageError
 
 
@@ -149,7 +149,7 @@ def test_scenario_cut_at_the_limit() -> None:
 @pytest.mark.qemu
 @pytest.mark.skipif(not os.environ.get("LIVEMIG_BENCH_QEMU"), reason="set LIVEMIG_BENCH_QEMU=1: "
                     "downloads a Debian kernel with apt-get")  # fmt: skip
-@pytest.mark.skipif(shutil.which("qemu-system-x86_64") is None, reason="no QEMU")
+@pytest.mark.skipif(not qemu_available(), reason="no QEMU")
 @pytest.mark.timeout(300)
 def test_vs_qemu_one_scenario() -> None:
     cfg = matrix.Config(sizes=[256 << 20], rates=[20], strategies=["postcopy"],

@@ -74,7 +74,8 @@ def test_bench_throughput_without_zero_page_detection(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not qemu_multifd.available(), reason="qemu-system-x86_64 is not installed")
 def test_bench_throughput_beside_qemu(tmp_path: Path) -> None:
-    """QEMU 7.2 migrates the same RAM in the same round, beside prefaulted rows only."""
+    """QEMU (10.0 when installed) migrates the same RAM in the same round, beside prefaulted
+    rows only; every row names the QEMU it measured."""
     out = tmp_path / "t.json"
     args = argparse.Namespace(size="64M", channels="2", kinds="random", compress="", repeat=2,
                               dest_ram="both", json=str(out), verify=False, no_qemu=False,
@@ -86,4 +87,7 @@ def test_bench_throughput_beside_qemu(tmp_path: Path) -> None:
     assert r["qemu"] > 0 and r["qemu_cpu_per_gb"] > 0
     assert r["ratio_qemu"] == r["throughput"] / r["qemu"]
     assert len(r["runs"]) == 2 and all(run["qemu"] > 0 for run in r["runs"])
+    from livemig.bench.qemu_baseline import qemu_label
+
+    assert r["qemu_version"] == qemu_label() and qemu_label().startswith("QEMU ")
     assert not list(Path("/dev/shm").glob(f"livemig-bench-{os.getpid()}-*"))  # RAM files gone

@@ -59,7 +59,7 @@ def test_cancel_at_setup_then_again(harness: ProcHarness) -> None:
     assert src.query_migrate() == {}
     harness.migrate(src, dst.incoming, caps={"events": True}, params=SLOW)
     src.cmd("migrate_cancel")  # right away: still in (or just out of) setup
-    src.cmd("migrate-cancel")  # the other spelling, and a second cancel: idempotent
+    src.cmd("migrate_cancel")  # a second cancel: idempotent
     info = src.wait_migration(timeout=20)
     assert info["status"] == "cancelled", info
     statuses = cancelled_statuses(src)

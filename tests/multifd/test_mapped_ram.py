@@ -164,6 +164,15 @@ def test_livemig_analyze_reads_a_mapped_ram_file(make_pair: MakePair, tmp_path: 
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert "cpu" in out.stdout and "pc.ram" in out.stdout
+    # the pages come from the file's page regions, as its bitmaps mark them: the stream
+    # proper holds none (analyze used to dump zeros)
+    from livemig.cli.analyze import analyze
+
+    result = analyze(path.read_bytes(), keep_ram=True)
+    for block in p.src.ram_blocks:  # stopped at the end of a migration to a file
+        got = result.ram[block.idstr].reshape(-1)[: block.size]
+        assert np.array_equal(got, block.array), block.idstr
+    assert result.pages["pc.ram"]["mapped"] > 256  # the 1 MiB working set, at least
 
 
 def test_mapped_ram_restore_in_a_new_process(tmp_path: Path) -> None:

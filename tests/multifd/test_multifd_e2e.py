@@ -136,3 +136,46 @@ def test_postcopy_after_multifd_finds_zero_pages_itself(
         assert ram["postcopy-bytes"] > zeros, ram
     else:
         assert ram["postcopy-bytes"] < zeros, ram
+
+
+def test_switchover_ack(make_pair: MakePair) -> None:
+    """Capability switchover-ack (QEMU 8.1+): the source switches over only once the destination
+    approved; a livemig destination does when its return path opens (no device needs more
+    time). Without the approval the source keeps iterating, as QEMU's does, until cancelled;
+    it was listed and refused before."""
+    p = make_pair("ws=1M rate=2000")
+    p.configure({"return-path": True, "switchover-ack": True})
+    src, dst = p.migrate()
+    assert src["status"] == "completed" and dst["status"] == "completed", (src, dst)
+
+    q = make_pair("ws=1M rate=2000")
+    q.src_mgr.set_capabilities([{"capability": c, "state": True}
+                                for c in ("return-path", "switchover-ack")])  # fmt: skip
+    wait = q.migrate_later(timeout=10)
+    time.sleep(1.5)
+    info = q.src_mgr.query_migrate()
+    assert info["status"] == "active" and info["ram"]["dirty-sync-count"] > 2, info
+    q.src_mgr.cancel()
+    src, _dst = wait()
+    assert src["status"] == "cancelled"
+    assert q.src.runstate.value == "running"
+
+
+def test_query_migrationthreads_lists_the_multifd_send_threads(make_pair: MakePair) -> None:
+    """QEMU 10.0's query-migrationthreads: the source's main thread and its multifd send
+    threads, by QEMU's names (also their kernel names); the multifd threads were missing."""
+    p = make_pair("ws=8M rate=20000", ram=32 << 20)
+    p.configure({"multifd": True}, {"multifd-channels": 3, "max-bandwidth": 4 << 20})
+    wait = p.migrate_later(timeout=30)
+    deadline = time.monotonic() + 10
+    names: list[str] = []
+    while time.monotonic() < deadline:
+        names = [t["name"] for t in p.src_mgr.query_threads()]
+        if len(names) == 4:
+            break
+        time.sleep(0.02)
+    assert sorted(names) == ["mig/src/main", "mig/src/send_0", "mig/src/send_1", "mig/src/send_2"]
+    assert p.dst_mgr.query_threads() == []  # QEMU lists none on a destination
+    p.src_mgr.set_parameters({"max-bandwidth": 0})
+    src, _dst = wait()
+    assert src["status"] == "completed", src

@@ -11,7 +11,7 @@ import threading
 import numpy as np
 import pytest
 
-from livemig.errors import MigrationError
+from livemig.errors import MigrationError, StreamError
 from livemig.machine.ram import RAMBlock
 from livemig.migration.multifd import MultifdReceiver, MultifdSender
 from livemig.savevm.ram import Batch, RamLoader
@@ -234,3 +234,37 @@ def test_page_less_sync_packet_needs_no_compression_flag() -> None:
     assert rx.error is not None and "compression flags 0x0, this side uses 'zlib'" in rx.error
     rx.close()
     a.close()
+
+
+def _qemu9_sync(num: int) -> bytes:
+    """A QEMU 9.0+ SYNC packet: pages_alloc 0 (its RAM part left zero), yet as long as every
+    other packet of the migration (QEMU's receiver reads a fixed packet_len)."""
+    raw = bytearray(_raw(1, num, []))
+    raw[12:16] = bytes(4)  # pages_alloc
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_qemu9_sync_packet_without_page_slots(rx: Rx, first: bool) -> None:
+    """QEMU 9.0+ fills only the header of a SYNC packet (pages_alloc 0) but sends it whole;
+    it was refused ('0+0 pages with pages_alloc 0'), and the first packet of a channel (QEMU
+    10.0's first packet on a channel is often a SYNC) set the packet size to the header alone,
+    misreading everything after it. Before or after packets with pages, it is a sync point."""
+    if not first:
+        rx.send([1, 2])
+    rx.tx.sendall(_qemu9_sync(rx.num))
+    rx.num += 1
+    assert _sync_point(rx) is None
+    rx.send([3, 7, 8])
+    rx.tx.sendall(_qemu9_sync(rx.num))
+    rx.num += 1
+    assert _sync_point(rx) is None
+    assert rx.finish() is None
+    rx.check()
+
+
+def test_page_slots_zero_with_pages_is_refused() -> None:
+    raw = bytearray(_raw(0, 0, [1], bytes(PAGE)))
+    raw[12:16] = bytes(4)
+    with pytest.raises(StreamError, match="1\\+0 pages with pages_alloc 0"):
+        MultifdPacket.unpack(memoryview(raw), 0)

@@ -82,8 +82,10 @@ class Pair:
             time.sleep(0.01)
 
     def wait_pass(self, n: int, timeout: float = 20.0) -> None:
+        """Until ``n`` passes over RAM are done: dirty-sync-count ``n + 1`` (the setup's sync
+        is pass 1 there, as in QEMU)."""
         deadline = time.monotonic() + timeout
-        while self.sm.outgoing is None or self.sm.outgoing.stats.dirty_sync_count < n:
+        while self.sm.outgoing is None or self.sm.outgoing.stats.dirty_sync_count < n + 1:
             assert time.monotonic() < deadline, "pre-copy did not reach the wanted pass"
             time.sleep(0.01)
 

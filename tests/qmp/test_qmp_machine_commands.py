@@ -36,7 +36,6 @@ def test_status_stop_cont_and_events(rig: MachineRig) -> None:
         c = await client_for(rig)
         assert await c.execute("query-status") == {
             "status": "prelaunch",
-            "singlestep": False,
             "running": False,
         }
         assert await c.execute("stop") == {}  # not running: nothing happens, no event
@@ -44,7 +43,6 @@ def test_status_stop_cont_and_events(rig: MachineRig) -> None:
         assert (await next_event(c))["event"] == "RESUME"
         assert await c.execute("query-status") == {
             "status": "running",
-            "singlestep": False,
             "running": True,
         }
         assert await c.execute("cont") == {}  # already running: no-op
@@ -161,7 +159,7 @@ def test_quit_replies_then_shutdown_event_then_on_quit(rig: MachineRig) -> None:
 def test_query_version_commands_cpus(rig: MachineRig) -> None:
     with QMPConnection(rig.server.address) as conn:
         assert conn.command("query-version") == {
-            "qemu": {"micro": 0, "minor": 2, "major": 7},
+            "qemu": {"micro": 2, "minor": 0, "major": 10},
             "package": rig.server.package,
         }
         names = [c["name"] for c in conn.command("query-commands")]
@@ -173,10 +171,13 @@ def test_query_version_commands_cpus(rig: MachineRig) -> None:
                 "cont",
                 "quit",
                 "query-version",
+                "query-name",
                 "query-commands",
+                "query-qmp-schema",
                 "query-cpus-fast",
             ]
         )
+        assert conn.command("query-name") == {}  # an unnamed machine, as QEMU without -name
         cpus = conn.command("query-cpus-fast")
         assert [c["cpu-index"] for c in cpus] == [0, 1]
         assert cpus[1]["qom-path"] == "/machine/unattached/device[1]"

@@ -59,7 +59,6 @@ def test_stop_cont_quit_on_a_real_machine(
             await client.execute("stop")
             assert await client.execute("query-status") == {
                 "status": "paused",
-                "singlestep": False,
                 "running": False,
             }
             await client.execute("cont")

@@ -284,3 +284,36 @@ def test_tcp_port_zero(make_server: Callable[..., QMPServer]) -> None:
         await client.disconnect()
 
     run(go())
+
+
+def test_postcopy_recovery_commands_run_out_of_band(make_server: Callable[..., QMPServer]) -> None:
+    """QEMU 10.0 runs migrate-pause and migrate-recover out of band: post-copy recovery must
+    not wait behind an in-band command stuck on the broken link. They used to be refused with
+    exec-oob ("does not support OOB") though the greeting offered OOB."""
+    from qmp_fakes import FakeMachine
+
+    from livemig.migration.manager import MigrationManager, register_migration_commands
+
+    release = threading.Event()
+    reg = CommandRegistry()
+    register_migration_commands(reg, MigrationManager(FakeMachine()))
+    reg.add("slow", lambda: release.wait(T) and "done")
+    server = make_server(reg)
+
+    async def go() -> None:
+        client = await connected(server)
+        slow = asyncio.create_task(client.execute("slow"))
+        await asyncio.sleep(0.1)
+        for cmd, args, words in [
+            ("migrate-pause", None, "only supported during postcopy-active or postcopy-recover"),
+            ("migrate-recover", {"uri": "tcp:127.0.0.1:1"}, "only be run when postcopy is paused"),
+        ]:  # fmt: skip
+            with pytest.raises(ExecuteError) as info:  # answered while "slow" still runs
+                await asyncio.wait_for(client.execute(cmd, args, oob=True), T)
+            assert words in info.value.error.error.desc
+        assert not slow.done()
+        release.set()
+        assert await asyncio.wait_for(slow, T) == "done"
+        await client.disconnect()
+
+    run(go())

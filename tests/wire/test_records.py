@@ -264,6 +264,36 @@ def test_vmdesc_roundtrip_through_encoder() -> None:
     assert got[1] == SectionFull(0, "timer", 0, 2, state)
 
 
+def test_vmdesc_describes_the_configuration_as_qemu_does() -> None:
+    """QEMU 9.0+ writes a "configuration" key first in its vmdesc; without it QEMU's
+    analyze-migration.py read a livemig stream's configuration by the pre-9.0 rule and failed
+    on its capabilities subsection ('Unknown section type: 5'). The expected entries are what
+    QEMU 10.0.2 wrote for pc-i440fx-10.0, with mapped-ram and without capabilities."""
+    from livemig.wire.vmdesc import configuration_entry
+
+    name = {"name": "name", "type": "buffer", "size": 14}
+    head = [{"name": "len", "type": "uint32", "size": 4}, name]
+    assert configuration_entry("pc-i440fx-10.0") == {
+        "vmsd_name": "configuration", "version": 1, "fields": head}  # fmt: skip
+    assert configuration_entry("pc-i440fx-10.0", ("mapped-ram",)) == {
+        "vmsd_name": "configuration", "version": 1, "fields": head,
+        "subsections": [{"vmsd_name": "configuration/capabilities", "version": 1, "fields": [
+            {"name": "caps_count", "type": "uint32", "size": 4},
+            {"name": "capabilities", "type": "capability", "size": 11}]}],
+    }  # fmt: skip
+    two = configuration_entry("m", ("x-ignore-shared", "mapped-ram"))["subsections"][0]
+    assert two["fields"][1] == {"name": "capabilities", "array_len": 2, "type": "capability",
+                                "size": 16}  # fmt: skip
+    enc = Encoder()
+    data = b"".join(enc.to_bytes(e) for e in (Header(), Configuration("livemig-x86_64", ()),
+                                              Eof()))  # fmt: skip
+    data += enc.to_bytes(enc.vmdesc())
+    desc = find_vmdesc(data)
+    assert desc is not None and list(desc) == ["configuration", "page_size", "devices"]
+    caps = desc["configuration"]["subsections"][0]
+    assert caps["fields"] == [{"name": "caps_count", "type": "uint32", "size": 4}]
+
+
 def test_fixture_hashes_via_cli(tmp_path: Path) -> None:
     meta = json.loads((FIXTURES / "fixtures.json").read_text())
     for entry in meta.values():

@@ -226,6 +226,7 @@ class MigrationFigures:
     """What one migration measured, for livemig or QEMU alike (times in ms, sizes in bytes)."""
 
     status: str
+    vm: str = "livemig"  # or the QEMU that ran: "QEMU 10.0.2"
     total_ms: float | None = None
     downtime_ms: float | None = None
     setup_ms: float | None = None
@@ -268,15 +269,30 @@ def placement(smp: int) -> tuple[list[set[int]], set[int]] | None:
     return [{c} for c in cpus[:smp]], set(cpus[smp:])
 
 
-def pin_threads(q: Any, vcpus: list[set[int]] | None, migration: set[int]) -> int:
+def pin_threads(
+    q: Any, vcpus: list[set[int]] | None, migration: set[int], pid: int | None = None
+) -> int:
     """Pin a VM's threads the way libvirt's ``vcpupin`` and ``emulatorpin`` do, by the thread
     ids QMP reports: vCPU i to ``vcpus[i]`` (``query-cpus-fast``; skipped when None), and the
-    migration threads to ``migration`` (``query-migrationthreads``). The threads pinned."""
+    migration threads to ``migration`` (``query-migrationthreads``), or with ``pid`` every
+    thread of that process that is not a vCPU (``emulatorpin``: a destination, whose loading
+    QEMU 10.0 does in its main thread and lists no migration thread for). The threads pinned."""
     pinned = 0
+    cpus = q.command("query-cpus-fast")
     if vcpus is not None:
-        for cpu in q.command("query-cpus-fast"):
+        for cpu in cpus:
             os.sched_setaffinity(int(cpu["thread-id"]), vcpus[int(cpu["cpu-index"])])
             pinned += 1
+    if pid is not None:
+        vcpu_tids = {int(c["thread-id"]) for c in cpus}
+        for tid in (int(t) for t in os.listdir(f"/proc/{pid}/task")):
+            if tid not in vcpu_tids:
+                try:
+                    os.sched_setaffinity(tid, migration)
+                    pinned += 1
+                except ProcessLookupError:
+                    pass  # ended meanwhile
+        return pinned
     for t in q.command("query-migrationthreads"):
         try:
             os.sched_setaffinity(int(t["thread-id"]), migration)
@@ -309,7 +325,7 @@ def drive_migration(
     samples: list[tuple[float, dict[str, Any]]] = []
     with src.qmp() as sq, dst.qmp() as dq:
         dq.command("migrate-incoming", uri=uri)
-        pinned = pin_threads(dq, None, pin[1]) if pin is not None else 0
+        pinned = pin_threads(dq, None, pin[1], pid=dst.pid) if pin is not None else 0
         set_migration(sq, caps, params)
         sq.events()  # only events of this migration from here on
         dq.events()

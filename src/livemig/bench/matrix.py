@@ -3,7 +3,8 @@
 A scenario is guest size x dirty rate x strategy. Each one is a real migration between two
 ``livemig run`` processes (source booting memstress, destination ``--incoming defer``) over TCP
 loopback, driven through QMP the way QEMU is driven, so that with ``--vs-qemu`` the same
-scenarios run on QEMU 7.2 under TCG with the Linux guest of ``livemig.bench.qemu_baseline``
+scenarios run on real QEMU (10.0 by default, named in every label and record) under TCG with
+the Linux guest of ``livemig.bench.qemu_baseline``
 (Debian kernel + the *dirtier* initramfs; the kernel is fetched with ``apt-get download`` only
 then) and every figure is printed as ``livemig / QEMU``.
 
@@ -115,7 +116,7 @@ class Config:
     )
     repeat: int = 1
     limit_seconds: float = 20.0
-    # QEMU 7.2's default max-bandwidth: dirty rates above it make the strategies differ.
+    # QEMU's default max-bandwidth: dirty rates above it make the strategies differ.
     bandwidth: int = 128 << 20
     downtime_limit: int = 300
     ws_share: float = 0.25
@@ -319,8 +320,14 @@ def run_livemig(cfg: Config, size: int, rate: int | str, strategy: Strategy) -> 
 
 
 def run_qemu(cfg: Config, size: int, rate: int | str, strategy: Strategy) -> RunFigures:
-    """The same scenario on QEMU 7.2 (TCG, baseline Linux guest, unaligned RAM)."""
-    from livemig.bench.qemu_baseline import BOOT_TIMEOUT, build_initramfs, fetch_kernel, qemu_argv
+    """The same scenario on QEMU (TCG, baseline Linux guest; unaligned RAM before 9.0)."""
+    from livemig.bench.qemu_baseline import (
+        BOOT_TIMEOUT,
+        build_initramfs,
+        fetch_kernel,
+        qemu_argv,
+        qemu_label,
+    )
 
     kernel, initrd = fetch_kernel(), build_initramfs()
     if rate == 0:
@@ -338,6 +345,7 @@ def run_qemu(cfg: Config, size: int, rate: int | str, strategy: Strategy) -> Run
                            wd.sock("dq"), console=wd.sock("ds"), name="qemu destination")  # fmt: skip
         fig = _run_pair(src, dst, lambda ln: ln.startswith("dirtier: beat"), BOOT_TIMEOUT,
                         strategy, {}, params, cfg.limit_seconds, console_socket=True)  # fmt: skip
+    fig.vm = qemu_label()
     return fig
 
 
@@ -397,18 +405,20 @@ def run_matrix(cfg: Config, progress: Callable[[str], None] = lambda s: None) ->
     todo = scenarios(cfg)
     qemu_version = None
     if cfg.vs_qemu:
-        from livemig.bench.qemu_baseline import QEMU, build_initramfs, fetch_kernel, qemu_available
+        from livemig.bench.qemu_baseline import (
+            build_initramfs,
+            fetch_kernel,
+            qemu_available,
+            qemu_label,
+        )
 
         if not qemu_available():
-            raise UsageError("--vs-qemu needs qemu-system-x86_64 on PATH (apt-get install "
-                             "qemu-system-x86)")  # fmt: skip
+            raise UsageError("--vs-qemu needs QEMU: ./dev setup installs QEMU 10.0 (or set "
+                             "LIVEMIG_QEMU)")  # fmt: skip
         progress("QEMU baseline guest: Debian kernel (apt-get download, cached) + initramfs")
         fetch_kernel()
         build_initramfs()
-        import subprocess
-
-        res = subprocess.run([QEMU, "--version"], capture_output=True, text=True, timeout=30)
-        qemu_version = res.stdout.splitlines()[0] if res.stdout else None
+        qemu_version = qemu_label()
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine_info(),
@@ -508,7 +518,7 @@ def render(result: dict[str, Any]) -> Any:
              "((at the limit) when none completed), "
              f"max-bandwidth {format_size(cfg['bandwidth']) if cfg['bandwidth'] else 'unlimited'}"
              f", downtime-limit {cfg['downtime_limit']} ms, limit {cfg['limit_seconds']:g} s"
-             + (", livemig / QEMU 7.2 TCG" if vs else ""))  # fmt: skip
+             + (f", livemig / {result.get('qemu') or 'QEMU'} TCG" if vs else ""))  # fmt: skip
     table = Table(title=title)
     head, rows = table_rows(result)
     for i, col in enumerate(head):
@@ -542,7 +552,7 @@ def _rate(text: str) -> int | str:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("matrix", help="scenario matrix (size x dirty rate x strategy), "
-                       "optionally beside QEMU 7.2")  # fmt: skip
+                       "optionally beside real QEMU (10.0 by default)")  # fmt: skip
     p.add_argument("--sizes", type=_list(parse_size), default=None, help="guest RAM sizes (256M)")
     p.add_argument("--rates", type=_list(_rate), default=None,
                    help="dirty rates in MiB/s, 0 = idle, max = flat out (0,50,200)")  # fmt: skip
@@ -560,7 +570,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--smp", type=int, default=1, help="livemig vCPUs (QEMU runs -smp 1)")
     p.add_argument("--no-verify", action="store_true", help="no livemig x-verify RAM hashes")
     p.add_argument("--vs-qemu", action="store_true",
-                   help="the same scenarios on QEMU 7.2 (TCG, Linux guest; slow)")  # fmt: skip
+                   help="the same scenarios on real QEMU, 10.0 by default (TCG, Linux guest; slow)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     p.set_defaults(func=main)
 

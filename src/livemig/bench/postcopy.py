@@ -14,11 +14,11 @@ a figure is livemig and how much the hour it ran in. (Until
 2026-11-26 both machines ran in the benchmark's own process; one interpreter lock for both
 sides made the latency figures worse than a real pair's.)
 
-``--vs-qemu`` adds QEMU 7.2's post-copy on the same machine (the baseline guest of
+``--vs-qemu`` adds real QEMU's post-copy (10.0 by default, named in the output) on the same machine (the baseline guest of
 ``livemig.bench.qemu_baseline``: a Debian kernel under TCG whose ``/init`` dirties a working set
 at a paced rate): same RAM size, working set and ``max-postcopy-bandwidth``, postcopy-ram (and
 postcopy-preempt for the preempt row), ``migrate-start-postcopy`` after the first full pass.
-QEMU 7.2 reports no per-request latency, so its row has total time, downtime, requests and
+QEMU reports no per-request latency, so its row has total time, downtime, requests and
 ``postcopy-blocktime`` (from the destination's query-migrate); its dirty rate is measured from
 the guest's heartbeats, livemig's from memstress's passes.
 """
@@ -64,7 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--vs-qemu",
         action="store_true",
-        help="also migrate QEMU 7.2's baseline guest with post-copy (slow: boots Linux)",
+        help="also migrate QEMU's baseline guest with post-copy (10.0 by default; slow: boots Linux)",
     )
     p.add_argument("--qemu-rate", type=int, default=None,
                    help="dirty rate of the QEMU guest in MiB/s (default: --rate, or 1024 when "
@@ -132,7 +132,8 @@ def measure(ram: int, ws: str, smp: int, preempt: bool, prefetch: int, pc_bw: in
                 q = src.qmp("query-migrate")
                 if q.get("status") in ("failed", "cancelled"):
                     raise RuntimeError(f"pre-copy {q['status']}: {q.get('error-desc')}")
-                return q.get("status") == "active" and q["ram"]["dirty-sync-count"] >= 1
+                # the setup's sync is pass 1 (as QEMU counts): 2 = the first full pass is done
+                return q.get("status") == "active" and q["ram"]["dirty-sync-count"] >= 2
 
             _wait(first_pass_done, 60, "pre-copy did not finish a pass")
             src.qmp("migrate-start-postcopy")
@@ -196,9 +197,15 @@ def _written(lines: list[tuple[float, str]]) -> list[tuple[float, int]]:
 
 def measure_qemu(ram: int, ws_mib: int, rate_mib: int, preempt: bool, pc_bw: int,
                  timeout: float = 120.0) -> dict[str, Any]:  # fmt: skip
-    """One QEMU 7.2 post-copy migration of the baseline guest; its figures."""
+    """One QEMU post-copy migration of the baseline guest; its figures."""
     from livemig.bench.common import Workdir, free_port
-    from livemig.bench.qemu_baseline import BOOT_TIMEOUT, build_initramfs, fetch_kernel, qemu_pair
+    from livemig.bench.qemu_baseline import (
+        BOOT_TIMEOUT,
+        build_initramfs,
+        fetch_kernel,
+        qemu_label,
+        qemu_pair,
+    )
     from livemig.errors import MigrationError
 
     kernel, initrd = fetch_kernel(), build_initramfs()
@@ -206,7 +213,7 @@ def measure_qemu(ram: int, ws_mib: int, rate_mib: int, preempt: bool, pc_bw: int
     uri = f"tcp:127.0.0.1:{free_port()}"
     caps = [{"capability": "postcopy-ram", "state": True},
             {"capability": "postcopy-preempt", "state": preempt}]  # fmt: skip
-    out: dict[str, Any] = {"vm": "qemu", "preempt": preempt, "prefetch": None,
+    out: dict[str, Any] = {"vm": qemu_label(), "preempt": preempt, "prefetch": None,
                            "ram-mib": ram >> 20}  # fmt: skip
     with Workdir() as wd:
         src, dst = qemu_pair(wd, ram, kernel, initrd, append)
@@ -302,7 +309,8 @@ def run(args: argparse.Namespace) -> int:
         from livemig.errors import UsageError
 
         if not qemu_available():
-            raise UsageError("--vs-qemu needs qemu-system-x86_64")
+            raise UsageError("--vs-qemu needs QEMU: ./dev setup installs QEMU 10.0 (or set "
+                             "LIVEMIG_QEMU)")  # fmt: skip
         ws_mib = parse_size(args.ws, "--ws") >> 20
         # A Linux guest needs room beside the working set (128M with a 96M one panics).
         qram = max(ram, (ws_mib + QEMU_HEADROOM_MIB) << 20)
@@ -353,7 +361,9 @@ def run(args: argparse.Namespace) -> int:
         f"{args.smp} busy cores), measured just before each livemig row"
     )
     if args.vs_qemu:
-        print(f"qemu: 7.2 under TCG, 1 vCPU, Linux + dirtier (RAM = ws + {QEMU_HEADROOM_MIB}M); it "
+        from livemig.bench.qemu_baseline import qemu_label
+
+        print(f"qemu: {qemu_label()} under TCG, 1 vCPU, Linux + dirtier (RAM = ws + {QEMU_HEADROOM_MIB}M); it "
               "reports no per-request latency, only requests and postcopy-blocktime; compare "
               "with livemig at --smp 1 --rate equal to the QEMU rate")  # fmt: skip
     return 0

@@ -1,4 +1,8 @@
-"""QEMU 7.2 as the in-run baseline of the migration benchmarks (../shared/design/qemu-baseline.md).
+"""Real QEMU as the in-run baseline of the migration benchmarks (../shared/design/qemu-baseline.md).
+
+Which QEMU: today's, 10.0 (``./dev setup`` installs it beside Debian's 7.2; ``$LIVEMIG_QEMU``
+points elsewhere), else whatever ``qemu-system-x86_64`` is on PATH (``livemig.testing.qemu``).
+Every label and JSON record names the version that ran (``qemu_label()``: "QEMU 10.0.2").
 
 The guest is Debian's kernel with a tiny initramfs whose ``/init`` is a static C program, the
 *dirtier*: it reads ``dirty=N,R`` from the kernel command line (the kernel hands unknown
@@ -12,13 +16,15 @@ Everything is built once into the livemig cache (``$LIVEMIG_CACHE`` or ~/.cache/
 ``qemu-baseline/``): the kernel comes from ``apt-get download`` + ``dpkg-deb -x`` of a Debian
 package (only when the QEMU baseline is asked for), the initramfs from gcc -static.
 
-QEMU runs with TCG only (KVM hangs on these machines), ``-machine pc -cpu qemu64 -smp 1``, and
-an unaligned RAM size (1 GiB + 8 KiB for ``1G``): QEMU 7.2 loses dirty pages with TCG when a RAM
-block is a multiple of 256 KiB, and the unaligned size forces its per-page path.
+QEMU runs with TCG only (KVM hangs on these machines), ``-machine pc -cpu qemu64 -smp 1``; a
+QEMU before 9.0 gets an unaligned RAM size (1 GiB + 8 KiB for ``1G``): it loses dirty pages with
+TCG when a RAM block is a multiple of 256 KiB, and the unaligned size forces its per-page path
+(fixed in 9.0).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -27,10 +33,10 @@ import time
 from pathlib import Path
 
 from livemig.bench.common import GuestProcess, MigrationFigures, Workdir, drive_migration
-from livemig.errors import GuestBuildError, MigrationError
+from livemig.errors import GuestBuildError, MigrationError, UsageError
+from livemig.testing.qemu import QemuBinary, default_qemu
 
 KERNEL_PACKAGE = os.environ.get("LIVEMIG_BASELINE_KERNEL", "linux-image-6.1.0-56-amd64")
-QEMU = os.environ.get("LIVEMIG_QEMU", "qemu-system-x86_64")
 UNALIGN_KIB = 8  # see the module docstring: QEMU 7.2's lost-dirty-pages bug
 BOOT_TIMEOUT = 90.0
 
@@ -96,8 +102,33 @@ def cache_dir() -> Path:
     return base / "qemu-baseline"
 
 
+@functools.cache
+def qemu_binary() -> QemuBinary | None:
+    """The QEMU the benchmarks run: 10.0 by default (see the module docstring)."""
+    return default_qemu()
+
+
 def qemu_available() -> bool:
-    return shutil.which(QEMU) is not None
+    return qemu_binary() is not None
+
+
+def qemu_path() -> str:
+    q = qemu_binary()
+    if q is None:
+        raise UsageError("no QEMU: ./dev setup installs QEMU 10.0 (or set LIVEMIG_QEMU)")
+    return q.path
+
+
+def qemu_label() -> str:
+    """ "QEMU 10.0.2": the version measured, for every label and record."""
+    q = qemu_binary()
+    return q.label if q is not None else "QEMU (not installed)"
+
+
+def unaligned_kib() -> int:
+    """Extra KiB of RAM that keep a QEMU before 9.0 off its lost-dirty-pages path."""
+    q = qemu_binary()
+    return UNALIGN_KIB if q is not None and not q.at_least(9) else 0
 
 
 def fetch_kernel(cache: Path | None = None, package: str = KERNEL_PACKAGE) -> Path:
@@ -177,10 +208,11 @@ def qemu_argv(
     memory: int, kernel: Path, initrd: Path, append: str, qmp: str, serial: str,
     incoming: bool = False,
 ) -> list[str]:  # fmt: skip
-    """The QEMU command line of the baseline (``memory`` in bytes, made unaligned)."""
-    kib = memory // 1024 + UNALIGN_KIB
+    """The QEMU command line of the baseline (``memory`` in bytes, made unaligned for a QEMU
+    before 9.0)."""
+    kib = memory // 1024 + unaligned_kib()
     argv = [
-        QEMU, "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-smp", "1",
+        qemu_path(), "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-smp", "1",
         "-nodefaults", "-display", "none", "-m", f"{kib}k",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
         "-chardev", f"socket,id=ser0,path={serial},server=on,wait=off", "-serial", "chardev:ser0",
@@ -231,6 +263,7 @@ def run_qemu_migration(
             src.wait_line(lambda ln: ln.startswith("dirtier: beat"), BOOT_TIMEOUT)
             fig, _ = drive_migration(src, dst, port=port, params=params, timeout=timeout)
             fig.guest_ram = memory
+            fig.vm = qemu_label()
             if fig.status == "completed":
                 after = time.monotonic()
                 try:

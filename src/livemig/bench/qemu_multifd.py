@@ -1,5 +1,6 @@
-"""QEMU 7.2 beside ``livemig bench throughput``: the same guest RAM migrated by QEMU, from a
-stopped source to a fresh destination, with the same channel counts.
+"""Real QEMU (10.0 by default: ``qemu_baseline.qemu_binary``) beside ``livemig bench
+throughput``: the same guest RAM migrated by QEMU, from a stopped source to a fresh
+destination, with the same channel counts.
 
 The source QEMU's RAM is a file in /dev/shm (``memory-backend-file``, share=on), into which the
 benchmark copies livemig's guest RAM, so both move the same bytes. The guest never runs
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -29,18 +29,18 @@ from livemig.bench.common import (
     set_migration,
     wait_migration_end,
 )
+from livemig.bench.qemu_baseline import qemu_available, qemu_label, qemu_path
 from livemig.errors import LivemigError, MigrationError
 
-QEMU = os.environ.get("LIVEMIG_QEMU", "qemu-system-x86_64")
 MIB = 1 << 20
 
 
 def available() -> bool:
-    return shutil.which(QEMU) is not None
+    return qemu_available()
 
 
 class QemuSource:
-    """Guest RAM holding ``ram``'s bytes for a stopped QEMU 7.2; ``migrate`` starts one on it,
+    """Guest RAM holding ``ram``'s bytes for a stopped QEMU; ``migrate`` starts one on it,
     sends it to a new destination QEMU and returns livemig's figures for it."""
 
     def __init__(self, ram: np.ndarray, wd: Workdir) -> None:
@@ -64,7 +64,7 @@ class QemuSource:
         backend = (f"memory-backend-file,id=pc.ram,size={self.size // MIB}M,mem-path={ram},"
                    f"share=on" + (",prealloc=on" if incoming else ""))  # fmt: skip
         return [
-            QEMU, "-accel", "tcg", "-machine", "pc,memory-backend=pc.ram", "-cpu", "qemu64",
+            qemu_path(), "-accel", "tcg", "-machine", "pc,memory-backend=pc.ram", "-cpu", "qemu64",
             "-smp", "1", "-m", f"{self.size // MIB}M", "-object", backend, "-nodefaults",
             "-display", "none", "-S", "-qmp", f"unix:{qmp},server=on,wait=off",
             *(["-incoming", "defer"] if incoming else []),
@@ -121,7 +121,7 @@ class QemuSource:
                                      f"{q.get('error-desc', dst.stderr_tail())}")  # fmt: skip
             active = (q["total-time"] - q.get("setup-time", 0)) / 1000
             return {"throughput": self.size / active, "cpu_per_gb": cpu / (self.size / 1e9),
-                    "seconds": active}  # fmt: skip
+                    "seconds": active, "qemu": qemu_label()}  # fmt: skip
         finally:
             dst.stop()
             src.stop()

@@ -10,7 +10,13 @@ the trailer; the whole file is then decoded with it before SHUT. Every wait has 
 After a post-copy switch the source pushes the rest of RAM and ends with EOF, with no vmdesc
 trailer: the capture ends there (it requests no pages: no guest runs here). ``livemig analyze``
 then rebuilds RAM, and reports the package's device sections, which have no layout to be read
-by, as not decoded.
+by, as not decoded. A source with postcopy-preempt also connects its preempt channel; urgent
+pages, the only ones it carries, are pages a destination asked for, so nothing travels on it
+and the capture leaves it unaccepted.
+
+With ``--switchover-ack`` it approves the switch-over on the return path as soon as that opens,
+as a QEMU destination with capability switchover-ack and no device that needs approving does
+(QEMU 8.1+; a source with it never switches over without one).
 
 With ``--tls-creds DIR`` it is a mutual TLS server on every channel, as a QEMU destination
 with ``tls-creds``.
@@ -33,7 +39,7 @@ from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener, p
 from livemig.transport.tls import load_creds
 from livemig.wire import events as E
 from livemig.wire.decoder import Decoder, UnknownLayoutError
-from livemig.wire.returnpath import Pong, Shut, encode_rp
+from livemig.wire.returnpath import Pong, Shut, SwitchoverAck, encode_rp
 from livemig.wire.vmdesc import find_vmdesc
 
 if TYPE_CHECKING:
@@ -45,6 +51,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("uri", help="tcp:HOST:PORT or unix:PATH to listen on")
     parser.add_argument("out", help="file to store the stream in")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (each)")
+    parser.add_argument("--switchover-ack", action="store_true",
+                        help="the source has capability switchover-ack: approve the switch-over "
+                             "once the return path opens, as a QEMU destination with it does "
+                             "(the source waits for it)")  # fmt: skip
     add_multifd_arguments(
         parser, "the source has capability multifd with multifd-channels N: accept N more "
         "channels and write their pages into OUT", "the source's -uuid, which its multifd "
@@ -94,8 +104,9 @@ def listen(uri: str, timeout: float, tls_creds: str = "") -> Listener:
 class Capture:
     """The destination side of one captured migration (sans the socket)."""
 
-    def __init__(self, multifd: MultifdCapture | None = None) -> None:
+    def __init__(self, multifd: MultifdCapture | None = None, switchover_ack: bool = False) -> None:
         self.decoder = Decoder()
+        self.switchover_ack = switchover_ack
         self.data = bytearray()
         self.return_path = False
         self.live = True  # False once device sections are reached
@@ -116,6 +127,9 @@ class Capture:
             while (ev := dec.next_event()) is not E.NEED_DATA:
                 if isinstance(ev, E.OpenReturnPath):
                     self.return_path = True
+                    if self.switchover_ack:
+                        # no device here needs to approve it (QEMU: VFIO's do), so at once
+                        self.replies.append(encode_rp(SwitchoverAck()))
                 elif isinstance(ev, E.Ping):
                     self.pings += 1
                     if not self.return_path:
@@ -182,7 +196,8 @@ def run(args: argparse.Namespace) -> int:
         with main:
             try:
                 cap = receive(main, args.timeout, multifd,
-                              None if multifd else lambda: _stray_multifd(listener))  # fmt: skip
+                              None if multifd else lambda: _stray_multifd(listener),
+                              switchover_ack=args.switchover_ack)  # fmt: skip
             except ChannelError:
                 # a failed multifd channel shuts main down, under a read or a reply: say why
                 if multifd is not None:
@@ -196,7 +211,9 @@ def run(args: argparse.Namespace) -> int:
     Path(args.out).write_bytes(out)
     extra = ""
     if multifd is not None:
-        extra = (f" ({multifd.pages} pages from {args.multifd} multifd channels, "
+        zero = multifd.zero_pages
+        zeros = f" and {zero} zero pages" if zero else ""  # QEMU 9.0+: zero-page-detection
+        extra = (f" ({multifd.pages} pages{zeros} from {args.multifd} multifd channels, "
                  f"{multifd.syncs} sync points)")  # fmt: skip
     print(f"captured {len(out)} bytes into {args.out}{extra}")
     return 0
@@ -236,11 +253,12 @@ def receive(
     timeout: float,
     multifd: MultifdCapture | None = None,
     stray: Callable[[], int] | None = None,
+    switchover_ack: bool = False,
 ) -> Capture:
     """Read one migration from ``conn``, answering its return path; verify it; send SHUT.
     ``stray()`` counts multifd channels nobody accepted, checked before the SHUT."""
     conn.timeout = timeout
-    cap = Capture(multifd)
+    cap = Capture(multifd, switchover_ack)
     deadline = time.monotonic() + 10 * timeout
     while True:
         if time.monotonic() > deadline:

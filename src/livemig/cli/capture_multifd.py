@@ -64,7 +64,8 @@ class MultifdCapture:
         self.flush_words = False  # 8.1+: MULTIFD_FLUSH words mark the sync points
         self.inserts: list[tuple[int, bytes]] = []  # (offset in main's bytes, records)
         self.syncs = 0
-        self.pages = 0
+        self.pages = 0  # normal pages by sync interval (a page sent twice in one counts once)
+        self.zero_pages = 0  # pages the channels sent as zero (QEMU 9.0+ zero-page-detection)
         self._encoder = Encoder()
 
     def event(self, ev: E.Event, end: int, last_block: str | None) -> None:
@@ -143,7 +144,10 @@ class MultifdCapture:
             got = self.loader.received[name]
             idx = np.flatnonzero(got)
             got[:] = False  # in place: the receive threads hold this array
-            self.pages += len(idx)
+            # a page sent in a packet's zero list (QEMU 9.0+) is received but not touched
+            zeros = int(np.count_nonzero(~self.loader.touched[name][idx]))
+            self.pages += len(idx) - zeros
+            self.zero_pages += zeros
             data = block.pages[idx].any(axis=1)
             offsets = idx.astype(np.uint64) << np.uint64(PAGE_SHIFT)
             out += enc.encode_zero_pages(name, offsets[~data])

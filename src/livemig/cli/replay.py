@@ -8,7 +8,9 @@ records leave main: their pages go as QEMU's multifd packets over N more connect
 (``--multifd-compression``). The sync points are the stream's own: where its source wrote
 MULTIFD_FLUSH words (QEMU 8.1+, livemig), each channel sends a SYNC packet before main gets
 the word; in a stream without them (QEMU 7.2, or one made without multifd), before the EOS of
-every RAM section, as 7.2 and later versions' machine types up to 8.0 expect. A stream with
+every RAM section, and when the stream's machine type is a QEMU one from 8.1 on (the
+destination's: QEMU refuses any other), main gets a MULTIFD_FLUSH word there too, since such a
+destination syncs its channels at those words only (up to 8.0 at every EOS). A stream with
 them has its first inside the setup section, before that EOS, which tells the two apart. Zero
 pages stay ZERO records on main, as 7.2 sends them. A record that continues the previous record's
 block is encoded against what main carried, not what the file did.
@@ -18,11 +20,22 @@ With ``--tls-creds DIR`` every channel is a mutual TLS client, as a QEMU source'
 
 When the stream opens a return path, replay answers nothing (the destination answers it) but
 reads it, and ends with the destination's SHUT: 0 is success. Every wait has a time-out.
+
+A post-copy capture (one with a PACKAGED command) is replayed as a post-copy source: after the
+package replay serves the destination's page requests from the pages the capture holds after
+the switch, each page once, before the rest of the recorded push (``replay_postcopy``;
+``--max-postcopy-bandwidth`` paces the push). The destination needs capability postcopy-ram.
+
+The whole file is decoded and checked before the first byte goes out: a stream that does not
+decode, a post-copy capture without what a destination needs to run it, or options that do not
+fit the capture are refused then, saying why.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -30,19 +43,22 @@ from typing import Any
 import numpy as np
 
 from livemig.cli.capture import add_multifd_arguments, check_arguments
+from livemig.cli.replay_postcopy import PostcopyPlan, PostcopyServer
 from livemig.errors import LivemigError, StreamError, UsageError
 from livemig.transport import Channel, ChannelError, ChannelTimeout, connect
 from livemig.transport.tls import load_creds, set_migration_tls
 from livemig.wire import events as E
+from livemig.wire.constants import CAP_MAPPED_RAM
 from livemig.wire.decoder import Decoder
 from livemig.wire.encoder import Encoder
-from livemig.wire.returnpath import ReturnPathDecoder, Shut, XError
+from livemig.wire.returnpath import ReqPages, ReturnPathDecoder, Shut, XError
 from livemig.wire.vmdesc import find_vmdesc
 
 PAGE_SHIFT = 12
 _RAM_RECORDS = (E.RamSetup, E.RamPages, E.RamZeroPages, E.RamXbzrlePage, E.RamCompressedPage,
                 E.RamEos, E.RamMultifdFlush, E.RamHook)  # fmt: skip
 _FLUSH_BYTES = 1 << 20  # main's buffered bytes are sent once there are this many
+_MAPPED_BATCH = 4096  # pages of a mapped-ram file taken at a time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +66,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("file", help="a stream file (livemig capture, migrate to file:/exec:cat)")
     p.add_argument("uri", help="tcp:HOST:PORT or unix:PATH the destination listens on")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (each)")
+    p.add_argument("--postcopy-preempt", action="store_true",
+                   help="a post-copy capture into a destination with postcopy-preempt: open "
+                        "its preempt channel and send requested pages there (machine types "
+                        "from 8.0 on)")  # fmt: skip
+    p.add_argument("--max-postcopy-bandwidth", type=int, default=0, metavar="BYTES",
+                   help="a post-copy capture: bytes/s of the background push after the switch "
+                        "(QEMU's max-postcopy-bandwidth; requested pages are not held back); "
+                        "default unlimited")  # fmt: skip
     add_multifd_arguments(
         p, "send the pages over N multifd channels (the destination needs capability multifd "
         "and multifd-channels N)", "VM UUID in the multifd handshake (the destination's -uuid)",
@@ -58,10 +82,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 class _ReturnPath:
-    """Reads the destination's return path on main until SHUT or the end."""
+    """Reads the destination's return path on main until SHUT or the end; page requests go to
+    ``on_request(block, start, length)`` (post-copy)."""
 
-    def __init__(self, ch: Channel) -> None:
+    def __init__(self, ch: Channel, on_request: Any = None) -> None:
         self.ch = ch
+        self.on_request = on_request
         self.shut: int | None = None
         self.error: str | None = None
         self.reason: str | None = None  # a livemig destination's own words (XError)
@@ -71,6 +97,7 @@ class _ReturnPath:
 
     def _run(self) -> None:
         dec = ReturnPathDecoder()
+        last: str | None = None
         try:
             while self.shut is None:
                 try:
@@ -86,6 +113,14 @@ class _ReturnPath:
                         self.shut = msg.status
                     elif isinstance(msg, XError):
                         self.reason = msg.reason
+                    elif isinstance(msg, ReqPages):
+                        block = msg.block or last
+                        if block is None or self.on_request is None:
+                            raise StreamError("a page request, but no post-copy to serve it"
+                                              if self.on_request is None else
+                                              "REQ_PAGES before any REQ_PAGES_ID named a block")  # fmt: skip
+                        last = block
+                        self.on_request(block, msg.start, msg.length)
         except (ChannelError, StreamError) as exc:
             self.error = str(exc)
         except Exception as exc:  # a bug: say so rather than print a traceback
@@ -111,7 +146,16 @@ class Replay:
         self.pages = 0
         self.syncs = 0
         self.flush_words = False  # the stream's sync points are MULTIFD_FLUSH words
+        # where it has none: does the destination's machine type sync at MULTIFD_FLUSH words
+        # (QEMU 8.1+), or at every EOS (up to 8.0)?
+        self.flush_style = True
         self.rp: _ReturnPath | None = None
+        self.mapped_ram = False  # a mapped-ram file: its pages are sent from the page regions
+        self.plan: PostcopyPlan | None = None  # a post-copy capture's pages after the switch
+        self.post: PostcopyServer | None = None  # once switched: serves the requests
+        self.preempt: Channel | None = None  # --postcopy-preempt: the urgent pages' channel
+        self.penc: Encoder | None = None
+        self.data: bytes = b""
 
     def _emit(self, bufs: list[Any] | bytes | memoryview) -> None:
         if isinstance(bufs, bytes | memoryview):
@@ -127,12 +171,38 @@ class Replay:
         self.out, self.pending = [], 0
 
     def event(self, ev: E.Event, raw: memoryview, where: int) -> None:
+        if isinstance(ev, E.Configuration):
+            self.flush_style = flush_words_expected(ev.machine_type)
+            if CAP_MAPPED_RAM in (ev.capabilities or ()):
+                self.mapped_ram = True
+                caps = tuple(c for c in ev.capabilities or () if c != CAP_MAPPED_RAM)
+                ev = dataclasses.replace(ev, capabilities=caps or None)
+            # through the encoder: it lays the block list out by the capabilities
+            self._emit(self.enc.send(ev))
+            return
         if isinstance(ev, E.OpenReturnPath) and self.rp is None:
-            self.rp = _ReturnPath(self.main)
-        if isinstance(ev, E.Packaged | E.PostcopyListen | E.PostcopyRun):
-            raise StreamError("a post-copy stream: replay sends pre-copy streams only", where)
+            self.rp = _ReturnPath(self.main, self._on_request)
+        if self.post is not None:
+            self._postcopy(ev, raw)
+            return
+        if isinstance(ev, E.Packaged):
+            # the switch: the destination runs the guest from here and asks for its pages
+            assert self.plan is not None  # checked before the first byte
+            self.flush()
+            if self.args.postcopy_preempt:
+                # as QEMU's postcopy_start: the channel for urgent pages is there before the
+                # package (a destination with postcopy-preempt waits for it to load one)
+                self.preempt = connect(self.args.uri, timeout=self.args.timeout)
+                self.penc = Encoder()
+            self._emit(raw)
+            self.flush()
+            self.post = PostcopyServer(self.plan, self.args.max_postcopy_bandwidth)
+            return
         if not isinstance(ev, _RAM_RECORDS):
             self._emit(raw)
+            return
+        if self.mapped_ram and isinstance(ev, E.RamSetup):
+            self._mapped_ram_setup(ev, where)
             return
         if self.args.multifd:
             if isinstance(ev, E.RamSetup):
@@ -145,7 +215,67 @@ class Replay:
                 self._sync()
             elif isinstance(ev, E.RamEos) and not self.flush_words:
                 self._sync()
+                if self.flush_style:
+                    # the destination syncs its channels at MULTIFD_FLUSH words only
+                    self._emit(self.enc.send(E.RamMultifdFlush()))
         self._emit(self.enc.send(ev))
+
+    def _urgent(self, events: list[E.Event]) -> None:
+        """Requested pages: on the preempt channel when there is one, else on main (inside
+        the current RAM section), sent at once."""
+        if not events:
+            return
+        if self.preempt is not None:
+            assert self.penc is not None
+            self.preempt.sendv([b for e in events for b in self.penc.send(e)])
+            return
+        for e in events:
+            self._emit(self.enc.send(e))
+        self.flush()
+
+    def _on_request(self, block: str, start: int, length: int) -> None:
+        if self.post is None:
+            raise StreamError(f"the destination asked for pages ({block!r} at {start:#x}) "
+                              "before the switch to post-copy")  # fmt: skip
+        self.post.request(block, start, length)
+
+    def _postcopy(self, ev: E.Event, raw: memoryview) -> None:
+        """After the switch: pages once each, requested ones first, sent without delay."""
+        post = self.post
+        assert post is not None
+        if isinstance(ev, E.RamPages | E.RamZeroPages):
+            for e in post.push(ev, self._urgent):
+                self._emit(self.enc.send(e))
+                sent = self.pending
+                self.flush()
+                if isinstance(e, E.RamPages) and post.pace(sent):
+                    self._urgent(post.serve())
+            return
+        if isinstance(ev, E.RamEos):
+            self._urgent(post.serve())  # still inside the section: page records may go here
+        if isinstance(ev, _RAM_RECORDS):
+            self._emit(self.enc.send(ev))
+        else:
+            self._emit(raw)
+        self.flush()
+
+    def _mapped_ram_setup(self, ev: E.RamSetup, where: int) -> None:
+        """A mapped-ram file's block list, then its pages as PAGE records (or by the multifd
+        channels): what the file's bitmaps mark, as a QEMU destination restoring the file
+        with mapped-ram reads it (pages not marked are left as the destination has them)."""
+        from livemig.migration.mapped_ram import file_pages
+
+        plain = tuple(dataclasses.replace(b, mapped_ram=None) for b in ev.blocks)
+        setup = E.RamSetup(ev.total, plain)
+        if self.args.multifd:
+            self._setup(setup)
+        self._emit(self.enc.send(setup))
+        for info in ev.blocks:
+            idx, pages = file_pages(self.data, info, where)
+            for at in range(0, len(idx), _MAPPED_BATCH):
+                part = idx[at : at + _MAPPED_BATCH]
+                offsets = part.astype(np.uint64) << np.uint64(PAGE_SHIFT)
+                self.event(E.RamPages(info.idstr, offsets, pages[part]), memoryview(b""), where)
 
     def _setup(self, ev: E.RamSetup) -> None:
         from livemig.cli.capture_multifd import ImageBlock
@@ -194,6 +324,25 @@ class Replay:
         self.syncs += 1
 
 
+def flush_words_expected(machine_type: str) -> bool:
+    """Whether a destination of ``machine_type`` syncs its multifd channels at MULTIFD_FLUSH
+    words (QEMU's machine types from 8.1 on, livemig's) rather than at every RAM section's EOS
+    (QEMU's ``multifd-flush-after-each-section``, on for machine types up to 8.0). A QEMU
+    destination refuses a stream whose machine type is not its own, so the stream's names the
+    destination's."""
+    m = re.fullmatch(r"pc(?:-i440fx|-q35)?-(\d+)\.(\d+)", machine_type)
+    if m is None:
+        return True
+    return (int(m[1]), int(m[2])) >= (8, 1)
+
+
+def preempt_supported(machine_type: str) -> bool:
+    """Whether replay can be the preempt source of a destination of ``machine_type``: QEMU
+    8.0+ (before, ``preempt-pre-7-2``: the channel made at the start, ended by an EOS)."""
+    m = re.fullmatch(r"pc(?:-i440fx|-q35)?-(\d+)\.(\d+)", machine_type)
+    return m is None or (int(m[1]), int(m[2])) >= (8, 0)
+
+
 def _events(data: bytes) -> Any:
     vmdesc = find_vmdesc(data)
     dec = Decoder(vmdesc=vmdesc)
@@ -219,10 +368,29 @@ def run(args: argparse.Namespace) -> int:
     # every channel (main, multifd) connects with these, as a source's do
     set_migration_tls("client", load_creds(args.tls_creds, "client", args.tls_hostname)
                       if args.tls_creds else None)  # fmt: skip
+    # the whole file is read and checked before the first byte goes out: what cannot be
+    # replayed is refused here, saying why, rather than after part of it
+    events = list(_events(data))
+    plan = PostcopyPlan.from_events(events)
+    if args.max_postcopy_bandwidth < 0:
+        raise UsageError("--max-postcopy-bandwidth is bytes/s, 0 or more")
+    if args.postcopy_preempt:
+        if plan is None:
+            raise UsageError("--postcopy-preempt: the capture has no switch to post-copy")
+        machine = next((ev.machine_type for ev, _r, _w in events
+                        if isinstance(ev, E.Configuration)), "")  # fmt: skip
+        if not preempt_supported(machine):
+            raise UsageError(f"--postcopy-preempt with machine type {machine!r}: destinations "
+                             "before 8.0 run preempt another way, which replay does not")  # fmt: skip
+    if plan is not None and args.multifd:
+        raise UsageError("a post-copy capture is replayed on the main channel only (QEMU "
+                         "refuses post-copy with multifd since 9.1): drop --multifd")  # fmt: skip
     main = connect(args.uri, timeout=args.timeout)
     rep = Replay(main, args, src_uuid)
+    rep.data = data
+    rep.plan = plan
     try:
-        for ev, raw, where in _events(data):
+        for ev, raw, where in events:
             rep.event(ev, raw, where)
         rep.flush()
         if rep.sender is not None:
@@ -238,6 +406,10 @@ def run(args: argparse.Namespace) -> int:
     except ChannelError as exc:
         if rep.sender is not None:
             rep.sender.close(graceful=False)
+        if rep.post is not None and rep.preempt is None and isinstance(exc, ChannelTimeout):
+            raise LivemigError(f"{exc} after the switch to post-copy: a destination with "
+                               "postcopy-preempt waits for its preempt channel there; give "
+                               "--postcopy-preempt") from None  # fmt: skip
         if rep.rp is not None and rep.rp.done.wait(1) and rep.rp.shut:
             # the destination gave up first and said so; the broken write only followed
             raise LivemigError(f"the destination did not load the stream ("
@@ -251,7 +423,15 @@ def run(args: argparse.Namespace) -> int:
         raise
     finally:
         main.close()
+        if rep.preempt is not None:
+            rep.preempt.close()
     extra = (f", {rep.pages} pages over {args.multifd} multifd channels, {rep.syncs} sync "
              f"points" if args.multifd else "")  # fmt: skip
+    if rep.post is not None:
+        post = rep.post
+        if post.unsent():
+            raise LivemigError(f"{post.unsent()} post-copy pages were never sent (a bug)")
+        extra += (f", post-copy: {plan.pages if plan else 0} pages after the switch, "
+                  f"{post.served} sent on request ({post.requested} requests)")  # fmt: skip
     print(f"replayed {len(data)} bytes of {args.file}{extra}")
     return 0

@@ -41,8 +41,8 @@ def _show(value: Any, name: str = "") -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     spec = PARAM_SPECS.get(name)
-    if spec is not None and spec.unit.startswith("bytes") and isinstance(value, int):
-        return format_size(value) + ("/s" if spec.unit == "bytes/s" else "")
+    if spec is not None and spec.qtype == "size" and isinstance(value, int):
+        return format_size(value) + ("/s" if name.endswith("bandwidth") else "")
     return str(value)
 
 

@@ -266,6 +266,9 @@ class IncomingMigration:
                 raise StreamError("OPEN_RETURN_PATH on a channel without a return path",
                                   dec.offset)  # fmt: skip
             self._return_path = True
+            if "switchover-ack" in self.capabilities:
+                # QEMU's loadvm: no device here needs more time, so approve at once
+                self._send_rp(RP.SwitchoverAck())
         elif isinstance(ev, E.Ping):
             if not self._return_path:
                 raise StreamError("PING without a return path", dec.offset)
@@ -276,6 +279,8 @@ class IncomingMigration:
                 raise StreamError(f"unexpected iterative section {ev.idstr!r}", dec.offset)
         elif isinstance(ev, (E.Header, E.SectionPart, E.SectionEnd, E.SectionFooter)):
             pass
+        elif isinstance(ev, E.SwitchoverStart):
+            pass  # QEMU 10.0 tells devices the switch-over begins: none here waits for it
         else:
             raise StreamError(f"{type(ev).__name__} is not supported in a pre-copy stream",
                               dec.offset)  # fmt: skip
@@ -356,8 +361,12 @@ class IncomingMigration:
 
     def query(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.state.status.value}
-        if self.state.status == MigrationStatus.SETUP:
-            out["socket-address"] = [self.uri]
+        address = socket_address(self.uri)
+        if address is not None and self.state.status not in (
+            MigrationStatus.COMPLETED,
+            MigrationStatus.NONE,
+        ):  # QEMU keeps the address while its incoming side lives
+            out["socket-address"] = [address]
         # as QEMU 8.1+ does: the reason also while post-copy waits paused for a recovery
         if self.state.status in (MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED) and \
                 self.state.error:  # fmt: skip
@@ -376,3 +385,19 @@ class IncomingMigration:
         if self.postcopy is not None:
             out.update(self.postcopy.query())
         return out
+
+
+def socket_address(uri: str) -> dict[str, Any] | None:
+    """QEMU's ``SocketAddress`` of a listening URI (None: not a socket)."""
+    from livemig.transport import parse_uri
+
+    u = parse_uri(uri)
+    if u.scheme == "tcp":
+        v6 = ":" in u.host
+        return {"port": str(u.port), "ipv6" if v6 else "ipv4": True, "host": u.host,
+                "type": "inet"}  # fmt: skip
+    if u.scheme == "unix":
+        return {"path": u.path, "type": "unix"}
+    if u.scheme == "fd":
+        return {"str": str(u.fd), "type": "fd"}
+    return None

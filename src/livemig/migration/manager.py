@@ -20,11 +20,17 @@ from livemig.machine.runstate import RunState
 from livemig.migration import multifd
 from livemig.migration.destination import IncomingMigration
 from livemig.migration.dirtyrate import DirtyRateMeasurement
-from livemig.migration.options import PARAMETERS, Capabilities, Parameters
+from livemig.migration.options import (
+    PARAMETERS,
+    Capabilities,
+    Parameters,
+    check_for_migration,
+)
 from livemig.migration.source import OutgoingMigration, SourceConfig
-from livemig.migration.state import RUNNING, MigrationState, MigrationStatus
+from livemig.migration.state import FINAL, RUNNING, MigrationState, MigrationStatus
 from livemig.transport import parse_uri
 from livemig.transport.tls import creds_from_params, set_migration_tls
+from livemig.transport.uri import SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -80,30 +86,42 @@ class MigrationManager:
 
     # -- source ----------------------------------------------------------------------------
 
+    def migrate_qmp(
+        self,
+        uri: str | None = None,
+        channels: list[Any] | None = None,
+        resume: bool = False,
+        detach: bool = True,
+    ) -> None:
+        """QMP ``migrate``: QEMU 10.0's arguments and checks, in its order (the URI first)."""
+        uri = qmp_uri(uri, channels)
+        parse_qmp_uri(uri)
+        self.migrate(uri, resume=resume, detach=detach)
+
     def migrate(
         self,
         uri: str,
         resume: bool = False,
         detach: bool = True,
-        blk: bool = False,
-        inc: bool = False,
         verify: bool | None = None,
     ) -> None:
-        if blk or inc:
-            raise UsageError("block migration (blk/inc) is not supported: livemig has no disks")
         if resume:
             from livemig.migration.postcopy_source import resume_outgoing
 
             return resume_outgoing(self, uri)
         state = self.machine.runstate
-        if state in (RunState.INMIGRATE, RunState.POSTMIGRATE):
-            raise UsageError(f"Guest is waiting for an incoming migration or has migrated "
-                             f"already (run state {state.value}): migrate refused")  # fmt: skip
-        if state in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
-            raise UsageError(f"The guest is not running (run state {state.value})")
         with self._lock:
-            if self._busy():
+            # QEMU's migrate_prepare, in its order (its "migration" is the source's)
+            if self.source.status in RUNNING:
                 raise UsageError("There's a migration process in progress")
+            if state == RunState.INMIGRATE:
+                raise UsageError("Guest is waiting for an incoming migration")
+            if state == RunState.POSTMIGRATE:
+                raise UsageError("Can't migrate the vm that was paused due to previous "
+                                 "migration")  # fmt: skip
+            if state in (RunState.SHUTDOWN, RunState.INTERNAL_ERROR):
+                raise UsageError(f"The guest is not running (run state {state.value})")
+            check_for_migration(self.params.query(), self.caps.enabled())
             job = self.dirty_rate_job
             if job is not None and job.status == "measuring":
                 raise UsageError("a dirty rate calculation is running: wait for it to finish")
@@ -184,10 +202,17 @@ class MigrationManager:
             self.incoming.start()
             return self.incoming.uri
 
-    def incoming_start_qmp(self, uri: str, exit_on_error: bool = True) -> None:
+    def incoming_start_qmp(
+        self, uri: str | None = None, channels: list[Any] | None = None,
+        exit_on_error: bool = True,
+    ) -> None:  # fmt: skip
         """QMP ``migrate-incoming``: only for a destination started with ``-incoming defer``."""
-        if not self.incoming_deferred:
+        if self.incoming is not None:
+            raise UsageError("The incoming migration has already been started")
+        if not self.incoming_deferred or self.machine.runstate != RunState.INMIGRATE:
             raise UsageError("'-incoming' was not specified on the command line")
+        uri = qmp_uri(uri, channels, incoming=True)
+        parse_qmp_uri(uri)
         self.incoming_start(uri, exit_on_error)
 
     def _incoming_done(self, ok: bool) -> None:
@@ -197,9 +222,14 @@ class MigrationManager:
     # -- capabilities and parameters -----------------------------------------------------
 
     def set_capabilities(self, capabilities: list[dict[str, Any]]) -> None:
-        if self._busy():
+        # QEMU 10.0 refuses while its source migrates; a destination's incoming side only
+        # refuses what must be set before it started (multifd, postcopy-preempt)
+        if self.source.status in RUNNING:
             raise UsageError("There's a migration process in progress")
-        self.caps.set(capabilities)
+        # QEMU's migrate_incoming_started(): a transport exists, from migrate-incoming until
+        # the incoming side is cleaned up; a finished incoming migration no longer counts
+        started = self.incoming is not None and self.dest.status not in FINAL
+        self.caps.set(capabilities, incoming_started=started)
 
     def set_parameters(self, changes: dict[str, Any]) -> None:
         self.params.set(changes)
@@ -255,10 +285,11 @@ class MigrationManager:
                 "status": "unstarted",
                 "start-time": 0,
                 "calc-time": 0,
+                "calc-time-unit": calc_time_unit,
                 "sample-pages": 0,
                 "mode": "dirty-bitmap",
             }
-        return job.query()
+        return {**job.query(), "calc-time-unit": calc_time_unit}
 
     def report(self) -> dict[str, Any]:
         """livemig's own timeline of the last migration (``livemig report``): the source's
@@ -271,11 +302,15 @@ class MigrationManager:
         raise UsageError("no migration has run in this process")
 
     def query_threads(self) -> list[dict[str, Any]]:
+        """QEMU 10.0's query-migrationthreads: the threads it registers, the source's main
+        migration thread and its multifd send threads (QEMU's names, which are also the
+        threads' kernel names here, as with QEMU's ``-name debug-threads=on``)."""
         running: list[threading.Thread] = []
-        if self.outgoing is not None:
-            running += self.outgoing.threads
-        if self.incoming is not None:
-            running.append(self.incoming.thread)
+        mig = self.outgoing
+        if mig is not None:
+            running.append(mig.thread)
+            sender = getattr(mig, "multifd", None)
+            running += [c.thread for c in getattr(sender, "channels", ()) if hasattr(c, "thread")]
         return [{"name": t.name, "thread-id": t.native_id or os.getpid()}
                 for t in running if t.is_alive()]  # fmt: skip
 
@@ -293,9 +328,36 @@ def check_verify(u: Any, caps: frozenset[str]) -> None:
                          "checksums: turn capability x-checksums on")  # fmt: skip
 
 
+def qmp_uri(uri: str | None, channels: list[Any] | None, incoming: bool = False) -> str:
+    """The URI of a QMP ``migrate`` / ``migrate-incoming``: QEMU 10.0 takes either ``uri`` or
+    ``channels`` (``migration/channels.py``). An empty list is no list, as in QEMU's C."""
+    channels = channels or None
+    if (uri is None) == (channels is None):
+        raise UsageError("need either 'uri' or 'channels' argument")
+    if uri is None:
+        from livemig.migration.channels import channels_uri
+
+        assert channels is not None
+        return channels_uri(channels, incoming)
+    return uri
+
+
+def parse_qmp_uri(uri: str) -> Any:
+    """``parse_uri`` with QEMU's messages for what QEMU refuses alike."""
+    scheme, sep, rest = uri.partition(":")
+    if not sep or scheme not in SCHEMES:
+        raise UsageError(f"unknown migration protocol: {uri}")
+    try:
+        return parse_uri(uri)
+    except UsageError:
+        if scheme == "tcp":
+            raise UsageError(f"error parsing address '{rest}'") from None
+        raise
+
+
 def register_migration_commands(registry: Any, manager: MigrationManager) -> None:
     """Add QEMU's migration commands to a QMP ``CommandRegistry``."""
-    from livemig.qmp import Arg, QMPError
+    from livemig.qmp import EMPTY, Arg, QMPError
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
         def handler(**kwargs: Any) -> Any:
@@ -309,37 +371,48 @@ def register_migration_commands(registry: Any, manager: MigrationManager) -> Non
         handler.__name__ = fn.__name__
         return handler
 
-    registry.add("migrate", wrap(manager.migrate), args={
-        "uri": Arg(str), "detach": Arg(bool, optional=True), "resume": Arg(bool, optional=True),
-        "blk": Arg(bool, optional=True), "inc": Arg(bool, optional=True),
-    })  # fmt: skip
+    from livemig.migration import qmp_types as T
+
+    for name, data in T.EVENTS.items():
+        registry.add_event(name, data)
+    channels = Arg(list, optional=True, items=Arg(object))
+    registry.add("migrate", wrap(manager.migrate_qmp), args={
+        "uri": Arg(str, optional=True), "channels": channels,
+        "detach": Arg(bool, optional=True), "resume": Arg(bool, optional=True),
+    }, returns=EMPTY)  # fmt: skip
     registry.add("migrate-incoming", wrap(manager.incoming_start_qmp), args={
-        "uri": Arg(str), "exit-on-error": Arg(bool, optional=True)})  # fmt: skip
-    registry.add("migrate_cancel", wrap(manager.cancel_qmp))
-    registry.add("migrate-cancel", wrap(manager.cancel_qmp))
-    registry.add("migrate-continue", wrap(manager.migrate_continue), args={"state": Arg(str)})
-    cap_item = Arg(dict, members={"capability": Arg(str), "state": Arg(bool)})
+        "uri": Arg(str, optional=True), "channels": channels,
+        "exit-on-error": Arg(bool, optional=True)}, returns=EMPTY)  # fmt: skip
+    registry.add("migrate_cancel", wrap(manager.cancel_qmp), returns=EMPTY)
+    registry.add("migrate-continue", wrap(manager.migrate_continue),
+                 args={"state": T.STATUS}, returns=EMPTY)  # fmt: skip
     registry.add("migrate-set-capabilities", wrap(manager.set_capabilities),
-                 args={"capabilities": Arg(list, items=cap_item)})  # fmt: skip
-    registry.add("query-migrate-capabilities", wrap(manager.caps.query))
-    param_args = {
-        p.name: Arg(p.type, optional=True, nullable=p.name.startswith("tls-")) for p in PARAMETERS
-    }
+                 args={"capabilities": Arg(list, items=T.CAPABILITY_STATUS)},
+                 returns=EMPTY)  # fmt: skip
+    registry.add("query-migrate-capabilities", wrap(manager.caps.query),
+                 returns=Arg(list, items=T.CAPABILITY_STATUS))  # fmt: skip
+    # typed by Parameters.set, with QEMU's QAPI messages; the QAPI types are for the schema
+    param_args = {p.name: Arg(object, optional=True, qtype=p.qtype, choices=p.choices)
+                  for p in PARAMETERS}  # fmt: skip
     registry.add("migrate-set-parameters", wrap(
         lambda **kw: manager.set_parameters({k.replace("_", "-"): v for k, v in kw.items()})),
-        args=param_args)  # fmt: skip
-    registry.add("query-migrate-parameters", wrap(manager.params.query))
+        args=param_args, returns=EMPTY)  # fmt: skip
+    registry.add("query-migrate-parameters", wrap(manager.params.query),
+                 returns=T.MIGRATION_PARAMETERS)  # fmt: skip
     registry.add("x-query-migrate-defaults", wrap(lambda: manager.defaults))
-    registry.add("query-migrate", wrap(manager.query_migrate))
-    registry.add("query-migrationthreads", wrap(manager.query_threads))
+    registry.add("query-migrate", wrap(manager.query_migrate), returns=T.MIGRATION_INFO)
+    registry.add("query-migrationthreads", wrap(manager.query_threads),
+                 returns=Arg(list, items=T.THREAD_INFO), features=("deprecated",))  # fmt: skip
     from livemig.migration.postcopy_source import register_postcopy_commands
 
     register_postcopy_commands(registry, manager, wrap)
     registry.add("x-query-migration-report", wrap(manager.report))
     registry.add("calc-dirty-rate", wrap(manager.calc_dirty_rate), args={
-        "calc-time": Arg(int), "sample-pages": Arg(int, optional=True),
+        "calc-time": Arg(int), "calc-time-unit": Arg(str, optional=True,
+                                                     choices=("second", "millisecond")),
+        "sample-pages": Arg(int, optional=True),
         "mode": Arg(str, optional=True, choices=("page-sampling", "dirty-ring", "dirty-bitmap")),
-        "calc-time-unit": Arg(str, optional=True, choices=("second", "millisecond")),
-    })  # fmt: skip
+    }, returns=EMPTY)  # fmt: skip
     registry.add("query-dirty-rate", wrap(manager.query_dirty_rate), args={
-        "calc-time-unit": Arg(str, optional=True, choices=("second", "millisecond"))})  # fmt: skip
+        "calc-time-unit": Arg(str, optional=True, choices=("second", "millisecond"))},
+        returns=T.DIRTY_RATE_INFO)  # fmt: skip

@@ -332,6 +332,43 @@ def source_setup(mig: Any) -> None:
     mig.ram.find_zero = False
 
 
+# -- reading a whole file ------------------------------------------------------------------
+
+
+def file_pages(data: bytes | memoryview, info: Any, offset: int = 0) -> tuple[np.ndarray, Any]:
+    """The pages a mapped-ram file holds for one block: (page indices its bitmap marks, a
+    ``(npages, 4096)`` view of its page region, to index with them). ``info`` is the block's
+    ``RamBlockInfo``; ``offset``: where its entry was, for errors.
+
+    The decoder only skips the page regions (they are file offsets, not stream records), so a
+    reader of the whole file, such as ``livemig analyze``, takes the pages from here: pages
+    whose bit is clear were zero on the source (or never written) and are not in the file.
+    """
+    if info.mapped_ram is None:
+        raise StreamError(f"RAM block {info.idstr!r} has no mapped-ram header", offset)
+    _version, page_size, bitmap_offset, pages_offset = info.mapped_ram
+    where = f"mapped-ram block {info.idstr!r}"
+    npages = info.used_length // PAGE_SIZE
+    if bitmap_offset == 0 and pages_offset == 0:  # x-ignore-shared: the block is not there
+        return np.zeros(0, np.int64), np.zeros((npages, PAGE_SIZE), np.uint8)
+    if page_size != PAGE_SIZE or info.used_length % PAGE_SIZE:
+        raise StreamError(f"{where}: page size {page_size}, length {info.used_length:#x}; "
+                          f"livemig reads {PAGE_SIZE}-byte pages", offset)  # fmt: skip
+    size = len(data)
+    nbits = bitmap_size(npages)
+    if bitmap_offset + nbits > size or pages_offset + info.used_length > size:
+        raise StreamError(f"{where}: bitmap at {bitmap_offset} and pages at {pages_offset} "
+                          f"do not fit a {size}-byte file", offset)  # fmt: skip
+    if pages_offset % PAGE_SIZE:
+        raise StreamError(f"{where}: pages at {pages_offset}, not page aligned", offset)
+    raw = np.frombuffer(data, np.uint8, nbits, bitmap_offset)
+    # QEMU writes its bitmap as host-order longs; x86's little-endian order is bit i of byte j
+    # for page 8 * j + i
+    bits = np.unpackbits(raw, bitorder="little")[:npages]
+    pages = np.frombuffer(data, np.uint8, info.used_length, pages_offset).reshape(-1, PAGE_SIZE)
+    return np.flatnonzero(bits), pages
+
+
 # -- destination ---------------------------------------------------------------------------
 
 

@@ -185,7 +185,7 @@ class _SendChannel:
         self.synced = threading.Semaphore(0)
         self.compressor = _Compressor(sender.compression, sender.level)
         self._trailer: list = []  # x-checksums: the last job's checksum packet, not yet sent
-        self.thread = threads.Thread(target=self._run, name=f"multifdsend_{cid}", daemon=True)
+        self.thread = threads.Thread(target=self._run, name=f"mig/src/send_{cid}", daemon=True)
 
     def _run(self) -> None:
         s = self.sender
@@ -671,7 +671,7 @@ class _RecvChannel:
         # its pages go. Empty until a packet went through the full checks.
         self._raw_name = b""
         self._block: tuple[int, memoryview, np.ndarray, np.ndarray] | None = None
-        self.thread = threads.Thread(target=self._run, name=f"multifdrecv_{cid}", daemon=True)
+        self.thread = threads.Thread(target=self._run, name=f"mig/dst/recv_{cid}", daemon=True)
 
     def _read(self, view: memoryview, what: str, eof_ok: bool = False) -> bool:
         got = 0
@@ -720,19 +720,25 @@ class _RecvChannel:
                           eof_ok=True):  # fmt: skip
             return False
         alloc = int.from_bytes(hv[12:16], "big")
-        if self._alloc and alloc != self._alloc:
+        if self._alloc and alloc not in (self._alloc, 0):
             raise StreamError(f"multifd channel {self.id}: packet {self.packets} has room "
                               f"for {alloc} pages, the first had {self._alloc}", at + 12)  # fmt: skip
-        if not self._alloc and 0 < alloc <= 1 << 16:
-            if PACKET_HEADER.size + 8 * alloc > len(self.head):
-                self.head = bytearray(PACKET_HEADER.size + 8 * alloc)
-                self.head[: PACKET_HEADER.size] = hv[: PACKET_HEADER.size]
-                hv = memoryview(self.head)
-            self._read(hv[PACKET_HEADER.size : PACKET_HEADER.size + 8 * alloc], "page offsets")
+        if not self._alloc:
+            # A QEMU 9.0+ SYNC packet has pages_alloc 0 but is as long as the others: QEMU's
+            # receiver reads a fixed packet_len (MULTIFD_PACKET_SIZE / page size slots)
+            slots = alloc or PAGES_ALLOC
+            if slots <= 1 << 16:
+                if PACKET_HEADER.size + 8 * slots > len(self.head):
+                    self.head = bytearray(PACKET_HEADER.size + 8 * slots)
+                    self.head[: PACKET_HEADER.size] = hv[: PACKET_HEADER.size]
+                    hv = memoryview(self.head)
+                self._read(hv[PACKET_HEADER.size : PACKET_HEADER.size + 8 * slots],
+                           "page offsets")  # fmt: skip
+                alloc = slots
         if self._block is not None and self._run_of_pages(hv):
             return True
         pkt = MultifdPacket.unpack(hv, at, r.block_sizes)  # checks magic, counts and offsets
-        self._alloc = alloc
+        self._alloc = self._alloc or alloc
         self._numbered(pkt.packet_num, bool(pkt.flags & MULTIFD_FLAG_SYNC and pkt.normal_pages))
         where = f"multifd channel {self.id}, packet {pkt.packet_num}"
         # QEMU checks the compression bits only of packets that carry pages: 7.2 leaves them

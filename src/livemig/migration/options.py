@@ -1,10 +1,22 @@
-"""Migration capabilities and parameters: QEMU's names, defaults and range checks.
+"""Migration capabilities and parameters, as QEMU 10.0 has them: names, order, defaults, checks.
 
-``Capabilities`` lists every capability QEMU 7.2 knows (in QEMU's order, so
-``query-migrate-capabilities`` looks the same) plus the later ones livemig implements; enabling
-one that livemig does not implement is refused with a message saying so, never silently
-accepted. ``Parameters`` holds typed values with QEMU's defaults; a ``set`` is checked
-completely before anything changes. Names starting with ``x-`` are livemig's own.
+``Capabilities`` lists QEMU 10.0's capabilities in its order (``query-migrate-capabilities``
+looks the same) plus livemig's own ``x-verify``; ``set`` runs QEMU's ``migrate_caps_check``
+rule for rule, with its messages. A capability livemig does not implement is refused with
+QEMU's own error for that capability when QEMU has one that is true of livemig (``x-colo``:
+no replication module; ``dirty-limit``: no KVM), else with QEMU's form "<capability> is not
+supported by livemig". Four are accepted with nothing to act on, exactly as a QEMU machine
+without the hardware they concern accepts them: ``rdma-pin-all`` (livemig has no RDMA
+transport), ``zero-blocks``, ``dirty-bitmaps``, ``late-block-activate`` (no block devices), and
+``validate-uuid`` (no machine UUID is set, so none is sent or checked, as in QEMU without
+``-uuid``).
+
+``Parameters`` holds QEMU 10.0's parameters (``MigrateSetParameters``) with their QAPI types
+and defaults, plus livemig's ``x-`` ones; ``set`` applies the changes to a copy of the current
+values and checks the whole copy in QEMU's order (``migrate_params_check``, its messages, with
+QEMU's underscored names), so a set is all or nothing. ``mode`` other than ``normal`` and
+``direct-io`` are accepted as values, as QEMU does, and refused when a migration starts with
+them (``check_for_migration``).
 """
 
 from __future__ import annotations
@@ -16,17 +28,17 @@ from typing import Any
 from livemig.errors import UsageError
 from livemig.migration.convergence import SwitchoverRefiner
 
-# QEMU 7.2's capability order, then later additions.
+# QEMU 10.0's MigrationCapability, in its order, then livemig's own.
 CAPABILITIES = (
-    "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events",
-    "postcopy-ram", "x-colo", "release-ram", "block", "return-path",
-    "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
-    "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
-    "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit", "mapped-ram",
+    "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "events", "postcopy-ram",
+    "x-colo", "release-ram", "return-path", "pause-before-switchover", "multifd",
+    "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "x-ignore-shared",
+    "validate-uuid", "background-snapshot", "zero-copy-send", "postcopy-preempt",
+    "switchover-ack", "dirty-limit", "mapped-ram",
     "x-verify", "x-checksums",
 )  # fmt: skip
 
-# What this build of livemig really implements; the rest are listed but refused.
+# What this build of livemig implements (the vacuous ones: see the module docstring).
 SUPPORTED_CAPABILITIES = frozenset(
     {
         "auto-converge",
@@ -39,17 +51,24 @@ SUPPORTED_CAPABILITIES = frozenset(
         "postcopy-ram",
         "postcopy-preempt",
         "postcopy-blocktime",
+        "switchover-ack",
         "xbzrle",
         "mapped-ram",
+        "rdma-pin-all",
+        "zero-blocks",
+        "dirty-bitmaps",
+        "late-block-activate",
+        "validate-uuid",
     }
 )
 
-# (capability, needs) and (capability, conflicts with) pairs, checked when set.
-REQUIRES = (("postcopy-preempt", "postcopy-ram"), ("switchover-ack", "return-path"),
-            ("zero-copy-send", "multifd"))  # fmt: skip
-CONFLICTS = (("multifd", "compress"), ("multifd", "xbzrle"), ("x-ignore-shared", "postcopy-ram"),
-             ("dirty-limit", "auto-converge"), ("mapped-ram", "xbzrle"),
-             ("mapped-ram", "postcopy-ram"))  # fmt: skip
+# QEMU's refusal of a capability its build or host cannot do, where that is true of livemig.
+_QEMU_REFUSALS = {
+    "x-colo": "QEMU compiled without replication module can't enable COLO",
+    "dirty-limit": "dirty-limit requires KVM with accelerator property 'dirty-ring-size' set",
+}
+_NAMES = {"background-snapshot": "Background-snapshot", "release-ram": "Release-ram",
+          "x-ignore-shared": "Ignore-shared", "zero-copy-send": "Zero copy send"}  # fmt: skip
 
 
 class Capabilities:
@@ -68,118 +87,266 @@ class Capabilities:
     def query(self) -> list[dict[str, Any]]:
         return [{"capability": c, "state": c in self._on} for c in CAPABILITIES]
 
-    def set(self, changes: list[dict[str, Any]] | dict[str, bool]) -> None:
-        """Apply ``[{"capability": name, "state": bool}, ...]`` atomically (all or nothing)."""
+    def set(
+        self, changes: list[dict[str, Any]] | dict[str, bool], incoming_started: bool = False
+    ) -> None:
+        """Apply ``[{"capability": name, "state": bool}, ...]`` atomically (all or nothing);
+        ``incoming_started``: an incoming migration listens already (multifd and
+        postcopy-preempt must be set before)."""
         items = changes.items() if isinstance(changes, dict) else _pairs(changes)
         with self._lock:
             new = set(self._on)
             for name, state in items:
                 if name not in CAPABILITIES:
-                    raise UsageError(f"Invalid parameter '{name}': not a migration capability")
-                if state and name not in SUPPORTED_CAPABILITIES:
-                    raise UsageError(f"Migration capability '{name}' is not supported by livemig")
+                    raise UsageError(f"Parameter 'capability' does not accept value '{name}'")
                 (new.add if state else new.discard)(name)
-            for cap, need in REQUIRES:
-                if cap in new and need not in new:
-                    raise UsageError(f"Capability '{cap}' requires capability '{need}'")
-            for a, b in CONFLICTS:
-                if a in new and b in new:
-                    raise UsageError(f"Capability '{a}' is not compatible with '{b}'")
+            caps_check(self._on, new, incoming_started)
             self._on = new
+
+
+def caps_check(old: set[str] | frozenset[str], new: set[str], incoming_started: bool) -> None:
+    """QEMU 10.0's ``migrate_caps_check``, rule for rule and in its order, then livemig's
+    refusal of what it does not implement."""
+    if "x-colo" in new:
+        raise UsageError(_QEMU_REFUSALS["x-colo"])
+    if "postcopy-ram" in new and "x-ignore-shared" in new:
+        raise UsageError("Postcopy is not compatible with ignore-shared")
+    # QEMU 10.0 refuses postcopy-ram with multifd ("Postcopy is not yet compatible with
+    # multifd"); livemig does post-copy after a multifd pre-copy (docs/qmp-conformance.md)
+    if "background-snapshot" in new:
+        raise UsageError("Background-snapshot is not supported by livemig")
+    if "zero-copy-send" in new and ("multifd" not in new or "xbzrle" in new):
+        raise UsageError("Zero copy only available for non-compressed non-TLS multifd migration")
+    if "postcopy-preempt" in new:
+        if "postcopy-ram" not in new:
+            raise UsageError("Postcopy preempt requires postcopy-ram")
+        if "postcopy-preempt" not in old and incoming_started:
+            raise UsageError("Postcopy preempt must be set before incoming starts")
+    if "multifd" in new and "multifd" not in old and incoming_started:
+        raise UsageError("Multifd must be set before incoming starts")
+    if "switchover-ack" in new and "return-path" not in new:
+        raise UsageError("Capability 'switchover-ack' requires capability 'return-path'")
+    if "dirty-limit" in new:
+        if "auto-converge" in new:
+            raise UsageError("dirty-limit conflicts with auto-converge either of then available "
+                             "currently")  # fmt: skip
+        raise UsageError(_QEMU_REFUSALS["dirty-limit"])
+    if "multifd" in new and "xbzrle" in new:
+        raise UsageError("Multifd is not compatible with xbzrle")
+    if "mapped-ram" in new:
+        if "xbzrle" in new:
+            raise UsageError("Mapped-ram migration is incompatible with xbzrle")
+        if "postcopy-ram" in new:
+            raise UsageError("Mapped-ram migration is incompatible with postcopy")
+    for name in sorted(new - SUPPORTED_CAPABILITIES, key=CAPABILITIES.index):
+        raise UsageError(f"{_NAMES.get(name, name)} is not supported by livemig")
 
 
 def _pairs(changes: list[dict[str, Any]]) -> list[tuple[str, bool]]:
     out = []
     for i, item in enumerate(changes):
-        if not isinstance(item, dict) or set(item) != {"capability", "state"}:
-            raise UsageError(f"capabilities[{i}]: expected {{'capability': str, 'state': bool}}")
-        if not isinstance(item["capability"], str) or not isinstance(item["state"], bool):
-            raise UsageError(f"capabilities[{i}]: 'capability' must be a string, 'state' a bool")
+        if not isinstance(item, dict):
+            raise UsageError(f"Invalid parameter type for 'capabilities[{i}]', expected: object")
+        for key in ("capability", "state"):
+            if key not in item:
+                raise UsageError(f"Parameter 'capabilities[{i}].{key}' is missing")
+        if not isinstance(item["capability"], str):
+            raise UsageError(f"Invalid parameter type for 'capabilities[{i}].capability', "
+                             "expected: string")  # fmt: skip
+        if not isinstance(item["state"], bool):
+            raise UsageError(f"Invalid parameter type for 'capabilities[{i}].state', "
+                             "expected: boolean")  # fmt: skip
+        for key in item:
+            if key not in ("capability", "state"):
+                raise UsageError(f"Parameter 'capabilities[{i}].{key}' is unexpected")
         out.append((item["capability"], item["state"]))
     return out
 
 
+_UINT_MAX = {"uint8": (1 << 8) - 1, "uint16": (1 << 16) - 1, "uint32": (1 << 32) - 1,
+             "uint64": (1 << 64) - 1, "size": (1 << 64) - 1}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ParamSpec:
-    """One parameter: its type, default and allowed values."""
+    """One parameter: its QAPI type (``uint8``, ``size``, ``bool``, ``StrOrNull``, an enum's
+    values as ``choices``), its default; ``livemig`` for livemig's own ``x-`` ones."""
 
     name: str
-    type: type
+    qtype: str
     default: Any
-    minimum: int | None = None
-    maximum: int | None = None
     choices: tuple[str, ...] | None = None
-    unit: str = ""
 
-    def check(self, value: Any) -> Any:
-        if self.type is bool:
+    @property
+    def type(self) -> type:
+        """The JSON type of its values."""
+        if self.qtype == "bool":
+            return bool
+        if self.qtype in ("str", "StrOrNull") or self.choices is not None:
+            return str
+        return int
+
+    def coerce(self, value: Any) -> Any:
+        """``value`` as QEMU's QAPI input visitor takes it (negative numbers wrap for the
+        unsigned types), or its error."""
+        q = self.qtype
+        if q == "bool":
             if not isinstance(value, bool):
                 raise UsageError(f"Invalid parameter type for '{self.name}', expected: boolean")
             return value
-        if self.type is int:
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise UsageError(f"Invalid parameter type for '{self.name}', expected: integer")
-            lo = self.minimum if self.minimum is not None else 0
-            hi = self.maximum
-            if value < lo or (hi is not None and value > hi):
-                rng = f"{lo} to {hi}" if hi is not None else f"at least {lo}"
-                raise UsageError(
-                    f"Parameter '{self.name}' expects {rng}{' ' + self.unit if self.unit else ''}"
-                )
+        if q == "StrOrNull":
+            if value is None:
+                return ""  # QEMU rewrites null to "" for the tls-* parameters
+            if not isinstance(value, str):
+                raise UsageError(f"Invalid parameter type for '{self.name}', "
+                                 "expected: StrOrNull")  # fmt: skip
             return value
-        if value is None and self.choices is None:
-            return ""  # tls-* accept null as "unset", like QEMU
-        if not isinstance(value, str):
-            raise UsageError(f"Invalid parameter type for '{self.name}', expected: string")
-        if self.choices is not None and value not in self.choices:
-            raise UsageError(
-                f"Parameter '{self.name}' does not accept value '{value}' "
-                f"(one of: {', '.join(self.choices)})"
-            )
+        if self.choices is not None:
+            if not isinstance(value, str):
+                raise UsageError(f"Invalid parameter type for '{self.name}', expected: string")
+            if value not in self.choices:
+                raise UsageError(f"Parameter '{self.name}' does not accept value '{value}'")
+            return value
+        if q in _UINT_MAX:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not (-(1 << 63) <= value <= (1 << 64) - 1)
+            ):
+                raise UsageError(f"Parameter '{self.name}' expects uint64")
+            value %= 1 << 64
+            if value > _UINT_MAX[q]:
+                raise UsageError(f"Parameter '{self.name}' expects {q}_t")
+            return value
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"Invalid parameter type for '{self.name}', expected: integer")
         return value
 
 
 PARAMETERS: tuple[ParamSpec, ...] = (
-    ParamSpec("throttle-trigger-threshold", int, 50, 1, 100, unit="percent"),
-    ParamSpec("cpu-throttle-initial", int, 20, 1, 99, unit="percent"),
-    ParamSpec("cpu-throttle-increment", int, 10, 1, 99, unit="percent"),
-    ParamSpec("cpu-throttle-tailslow", bool, False),
-    ParamSpec("tls-creds", str, ""),
-    ParamSpec("tls-hostname", str, ""),
-    ParamSpec("tls-authz", str, ""),
-    ParamSpec("max-bandwidth", int, 134217728, 0, 1 << 62, unit="bytes/s"),
-    ParamSpec("avail-switchover-bandwidth", int, 0, 0, 1 << 62, unit="bytes/s"),
-    ParamSpec("downtime-limit", int, 300, 0, 2000000, unit="milliseconds"),
-    ParamSpec("multifd-channels", int, 2, 1, 255),
-    ParamSpec("multifd-compression", str, "none", choices=("none", "zlib", "zstd")),
-    ParamSpec("multifd-zlib-level", int, 1, 0, 9),
-    ParamSpec("multifd-zstd-level", int, 1, 0, 20),
+    # QEMU 10.0's MigrateSetParameters, in its order
+    ParamSpec("announce-initial", "size", 50),
+    ParamSpec("announce-max", "size", 550),
+    ParamSpec("announce-rounds", "size", 5),
+    ParamSpec("announce-step", "size", 100),
+    ParamSpec("throttle-trigger-threshold", "uint8", 50),
+    ParamSpec("cpu-throttle-initial", "uint8", 20),
+    ParamSpec("cpu-throttle-increment", "uint8", 10),
+    ParamSpec("cpu-throttle-tailslow", "bool", False),
+    ParamSpec("tls-creds", "StrOrNull", ""),
+    ParamSpec("tls-hostname", "StrOrNull", ""),
+    ParamSpec("tls-authz", "StrOrNull", ""),
+    ParamSpec("max-bandwidth", "size", 134217728),
+    ParamSpec("avail-switchover-bandwidth", "size", 0),
+    ParamSpec("downtime-limit", "uint64", 300),
+    ParamSpec("x-checkpoint-delay", "uint32", 20000),
+    ParamSpec("multifd-channels", "uint8", 2),
+    ParamSpec("xbzrle-cache-size", "size", 67108864),
+    ParamSpec("max-postcopy-bandwidth", "size", 0),
+    ParamSpec("max-cpu-throttle", "uint8", 99),
+    ParamSpec(
+        "multifd-compression", "MultiFDCompression", "none", choices=("none", "zlib", "zstd")
+    ),
+    ParamSpec("multifd-zlib-level", "uint8", 1),
+    ParamSpec("multifd-qatzip-level", "uint8", 1),
+    ParamSpec("multifd-zstd-level", "uint8", 1),
+    ParamSpec("x-vcpu-dirty-limit-period", "uint64", 1000),
+    ParamSpec("vcpu-dirty-limit", "uint64", 1),
+    ParamSpec("mode", "MigMode", "normal", choices=("normal", "cpr-reboot", "cpr-transfer")),
     # QEMU 9.0: where zero pages are found. "multifd": the multifd channel threads (without
     # multifd, and in post-copy, the migration thread); "legacy": the migration thread, zero
     # pages going as ZERO records on the main channel; "none": nowhere, every page is sent.
-    ParamSpec("zero-page-detection", str, "multifd", choices=("none", "legacy", "multifd")),
-    ParamSpec("xbzrle-cache-size", int, 67108864, 4096, 1 << 40, unit="bytes"),
-    ParamSpec("max-postcopy-bandwidth", int, 0, 0, 1 << 62, unit="bytes/s"),
-    ParamSpec("max-cpu-throttle", int, 99, 1, 99, unit="percent"),
     ParamSpec(
-        "x-dirty-tracker", str, "auto", choices=("auto", "uffd-wp-async", "uffd-wp", "shadow")
+        "zero-page-detection", "ZeroPageDetection", "multifd", choices=("none", "legacy", "multifd")
     ),
-    # livemig's own (memtrack/hot.py): densely rewritten 2 MiB chunks stay writable between
-    # syncs, sparing the guest a write fault per page per pass at the cost of resending a
-    # chunk that went quiet; uffd-wp-async only.
-    ParamSpec("x-dirty-hot-chunks", bool, True),
-    ParamSpec("x-io-timeout", int, 30000, 100, 3600000, unit="milliseconds"),
-    ParamSpec("x-postcopy-auto-recover", int, 0, 0, 1000),
-    ParamSpec("x-postcopy-prefetch", int, 0, 0, 512, unit="pages"),
-    # livemig's own default (QEMU has no such pass): see convergence.SwitchoverRefiner; 0 is
-    # QEMU's switch at the first chance.
-    ParamSpec("x-switchover-refine", int, SwitchoverRefiner.DEFAULT_PASSES, 0, 16, unit="passes"),
+    ParamSpec("direct-io", "bool", False),
+    # livemig's own
+    ParamSpec(
+        "x-dirty-tracker",
+        "XDirtyTracker",
+        "auto",
+        choices=("auto", "uffd-wp-async", "uffd-wp", "shadow"),
+    ),
+    # memtrack/hot.py: densely rewritten 2 MiB chunks stay writable between syncs, sparing
+    # the guest a write fault per page per pass at the cost of resending a chunk that went
+    # quiet; uffd-wp-async only.
+    ParamSpec("x-dirty-hot-chunks", "bool", True),
+    ParamSpec("x-io-timeout", "uint32", 30000),
+    ParamSpec("x-postcopy-auto-recover", "uint16", 0),
+    ParamSpec("x-postcopy-prefetch", "uint16", 0),
+    # see convergence.SwitchoverRefiner; 0 is QEMU's switch at the first chance
+    ParamSpec("x-switchover-refine", "uint8", SwitchoverRefiner.DEFAULT_PASSES),
 )
 _SPECS = {p.name: p for p in PARAMETERS}
+SIZE_MAX = (1 << 64) - 1
+
+
+def _range(name: str, text: str) -> UsageError:
+    return UsageError(f"Parameter '{name}' expects {text}")
+
+
+def params_check(v: dict[str, Any]) -> None:
+    """QEMU 10.0's ``migrate_params_check`` on the merged values, in its order and words,
+    then livemig's own parameters."""
+    if not 1 <= v["throttle-trigger-threshold"] <= 100:
+        raise _range("throttle_trigger_threshold", "an integer in the range of 1 to 100")
+    if not 1 <= v["cpu-throttle-initial"] <= 99:
+        raise _range("cpu_throttle_initial", "an integer in the range of 1 to 99")
+    if not 1 <= v["cpu-throttle-increment"] <= 99:
+        raise _range("cpu_throttle_increment", "an integer in the range of 1 to 99")
+    if v["downtime-limit"] > 2000 * 1000:
+        raise _range("downtime_limit", "an integer in the range of 0 to (2000 * 1000) ms")
+    if v["multifd-channels"] < 1:
+        raise _range("multifd_channels", "a value between 1 and 255")
+    if v["multifd-zlib-level"] > 9:
+        raise _range("multifd_zlib_level", "a value between 0 and 9")
+    if not 1 <= v["multifd-qatzip-level"] <= 9:
+        raise _range("multifd_qatzip_level", "a value between 1 and 9")
+    if v["multifd-zstd-level"] > 20:
+        raise _range("multifd_zstd_level", "a value between 0 and 20")
+    x = v["xbzrle-cache-size"]
+    if x < 4096 or x & (x - 1):
+        raise _range("xbzrle_cache_size", "a power of two no less than the target page size")
+    if not v["cpu-throttle-initial"] <= v["max-cpu-throttle"] <= 99:
+        raise _range("max_cpu_throttle", "an integer in the range of cpu_throttle_initial to 99")
+    if v["announce-initial"] > 100000:
+        raise _range("announce_initial", "a value between 0 and 100000")
+    if v["announce-max"] > 100000:
+        raise _range("announce_max", "a value between 0 and 100000")
+    if v["announce-rounds"] > 1000:
+        raise _range("announce_rounds", "a value between 0 and 1000")
+    if not 1 <= v["announce-step"] <= 10000:
+        raise _range("announce_step", "a value between 0 and 10000")
+    if not 1 <= v["x-vcpu-dirty-limit-period"] <= 1000:
+        raise _range("x-vcpu-dirty-limit-period", "a value between 1 and 1000")
+    if v["vcpu-dirty-limit"] < 1:
+        raise UsageError("Parameter 'vcpu_dirty_limit' must be greater than 1 MB/s")
+    if not 100 <= v["x-io-timeout"] <= 3600000:
+        raise _range("x-io-timeout", "a value between 100 and 3600000 (milliseconds)")
+    if v["x-postcopy-auto-recover"] > 1000:
+        raise _range("x-postcopy-auto-recover", "a value between 0 and 1000")
+    if v["x-postcopy-prefetch"] > 512:
+        raise _range("x-postcopy-prefetch", "a value between 0 and 512 (pages)")
+    if v["x-switchover-refine"] > 16:
+        raise _range("x-switchover-refine", "a value between 0 and 16 (passes)")
+
+
+def check_for_migration(params: dict[str, Any], caps: frozenset[str]) -> None:
+    """What a migration refuses to start with: the parameters livemig takes as values only,
+    and QEMU's checks that need the capabilities."""
+    if params["mode"] != "normal":
+        raise UsageError(f"migration mode '{params['mode']}' is not supported by livemig "
+                         "(normal only)")  # fmt: skip
+    if params["direct-io"]:
+        raise UsageError("direct-io is not supported by livemig")
+    if "mapped-ram" in caps and (params["multifd-compression"] != "none"
+                                 or params["tls-creds"]):  # fmt: skip
+        raise UsageError("Mapped-ram only available for non-compressed non-TLS multifd "
+                         "migration")  # fmt: skip
 
 
 class Parameters:
-    """Current parameter values; ``set`` checks every value first, then applies them all."""
+    """Current parameter values; ``set`` checks the merged values first, then applies them."""
 
     def __init__(self) -> None:
         self._values = {p.name: p.default for p in PARAMETERS}
@@ -192,21 +359,14 @@ class Parameters:
         return dict(self._values)
 
     def set(self, changes: dict[str, Any]) -> None:
-        checked = {}
-        for name, value in changes.items():
-            spec = _SPECS.get(name)
-            if spec is None:
+        # as QEMU's input visitor: the declared members in order, then any unexpected one
+        checked = {p.name: p.coerce(changes[p.name]) for p in PARAMETERS if p.name in changes}
+        for name in changes:
+            if name not in _SPECS:
                 raise UsageError(f"Parameter '{name}' is unexpected")
-            checked[name] = spec.check(value)
-        xbz = checked.get("xbzrle-cache-size")
-        if xbz is not None and xbz & (xbz - 1):
-            raise UsageError("Parameter 'xbzrle-cache-size' expects a power of two")
         with self._lock:
             merged = {**self._values, **checked}
-            if merged["max-cpu-throttle"] < merged["cpu-throttle-initial"]:
-                raise UsageError(
-                    "Parameter 'max-cpu-throttle' must not be below 'cpu-throttle-initial'"
-                )
+            params_check(merged)
             self._values = merged
 
 
@@ -236,7 +396,7 @@ def parse_param(text: str) -> tuple[str, Any]:
         if spec is not None:
             raise UsageError(f"parameter {name!r}: expected on or off, got {value!r}")
     if spec is None or spec.type is int:
-        if spec is not None and spec.unit.startswith("bytes"):
+        if spec is not None and spec.qtype == "size":  # QAPI's byte counts and rates
             return name, parse_size(value, name)
         try:
             return name, int(value)

@@ -346,7 +346,7 @@ class PostcopyIncoming:
         self.linked = True
         if self.preempt:
             self._accept_preempt(inc.listener)
-        self._fault_thread = threads.Thread(target=self._fault_loop, name="postcopy/fault",
+        self._fault_thread = threads.Thread(target=self._fault_loop, name="mig/dst/fault",
                                             daemon=True)  # fmt: skip
         self._fault_thread.start()
         inc.state.move(MigrationStatus.POSTCOPY_ACTIVE)
@@ -807,7 +807,7 @@ class PostcopyIncoming:
         self._preempt_eos.clear()
         self._preempt_thread = threads.Thread(target=self._preempt_loop,
                                               args=(self._preempt_ch,),
-                                              name="postcopy/preempt", daemon=True)  # fmt: skip
+                                              name="mig/dst/preempt", daemon=True)  # fmt: skip
         self._preempt_thread.start()
 
     def _preempt_loop(self, ch: Channel) -> None:

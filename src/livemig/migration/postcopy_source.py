@@ -197,8 +197,9 @@ class PostcopySource:
     def pause(self) -> None:
         """``migrate-pause``: break the link on purpose (postcopy-active only).
 
-        The state is postcopy-active from the start of the switch; a pause asked for before
-        the switch is over waits for it (a link broken mid-switch failed the migration)."""
+        The state is postcopy-active once the package is out (before, "device", as QEMU's);
+        a pause asked for before the switch is over waits for it (a link broken mid-switch
+        failed the migration)."""
         deadline = time.monotonic() + self.params["x-io-timeout"] / 1000
         while not self.switched.wait(0.05):
             if self.mig.state.status != MigrationStatus.POSTCOPY_ACTIVE:
@@ -468,8 +469,10 @@ class PostcopySource:
         mig = self.mig
         t_stop = time.monotonic()
         preempt_ready = self._connect_preempt(mig.config.uri) if self.preempt else None
-        mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
         mig.stop_guest()
+        # QEMU 10.0's postcopy_start: "device" while the switch is made, "postcopy-active"
+        # once the package is out
+        mig.state.move(MigrationStatus.DEVICE)
         if mig.multifd is not None:
             # Every page the channels still hold lands before the discards: one landing after
             # them filled a page the destination was told it needs, so the fresh copy sent
@@ -503,6 +506,7 @@ class PostcopySource:
         # From here the destination may run the guest: this side must never restart it.
         mig._stopped_guest = False
         mig._send([*enc.send(E.Packaged(package)), *enc.send(E.Ping(4))], "downtime")
+        mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
         if preempt_ready is not None:
             preempt_ready()  # the destination accepts it at POSTCOPY_LISTEN
         t_run = time.monotonic()
@@ -876,7 +880,10 @@ def migrate_pause(manager: Any) -> None:
             manager.dest.status == MigrationStatus.POSTCOPY_ACTIVE:  # fmt: skip
         inc.postcopy.pause()
         return
-    raise UsageError("migrate-pause is currently only supported during postcopy-active state")
+    # QEMU's words; livemig pauses in postcopy-active only (a recovery under way is not broken
+    # off: docs/qmp-conformance.md)
+    raise UsageError("migrate-pause is currently only supported during postcopy-active or "
+                     "postcopy-recover state")  # fmt: skip
 
 
 def migrate_recover(manager: Any, uri: str) -> None:
@@ -894,9 +901,12 @@ def migrate_recover(manager: Any, uri: str) -> None:
 
 def register_postcopy_commands(registry: Any, manager: Any, wrap: Any) -> None:
     """Add migrate-start-postcopy, migrate-pause and migrate-recover to a QMP registry."""
-    from livemig.qmp import Arg
+    from livemig.qmp import EMPTY, Arg
 
-    registry.add("migrate-start-postcopy", wrap(lambda: start_postcopy(manager)))
-    registry.add("migrate-pause", wrap(lambda: migrate_pause(manager)))
+    registry.add("migrate-start-postcopy", wrap(lambda: start_postcopy(manager)), returns=EMPTY)
+    # QEMU lets both run out of band (exec-oob): post-copy recovery must not wait behind an
+    # in-band command stuck on the very link that broke
+    registry.add("migrate-pause", wrap(lambda: migrate_pause(manager)), allow_oob=True,
+                 returns=EMPTY)  # fmt: skip
     registry.add("migrate-recover", wrap(lambda uri: migrate_recover(manager, uri)),
-                 args={"uri": Arg(str)})  # fmt: skip
+                 args={"uri": Arg(str)}, allow_oob=True, returns=EMPTY)  # fmt: skip

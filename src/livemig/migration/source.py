@@ -155,7 +155,7 @@ class OutgoingMigration:
         self.multifd: Any = None  # multifd.MultifdSender with capability multifd
         self.xbzrle: Any = None  # xbzrle_cache.XbzrleCache with capability xbzrle
         self.mapped_ram: Any = None  # mapped_ram.MappedRamSender (also self.multifd)
-        self.thread = threads.Thread(target=self._run, name="live_migration", daemon=True)
+        self.thread = threads.Thread(target=self._run, name="mig/src/main", daemon=True)
         self._rp_thread: threading.Thread | None = None
         self._rp_shut: int | None = None
         self._rp_event = threading.Event()
@@ -163,6 +163,8 @@ class OutgoingMigration:
         self._rp_reason: str | None = None  # the destination's own error (XError)
         self._rp_not_started = False  # ... and it said the guest never ran there
         self._pongs = 0  # PONGs seen: the destination reads our stream
+        # switchover-ack: the destination's approval of the switch-over (QEMU 8.1+)
+        self._switchover_acked = threading.Event()
         self._stopped_guest = False
         # The guest stopped for good and the tracker synced after that: from here a page sent is
         # the page hashed (x-checksums asks the tracker nothing more)
@@ -310,6 +312,10 @@ class OutgoingMigration:
                          for b in self.machine.ram_blocks}  # fmt: skip
             self.tracker.start()
         self.ram = RamSaver(self.machine.ram_blocks, populated)
+        # QEMU's ram_init_bitmaps: the first dirty-bitmap sync (every page dirty) is pass 1,
+        # with its MIGRATION_PASS, while the migration is still in setup
+        self.stats.note_sync(0)
+        self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
         self.stats.zero_pages += self.ram.skipped_unpopulated
         self.stats.unpopulated_pages = self.ram.skipped_unpopulated
         self.encoder = Encoder()
@@ -395,7 +401,7 @@ class OutgoingMigration:
     # -- return path ---------------------------------------------------------------------------
 
     def _start_return_path(self) -> None:
-        self._rp_thread = threads.Thread(target=self._rp_loop, name="return path", daemon=True)
+        self._rp_thread = threads.Thread(target=self._rp_loop, name="mig/src/return", daemon=True)
         self._rp_thread.start()
 
     def _rp_loop(self) -> None:
@@ -447,6 +453,9 @@ class OutgoingMigration:
         elif isinstance(msg, RP.Pong):
             self._pongs += 1
             log.debug("PONG %d", msg.value)
+        elif isinstance(msg, RP.SwitchoverAck):
+            self._switchover_acked.set()
+            self._wake.set()
         elif self.postcopy is not None:
             self.postcopy.on_rp(msg)
 
@@ -498,14 +507,22 @@ class OutgoingMigration:
                         "file) or auto-converge", s.transferred,
                         s.transferred / max(1, s.total_bytes))  # fmt: skip
 
+    def can_switchover(self) -> bool:
+        """QEMU's migration_can_switchover: with switchover-ack, not before the destination
+        approved (it does once its return path is open, when no device needs more time)."""
+        return ("switchover-ack" not in self.config.capabilities
+                or self._switchover_acked.is_set())  # fmt: skip
+
     def _iterate(self) -> None:
         params = self.config.params
         refiner = SwitchoverRefiner(params["x-switchover-refine"])
         refining = False
+        waiting_ack = False
         while True:
             self._check_cancel()
             self._check_rp()
-            if self.postcopy is not None and self.postcopy.should_switch():
+            if self.postcopy is not None and self.postcopy.should_switch() and \
+                    self.can_switchover():  # fmt: skip
                 return
             # what the socket still holds must cross the link in the blackout too
             queued = self.channel.unsent() if self.channel is not None else 0
@@ -518,6 +535,14 @@ class OutgoingMigration:
                 self._sync(f"pending {pending} B <= threshold {threshold} B")
                 pending = self.stats.remaining + queued
                 refining = False
+                if pending <= self.stats.threshold and not self.can_switchover():
+                    # QEMU goes on iterating until the destination approves
+                    if not waiting_ack:
+                        log.info("switch-over waits for the destination's switchover-ack")
+                        waiting_ack = True
+                    self._wake.wait(0.05)
+                    self._wake.clear()
+                    continue
                 if pending <= self.stats.threshold:
                     # another pass only shrinks dirty pages, not what the socket holds
                     if not self.stats.remaining or not refiner.another_pass(
@@ -670,7 +695,8 @@ class OutgoingMigration:
             while not self._continue.wait(0.1):
                 self._check_cancel()
             self._check_cancel()
-            self.state.move(MigrationStatus.DEVICE)
+        # QEMU 10.0 (migration_switchover_prepare) is in "device" for the whole switch-over
+        self.state.move(MigrationStatus.DEVICE)
         if self.multifd is not None and self.checks is not None:
             # the channels' jobs are checked against what the tracker saw since the previous
             # sync, which the final one resets: they must all be out first

@@ -16,7 +16,7 @@ from livemig.errors import MigrationError
 
 
 class MigrationStatus(StrEnum):
-    """QEMU's MigrationStatus values."""
+    """QEMU 10.0's MigrationStatus values, in its order."""
 
     NONE = "none"
     SETUP = "setup"
@@ -25,11 +25,14 @@ class MigrationStatus(StrEnum):
     ACTIVE = "active"
     POSTCOPY_ACTIVE = "postcopy-active"
     POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"  # never entered here (QEMU's enum)
     POSTCOPY_RECOVER = "postcopy-recover"
     COMPLETED = "completed"
     FAILED = "failed"
+    COLO = "colo"  # never entered here
     PRE_SWITCHOVER = "pre-switchover"
     DEVICE = "device"
+    WAIT_UNPLUG = "wait-unplug"  # never entered here
 
 
 _S = MigrationStatus

@@ -130,7 +130,6 @@ class MigrationStats:
             "remaining": self.remaining,
             "total": self.total_bytes,
             "duplicate": self.zero_pages,
-            "skipped": 0,
             "x-unpopulated": self.unpopulated_pages,
             "normal": self.normal_pages,
             "normal-bytes": self.normal_pages * PAGE_SIZE,

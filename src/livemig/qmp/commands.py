@@ -75,10 +75,16 @@ class Arg:
     items: Arg | None = None
     members: Mapping[str, Arg] | None = None
     nullable: bool = False
+    # QAPI's type, where ``type`` says less: an integer's width and sign (``int``, ``uint8``
+    # ... ``uint64``, ``size``; QEMU's messages differ by it), an enum's or alternate's name
+    # (``MigrationCapability``, ``StrOrNull``). For the checks and for query-qmp-schema.
+    qtype: str | None = None
 
     def __post_init__(self) -> None:
         if self.type not in _TYPE_NAMES and self.type is not object:
             raise LivemigError(f"unsupported QMP argument type {self.type!r}")
+        if self.type is int and self.qtype not in (None, *_INT_TYPES):
+            raise LivemigError(f"unknown QAPI integer type {self.qtype!r}")
 
     def check(self, name: str, value: Any) -> Any:
         """Return ``value`` converted for the handler, or raise ``QMPError`` naming ``name``."""
@@ -86,6 +92,8 @@ class Arg:
             return None
         if self.type is object:
             return value
+        if self.type is int and self.qtype not in (None, "int", "int64"):
+            return _check_sized_int(name, value, self.qtype)
         if not self._has_type(value):
             raise QMPError(
                 "GenericError",
@@ -115,6 +123,34 @@ class Arg:
         return isinstance(value, self.type)
 
 
+_INT_TYPES = {
+    "int": (-(1 << 63), (1 << 63) - 1), "int8": (-(1 << 7), (1 << 7) - 1),
+    "int16": (-(1 << 15), (1 << 15) - 1), "int32": (-(1 << 31), (1 << 31) - 1),
+    "int64": (-(1 << 63), (1 << 63) - 1), "uint8": (0, (1 << 8) - 1),
+    "uint16": (0, (1 << 16) - 1), "uint32": (0, (1 << 32) - 1), "uint64": (0, (1 << 64) - 1),
+    "size": (0, (1 << 64) - 1),
+}  # fmt: skip
+
+
+def _check_sized_int(name: str, value: Any, qtype: str | None) -> int:
+    """QEMU's QAPI input visitor on a sized integer: the unsigned ones take any JSON integer
+    that fits 64 bits (a negative one wraps, "for backward compatibility"), then their width;
+    the signed ones want an integer in int64, then their width."""
+    assert qtype is not None
+    lo, hi = _INT_TYPES[qtype]
+    leaf = name.rsplit(".", 1)[-1]
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if lo == 0:
+        if not ok or not -(1 << 63) <= value <= (1 << 64) - 1:
+            raise QMPError("GenericError", f"Parameter '{name}' expects uint64")
+        value %= 1 << 64
+    elif not ok or not -(1 << 63) <= value < 1 << 63:
+        raise QMPError("GenericError", f"Invalid parameter type for '{name}', expected: integer")
+    if not lo <= value <= hi:
+        raise QMPError("GenericError", f"Parameter '{leaf}' expects {qtype}_t")
+    return int(value)
+
+
 def check_members(spec: Mapping[str, Arg], given: Mapping[str, Any], prefix: str = "") -> dict:
     """Check an object against ``spec`` in declared order; return the checked members."""
     out: dict[str, Any] = {}
@@ -130,14 +166,23 @@ def check_members(spec: Mapping[str, Arg], given: Mapping[str, Any], prefix: str
     return out
 
 
+#: ``returns=`` for a command whose reply is ``{}`` (QAPI: no 'returns').
+EMPTY = Arg(dict, members={})
+#: ``returns=`` for a reply of no declared type (the schema says ``any``).
+ANY = Arg(object)
+
+
 @dataclass(frozen=True)
 class Command:
-    """One registered command."""
+    """One registered command; ``returns`` types its reply for query-qmp-schema (``EMPTY``:
+    ``{}``), ``features`` are QAPI's (``deprecated``, ``unstable``)."""
 
     name: str
     handler: Callable[..., Any]
     args: Mapping[str, Arg] = field(default_factory=dict)
     allow_oob: bool = False
+    returns: Arg | None = None
+    features: tuple[str, ...] = ()
 
     @property
     def is_async(self) -> bool:
@@ -160,10 +205,13 @@ class CommandRegistry:
 
     def __init__(self) -> None:
         self._commands: dict[str, Command] = {}
+        #: the events the server may emit: name -> data members (None: no data)
+        self.events: dict[str, Mapping[str, Arg] | None] = {}
         self.add(
             "qmp_capabilities",
             _builtin_qmp_capabilities,
             args={"enable": Arg(list, optional=True, items=Arg(str, choices=("oob",)))},
+            returns=EMPTY,
         )
 
     def add(
@@ -172,16 +220,23 @@ class CommandRegistry:
         handler: Callable[..., Any],
         args: Mapping[str, Arg] | None = None,
         allow_oob: bool = False,
+        returns: Arg | None = ANY,
+        features: tuple[str, ...] = (),
     ) -> Command:
-        """Register ``handler`` under the QMP name ``name``; a name can be registered once."""
+        """Register ``handler`` under the QMP name ``name``; a name can be registered once.
+        ``returns``: the reply's type for query-qmp-schema (``EMPTY`` for ``{}``)."""
         if name in self._commands:
             raise LivemigError(f"QMP command '{name}' is already registered")
         for key, arg in (args or {}).items():
             if not isinstance(arg, Arg):
                 raise LivemigError(f"QMP command '{name}': argument '{key}' is not an Arg")
-        command = Command(name, handler, dict(args or {}), allow_oob)
+        command = Command(name, handler, dict(args or {}), allow_oob, returns, features)
         self._commands[name] = command
         return command
+
+    def add_event(self, name: str, data: Mapping[str, Arg] | None = None) -> None:
+        """Declare an event the server emits, with its data members (query-qmp-schema)."""
+        self.events[name] = dict(data) if data is not None else None
 
     def remove(self, name: str) -> None:
         """Unregister a command (no error if it is absent)."""

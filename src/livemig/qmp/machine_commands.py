@@ -1,6 +1,6 @@
 """The machine's QMP commands and events: query-status, stop, cont, quit, query-cpus-fast, ...
 
-These follow QEMU 7.2's monitor (``softmmu/cpus.c``, ``monitor/qmp-cmds.c``):
+These follow QEMU 10.0's monitor (``system/cpus.c``, ``monitor/qmp-cmds.c``):
 
 * ``stop`` pauses a running guest (STOP event); on a stopped guest it does nothing; in
   ``inmigrate`` it only clears *autostart*, so the guest stays paused when migration ends.
@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from livemig.errors import LivemigError
-from livemig.qmp.commands import CommandRegistry, QMPError
+from livemig.qmp.commands import EMPTY, Arg, CommandRegistry, QMPError
 from livemig.qmp.server import QMPServer, call_after_reply
 
 # QEMU's runstate_needs_reset() states (we never run with -no-shutdown, so shutdown is final).
@@ -35,6 +35,7 @@ _NEEDS_RESET = frozenset({"internal-error", "shutdown", "guest-panicked"})
 # QAPI ShutdownCause values (the SHUTDOWN event's "reason").
 _SHUTDOWN_CAUSES = frozenset(
     {
+        "none",
         "host-error",
         "host-qmp-quit",
         "host-qmp-system-reset",
@@ -47,6 +48,30 @@ _SHUTDOWN_CAUSES = frozenset(
         "snapshot-load",
     }
 )
+
+
+# QEMU 10.0's types of these commands' replies and events' data (query-qmp-schema)
+RUN_STATES = ("debug", "inmigrate", "internal-error", "io-error", "paused", "postmigrate",
+              "prelaunch", "finish-migrate", "restore-vm", "running", "save-vm", "shutdown",
+              "suspended", "watchdog", "guest-panicked", "colo")  # fmt: skip
+STATUS_INFO = Arg(dict, members={
+    "running": Arg(bool), "status": Arg(str, choices=RUN_STATES, qtype="RunState")})  # fmt: skip
+VERSION_INFO = Arg(dict, members={
+    "qemu": Arg(dict, members={"major": Arg(int), "minor": Arg(int), "micro": Arg(int)}),
+    "package": Arg(str)})  # fmt: skip
+NAME_INFO = Arg(dict, members={"name": Arg(str, optional=True)})
+CPU_INFO_FAST = Arg(dict, members={
+    "cpu-index": Arg(int), "qom-path": Arg(str), "thread-id": Arg(int),
+    "props": Arg(dict, optional=True, members={
+        k: Arg(int, optional=True) for k in ("node-id", "drawer-id", "book-id", "socket-id",
+                                              "die-id", "cluster-id", "module-id", "core-id",
+                                              "thread-id")}),
+    "target": Arg(str, choices=("x86_64",), qtype="SysEmuTarget")})  # fmt: skip
+SHUTDOWN_DATA = {"guest": Arg(bool),
+                 "reason": Arg(str, choices=tuple(sorted(_SHUTDOWN_CAUSES)),
+                               qtype="ShutdownCause")}  # fmt: skip
+EVENTS: dict[str, dict[str, Arg] | None] = {"STOP": None, "RESUME": None,
+                                             "SHUTDOWN": SHUTDOWN_DATA}  # fmt: skip
 
 
 class _Machine(Protocol):
@@ -102,7 +127,8 @@ class MachineControl:
 
     def query_status(self) -> dict[str, Any]:
         status = _state_name(self.machine.runstate)
-        return {"status": status, "singlestep": False, "running": status == "running"}
+        # QEMU 10.0's StatusInfo: "singlestep" went in 9.0
+        return {"status": status, "running": status == "running"}
 
     def stop(self) -> None:
         status = _state_name(self.machine.runstate)
@@ -209,18 +235,32 @@ def register_machine_commands(
     def query_commands() -> list[dict[str, str]]:
         return [{"name": name} for name in registry.names()]
 
-    commands: dict[str, Callable[..., Any]] = {
-        "query-status": control.query_status,
-        "stop": control.stop,
-        "cont": control.cont,
-        "quit": control.quit,
-        "query-version": query_version,
-        "query-commands": query_commands,
-        "query-cpus-fast": control.query_cpus_fast,
+    def query_name() -> dict[str, str]:
+        # QEMU's -name; livemig's machines are unnamed unless the runner names one
+        name = getattr(machine, "name", None)
+        return {"name": name} if name else {}
+
+    def query_qmp_schema() -> list[dict[str, Any]]:
+        from livemig.qmp.schema import introspect
+
+        return introspect(registry, registry.events)
+
+    commands: dict[str, tuple[Callable[..., Any], Arg]] = {
+        "query-status": (control.query_status, STATUS_INFO),
+        "stop": (control.stop, EMPTY),
+        "cont": (control.cont, EMPTY),
+        "quit": (control.quit, EMPTY),
+        "query-version": (query_version, VERSION_INFO),
+        "query-name": (query_name, NAME_INFO),
+        "query-commands": (query_commands, Arg(list, items=Arg(dict, members={"name": Arg(str)}))),
+        "query-cpus-fast": (control.query_cpus_fast, Arg(list, items=CPU_INFO_FAST)),
+        "query-qmp-schema": (query_qmp_schema, Arg(list, items=Arg(object))),
     }
-    for name, handler in commands.items():
+    for name, (handler, returns) in commands.items():
         if name in registry:
             raise LivemigError(f"QMP command '{name}' is already registered")
-        registry.add(name, handler)
+        registry.add(name, handler, returns=returns)
+    for event, data in EVENTS.items():
+        registry.add_event(event, data)
     machine.add_state_listener(control.on_state_change)
     return control

@@ -58,6 +58,9 @@ from livemig.qmp.commands import Command, CommandRegistry, QMPError
 
 logger = logging.getLogger(__name__)
 
+#: The QEMU whose monitor livemig's is: its greeting and query-version say so (QEMU 10.0.2,
+#: Debian's bookworm-backports build, the reference of docs/qmp-conformance.md).
+QEMU_VERSION = (10, 0, 2)
 #: Requests one client may have queued before we stop reading from it (QEMU: 8).
 REQUEST_QUEUE_LEN = 8
 #: Unread output per client beyond which the client is considered stuck and dropped.
@@ -399,7 +402,7 @@ class QMPServer:
         self,
         address: str,
         registry: CommandRegistry,
-        version: tuple[int, int, int] = (7, 2, 0),
+        version: tuple[int, int, int] = QEMU_VERSION,
         package: str | None = None,
         max_clients: int = MAX_CLIENTS,
         max_message_size: int = MAX_MESSAGE_SIZE,
@@ -488,6 +491,9 @@ class QMPServer:
 
     def emit_event(self, name: str, data: dict[str, Any] | None = None) -> None:
         """Broadcast an event to every negotiated client; safe from any thread."""
+        if name not in self.registry.events:
+            # query-qmp-schema lists exactly the declared events: an undeclared one is a bug
+            logger.error("event %s is not declared (CommandRegistry.add_event)", name)
         now = time.time()
         seconds = int(now)
         msg: dict[str, Any] = {

@@ -65,7 +65,7 @@ from livemig.errors import StreamError
 from livemig.savevm.ram import page_runs
 
 CAPABILITY = "x-checksums"
-IDSTR = "x-checksum"
+IDSTR = "x-checksum"  # = wire.xsections.CHECKSUM_IDSTR
 SECTION_ID = 1  # RAM is 2, the devices 3 and up
 VERSION = 1
 # Data records one unit of the main stream may hold (the excluded bitmap's bits): 4 MiB of
@@ -94,10 +94,10 @@ class ChecksumError(StreamError):
 
 
 def vmsd() -> Any:
-    from livemig import vmstate
+    """The section's layout: built into every decoder (``wire.xsections``)."""
+    from livemig.wire.xsections import CHECKSUM_VMSD
 
-    return vmstate.vmsd(IDSTR, VERSION, [vmstate.u32("records"), vmstate.u64("digest"),
-                                         vmstate.buffer("excluded", BITMAP_BYTES)])  # fmt: skip
+    return CHECKSUM_VMSD
 
 
 def pack_bits(flags: np.ndarray | None, nbytes: int) -> bytes:

@@ -180,7 +180,9 @@ class Encoder:
                 raise ValueError("a VM UUID is 16 bytes")
             sub("configuration/uuid", ev.uuid)
         self.capabilities |= frozenset(ev.capabilities or ())
-        self._configuration_desc = configuration_entry(ev)
+        self._configuration_desc = configuration_entry(
+            ev.machine_type, ev.capabilities, ev.target_page_bits, ev.uuid
+        )
         return bytes(out)
 
     def _footer(self, section_id: int) -> bytes:
@@ -208,10 +210,9 @@ class Encoder:
 
     def vmdesc(self) -> E.VMDescription:
         """The VMDESCRIPTION event describing every FULL section sent so far."""
-        desc = build_vmdesc(self._described, self.page_size)
-        if self._configuration_desc is not None:
-            desc = {"configuration": self._configuration_desc, **desc}  # first, as QEMU's
-        return E.VMDescription(desc)
+        return E.VMDescription(
+            build_vmdesc(self._described, self.page_size, self._configuration_desc)
+        )
 
     def _setup(self, ev: E.RamSetup) -> bytes:
         out = bytearray(_BE64.pack(ev.total | C.RAM_SAVE_FLAG_MEM_SIZE))

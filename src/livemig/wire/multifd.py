@@ -8,7 +8,8 @@ Initial packet, first 64 bytes on every multifd connection::
     +------+--------+----------------+----+-------------------------+
     magic 0x11223344, version 1, all big-endian
 
-RAM packet header (1344 bytes with pages_alloc = 128)::
+RAM packet header (1344 bytes with pages_alloc = 128; QEMU sizes every packet of a migration so,
+``MULTIFD_PACKET_SIZE`` / page size slots, even a 9.0+ SYNC packet whose pages_alloc is 0)::
 
     0      4        8      12           16            20               24
     +------+--------+------+------------+-------------+----------------+
@@ -140,7 +141,9 @@ class MultifdPacket:
             data
         )
         _check(magic, version, offset)
-        if alloc == 0 or alloc > 1 << 16 or normal + zero > alloc:
+        # QEMU 9.0+ sends SYNC packets with no page slots (pages_alloc 0, the packet still
+        # its full size on the wire); a packet that carries pages needs slots for them
+        if (alloc == 0 and normal + zero) or alloc > 1 << 16 or normal + zero > alloc:
             raise StreamError(
                 f"multifd packet: {normal}+{zero} pages with pages_alloc {alloc}", offset + 12
             )

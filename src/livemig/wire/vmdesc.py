@@ -1,8 +1,9 @@
 """The JSON vmstate description ("vmdesc") that trails a precopy stream, both ways.
 
-Building: ``build_vmdesc`` writes QEMU's format (``{"page_size": 4096, "devices": [...]}``, with
-QEMU's ``", "``/``": "`` separators) for the FULL sections we send, so QEMU's
-``scripts/analyze-migration.py`` can read a livemig stream. Parsing: ``find_vmdesc`` locates the
+Building: ``build_vmdesc`` writes QEMU 9.0+'s format (``{"configuration": {...}, "page_size":
+4096, "devices": [...]}``, with QEMU's ``", "``/``": "`` separators) for the configuration
+section and the FULL sections we send, so QEMU's ``scripts/analyze-migration.py`` can read a
+livemig stream. Parsing: ``find_vmdesc`` locates the
 trailer from the end of a whole stream as QEMU's analyzer does (last NUL byte, then the first
 ``{`` after it, and the 0x06 type byte five bytes before it), ``descriptions_from_vmdesc`` turns
 its device entries into ``VMStateDescription``s keyed by ``(idstr, instance_id)`` for the
@@ -31,42 +32,59 @@ def device_entry(
     return entry
 
 
+def _field(name: str, ftype: str, size: int, count: int = 1) -> dict[str, Any]:
+    out: dict[str, Any] = {"name": name}
+    if count > 1:
+        out["array_len"] = count  # QEMU's compressed array: the size is one element's
+    out.update({"type": ftype, "size": size})
+    return out
+
+
+def configuration_entry(
+    machine_type: str,
+    capabilities: tuple[str, ...] | None = None,
+    target_page_bits: int | None = None,
+    uuid: bytes | None = None,
+) -> dict[str, Any]:
+    """The ``configuration`` key QEMU 9.0+ writes first in its vmdesc: the layout of the
+    stream's configuration section (``vmstate_configuration`` in QEMU's savevm.c) with the
+    subsections the section carries. Without it QEMU's analyze-migration.py reads the section
+    by the pre-9.0 rule (length and name only) and fails on a capabilities subsection."""
+    entry: dict[str, Any] = {
+        "vmsd_name": "configuration",
+        "version": 1,
+        "fields": [_field("len", "uint32", 4),
+                   _field("name", "buffer", len(machine_type.encode()))],
+    }  # fmt: skip
+    subs: list[dict[str, Any]] = []
+    if target_page_bits is not None:
+        subs.append({"vmsd_name": "configuration/target-page-bits", "version": 1,
+                     "fields": [_field("target_page_bits", "uint32", 4)]})  # fmt: skip
+    if capabilities is not None:
+        first = 1 + len(capabilities[0].encode()) if capabilities else 0
+        fields = [_field("caps_count", "uint32", 4)]
+        if capabilities:
+            fields.append(_field("capabilities", "capability", first, len(capabilities)))
+        subs.append({"vmsd_name": "configuration/capabilities", "version": 1, "fields": fields})
+    if uuid is not None:
+        subs.append({"vmsd_name": "configuration/uuid", "version": 1,
+                     "fields": [_field("uuid.data", "uint8", 1, len(uuid))]})  # fmt: skip
+    if subs:
+        entry["subsections"] = subs
+    return entry
+
+
 def build_vmdesc(
     devices: Iterable[tuple[str, int, VMStateDescription, Mapping[str, Any] | None]],
     page_size: int = TARGET_PAGE_SIZE,
+    configuration: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The description of the FULL sections ``(idstr, instance_id, vmsd, state)`` in order."""
-    return {
-        "page_size": page_size,
-        "devices": [device_entry(i, n, v, s) for i, n, v, s in devices],
-    }
-
-
-def configuration_entry(ev: Any) -> dict[str, Any] | None:
-    """The vmdesc ``configuration`` member for a configuration section with subsections (as
-    QEMU 8.2+ writes it): without it QEMU's ``analyze-migration.py`` reads only the machine
-    type and trips over the first subsection. None when there are none to describe."""
-    subs = []
-    if ev.target_page_bits is not None:
-        subs.append({"vmsd_name": "configuration/target-page-bits", "version": 1,
-                     "fields": [{"name": "target_page_bits", "type": "uint32", "size": 4}]})  # fmt: skip
-    if ev.capabilities is not None:
-        caps: dict[str, Any] = {"name": "capabilities", "type": "capability", "size": 4}
-        if len(ev.capabilities) > 1:
-            caps["array_len"] = len(ev.capabilities)
-        fields = [{"name": "caps_count", "type": "uint32", "size": 4}]
-        if ev.capabilities:
-            fields.append(caps)
-        subs.append({"vmsd_name": "configuration/capabilities", "version": 1, "fields": fields})
-    if ev.uuid is not None:
-        subs.append({"vmsd_name": "configuration/uuid", "version": 1,
-                     "fields": [{"name": "uuid", "type": "buffer", "size": 16}]})  # fmt: skip
-    if not subs:
-        return None
-    return {"vmsd_name": "configuration", "version": 1, "fields": [
-        {"name": "len", "type": "uint32", "size": 4},
-        {"name": "name", "type": "buffer", "size": len(ev.machine_type.encode())},
-    ], "subsections": subs}  # fmt: skip
+    """The description of the FULL sections ``(idstr, instance_id, vmsd, state)`` in order;
+    ``configuration`` (from ``configuration_entry``) comes first, as QEMU 9.0+ writes it."""
+    out: dict[str, Any] = {} if configuration is None else {"configuration": dict(configuration)}
+    out["page_size"] = page_size
+    out["devices"] = [device_entry(i, n, v, s) for i, n, v, s in devices]
+    return out
 
 
 def dump_vmdesc(desc: Mapping[str, Any]) -> bytes:

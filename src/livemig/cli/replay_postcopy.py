@@ -1,0 +1,178 @@
+"""The post-copy side of ``livemig replay``: a recorded post-copy migration run again, with
+replay as the source serving the destination's page requests.
+
+A post-copy capture holds the pre-copy passes, the discards and the PACKAGED command (device
+state, LISTEN, RUN), then every page the source still had to send, pushed in the background
+(the capture asked for none), the END section and EOF. Once the destination has the package it
+runs the guest and asks for the pages its guest faults on (REQ_PAGES on the return path). So,
+as QEMU's source (``ram_save_queue_pages``, ``get_queued_page``), replay keeps the pages still
+to send after the switch, the pages recorded after the package, each with its final contents;
+between batches of the recorded push it sends the requested ones first, and each page goes
+exactly once (a QEMU destination fails on a page placed twice: UFFDIO_COPY says EEXIST). A
+request for a page already sent, or never pending, is ignored, as QEMU's source does.
+
+Everything here is decided from the file before the first byte goes out (``PostcopyPlan``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from livemig.errors import StreamError
+from livemig.wire import events as E
+
+PAGE_SHIFT = 12
+SERVE_BATCH = 256  # pages of the background push between two looks at the requests
+
+
+@dataclass
+class PostcopyPlan:
+    """The pages a capture sends after its PACKAGED command, and where their contents are."""
+
+    # per block: for each page, the index into ``records`` of the event holding its final
+    # contents after the switch (-1: not pending after the switch)
+    where: dict[str, np.ndarray] = field(default_factory=dict)
+    records: list[Any] = field(default_factory=list)
+    rows: dict[str, np.ndarray] = field(default_factory=dict)  # row in that event
+    pages: int = 0
+
+    @classmethod
+    def from_events(cls, events: list[tuple[Any, Any, int]]) -> PostcopyPlan | None:
+        """The plan of a post-copy capture's events ``(event, raw, offset)``; None when the
+        capture has no PACKAGED command (a pre-copy stream). Raises ``StreamError`` saying
+        why a post-copy capture cannot be replayed."""
+        package = next((i for i, (ev, _r, _w) in enumerate(events)
+                        if isinstance(ev, E.Packaged)), None)  # fmt: skip
+        if package is None:
+            return None
+        at = events[package][2]
+        if not any(isinstance(ev, E.OpenReturnPath) for ev, _r, _w in events[:package]):
+            raise StreamError("a post-copy capture without OPEN_RETURN_PATH: the destination "
+                              "could not ask for its pages", at)  # fmt: skip
+        if not any(isinstance(ev, E.PostcopyAdvise) for ev, _r, _w in events[:package]):
+            raise StreamError("PACKAGED without POSTCOPY_ADVISE before it", at)
+        plan = cls()
+        sizes: dict[str, int] = {}
+        for ev, _raw, _where in events:
+            if isinstance(ev, E.RamSetup):
+                sizes = {b.idstr: b.used_length for b in ev.blocks}
+        plan.where = {b: np.full(n // 4096, -1, np.int64) for b, n in sizes.items()}
+        plan.rows = {b: np.zeros(n // 4096, np.int64) for b, n in sizes.items()}
+        for ev, _raw, where in events[package + 1 :]:
+            if isinstance(ev, E.RamXbzrlePage | E.RamCompressedPage | E.RamMultifdFlush):
+                raise StreamError(f"{type(ev).__name__} after the switch to post-copy: replay "
+                                  "serves post-copy pages as normal and zero pages only", where)  # fmt: skip
+            if isinstance(ev, E.Packaged):
+                raise StreamError("a second PACKAGED command", where)
+            if not isinstance(ev, E.RamPages | E.RamZeroPages):
+                continue
+            idx = (ev.offsets >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+            slot = len(plan.records)
+            plan.records.append(ev)
+            plan.where[ev.block][idx] = slot
+            plan.rows[ev.block][idx] = np.arange(len(idx))
+        plan.pages = sum(int(np.count_nonzero(w >= 0)) for w in plan.where.values())
+        return plan
+
+
+class PostcopyServer:
+    """Sends the pages after the switch: requested ones first, each page once."""
+
+    def __init__(self, plan: PostcopyPlan, max_bandwidth: int = 0) -> None:
+        self.plan = plan
+        self.max_bandwidth = max_bandwidth  # bytes/s of the background push; 0: unlimited
+        self.requests: queue.Queue[tuple[str, int, int]] = queue.Queue()
+        self._arrived = threading.Event()
+        self._start = time.monotonic()
+        self._pushed = 0  # bytes of the background push so far
+        self.sent = {b: np.zeros(len(w), bool) for b, w in plan.where.items()}
+        self.requested = 0  # requests received
+        self.served = 0  # pages sent because the destination asked for them
+        self.stale = 0  # requests for pages already sent or never pending
+        self._slot = {id(ev): i for i, ev in enumerate(plan.records)}
+
+    def request(self, block: str, start: int, length: int) -> None:
+        """From the return-path thread: a REQ_PAGES of the destination."""
+        self.requests.put((block, start, length))
+        self._arrived.set()
+
+    def pace(self, nbytes: int) -> bool:
+        """After ``nbytes`` of the background push: wait while it is ahead of
+        ``max_bandwidth`` (QEMU's max-postcopy-bandwidth), but no longer than until a request
+        arrives. True when requests wait to be served."""
+        self._pushed += nbytes
+        if self.max_bandwidth:
+            due = self._start + self._pushed / self.max_bandwidth
+            while (left := due - time.monotonic()) > 0:
+                if self._arrived.wait(left):
+                    break
+        return not self.requests.empty()
+
+    def serve(self) -> list[E.Event]:
+        """The requested pages not sent yet, as page events (and marks them sent)."""
+        out: list[E.Event] = []
+        self._arrived.clear()
+        while True:
+            try:
+                block, start, length = self.requests.get_nowait()
+            except queue.Empty:
+                return out
+            self.requested += 1
+            where = self.plan.where.get(block)
+            if where is None:
+                raise StreamError(f"the destination asked for pages of unknown RAM block "
+                                  f"{block!r}")  # fmt: skip
+            first = start >> PAGE_SHIFT
+            end = min(len(where), -(-(start + max(length, 1)) // 4096))
+            idx = np.arange(first, end)
+            idx = idx[(where[idx] >= 0) & ~self.sent[block][idx]]
+            if not len(idx):
+                self.stale += 1
+                continue
+            out += self._events(block, idx)
+            self.served += len(idx)
+
+    def push(self, ev: E.RamPages | E.RamZeroPages, urgent: Any) -> Iterator[E.Event]:
+        """A recorded event of the background push, without the pages already sent (or sent
+        again later in the capture: a page goes once, with its final contents), in pieces of
+        ``SERVE_BATCH`` pages; before each, the requested pages are handed to
+        ``urgent(events)``. A generator: a page is marked sent only when its piece is due."""
+        slot = self._slot[id(ev)]
+        for at in range(0, len(ev), SERVE_BATCH):
+            urgent(self.serve())
+            offsets = ev.offsets[at : at + SERVE_BATCH]
+            idx = (offsets >> np.uint64(PAGE_SHIFT)).astype(np.int64)
+            keep = ~self.sent[ev.block][idx] & (self.plan.where[ev.block][idx] == slot)
+            if not keep.any():
+                continue
+            self.sent[ev.block][idx[keep]] = True
+            if isinstance(ev, E.RamPages):
+                yield E.RamPages(ev.block, offsets[keep], ev.data[at : at + SERVE_BATCH][keep])
+            else:
+                yield E.RamZeroPages(ev.block, offsets[keep], ev.fill)
+
+    def _events(self, block: str, idx: np.ndarray) -> list[E.Event]:
+        self.sent[block][idx] = True
+        out: list[E.Event] = []
+        slots = self.plan.where[block][idx]
+        rows = self.plan.rows[block][idx]
+        for slot in np.unique(slots):
+            mine = slots == slot
+            rec = self.plan.records[int(slot)]
+            offsets = idx[mine].astype(np.uint64) << np.uint64(PAGE_SHIFT)
+            if isinstance(rec, E.RamPages):
+                out.append(E.RamPages(block, offsets, rec.data[rows[mine]]))
+            else:
+                out.append(E.RamZeroPages(block, offsets, rec.fill))
+        return out
+
+    def unsent(self) -> int:
+        return sum(int(np.count_nonzero((w >= 0) & ~s))
+                   for w, s in zip(self.plan.where.values(), self.sent.values(), strict=True))  # fmt: skip
