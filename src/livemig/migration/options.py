@@ -40,15 +40,22 @@ SUPPORTED_CAPABILITIES = frozenset(
         "postcopy-blocktime",
         "xbzrle",
         "mapped-ram",
+        "x-colo",
     }
 )
 
 # (capability, needs) and (capability, conflicts with) pairs, checked when set.
 REQUIRES = (("postcopy-preempt", "postcopy-ram"), ("switchover-ack", "return-path"),
-            ("zero-copy-send", "multifd"))  # fmt: skip
+            ("zero-copy-send", "multifd"),
+            # livemig's standby answers on the return path (acks, heartbeats)
+            ("x-colo", "return-path"))  # fmt: skip
 CONFLICTS = (("multifd", "compress"), ("multifd", "xbzrle"), ("x-ignore-shared", "postcopy-ram"),
              ("dirty-limit", "auto-converge"), ("mapped-ram", "xbzrle"),
-             ("mapped-ram", "postcopy-ram"))  # fmt: skip
+             ("mapped-ram", "postcopy-ram"),
+             # QEMU refuses COLO with post-copy; livemig's checkpoints are pre-copy streams on
+             # one channel (no multifd, XBZRLE or a file)
+             ("x-colo", "postcopy-ram"), ("x-colo", "multifd"), ("x-colo", "xbzrle"),
+             ("x-colo", "mapped-ram"))  # fmt: skip
 
 
 class Capabilities:
@@ -173,6 +180,15 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     # livemig's own default (QEMU has no such pass): see convergence.SwitchoverRefiner; 0 is
     # QEMU's switch at the first chance.
     ParamSpec("x-switchover-refine", int, SwitchoverRefiner.DEFAULT_PASSES, 0, 16, unit="passes"),
+    # COLO (capability x-colo): QEMU's checkpoint interval and default, then livemig's own
+    # time-outs (QEMU leaves detecting a dead peer to outside tools): silence from the other
+    # side for this long and the standby takes over / the primary goes on unreplicated; a
+    # checkpoint not acknowledged this long after it was taken means the standby cannot keep
+    # up, and the primary goes on unreplicated too (saying so) rather than holding its
+    # clients' replies without bound.
+    ParamSpec("x-checkpoint-delay", int, 20000, 0, (1 << 32) - 1, unit="milliseconds"),
+    ParamSpec("x-colo-heartbeat-timeout", int, 1000, 50, 600000, unit="milliseconds"),
+    ParamSpec("x-colo-checkpoint-timeout", int, 5000, 100, 3600000, unit="milliseconds"),
 )
 _SPECS = {p.name: p for p in PARAMETERS}
 

@@ -30,6 +30,7 @@ class MigrationStatus(StrEnum):
     FAILED = "failed"
     PRE_SWITCHOVER = "pre-switchover"
     DEVICE = "device"
+    COLO = "colo"
 
 
 _S = MigrationStatus
@@ -44,6 +45,7 @@ RUNNING = frozenset(
         _S.POSTCOPY_PAUSED,
         _S.POSTCOPY_RECOVER,
         _S.CANCELLING,
+        _S.COLO,
     }
 )
 
@@ -79,6 +81,12 @@ SOURCE_TRANSITIONS: frozenset[tuple[MigrationStatus, MigrationStatus]] = frozens
         (_S.POSTCOPY_PAUSED, _S.CANCELLING),
         (_S.CANCELLING, _S.CANCELLED),
         (_S.CANCELLING, _S.FAILED),
+        # COLO (x-colo): after the first migration the primary keeps its guest and sends
+        # checkpoints; replication ends in completed (the guest goes on here, unreplicated)
+        (_S.ACTIVE, _S.COLO),
+        (_S.DEVICE, _S.COLO),
+        (_S.COLO, _S.COMPLETED),
+        (_S.COLO, _S.CANCELLING),
         # a finished migration may be followed by a new one on the same object
         (_S.COMPLETED, _S.SETUP),
         (_S.FAILED, _S.SETUP),
@@ -103,6 +111,11 @@ DESTINATION_TRANSITIONS: frozenset[tuple[MigrationStatus, MigrationStatus]] = fr
         (_S.POSTCOPY_PAUSED, _S.FAILED),
         (_S.POSTCOPY_RECOVER, _S.POSTCOPY_ACTIVE),
         (_S.POSTCOPY_RECOVER, _S.POSTCOPY_PAUSED),
+        # COLO: the standby loads checkpoints; completed when it took over (failover), failed
+        # when replication ended without it taking over
+        (_S.ACTIVE, _S.COLO),
+        (_S.COLO, _S.COMPLETED),
+        (_S.COLO, _S.FAILED),
     }
 )
 

@@ -445,6 +445,9 @@ class ServiceFront:
 
         if self._closed:
             return
+        mig = getattr(self.manager, "outgoing", None)
+        if mig is not None and "x-colo" in mig.config.capabilities:
+            return  # replication: the guest stays here (its clients follow by failover)
         if new == S.ACTIVE and old == S.SETUP:
             self._prepare_follow()
         elif new in (S.COMPLETED, S.POSTCOPY_ACTIVE):
