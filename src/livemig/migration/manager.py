@@ -123,7 +123,7 @@ class MigrationManager:
             self.source.move(MigrationStatus.SETUP)
             self.outgoing = OutgoingMigration(self.machine, config, self.source,
                                               emit=self._emit_pass)  # fmt: skip
-            self.outgoing.colo_participants = list(self.colo_participants)
+            self.outgoing.colo_participants = self.colo_participants
             self.outgoing.start()
             threads.Thread(target=self._watch_outgoing, args=(self.outgoing,),
                            name="migration watcher", daemon=True).start()  # fmt: skip
@@ -181,7 +181,7 @@ class MigrationManager:
                 autostart=self._autostart, emit=self.emit, on_done=self._incoming_done,
             )  # fmt: skip
             self.incoming.capabilities = self.caps.enabled()
-            self.incoming.colo_participants = list(self.colo_participants)
+            self.incoming.colo_participants = self.colo_participants  # the front may come later
             self.incoming.start()
             return self.incoming.uri
 
