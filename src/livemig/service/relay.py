@@ -37,7 +37,7 @@ import time
 from typing import Any
 
 from livemig import threads
-from livemig.errors import LivemigError, StreamError, UsageError
+from livemig.errors import StreamError, UsageError
 from livemig.service import link as L
 from livemig.service.front import parse_serve_uri
 
@@ -442,4 +442,4 @@ def start_relay(listen: str, backend: str, **kw: Any) -> Relay:
     return relay
 
 
-__all__ = ["Relay", "start_relay", "LivemigError"]
+__all__ = ["Relay", "start_relay"]
