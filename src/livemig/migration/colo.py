@@ -360,7 +360,7 @@ class ColoPrimary:
         st.sizes.append(sent)
 
     def _send_paced(self, bufs: list, cp: _Captured) -> int:
-        """Send in pieces, within the rate limit, checking the time-outs between pieces."""
+        """Send in pieces, checking the time-outs between pieces."""
         mig = self.mig
         params = mig.config.params
         limit = params["x-colo-checkpoint-timeout"] / 1000
@@ -371,16 +371,15 @@ class ColoPrimary:
 
         def flush() -> None:
             nonlocal sent, size, piece
+            # as QEMU's checkpoints, not held to max-bandwidth: the guest's replies wait
             n = mig.channel.sendv(piece)
             mig.stats.transferred += n
-            mig.rate.account(n)
             sent += n
             piece, size = [], 0
             with self._cv:
                 self._check(hb)
             if time.monotonic() - cp.taken_at > limit:
                 raise ColoEnded(self._too_slow(cp, limit))
-            mig.rate.wait(mig._wake)
 
         for b in bufs:
             piece.append(b)
@@ -436,9 +435,13 @@ class ColoPrimary:
                 p.colo_primary_end(why)
             except Exception:  # never let a participant keep the guest replicated in name
                 log.exception("COLO: participant %r did not end cleanly", p)
-        if reason == "request" and mig.channel is not None:
+        if mig.channel is not None:
+            # whatever the reason, a standby that still hears us must not take over: the guest
+            # goes on here (one that does not hear it takes over, but no front fails over to
+            # it any more: see colo_primary_end)
             try:
-                mig.channel.send(W.message(CM.X_EXIT))  # the standby must not take over
+                mig.channel.timeout = min(mig.channel.timeout or 1.0, 1.0)
+                mig.channel.send(W.message(CM.X_EXIT))
             except ChannelError:
                 pass
         st = mig.state

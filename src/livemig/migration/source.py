@@ -755,8 +755,8 @@ class OutgoingMigration:
 
             out["total-time"] = s.elapsed_ms()
             out["setup-time"] = int((s.setup_time or 0) * 1000)
-            if status == MigrationStatus.COMPLETED:
-                out["downtime"] = int((s.downtime or 0) * 1000)
+            if status == MigrationStatus.COMPLETED or (status == MigrationStatus.COLO):
+                out["downtime"] = int((s.downtime or 0) * 1000)  # COLO: the first migration's
             else:
                 out["expected-downtime"] = s.expected_downtime_ms
         if s.throttle:
