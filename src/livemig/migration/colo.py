@@ -483,6 +483,8 @@ class ColoSecondary:
         self._runstate = "running"
         self._last_sent = time.monotonic()
         self._stop = threading.Event()
+        self._rd: W.CheckpointReader | None = None
+        self.partial_discarded = 0  # a checkpoint received in part when it took over
         self.apply_times: deque[float] = deque(maxlen=STATS_KEPT)
 
     def request_takeover(self, why: str) -> None:
@@ -554,7 +556,7 @@ class ColoSecondary:
         inc = self.inc
         ch = inc.channel
         hb = inc.params["x-colo-heartbeat-timeout"] / 1000
-        reader = self._reader(inc._colo_offset)
+        reader = self._rd = self._reader(inc._colo_offset)
         ch.timeout = RECV_TICK
         last_heard = time.monotonic()
         data = rest
@@ -636,6 +638,9 @@ class ColoSecondary:
         self.ended = True
         self.took_over = True
         self.how = why
+        if self._rd is not None and self._rd.in_checkpoint:
+            self.partial_discarded = 1
+            why += f"; checkpoint {self.applied + 1}, received in part, is discarded"
         requested = why.startswith("x-colo-lost-heartbeat")
         self.reason = "request" if requested else "error"
         for p in self.participants:
@@ -659,8 +664,9 @@ class ColoSecondary:
         _exit_event(self.emit, "secondary", "error")
 
     def query(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"x-checkpoints-applied": self.applied,
-                               "x-bytes": self.bytes, "x-took-over": self.took_over}  # fmt: skip
+        out: dict[str, Any] = {"x-checkpoints-applied": self.applied, "x-bytes": self.bytes,
+                               "x-took-over": self.took_over,
+                               "x-partial-discarded": self.partial_discarded}  # fmt: skip
         if self.apply_times:
             a = np.array(self.apply_times) * 1000
             out["x-apply-ms"] = {"p50": round(float(np.percentile(a, 50)), 3),
