@@ -119,6 +119,14 @@ class ColoStats:
     sizes: deque[int] = field(default_factory=lambda: deque(maxlen=STATS_KEPT))
     acks: deque[float] = field(default_factory=lambda: deque(maxlen=STATS_KEPT))
     max_pause: float = 0.0
+    # (number, pause s, bytes, acknowledged after s) of the last checkpoints
+    recent: deque[tuple[int, float, int, float]] = field(
+        default_factory=lambda: deque(maxlen=STATS_KEPT)
+    )
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{"checkpoint": n, "pause-ms": round(p * 1000, 3), "bytes": b,
+                 "ack-ms": round(a * 1000, 3)} for n, p, b, a in self.recent]  # fmt: skip
 
     def query(self) -> dict[str, Any]:
         out: dict[str, Any] = {"checkpoints": self.checkpoints, "acknowledged": self.acked,
@@ -410,6 +418,7 @@ class ColoPrimary:
         st = self.stats
         st.acked = cp.number
         st.acks.append(took)
+        st.recent.append((cp.number, st.pauses[-1], st.sizes[-1], took))
         if took > max(delay, 0.001) and delay > 0:
             st.late += 1
             if st.late in (1, 10, 100) or st.late % 1000 == 0:

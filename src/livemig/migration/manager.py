@@ -219,6 +219,14 @@ class MigrationManager:
         out.update(colo.query())
         return out
 
+    def colo_checkpoints(self) -> list[dict[str, Any]]:
+        """``x-query-colo-checkpoints``: the primary's last checkpoints, one record each
+        (number, pause, bytes, acknowledgement time), for benchmarks."""
+        colo = self.outgoing.colo if self.outgoing is not None else None
+        if colo is None:
+            raise UsageError("this process has not been a COLO primary")
+        return colo.stats.records()
+
     def colo_lost_heartbeat(self) -> None:
         """``x-colo-lost-heartbeat``: a standby takes over now; a primary stops replicating."""
         mode, colo = self._colo()
@@ -242,7 +250,13 @@ class MigrationManager:
             self.outgoing.set_max_bandwidth(changes["max-bandwidth"])
         if self.outgoing is not None:
             # QEMU applies these to a running migration at its next iteration
-            for name in ("downtime-limit", "avail-switchover-bandwidth"):
+            for name in (
+                "downtime-limit",
+                "avail-switchover-bandwidth",
+                "x-checkpoint-delay",
+                "x-colo-heartbeat-timeout",
+                "x-colo-checkpoint-timeout",
+            ):
                 if name in changes:
                     self.outgoing.config.params[name] = self.params[name]
 
@@ -360,6 +374,7 @@ def register_migration_commands(registry: Any, manager: MigrationManager) -> Non
     registry.add("x-query-migration-report", wrap(manager.report))
     registry.add("query-colo-status", wrap(manager.query_colo_status))
     registry.add("x-colo-lost-heartbeat", wrap(manager.colo_lost_heartbeat))
+    registry.add("x-query-colo-checkpoints", wrap(manager.colo_checkpoints))
     registry.add("calc-dirty-rate", wrap(manager.calc_dirty_rate), args={
         "calc-time": Arg(int), "sample-pages": Arg(int, optional=True),
         "mode": Arg(str, optional=True, choices=("page-sampling", "dirty-ring", "dirty-bitmap")),

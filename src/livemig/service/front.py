@@ -410,7 +410,9 @@ class ServiceFront(LinkBackend):
         self.machine.add_state_listener(self._on_state)
         if self.manager is not None:
             self.manager.source.add_listener(self._on_source_status)
-            self.manager.colo_participants.append(self)  # replies wait for checkpoints
+            participants = getattr(self.manager, "colo_participants", None)
+            if participants is not None:
+                participants.append(self)  # replies wait for checkpoints
         if self.machine.runstate not in (RunState.INMIGRATE, RunState.PRELAUNCH):
             self._on_state(RunState.INMIGRATE, self.machine.runstate)  # loaded before start()
 
@@ -499,7 +501,7 @@ class ServiceFront(LinkBackend):
         if self._closed:
             return
         mig = getattr(self.manager, "outgoing", None)
-        if mig is not None and "x-colo" in mig.config.capabilities:
+        if mig is not None and "x-colo" in getattr(mig.config, "capabilities", ()):
             return  # replication: the guest stays here (its clients follow by failover)
         if new == S.ACTIVE and old == S.SETUP:
             self._prepare_follow()

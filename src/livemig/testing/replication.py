@@ -61,6 +61,11 @@ class Replicated:
     smp: int = 1
     serve: dict[str, int] = field(default_factory=dict)  # process name -> its --serve port
 
+    def start_replication(self, delay_ms: int = 25, params: dict[str, Any] | None = None) -> None:
+        replicate(self.primary, self.standby.incoming or "", delay_ms, params)
+        wait_until(lambda: self.front.cmd("x-query-front")["successor"], 10,
+                   "the front to hear of the standby")  # fmt: skip
+
     def new_standby(self, params: dict[str, Any] | None = None, delay_ms: int = 25) -> None:
         """After a failover: a fresh standby for the guest's new primary (the old standby)."""
         self.primary = self.standby
@@ -85,7 +90,10 @@ def start_replicated(
     delay_ms: int = 25,
     params: dict[str, Any] | None = None,
     front_extra: tuple[str, ...] = (),
+    defer: bool = False,
 ) -> Replicated:
+    """Primary, standby and front; replication running unless ``defer``
+    (``Replicated.start_replication`` then)."""
     serve: dict[str, int] = {}
     p1 = free_tcp_port()
     primary = h.source(guest="kvserver", append="", memory=memory, smp=smp,
@@ -95,10 +103,10 @@ def start_replicated(
     pf = free_tcp_port()
     front = h.front(f"tcp:127.0.0.1:{p1}", f"tcp:127.0.0.1:{pf}", extra=front_extra)
     wait_until(lambda: answers(pf), 30, "the front answering PING")
-    replicate(primary, standby.incoming or "", delay_ms, params)
-    wait_until(lambda: front.cmd("x-query-front")["successor"], 10,
-               "the front to hear of the standby")  # fmt: skip
-    return Replicated(h, primary, standby, front, pf, memory, smp, serve)
+    r = Replicated(h, primary, standby, front, pf, memory, smp, serve)
+    if not defer:
+        r.start_replication(delay_ms, params)
+    return r
 
 
 class Writers:
