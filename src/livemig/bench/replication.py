@@ -11,6 +11,8 @@ records (``x-query-colo-checkpoints``): the guest's pause per checkpoint (p50/p9
 per checkpoint (p50) and the time from capture to the standby's acknowledgement. With output
 commit a closed-loop client gets at most one reply per checkpoint, so its rate is bounded by
 the interval: more clients (or pipelining) is how a replicated service keeps its throughput.
+Then the same intervals for a guest that writes much (memstress, ``--dirty``): the pause and
+size of its checkpoints, and its invariant at the end.
 
 **Failover.** The same clients (writers of unique keys plus one INCR counter) run through
 ``--kills`` failovers in a row: each time the primary is SIGKILLed at a random moment (0.2 to
@@ -157,6 +159,28 @@ def run_cost(memory: str, clients: int, phase: float) -> dict[str, Any]:
             "colo": {k: v for k, v in colo.items() if k.startswith("x-")}}  # fmt: skip
 
 
+def run_dirty(memory: str, append: str, phase: float) -> dict[str, Any]:
+    """Checkpoints of a guest that writes much (memstress): pause and size per interval."""
+    from livemig.testing.replication import replicate
+
+    out: dict[str, Any] = {"guest": f"memstress {append}", "memory": memory}
+    with ProcHarness(memory=memory, smp=2) as h:
+        src = h.source(append=append, memory=memory)
+        dst = h.destination(memory=memory)
+        replicate(src, dst.incoming or "", DELAYS_MS[0])
+        for delay in DELAYS_MS:
+            src.cmd("migrate-set-parameters", **{"x-checkpoint-delay": delay})
+            time.sleep(min(0.5, phase / 4))
+            n0 = src.cmd("query-colo-status")["x-checkpoints"]
+            time.sleep(phase)
+            n1 = src.cmd("query-colo-status")["x-checkpoints"]
+            out[f"replicated-{delay}ms"] = _checkpoints(src.cmd("x-query-colo-checkpoints"),
+                                                        n0, n1)  # fmt: skip
+        src.cmd("stop")
+        out["invariant_ok"] = bool(src.cmd("x-guest-check")["ok"])
+    return out
+
+
 class _Prober(threading.Thread):
     """PING through the front in a loop: (sent, answered) times."""
 
@@ -241,6 +265,17 @@ def _print(res: dict[str, Any]) -> None:
                       f"{p['bytes_p50']:>10} {p['ack_p50_ms']:7.2f}")  # fmt: skip
             print(f"{name:22} {p['rps']:8.1f} {ratios}{ck}")
         print(f"errors {c['errors']}, wrong values {c['wrong_values']}")
+    d = res.get("dirty")
+    if d:
+        print(f"\n{d['guest']}, {d['memory']}: checkpoints of a guest that writes much")
+        print(f"{'interval':22} {'ckpts':>6} {'pause p50/p99/max ms':>22} {'B/ckpt':>10} "
+              f"{'ack ms':>7}")  # fmt: skip
+        for name in (f"replicated-{x}ms" for x in DELAYS_MS):
+            p = d[name]
+            if p.get("checkpoints"):
+                print(f"{name:22} {p['checkpoints']:6} {p['pause_p50_ms']:.2f}/"
+                      f"{p['pause_p99_ms']:.2f}/{p['pause_max_ms']:.2f}{p['bytes_p50']:>12} "
+                      f"{p['ack_p50_ms']:7.2f}")  # fmt: skip
     f = res.get("failover")
     if f:
         a = f["audit"]
@@ -254,8 +289,9 @@ def _print(res: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     res: dict[str, Any] = {}
-    if args.kills >= 0 and not args.failover_only:
+    if not args.failover_only:
         res["cost"] = run_cost(args.memory, args.clients, args.phase)
+        res["dirty"] = run_dirty(args.memory, args.dirty, args.phase)
     if args.kills:
         res["failover"] = run_failover(args.memory, args.kills, args.seed,
                                        log=(lambda _m: None) if args.json else print)  # fmt: skip
@@ -283,6 +319,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--phase", type=float, default=4.0, help="seconds per phase (4)")
     p.add_argument("--kills", type=int, default=20, help="SIGKILLs of the primary in a row (20)")
     p.add_argument("--failover-only", action="store_true", help="skip the cost phases")
+    p.add_argument("--dirty", default="ws=16M rate=20000", metavar="ARGS",
+                   help="memstress arguments for the checkpoints of a guest that writes much "
+                   "(ws=16M rate=20000: about 80 MB/s)")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(func=main, seed=None)

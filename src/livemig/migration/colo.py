@@ -124,9 +124,16 @@ class ColoStats:
         default_factory=lambda: deque(maxlen=STATS_KEPT)
     )
 
+    parts: deque[tuple[float, ...]] = field(default_factory=lambda: deque(maxlen=STATS_KEPT))
+
     def records(self) -> list[dict[str, Any]]:
+        """One per acknowledged checkpoint; ``pause-parts-ms``: stop, dirty-log sync, copy,
+        device state, service state, resume."""
+        parts = {n: p for n, p in zip(range(self.checkpoints - len(self.parts) + 1,
+                                            self.checkpoints + 1), self.parts, strict=True)}  # fmt: skip
         return [{"checkpoint": n, "pause-ms": round(p * 1000, 3), "bytes": b,
-                 "ack-ms": round(a * 1000, 3)} for n, p, b, a in self.recent]  # fmt: skip
+                 "ack-ms": round(a * 1000, 3), "pause-parts-ms": list(parts.get(n, ()))}
+                for n, p, b, a in self.recent]  # fmt: skip
 
     def query(self) -> dict[str, Any]:
         out: dict[str, Any] = {"checkpoints": self.checkpoints, "acknowledged": self.acked,
@@ -316,19 +323,29 @@ class ColoPrimary:
         t0 = time.monotonic()
         number = self.stats.checkpoints + 1
         with m.stopped_in(RunState.COLO) as found:
+            t_stopped = time.monotonic()
             bitmaps = mig.tracker.sync()
+            t_synced = time.monotonic()
             pages = []
             for block in m.ram_blocks:
                 idx = np.flatnonzero(bitmaps[block.idstr])
                 if len(idx):
                     pages.append((block.idstr, idx, block.array.reshape(-1, PAGE_SIZE)[idx]))
+            t_copied = time.monotonic()
             states = [(e.idstr, e.instance_id, e.vmsd, e.save()) for e in machine_entries(m)]
             running = found in (RunState.RUNNING, RunState.COLO)
             states.append(("globalstate", 0, GLOBALSTATE_VMSD,
                            encode_globalstate("running" if running else "paused")))  # fmt: skip
+            t_saved = time.monotonic()
             for idstr, p in self._sections.items():
                 states.append((idstr, 0, p.colo_section()[1], p.colo_capture()))
+            t_service = time.monotonic()
         pause = time.monotonic() - t0
+        # where a pause goes (ms): stopping the vCPUs, the dirty log, the copy, CPU and device
+        # state, the service's state, running the vCPUs again
+        self.stats.parts.append(tuple(round(x * 1000, 3) for x in (
+            t_stopped - t0, t_synced - t_stopped, t_copied - t_synced, t_saved - t_copied,
+            t_service - t_saved, t0 + pause - t_service)))  # fmt: skip
         st = self.stats
         st.checkpoints = number
         st.pauses.append(pause)
