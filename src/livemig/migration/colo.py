@@ -233,21 +233,18 @@ class ColoPrimary:
         migration (the caller restarts the guest); later ones end replication only."""
         mig = self.mig
         params = mig.config.params
-        timeout = params["x-io-timeout"] / 1000
-        with self._cv:
-            if not self._cv.wait_for(lambda: self._ready or self._rp_closed or
-                                     mig._rp_reason or mig._cancel.is_set(), timeout):  # fmt: skip
-                raise MigrationError(f"the standby did not report ready within {timeout:g} s")
-        if not self._ready:
-            mig._check_cancel()
-            raise MigrationError((mig._rp_reason and mig._refused()) or self._rp_closed or
-                                 "the standby did not report ready")  # fmt: skip
-        if hasattr(mig.tracker, "cool"):
-            mig.tracker.cool()  # hot chunks would resend 2 MiB a chunk at every checkpoint
-        mig.state.move(MigrationStatus.COLO)
-        for p in self.participants:
-            p.colo_primary_begin(self.standby)
-        self.active = True
+        try:
+            self._start()
+        except BaseException:
+            # the guest goes on here (the caller restarts it): a standby that loaded it all
+            # must not take over when this connection closes, and nothing is held for it
+            self._say_exit()
+            for p in self.participants:
+                try:
+                    p.colo_primary_end("replication did not start")
+                except Exception:
+                    log.exception("COLO: participant %r did not end cleanly", p)
+            raise
         m = mig.machine
         # the first migration's blackout ends here: the guest runs on, replicated
         m.set_runstate(RunState.RUNNING if mig._was_running else RunState.PAUSED)
@@ -270,6 +267,36 @@ class ColoPrimary:
             log.exception("COLO primary crashed")
             self._end("error", f"internal error: {exc!r}")
             raise
+
+    def _start(self) -> None:
+        """Wait for CHECKPOINT_READY, then tell the participants (the guest is stopped)."""
+        mig = self.mig
+        timeout = mig.config.params["x-io-timeout"] / 1000
+        with self._cv:
+            if not self._cv.wait_for(lambda: self._ready or self._rp_closed or
+                                     mig._rp_reason or mig._cancel.is_set(), timeout):  # fmt: skip
+                raise MigrationError(f"the standby did not report ready within {timeout:g} s")
+        if not self._ready:
+            mig._check_cancel()
+            raise MigrationError((mig._rp_reason and mig._refused()) or self._rp_closed or
+                                 "the standby did not report ready")  # fmt: skip
+        if hasattr(mig.tracker, "cool"):
+            mig.tracker.cool()  # hot chunks would resend 2 MiB a chunk at every checkpoint
+        for p in self.participants:
+            p.colo_primary_begin(self.standby)
+        mig.state.move(MigrationStatus.COLO)
+        self.active = True
+
+    def _say_exit(self) -> None:
+        """X_EXIT, if the standby can still hear it: it must not take over."""
+        ch = self.mig.channel
+        if ch is None:
+            return
+        try:
+            ch.timeout = min(ch.timeout or 1.0, 1.0)
+            ch.send(W.message(CM.X_EXIT))
+        except ChannelError:
+            pass
 
     def _loop(self) -> None:
         mig = self.mig
@@ -461,15 +488,10 @@ class ColoPrimary:
                 p.colo_primary_end(why)
             except Exception:  # never let a participant keep the guest replicated in name
                 log.exception("COLO: participant %r did not end cleanly", p)
-        if mig.channel is not None:
-            # whatever the reason, a standby that still hears us must not take over: the guest
-            # goes on here (one that does not hear it takes over, but no front fails over to
-            # it any more: see colo_primary_end)
-            try:
-                mig.channel.timeout = min(mig.channel.timeout or 1.0, 1.0)
-                mig.channel.send(W.message(CM.X_EXIT))
-            except ChannelError:
-                pass
+        # whatever the reason, a standby that still hears us must not take over: the guest
+        # goes on here (one that does not hear it takes over, but no front fails over to it
+        # any more: see colo_primary_end)
+        self._say_exit()
         st = mig.state
         if st.status == MigrationStatus.CANCELLING:
             st.move(MigrationStatus.CANCELLED)
