@@ -39,8 +39,9 @@ def reader(limit: int = 1 << 24) -> C.CheckpointReader:
     return C.CheckpointReader(_live, _devices, limit)
 
 
-def checkpoint(pages: dict[int, int], zeros: list[int], a: int) -> bytes:
-    """One checkpoint as the primary sends it, built from the normal encoder."""
+def checkpoint(pages: dict[int, int], zeros: list[int], a: int, live_only: bool = False) -> bytes:
+    """One checkpoint as the primary sends it, built from the normal encoder (``live_only``:
+    up to the end of its live state)."""
     enc = Encoder(devices={"dev": DEV})
     live: list = enc.send(E.SectionEnd(RAM_SID))
     if pages:
@@ -50,6 +51,8 @@ def checkpoint(pages: dict[int, int], zeros: list[int], a: int) -> bytes:
     if zeros:
         live += enc.encode_zero_pages(BLOCK, np.array(zeros, np.uint64) * PS)
     live += enc.send(E.RamEos()) + enc.send(E.SectionFooter(RAM_SID)) + enc.send(E.Eof())
+    if live_only:
+        return C.checkpoint_head() + b"".join(bytes(b) for b in live)
     dev = b"".join(bytes(b) for b in enc.send(E.SectionFull(3, "dev", 0, 1, {"a": a, "b": 7})))
     dev += enc.to_bytes(E.Eof())
     return (C.checkpoint_head() + b"".join(bytes(b) for b in live)
@@ -191,3 +194,15 @@ def test_x_colo_on_the_return_path() -> None:
     dec.receive_data(int(ReturnPathType.X_COLO).to_bytes(2, "big") + b"\0\x02ab")
     with pytest.raises(StreamError, match="X_COLO"):
         dec.events()
+
+
+def test_a_checkpoint_broken_off_for_x_exit_is_dropped_whole() -> None:
+    """The primary ends the live state early (EOS, footer, EOF) and sends X_EXIT where
+    VMSTATE_SIZE would be: no checkpoint comes out, only the exit, naming the one dropped."""
+    wire = (checkpoint({}, [], 2) + checkpoint({1: 5}, [], 1, live_only=True)
+            + C.message(C.ColoMessage.X_EXIT))  # fmt: skip
+    r = reader()
+    r.receive_data(wire)
+    got = r.events()
+    assert [type(e).__name__ for e in got] == ["Checkpoint", "Exit"]
+    assert got[1].abandoned == 2 and not r.in_checkpoint  # type: ignore[union-attr]

@@ -72,7 +72,8 @@ from livemig.wire.decoder import Decoder
 log = logging.getLogger(__name__)
 
 CM = W.ColoMessage
-SEND_CHUNK = 256 << 10  # a checkpoint goes out in pieces: time-outs and the rate are checked
+SEND_CHUNK = 256 << 10  # a checkpoint goes out in pieces: time-outs are checked between them
+GROUP_PAGES = 64  # pages per group of records (a checkpoint may be abandoned between groups)
 RECV_TICK = 0.05  # the standby's read wakes this often to look at the clock and requests
 STATS_KEPT = 4096  # checkpoints whose pause, size and acknowledgement time are kept
 
@@ -194,6 +195,7 @@ class ColoPrimary:
         self._rp_closed: str | None = None
         self._exit_request: str | None = None
         self._sections = {p.colo_section()[0]: p for p in participants}
+        self._abandon: bytes | None = None  # ends the live state of a checkpoint being sent
 
     # -- from other threads ----------------------------------------------------------------
 
@@ -288,13 +290,15 @@ class ColoPrimary:
         self.active = True
 
     def _say_exit(self) -> None:
-        """X_EXIT, if the standby can still hear it: it must not take over."""
+        """X_EXIT, if the standby can still hear it: it must not take over. A checkpoint being
+        sent is abandoned first between two records: its live state ends there, and X_EXIT
+        takes the place of its device state (the standby drops it and stands down)."""
         ch = self.mig.channel
         if ch is None:
             return
         try:
             ch.timeout = min(ch.timeout or 1.0, 1.0)
-            ch.send(W.message(CM.X_EXIT))
+            ch.send((self._abandon or b"") + W.message(CM.X_EXIT))
         except ChannelError:
             pass
 
@@ -328,10 +332,10 @@ class ColoPrimary:
             last_sent = time.monotonic()
             self._await_ack(cp, delay)
 
-    def _check(self, hb: float) -> None:
+    def _check(self, hb: float, requests: bool = True) -> None:
         """Raise ``ColoEnded`` if replication must end now (called under ``_cv``)."""
         mig = self.mig
-        if self._exit_request is not None:
+        if requests and self._exit_request is not None:
             raise _Requested(self._exit_request)
         if mig._rp_reason is not None:
             raise ColoEnded(f"the standby reported an error: {mig._rp_reason}")
@@ -380,22 +384,26 @@ class ColoPrimary:
         return _Captured(number, t0, pages, states)
 
     def _send(self, cp: _Captured) -> None:
+        """The checkpoint as groups of whole records: it may be abandoned between two."""
         mig = self.mig
         enc = mig.encoder
         enc.reset_block()  # the standby decodes each checkpoint afresh: name the block again
-        bufs: list = [W.checkpoint_head(), *enc.send(E.SectionEnd(mig._ram_sid))]
+        groups: list[list] = [[W.checkpoint_head(), *enc.send(E.SectionEnd(mig._ram_sid))]]
         npages = 0
         for idstr, idx, data in cp.pages:
             nonzero = data.reshape(len(idx), -1).view(np.uint64).any(axis=1)
             offsets = idx.astype(np.uint64) << np.uint64(12)
-            if nonzero.all():
-                bufs += enc.encode_pages(idstr, offsets, data)
-            else:
-                bufs += enc.encode_pages(idstr, offsets[nonzero], data[nonzero])
-                bufs += enc.encode_zero_pages(idstr, offsets[~nonzero])
+            zero = offsets[~nonzero]
+            if len(zero):
+                groups.append(enc.encode_zero_pages(idstr, zero))
+            normal = np.flatnonzero(nonzero)
+            for i in range(0, len(normal), GROUP_PAGES):
+                sel = normal[i : i + GROUP_PAGES]
+                groups.append(enc.encode_pages(idstr, offsets[sel], data[sel]))
             npages += len(idx)
-        bufs += [*enc.send(E.RamEos()), *enc.send(E.SectionFooter(mig._ram_sid)),
-                 *enc.send(E.Eof())]  # fmt: skip
+        tail = [*enc.send(E.RamEos()), *enc.send(E.SectionFooter(mig._ram_sid)),
+                *enc.send(E.Eof())]  # fmt: skip
+        self._abandon = b"".join(bytes(b) for b in tail)  # ends the live state early
         sid = mig._ram_sid + 1
         dev = bytearray()
         for idstr, inst, vmsd, values in cp.states:
@@ -404,15 +412,19 @@ class ColoPrimary:
                 dev += b
             sid += 1
         dev += enc.to_bytes(E.Eof())
-        bufs += [W.device_state_head(len(dev)), bytes(dev)]
-        sent = self._send_paced(bufs, cp)
+        # the live state's end and the device state go as one piece: never abandoned midway
+        groups.append([*tail, W.device_state_head(len(dev)), bytes(dev)])
+        sent = self._send_paced(groups, cp)
+        self._abandon = None
         st = self.stats
         st.bytes += sent
         st.pages += npages
         st.sizes.append(sent)
 
-    def _send_paced(self, bufs: list, cp: _Captured) -> int:
-        """Send in pieces, checking the time-outs between pieces."""
+    def _send_paced(self, groups: list[list], cp: _Captured) -> int:
+        """Send group by group in pieces of about SEND_CHUNK, checking between pieces that the
+        standby is still there and in time (an exit request waits for the checkpoint's end:
+        the standby must get it whole, or know that it was abandoned)."""
         mig = self.mig
         params = mig.config.params
         limit = params["x-colo-checkpoint-timeout"] / 1000
@@ -420,26 +432,20 @@ class ColoPrimary:
         sent = 0
         piece: list = []
         size = 0
-
-        def flush() -> None:
-            nonlocal sent, size, piece
+        for i, group in enumerate(groups):
+            piece += group
+            size += sum(len(b) if isinstance(b, bytes) else memoryview(b).nbytes for b in group)
+            if size < SEND_CHUNK and i + 1 < len(groups):
+                continue
             # as QEMU's checkpoints, not held to max-bandwidth: the guest's replies wait
             n = mig.channel.sendv(piece)
             mig.stats.transferred += n
             sent += n
             piece, size = [], 0
             with self._cv:
-                self._check(hb)
+                self._check(hb, requests=False)
             if time.monotonic() - cp.taken_at > limit:
                 raise ColoEnded(self._too_slow(cp, limit))
-
-        for b in bufs:
-            piece.append(b)
-            size += len(b) if isinstance(b, bytes) else memoryview(b).nbytes
-            if size >= SEND_CHUNK:
-                flush()
-        if piece:
-            flush()
         return sent
 
     def _too_slow(self, cp: _Captured, limit: float) -> str:
@@ -614,8 +620,10 @@ class ColoSecondary:
                 reader.receive_data(data)
                 for ev in reader.events():
                     if isinstance(ev, W.Exit):
-                        raise _StandDown("the primary ended replication (X_EXIT): it keeps the "
-                                         "guest")  # fmt: skip
+                        broke = (f"; checkpoint {ev.abandoned}, broken off, is dropped"
+                                 if ev.abandoned is not None else "")  # fmt: skip
+                        raise _StandDown(f"the primary ended replication (X_EXIT): it keeps "
+                                         f"the guest{broke}")  # fmt: skip
                     if isinstance(ev, W.Checkpoint):
                         self._checkpoint(ev)
             with self._lock:

@@ -20,7 +20,10 @@ the first migration STARTed). Where livemig differs from QEMU (``docs/replicatio
   and the standby sends no reply.
 * livemig's own messages, numbers far from QEMU's (a QEMU secondary refuses them as invalid):
   ``X_HEARTBEAT`` (the primary is alive, sent when it has sent nothing else for a while) and
-  ``X_EXIT`` (the primary ends replication on purpose: the standby must *not* take over).
+  ``X_EXIT`` (the primary ends replication on purpose: the standby must *not* take over). A
+  primary that ends replication while it sends a checkpoint ends that checkpoint's live state
+  between two records (EOS, footer, EOF) and sends X_EXIT in place of VMSTATE_SIZE: the
+  checkpoint is dropped whole.
 
 ``CheckpointReader`` is the standby's side: it buffers one checkpoint until its last byte and
 returns it whole (``Checkpoint``, with every decoded event), so a half-received checkpoint is
@@ -94,7 +97,11 @@ class Heartbeat:
 
 @dataclass
 class Exit:
-    """The primary ended replication on purpose (livemig's X_EXIT): do not take over."""
+    """The primary ended replication on purpose (livemig's X_EXIT): do not take over.
+    ``abandoned``: the checkpoint it broke off to say so (its live state ended early, and
+    X_EXIT came where its device state would have)."""
+
+    abandoned: int | None = None
 
 
 @dataclass
@@ -272,7 +279,14 @@ class CheckpointReader:
         self._state = "size"
         return None
 
-    def _size(self) -> E._NeedData | None:
+    def _size(self) -> ColoEvent | E._NeedData | None:
+        if len(self._buf) >= 4 and _BE32.unpack_from(self._buf)[0] == ColoMessage.X_EXIT:
+            # the primary abandoned this checkpoint (its live state ended early) and ends
+            # replication: the checkpoint is dropped whole
+            self._take(4)
+            cp, self._current = self._current, None
+            self._state = "message"
+            return Exit(abandoned=cp.number if cp is not None else None)
         if self._word(ColoMessage.VMSTATE_SIZE) is None or len(self._buf) < 12:
             return E.NEED_DATA
         size = _BE64.unpack_from(self._buf, 4)[0]
