@@ -538,6 +538,7 @@ class ColoSecondary:
         self._last_sent = time.monotonic()
         self._stop = threading.Event()
         self._rd: W.CheckpointReader | None = None
+        self._send_failed: str | None = None
         self.partial_discarded = 0  # a checkpoint received in part when it took over
         self.apply_times: deque[float] = deque(maxlen=STATS_KEPT)
 
@@ -578,15 +579,18 @@ class ColoSecondary:
 
     def _heartbeats(self) -> None:
         hb = self.inc.params["x-colo-heartbeat-timeout"] / 1000
-        while not self._stop.wait(hb / 4):
+        while not self._stop.wait(hb / 4) and self._send_failed is None:
             if time.monotonic() - self._last_sent >= hb / 4:
-                try:
-                    self._send(RP.XColo(CM.X_HEARTBEAT, self.applied))
-                except ChannelError:
-                    return
+                self._send(RP.XColo(CM.X_HEARTBEAT, self.applied))
 
     def _send(self, msg: Any) -> None:
-        self.inc._send_rp(msg)
+        """A return-path message; a primary that cannot be written to any more is gone (the
+        reading side says so once it has read what was sent before)."""
+        try:
+            self.inc._send_rp(msg)
+        except ChannelError as exc:
+            self._send_failed = f"the primary's connection broke: {exc}"
+            return
         self._last_sent = time.monotonic()
 
     def _reader(self, start: int) -> W.CheckpointReader:
@@ -629,6 +633,8 @@ class ColoSecondary:
             with self._lock:
                 if self._takeover is not None:
                     return self._takeover
+            if self._send_failed is not None and not data:
+                return self._send_failed
             try:
                 data = ch.recv(1 << 20)
             except ChannelTimeout:
@@ -693,10 +699,10 @@ class ColoSecondary:
         self.active = False
         self.ended = True
         self.took_over = True
-        self.how = why
         if self._rd is not None and self._rd.in_checkpoint:
             self.partial_discarded = 1
             why += f"; checkpoint {self.applied + 1}, received in part, is discarded"
+        self.how = why
         requested = why.startswith("x-colo-lost-heartbeat")
         self.reason = "request" if requested else "error"
         for p in self.participants:
