@@ -196,6 +196,7 @@ class ColoPrimary:
         self._exit_request: str | None = None
         self._sections = {p.colo_section()[0]: p for p in participants}
         self._abandon: bytes | None = None  # ends the live state of a checkpoint being sent
+        self.sending = 0  # the checkpoint being sent, if one is
 
     # -- from other threads ----------------------------------------------------------------
 
@@ -432,6 +433,7 @@ class ColoPrimary:
         sent = 0
         piece: list = []
         size = 0
+        self.sending = cp.number
         for i, group in enumerate(groups):
             piece += group
             size += sum(len(b) if isinstance(b, bytes) else memoryview(b).nbytes for b in group)
@@ -446,6 +448,7 @@ class ColoPrimary:
                 self._check(hb, requests=False)
             if time.monotonic() - cp.taken_at > limit:
                 raise ColoEnded(self._too_slow(cp, limit))
+        self.sending = 0
         return sent
 
     def _too_slow(self, cp: _Captured, limit: float) -> str:
@@ -509,7 +512,8 @@ class ColoPrimary:
         _exit_event(self.emit, "primary", reason)
 
     def query(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"x-replicated": self.active, "x-standby": self.standby or None}
+        out: dict[str, Any] = {"x-replicated": self.active, "x-standby": self.standby or None,
+                               "x-sending": self.sending if self.active else 0}  # fmt: skip
         out.update({f"x-{k}": v for k, v in self.stats.query().items()})
         if self.error:
             out["x-error"] = self.error
