@@ -455,6 +455,8 @@ class ServiceFront(LinkBackend):
             for tunnel in (self._tunnel_out, self._held):
                 if tunnel is not None:
                     tunnel.close()
+            for link in list(self._links):
+                link.transport.close()
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
