@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from livemig.testing.procs import ProcHarness, wait_until
+from livemig.testing.procs import ProcHarness, free_tcp_port, wait_until
 from livemig.testing.replication import (
     Writers,
     answers,
@@ -135,6 +135,28 @@ def test_memstress_invariant_holds_on_a_standby_that_took_over(inside: bool) -> 
         report = dst.guest_check()
         assert report["ok"], report["problems"]
         dst.wait_passes_increase(report["total-passes"])
+
+
+@pytest.mark.timeout(120)
+def test_two_fronts_one_started_after_replication_both_fail_over() -> None:
+    """A front that connects to a replicated guest learns its standby; two fronts' clients
+    survive the same failover (each reopens its own connections only)."""
+    with ProcHarness() as h:
+        r = start_replicated(h)
+        pf = free_tcp_port()
+        late = h.front(f"tcp:127.0.0.1:{r.serve[r.primary.name]}", f"tcp:127.0.0.1:{pf}")
+        wait_until(lambda: late.cmd("x-query-front")["successor"], 10, "the standby's address")
+        writers = [Writers(port, seed=SEED + i, prefix=f"f{i}:").start()
+                   for i, port in enumerate((r.port, pf))]  # fmt: skip
+        wait_until(lambda: min(w.count() for w in writers) > 30, 30, "clients writing")
+        kill_and_wait_takeover(r, 0.2)
+        wait_until(lambda: late.cmd("x-query-front")["failovers"] == 1, 10, "its failover")
+        before = [w.count() for w in writers]
+        wait_until(lambda: all(w.count() > b + 50 for w, b in zip(writers, before, strict=True)),
+                   30, "clients of both fronts writing after the failover")  # fmt: skip
+        for w, port in zip(writers, (r.port, pf), strict=True):
+            w.stop()
+            _clean(audit(port, w))
 
 
 @pytest.mark.timeout(120)

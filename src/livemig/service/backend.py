@@ -288,9 +288,11 @@ class LinkBackend:
         if kind == L.HEARTBEAT:
             return
         if kind == L.SYNCED:
-            # a reconnected front has reopened all it has: the rest it closed meanwhile
+            # a reconnected front has reopened all it has: the rest of its connections (ids
+            # with its tag in the high half) it closed meanwhile; another front's wait
             gone = [c for c, ep in self._conns.items()
-                    if isinstance(ep, LinkEndpoint) and ep.link is None]  # fmt: skip
+                    if isinstance(ep, LinkEndpoint) and ep.link is None
+                    and c >> 32 == f.off]  # fmt: skip
             for conn in gone:
                 self._conns.pop(conn, None)
             return

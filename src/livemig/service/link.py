@@ -30,6 +30,8 @@ len>`` and ``len`` bytes of payload. The guest's process answers the magic with 
     ACK        reply bytes it has, up to off          request bytes committed, up to off
     CLOSE      the client closed                     the connection is over (protocol error)
     SYNCED     all OPENs of a reconnect are sent      -
+               (off: its tag, the high 32 bits of
+               its connection ids)
     SUCCESSOR  -                                      payload: where to fail over ("": none)
     STATUS     -                                      see above
     HEARTBEAT  both ways when idle (either end gives up on a silent link)

@@ -98,6 +98,7 @@ class _Backend(asyncio.Protocol):
         self.decoder = L.LinkDecoder()
         self.status: asyncio.Future[tuple[bool, str]] = relay._loop.create_future()
         self.up = False
+        self.early: list[L.Frame] = []  # frames behind STATUS, before the link is up
         self.last_in = self.last_out = time.monotonic()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -125,6 +126,8 @@ class _Backend(asyncio.Protocol):
                     self.status.set_result((f.off == 1, f.payload.decode(errors="replace")))
             elif self.up:
                 self.relay._backend_frame(self, f)
+            elif self.status.done():
+                self.early.append(f)  # SUCCESSOR comes right behind STATUS
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.status.done():
@@ -407,7 +410,10 @@ class Relay:
             c.acked = c.resp_got
             if c.log:
                 b.write(L.DATA, c.id, c.req_base, bytes(c.log))
-        b.write(L.SYNCED)
+        b.write(L.SYNCED, 0, self._tag >> 32)  # every connection of this front is reopened
+        early, b.early = b.early, []
+        for f in early:
+            self._backend_frame(b, f)
 
     def _give_up(self, reason: str) -> None:
         self.gone = reason

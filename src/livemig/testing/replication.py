@@ -112,8 +112,11 @@ def start_replicated(
 class Writers:
     """Clients of the front: ``n`` writing unique keys, one incrementing a counter."""
 
-    def __init__(self, port: int, n: int = 3, counter: bool = True, seed: int = 0) -> None:
+    def __init__(
+        self, port: int, n: int = 3, counter: bool = True, seed: int = 0, prefix: str = ""
+    ) -> None:
         self.port = port
+        self.prefix = prefix  # of its keys and its counter's, so that sets of writers differ
         self.stop_event = threading.Event()
         self.acked: dict[str, str] = {}
         self.counter: list[int] = []
@@ -147,7 +150,7 @@ class Writers:
             with RespClient("127.0.0.1", self.port, timeout=60) as c:
                 i = 0
                 while not self.stop_event.is_set():
-                    key, value = f"w{w}:{i}", f"{tag:x}:{i}"
+                    key, value = f"{self.prefix}w{w}:{i}", f"{tag:x}:{i}"
                     reply, took = c.timed_call("SET", key, value)
                     if reply != "OK":
                         raise RespError(f"SET {key} answered {reply!r}")
@@ -162,7 +165,7 @@ class Writers:
         try:
             with RespClient("127.0.0.1", self.port, timeout=60) as c:
                 while not self.stop_event.is_set():
-                    self.counter.append(int(c.call("INCR", "counter")))
+                    self.counter.append(int(c.call("INCR", f"{self.prefix}counter")))
         except (OSError, LivemigError) as exc:
             self.errors.append(f"counter: {exc!r}")
 
@@ -175,7 +178,7 @@ def audit(port: int, writers: Writers) -> dict[str, Any]:
     with RespClient("127.0.0.1", port, timeout=60) as c:
         for i in range(0, len(keys), 1000):
             got += c.pipeline([("GET", k) for k in keys[i : i + 1000]])
-        stored = c.call("GET", "counter")
+        stored = c.call("GET", f"{writers.prefix}counter")
     lost = sum(v is None for v in got)
     wrong = sum(v is not None and v != writers.acked[k].encode() for k, v in zip(keys, got,
                                                                               strict=True))  # fmt: skip
