@@ -66,6 +66,9 @@ class Field:
     size: int
     array_len: int | None = None
     struct: VMStateDescription | None = None
+    # a variable-size buffer (QEMU's VMSTATE_VBUFFER_UINT32): its length is the value of the
+    # earlier integer field ``size_field``; ``size`` is then the most it may hold
+    size_field: str | None = None
 
     def __post_init__(self) -> None:
         if self.type == "struct":
@@ -78,8 +81,11 @@ class Field:
     def count(self) -> int:
         return 1 if self.array_len is None else self.array_len
 
-    def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "type": self.type, "size": self.size}
+    def describe(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        size = self.size
+        if self.size_field is not None:  # as QEMU: the size this save has
+            size = int(values[self.size_field]) if values is not None else 0
+        out: dict[str, Any] = {"name": self.name, "type": self.type, "size": size}
         if self.array_len is not None:
             out["array_len"] = self.array_len
         if self.struct is not None:
@@ -114,6 +120,13 @@ class VMStateDescription:
             items = value if f.array_len is not None else (value,)
             if f.array_len is not None and len(items) != f.array_len:
                 raise ValueError(f"{self.name}.{f.name}: expected {f.array_len} elements")
+            if f.size_field is not None:
+                raw = bytes(value)
+                if len(raw) != values[f.size_field] or len(raw) > f.size:
+                    raise ValueError(f"{self.name}.{f.name}: {len(raw)} bytes, {f.size_field} "
+                                     f"says {values[f.size_field]} (at most {f.size})")  # fmt: skip
+                out += raw
+                continue
             for item in items:
                 _encode_one(out, self.name, f, item)
         for sub in self.subsections:
@@ -147,7 +160,14 @@ class VMStateDescription:
             )
         values: dict[str, Any] = {}
         for f in self.fields:
-            if f.array_len is None:
+            if f.size_field is not None:
+                n = values[f.size_field]
+                if n > f.size:
+                    raise VMStateError(f"{self.name}.{f.name}: {n} bytes (at most {f.size})",
+                                       base + offset)  # fmt: skip
+                values[f.name], offset = _decode_one(view, offset, self.name,
+                                                     Field(f.name, "buffer", n), base)  # fmt: skip
+            elif f.array_len is None:
                 values[f.name], offset = _decode_one(view, offset, self.name, f, base)
             else:
                 items = []
@@ -179,7 +199,8 @@ class VMStateDescription:
         return values, offset
 
     def fixed_size(self) -> int:
-        """Encoded size of the fields alone (subsections excluded)."""
+        """Encoded size of the fields alone (subsections excluded; a variable-size buffer at
+        its largest)."""
         return sum(f.size * f.count for f in self.fields)
 
     # -- vmdesc JSON --------------------------------------------------------------------------
@@ -193,8 +214,11 @@ class VMStateDescription:
         }
 
     def describe(self, values: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """As ``describe_layout``, listing only the subsections present in ``values``."""
+        """As ``describe_layout``, listing only the subsections present in ``values`` (and a
+        variable-size buffer at the size it has in them)."""
         out = self.describe_layout()
+        if values is not None and any(f.size_field for f in self.fields):
+            out["fields"] = [f.describe(values) for f in self.fields]
         present = [s for s in self.subsections if values is not None and s.name in values]
         if present:
             out["subsections"] = [s.describe(values[s.name]) for s in present]  # type: ignore[index]
@@ -290,6 +314,13 @@ float64 = _scalar("float64")
 def buffer(name: str, size: int, array_len: int | None = None) -> Field:
     """Raw bytes of a fixed size."""
     return Field(name, "buffer", size, array_len)
+
+
+def vbuffer(name: str, size_field: str, max_size: int) -> Field:
+    """Raw bytes whose count is the earlier integer field ``size_field`` (at most ``max_size``;
+    QEMU's ``VMSTATE_VBUFFER_UINT32``). The vmdesc describes it as a buffer of the size it has
+    in the state described."""
+    return Field(name, "buffer", max_size, size_field=size_field)
 
 
 def struct_field(name: str, vmsd: VMStateDescription, array_len: int | None = None) -> Field:

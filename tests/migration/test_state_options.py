@@ -62,7 +62,9 @@ def test_capabilities_query_order_and_refusals() -> None:
         ({"postcopy-preempt": True}, "Postcopy preempt requires postcopy-ram"),
         ({"switchover-ack": True}, "Capability 'switchover-ack' requires capability "
                                    "'return-path'"),
-        ({"x-colo": True}, "QEMU compiled without replication module can't enable COLO"),
+        ({"x-colo": True}, "Capability 'x-colo' requires capability 'return-path'"),
+        ({"x-colo": True, "return-path": True, "multifd": True},
+         "Capability 'x-colo' is not compatible with 'multifd'"),
         ({"dirty-limit": True}, "dirty-limit requires KVM"),
         ({"background-snapshot": True}, "Background-snapshot is not supported by livemig"),
         ({"warp-drive": True}, "Parameter 'capability' does not accept value 'warp-drive'"),

@@ -15,7 +15,8 @@ import sys
 from livemig.errors import LivemigError
 
 COMMANDS = (
-    "run", "guests", "demo", "migrate", "plan", "report", "analyze", "capture", "replay", "bench",
+    "run", "guests", "demo", "migrate", "front", "plan", "report", "analyze", "capture",
+    "replay", "bench",
 )  # fmt: skip
 
 

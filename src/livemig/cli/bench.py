@@ -18,6 +18,7 @@ BENCHMARKS = (
     "faults",
     "exact",
     "service",
+    "replication",
     "matrix",
 )
 

@@ -32,7 +32,13 @@ from livemig.cli import describe
 from livemig.errors import LivemigError, UsageError
 from livemig.migration.options import parse_cap, parse_param
 from livemig.report import timeline
-from livemig.report.progress import follow, postcopy_summary, summary_table, with_last_progress
+from livemig.report.progress import (
+    FINAL,
+    follow,
+    postcopy_summary,
+    summary_table,
+    with_last_progress,
+)
 from livemig.transport import parse_uri
 from livemig.units import format_size
 
@@ -100,6 +106,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="enable post-copy and switch to it after the first full pre-copy pass",
     )
+    p.add_argument(
+        "--replicate", action="store_true",
+        help="keep a standby copy (COLO, capability x-colo): after the first migration the guest "
+        "stays here and every --checkpoint-delay ms its changes go to the destination, which "
+        "takes over if this process or its host dies; returns once replication runs (see "
+        "query-colo-status, x-colo-lost-heartbeat, and livemig front for clients)",
+    )  # fmt: skip
+    p.add_argument("--checkpoint-delay", type=int, default=None, metavar="MS",
+                   help="with --replicate: milliseconds between checkpoints (x-checkpoint-delay; "
+                   f"default {REPLICATE_DELAY_MS})")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the final result as JSON")
     p.add_argument("--report", metavar="STEM", default=None,
                    help="write a report: STEM.json (timeline, passes, downtime breakdown) and "
@@ -126,6 +142,31 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--interval", type=float, default=0.2, help="progress poll interval (s)")
     p.set_defaults(func=run)
+
+
+REPLICATE_DELAY_MS = 50  # QEMU's x-checkpoint-delay default (20 s) suits COLO's compare mode
+
+
+def _replicate_options(args: argparse.Namespace, caps: dict[str, bool], uri: Any) -> None:
+    """--replicate: x-colo (and the return path it needs) and the checkpoint interval."""
+    if args.checkpoint_delay is not None and not args.replicate:
+        raise UsageError("--checkpoint-delay goes with --replicate")
+    if not args.replicate:
+        return
+    if not uri.has_return_path or args.no_return_path:
+        raise UsageError("--replicate needs a return path (a tcp:, unix: or fd: URI): the "
+                         "standby acknowledges every checkpoint")  # fmt: skip
+    clash = [n for n in ("postcopy", "postcopy_after_precopy", "multifd", "xbzrle")
+             if getattr(args, n)]  # fmt: skip
+    if clash:
+        raise UsageError(f"--replicate does not go with --{clash[0].replace('_', '-')}: "
+                         "checkpoints are pre-copy streams on one channel")  # fmt: skip
+    caps["x-colo"] = True
+    if not any(k == "x-checkpoint-delay" for k, _v in args.params):
+        delay = REPLICATE_DELAY_MS if args.checkpoint_delay is None else args.checkpoint_delay
+        args.params.append(("x-checkpoint-delay", delay))
+    elif args.checkpoint_delay is not None:
+        raise UsageError("give the interval once: --checkpoint-delay or --set x-checkpoint-delay")
 
 
 # What a destination must have set too, as in QEMU: the stream alone does not turn these on
@@ -316,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
                              "verdict comes back on it): drop --no-return-path")  # fmt: skip
     if args.postcopy or args.postcopy_after_precopy:
         caps["postcopy-ram"] = True
+    _replicate_options(args, caps, uri)
     _multifd_options(args, caps)
     from livemig.cli.settings import apply_settings
 
@@ -356,10 +398,11 @@ def run(args: argparse.Namespace) -> int:
                 last.update(info)
             return info
 
+        until = ("completed", "failed", "cancelled", "colo") if args.replicate else FINAL
         try:
-            info = follow(query, interval=args.interval,
-                          timeout=args.timeout, console=console, quiet=args.json)  # fmt: skip
-            if info.get("status") not in ("completed", "failed", "cancelled"):
+            info = follow(query, interval=args.interval, timeout=args.timeout, console=console,
+                          quiet=args.json, until=until)  # fmt: skip
+            if info.get("status") not in until:
                 console.print("[yellow]time-out: cancelling the migration[/]")
                 qmp.command("migrate_cancel")
                 info = follow(lambda: qmp.command("query-migrate"), quiet=True, timeout=30)
@@ -369,6 +412,9 @@ def run(args: argparse.Namespace) -> int:
             info = follow(lambda: qmp.command("query-migrate"), quiet=True, timeout=30)
         if stopped and info.get("status") != "completed":
             qmp.command("cont")  # as it was before --stop
+        colo = None
+        if args.replicate and info.get("status") == "colo":
+            colo = qmp.command("query-colo-status")
         source_report = None
         if args.report:
             with contextlib.suppress(LivemigError):  # QEMU has no such command
@@ -394,6 +440,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         out = dict(info)
         out["changed"] = {"source": changed, "destination": dest_changed}
+        if colo is not None:
+            out["colo"] = colo
         if args.verify:
             out["verified"] = verified
             out["verified-how"] = verified_text
@@ -419,7 +467,16 @@ def run(args: argparse.Namespace) -> int:
             # the destination's reason is in its own log; the likeliest one is worth saying
             extra["hint"] = (f"the destination needs {', '.join(need)} too: set it there "
                              "before migrate-incoming, or pass --dest-qmp")  # fmt: skip
+        if colo is not None:
+            delay = dict(args.params).get("x-checkpoint-delay")
+            extra["replication"] = (
+                f"running: a checkpoint every {delay} ms to {args.uri}"
+                + (f"; after a failover the standby serves at {colo['x-standby']}"
+                   if colo.get("x-standby") else "")
+                + " (query-colo-status; x-colo-lost-heartbeat or migrate_cancel ends it)"
+            )  # fmt: skip
         Console().print(summary_table(info, extra or None, dest_info))
         if paths is not None:
             print(f"report: {paths[0]}\nplots:  {paths[1]}")
-    return 0 if info.get("status") == "completed" else 1
+    ok = ("completed", "colo") if args.replicate else ("completed",)
+    return 0 if info.get("status") in ok else 1

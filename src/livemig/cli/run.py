@@ -216,6 +216,17 @@ def _start_settings(args: argparse.Namespace, manager: Any) -> None:
     manager.mark_defaults()
 
 
+def _say_colo_exit(manager: Any, data: dict[str, Any]) -> None:
+    status = manager.query_colo_status()
+    why = status.get("x-how") or status.get("x-error") or data.get("reason")
+    if data.get("mode") == "secondary":
+        what = ("the standby took over (the guest runs here now)" if status.get("x-took-over")
+                else "the standby stood down (it does not run the guest)")  # fmt: skip
+    else:
+        what = "replication ended: the guest goes on here UNREPLICATED"
+    print(f"livemig run: COLO: {what}: {why}", file=sys.stderr)
+
+
 def _start_control(
     args: argparse.Namespace, machine: Machine, quit_event: threading.Event
 ) -> tuple[Any, Any]:
@@ -246,7 +257,14 @@ def _start_control(
         register_debug_commands(registry, machine)
     from livemig.migration.manager import MigrationManager, register_migration_commands
 
-    emit = server.emit_event if server is not None else None
+    qmp_emit = server.emit_event if server is not None else None
+
+    def emit(name: str, data: dict[str, Any] | None = None) -> None:
+        if qmp_emit is not None:
+            qmp_emit(name, data)
+        if name == "COLO_EXIT":  # an operator must see a failover, QMP or not
+            _say_colo_exit(manager, data or {})
+
     autostart = (lambda: control.autostart) if control else (lambda: not args.prelaunch)
     manager = MigrationManager(machine, emit=emit, autostart=autostart)
     if getattr(args, "tls_creds", None):

@@ -311,6 +311,22 @@ class Machine:
                 if running:
                     self._start_vcpus()
 
+    @contextlib.contextmanager
+    def stopped_in(self, state: RunState) -> Iterator[RunState]:
+        """Stop a running guest in run state ``state`` for the block and run it again after
+        (QEMU: ``vm_stop_force_state`` ... ``vm_start``, as COLO's checkpoints do); a guest that
+        was not running stays as it was. Yields the run state found. Other run-state changes
+        (QMP ``stop``/``cont``) wait until the block ends, so none is undone by it."""
+        with self._transition_lock:
+            found = self._runstate
+            if found == RunState.RUNNING:
+                self.set_runstate(state)
+            try:
+                yield found
+            finally:
+                if found == RunState.RUNNING and self._runstate == state and not self._closed:
+                    self.set_runstate(RunState.RUNNING)
+
     def invalidate_translations(self) -> None:
         """RAM was written from the host: retranslate guest code before it runs again."""
         self._code_stale = True

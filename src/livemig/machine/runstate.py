@@ -9,7 +9,9 @@ the single source of truth, and the docs' diagram can be generated from it (``to
         ▼            ▼  │         ▼
     inmigrate    finish-migrate ─► postmigrate
         │
-        └──► running / paused / postmigrate / shutdown / internal-error
+        └──► running / paused / postmigrate / shutdown / internal-error / colo
+
+    colo (COLO: a primary stopped for a checkpoint, a standby) ◄──► running
 
 ``running`` is the only state in which vCPUs execute guest code.
 """
@@ -33,6 +35,8 @@ class RunState(StrEnum):
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal-error"
     GUEST_PANICKED = "guest-panicked"
+    # COLO: a primary stopped for a checkpoint, or a standby waiting for checkpoints
+    COLO = "colo"
 
 
 _R = RunState
@@ -82,6 +86,16 @@ TRANSITIONS: frozenset[tuple[RunState, RunState]] = frozenset(
         (_R.GUEST_PANICKED, _R.PAUSED),
         (_R.GUEST_PANICKED, _R.FINISH_MIGRATE),
         (_R.GUEST_PANICKED, _R.PRELAUNCH),
+        # QEMU's COLO moves (runstate.c), plus colo -> paused: a standby taking over a guest
+        # its primary had paused (livemig's standby does not run until it takes over)
+        (_R.INMIGRATE, _R.COLO),
+        (_R.RUNNING, _R.COLO),
+        (_R.PAUSED, _R.COLO),
+        (_R.FINISH_MIGRATE, _R.COLO),
+        (_R.COLO, _R.RUNNING),
+        (_R.COLO, _R.PAUSED),
+        (_R.COLO, _R.PRELAUNCH),
+        (_R.COLO, _R.SHUTDOWN),
     }
 )
 

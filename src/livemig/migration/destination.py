@@ -101,6 +101,10 @@ class IncomingMigration:
         self.source_state: dict[str, Any] | None = None  # x-verify-state digests
         self.state_verified: bool | None = None
         self.guest_started = False  # once True, the source must never run its copy again
+        self.colo: Any = None  # colo.ColoSecondary once the stream enabled COLO
+        self.colo_participants: list = []  # set by the manager (the service front)
+        self._ram_sid = 0  # the ram section's id: COLO checkpoints continue that section
+        self._colo_offset = 0
         self.timeline: dict[str, float] = {}
         self.thread = threads.Thread(target=self._run, name="incoming", daemon=True)
         if state.status == MigrationStatus.NONE:
@@ -217,6 +221,8 @@ class IncomingMigration:
                         done = True
                 elif isinstance(ev, E.VMDescription):
                     done = True
+                    if self.colo is not None:
+                        break  # COLO checkpoints follow: wire/colo.py reads them
                 else:
                     self._handle(ev, dec)
                     if self.postcopy is not None and self.postcopy.finished:
@@ -229,6 +235,9 @@ class IncomingMigration:
             # at any point of one)
             bulk = not final and (isinstance(ev, E.RamPages | E.RamZeroPages) or bool(
                 self.checked and ev is not None))  # fmt: skip
+        if self.colo is not None:
+            self._colo_offset = dec.offset
+            return self.colo.run(dec.unparsed())  # a standby: checkpoints until it takes over
         self._start_guest()
 
     def _handle(self, ev: Any, dec: Decoder) -> None:
@@ -277,6 +286,14 @@ class IncomingMigration:
         elif isinstance(ev, E.SectionStart):
             if ev.idstr != "ram":
                 raise StreamError(f"unexpected iterative section {ev.idstr!r}", dec.offset)
+            self._ram_sid = ev.section_id
+        elif isinstance(ev, E.EnableColo):
+            if not self._peer_reads_x_error:
+                raise StreamError("ENABLE_COLO: a livemig standby answers on the return path "
+                                  "and needs a livemig source that reads it", dec.offset)  # fmt: skip
+            from livemig.migration.colo import ColoSecondary
+
+            self.colo = ColoSecondary(self, self.colo_participants, self.emit)
         elif isinstance(ev, (E.Header, E.SectionPart, E.SectionEnd, E.SectionFooter)):
             pass
         elif isinstance(ev, E.SwitchoverStart):

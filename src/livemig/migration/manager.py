@@ -56,6 +56,9 @@ class MigrationManager:
         self.dirty_rate_job: DirtyRateMeasurement | None = None
         self._lock = threading.Lock()
         self._done_callbacks: list[Callable[[str, bool], None]] = []
+        # host-side state that travels with COLO checkpoints (the service front registers)
+        self.colo_participants: list[Any] = []
+        self.colo_last_mode = "none"
         self.mark_defaults()
         for st in (self.source, self.dest):
             st.add_listener(self._on_status)
@@ -142,6 +145,7 @@ class MigrationManager:
             self.source.move(MigrationStatus.SETUP)
             self.outgoing = OutgoingMigration(self.machine, config, self.source,
                                               emit=self._emit_pass)  # fmt: skip
+            self.outgoing.colo_participants = self.colo_participants
             self.outgoing.start()
             threads.Thread(target=self._watch_outgoing, args=(self.outgoing,),
                            name="migration watcher", daemon=True).start()  # fmt: skip
@@ -199,6 +203,7 @@ class MigrationManager:
                 autostart=self._autostart, emit=self.emit, on_done=self._incoming_done,
             )  # fmt: skip
             self.incoming.capabilities = self.caps.enabled()
+            self.incoming.colo_participants = self.colo_participants  # the front may come later
             self.incoming.start()
             return self.incoming.uri
 
@@ -219,6 +224,48 @@ class MigrationManager:
         for cb in list(self._done_callbacks):
             cb("destination", ok)
 
+    # -- COLO ------------------------------------------------------------------------------
+
+    def _colo(self) -> tuple[str, Any]:
+        """("primary", ColoPrimary) / ("secondary", ColoSecondary) while replicating, else
+        ("none", the last one or None)."""
+        out = self.outgoing.colo if self.outgoing is not None else None
+        inc = self.incoming.colo if self.incoming is not None else None
+        if out is not None and out.active:
+            return "primary", out
+        if inc is not None and inc.active:
+            return "secondary", inc
+        return "none", out if out is not None and out.ended else inc
+
+    def query_colo_status(self) -> dict[str, Any]:
+        """QEMU's query-colo-status (mode, last-mode, reason), plus livemig's figures."""
+        mode, colo = self._colo()
+        if colo is None:
+            return {"mode": "none", "last-mode": "none", "reason": "none"}
+        last = "primary" if colo is getattr(self.outgoing, "colo", None) else "secondary"
+        out: dict[str, Any] = {"mode": mode, "last-mode": last if colo.ended else "none",
+                               "reason": colo.reason}  # fmt: skip
+        out.update(colo.query())
+        return out
+
+    def colo_checkpoints(self) -> list[dict[str, Any]]:
+        """``x-query-colo-checkpoints``: the primary's last checkpoints, one record each
+        (number, pause, bytes, acknowledgement time), for benchmarks."""
+        colo = self.outgoing.colo if self.outgoing is not None else None
+        if colo is None:
+            raise UsageError("this process has not been a COLO primary")
+        return colo.stats.records()
+
+    def colo_lost_heartbeat(self) -> None:
+        """``x-colo-lost-heartbeat``: a standby takes over now; a primary stops replicating."""
+        mode, colo = self._colo()
+        if mode == "none":
+            raise UsageError("VM is not in COLO mode")
+        if mode == "primary":
+            colo.request_exit("x-colo-lost-heartbeat: the standby is given up")
+        else:
+            colo.request_takeover("x-colo-lost-heartbeat")
+
     # -- capabilities and parameters -----------------------------------------------------
 
     def set_capabilities(self, capabilities: list[dict[str, Any]]) -> None:
@@ -237,7 +284,13 @@ class MigrationManager:
             self.outgoing.set_max_bandwidth(changes["max-bandwidth"])
         if self.outgoing is not None:
             # QEMU applies these to a running migration at its next iteration
-            for name in ("downtime-limit", "avail-switchover-bandwidth"):
+            for name in (
+                "downtime-limit",
+                "avail-switchover-bandwidth",
+                "x-checkpoint-delay",
+                "x-colo-heartbeat-timeout",
+                "x-colo-checkpoint-timeout",
+            ):
                 if name in changes:
                     self.outgoing.config.params[name] = self.params[name]
 
@@ -407,6 +460,9 @@ def register_migration_commands(registry: Any, manager: MigrationManager) -> Non
 
     register_postcopy_commands(registry, manager, wrap)
     registry.add("x-query-migration-report", wrap(manager.report))
+    registry.add("query-colo-status", wrap(manager.query_colo_status), returns=T.COLO_STATUS)
+    registry.add("x-colo-lost-heartbeat", wrap(manager.colo_lost_heartbeat), returns=EMPTY)
+    registry.add("x-query-colo-checkpoints", wrap(manager.colo_checkpoints))
     registry.add("calc-dirty-rate", wrap(manager.calc_dirty_rate), args={
         "calc-time": Arg(int), "calc-time-unit": Arg(str, optional=True,
                                                      choices=("second", "millisecond")),

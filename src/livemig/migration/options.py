@@ -3,9 +3,9 @@
 ``Capabilities`` lists QEMU 10.0's capabilities in its order (``query-migrate-capabilities``
 looks the same) plus livemig's own ``x-verify``; ``set`` runs QEMU's ``migrate_caps_check``
 rule for rule, with its messages. A capability livemig does not implement is refused with
-QEMU's own error for that capability when QEMU has one that is true of livemig (``x-colo``:
-no replication module; ``dirty-limit``: no KVM), else with QEMU's form "<capability> is not
-supported by livemig". Four are accepted with nothing to act on, exactly as a QEMU machine
+QEMU's own error for that capability when QEMU has one that is true of livemig
+(``dirty-limit``: no KVM), else with QEMU's form "<capability> is not supported by livemig".
+``x-colo`` is livemig's replication (``migration/colo.py``). Four are accepted with nothing to act on, exactly as a QEMU machine
 without the hardware they concern accepts them: ``rdma-pin-all`` (livemig has no RDMA
 transport), ``zero-blocks``, ``dirty-bitmaps``, ``late-block-activate`` (no block devices), and
 ``validate-uuid`` (no machine UUID is set, so none is sent or checked, as in QEMU without
@@ -59,12 +59,12 @@ SUPPORTED_CAPABILITIES = frozenset(
         "dirty-bitmaps",
         "late-block-activate",
         "validate-uuid",
+        "x-colo",
     }
 )
 
 # QEMU's refusal of a capability its build or host cannot do, where that is true of livemig.
 _QEMU_REFUSALS = {
-    "x-colo": "QEMU compiled without replication module can't enable COLO",
     "dirty-limit": "dirty-limit requires KVM with accelerator property 'dirty-ring-size' set",
 }
 _NAMES = {"background-snapshot": "Background-snapshot", "release-ram": "Release-ram",
@@ -108,7 +108,13 @@ def caps_check(old: set[str] | frozenset[str], new: set[str], incoming_started: 
     """QEMU 10.0's ``migrate_caps_check``, rule for rule and in its order, then livemig's
     refusal of what it does not implement."""
     if "x-colo" in new:
-        raise UsageError(_QEMU_REFUSALS["x-colo"])
+        # livemig's standby answers on the return path (acks, heartbeats); QEMU refuses COLO
+        # with post-copy; livemig's checkpoints are pre-copy streams on one channel
+        if "return-path" not in new:
+            raise UsageError("Capability 'x-colo' requires capability 'return-path'")
+        for other in ("postcopy-ram", "multifd", "xbzrle", "mapped-ram"):
+            if other in new:
+                raise UsageError(f"Capability 'x-colo' is not compatible with '{other}'")
     if "postcopy-ram" in new and "x-ignore-shared" in new:
         raise UsageError("Postcopy is not compatible with ignore-shared")
     # QEMU 10.0 refuses postcopy-ram with multifd ("Postcopy is not yet compatible with
@@ -276,6 +282,14 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("x-postcopy-prefetch", "uint16", 0),
     # see convergence.SwitchoverRefiner; 0 is QEMU's switch at the first chance
     ParamSpec("x-switchover-refine", "uint8", SwitchoverRefiner.DEFAULT_PASSES),
+    # COLO (capability x-colo; QEMU's x-checkpoint-delay is above): livemig's own time-outs
+    # (QEMU leaves detecting a dead peer to outside tools): silence from the other side for
+    # this long and the standby takes over / the primary goes on unreplicated; a checkpoint
+    # not acknowledged this long after it was taken means the standby cannot keep up, and the
+    # primary goes on unreplicated too (saying so) rather than hold its clients' replies
+    # without bound.
+    ParamSpec("x-colo-heartbeat-timeout", "uint32", 1000),
+    ParamSpec("x-colo-checkpoint-timeout", "uint32", 5000),
 )
 _SPECS = {p.name: p for p in PARAMETERS}
 SIZE_MAX = (1 << 64) - 1
@@ -329,6 +343,11 @@ def params_check(v: dict[str, Any]) -> None:
         raise _range("x-postcopy-prefetch", "a value between 0 and 512 (pages)")
     if v["x-switchover-refine"] > 16:
         raise _range("x-switchover-refine", "a value between 0 and 16 (passes)")
+    if not 50 <= v["x-colo-heartbeat-timeout"] <= 600000:
+        raise _range("x-colo-heartbeat-timeout", "a value between 50 and 600000 (milliseconds)")
+    if not 100 <= v["x-colo-checkpoint-timeout"] <= 3600000:
+        raise _range("x-colo-checkpoint-timeout",
+                     "a value between 100 and 3600000 (milliseconds)")  # fmt: skip
 
 
 def check_for_migration(params: dict[str, Any], caps: frozenset[str]) -> None:

@@ -83,7 +83,20 @@ DIRTY_RATE_INFO = Arg(dict, members={
                 qtype="DirtyRateMeasureMode"),
 })  # fmt: skip
 
+COLO_MODE = Arg(str, choices=("none", "primary", "secondary"), qtype="COLOMode")
+COLO_EXIT_REASON = Arg(str, choices=("none", "request", "error", "processing"),
+                       qtype="COLOExitReason")  # fmt: skip
+COLO_STATUS = Arg(dict, members={
+    "mode": COLO_MODE, "last-mode": COLO_MODE, "reason": COLO_EXIT_REASON,
+    "x-replicated": _ANY, "x-standby": _ANY, "x-sending": _ANY, "x-error": _ANY,
+    "x-checkpoints": _ANY, "x-acknowledged": _ANY, "x-bytes": _ANY, "x-pages": _ANY,
+    "x-late": _ANY, "x-pause-ms": _ANY, "x-bytes-per-checkpoint": _ANY, "x-ack-ms": _ANY,
+    "x-checkpoints-applied": _ANY, "x-took-over": _ANY, "x-partial-discarded": _ANY,
+    "x-apply-ms": _ANY, "x-how": _ANY,
+})  # fmt: skip
+
 EVENTS: dict[str, dict[str, Arg]] = {
     "MIGRATION": {"status": STATUS},
     "MIGRATION_PASS": {"pass": Arg(int)},
+    "COLO_EXIT": {"mode": COLO_MODE, "reason": COLO_EXIT_REASON},
 }

@@ -177,6 +177,8 @@ class OutgoingMigration:
         self.timeline: list[dict[str, Any]] = []
         self.postcopy: Any = None  # PostcopySource with capability postcopy-ram
         self.checks: CK.SourceChecks | None = None  # with capability x-checksums
+        self.colo: Any = None  # colo.ColoPrimary with capability x-colo
+        self.colo_participants: list = []  # set by the manager (the service front)
 
     # -- control (any thread) -----------------------------------------------------------------
 
@@ -184,6 +186,10 @@ class OutgoingMigration:
         self.thread.start()
 
     def cancel(self) -> None:
+        if self.colo is not None and self.colo.active:
+            # replication ends, the guest goes on here: the standby is told not to take over
+            self.colo.request_exit("cancelled by the user (migrate_cancel)")
+            return
         self._cancel.set()
         self._wake.set()
         self._continue.set()
@@ -341,6 +347,13 @@ class OutgoingMigration:
                 raise MigrationError(f"post-copy needs a return path; {cfg.uri} has none")
             self.postcopy = PostcopySource(self)
             bufs += self.postcopy.advise()
+        if "x-colo" in caps:  # as QEMU, before the setup sections
+            from livemig.migration.colo import ColoPrimary
+
+            if not self.return_path:
+                raise MigrationError(f"x-colo needs a return path; {cfg.uri} has none")
+            self.colo = ColoPrimary(self, self.colo_participants, self.emit)
+            bufs += enc.send(E.EnableColo())
         # the machine's shape first: a destination that cannot take it refuses before any RAM
         enc.devices[MACHINE_IDSTR] = MACHINE_VMSD
         bufs += enc.send(E.SectionFull(1, MACHINE_IDSTR, 0, MACHINE_VMSD.version_id,
@@ -443,8 +456,14 @@ class OutgoingMigration:
         finally:
             self._rp_event.set()
             self._wake.set()
+            if self.colo is not None:
+                self.colo.rp_closed(self._rp_error or "the return path ended")
 
     def _on_rp(self, msg: Any) -> None:
+        if self.colo is not None:
+            self.colo.heard()
+            if isinstance(msg, RP.XColo):
+                return self.colo.on_rp(msg)
         if isinstance(msg, RP.Shut):
             self._rp_shut = msg.status
         elif isinstance(msg, RP.XError):
@@ -749,6 +768,8 @@ class OutgoingMigration:
         }
         if self.config.verify:
             self.stats.downtime_breakdown["verify-hashing"] = self.verify_time
+        if self.colo is not None:
+            return self.colo.run(t_stop)  # checkpoints until replication ends (migration/colo.py)
         if self.return_path:
             self._await_shut()
         else:
@@ -872,8 +893,8 @@ class OutgoingMigration:
 
             out["total-time"] = s.elapsed_ms()
             out["setup-time"] = int((s.setup_time or 0) * 1000)
-            if status == MigrationStatus.COMPLETED:
-                out["downtime"] = int((s.downtime or 0) * 1000)
+            if status == MigrationStatus.COMPLETED or (status == MigrationStatus.COLO):
+                out["downtime"] = int((s.downtime or 0) * 1000)  # COLO: the first migration's
             else:
                 out["expected-downtime"] = s.expected_downtime_ms
         if s.throttle:

@@ -29,7 +29,7 @@ class MigrationStatus(StrEnum):
     POSTCOPY_RECOVER = "postcopy-recover"
     COMPLETED = "completed"
     FAILED = "failed"
-    COLO = "colo"  # never entered here
+    COLO = "colo"  # x-colo: the primary and the standby while they replicate (migration/colo.py)
     PRE_SWITCHOVER = "pre-switchover"
     DEVICE = "device"
     WAIT_UNPLUG = "wait-unplug"  # never entered here
@@ -47,6 +47,7 @@ RUNNING = frozenset(
         _S.POSTCOPY_PAUSED,
         _S.POSTCOPY_RECOVER,
         _S.CANCELLING,
+        _S.COLO,
     }
 )
 
@@ -82,6 +83,12 @@ SOURCE_TRANSITIONS: frozenset[tuple[MigrationStatus, MigrationStatus]] = frozens
         (_S.POSTCOPY_PAUSED, _S.CANCELLING),
         (_S.CANCELLING, _S.CANCELLED),
         (_S.CANCELLING, _S.FAILED),
+        # COLO (x-colo): after the first migration the primary keeps its guest and sends
+        # checkpoints; replication ends in completed (the guest goes on here, unreplicated)
+        (_S.ACTIVE, _S.COLO),
+        (_S.DEVICE, _S.COLO),
+        (_S.COLO, _S.COMPLETED),
+        (_S.COLO, _S.CANCELLING),
         # a finished migration may be followed by a new one on the same object
         (_S.COMPLETED, _S.SETUP),
         (_S.FAILED, _S.SETUP),
@@ -106,6 +113,11 @@ DESTINATION_TRANSITIONS: frozenset[tuple[MigrationStatus, MigrationStatus]] = fr
         (_S.POSTCOPY_PAUSED, _S.FAILED),
         (_S.POSTCOPY_RECOVER, _S.POSTCOPY_ACTIVE),
         (_S.POSTCOPY_RECOVER, _S.POSTCOPY_PAUSED),
+        # COLO: the standby loads checkpoints; completed when it took over (failover), failed
+        # when replication ended without it taking over
+        (_S.ACTIVE, _S.COLO),
+        (_S.COLO, _S.COMPLETED),
+        (_S.COLO, _S.FAILED),
     }
 )
 

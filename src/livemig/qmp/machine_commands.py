@@ -8,6 +8,9 @@ These follow QEMU 10.0's monitor (``system/cpus.c``, ``monitor/qmp-cmds.c``):
   running guest it does nothing; in ``inmigrate`` it sets *autostart*; it is refused in
   ``finish-migrate`` ("Migration is not finalized yet") and after shutdown ("Resetting the
   Virtual Machine is required").
+* ``stop`` and ``cont`` in ``colo``: ``stop`` clears *autostart* (a COLO standby then takes
+  over with the guest paused) and pauses a primary once its checkpoint is taken; ``cont`` is
+  refused (a standby runs the guest only when it takes over).
 * ``quit`` replies first, then emits SHUTDOWN ``{"guest": false, "reason": "host-qmp-quit"}`` and
   calls ``on_quit``.
 
@@ -136,6 +139,11 @@ class MachineControl:
             self.autostart = False
         elif status == "running":
             self.machine.pause()
+        elif status == "colo":
+            # a COLO standby keeps the guest paused when it takes over; a primary in the midst
+            # of a checkpoint pauses once the checkpoint has its state
+            self.autostart = False
+            self.machine.pause()
 
     def cont(self) -> None:
         status = _state_name(self.machine.runstate)
@@ -143,6 +151,10 @@ class MachineControl:
             raise QMPError("GenericError", "Resetting the Virtual Machine is required")
         if status == "finish-migrate":
             raise QMPError("GenericError", "Migration is not finalized yet")
+        if status == "colo":
+            raise QMPError("GenericError", "The guest is a COLO standby or stopped for a COLO "
+                           "checkpoint: a standby runs it only when it takes over "
+                           "(x-colo-lost-heartbeat)")  # fmt: skip
         if status == "inmigrate":
             self.autostart = True
         elif status == "prelaunch":

@@ -112,8 +112,10 @@ def follow(
     console: Console | None = None,
     quiet: bool = False,
     on_poll: Callable[[dict[str, Any]], None] | None = None,
+    until: tuple[str, ...] = FINAL,
 ) -> dict[str, Any]:
-    """Poll until the migration reaches a final state; returns the last reply."""
+    """Poll until the migration reaches a final state (or one of ``until``: ``colo`` for a
+    replication, which never ends by itself); returns the last reply."""
     console = console or Console(stderr=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     from livemig.migration.planner import ProgressJudge
@@ -142,7 +144,7 @@ def follow(
             verdict, left = judge.update(now - t0, info)
             shown = info if "ram" in info or last is None else {**last, **info,
                                                                  "ram": last["ram"]}  # fmt: skip
-            final = info.get("status") in FINAL
+            final = info.get("status") in until
             if live is not None:
                 live.update(progress_table(shown, verdict, left))
             elif not quiet and (now >= next_line or final):

@@ -81,6 +81,8 @@ from livemig import threads
 from livemig.errors import LivemigError, StreamError, UsageError
 from livemig.machine import Machine, RunState
 from livemig.machine.devices.ring import CHAIN_MAX, Follow, RingDevice
+from livemig.service.backend import LinkBackend
+from livemig.service.link import LINK_MAGIC
 from livemig.service.resp import RequestFramer
 
 log = logging.getLogger(__name__)
@@ -137,6 +139,9 @@ class _Endpoint(abc.ABC):
     def __init__(self, conn_id: int) -> None:
         self.id = conn_id
         self.framer = RequestFramer(CHAIN_MAX)
+        self.produced = 0  # reply bytes the guest produced for this client
+        self.released = 0  # ... of which may go out (output commit: service/backend.py)
+        self._held = bytearray()
 
     @abc.abstractmethod
     def send(self, data: bytes) -> None:
@@ -145,6 +150,30 @@ class _Endpoint(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """End the client's connection."""
+
+    def respond(self, data: bytes, release: bool) -> None:
+        """Reply bytes of the guest: out at once, or held until ``release``."""
+        self.produced += len(data)
+        if release and not self._held:
+            self.released = self.produced
+            self.send(data)
+            return
+        self._held += data
+        if release:
+            self.release(self.produced)
+
+    def release(self, upto: int) -> None:
+        n = min(upto, self.produced) - self.released
+        if n > 0:
+            data = bytes(self._held[:n])
+            del self._held[:n]
+            self.released += n
+            self.send(data)
+
+    def fail(self, line: bytes) -> None:
+        """An error line of this process (not the guest's), then the end of the connection."""
+        self.send(line)
+        self.close()
 
 
 class _SocketEndpoint(_Endpoint):
@@ -220,19 +249,40 @@ class _ClientProtocol(asyncio.Protocol):
     def __init__(self, front: ServiceFront) -> None:
         self.front = front
         self.endpoint: _SocketEndpoint | None = None
+        self.transport: asyncio.Transport | None = None
+        self.head = b""  # the first bytes, until they tell a client from a front link
+        self.link: Any = None  # backend._Link when a ``livemig front`` connected
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         _nodelay(transport)
-        self.endpoint = _SocketEndpoint(self.front._new_id(), transport)
-        self.front._client_open(self.endpoint)
+        self.transport = transport
 
     def data_received(self, data: bytes) -> None:
-        if self.endpoint is not None:
-            self.front._client_data(self.endpoint, data)
+        if self.link is not None:
+            self.link.feed(data)
+            return
+        if self.endpoint is None:
+            self.head += data
+            magic = LINK_MAGIC
+            if len(self.head) < len(magic) and magic.startswith(self.head):
+                return  # maybe a front link: wait for the rest of the magic
+            assert self.transport is not None
+            if self.head.startswith(magic):
+                self.link = self.front._link_opened(self.transport)
+                rest, self.head = self.head[len(magic) :], b""
+                if rest:
+                    self.link.feed(rest)
+                return
+            self.endpoint = _SocketEndpoint(self.front._new_id(), self.transport)
+            self.front._client_open(self.endpoint)
+            data, self.head = self.head, b""
+        self.front._client_data(self.endpoint, data)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.endpoint is not None:
+        if self.link is not None:
+            self.front._link_lost(self.link)
+        elif self.endpoint is not None:
             self.front._client_closed(self.endpoint)
 
 
@@ -304,7 +354,7 @@ class _FollowDial(asyncio.Protocol):
             self.front._tunnel_lost(self.tunnel)
 
 
-class ServiceFront:
+class ServiceFront(LinkBackend):
     """The service endpoint of one machine (see the module docstring). ``uri`` is where
     clients connect (None: none here, a destination that only takes clients over); with a
     ``manager`` (``MigrationManager``) the clients follow the guest's migrations."""
@@ -342,6 +392,7 @@ class ServiceFront:
         self.refused = 0
         self.protocol_errors = 0
         self.address = uri or ""
+        self._init_links()
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -359,6 +410,9 @@ class ServiceFront:
         self.machine.add_state_listener(self._on_state)
         if self.manager is not None:
             self.manager.source.add_listener(self._on_source_status)
+            participants = getattr(self.manager, "colo_participants", None)
+            if participants is not None:
+                participants.append(self)  # replies wait for checkpoints
         if self.machine.runstate not in (RunState.INMIGRATE, RunState.PRELAUNCH):
             self._on_state(RunState.INMIGRATE, self.machine.runstate)  # loaded before start()
 
@@ -401,6 +455,8 @@ class ServiceFront:
             for tunnel in (self._tunnel_out, self._held):
                 if tunnel is not None:
                     tunnel.close()
+            for link in list(self._links):
+                link.transport.close()
 
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
@@ -425,6 +481,7 @@ class ServiceFront:
             "held-responses": sum(len(v[1]) for v in self._orphans.values()),
             "protocol-errors": self.protocol_errors,
             "error": self.error,
+            **self.link_info(),
             **self.device.in_flight(),
         }
 
@@ -445,6 +502,9 @@ class ServiceFront:
 
         if self._closed:
             return
+        mig = getattr(self.manager, "outgoing", None)
+        if mig is not None and "x-colo" in getattr(mig.config, "capabilities", ()):
+            return  # replication: the guest stays here (its clients follow by failover)
         if new == S.ACTIVE and old == S.SETUP:
             self._prepare_follow()
         elif new in (S.COMPLETED, S.POSTCOPY_ACTIVE):
@@ -582,8 +642,7 @@ class ServiceFront:
         self.device.take_pending()  # nobody will answer them here
         line = f"-ERR livemig: {reason}\r\n".encode()
         for ep in list(self._conns.values()):
-            ep.send(line)
-            ep.close()
+            ep.fail(line)
 
     def _guest_back(self) -> None:
         """The guest runs here again (``cont`` after a snapshot or a failed migration)."""
@@ -637,18 +696,21 @@ class ServiceFront:
 
     # -- the loop thread: clients and tunnels -------------------------------------------------
 
-    def _client_open(self, ep: _Endpoint) -> None:
-        if self._gone is not None and isinstance(ep, _SocketEndpoint):
+    def _client_open(self, ep: Any) -> None:
+        refusal = self._gone
+        if self.standby:
+            refusal = ("this process is a COLO standby: connect through the guest's front "
+                       "(livemig front) or to the primary")  # fmt: skip
+        if refusal is not None and isinstance(ep, _SocketEndpoint):
             self.refused += 1
-            ep.send(f"-ERR livemig: {self._gone}\r\n".encode())
-            ep.close()
+            ep.fail(f"-ERR livemig: {refusal}\r\n".encode())
             return
         self._conns[ep.id] = ep
         self.connections += 1
         if self._tunnel_out is not None:
             self._tunnel_out.frame(OPEN, ep.id, b"")
 
-    def _client_data(self, ep: _Endpoint, data: bytes) -> None:
+    def _client_data(self, ep: Any, data: bytes) -> None:
         if ep.id not in self._conns:
             return  # refused
         if self._tunnel_out is not None:
@@ -658,13 +720,12 @@ class ServiceFront:
             chains = ep.framer.feed(data)
         except StreamError as exc:
             self.protocol_errors += 1
-            ep.send(f"-ERR Protocol error: {exc}\r\n".encode())
-            ep.close()
+            ep.fail(f"-ERR Protocol error: {exc}\r\n".encode())
             return
         for chain in chains:
             self.device.submit(ep.id, chain)
 
-    def _client_closed(self, ep: _Endpoint) -> None:
+    def _client_closed(self, ep: Any) -> None:
         if self._conns.pop(ep.id, None) is None:
             return
         if self._tunnel_out is not None:
@@ -674,7 +735,7 @@ class ServiceFront:
         for conn, data in out:
             ep = self._conns.get(conn)
             if ep is not None:
-                ep.send(data)
+                self._respond(ep, data)
             else:
                 self._hold(conn, data)
 
@@ -694,7 +755,7 @@ class ServiceFront:
                 tunnel.ids.add(conn)
                 self._client_open(ep)
                 for held in self._orphans.pop(conn, (0.0, []))[1]:
-                    ep.send(held)
+                    self._respond(ep, held)
             elif kind == DATA:
                 target = self._conns.get(conn)
                 if target is not None:

@@ -11,7 +11,9 @@ operation count) in a real ``livemig run`` process and then, for as long as aske
   then carries the guest on (pre-copy over unix and TCP, with x-verify, multifd with and
   without compression, post-copy with and without preempt, XBZRLE, auto-converge throttling,
   ``file:`` snapshots plain and mapped-ram, a paused guest, and migrations that fail or are
-  cancelled, after which the guest goes on on the source).
+  cancelled, after which the guest goes on on the source), or a COLO failover: the guest
+  replicated to a standby, its primary SIGKILLed, the standby going on from its last
+  checkpoint.
 
 The reference follows the guest across every process (``x-guest-check`` with ``reference:
 false`` returns the counts and buffer digests); one wrong word anywhere in a buffer, one
@@ -39,7 +41,7 @@ MIGRATION_TIMEOUT = 60.0
 # on unless a hop says otherwise, as ``livemig migrate`` has it (and ``run --incoming file:``
 # requires it).
 _CAPS = ("return-path", "x-verify", "multifd", "postcopy-ram", "postcopy-preempt", "xbzrle",
-         "auto-converge", "mapped-ram", "x-checksums")  # fmt: skip
+         "auto-converge", "mapped-ram", "x-checksums", "x-colo")  # fmt: skip
 _CAPS_ON = ("x-checksums",)
 _PARAMS: dict[str, Any] = {"max-bandwidth": 0, "downtime-limit": 300, "multifd-channels": 2,
                            "multifd-compression": "none"}  # fmt: skip
@@ -99,7 +101,7 @@ class _Soak:
     def check(self, proc: LivemigProcess, when: str) -> None:
         """Stop (if running), compare with the reference, resume as it was."""
         was = proc.status()
-        if was == "running":
+        if was in ("running", "colo"):  # colo: a replicated primary amid a checkpoint
             proc.cmd("stop")
         snap = ComputeSnapshot.from_json(proc.cmd("x-guest-check", reference=False))
         if self.ref is None:
@@ -109,7 +111,7 @@ class _Soak:
         self.result.guest_ops = sum(snap.passes)
         if not report.ok:
             raise Diverged(f"{when}: " + "; ".join(report.problems))
-        if was == "running":
+        if was in ("running", "colo"):
             proc.cmd("cont")
 
     def cycles(self, proc: LivemigProcess, count: int, where: str) -> None:
@@ -294,6 +296,31 @@ def _failed(s: _Soak, src: LivemigProcess) -> LivemigProcess:
     return src
 
 
+def _failover(s: _Soak, src: LivemigProcess) -> LivemigProcess:
+    """Replication (COLO) with checkpoints every 10-50 ms, stop/cont cycles on the replicated
+    primary, then the primary SIGKILLed at a random moment: the standby goes on from its last
+    whole checkpoint."""
+    dst = s.h.destination()
+    s.settings(src, {"return-path": True, "x-colo": True},
+               {"x-checkpoint-delay": s.rng.choice((10, 25, 50))})  # fmt: skip
+    src.cmd("migrate", uri=dst.incoming)
+    info = src.wait_migration(MIGRATION_TIMEOUT, frozenset({"colo", "failed", "completed",
+                                                            "cancelled"}))  # fmt: skip
+    if info.get("status") != "colo":
+        raise SoakError(f"failover: replication did not start: {info.get('error-desc')}")
+    for i in range(5):  # stops amid checkpoints (not counted in the soak's cycles)
+        time.sleep(s.rng.choice((0.0, 0.005, 0.02)))
+        s.check(src, f"stop/cont {i + 1} on the replicated primary {src.name}")
+    time.sleep(s.rng.uniform(0, 0.3))
+    src.kill()
+    dst.wait_status("running", 30)
+    colo = dst.cmd("query-colo-status")
+    if not colo.get("x-took-over"):
+        raise SoakError(f"failover: the standby did not take over: {colo}")
+    s.record("failover", {**info, "status": "took over"})
+    return dst
+
+
 KINDS: dict[str, Callable[[_Soak, LivemigProcess], LivemigProcess]] = {
     "precopy": _precopy,
     "precopy-tcp-verify": _precopy_tcp_verify,
@@ -307,6 +334,7 @@ KINDS: dict[str, Callable[[_Soak, LivemigProcess], LivemigProcess]] = {
     "paused": _paused,
     "cancelled": _cancelled,
     "failed": _failed,
+    "failover": _failover,
 }
 
 

@@ -325,6 +325,19 @@ class ProcHarness:
             wait_until(lambda: Path(incoming[5:]).exists(), 10, f"{incoming} listening")
         return proc
 
+    def front(
+        self, backend: str, serve: str, extra: Sequence[str] = (), netns: str | None = None
+    ) -> LivemigProcess:
+        """A ``livemig front`` for the guest served at ``backend`` (QMP: ``x-query-front``)."""
+        self._n += 1
+        name = f"front{self._n}"
+        qmp_path = self.workdir / f"{name}.qmp"
+        argv = ["front", "--serve", serve, "--backend", backend, "--qmp", f"unix:{qmp_path}",
+                *extra]  # fmt: skip
+        proc = LivemigProcess(name, argv, self.workdir, qmp_path, None, netns)
+        self.procs.append(proc)
+        return proc.start()
+
     def migrate(
         self,
         src: LivemigProcess,

@@ -55,7 +55,8 @@ sections sent so far; ``bytes_sent`` counts output.
 
 Return path: ``ReturnPathDecoder`` / ``ReturnPathEncoder`` (``encode_rp``) with ``Shut``,
 ``Pong``, ``ReqPages`` (block None = REQ_PAGES), ``RecvBitmapReply``, ``ResumeAck``,
-``SwitchoverAck`` and livemig's ``XError``. Multifd: ``MultifdInit``, ``MultifdPacket`` (``wire.multifd``). XBZRLE:
+``SwitchoverAck`` and livemig's ``XError`` and ``XColo``. COLO checkpoints after a replicated
+guest's first migration: ``wire.colo`` (``CheckpointReader``, QEMU's ``ColoMessage``). Multifd: ``MultifdInit``, ``MultifdPacket`` (``wire.multifd``). XBZRLE:
 ``xbzrle.encode(old, new)`` / ``xbzrle.decode(encoded, page)``. vmdesc: ``build_vmdesc``,
 ``find_vmdesc``, ``descriptions_from_vmdesc`` (``wire.vmdesc``).
 """
@@ -108,6 +109,7 @@ from livemig.wire.returnpath import (
     RPMessage,
     Shut,
     SwitchoverAck,
+    XColo,
     XError,
     encode_rp,
 )
@@ -161,6 +163,7 @@ __all__ = [
     "SwitchoverStart",
     "UnknownLayoutError",
     "VMDescription",
+    "XColo",
     "XError",
     "build_vmdesc",
     "cstr",

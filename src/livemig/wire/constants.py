@@ -80,6 +80,10 @@ class ReturnPathType(enum.IntEnum):
     # SHUT(1) and only to a source that announced it reads it (X_FEATURES_PING): a QEMU source
     # never announces it, so it never receives one.
     X_ERROR = 0x4C01
+    # livemig's own: a COLO message from a standby (QEMU writes them as bare words on the return
+    # path; livemig frames them, so they mix with the other messages). Sent only after the
+    # source's stream enabled COLO (ENABLE_COLO) and announced X_FEATURES_PING.
+    X_COLO = 0x4C02
 
 
 # A PING value no QEMU source sends: a livemig source sends it after OPEN_RETURN_PATH to say

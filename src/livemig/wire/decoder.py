@@ -71,6 +71,8 @@ class Decoder:
         max_record_size: int = 32 << 20,
         section_footers: bool = True,
         start_offset: int = 0,
+        sections: Mapping[int, str] | None = None,
+        stop_at_eof: bool = False,
     ) -> None:
         self.page_size = page_size
         self._page_mask = page_size - 1
@@ -96,7 +98,11 @@ class Decoder:
         self._need_what = ""
         self._with_header = with_header
         self._state = "header" if with_header else "top"
-        self._sections: dict[int, str] = {}  # section_id -> idstr of STARTed sections
+        # section_id -> idstr of STARTed sections; a COLO checkpoint continues the ``ram``
+        # section of the migration that set replication up (``sections``)
+        self._sections: dict[int, str] = dict(sections or {})
+        # a COLO checkpoint's parts end at EOF: what follows is the caller's (``unparsed``)
+        self._stop_at_eof = stop_at_eof
         self._open_section: int | None = None
         self.last_block: str | None = None
         self._setup: dict[str, Any] | None = None  # partial block list (mapped-ram skips)
@@ -178,7 +184,7 @@ class Decoder:
         """The next event, or ``NEED_DATA``; raises ``StreamError`` on malformed input."""
         while True:
             if self._state == "done":
-                if self._available():
+                if self._available() and not self._stop_at_eof:
                     raise StreamError("trailing bytes after the end of the stream", self.offset)
                 return E.NEED_DATA
             if self._skip_to is not None:
@@ -216,6 +222,14 @@ class Decoder:
             self._need = 0
             if event is not None:
                 return event
+
+    def unparsed(self) -> bytes:
+        """Take the bytes received but not parsed (after EOF with ``stop_at_eof``: what
+        follows the stream part, e.g. the next COLO message)."""
+        rest = b"".join([self._buf[self._pos :], *(c[s:] for c, s in self._pending)])
+        self._base = self.offset + len(rest)  # they are the caller's now
+        self._buf, self._pos, self._pending, self._pending_len = b"", 0, [], 0
+        return rest
 
     def events(self) -> list[E.Event]:
         """All events decodable from the input so far."""
@@ -341,7 +355,7 @@ class Decoder:
             return self._parse_command()
         if kind == C.QEMU_VM_EOF:
             self._pos += 1
-            self._state = "after_eof"
+            self._state = "done" if self._stop_at_eof else "after_eof"
             return E.Eof()
         raise self._err(
             f"unknown section type byte 0x{kind:02x} (expected a section, command or EOF)"

@@ -8,6 +8,11 @@ before SHUT(1) to a source that announced it reads it (a PING of ``X_FEATURES_PI
 stream); QEMU's return path has no such message. Payload: one flags byte (bit 0: the guest
 never ran on this destination, so the source may run its own copy again even after a
 post-copy switch), then the reason as UTF-8 text, cut to fit the 512-byte payload.
+
+``XColo`` is livemig's too (type ``X_COLO``): a COLO message of a standby (``wire/colo.py``):
+be32 message number (QEMU's COLOMessage, or livemig's X_HEARTBEAT), be64 value (the checkpoint
+it is about), then optional UTF-8 text (CHECKPOINT_READY: where the standby serves clients
+after a failover).
 """
 
 from __future__ import annotations
@@ -75,6 +80,18 @@ class XError(RPMessage):
     not_started: bool = False  # the guest never ran on the destination
 
 
+@dataclass(frozen=True)
+class XColo(RPMessage):
+    """livemig's own: a standby's COLO message (see the module docstring)."""
+
+    msg: int
+    value: int = 0
+    text: str = ""
+
+
+_XCOLO = struct.Struct(">IQ")
+
+
 def _cut_utf8(text: str, limit: int) -> bytes:
     raw = text.encode()
     if len(raw) <= limit:
@@ -105,6 +122,9 @@ def encode_rp(msg: RPMessage) -> bytes:
     if isinstance(msg, XError):
         body = bytes((int(msg.not_started),)) + _cut_utf8(msg.reason, MAX_RP_PAYLOAD - 1)
         return _HEAD.pack(T.X_ERROR, len(body)) + body
+    if isinstance(msg, XColo):
+        body = _XCOLO.pack(msg.msg, msg.value) + _cut_utf8(msg.text, MAX_RP_PAYLOAD - 12)
+        return _HEAD.pack(T.X_COLO, len(body)) + body
     raise TypeError(f"not a return-path message: {msg!r}")
 
 
@@ -271,6 +291,11 @@ class ReturnPathDecoder:
             if not body:
                 raise StreamError("X_ERROR without its flags byte", self._base)
             msg = XError(body[1:].decode(errors="replace"), bool(body[0] & 1))
+        elif kind == T.X_COLO:
+            if length < _XCOLO.size:
+                raise StreamError(f"X_COLO: length {length}, at least 12", self._base + 2)
+            number, value = _XCOLO.unpack_from(body)
+            msg = XColo(number, value, body[12:].decode(errors="replace"))
         else:
             raise StreamError(f"unknown return-path message type {kind}", self._base)
         del buf[:used]

@@ -195,6 +195,14 @@ class RingDevice(Device):
             self._pending.clear()
             return out
 
+    def pending_counts(self) -> dict[int, int]:
+        """Chains still queued on the host (not in the ring), per connection."""
+        out: dict[int, int] = {}
+        with self._cond:
+            for conn, _data in self._pending:
+                out[conn] = out.get(conn, 0) + 1
+        return out
+
     def pending_bytes(self) -> int:
         with self._cond:
             return sum(len(d) for _, d in self._pending)
