@@ -5,61 +5,15 @@ goes on unreplicated, saying so, its clients' writes all there."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-
 from livemig.testing.procs import ProcHarness, wait_until
+from livemig.testing.relay import FlipRelay
 from livemig.testing.replication import Writers, answers, audit, start_replicated
-
-
-class ArmedFlipRelay:
-    """Relays one TCP connection; once ``armed``, flips a bit in the middle of the next chunk
-    of at least 8 KiB from the primary (a checkpoint's page data, not a heartbeat)."""
-
-    def __init__(self, target: str) -> None:
-        self.target = target
-        self.armed = threading.Event()
-        self.flipped = threading.Event()
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(4)
-        self.uri = f"tcp:127.0.0.1:{self.lsock.getsockname()[1]}"
-        self.socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            a, _ = self.lsock.accept()
-            host, port = self.target.split(":")[1:]
-            b = socket.create_connection((host, int(port)), timeout=10)
-            self.socks += [a, b]
-            threading.Thread(target=self._pump, args=(a, b, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, flip: bool) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if flip and self.armed.is_set() and not self.flipped.is_set() \
-                        and len(data) >= 8192:  # fmt: skip
-                    buf = bytearray(data)
-                    buf[len(buf) // 2] ^= 0x10
-                    data = bytes(buf)
-                    self.flipped.set()
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.lsock.close()
-        for s in self.socks:
-            with contextlib.suppress(OSError):
-                s.close()
 
 
 def test_a_bit_flipped_in_a_checkpoint_is_never_applied() -> None:
     with ProcHarness(memory="64M", smp=1) as h:
         r = start_replicated(h, defer=True)
-        relay = ArmedFlipRelay(r.standby.incoming or "")
+        relay = FlipRelay(r.standby.incoming or "")  # flips once armed
         try:
             r.standby.incoming = relay.uri
             writers = Writers(r.port, n=2).start()

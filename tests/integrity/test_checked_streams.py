@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +15,7 @@ import pytest
 
 from livemig.qmp.client import QMPClientError
 from livemig.testing.procs import LivemigProcess, ProcError, ProcHarness, free_tcp_port
+from livemig.testing.relay import FlipRelay
 
 pytestmark = pytest.mark.timeout(120)
 CHECKED = {"return-path": True, "x-checksums": True}
@@ -28,56 +27,6 @@ def source_unharmed(src: LivemigProcess) -> None:
     assert now["ok"], now["problems"]
     later = src.wait_passes_increase(now["total-passes"], timeout=20)
     assert later["ok"], later["problems"]
-
-
-class FlipRelay:
-    """A relay that flips one bit at byte ``flip_at`` of the ``conn``-th connection it carries
-    from source to destination (0: main; multifd channels come after), as a faulty link or
-    router would: TCP's own checksum is computed again after it."""
-
-    def __init__(self, target: str, conn: int, flip_at: int) -> None:
-        self.target, self.conn, self.flip_at = target, conn, flip_at
-        self.flipped = threading.Event()
-        self.lsock = socket.socket()
-        self.lsock.bind(("127.0.0.1", 0))
-        self.lsock.listen(8)
-        self.uri = f"tcp:127.0.0.1:{self.lsock.getsockname()[1]}"
-        self.socks: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        n = 0
-        while True:
-            try:
-                a, _ = self.lsock.accept()
-            except OSError:
-                return
-            host, port = self.target.split(":")[1:]
-            b = socket.create_connection((host, int(port)), timeout=10)
-            self.socks += [a, b]
-            flip = self.flip_at if n == self.conn else None
-            threading.Thread(target=self._pump, args=(a, b, flip), daemon=True).start()
-            threading.Thread(target=self._pump, args=(b, a, None), daemon=True).start()
-            n += 1
-
-    def _pump(self, src: socket.socket, dst: socket.socket, flip: int | None) -> None:
-        seen = 0
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                if flip is not None and not self.flipped.is_set() and seen + len(data) > flip:
-                    buf = bytearray(data)
-                    buf[flip - seen] ^= 0x04
-                    data = bytes(buf)
-                    self.flipped.set()
-                seen += len(data)
-                dst.sendall(data)
-            dst.shutdown(socket.SHUT_WR)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_RDWR)
-
-    def close(self) -> None:
-        for s in [self.lsock, *self.socks]:
-            s.close()
 
 
 @pytest.fixture
