@@ -363,7 +363,7 @@ class MigrationManager:
         if mig is not None:
             running.append(mig.thread)
             sender = getattr(mig, "multifd", None)
-            running += [c.thread for c in getattr(sender, "channels", ()) if hasattr(c, "thread")]
+            running += [w.thread for w in getattr(sender, "workers", ())]
         return [{"name": t.name, "thread-id": t.native_id or os.getpid()}
                 for t in running if t.is_alive()]  # fmt: skip
 

@@ -280,6 +280,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("x-io-timeout", "uint32", 30000),
     ParamSpec("x-postcopy-auto-recover", "uint16", 0),
     ParamSpec("x-postcopy-prefetch", "uint16", 0),
+    # threads that fill the multifd channels on each side (multifd.py), decoupled from the
+    # channel count a QEMU peer needs; 0: one for each core the host can spare
+    ParamSpec("x-multifd-threads", "uint8", 0),
     # see convergence.SwitchoverRefiner; 0 is QEMU's switch at the first chance
     ParamSpec("x-switchover-refine", "uint8", SwitchoverRefiner.DEFAULT_PASSES),
     # COLO (capability x-colo; QEMU's x-checkpoint-delay is above): livemig's own time-outs
