@@ -45,9 +45,9 @@ class Rx:
 
     def finish(self) -> str | None:
         self.tx.shutdown(socket.SHUT_WR)
-        c = self.rx.channels[0]
-        c.thread.join(5)
-        assert not c.thread.is_alive()
+        (w,) = self.rx.workers
+        w.thread.join(5)
+        assert not w.thread.is_alive()
         err = self.rx.error
         self.rx.close()
         self.tx.close()
@@ -230,7 +230,7 @@ def test_page_less_sync_packet_needs_no_compression_flag() -> None:
     assert rx.error is None
     a.sendall(_raw(0, 1, [0], bytes(PAGE)))  # pages without the zlib bit: refused
     a.shutdown(socket.SHUT_WR)
-    rx.channels[0].thread.join(5)
+    rx.workers[0].thread.join(5)
     assert rx.error is not None and "compression flags 0x0, this side uses 'zlib'" in rx.error
     rx.close()
     a.close()
