@@ -80,21 +80,26 @@ CHECKSUM_IDSTR = "x-postcopy-verify"
 # host). A shorter GIL switch interval (0.1-0.5 ms) made no measurable difference.
 URGENT_NICE = -10
 RT_PRIORITY = 1  # the lowest SCHED_FIFO priority: above every normal thread, below the kernel's
+# A thread that only ever handles a page request (the destination's fault and preempt threads)
+# sits one level above one that also places background pages (the destination's listen thread
+# without preempt), so a fault is read and asked for at once, never behind a background PART.
+RT_REQUEST_PRIORITY = RT_PRIORITY + 1
 REMAINING_PERIOD = 0.05  # seconds between updates of the ``remaining`` figure
 RP_YIELD_WAIT = 0.01  # longest the migration thread waits for the return-path thread's send
 
 
-def boost_thread(realtime: bool = False) -> bool:
+def boost_thread(realtime: bool = False, priority: int = RT_PRIORITY) -> bool:
     """Give the calling thread the urgent nice value (True) or leave it be (not permitted).
 
     With ``realtime`` (threads that only wake, serve one page request and sleep again) try
     SCHED_FIFO first: a CFS thread, even at nice -10, waits for the running vCPU's time slice
     to end (3-5 ms on 2 cores with the vCPUs flat out: the request latency's p99).
+    ``priority`` is the SCHED_FIFO priority (``RT_PRIORITY`` or ``RT_REQUEST_PRIORITY``).
     """
     tid = threading.get_native_id()
     if realtime and os.environ.get("LIVEMIG_NO_RT") is None:
         try:
-            os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(RT_PRIORITY))
+            os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
             return True
         except (OSError, AttributeError) as exc:
             log.debug("post-copy thread not real-time: %s", exc)
