@@ -91,3 +91,23 @@ def test_bench_throughput_beside_qemu(tmp_path: Path) -> None:
 
     assert r["qemu_version"] == qemu_label() and qemu_label().startswith("QEMU ")
     assert not list(Path("/dev/shm").glob(f"livemig-bench-{os.getpid()}-*"))  # RAM files gone
+
+
+def test_two_hosts_with_and_without_checksums(tmp_path: Path) -> None:
+    """--two-hosts --checksums both: each round migrates without, then with x-checksums, over
+    the shaped link, and the table gets the cost column from the medians."""
+    from livemig.errors import UsageError
+    from livemig.netns import TwoHosts
+
+    try:
+        TwoHosts.check()
+    except UsageError as exc:  # not root / no ip(8): the namespaces cannot be made
+        pytest.skip(str(exc))
+    out = tmp_path / "2h.json"
+    args = argparse.Namespace(size="64M", ws="16M", rate="1gbit", comp=50, compress="none",
+                              repeat=1, checksums="both", json=str(out))  # fmt: skip
+    assert throughput.run_two_hosts(args) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["method"], r["checksums"]) for r in rows] == [("none", False), ("none", True)]
+    for r in rows:
+        assert r["total_ms"] > 0 and r["normal"] > 0
