@@ -314,8 +314,11 @@ def run_postcopy_corruptions(count: int, *, seed: int = 0, workdir: str | None =
                 preempt = rng.random() < 0.5
                 for _attempt in range(5):  # a position this run did not reach: again
                     damage = pick(layouts[preempt], preempt, rng)
-                    outcome, detail, _, hit = migrate_once(checksums, preempt, damage, Path(d),
-                                                           seed=i)  # fmt: skip
+                    try:
+                        outcome, detail, _, hit = migrate_once(checksums, preempt, damage,
+                                                               Path(d), seed=i)  # fmt: skip
+                    except Exception as exc:  # an error escaping livemig's API is a crash
+                        outcome, detail, hit = "crash", f"{type(exc).__name__}: {exc}", True
                     what = f"seed {seed}, input {i}, preempt {'on' if preempt else 'off'}, " \
                         f"{damage}"  # fmt: skip
                     if hit or outcome in ("hang", "crash", "wrong"):
