@@ -70,7 +70,7 @@ class Tally:
     wrong: int = 0
     hangs: int = 0
     crashes: int = 0
-    examples: list[str] = field(default_factory=list)  # the first wrong loads (replayable)
+    examples: list[str] = field(default_factory=list)  # the first bad outcomes (replayable)
     # live post-copy only (``livemig.testing.integrity_postcopy``): paused, recovered, identical;
     # failed after the switch-over with the incomplete guest stopped (lost, never run wrong)
     recovered: int = 0
@@ -81,7 +81,7 @@ class Tally:
         self.inputs += 1
         field_ = {"hang": "hangs", "crash": "crashes"}.get(outcome, outcome)
         setattr(self, field_, getattr(self, field_) + 1)
-        if outcome in ("wrong", "hang", "crash") and len(self.examples) < 5:
+        if outcome in ("wrong", "hang", "crash", "stopped") and len(self.examples) < 5:
             self.examples.append(what)
 
 

@@ -35,7 +35,10 @@ installed and the reader woken. Reads change nothing. So when the destination sa
 ``completed``, its RAM must equal the source's final RAM byte for byte (XXH3-128 per RAM
 block), and any difference is memory the guest would have run on (the guest is started by
 ``cont`` at that point). While pages are still missing nothing reads guest RAM from Python
-(the GIL rule of ``livemig.memtrack.uffd``).
+(the GIL rule of ``livemig.memtrack.uffd``). Not compared here: the vCPU and device state
+(the post-copy package is one checksummed unit, checked before RUN; ``x-verify-state`` and
+``livemig bench exact`` cover a guest going on exactly), and the timing of a real guest's
+faults (its writes to a page once installed change nothing about which bytes were installed).
 
 Outcome per input (``Tally``):
 
