@@ -144,10 +144,12 @@ def test_postcopy_with_checksums(memstress: GuestImage, tmp_path: Path) -> None:
 @pytest.mark.timeout(240)
 def test_bounded_corruptions_never_load_wrong_ram_with_checksums() -> None:
     """The figures of ``livemig bench faults --corruptions`` on a small scale: with checksums
-    on, no corrupted stream of any kind loads with RAM other than the source's."""
-    from livemig.testing.integrity import run_corruptions
+    on, no corrupted stream of any recorded kind loads with RAM other than the source's (the
+    live post-copy kind: ``test_postcopy_corruptions``)."""
+    from livemig.testing.integrity import RECORDED, run_corruptions
 
-    tallies = run_corruptions(12, seed=5)
+    tallies = run_corruptions(12, seed=5, kinds=RECORDED)
+    assert set(tallies) == {"plain", "mapped-ram", "multifd", "xbzrle"}
     for kind, by in tallies.items():
         on, off = by["on"], by["off"]
         assert on.inputs == off.inputs == 12

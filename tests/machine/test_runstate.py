@@ -27,6 +27,7 @@ def test_names_are_qemus() -> None:
         ("inmigrate", "running"),
         ("inmigrate", "paused"),
         ("running", "shutdown"),
+        ("paused", "internal-error"),  # a paused post-copy destination whose migration failed
     ],
 )
 def test_legal_moves(old: str, new: str) -> None:

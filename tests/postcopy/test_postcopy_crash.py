@@ -3,6 +3,8 @@ guest runs on memory it does not have."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from livemig.machine.runstate import RunState
@@ -56,3 +58,39 @@ def test_source_return_path_crash_pauses_with_its_cause(pair, monkeypatch) -> No
     assert "return path: internal error" in q["error-desc"] and "injected bug" in q["error-desc"]
     assert p.wait("dst", {"postcopy-paused"}, timeout=20) == "postcopy-paused"
     assert p.src.runstate != RunState.RUNNING
+
+
+def test_destination_refusing_before_the_package_gets_the_guest_back(pair, monkeypatch) -> None:
+    """The destination refuses the stream before the post-copy package (damaged bytes, say) and
+    closes the link, so the package is what fails to go: the destination said the guest never
+    ran there (XError), so the source runs it again. It was left stopped (finish-migrate) with
+    every page still here: found by ``bench faults --corruptions`` (post-copy, checksums off)."""
+    from livemig.errors import StreamError
+
+    def refuse(self: PostcopyIncoming, ev: object, dec: object) -> None:
+        raise StreamError("injected: a damaged discard command")
+
+    real_package = PostcopySource._package
+
+    def package(self: PostcopySource) -> bytes:
+        out = real_package(self)
+        mig = self.mig
+        for _ in range(1000):  # the refusal is in: the link is closed under the package
+            if mig._rp_reason is not None:
+                break
+            time.sleep(0.01)
+        mig.channel.shutdown()
+        return out
+
+    monkeypatch.setattr(PostcopyIncoming, "_discard", refuse)
+    monkeypatch.setattr(PostcopySource, "_package", package)
+    p = pair(ram=32 << 20, append="ws=8M rate=20000", smp=1)
+    _postcopy(p)
+    assert p.wait("dst", {"failed"}, timeout=20) == "failed"
+    assert p.wait("src", {"failed", "postcopy-paused", "completed"}, timeout=20) == "failed"
+    assert "injected" in p.sm.query_migrate()["error-desc"]
+    deadline = time.monotonic() + 10
+    while p.src.runstate != RunState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert p.src.runstate == RunState.RUNNING
+    assert p.dst.runstate != RunState.RUNNING

@@ -42,10 +42,14 @@ hangs, oversized allocations and loads with the wrong RAM (every input that load
 with the source's RAM), and the guests lost (0 wherever the source is alive).
 
 ``--corruptions N`` (``livemig.testing.integrity``): N random corruptions (a bit flipped, a
-4 KiB block zeroed, the stream cut) of each of a plain, a mapped-ram and a multifd stream,
-recorded with livemig's checksums on and again off; every input that loads has its RAM
-compared with the source's. With checksums on a load with the wrong RAM fails the benchmark;
-off, the count is there for the record.
+4 KiB block zeroed, the stream cut) of each of a plain, a mapped-ram, a multifd and an xbzrle
+stream, recorded with livemig's checksums on and again off; every input that loads has its RAM
+compared with the source's. Then ``--postcopy-corruptions`` (default N/10, at least 20) live
+post-copy migrations, each damaged once in transit on its main or preempt channel
+(``livemig.testing.integrity_postcopy``): refused before the switch-over, completed, paused
+and recovered, or stopped after it; every one that completes has its RAM compared with the
+source's. With checksums on a load with the wrong RAM fails the benchmark; off, the count is
+there for the record.
 
 Last, a short exact-resume soak (``livemig bench exact``): the compute guest through stop/cont
 cycles and one migration of every kind, checked against its host-side reference at every stop.
@@ -669,9 +673,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--only", metavar="FAULT[:PHASE]", action="append", default=[],
                    help="run only these scenarios (e.g. disk-full, kill-source:precopy)")  # fmt: skip
     p.add_argument("--corruptions", type=int, default=1000, metavar="N",
-                   help="random corruptions of each stream kind (plain, mapped-ram, multifd), "
-                   "checksums on and off, each load's RAM compared with the source's "
-                   "(default 1000; 0: none)")  # fmt: skip
+                   help="random corruptions of each recorded stream kind (plain, mapped-ram, "
+                   "multifd, xbzrle), checksums on and off, each load's RAM compared with the "
+                   "source's (default 1000; 0: none, post-copy included)")  # fmt: skip
+    p.add_argument("--postcopy-corruptions", type=int, default=None, metavar="M",
+                   help="live post-copy migrations damaged in transit, checksums on and off "
+                   "(about 1 s each; default N/10, at least 20 and at most N; 0: none)")  # fmt: skip
     p.add_argument("--no-faults", action="store_true", help="fuzz only")
     p.add_argument(
         "--exact-cycles",
@@ -719,7 +726,8 @@ def main(args: argparse.Namespace) -> int:
     if args.fuzz_seconds > 0:
         with tempfile.TemporaryDirectory(prefix="livemig-fuzz-") as d:
             fuzz = run_fuzz(default_corpus(d), seconds=args.fuzz_seconds, seed=args.seed)
-    corruptions = _corruptions(args.corruptions, args.seed) if args.corruptions > 0 else None
+    corruptions = _corruptions(args.corruptions, args.seed, args.postcopy_corruptions) \
+        if args.corruptions > 0 else None  # fmt: skip
     figures = _figures(results, fuzz, corruptions)
     if args.exact_cycles or args.exact_migrations:
         from livemig.bench.exact import run_soaks
@@ -739,15 +747,17 @@ def main(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _corruptions(count: int, seed: int) -> dict[str, Any]:
+def _corruptions(count: int, seed: int, postcopy: int | None = None) -> dict[str, Any]:
     from livemig.testing.integrity import run_corruptions
 
     def progress(kind: str, checksums: bool, t: Any) -> None:
+        live = f", {t.recovered} paused and recovered, {t.stopped} stopped" \
+            if kind == "postcopy" else ""  # fmt: skip
         print(f"  corruptions {kind:10} checksums {'on ' if checksums else 'off'} {t.inputs} "
-              f"inputs: {t.refused} refused, {t.identical} loaded identical, {t.wrong} loaded "
-              f"WRONG", file=sys.stderr, flush=True)  # fmt: skip
+              f"inputs: {t.refused} refused, {t.identical} loaded identical{live}, {t.wrong} "
+              f"loaded WRONG", file=sys.stderr, flush=True)  # fmt: skip
 
-    tallies = run_corruptions(count, seed=seed, progress=progress)
+    tallies = run_corruptions(count, seed=seed, progress=progress, postcopy=postcopy)
     return {kind: {k: asdict(t) for k, t in by.items()} for kind, by in tallies.items()}
 
 
@@ -821,8 +831,28 @@ def _table(f: dict[str, Any]) -> None:
                     "loaded WRONG", "hangs", "crashes"):  # fmt: skip
             ct.add_column(col, justify="left" if col in ("stream", "checksums") else "right")
         for kind, by in c.items():
+            if kind == "postcopy":
+                continue
             for on in ("on", "off"):
                 t = by[on]
                 ct.add_row(kind, on, *(str(t[k]) for k in ("inputs", "refused", "identical",
                                                             "wrong", "hangs", "crashes")))  # fmt: skip
         console.print(ct)
+    pc = (c or {}).get("postcopy")
+    if pc:
+        pt = Table(title="live post-copy migrations damaged in transit (destination RAM at the "
+                   "end compared with the source's)")  # fmt: skip
+        cols = (("checksums", ""), ("inputs", "inputs"), ("refused before switch-over", "refused"),
+                ("completed identical", "identical"),
+                ("paused, recovered identical", "recovered"),
+                ("stopped (guest lost, never ran)", "stopped"), ("completed WRONG", "wrong"),
+                ("hangs", "hangs"), ("crashes", "crashes"))  # fmt: skip
+        for col, _ in cols:
+            pt.add_column(col, justify="left" if col == "checksums" else "right")
+        for on in ("on", "off"):
+            t = pc[on]
+            pt.add_row(on, *(str(t[k]) for _, k in cols[1:]))
+        console.print(pt)
+        for on in ("on", "off"):
+            for e in pc[on]["examples"][:3]:
+                console.print(f"post-copy, checksums {on}: {e}")

@@ -66,6 +66,10 @@ TRANSITIONS: frozenset[tuple[RunState, RunState]] = frozenset(
         (_R.PAUSED, _R.POSTMIGRATE),
         (_R.PAUSED, _R.PRELAUNCH),
         (_R.PAUSED, _R.SHUTDOWN),
+        # not QEMU's: a post-copy destination started paused (-S) whose migration fails holds
+        # an incomplete guest; QEMU's ends the process, livemig's stops that guest for good
+        # (as it does a running one) so that no ``cont`` runs it on zero-filled pages
+        (_R.PAUSED, _R.INTERNAL_ERROR),
         (_R.FINISH_MIGRATE, _R.RUNNING),
         (_R.FINISH_MIGRATE, _R.PAUSED),
         (_R.FINISH_MIGRATE, _R.POSTMIGRATE),

@@ -228,6 +228,8 @@ class PostcopyIncoming:
         self._crash: str | None = None  # a helper thread's internal error: the migration fails
         self._held: list[Any] = []  # x-checksums: pages of a PART waiting for its checksum
         self._corrupt: str | None = None  # a checksum failed on the preempt channel
+        self._preempt_lost: str | None = None  # the preempt channel broke (a link failure)
+        self._fatal: str | None = None  # unchecked garbage on the preempt channel
         self._must_check = False
 
     # -- events of the main stream -------------------------------------------------------------
@@ -610,20 +612,36 @@ class PostcopyIncoming:
                 self._pump(ch, dec)
                 self._complete()
                 return
-            except (ChannelError, OSError, CK.ChecksumError) as exc:
+            except (ChannelError, OSError, StreamError) as exc:
                 if inc._cancel.is_set():
                     raise
                 if self._crash is not None:
                     raise MigrationError(self._crash) from None
+                if self._fatal is not None:
+                    raise MigrationError(self._fatal) from None
+                if isinstance(exc, StreamError) and not isinstance(exc, CK.ChecksumError) \
+                        and not inc.checked:  # fmt: skip
+                    # unchecked bytes that do not parse: what came before them may be damaged
+                    # too and may be in the guest already; no recovery can vouch for it
+                    raise
                 reason = str(exc) or type(exc).__name__
                 if isinstance(exc, CK.ChecksumError) or self._corrupt is not None:
                     # a page damaged on the way never reaches the guest: like a broken link,
                     # the source sends it again after a recovery (its bitmap says so)
                     reason = f"a checksum failed, the link is dropped: {self._corrupt or reason}"
-                    self._corrupt = None
                     self._paused(reason)
+                elif isinstance(exc, StreamError):
+                    # Damaged bytes that do not even parse (a zeroed record header, say). The
+                    # stream is checksummed: every page and device state that reached the
+                    # guest was checked, the damaged unit's pages were held and are dropped,
+                    # so this is a broken link like any other and a recovery re-sends what is
+                    # missing. Failing instead lost the guest (the source no longer runs it).
+                    self._paused(f"the stream is damaged, the link is dropped: {reason}")
+                elif self._preempt_lost is not None:
+                    self._paused(f"source connection lost: {self._preempt_lost}")
                 else:
                     self._paused(f"source connection lost: {reason}")
+                self._corrupt = self._preempt_lost = None
                 ch, dec = self._wait_recovery(dec)
 
     def _pump(self, ch: Channel, dec: Decoder) -> None:
@@ -824,10 +842,12 @@ class PostcopyIncoming:
         buf = bytearray(1 << 16)
         view = memoryview(buf)
         ch.timeout = None
+        ended: str | None = None
         try:
             while not parser.eos:
                 n = ch.recv_into(view, hold_gil=True)
                 if n == 0:
+                    ended = "the source closed the preempt channel before its end"
                     break
                 self._last_rx = time.monotonic()
                 for block, offset, page in parser.feed(view[:n]):
@@ -845,18 +865,41 @@ class PostcopyIncoming:
         except CK.ChecksumError as exc:
             if not self._stop.is_set():
                 self._corrupt = str(exc)  # the listen loop pauses with this reason
-                main = self.inc.channel
-                if main is not None:
-                    main.shutdown()
-        except (ChannelError, StreamError, OSError, MigrationError) as exc:
+                self._wake_listen_loop()
+        except StreamError as exc:
             if not self._stop.is_set():
-                log.info("preempt channel ended: %s", exc)
+                why = str(exc) if str(exc).startswith("preempt") else f"preempt channel: {exc}"
+                if checks is not None:
+                    # damaged, and nothing of it was installed unchecked: a broken link
+                    self._corrupt = why
+                else:
+                    # unchecked garbage: pages parsed before it may be in the guest already
+                    self._fatal = why
+                self._wake_listen_loop()
+        except (ChannelError, OSError, MigrationError) as exc:
+            ended = str(exc) or type(exc).__name__
         except BaseException as exc:
             if not self._stop.is_set():
                 self._crashed("preempt thread", exc)
         finally:
             if parser.eos:
                 self._preempt_eos.set()
+        if ended is not None and not self._stop.is_set():
+            log.info("preempt channel ended: %s", ended)
+            # Requested pages come this way: without it the guest would wait for them until
+            # the main channel ends, and then fail with pages missing. A preempt channel
+            # that breaks is the link breaking: pause, as for the main channel (unless the
+            # listen loop already did: then this channel was closed on purpose).
+            if ch is self._preempt_ch and \
+                    self.inc.state.status == MigrationStatus.POSTCOPY_ACTIVE:  # fmt: skip
+                self._preempt_lost = f"preempt channel: {ended}"
+                self._wake_listen_loop()
+
+    def _wake_listen_loop(self) -> None:
+        """The listen loop reads the main channel: shut it so that it sees the reason set."""
+        main = self.inc.channel
+        if main is not None:
+            main.shutdown()
 
     def _check_preempt_page(self, block: str, offset: int) -> None:
         b = self.blocks.get(block)
@@ -959,6 +1002,7 @@ class PostcopyIncoming:
             # x-checksums: pages held for a checksum that never came are still needed (the
             # source sends them again after RECV_BITMAP)
             self._held, self._must_check = [], False
+            self._corrupt = self._preempt_lost = None  # about the link that broke
             inc.checks.unit = CK.Unit()
             return ch, dec
 

@@ -510,7 +510,14 @@ class PostcopySource:
         package = self._package()
         # From here the destination may run the guest: this side must never restart it.
         mig._stopped_guest = False
-        mig._send([*enc.send(E.Packaged(package)), *enc.send(E.Ping(4))], "downtime")
+        try:
+            mig._send([*enc.send(E.Packaged(package)), *enc.send(E.Ping(4))], "downtime")
+        except (ChannelError, OSError, MigrationError):
+            # unless it said it never did: a destination that refused the pre-copy stream
+            # closes the link, so the package is what fails to go; the guest was left stopped
+            if not mig._cancel.is_set():
+                self._refused_before_run()
+            raise
         mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
         if preempt_ready is not None:
             preempt_ready()  # the destination accepts it at POSTCOPY_LISTEN

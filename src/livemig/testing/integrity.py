@@ -2,13 +2,19 @@
 
 Theory of operation. ``record`` migrates a running memstress guest (1 vCPU, a few passes: the
 guest keeps writing, so pages go more than once and some are left to a later pass) in one of
-three ways, with livemig's checksums (``x-checksums``) on or off, and keeps the bytes plus the
+four ways, with livemig's checksums (``x-checksums``) on or off, and keeps the bytes plus the
 XXH3-128 of every RAM block the source had at the end:
 
 * ``plain``: ``exec:cat > FILE``, one main stream;
 * ``mapped-ram``: ``file:`` with capability mapped-ram (a page per fixed file offset);
 * ``multifd``: two multifd channels and main, each connection's bytes recorded by a listener
-  that only reads (no return path), so the streams can be sent again to a destination.
+  that only reads (no return path), so the streams can be sent again to a destination;
+* ``xbzrle``: as ``plain`` with capability xbzrle: the later passes send most pages as XBZRLE
+  deltas against the page sent before (memstress changes one word of a page per pass); the
+  recording is refused unless the decoder finds XBZRLE records in it.
+
+Kind ``postcopy`` cannot be recorded (the destination asks for pages): each of its inputs is
+a live migration damaged in transit, see ``livemig.testing.integrity_postcopy``.
 
 ``corrupt`` damages a stream once, the way a disk or a link does: one bit flipped, a 4 KiB
 block zeroed (at a 4 KiB boundary), or the stream cut short, anywhere with equal chance (for
@@ -37,7 +43,9 @@ import xxhash
 
 from livemig.errors import LivemigError
 
-KINDS = ("plain", "mapped-ram", "multifd")
+RECORDED = ("plain", "mapped-ram", "multifd", "xbzrle")  # recorded once, corrupted, replayed
+# live post-copy migrations, each damaged in transit (``livemig.testing.integrity_postcopy``)
+KINDS = (*RECORDED, "postcopy")
 MEMORY = "8M"
 CHANNELS = 2
 PAGE = 4096
@@ -62,7 +70,19 @@ class Tally:
     wrong: int = 0
     hangs: int = 0
     crashes: int = 0
-    examples: list[str] = field(default_factory=list)  # the first wrong loads (replayable)
+    examples: list[str] = field(default_factory=list)  # the first bad outcomes (replayable)
+    # live post-copy only (``livemig.testing.integrity_postcopy``): paused, recovered, identical;
+    # failed after the switch-over with the incomplete guest stopped (lost, never run wrong)
+    recovered: int = 0
+    stopped: int = 0
+
+    def count(self, outcome: str, what: str) -> None:
+        """One input's outcome; ``what`` (how to replay it, why) kept for the first bad ones."""
+        self.inputs += 1
+        field_ = {"hang": "hangs", "crash": "crashes"}.get(outcome, outcome)
+        setattr(self, field_, getattr(self, field_) + 1)
+        if outcome in ("wrong", "hang", "crash", "stopped") and len(self.examples) < 5:
+            self.examples.append(what)
 
 
 def ram_digests(blocks: list[Any]) -> dict[str, str]:
@@ -132,7 +152,8 @@ def record(kind: str, checksums: bool, workdir: str | os.PathLike[str]) -> Recor
         mgr = MigrationManager(machine)
         caps = {"x-checksums": checksums}
         params: dict[str, Any] = {"downtime-limit": 0, "max-bandwidth": 8 << 20}
-        if kind == "plain":
+        if kind in ("plain", "xbzrle"):
+            caps["xbzrle"] = kind == "xbzrle"
             uri = f"exec:cat > {d / 'plain.mig'}"
         elif kind == "mapped-ram":
             caps["mapped-ram"] = True
@@ -165,8 +186,11 @@ def record(kind: str, checksums: bool, workdir: str | os.PathLike[str]) -> Recor
         ram = ram_digests(machine.ram_blocks)
     finally:
         machine.close()
-    if kind == "plain":
+    if kind in ("plain", "xbzrle"):
         streams = [(d / "plain.mig").read_bytes()]
+        if kind == "xbzrle" and not xbzrle_records(streams[0]):
+            raise LivemigError("the xbzrle recording holds no XBZRLE record: the later passes "
+                               "sent every page whole, there is nothing of xbzrle to corrupt")  # fmt: skip
     elif kind == "mapped-ram":
         streams = [(d / "mapped.mig").read_bytes()]
     else:
@@ -175,6 +199,17 @@ def record(kind: str, checksums: bool, workdir: str | os.PathLike[str]) -> Recor
         if len(streams) != 1 + CHANNELS:
             raise LivemigError(f"recorded {len(streams)} connections, expected {1 + CHANNELS}")
     return Recording(kind, checksums, streams, ram)
+
+
+def xbzrle_records(stream: bytes) -> int:
+    """How many XBZRLE records a main stream holds (decoded, not guessed from bytes)."""
+    from livemig.wire import Decoder, find_vmdesc
+    from livemig.wire import events as E
+
+    dec = Decoder(vmdesc=find_vmdesc(stream))
+    dec.receive_data(stream)
+    dec.receive_data(b"")
+    return sum(isinstance(ev, E.RamXbzrlePage) for ev in iter(dec.next_event, E.NEED_DATA))
 
 
 # -- corruption --------------------------------------------------------------------------------
@@ -228,7 +263,7 @@ def load(rec: Recording, streams: list[bytes], timeout: float = 10.0) -> tuple[s
         state = MigrationState("destination")
         done = threading.Event()
         caps = {"x-checksums"} if rec.checksums else set()
-        if rec.kind == "plain":
+        if rec.kind in ("plain", "xbzrle"):
             a, b = socket.socketpair()
             socks.append(a)
             uri = f"fd:{b.fileno()}"
@@ -245,10 +280,10 @@ def load(rec: Recording, streams: list[bytes], timeout: float = 10.0) -> tuple[s
         inc = IncomingMigration(machine, uri, state, params.query(), autostart=False,
                                 on_done=lambda ok: done.set())  # fmt: skip
         inc.capabilities = frozenset(caps)
-        if rec.kind == "plain":
+        if rec.kind in ("plain", "xbzrle"):
             b.detach()  # the channel owns the fd now
         inc.start()
-        if rec.kind == "plain":
+        if rec.kind in ("plain", "xbzrle"):
             feeders.append(_feeder(socks[0], streams[0], timeout))
         elif rec.kind == "multifd":
             for data in streams:
@@ -298,13 +333,28 @@ def _feeder(sock: socket.socket, data: bytes, timeout: float) -> threading.Threa
     return t
 
 
+def postcopy_count(count: int) -> int:
+    """Live post-copy inputs for ``count`` of each recorded kind: each is a whole migration
+    (about a second), so a tenth of them, at least 20 (never more than ``count``)."""
+    return min(count, max(20, count // 10))
+
+
 def run_corruptions(count: int, *, seed: int = 0, kinds: tuple[str, ...] = KINDS,
-                    workdir: str | None = None,
-                    progress: Any = None) -> dict[str, dict[str, Tally]]:  # fmt: skip
-    """``count`` corruptions of each kind of stream, checksums on and off: the tallies."""
+                    workdir: str | None = None, progress: Any = None,
+                    postcopy: int | None = None) -> dict[str, dict[str, Tally]]:  # fmt: skip
+    """``count`` corruptions of each kind of stream, checksums on and off: the tallies.
+    Kind ``postcopy`` gets ``postcopy`` inputs (default ``postcopy_count(count)``)."""
     out: dict[str, dict[str, Tally]] = {}
     with tempfile.TemporaryDirectory(prefix="livemig-integrity-", dir=workdir) as d:
         for kind in kinds:
+            if kind == "postcopy":
+                from livemig.testing.integrity_postcopy import run_postcopy_corruptions
+
+                n = postcopy_count(count) if postcopy is None else postcopy
+                if n > 0:
+                    out[kind] = run_postcopy_corruptions(n, seed=seed, workdir=d,
+                                                         progress=progress)  # fmt: skip
+                continue
             for checksums in (True, False):
                 sub = Path(d) / f"{kind}-{'on' if checksums else 'off'}"
                 sub.mkdir()
@@ -318,21 +368,7 @@ def run_corruptions(count: int, *, seed: int = 0, kinds: tuple[str, ...] = KINDS
                     rng = random.Random(seed * 1_000_003 + i)
                     streams, what = corrupt(rec.streams, rng)
                     outcome, detail = load(rec, streams)
-                    tally.inputs += 1
-                    if outcome == "identical":
-                        tally.identical += 1
-                    elif outcome == "wrong":
-                        tally.wrong += 1
-                        if len(tally.examples) < 5:
-                            tally.examples.append(f"seed {seed}, input {i}: {what}: {detail}")
-                    elif outcome == "refused":
-                        tally.refused += 1
-                    elif outcome == "hang":
-                        tally.hangs += 1
-                    else:
-                        tally.crashes += 1
-                        if len(tally.examples) < 5:
-                            tally.examples.append(f"seed {seed}, input {i}: {what}: {detail}")
+                    tally.count(outcome, f"seed {seed}, input {i}: {what}: {detail}")
                 out.setdefault(kind, {})["on" if checksums else "off"] = tally
                 if progress is not None:
                     progress(kind, checksums, tally)
