@@ -14,12 +14,12 @@ from typing import Any
 
 import pytest
 
-from livemig.cli.analyze import analyze, dump_ram
 from livemig.errors import StreamError
 from livemig.guests import GuestImage, build_guest
 from livemig.machine import Machine, RAMBlockSpec
 from livemig.migration.manager import MigrationManager
 from livemig.savevm import checksum as CK
+from livemig.streams.analyze import analyze, dump_ram
 
 RAM = 16 << 20
 

@@ -304,8 +304,8 @@ def _checksum_capability(args: argparse.Namespace, caps: dict[str, bool], qmp: A
 
 def _verify_file(path: str, offset: int = 0) -> tuple[bool, str]:
     """Read back a file the migration wrote: its checksums and RAM digests (analyze)."""
-    from livemig.cli.analyze import analyze
     from livemig.errors import StreamError
+    from livemig.streams.analyze import analyze
 
     try:
         with open(path, "rb") as f:

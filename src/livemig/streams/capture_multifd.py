@@ -1,4 +1,4 @@
-"""The multifd side of ``livemig capture``: pages from the multifd channels, written into the
+"""The multifd side of a capture (``capture``): pages from the multifd channels, written into the
 captured stream as page records, so that the file holds the guest's whole RAM.
 
 With multifd, QEMU sends normal pages only on the multifd channels; main keeps the section
