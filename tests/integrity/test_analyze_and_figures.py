@@ -19,7 +19,8 @@ from livemig.guests import GuestImage, build_guest
 from livemig.machine import Machine, RAMBlockSpec
 from livemig.migration.manager import MigrationManager
 from livemig.savevm import checksum as CK
-from livemig.streams.analyze import analyze, dump_ram
+from livemig.streams import analyze_stream as analyze
+from livemig.streams import dump_ram
 
 RAM = 16 << 20
 

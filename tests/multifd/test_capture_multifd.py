@@ -17,7 +17,7 @@ import pytest
 
 from livemig.guests.memstress import check_invariant
 from livemig.migration.manager import MigrationManager
-from livemig.streams.analyze import analyze
+from livemig.streams import analyze_stream as analyze
 from livemig.testing.procs import wait_until
 
 from .conftest import FINAL, MakePair, Pair

@@ -16,11 +16,9 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from livemig.errors import UsageError
-from livemig.streams.analyze import analyze, dump_ram
+from livemig.streams.analyze import analyze_stream, dump_ram, read_stream
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,18 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.file == "-":
-        data = sys.stdin.buffer.read()
-    else:
-        try:
-            data = Path(args.file).read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
-    result = analyze(data, keep_ram=bool(args.dump_ram), verify=args.verify)
+    data = sys.stdin.buffer.read() if args.file == "-" else read_stream(args.file)
+    result = analyze_stream(data, keep_ram=bool(args.dump_ram), verify=args.verify)
     report = result.report()
     if args.dump_ram:
         report["dump_ram"] = dump_ram(result, args.dump_ram)
-    if args.verify:
+    if result.verifier is not None:
         report["verify"] = result.verifier.report
     try:
         if args.json:

@@ -10,16 +10,8 @@ multifd channels and writes their pages into OUT, so that OUT is a one-channel s
 from __future__ import annotations
 
 import argparse
-import uuid
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from livemig.errors import LivemigError, UsageError
-from livemig.streams.capture import _stray_multifd, check_uri, listen, receive
-from livemig.transport import ChannelError, ChannelTimeout
-
-if TYPE_CHECKING:
-    from livemig.streams.capture_multifd import MultifdCapture
+from livemig.streams.capture import ZERO_UUID, capture_stream
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +36,7 @@ def add_multifd_arguments(parser: argparse.ArgumentParser, multifd: str, uuid_: 
     parser.add_argument("--multifd", type=int, metavar="N", default=0, help=multifd)
     parser.add_argument("--multifd-compression", choices=("none", "zlib", "zstd"),
                         default="none", help="multifd-compression, as the other side's")  # fmt: skip
-    parser.add_argument("--uuid", default=str(uuid.UUID(int=0)),
+    parser.add_argument("--uuid", default=ZERO_UUID,
                         help=f"{uuid_}; default all zero")  # fmt: skip
     parser.add_argument("--tls-creds", metavar="DIR", default="",
                         help="TLS on every channel with a QEMU tls-creds-x509 directory (ca-cert, "
@@ -54,57 +46,15 @@ def add_multifd_arguments(parser: argparse.ArgumentParser, multifd: str, uuid_: 
                              "host)")  # fmt: skip
 
 
-def check_arguments(args: argparse.Namespace, uri: str) -> bytes:
-    """Refuse a bad ``--multifd``, ``--uuid`` or URI before anything starts; the UUID's bytes."""
-    if args.multifd < 0 or args.multifd > 255:
-        raise UsageError(f"--multifd {args.multifd}: multifd-channels is 1..255")
-    check_uri(uri)
-    try:
-        return uuid.UUID(args.uuid).bytes
-    except ValueError:
-        raise UsageError(f"--uuid {args.uuid!r} is not a UUID") from None
-
-
 def run(args: argparse.Namespace) -> int:
-    src_uuid = check_arguments(args, args.uri)
-    listener = listen(args.uri, args.timeout, args.tls_creds)
-    multifd: MultifdCapture | None = None
-    try:
-        try:
-            if args.multifd:
-                from livemig.migration.multifd import accept_channels
-                from livemig.streams.capture_multifd import MultifdCapture
-
-                main, chans = accept_channels(lambda t: listener.accept(timeout=t),
-                                              args.multifd, src_uuid, args.timeout)  # fmt: skip
-                multifd = MultifdCapture(chans, args.multifd_compression, args.timeout, main)
-            else:
-                main = listener.accept(timeout=args.timeout)
-        except ChannelTimeout:
-            raise LivemigError(
-                f"no migration connected to {args.uri} in {args.timeout} s"
-            ) from None
-        with main:
-            try:
-                cap = receive(main, args.timeout, multifd,
-                              None if multifd else lambda: _stray_multifd(listener),
-                              switchover_ack=args.switchover_ack)  # fmt: skip
-            except ChannelError:
-                # a failed multifd channel shuts main down, under a read or a reply: say why
-                if multifd is not None:
-                    multifd.check()
-                raise
-    finally:
-        if multifd is not None:
-            multifd.close(completed=False)
-        listener.close()
-    out = cap.stream()
-    Path(args.out).write_bytes(out)
+    result = capture_stream(args.uri, args.out, timeout=args.timeout, multifd=args.multifd,
+                            multifd_compression=args.multifd_compression, uuid=args.uuid,
+                            tls_creds=args.tls_creds, switchover_ack=args.switchover_ack)  # fmt: skip
     extra = ""
-    if multifd is not None:
-        zero = multifd.zero_pages
+    if result.channels:
+        zero = result.zero_pages
         zeros = f" and {zero} zero pages" if zero else ""  # QEMU 9.0+: zero-page-detection
-        extra = (f" ({multifd.pages} pages{zeros} from {args.multifd} multifd channels, "
-                 f"{multifd.syncs} sync points)")  # fmt: skip
-    print(f"captured {len(out)} bytes into {args.out}{extra}")
+        extra = (f" ({result.pages} pages{zeros} from {result.channels} multifd channels, "
+                 f"{result.syncs} sync points)")  # fmt: skip
+    print(f"captured {len(result.stream)} bytes into {args.out}{extra}")
     return 0

@@ -304,18 +304,14 @@ def _checksum_capability(args: argparse.Namespace, caps: dict[str, bool], qmp: A
 
 def _verify_file(path: str, offset: int = 0) -> tuple[bool, str]:
     """Read back a file the migration wrote: its checksums and RAM digests (analyze)."""
-    from livemig.errors import StreamError
-    from livemig.streams.analyze import analyze
+    from livemig.errors import MigrationError, StreamError
+    from livemig.streams import verify_file
 
     try:
-        with open(path, "rb") as f:
-            f.seek(offset)
-            data = f.read()
-        result = analyze(data, verify=True)
-    except OSError as exc:
-        return False, f"NO: cannot read {path} back: {exc.strerror}"
-    except StreamError as exc:
+        result = verify_file(path, offset)
+    except (MigrationError, StreamError) as exc:
         return False, f"NO: {exc}"
+    assert result.verifier is not None
     rep = result.verifier.report
     text = f"yes, {rep['checksum-units']} checksums of the file match"
     if "ram-digests" in rep:

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from livemig.errors import StreamError
+from livemig.errors import MigrationError, StreamError, UsageError
 from livemig.wire import events as E
 from livemig.wire import xbzrle
 from livemig.wire.decoder import Decoder, UnknownLayoutError
@@ -81,7 +82,7 @@ class Analysis:
         self.written: dict[str, np.ndarray] = {}
         self.skipped: dict[str, str] = {}
         self.checks: Any = None  # StreamChecks with --verify
-        self.verifier: Any = None
+        self.verifier: StreamVerifier | None = None  # with verify
         self.page_size = page_size
         self.header: dict[str, Any] = {}
         self.blocks: list[dict[str, Any]] = []
@@ -307,8 +308,8 @@ def _events(decoder: Decoder) -> Iterator[tuple[E.Event, int]]:
         yield ev, decoder.offset - before  # type: ignore[misc]
 
 
-def analyze(data: bytes, keep_ram: bool = False, verify: bool = False) -> Analysis:
-    """Decode a whole stream; raises ``StreamError`` naming the offset of any problem. With
+def analyze_stream(data: bytes, keep_ram: bool = False, verify: bool = False) -> Analysis:
+    """Decode a whole stream (``livemig analyze``); raises ``StreamError`` naming the offset of any problem. With
     ``verify`` (which keeps the RAM) its checksums and RAM digests are checked too."""
     vmdesc = find_vmdesc(data)
     result = Analysis(keep_ram or verify, data=data)
@@ -320,7 +321,7 @@ def analyze(data: bytes, keep_ram: bool = False, verify: bool = False) -> Analys
     _consume(decoder, result, vmdesc)
     if not decoder.finished:
         raise StreamError("stream did not end cleanly", decoder.offset)
-    if verify:
+    if result.verifier is not None:
         result.verifier.finish(decoder.offset)
     return result
 
@@ -441,7 +442,33 @@ def _consume(decoder: Decoder, result: Analysis, vmdesc: dict[str, Any] | None) 
                                          "reason": str(exc)})  # fmt: skip
 
 
-def dump_ram(result: Analysis, directory: str) -> list[dict[str, Any]]:
+def read_stream(path: str | PathLike[str], offset: int = 0) -> bytes:
+    """A stream file's bytes from ``offset`` on; ``UsageError`` when it cannot be read."""
+    try:
+        return _read(path, offset)
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from exc
+
+
+def verify_file(path: str | PathLike[str], offset: int = 0) -> Analysis:
+    """Read back a stream file a migration wrote (from ``offset``, a ``file:`` URI's) and check
+    its checksums and RAM digests as a destination would: ``analyze_stream(verify=True)``;
+    ``result.verifier.report`` says what was checked. Raises ``StreamError``
+    (``ChecksumError``) when it does not verify, ``MigrationError`` when it cannot be read."""
+    try:
+        data = _read(path, offset)
+    except OSError as exc:
+        raise MigrationError(f"cannot read {path} back: {exc.strerror}") from exc
+    return analyze_stream(data, verify=True)
+
+
+def _read(path: str | PathLike[str], offset: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read()
+
+
+def dump_ram(result: Analysis, directory: str | PathLike[str]) -> list[dict[str, Any]]:
     """Write each RAM block the stream holds; what was written, page counts by origin."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)

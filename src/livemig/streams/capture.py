@@ -28,11 +28,16 @@ one-channel stream.
 
 from __future__ import annotations
 
+import dataclasses
 import time
+import uuid
 from collections.abc import Callable
+from os import PathLike
+from pathlib import Path
+from types import TracebackType
 from typing import TYPE_CHECKING
 
-from livemig.errors import LivemigError, StreamError, UsageError
+from livemig.errors import MigrationError, StreamError, UsageError
 from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener, parse_uri
 from livemig.transport.tls import load_creds
 from livemig.wire import events as E
@@ -42,6 +47,23 @@ from livemig.wire.vmdesc import find_vmdesc
 
 if TYPE_CHECKING:
     from livemig.streams.capture_multifd import MultifdCapture
+
+
+ZERO_UUID = str(uuid.UUID(int=0))  # QEMU's -uuid default: what its multifd channels carry
+
+
+def check_channels(n: int) -> None:
+    """Refuse a multifd channel count QEMU would not have (0: no multifd)."""
+    if n < 0 or n > 255:
+        raise UsageError(f"--multifd {n}: multifd-channels is 1..255")
+
+
+def parse_uuid(text: str) -> bytes:
+    """A VM UUID as text (a source's ``-uuid``) to the 16 bytes multifd handshakes carry."""
+    try:
+        return uuid.UUID(text).bytes
+    except ValueError:
+        raise UsageError(f"--uuid {text!r} is not a UUID") from None
 
 
 def check_uri(uri: str) -> None:
@@ -125,12 +147,12 @@ class Capture:
         return self._stream
 
     def verify(self) -> None:
-        from livemig.streams.analyze import analyze
+        from livemig.streams.analyze import analyze_stream
 
-        analyze(self.stream())
+        analyze_stream(self.stream())
 
 
-def _stray_multifd(listener: Listener) -> int:
+def stray_multifd(listener: Listener) -> int:
     """How many multifd channels wait, never accepted, on ``listener``: a source with multifd
     opens them right after main, and its pages travel on them, so a capture without
     ``--multifd`` would otherwise store a stream without its RAM."""
@@ -173,12 +195,12 @@ def receive(
     deadline = time.monotonic() + 10 * timeout
     while True:
         if time.monotonic() > deadline:
-            raise LivemigError("capture took too long; giving up")
+            raise MigrationError("capture took too long; giving up")
         try:
             chunk = conn.recv(1 << 20)
         except ChannelTimeout:
             _check_stray(stray)  # a source stalled on channels nobody reads
-            raise LivemigError(f"no data from the source for {timeout} s") from None
+            raise MigrationError(f"no data from the source for {timeout} s") from None
         if multifd is not None:
             multifd.check()
         if chunk:
@@ -203,3 +225,133 @@ def receive(
         except (ChannelError, OSError):
             pass
     return cap
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptureResult:
+    """One captured migration: its stream as stored (with multifd, the channels' pages written
+    into it) and what it took to get it."""
+
+    stream: bytes
+    path: Path | None  # where it was written, if anywhere
+    channels: int  # multifd channels received besides main (0: none)
+    pages: int  # normal pages the multifd channels carried (a page sent twice in one interval counts once)
+    zero_pages: int  # pages the multifd channels sent as zero (QEMU 9.0+ zero-page-detection)
+    syncs: int  # multifd sync points
+    return_path: bool  # the source opened one (and got SHUT 0 on it)
+    postcopy: bool  # a post-copy migration (a PACKAGED command, no vmdesc trailer)
+
+
+class CaptureServer:
+    """A destination that records: listens on ``tcp:HOST:PORT`` or ``unix:PATH`` (``address``
+    is where, a port 0 resolved) and ``receive`` takes one migration from the first source
+    that connects. Options are checked, and the socket bound, before anything else happens;
+    every wait is bounded by ``timeout`` seconds."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        timeout: float = 60.0,
+        multifd: int = 0,
+        multifd_compression: str = "none",
+        uuid: str = ZERO_UUID,
+        tls_creds: str = "",
+        switchover_ack: bool = False,
+    ) -> None:
+        check_channels(multifd)
+        check_uri(uri)
+        self.uuid = parse_uuid(uuid)
+        self.uri = uri
+        self.timeout = timeout
+        self.multifd = multifd
+        self.multifd_compression = multifd_compression
+        self.switchover_ack = switchover_ack
+        self.listener = listen(uri, timeout, tls_creds)
+
+    @property
+    def address(self) -> str:
+        return self.listener.address
+
+    def receive(self) -> CaptureResult:
+        """Accept the source's channels, receive and check its stream, send SHUT; then close
+        the listener. Raises ``StreamError`` for a stream that does not decode (or multifd
+        channels nobody asked for), ``MigrationError`` when the source does not come or stalls."""
+        multifd: MultifdCapture | None = None
+        try:
+            main, multifd = self._accept()
+            with main:
+                try:
+                    cap = receive(main, self.timeout, multifd,
+                                  None if multifd else lambda: stray_multifd(self.listener),
+                                  switchover_ack=self.switchover_ack)  # fmt: skip
+                except ChannelError:
+                    # a failed multifd channel shuts main down, under a read or a reply: say why
+                    if multifd is not None:
+                        multifd.check()
+                    raise
+        finally:
+            if multifd is not None:
+                multifd.close(completed=False)
+            self.close()
+        return CaptureResult(
+            stream=cap.stream(), path=None, channels=self.multifd,
+            pages=multifd.pages if multifd else 0, zero_pages=multifd.zero_pages if multifd else 0,
+            syncs=multifd.syncs if multifd else 0, return_path=cap.return_path,
+            postcopy=cap.postcopy,
+        )  # fmt: skip
+
+    def _accept(self) -> tuple[Channel, MultifdCapture | None]:
+        try:
+            if not self.multifd:
+                return self.listener.accept(timeout=self.timeout), None
+            from livemig.migration.multifd import accept_channels
+            from livemig.streams.capture_multifd import MultifdCapture
+
+            main, chans = accept_channels(lambda t: self.listener.accept(timeout=t),
+                                          self.multifd, self.uuid, self.timeout)  # fmt: skip
+            return main, MultifdCapture(chans, self.multifd_compression, self.timeout, main)
+        except ChannelTimeout:
+            raise MigrationError(
+                f"no migration connected to {self.uri} in {self.timeout} s"
+            ) from None
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def __enter__(self) -> CaptureServer:
+        return self
+
+    def __exit__(
+        self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def capture_stream(
+    uri: str,
+    out: str | PathLike[str] | None = None,
+    *,
+    timeout: float = 60.0,
+    multifd: int = 0,
+    multifd_compression: str = "none",
+    uuid: str = ZERO_UUID,
+    tls_creds: str = "",
+    switchover_ack: bool = False,
+) -> CaptureResult:
+    """Receive one live migration on ``uri`` (``tcp:`` or ``unix:``) and write its stream to
+    ``out`` (if given) once it is complete and checked: ``livemig capture``.
+
+    ``multifd`` (with ``multifd_compression`` and the source's ``uuid``) accepts that many
+    multifd channels and writes their pages into the stream; ``switchover_ack`` approves the
+    switch-over as a QEMU destination with that capability does; ``tls_creds`` (a QEMU
+    tls-creds-x509 directory) makes every channel a TLS server. For the address a ``tcp:``
+    port 0 resolves to, use ``CaptureServer``."""
+    with CaptureServer(uri, timeout=timeout, multifd=multifd,
+                       multifd_compression=multifd_compression, uuid=uuid,
+                       tls_creds=tls_creds, switchover_ack=switchover_ack) as server:  # fmt: skip
+        result = server.receive()
+    if out is None:
+        return result
+    Path(out).write_bytes(result.stream)
+    return dataclasses.replace(result, path=Path(out))
