@@ -201,6 +201,17 @@ def test_mapped_ram_snapshot_replayed_over_a_socket(
     assert rep.nbytes == path.stat().st_size
 
 
+@pytest.mark.parametrize("multifd", [0, 2], ids=["main", "multifd-2"])
+def test_capture_gives_up_when_no_source_comes(multifd: int) -> None:
+    """Within its time-out, with or without multifd channels to wait for (with them it used to
+    wait for ever: the multifd accept loop only timed out once a first channel had come)."""
+    with ThreadPoolExecutor(1) as pool, \
+            CaptureServer("tcp:127.0.0.1:0", timeout=0.3, multifd=multifd) as server:  # fmt: skip
+        received = pool.submit(server.receive)
+        with pytest.raises(MigrationError, match=r"no migration connected to .* in 0.3 s"):
+            received.result(timeout=10)
+
+
 def _small_stream() -> bytes:
     """A pre-copy stream of one empty RAM section: it decodes, and has no post-copy."""
     evs: list[E.Event] = [E.Header(), E.Configuration("pc-i440fx-7.2"),
@@ -225,9 +236,6 @@ def test_bad_options_and_streams_raise_before_anything_is_sent(tmp_path: Path) -
             CaptureServer(uri, **options)  # type: ignore[arg-type]
         with pytest.raises(UsageError, match=words):
             replay_stream(b"", uri, **options)  # type: ignore[arg-type]
-    with CaptureServer("tcp:127.0.0.1:0", timeout=0.3) as server, \
-            pytest.raises(MigrationError, match=r"no migration connected to .* in 0.3 s"):  # fmt: skip
-        server.receive()
     with pytest.raises(UsageError, match="cannot read"):
         replay_stream(tmp_path / "none.mig", "tcp:127.0.0.1:1")
     with pytest.raises(MigrationError, match=r"cannot read .* back"):

@@ -302,19 +302,30 @@ class CaptureServer:
         )  # fmt: skip
 
     def _accept(self) -> tuple[Channel, MultifdCapture | None]:
+        nobody = MigrationError(f"no migration connected to {self.uri} in {self.timeout} s")
         try:
             if not self.multifd:
                 return self.listener.accept(timeout=self.timeout), None
-            from livemig.migration.multifd import accept_channels
-            from livemig.streams.capture_multifd import MultifdCapture
-
-            main, chans = accept_channels(lambda t: self.listener.accept(timeout=t),
-                                          self.multifd, self.uuid, self.timeout)  # fmt: skip
-            return main, MultifdCapture(chans, self.multifd_compression, self.timeout, main)
         except ChannelTimeout:
-            raise MigrationError(
-                f"no migration connected to {self.uri} in {self.timeout} s"
-            ) from None
+            raise nobody from None
+        from livemig.migration.multifd import accept_channels
+        from livemig.streams.capture_multifd import MultifdCapture
+
+        # accept_channels waits for ever for the first channel, as a destination does; a
+        # capture gives up after its time-out (its time-outs after that are accept_channels')
+        give_up = time.monotonic() + self.timeout
+        came = False
+
+        def accept(timeout: float) -> Channel:
+            nonlocal came
+            if not came and time.monotonic() > give_up:
+                raise nobody
+            ch = self.listener.accept(timeout=timeout)
+            came = True
+            return ch
+
+        main, chans = accept_channels(accept, self.multifd, self.uuid, self.timeout)
+        return main, MultifdCapture(chans, self.multifd_compression, self.timeout, main)
 
     def close(self) -> None:
         self.listener.close()
