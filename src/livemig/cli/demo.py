@@ -255,7 +255,8 @@ class _PostcopySwitch:
 
 def _plan(console: Console, src: Any, args: argparse.Namespace) -> Any:
     """Sample the guest for a moment and predict the migration (``livemig plan``)."""
-    from livemig.cli.plan import plan_for, prediction_table
+    from livemig.cli.plan import prediction_table
+    from livemig.control.plan import plan_for
 
     try:
         link = None
