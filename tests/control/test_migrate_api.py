@@ -29,20 +29,8 @@ from livemig.testing.procs import LivemigProcess, ProcHarness
 RAM = 32 << 20
 
 
-def _guest_ram(proc: LivemigProcess, size: int = RAM) -> bytes:
-    """The guest's RAM as the process holds it, read from outside through /proc/PID/mem: the
-    one shared anonymous mapping of the block's size (``livemig.machine.ram``)."""
-    found = []
-    with open(f"/proc/{proc.pid}/maps") as maps:
-        for line in maps:
-            fields = line.split()
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            if hi - lo == size and fields[1] == "rw-s" and "/dev/zero" in line:
-                found.append(lo)
-    assert len(found) == 1, f"{proc.name}: {len(found)} mappings of {size} bytes"
-    with open(f"/proc/{proc.pid}/mem", "rb") as mem:
-        mem.seek(found[0])
-        return mem.read(size)
+def _guest_ram(proc: LivemigProcess) -> bytes:
+    return proc.read_ram(RAM)
 
 
 def _caps(proc: LivemigProcess) -> dict[str, bool]:

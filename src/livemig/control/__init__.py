@@ -24,6 +24,7 @@ from livemig.control.migrate import (
     migrate,
     setup_destination,
 )
+from livemig.control.plan import plan_for
 from livemig.control.settings import apply_settings, peer_defaults
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "destination_result",
     "migrate",
     "peer_defaults",
+    "plan_for",
     "setup_destination",
 ]
