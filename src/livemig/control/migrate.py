@@ -120,8 +120,9 @@ class MigrationFailed(MigrationError):
 
 
 class Cancelled(LivemigError):
-    """The ``cancel`` event was set before the migration started: nothing was asked of the
-    source (set while it runs, the migration is cancelled and ``MigrationFailed`` raised)."""
+    """The ``cancel`` event was set before the migration started: the source's settings were
+    not touched (a ``dest_qmp`` destination may already wait). Set while it runs, the
+    migration is cancelled and ``MigrationFailed`` raised."""
 
 
 class _Stop(Exception):
@@ -317,13 +318,18 @@ def migrate(
         caps["postcopy-ram"] = True
     _replicate_options(opts, caps, params, target)
     _multifd_options(opts, caps, params)
+    stop = cancel or threading.Event()
+
+    def not_cancelled() -> None:
+        if stop.is_set():
+            raise Cancelled("cancelled before the migration started")
+
     with QMPConnection(source_qmp).connect() as qmp:
         _checksum_capability(opts, caps, qmp, target)
+    not_cancelled()
     dest_changed = (setup_destination(opts.dest_qmp, uri, caps, params)
                     if opts.dest_qmp is not None else [])  # fmt: skip
-    stop = cancel or threading.Event()
-    if stop.is_set():
-        raise Cancelled("cancelled before the migration started")
+    not_cancelled()
     with QMPConnection(source_qmp).connect() as qmp:
         changed = apply_settings(qmp, caps, params)
         on_changed("source", changed)
