@@ -8,6 +8,8 @@ from an earlier run), optionally prepares a destination waiting with ``--incomin
 on a time-out or when asked, reads back a ``file:`` it wrote when asked to verify, and returns
 a ``MigrateResult`` (or raises ``MigrationFailed`` carrying it). ``plan_for`` samples a running
 guest's dirty rate and predicts its migration (``livemig.migration.planner``'s model).
+``Demo`` runs ``livemig demo``'s steps: two local processes, a guest migrated live between
+them, checked and reported.
 
 The layer is a client: it only speaks QMP (``livemig.qmp.client``) to processes that hold the
 guests, and reads what they wrote (``livemig.streams``). It never touches a machine itself; the
@@ -15,6 +17,7 @@ process that does is ``livemig.system``. ``livemig migrate``, ``plan`` and ``dem
 (``livemig.cli``) parse arguments and print what these return.
 """
 
+from livemig.control.demo import Demo, DemoOptions, DemoResult
 from livemig.control.migrate import (
     Cancelled,
     MigrateOptions,
@@ -29,6 +32,9 @@ from livemig.control.settings import apply_settings, peer_defaults
 
 __all__ = [
     "Cancelled",
+    "Demo",
+    "DemoOptions",
+    "DemoResult",
     "MigrateOptions",
     "MigrateResult",
     "MigrationFailed",
