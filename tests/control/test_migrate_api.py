@@ -163,3 +163,20 @@ def test_cancel_and_time_out_cancel_the_migration_and_the_guest_runs_on(
         migrate(src.qmp_uri, dst.incoming or "", slow, on_cancel=why.append)
     assert why[-1] == "time-out" and info.value.result.status == "cancelled"
     src.wait_status("running")
+
+
+def test_an_exception_in_the_progress_callback_cancels_the_migration(
+    harness: ProcHarness,
+) -> None:
+    src = harness.source(append="ws=8M rate=20000")
+    dst = harness.destination()
+
+    def broken(info: dict[str, Any]) -> None:
+        if info.get("status") == "active":
+            raise RuntimeError("the caller's bug")
+
+    with pytest.raises(RuntimeError, match="the caller's bug"):
+        migrate(src.qmp_uri, dst.incoming or "",
+                MigrateOptions(params={"max-bandwidth": 1 << 20}), on_progress=broken)  # fmt: skip
+    assert src.wait_migration(timeout=30)["status"] == "cancelled"
+    src.wait_status("running")

@@ -295,7 +295,8 @@ def migrate(
     ``on_progress(info)`` with each ``query-migrate`` reply while following; ``on_warning``
     with a sentence worth showing now (a snapshot that does not converge); ``on_cancel(why)``
     (``"time-out"`` or ``"interrupted"``) just before ``migrate_cancel``. ``cancel``, once
-    set, cancels the migration at the next poll, as Ctrl-C does.
+    set, cancels the migration at the next poll, as Ctrl-C does. An exception raised by
+    ``on_progress`` cancels the migration and propagates.
 
     Returns the result when the migration completed (or replication runs); raises
     ``MigrationFailed`` (with the result) when it failed or was cancelled.
@@ -362,7 +363,12 @@ def migrate(
             sampler(info)
             if "ram" in info:
                 last.update(info)
-            on_progress(info)
+            try:
+                on_progress(info)
+            except Exception:  # the caller's bug must not leave a migration running unseen
+                with contextlib.suppress(LivemigError):
+                    qmp.command("migrate_cancel")
+                raise
             return info
 
         def cancelled(why: str) -> dict[str, Any]:
