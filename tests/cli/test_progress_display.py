@@ -7,7 +7,13 @@ import io
 from rich.console import Console
 
 from livemig.migration.planner import ProgressJudge
-from livemig.report.progress import follow, progress_line, progress_table, summary_table
+from livemig.report.progress import (
+    ProgressDisplay,
+    follow,
+    progress_line,
+    progress_table,
+    summary_table,
+)
 
 BUSY = {
     "status": "active",
@@ -115,3 +121,17 @@ def test_zero_pages_split_as_analyze_counts_them() -> None:
             "ram": {"duplicate": 6139, "x-unpopulated": 6000, "dirty-sync-count": 2}}  # fmt: skip
     text = "\n".join(_render(summary_table(done), 140))
     assert "6139 (139 as zero records, 6000 never populated: not sent)" in text
+
+
+def test_the_display_as_a_progress_callback_and_stopped_before_a_cancel_message() -> None:
+    """What livemig migrate passes as control.migrate's on_progress: a line for the first
+    reply, none after stop (the time-out or Ctrl-C message comes below the last one), and the
+    failed reply given back with the last figures seen."""
+    out = io.StringIO()
+    display = ProgressDisplay(Console(file=out, width=200, color_system=None))
+    assert display(dict(BUSY))["status"] == "active"
+    display.stop()
+    final = display({"status": "failed", "error-desc": "link down"})
+    lines = [ln for ln in out.getvalue().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("active · pass 1234"), lines
+    assert final["x-last-progress"]["ram"]["transferred"] == 123 << 40

@@ -104,7 +104,7 @@ def test_sync_style_follows_the_machine_type() -> None:
     """A stream without MULTIFD_FLUSH words replayed with multifd: a QEMU destination of a
     machine type from 8.1 on syncs its channels at those words only (QEMU 10.0 waited
     forever at the first SYNC, and replay gave up: 'SYNC not sent'), up to 8.0 at every EOS."""
-    from livemig.cli.replay import flush_words_expected
+    from livemig.streams import flush_words_expected
 
     assert not flush_words_expected("pc-i440fx-7.2")
     assert not flush_words_expected("pc-q35-8.0")
@@ -132,7 +132,7 @@ def test_postcopy_server_sends_each_page_once_with_its_final_contents() -> None:
     """replay as a post-copy source: a requested page goes first and once; the recorded push
     skips what was sent; a page recorded twice after the switch goes once, with its last
     contents; a request for a page already sent is ignored (QEMU's source does alike)."""
-    from livemig.cli.replay_postcopy import PostcopyPlan, PostcopyServer
+    from livemig.streams import PostcopyPlan, PostcopyServer
 
     events = _postcopy_events()
     plan = PostcopyPlan.from_events(events)
@@ -168,8 +168,8 @@ def _pages(ev: E.Event) -> list[tuple[int, bytes]]:
 
 def test_postcopy_capture_that_cannot_be_replayed_is_refused_first(tmp_path: Path) -> None:
     """Refused before the first byte, saying why (it used to go out until the package)."""
-    from livemig.cli.replay_postcopy import PostcopyPlan
     from livemig.errors import StreamError
+    from livemig.streams import PostcopyPlan
 
     events = _postcopy_events()
     no_rp = [e for e in events if not isinstance(e[0], E.OpenReturnPath)]

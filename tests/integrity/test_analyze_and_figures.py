@@ -14,12 +14,13 @@ from typing import Any
 
 import pytest
 
-from livemig.cli.analyze import analyze, dump_ram
 from livemig.errors import StreamError
 from livemig.guests import GuestImage, build_guest
 from livemig.machine import Machine, RAMBlockSpec
 from livemig.migration.manager import MigrationManager
 from livemig.savevm import checksum as CK
+from livemig.streams import analyze_stream as analyze
+from livemig.streams import dump_ram
 
 RAM = 16 << 20
 

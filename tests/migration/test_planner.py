@@ -86,7 +86,7 @@ def test_judge_verdicts_and_countdown() -> None:
 @pytest.mark.slow
 def test_prediction_within_25_percent_of_a_real_migration(tmp_path: Path) -> None:
     from livemig import procs
-    from livemig.cli.plan import plan_for
+    from livemig.control.plan import plan_for
 
     port = procs.free_port()
     rate = 1 * MiB // 4096  # 1 MiB/s of page writes over a 16 MiB working set
@@ -141,7 +141,7 @@ def test_plan_output_cannot_contradict_itself() -> None:
 
 
 def test_plan_refuses_a_guest_that_is_not_running() -> None:
-    from livemig.cli.plan import plan_for
+    from livemig.control.plan import plan_for
     from livemig.errors import UsageError
 
     class Fake:

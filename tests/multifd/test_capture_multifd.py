@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from livemig.cli.analyze import analyze
 from livemig.guests.memstress import check_invariant
 from livemig.migration.manager import MigrationManager
+from livemig.streams import analyze_stream as analyze
 from livemig.testing.procs import wait_until
 
 from .conftest import FINAL, MakePair, Pair

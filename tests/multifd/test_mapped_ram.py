@@ -166,7 +166,7 @@ def test_livemig_analyze_reads_a_mapped_ram_file(make_pair: MakePair, tmp_path: 
     assert "cpu" in out.stdout and "pc.ram" in out.stdout
     # the pages come from the file's page regions, as its bitmaps mark them: the stream
     # proper holds none (analyze used to dump zeros)
-    from livemig.cli.analyze import analyze
+    from livemig.streams import analyze_stream as analyze
 
     result = analyze(path.read_bytes(), keep_ram=True)
     for block in p.src.ram_blocks:  # stopped at the end of a migration to a file

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from livemig.cli.analyze import analyze
+from livemig.streams import analyze_stream as analyze
 from livemig.testing.qemu import UNALIGNED_KIB, QemuBinary, QemuVM
 
 T = TypeVar("T")

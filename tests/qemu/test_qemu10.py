@@ -23,7 +23,7 @@ from qemu_helpers import (
     wait_completed,
 )
 
-from livemig.cli.analyze import analyze
+from livemig.streams import analyze_stream as analyze
 from livemig.testing.qemu import QemuBinary, QemuVM
 
 pytestmark = [pytest.mark.qemu, pytest.mark.timeout(90)]

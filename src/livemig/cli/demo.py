@@ -20,8 +20,9 @@ from typing import Any
 from rich.console import Console
 
 from livemig.cli import describe
-from livemig.errors import LivemigError, UsageError
-from livemig.units import PAGE_SIZE, parse_size
+from livemig.control.demo import Demo, DemoOptions
+from livemig.errors import LivemigError
+from livemig.units import parse_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,149 +74,89 @@ def _cap(text: str) -> tuple[str, bool]:
     return parse(text)
 
 
-def _pages_per_second(rate: str) -> int:
-    return parse_size(rate, "--dirty-rate") // PAGE_SIZE
+def options_from_args(args: argparse.Namespace) -> DemoOptions:
+    """The flags as ``livemig.control.demo``'s options."""
+    return DemoOptions(
+        memory=args.memory, smp=args.smp, working_set=args.working_set,
+        dirty_rate=args.dirty_rate, guest=args.guest, params=dict(args.params),
+        caps=dict(args.caps), postcopy=args.postcopy, multifd=args.multifd,
+        two_hosts=args.two_hosts, link_rate=args.link_rate, out=args.out,
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     from livemig.guests import build_guest
 
     console = Console()
-    if args.dirty_rate is None:
-        # A 20 MB/s guest converges in pre-copy within a pass or two, before a post-copy
-        # switch could come: the post-copy demo needs a guest that outruns the link.
-        args.dirty_rate = "0" if args.postcopy else "20M"
-    memory = parse_size(args.memory, "--memory")
-    ws = parse_size(args.working_set, "--working-set")
-    if ws > memory // 2:
-        raise UsageError(f"--working-set {args.working_set} must be at most half of --memory")
-    if args.smp < 1:
-        raise UsageError("--smp must be at least 1")
-    if args.multifd is not None and not 1 <= args.multifd <= 255:
-        raise UsageError("--multifd takes 1 to 255 channels")
+    opts = options_from_args(args)
+    opts.check()
     console.rule("[bold]livemig demo")
-    console.print(f"building the {args.guest} guest ...")
-    build_guest(args.guest)
+    console.print(f"building the {opts.guest} guest ...")
+    build_guest(opts.guest)
     with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="livemig-demo-")))
-        return _demo(args, console, stack, workdir, ws)
+        return _demo(Demo(opts, stack, workdir), console, args.watch)
 
 
-def _demo(args: argparse.Namespace, console: Console, stack: contextlib.ExitStack,
-          workdir: Path, ws: int) -> int:  # fmt: skip
-    from livemig import procs
-    from livemig.report import progress, timeline
+def _demo(demo: Demo, console: Console, watch: float) -> int:
+    from livemig.report import progress
 
-    pre_src = pre_dst = None
-    host = "127.0.0.1"
-    if args.two_hosts:
-        from livemig.netns import TwoHosts
-
-        hosts = stack.enter_context(TwoHosts(rate=args.link_rate))
-        pre_src, pre_dst, host = hosts.prefix_a(), hosts.prefix_b(), hosts.addr_b
+    o = demo.opts
+    hosts = demo.start_hosts()
+    if hosts is not None:
         console.print(f"two hosts: namespaces {hosts.ns_a} ({hosts.addr_a}) and {hosts.ns_b} "
-                      f"({hosts.addr_b}), veth with tc tbf {args.link_rate}")  # fmt: skip
-    port = procs.free_port() if not args.two_hosts else 4444
-    uri = f"tcp:{host}:{port}"
-    rate = _pages_per_second(args.dirty_rate)
-    append = f"ws={ws} rate={rate} mark_ms=500"
-    src = stack.enter_context(
-        procs.source(
-            workdir,
-            guest=args.guest,
-            memory=args.memory,
-            smp=args.smp,
-            append=append,
-            prefix=pre_src,
-        )
-    )
-    listen = f"tcp:{'0.0.0.0' if args.two_hosts else host}:{port}"
-    # The destination waits with -incoming defer: capabilities that both sides need
-    # (multifd, postcopy-ram) must be set there before it starts listening, as with QEMU.
-    dst = stack.enter_context(
-        procs.destination(
-            workdir, memory=args.memory, smp=args.smp, incoming="defer", prefix=pre_dst
-        )
-    )
-    src.wait_ready()
-    dst.wait_ready()
-    both = _shared_capabilities(args)
-    if both:
-        dst.qmp("migrate-set-capabilities",
-                capabilities=[{"capability": c, "state": True} for c in both])  # fmt: skip
-    if args.multifd:
-        dst.qmp("migrate-set-parameters", **{"multifd-channels": args.multifd})
-    dst.qmp("migrate-incoming", uri=listen)
-    speed = ("as fast as it can" if parse_size(args.dirty_rate, "--dirty-rate") == 0
-             else f"at {args.dirty_rate}B/s")  # fmt: skip
-    console.print(f"source      pid {src.pid}: {args.guest}, {args.memory}, {args.smp} vCPUs, "
-                  f"dirtying {args.working_set} {speed}")  # fmt: skip
-    console.print(f"destination pid {dst.pid}: waiting on {listen}")
-    _show_console(console, src, "source", args.watch, from_start=True)
-
-    caps = {**{c: True for c in ("events", "return-path", "x-verify", *both)}, **dict(args.caps)}
-    src.qmp("migrate-set-capabilities",
-            capabilities=[{"capability": c, "state": v} for c, v in caps.items()])  # fmt: skip
-    params: dict[str, Any] = dict(args.params)
-    if args.multifd:
-        params["multifd-channels"] = args.multifd
-    if params:
-        src.qmp("migrate-set-parameters", **params)
-    prediction = _plan(console, src, args)
-    console.rule(f"migrating to {uri}")
-    sampler = timeline.Sampler()
-    src.qmp("migrate", uri=uri)
-    switch = _PostcopySwitch(src) if args.postcopy else None
-
-    def poll(info: dict[str, Any]) -> None:
-        sampler(info)
-        if switch is not None:
-            switch(info)
-
-    final = progress.follow(lambda: src.qmp("query-migrate"), console=console,
-                            on_poll=poll, timeout=600)  # fmt: skip
-    if final.get("status") != "completed":
-        with contextlib.suppress(LivemigError):
-            src.qmp("migrate_cancel")
-        final = progress.follow(lambda: src.qmp("query-migrate"), quiet=True, timeout=30)
-    dest_final: dict[str, Any] = {}
-    with contextlib.suppress(LivemigError):
-        dest_final = dst.qmp("query-migrate")
+                      f"({hosts.addr_b}), veth with tc tbf {o.link_rate}")  # fmt: skip
+    demo.start()
+    src, dst = demo.src, demo.dst
+    speed = ("as fast as it can" if parse_size(o.dirty_rate or "0", "--dirty-rate") == 0
+             else f"at {o.dirty_rate}B/s")  # fmt: skip
+    console.print(f"source      pid {src.pid}: {o.guest}, {o.memory}, {o.smp} vCPUs, "
+                  f"dirtying {o.working_set} {speed}")  # fmt: skip
+    console.print(f"destination pid {dst.pid}: waiting on {demo.listen}")
+    _show_console(console, src, "source", watch, from_start=True)
+    demo.configure()
+    try:
+        prediction = demo.plan()
+        console.print(_prediction_table(prediction))
+    except LivemigError as exc:
+        console.print(f"[yellow]planner: {exc}[/]")
+        prediction = None
+    console.rule(f"migrating to {demo.uri}")
+    with progress.ProgressDisplay(console) as display:
+        final = demo.migrate(display)
+    result = demo.result(final)
     ok = final.get("status") == "completed"
-    invariant = None
     if ok:
         console.print(f"source now: {src.qmp('query-status')['status']}; "
                       f"destination now: {dst.qmp('query-status')['status']}")  # fmt: skip
-        _show_console(console, dst, "destination", args.watch)
-        invariant = _check(dst)
-    report = timeline.build(
-        config={"guest": args.guest, "memory": args.memory, "smp": args.smp,
-                "working-set": args.working_set, "dirty-rate": args.dirty_rate, "uri": uri,
-                "two-hosts": args.two_hosts, "parameters": params,
-                "postcopy": args.postcopy, "multifd": args.multifd},
-        source_final=final, source_report=_safe(src, "x-query-migration-report"),
-        destination_final=dest_final, samples=sampler.samples, sample_t0=sampler.t0,
-        destination_report=_safe(dst, "x-query-migration-report"),
-        prediction=None if prediction is None else prediction.as_dict(),
-        verification={"ram-hashes-equal": final.get("x-verified"), "invariant": invariant},
-    )  # fmt: skip
-    jpath, ppath = timeline.save(report, Path(args.out))
+        _show_console(console, dst, "destination", watch)
+        demo.check_invariant(result)
+    demo.report(result)
+    assert result.report is not None and result.report_paths is not None
+    invariant = result.invariant
     extra = {
         "verification (RAM hashes)": "identical" if final.get("x-verified") else "NOT checked",
         "guest invariant": "holds" if invariant and invariant.get("ok") else str(invariant),
         "dirty tracker": final.get("x-dirty-tracker", "?"),
     }
-    pc = progress.postcopy_summary(dest_final)
+    pc = progress.postcopy_summary(result.destination)
     if pc is not None:
         extra["post-copy page requests"] = pc
-    elif args.postcopy and ok and "postcopy" not in report.get("phases", {}):
+    elif o.postcopy and ok and "postcopy" not in result.report.get("phases", {}):
         extra["post-copy"] = "not used: pre-copy converged before the switch"
     if prediction is not None and prediction.total_time_s is not None:
-        extra["planner's advice"] = _advice(prediction, "post-copy" if args.postcopy
+        extra["planner's advice"] = _advice(prediction, "post-copy" if o.postcopy
                                             else "pre-copy")  # fmt: skip
-    console.print(progress.summary_table(final, extra, dest_final))
+    console.print(progress.summary_table(final, extra, result.destination))
+    jpath, ppath = result.report_paths
     console.print(f"report: {jpath}\nplots:  {ppath}")
-    return 0 if ok and (invariant is None or invariant.get("ok")) else 1
+    return 0 if result.ok else 1
+
+
+def _prediction_table(prediction: Any) -> Any:
+    from livemig.cli.plan import prediction_table
+
+    return prediction_table(prediction)
 
 
 def _advice(prediction: Any, used: str) -> str:
@@ -227,67 +168,6 @@ def _advice(prediction: Any, used: str) -> str:
     if prediction.recommendation != used:
         text += f" (this run used {used})"
     return text
-
-
-def _shared_capabilities(args: argparse.Namespace) -> list[str]:
-    """Capabilities both sides must have on."""
-    preempt = dict(args.caps).get("postcopy-preempt", True)
-    return [c for c, on in (("postcopy-ram", args.postcopy),
-                            ("postcopy-preempt", args.postcopy and preempt),
-                            ("multifd", bool(args.multifd)),
-                            ("x-checksums", True)) if on]  # fmt: skip
-
-
-class _PostcopySwitch:
-    """Send ``migrate-start-postcopy`` once the first full pass is done (QEMU's advice)."""
-
-    def __init__(self, src: Any) -> None:
-        self.src = src
-        self.sent = False
-
-    def __call__(self, info: dict[str, Any]) -> None:
-        if self.sent or info.get("status") != "active":
-            return
-        if info.get("ram", {}).get("dirty-sync-count", 0) >= 2:
-            self.src.qmp("migrate-start-postcopy")
-            self.sent = True
-
-
-def _plan(console: Console, src: Any, args: argparse.Namespace) -> Any:
-    """Sample the guest for a moment and predict the migration (``livemig plan``)."""
-    from livemig.cli.plan import plan_for, prediction_table
-
-    try:
-        link = None
-        if args.two_hosts:
-            from livemig.netns import tc_rate_bytes
-
-            link = tc_rate_bytes(args.link_rate)
-        pred = plan_for(src._qmp, 1.0, link, None)
-    except LivemigError as exc:
-        console.print(f"[yellow]planner: {exc}[/]")
-        return None
-    console.print(prediction_table(pred))
-    return pred
-
-
-def _safe(proc: Any, command: str) -> Any:
-    try:
-        return proc.qmp(command)
-    except LivemigError:
-        return None
-
-
-def _check(dst: Any) -> dict[str, Any] | None:
-    """memstress's invariant on the destination, read while it is briefly paused."""
-    try:
-        dst.qmp("stop")
-        try:
-            return dst.qmp("x-guest-check")
-        finally:
-            dst.qmp("cont")
-    except LivemigError as exc:
-        return {"ok": False, "error": str(exc)}
 
 
 def _show_console(console: Console, proc: Any, label: str, seconds: float,

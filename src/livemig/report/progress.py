@@ -104,6 +104,64 @@ def with_last_progress(info: dict[str, Any], last: dict[str, Any] | None) -> dic
     return {**info, "x-last-progress": {"ram": last["ram"], "total-time": last.get("total-time")}}
 
 
+class ProgressDisplay:
+    """The display of a migration being followed: called with each ``query-migrate`` reply, it
+    draws a table refreshed in place on a terminal, or one plain line a second (and the final
+    one) on a file or a pipe; nothing when ``quiet``. It keeps the last RAM figures seen and
+    returns each reply with them (``with_last_progress``). The live table starts with the
+    first reply and ends with ``stop`` (or the ``with`` block)."""
+
+    def __init__(self, console: Console | None = None, *, quiet: bool = False,
+                 until: tuple[str, ...] = FINAL) -> None:  # fmt: skip
+        from livemig.migration.planner import ProgressJudge
+
+        self.console = console or Console(stderr=True)
+        self.quiet = quiet
+        self.until = until
+        self.judge = ProgressJudge()
+        self.t0: float | None = None
+        self.last: dict[str, Any] | None = None  # the last reply with RAM figures
+        self.live: Live | None = None
+        self._stopped = False
+        self._next_line = 0.0
+
+    def __call__(self, info: dict[str, Any]) -> dict[str, Any]:
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now
+            if not self.quiet and self.console.is_terminal and not self._stopped:
+                self.live = Live(console=self.console, refresh_per_second=8, transient=False)
+                self.live.start()
+        if "ram" in info:
+            self.last = info
+        else:
+            info = with_last_progress(info, self.last)
+        verdict, left = self.judge.update(now - self.t0, info)
+        last = self.last
+        shown = info if "ram" in info or last is None else {**last, **info,
+                                                             "ram": last["ram"]}  # fmt: skip
+        final = info.get("status") in self.until
+        if self.live is not None:
+            self.live.update(progress_table(shown, verdict, left))
+        elif not self.quiet and not self._stopped and (now >= self._next_line or final):
+            self.console.print(plain_line(shown, verdict, left), highlight=False, soft_wrap=True)
+            self._next_line = now + 1.0
+        return info
+
+    def stop(self) -> None:
+        """End the display (the live table stays as last drawn); later replies draw nothing."""
+        self._stopped = True
+        if self.live is not None:
+            self.live.stop()
+            self.live = None
+
+    def __enter__(self) -> ProgressDisplay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def follow(
     query: Callable[[], dict[str, Any]],
     *,
@@ -115,49 +173,20 @@ def follow(
     until: tuple[str, ...] = FINAL,
 ) -> dict[str, Any]:
     """Poll until the migration reaches a final state (or one of ``until``: ``colo`` for a
-    replication, which never ends by itself); returns the last reply."""
-    console = console or Console(stderr=True)
+    replication, which never ends by itself), showing it (``ProgressDisplay``); returns the
+    last reply, with the last RAM figures seen if it has none (``with_last_progress``)."""
     deadline = None if timeout is None else time.monotonic() + timeout
-    from livemig.migration.planner import ProgressJudge
-
-    judge = ProgressJudge()
-    t0 = time.monotonic()
-    info: dict[str, Any] = {}
-    last: dict[str, Any] | None = None  # the last reply with RAM figures
-    terminal = console.is_terminal
-    live = None
-    if not quiet and terminal:
-        live = Live(console=console, refresh_per_second=8, transient=False)
-    next_line = 0.0
-    try:
-        if live is not None:
-            live.start()
+    with ProgressDisplay(console, quiet=quiet, until=until) as display:
         while True:
             info = query()
             if on_poll is not None:
                 on_poll(info)
-            if "ram" in info:
-                last = info
-            else:
-                info = with_last_progress(info, last)
-            now = time.monotonic()
-            verdict, left = judge.update(now - t0, info)
-            shown = info if "ram" in info or last is None else {**last, **info,
-                                                                 "ram": last["ram"]}  # fmt: skip
-            final = info.get("status") in until
-            if live is not None:
-                live.update(progress_table(shown, verdict, left))
-            elif not quiet and (now >= next_line or final):
-                console.print(plain_line(shown, verdict, left), highlight=False, soft_wrap=True)
-                next_line = now + 1.0
-            if final:
+            info = display(info)
+            if info.get("status") in until:
                 return info
-            if deadline is not None and now > deadline:
+            if deadline is not None and time.monotonic() > deadline:
                 return info
             time.sleep(interval)
-    finally:
-        if live is not None:
-            live.stop()
 
 
 def postcopy_summary(dest_info: dict[str, Any]) -> str | None:

@@ -249,6 +249,23 @@ class LivemigProcess:
     def thread_count(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/task"))
 
+    def read_ram(self, size: int) -> bytes:
+        """The guest's RAM as this process holds it, read from outside (``/proc/PID/mem``,
+        root): the one shared anonymous mapping of ``size`` bytes, a RAM block
+        (``livemig.machine.ram``). Read it while the guest is stopped."""
+        found = []
+        with open(f"/proc/{self.pid}/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                if hi - lo == size and fields[1] == "rw-s" and "/dev/zero" in line:
+                    found.append(lo)
+        if len(found) != 1:
+            raise ProcError(f"{self.name}: {len(found)} shared mappings of {size} bytes")
+        with open(f"/proc/{self.pid}/mem", "rb") as mem:
+            mem.seek(found[0])
+            return mem.read(size)
+
 
 class ProcHarness:
     """Source and destination processes in one temporary directory, all killed at the end."""

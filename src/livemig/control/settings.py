@@ -1,6 +1,6 @@
-"""Every run does what its command line says: set each migration capability and parameter
-``livemig migrate`` manages, to what was asked or else to the peer's default, and say what
-changed.
+"""Every run does what it was asked: set each migration capability and parameter a migration
+(``livemig.control.migrate``, ``livemig migrate``) manages, to what was asked or else to the
+peer's default, and say what changed.
 
 QEMU keeps capabilities and parameters between migrations, so a tool that only sets what it was
 asked for inherits what the last run left: post-copy still on after ``--postcopy``, a
@@ -12,6 +12,10 @@ migration.x=y``); for QEMU it is QEMU's documented defaults (every capability of
 parameter defaults livemig shares with QEMU). Managed are every capability the peer lists and
 every parameter livemig knows that the peer reports, except the TLS identity (``tls-creds``,
 ``tls-hostname``, ``tls-authz``), which belongs to the process, not to one run.
+
+This is a management tool's policy over QMP, not part of the protocol: the monitor
+(``livemig.qmp``) keeps whatever it is told, as QEMU's does; deciding what one run sets is the
+client's business, so it lives here beside the migration it prepares.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The post-copy side of ``livemig replay``: a recorded post-copy migration run again, with
+"""The post-copy side of ``replay``: a recorded post-copy migration run again, with
 replay as the source serving the destination's page requests.
 
 A post-copy capture holds the pre-copy passes, the discards and the PACKAGED command (device

@@ -1,4 +1,4 @@
-"""The multifd side of ``livemig capture``: pages from the multifd channels, written into the
+"""The multifd side of a capture (``capture``): pages from the multifd channels, written into the
 captured stream as page records, so that the file holds the guest's whole RAM.
 
 With multifd, QEMU sends normal pages only on the multifd channels; main keeps the section
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from livemig.errors import LivemigError, StreamError
+from livemig.errors import MigrationError, StreamError
 from livemig.machine.abi import PAGE_SIZE
 from livemig.migration.multifd import MultifdReceiver
 from livemig.savevm.ram import PAGE_SHIFT, RamLoader
@@ -162,7 +162,7 @@ class MultifdCapture:
     def check(self) -> None:
         """Raise if a channel failed."""
         if self.receiver is not None and self.receiver.error is not None:
-            raise LivemigError(self.receiver.error)
+            raise MigrationError(self.receiver.error)
 
     def close(self, completed: bool) -> None:
         if self.receiver is not None:

@@ -1,0 +1,105 @@
+"""``livemig.system.System`` in this process, migrating to and from real ``livemig run``
+processes driven by ``livemig.control.migrate``: the source's guest arrives with the RAM it
+had, byte for byte; the exit statuses and messages are ``livemig run``'s (0 after QMP quit,
+130 after a host signal, 1 when the incoming migration fails, saying why); options that do not
+fit raise UsageError before any RAM is taken."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from livemig.control import MigrateOptions, MigrationFailed, migrate
+from livemig.errors import UsageError
+from livemig.qmp.client import QMPConnection
+from livemig.system import System, SystemOptions
+from livemig.testing.procs import ProcHarness, wait_until
+
+RAM = 32 << 20
+
+
+@pytest.fixture
+def harness() -> Iterator[ProcHarness]:
+    with ProcHarness(memory="32M", smp=1) as h:
+        yield h
+
+
+def _system(tmp_path: Path, messages: list[str], **kw: object) -> System:
+    opts = SystemOptions(qmp=f"unix:{tmp_path / 'system.qmp'}", memory="32M", serial="null",
+                         **kw)  # type: ignore[arg-type]  # fmt: skip
+    return System(opts, on_message=messages.append)
+
+
+def test_a_guest_started_here_migrates_to_a_process_and_quit_exits_0(
+    harness: ProcHarness, tmp_path: Path
+) -> None:
+    messages: list[str] = []
+    with _system(tmp_path, messages, guest="memstress", append="ws=8M rate=5000") as system:
+        system.start()
+        assert messages[-1].startswith("guest memstress, 1 vCPUs, pc.ram=32.0 MiB, QMP at unix:")
+        dst = harness.destination(extra=["-S"])
+        qmp = system.options.qmp or ""
+        result = migrate(qmp, dst.incoming or "", MigrateOptions(verify=True))
+        assert result.status == "completed" and result.verified is True
+        assert system.machine.runstate.value == "postmigrate"
+        assert dst.read_ram(RAM) == bytes(system.machine.read_guest(0, RAM))
+        assert dst.guest_check()["ok"]
+        with QMPConnection(qmp).connect() as c:
+            c.command("quit")
+        assert system.wait(timeout=10) == 0
+
+
+def test_an_incoming_guest_arrives_with_the_source_ram_and_a_signal_exits_130(
+    harness: ProcHarness, tmp_path: Path
+) -> None:
+    src = harness.source(append="ws=8M rate=5000")
+    src.wait_passes_increase(0)
+    messages: list[str] = []
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    with _system(tmp_path, messages, incoming="defer", prelaunch=True) as system:
+        system.start()
+        assert messages[-1].startswith("incoming guest (defer), 1 vCPUs")
+        result = migrate(src.qmp_uri, uri, MigrateOptions(
+            dest_qmp=system.options.qmp, multifd=2, verify=True))  # fmt: skip
+        assert result.status == "completed" and result.verified is True
+        assert result.changed["destination"]  # multifd set here before migrate-incoming
+        wait_until(lambda: system.machine.runstate.value == "paused", 10, "paused (-S)")
+        assert bytes(system.machine.read_guest(0, RAM)) == src.read_ram(RAM)
+        assert system.wait(timeout=0.2) is None  # still running
+        system.shutdown("host-signal")
+        assert system.wait(timeout=10) == 130
+
+
+def test_a_failed_incoming_migration_ends_it_with_1_and_says_why(
+    harness: ProcHarness, tmp_path: Path
+) -> None:
+    src = harness.source(smp=2)
+    messages: list[str] = []
+    uri = f"unix:{tmp_path / 'mig.sock'}"
+    with _system(tmp_path, messages, incoming=uri) as system:
+        system.start()
+        with pytest.raises(MigrationFailed, match="machine mismatch"):
+            migrate(src.qmp_uri, uri, MigrateOptions(timeout=30))
+        assert system.wait(timeout=10) == 1
+    assert any(m.startswith("incoming migration failed: ") and "machine mismatch" in m
+               for m in messages), messages  # fmt: skip
+    src.wait_status("running")
+
+
+def test_options_that_do_not_fit_take_no_ram(tmp_path: Path) -> None:
+    cases = [
+        (SystemOptions(), "give --guest NAME|FILE.c"),
+        (SystemOptions(guest="memstress", incoming="defer"), "exclude each other"),
+        (SystemOptions(guest="memstress", verify=True), "apply to --incoming"),
+        (SystemOptions(incoming="defer", verify=True, checksums=False), "excludes --no-checks"),
+        (SystemOptions(guest="memstress", qmp="tcp:0.0.0.0:4444"), "control this machine"),
+        (SystemOptions(guest="memstress", append="ws=lots"), "ws"),
+    ]
+    before = threading.active_count()
+    for opts, words in cases:
+        with pytest.raises(UsageError, match=words):
+            System(opts, on_message=print)
+    assert threading.active_count() == before  # no machine, no vCPU thread
