@@ -117,7 +117,11 @@ def test_cut_link_primary_goes_on_and_the_front_stays(in_ns_a: tuple[str, str, s
         wait_until(lambda: primary.cmd("query-colo-status")["mode"] == "none", 15,
                    "the primary to give up its standby")  # fmt: skip
         colo = primary.cmd("query-colo-status")
-        assert colo["reason"] == "error" and "heartbeat" in colo["x-error"], colo
+        # Which of the primary's two watches sees the cut first is a race: the heartbeat's
+        # silence, or a checkpoint whose write makes no progress (the same time-out). Either
+        # way the standby is lost through the link, never through an error of its own.
+        assert colo["reason"] == "error", colo
+        assert "heartbeat" in colo["x-error"] or "no progress writing" in colo["x-error"], colo
         wait_until(lambda: standby.status() == "running", 15, "the standby to take over")
         assert "no heartbeat" in standby.cmd("query-colo-status")["x-how"]
         before = w.count()
