@@ -600,7 +600,8 @@ class PostcopyIncoming:
         # Without preempt the requested pages come this way, behind background PARTs: at a
         # nice value this thread waited for a vCPU's time slice now and then (p99 3-4 ms in
         # ``bench postcopy``, 2 busy vCPUs on 2 cores); real-time, below the fault thread, p99
-        # went to about 1 ms. The source's rate limit bounds what it takes from the vCPUs
+        # went to 1.0-1.3 ms in loaded rounds (2-4 ms in some quiet ones, p50 ~50 us more:
+        # benchmarks/README.md). The source's rate limit bounds what it takes from the vCPUs
         # (and the kernel's RT throttling leaves them 5% of a core whatever comes).
         boost_thread(realtime=not self.preempt)
         self._listen_pump(ch, dec)
