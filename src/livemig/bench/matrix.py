@@ -55,6 +55,7 @@ from livemig.bench.common import (
     set_migration,
     table_console,
 )
+from livemig.cli.argtypes import setting
 from livemig.errors import LivemigError, MigrationError, UsageError
 from livemig.units import format_size, parse_size
 
@@ -562,7 +563,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeat", type=int, default=1, help="runs per scenario (median)")
     p.add_argument("--limit-seconds", type=float, default=20.0,
                    help="cancel a migration not finished after this long (20)")  # fmt: skip
-    p.add_argument("--set", dest="params", action="append", type=_param, default=[],
+    p.add_argument("--set", dest="params", action="append", type=setting, default=[],
                    metavar="PARAM=VALUE", help="max-bandwidth (128M, QEMU's default; 0 = "
                    "unlimited) or downtime-limit (300 ms), named as for livemig migrate")  # fmt: skip
     p.add_argument("--ws-share", type=float, default=0.25,
@@ -573,12 +574,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="the same scenarios on real QEMU, 10.0 by default (TCG, Linux guest; slow)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     p.set_defaults(func=main)
-
-
-def _param(text: str) -> tuple[str, Any]:
-    from livemig.cli.migrate import _param as parse
-
-    return parse(text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from livemig.cli import describe
+from livemig.cli.argtypes import capability, setting
 from livemig.control.demo import Demo, DemoOptions
 from livemig.errors import LivemigError
 from livemig.units import parse_size
@@ -39,10 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "happens)",
     )
     p.add_argument("--guest", default="memstress", help="guest program (default memstress)")
-    p.add_argument("--set", dest="params", action="append", type=_param, default=[],
+    p.add_argument("--set", dest="params", action="append", type=setting, default=[],
                    metavar="PARAM=VALUE", help="migration parameter, as for livemig migrate, "
                    "e.g. downtime-limit=50 max-bandwidth=1G (0 = unlimited)")  # fmt: skip
-    p.add_argument("--cap", dest="caps", action="append", type=_cap, default=[],
+    p.add_argument("--cap", dest="caps", action="append", type=capability, default=[],
                    metavar="NAME[=on|off]", help="migration capability, as for livemig migrate "
                    "(postcopy-preempt=off: without the preempt channel)")  # fmt: skip
     p.add_argument("--postcopy-after-precopy", dest="postcopy", action="store_true",
@@ -60,18 +61,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="livemig-report", help="report path stem (.json, .png)")
     p.add_argument("--watch", type=float, default=1.5, help="seconds of console before/after")
     p.set_defaults(func=run)
-
-
-def _param(text: str) -> tuple[str, Any]:
-    from livemig.cli.migrate import _param as parse
-
-    return parse(text)
-
-
-def _cap(text: str) -> tuple[str, bool]:
-    from livemig.cli.migrate import _cap as parse
-
-    return parse(text)
 
 
 def options_from_args(args: argparse.Namespace) -> DemoOptions:

@@ -28,6 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from livemig.cli import describe
+from livemig.cli.argtypes import capability, setting
 from livemig.control.migrate import (
     REPLICATE_DELAY_MS,
     Cancelled,
@@ -36,23 +37,7 @@ from livemig.control.migrate import (
     MigrationFailed,
     migrate,
 )
-from livemig.errors import UsageError
-from livemig.migration.options import parse_cap, parse_param
 from livemig.report.progress import FINAL, ProgressDisplay, postcopy_summary, summary_table
-
-
-def _param(text: str) -> tuple[str, Any]:
-    try:
-        return parse_param(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _cap(text: str) -> tuple[str, bool]:
-    try:
-        return parse_cap(text)
-    except UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -64,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--set",
         dest="params",
         action="append",
-        type=_param,
+        type=setting,
         default=[],
         metavar="PARAM=VALUE",
         help="migration parameter, e.g. downtime-limit=50 max-bandwidth=1G",
@@ -73,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--cap",
         dest="caps",
         action="append",
-        type=_cap,
+        type=capability,
         default=[],
         metavar="NAME[=on|off]",
         help="migration capability, e.g. auto-converge",

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from livemig.cli import describe
+from livemig.cli.argtypes import setting
 from livemig.control.plan import plan_for
 from livemig.migration.planner import Prediction
 from livemig.units import format_size, parse_size
@@ -32,19 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="link bandwidth in bytes/s, e.g. 1G (default: loopback TCP, measured "
                         "now); pre-copy is also held to the source's max-bandwidth")  # fmt: skip
     p.add_argument(
-        "--set", dest="params", action="append", type=_param, default=[],
+        "--set", dest="params", action="append", type=setting, default=[],
         metavar="PARAM=VALUE", help="plan as if the source had this migration parameter, e.g. "
         "downtime-limit=50 or max-bandwidth=1G (default: the source's own)",
     )  # fmt: skip
     p.add_argument("--seconds", type=float, default=3.0, help="how long to sample (default 3)")
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
     p.set_defaults(func=run)
-
-
-def _param(text: str) -> tuple[str, Any]:
-    from livemig.cli.migrate import _param as parse
-
-    return parse(text)
 
 
 def run(args: argparse.Namespace) -> int:
