@@ -8,14 +8,13 @@ tcp:0.0.0.0:PORT`` listened on every interface without authentication.
 
 from __future__ import annotations
 
-import json
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
+from qmp_wire import json_lines
 
 from livemig.errors import UsageError
 from livemig.qmp import Arg, CommandRegistry, QMPServer
@@ -28,19 +27,6 @@ def _registry() -> CommandRegistry:
     reg = CommandRegistry()
     reg.add("echo", lambda text: text, args={"text": Arg(str)})
     return reg
-
-
-def _lines(sock: socket.socket) -> Iterator[dict]:
-    buf = b""
-    while True:
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            if line.strip():
-                yield json.loads(line)
-        data = sock.recv(65536)
-        if not data:
-            return
-        buf += data
 
 
 def _connect(path: str) -> socket.socket:
@@ -58,10 +44,10 @@ def test_idle_clients_do_not_lock_management_out(tmp_path) -> None:
     try:
         for _ in range(4):  # every slot taken by a client that never negotiates
             s = _connect(path)
-            assert "QMP" in next(_lines(s))  # the greeting: the session exists
+            assert "QMP" in next(json_lines(s))  # the greeting: the session exists
             idle.append(s)
         mgmt = _connect(path)
-        it = _lines(mgmt)
+        it = json_lines(mgmt)
         first = next(it)
         assert "QMP" in first, first  # not "too many QMP clients"
         mgmt.sendall(b'{"execute": "qmp_capabilities"}\n')
@@ -69,7 +55,7 @@ def test_idle_clients_do_not_lock_management_out(tmp_path) -> None:
         mgmt.sendall(b'{"execute": "echo", "arguments": {"text": "hi"}}\n')
         assert next(it) == {"return": "hi"}
         # the oldest idle client lost its slot, and was told why
-        dropped = list(_lines(idle[0]))
+        dropped = list(json_lines(idle[0]))
         assert dropped and "not negotiated" in dropped[-1]["error"]["desc"]
         mgmt.close()
     finally:
@@ -85,12 +71,12 @@ def test_client_that_never_negotiates_is_dropped(tmp_path) -> None:
     try:
         s = _connect(path)
         t0 = time.monotonic()
-        msgs = list(_lines(s))  # ends when the server closes the connection
+        msgs = list(json_lines(s))  # ends when the server closes the connection
         assert time.monotonic() - t0 < 5
         assert "no qmp_capabilities within 0.5 s" in msgs[-1]["error"]["desc"]
         # a client that negotiates in time keeps its session past the time-out
         ok = _connect(path)
-        it = _lines(ok)
+        it = json_lines(ok)
         next(it)
         ok.sendall(b'{"execute": "qmp_capabilities"}\n')
         assert next(it) == {"return": {}}

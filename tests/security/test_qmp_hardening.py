@@ -4,7 +4,6 @@ the command, and a real ``livemig run`` creates its QMP and migration unix socke
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import ssl
@@ -13,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qmp_wire import json_lines
 
 from livemig.qmp import Arg, CommandRegistry, QMPServer
 from livemig.testing.procs import ProcHarness
@@ -48,21 +48,8 @@ def _client_ctx(d: Path) -> ssl.SSLContext:
     return ctx
 
 
-def _lines(sock: socket.socket) -> Iterator[dict]:
-    buf = b""
-    while True:
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            if line.strip():
-                yield json.loads(line)
-        data = sock.recv(65536)
-        if not data:
-            return
-        buf += data
-
-
 def _session(sock: socket.socket) -> Iterator[dict]:
-    it = _lines(sock)
+    it = json_lines(sock)
     assert "QMP" in next(it)
     sock.sendall(b'{"execute": "qmp_capabilities"}\n')
     assert next(it) == {"return": {}}
