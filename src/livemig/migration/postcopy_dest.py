@@ -61,6 +61,7 @@ from livemig.migration.postcopy_source import (
     checksum_vmsd,
     page_checksums,
 )
+from livemig.migration.priority import blackout_priority
 from livemig.migration.state import MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_vmsd
 from livemig.savevm import checksum as CK
@@ -231,6 +232,7 @@ class PostcopyIncoming:
         self._preempt_lost: str | None = None  # the preempt channel broke (a link failure)
         self._fatal: str | None = None  # unchecked garbage on the preempt channel
         self._must_check = False
+        self._switch_started = False
 
     # -- events of the main stream -------------------------------------------------------------
 
@@ -238,13 +240,23 @@ class PostcopyIncoming:
         if isinstance(ev, E.PostcopyAdvise):
             self._advise(ev, dec)
         elif isinstance(ev, E.PostcopyRamDiscard):
+            self._switching()
             self._discard(ev, dec)
         elif isinstance(ev, E.Packaged):
+            self._switching()
             self._package(ev, dec)
             self._listen_loop(dec)
         else:
             return False
         return True
+
+    def _switching(self) -> None:
+        """The switch has begun (the source's guest is stopped): this thread, which carries it
+        to RUN and then becomes the listen thread, is real-time from here (migration/priority.py);
+        the listen loop then sets the priority it keeps."""
+        if not self._switch_started:
+            self._switch_started = True
+            blackout_priority()
 
     def _advise(self, ev: E.PostcopyAdvise, dec: Decoder) -> None:
         caps = getattr(self.inc, "capabilities", frozenset())

@@ -104,6 +104,8 @@ def boost_thread(realtime: bool = False, priority: int = RT_PRIORITY) -> bool:
         except (OSError, AttributeError) as exc:
             log.debug("post-copy thread not real-time: %s", exc)
     try:
+        if os.sched_getscheduler(tid) != os.SCHED_OTHER:  # real-time for a blackout until now
+            os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
         os.setpriority(os.PRIO_PROCESS, tid, URGENT_NICE)
         return True
     except OSError as exc:
@@ -532,6 +534,7 @@ class PostcopySource:
         mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
         self.active = True
         self.switched.set()
+        mig.end_blackout_priority()
         boost_thread()
         self._loop()
 

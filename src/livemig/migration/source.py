@@ -35,6 +35,7 @@ from livemig.errors import LivemigError, MigrationError
 from livemig.machine.runstate import RunState
 from livemig.migration import mapped_ram, multifd
 from livemig.migration.convergence import SwitchoverRefiner
+from livemig.migration.priority import blackout_priority, restore_priority
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
 from livemig.migration.stats import MigrationStats, PassRecord
@@ -166,6 +167,7 @@ class OutgoingMigration:
         # switchover-ack: the destination's approval of the switch-over (QEMU 8.1+)
         self._switchover_acked = threading.Event()
         self._stopped_guest = False
+        self._blackout_prio: tuple[int, int, int] | None = None  # see stop_guest
         # The guest stopped for good and the tracker synced after that: from here a page sent is
         # the page hashed (x-checksums asks the tracker nothing more)
         self._frozen = False
@@ -240,6 +242,7 @@ class OutgoingMigration:
             log.exception("migration thread crashed")
             self._fail(cancelled=False, reason=f"internal error: {exc!r}")
         finally:
+            self.end_blackout_priority()
             self._cleanup()
 
     def _failure_reason(self, exc: BaseException) -> str:
@@ -768,6 +771,7 @@ class OutgoingMigration:
         }
         if self.config.verify:
             self.stats.downtime_breakdown["verify-hashing"] = self.verify_time
+        self.end_blackout_priority()  # all is sent: only the destination's answer is awaited
         if self.colo is not None:
             return self.colo.run(t_stop)  # checkpoints until replication ends (migration/colo.py)
         if self.return_path:
@@ -793,6 +797,7 @@ class OutgoingMigration:
         off; from here a failure restarts the guest (``_fail``) unless it has moved on."""
         m = self.machine
         self._t_stop = time.monotonic()
+        self._blackout_prio = blackout_priority()  # until the guest runs again, here or there
         self._was_running = m.runstate == RunState.RUNNING
         if self._was_running:
             m.pause(RunState.FINISH_MIGRATE)
@@ -802,6 +807,11 @@ class OutgoingMigration:
         if self.stats.throttle:
             m.set_throttle(0)
             self.stats.throttle = 0
+
+    def end_blackout_priority(self) -> None:
+        """This thread goes back to its normal scheduling (``stop_guest`` made it real-time)."""
+        restore_priority(self._blackout_prio)
+        self._blackout_prio = None
 
     def _device_sections(self) -> tuple[list, dict[str, Any]]:
         enc = self.encoder

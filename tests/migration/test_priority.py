@@ -1,0 +1,89 @@
+"""Real-time scheduling for the switch-over thread (migration/priority.py) and its undoing."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from livemig.migration.postcopy_source import URGENT_NICE, boost_thread
+from livemig.migration.priority import RT_PRIORITY, blackout_priority, restore_priority
+
+
+def _in_thread(fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on a fresh thread (never change the test runner's own priority)."""
+    out: list[Any] = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join(10)
+    return out[0]
+
+
+def _mine() -> tuple[int, int, int]:
+    tid = threading.get_native_id()
+    return (os.sched_getscheduler(tid), os.sched_getparam(tid).sched_priority,
+            os.getpriority(os.PRIO_PROCESS, tid))  # fmt: skip
+
+
+def _can_rt() -> bool:
+    def probe() -> bool:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+            return True
+        except OSError:
+            return False
+
+    return _in_thread(probe)
+
+
+needs_rt = pytest.mark.skipif(not _can_rt(), reason="needs CAP_SYS_NICE (real-time scheduling)")
+
+
+@needs_rt
+def test_blackout_priority_is_real_time_and_restored(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LIVEMIG_NO_RT", raising=False)
+
+    def run() -> tuple[Any, ...]:
+        before = _mine()
+        saved = blackout_priority()
+        during = _mine()
+        again = blackout_priority()  # already real-time: changes nothing, undoes nothing
+        restore_priority(again)
+        still = _mine()
+        restore_priority(saved)
+        return before, saved, during, still, _mine()
+
+    before, saved, during, still, after = _in_thread(run)
+    assert saved == before
+    assert during[:2] == (os.SCHED_FIFO, RT_PRIORITY)
+    assert still == during
+    assert after == before
+
+
+def test_blackout_priority_off_with_livemig_no_rt(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIVEMIG_NO_RT", "1")
+
+    def run() -> tuple[Any, ...]:
+        before = _mine()
+        return before, blackout_priority(), _mine()
+
+    before, saved, after = _in_thread(run)
+    assert saved is None and after == before
+
+
+@needs_rt
+def test_boost_thread_leaves_real_time_when_asked_for_nice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The post-copy push thread was real-time for the switch: its own boost (a nice value)
+    must take it out of SCHED_FIFO, not leave it there."""
+    monkeypatch.delenv("LIVEMIG_NO_RT", raising=False)
+
+    def run() -> tuple[int, int, int]:
+        blackout_priority()
+        boost_thread()
+        return _mine()
+
+    policy, _prio, nice = _in_thread(run)
+    assert policy == os.SCHED_OTHER and nice == URGENT_NICE
