@@ -25,6 +25,7 @@ from livemig import threads
 from livemig.errors import LivemigError, StreamError
 from livemig.machine.runstate import RunState
 from livemig.migration import mapped_ram, multifd, postcopy_dest, state_verify
+from livemig.migration.priority import blackout_priority, restore_priority
 from livemig.migration.source import MACHINE_TYPE, VERIFY_IDSTR, ram_hashes, verify_vmsd
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_vmsd
@@ -106,6 +107,7 @@ class IncomingMigration:
         self._ram_sid = 0  # the ram section's id: COLO checkpoints continue that section
         self._colo_offset = 0
         self.timeline: dict[str, float] = {}
+        self._blackout_prio: tuple[int, int, int] | None = None  # from the END section on
         self.thread = threads.Thread(target=self._run, name="incoming", daemon=True)
         if state.status == MigrationStatus.NONE:
             state.move(MigrationStatus.SETUP)
@@ -151,6 +153,7 @@ class IncomingMigration:
             self.state.try_move(self.state.status, MigrationStatus.FAILED,
                                 error=f"internal error: {exc!r}")  # fmt: skip
         finally:
+            self._end_blackout_priority()
             multifd.incoming_close(self)
             if self.channel is not None:
                 self.channel.close()
@@ -210,7 +213,9 @@ class IncomingMigration:
             # One event at a time: after a PACKAGED command post-copy takes the decoder over.
             ev = None
             for ev in iter(dec.next_event, E.NEED_DATA):
-                if isinstance(ev, E.SectionEnd):
+                if isinstance(ev, E.SectionEnd) and not final:
+                    # the source's guest has stopped: the blackout runs until ours starts
+                    self._blackout_prio = blackout_priority()
                     final = True
                 if isinstance(ev, E.Eof):
                     eof_at = time.monotonic()
@@ -236,9 +241,15 @@ class IncomingMigration:
             bulk = not final and (isinstance(ev, E.RamPages | E.RamZeroPages) or bool(
                 self.checked and ev is not None))  # fmt: skip
         if self.colo is not None:
+            self._end_blackout_priority()
             self._colo_offset = dec.offset
             return self.colo.run(dec.unparsed())  # a standby: checkpoints until it takes over
         self._start_guest()
+        self._end_blackout_priority()
+
+    def _end_blackout_priority(self) -> None:
+        restore_priority(self._blackout_prio)
+        self._blackout_prio = None
 
     def _handle(self, ev: Any, dec: Decoder) -> None:
         if self.checks.before(ev, dec.offset, self._vmsds):

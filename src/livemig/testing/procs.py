@@ -230,13 +230,18 @@ class LivemigProcess:
                 self.cmd("cont")
 
     def wait_passes_increase(self, than: int, timeout: float = 15.0) -> dict[str, Any]:
-        """Guest checks until memstress's total passes exceed ``than``; the last report."""
+        """Guest checks until memstress's total passes exceed ``than`` and every vCPU has filled
+        its slice of the working set; the last report.
+
+        (Total passes alone let a test go on while one vCPU, slow on a loaded host, was still
+        filling: a snapshot test then found 3 of the 4 MiB it expected.)
+        """
         report: dict[str, Any] = {}
 
         def more() -> bool:
             nonlocal report
             report = self.guest_check()
-            return report["total-passes"] > than
+            return report["total-passes"] > than and not report.get("filling", False)
 
         wait_until(more, timeout, f"{self.name} guest passes > {than}", 0.1)
         return report
