@@ -77,7 +77,8 @@ def test_summary_and_table_on_synthetic_runs() -> None:
         matrix.RunFigures(outcome="completed", status="completed", total_ms=300, downtime_ms=30,
                           transferred=5 << 20, passes=5, throttle_pct=20, verified=True,
                           guest_ok=True),
-        matrix.RunFigures(outcome="limit", status="cancelled", transferred=9 << 20, passes=40),
+        matrix.RunFigures(outcome="limit", status="cancelled", transferred=9 << 20, passes=40,
+                          dirty_mib_s=180.5),
     ]  # fmt: skip
     s = matrix.summarize_runs(runs)
     assert s["runs"] == 3 and s["completed"] == 2 and s["outcomes"] == ["completed", "limit"]
@@ -95,6 +96,7 @@ def test_summary_and_table_on_synthetic_runs() -> None:
     assert row["done"] == "2/3 (limit) / 0/1 (limit)"
     assert row["total s"] == "0.20 / -"
     assert row["passes"] == "4 / (40)"  # the QEMU run shows where it stood when cut
+    assert row["dirtied MiB/s"] == "(180) / (180)"  # what the guest really wrote, when cut
     assert row["verified"] == "yes / n/a"
     matrix.render(result)
 
@@ -137,13 +139,16 @@ def test_tiny_matrix_end_to_end(tmp_path) -> None:
 def test_scenario_cut_at_the_limit() -> None:
     """A flat-out guest at 8 MiB/s cannot converge: cancelled at the limit, never a hang."""
     cfg = matrix.Config(sizes=[32 << 20], rates=["max"], strategies=["precopy"],
-                        limit_seconds=2.0, bandwidth=8 << 20, downtime_limit=1)  # fmt: skip
+                        limit_seconds=3.0, bandwidth=8 << 20, downtime_limit=1)  # fmt: skip
     t0 = time.monotonic()
     fig = matrix.run_livemig(cfg, 32 << 20, "max", matrix.parse_strategy("precopy"))
     assert time.monotonic() - t0 < 40
     assert fig.outcome == "limit" and fig.status == "cancelled", fig  # whole record: diagnosable
     assert fig.transferred and fig.transferred > 0 and fig.total_ms is None
     assert any("cancelled" in n for n in fig.notes)
+    if fig.passes and fig.passes >= 4:  # a dirty rate is known from the first sync after 1 s
+        # the whole 8 MiB working set is dirty at every sync of a flat-out guest
+        assert fig.dirty_mib_s is not None and fig.dirty_mib_s >= 4, fig
 
 
 @pytest.mark.qemu

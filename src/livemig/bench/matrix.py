@@ -60,6 +60,7 @@ from livemig.errors import LivemigError, MigrationError, UsageError
 from livemig.units import format_size, parse_size
 
 PAGES_PER_MIB = 256
+PAGE_BYTES = 4096  # the unit of ram.dirty-pages-rate (pages per second) on both VMs
 QEMU_MAX_RATE = 1024  # MiB/s asked of the dirtier for "max" (TCG reaches what it can)
 CANCEL_GRACE_S = 15.0  # after migrate_cancel, how long a migration may take to end
 _STRATEGY = re.compile(r"^(precopy|autoconverge|postcopy|multifd(\d+)(?:-(zlib|zstd))?)$")
@@ -67,11 +68,11 @@ _STRATEGY = re.compile(r"^(precopy|autoconverge|postcopy|multifd(\d+)(?:-(zlib|z
 # Every figure of one run; the JSON always carries all of them (None when not applicable).
 FIELDS = (
     "outcome", "status", "total_ms", "downtime_ms", "blackout_ms", "transferred", "passes",
-    "throttle_pct", "postcopy_switched", "postcopy_bytes", "postcopy_requests", "blocktime_ms",
-    "verified", "guest_ok", "src_rss", "dst_rss", "wall_s",
+    "throttle_pct", "dirty_mib_s", "postcopy_switched", "postcopy_bytes", "postcopy_requests",
+    "blocktime_ms", "verified", "guest_ok", "src_rss", "dst_rss", "wall_s",
 )  # fmt: skip
 NUMERIC = ("total_ms", "downtime_ms", "blackout_ms", "transferred", "passes", "throttle_pct",
-           "postcopy_bytes", "postcopy_requests", "blocktime_ms", "src_rss", "dst_rss", "wall_s")  # fmt: skip
+           "dirty_mib_s", "postcopy_bytes", "postcopy_requests", "blocktime_ms", "src_rss", "dst_rss", "wall_s")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,10 @@ class RunFigures:
     transferred: int | None = None
     passes: int | None = None  # dirty-sync-count
     throttle_pct: int | None = None  # highest cpu-throttle-percentage seen
+    # The guest's dirty rate as the migration saw it (ram.dirty-pages-rate, median of the
+    # samples while active): what a like-for-like cell needs equal on both sides. A guest that
+    # loses its CPU to the migration (or to the throttle) writes less than it was asked to.
+    dirty_mib_s: float | None = None
     postcopy_switched: bool | None = None  # migrate-start-postcopy was sent before the end
     postcopy_bytes: int | None = None
     postcopy_requests: int | None = None
@@ -181,6 +186,7 @@ def drive(
         throttle = 0
         info: dict[str, Any] = {}
         last_ram: dict[str, Any] = {}
+        dirty_rates: list[int] = []
         while True:
             now = time.monotonic()
             info = sq.command("query-migrate")
@@ -190,6 +196,9 @@ def drive(
             throttle = max(throttle, int(info.get("cpu-throttle-percentage") or 0))
             if status in FINAL_STATES:
                 break
+            rate = info.get("ram", {}).get("dirty-pages-rate")
+            if status == "active" and rate:
+                dirty_rates.append(int(rate))
             if (strategy.postcopy and not switched and status == "active"
                     and info.get("ram", {}).get("dirty-sync-count", 0) >= 2):  # fmt: skip
                 sq.command("migrate-start-postcopy")
@@ -215,6 +224,8 @@ def drive(
         fig.transferred = ram.get("transferred")
         fig.passes = ram.get("dirty-sync-count")
         fig.throttle_pct = throttle
+        if dirty_rates:
+            fig.dirty_mib_s = round(statistics.median(dirty_rates) * PAGE_BYTES / 2**20, 1)
         if strategy.postcopy:
             fig.postcopy_switched = switched
             fig.postcopy_bytes = ram.get("postcopy-bytes")
@@ -370,7 +381,7 @@ def summarize_runs(runs: Sequence[RunFigures]) -> dict[str, Any]:
     limited = [r for r in runs if r.outcome == "limit"]
     out["at_limit"] = {
         name: statistics.median(xs) if xs else None
-        for name in ("transferred", "passes", "throttle_pct")
+        for name in ("transferred", "passes", "throttle_pct", "dirty_mib_s")
         for xs in [[getattr(r, name) for r in limited if getattr(r, name) is not None]]
     }
     verified = [r.verified for r in done if r.verified is not None]
@@ -469,6 +480,7 @@ COLUMNS = (
     ("sent MiB", "transferred", 1 / 2**20, 0),
     ("passes", "passes", 1.0, 0),
     ("throttle %", "throttle_pct", 1.0, 0),
+    ("dirtied MiB/s", "dirty_mib_s", 1.0, 0),
     ("pc req", "postcopy_requests", 1.0, 0),
     ("blocktime ms", "blocktime_ms", 1.0, 0),
 )
