@@ -65,3 +65,27 @@ def test_segment_hidden_state_the_backend_cannot_hold_is_refused() -> None:
     s.seg("cs").flags = 0xA09B00
     with pytest.raises(MachineError, match="segment cs"):
         UnicornCPU(0).set_state(s)
+
+
+def test_batched_registers_agree_with_unicorns_own_reads() -> None:
+    """get_state reads registers in batches through raw buffers (16-byte slots for FP and XMM
+    registers, 2-byte selectors in 8-byte slots): every value must be what unicorn's own
+    per-register API reads."""
+    from unicorn import x86_const as x
+
+    from livemig.machine import unicorn_cpu as U
+
+    cpu = UnicornCPU(1)
+    cpu.set_state(_busy_state())
+    got = cpu.get_state()
+    rd = cpu._uc.reg_read
+    assert got.regs == [rd(r) for r in U._GPRS]
+    assert got.cr == [rd(r) for r in U._CRS] and got.dr == [rd(r) for r in U._DRS]
+    assert [s.selector for s in got.segs] == [rd(r) for r in U._SEGS]
+    assert got.fs_base == rd(x.UC_X86_REG_FS_BASE) and got.gs_base == rd(x.UC_X86_REG_GS_BASE)
+    assert got.rflags == rd(x.UC_X86_REG_RFLAGS)
+    assert [tuple(p) for p in got.fpregs] == [tuple(rd(r)) for r in U._FPREGS]
+    assert got.xmm == [rd(r) for r in U._XMMS]
+    fpu = (got.fpuc, got.fpus, got.fptag, got.fpop, got.fpip, got.fpdp, got.fpcs, got.fpds,
+           got.mxcsr)  # fmt: skip
+    assert list(fpu) == [rd(r) for r in U._FPU]
