@@ -12,11 +12,12 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
   channel with the fewest jobs queued, waiting while no channel has room (QEMU's
   ``channels_ready`` semaphore: a job never waits behind a slow channel while another idles).
   The channel thread sorts them into zero and normal pages (zero-page detection runs here,
-  9.0's default ``zero-page-detection=multifd``; with ``legacy`` the migration thread finds
-  them and sends ZERO records on the main channel, as QEMU up to 8.2; with ``none`` every page
-  goes as a normal one), builds the 1344-byte packet header
-  (``wire.multifd.MultifdPacket``) and sends header + page data with one ``writev`` whose
-  buffers are memoryview slices of the RAM mmap (no copy in Python). With compression the
+  9.0's default ``zero-page-detection=multifd``, or in the migration thread when it would
+  otherwise wait for room in the queues; with ``legacy`` the migration thread finds them and
+  sends ZERO records on the main channel, as QEMU up to 8.2; with ``none`` every page goes as
+  a normal one), builds the 1344-byte packet headers of the whole job at once (a packet: its
+  normal pages' offsets, then its zero pages') and sends headers + page data with one
+  ``writev`` whose buffers are memoryview slices of the RAM mmap (no copy in Python). With compression the
   pages of a packet go through the channel's single zlib or zstd stream (QEMU: one stream per
   channel; each packet ends with a sync/block flush so it can be decoded on its own arrival).
 * **Sync.** Channels reorder, so an old copy of a page must never land after a newer one. At
@@ -29,10 +30,13 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
   pass can go in any order.
 * **Receive.** Uncompressed page data is read straight into the guest RAM slots the (already
   checked) header names; compressed payloads are read into one reusable buffer per channel and
-  inflated into a reusable page buffer before placement. A packet whose pages are one run of
-  the previous packet's block (almost every packet of a busy pass) is checked and placed
-  without the general path's packet object (``_run_of_pages``); the source builds such runs'
-  packets the same short way (``_run_packets``), to the same bytes.
+  inflated into a reusable page buffer before placement. An uncompressed packet for the
+  previous packet's block (almost every packet of a pass) is checked and placed without the
+  general path's packet object (``_run_of_pages``): a run of data pages with one read, scattered
+  data pages with one ``readv``, zero pages by clearing only those written before (untouched
+  RAM is zero: QEMU's ``ramblock_recv_bitmap`` rule). The source builds runs' packets the same
+  short way (``_run_packets``), and other jobs' packets from a few numpy calls
+  (``_mixed_packets``), to the same bytes.
 
 * **QEMU 7.2 streams** (not handled, by design): a 7.2 source (and any machine type up to
   8.0, QEMU's ``multifd-flush-after-each-section=on`` compat property) sends no
