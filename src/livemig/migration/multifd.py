@@ -17,9 +17,10 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
   sends ZERO records on the main channel, as QEMU up to 8.2; with ``none`` every page goes as
   a normal one), builds the 1344-byte packet headers of the whole job at once (a packet: its
   normal pages' offsets, then its zero pages') and sends headers + page data with one
-  ``writev`` whose buffers are memoryview slices of the RAM mmap (no copy in Python). With compression the
-  pages of a packet go through the channel's single zlib or zstd stream (QEMU: one stream per
-  channel; each packet ends with a sync/block flush so it can be decoded on its own arrival).
+  ``writev`` whose buffers are memoryview slices of the RAM mmap (no copy in Python). With
+  compression the pages of a packet go through the channel's single zlib or zstd stream (QEMU:
+  one stream per channel; each packet ends with a sync/block flush so it can be decoded on its
+  own arrival).
 * **Sync.** Channels reorder, so an old copy of a page must never land after a newer one. At
   every dirty-bitmap sync (a pass), and before the device state, ``MultifdSender.sync()`` makes
   every channel send a SYNC packet after everything queued before it and waits until all were
