@@ -21,7 +21,7 @@ def _reference(idx: list[int]) -> list[tuple[int, int]]:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(0, 40), max_size=30), st.sampled_from([np.int64, np.uint64]))
+@given(st.lists(st.integers(0, 80), max_size=60), st.sampled_from([np.int64, np.uint64]))
 def test_page_runs_matches_a_walk(idx: list[int], dtype: type) -> None:
     assert page_runs(np.array(idx, dtype)) == _reference(idx)
 

@@ -12,13 +12,15 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
   channel with the fewest jobs queued, waiting while no channel has room (QEMU's
   ``channels_ready`` semaphore: a job never waits behind a slow channel while another idles).
   The channel thread sorts them into zero and normal pages (zero-page detection runs here,
-  9.0's default ``zero-page-detection=multifd``; with ``legacy`` the migration thread finds
-  them and sends ZERO records on the main channel, as QEMU up to 8.2; with ``none`` every page
-  goes as a normal one), builds the 1344-byte packet header
-  (``wire.multifd.MultifdPacket``) and sends header + page data with one ``writev`` whose
-  buffers are memoryview slices of the RAM mmap (no copy in Python). With compression the
-  pages of a packet go through the channel's single zlib or zstd stream (QEMU: one stream per
-  channel; each packet ends with a sync/block flush so it can be decoded on its own arrival).
+  9.0's default ``zero-page-detection=multifd``, or in the migration thread when it would
+  otherwise wait for room in the queues; with ``legacy`` the migration thread finds them and
+  sends ZERO records on the main channel, as QEMU up to 8.2; with ``none`` every page goes as
+  a normal one), builds the 1344-byte packet headers of the whole job at once (a packet: its
+  normal pages' offsets, then its zero pages') and sends headers + page data with one
+  ``writev`` whose buffers are memoryview slices of the RAM mmap (no copy in Python). With
+  compression the pages of a packet go through the channel's single zlib or zstd stream (QEMU:
+  one stream per channel; each packet ends with a sync/block flush so it can be decoded on its
+  own arrival).
 * **Sync.** Channels reorder, so an old copy of a page must never land after a newer one. At
   every dirty-bitmap sync (a pass), and before the device state, ``MultifdSender.sync()`` makes
   every channel send a SYNC packet after everything queued before it and waits until all were
@@ -29,10 +31,13 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
   pass can go in any order.
 * **Receive.** Uncompressed page data is read straight into the guest RAM slots the (already
   checked) header names; compressed payloads are read into one reusable buffer per channel and
-  inflated into a reusable page buffer before placement. A packet whose pages are one run of
-  the previous packet's block (almost every packet of a busy pass) is checked and placed
-  without the general path's packet object (``_run_of_pages``); the source builds such runs'
-  packets the same short way (``_run_packets``), to the same bytes.
+  inflated into a reusable page buffer before placement. An uncompressed packet for the
+  previous packet's block (almost every packet of a pass) is checked and placed without the
+  general path's packet object (``_run_of_pages``): a run of data pages with one read, scattered
+  data pages with one ``readv``, zero pages by clearing only those written before (untouched
+  RAM is zero: QEMU's ``ramblock_recv_bitmap`` rule). The source builds runs' packets the same
+  short way (``_run_packets``), and other jobs' packets from a few numpy calls
+  (``_mixed_packets``), to the same bytes.
 
 * **QEMU 7.2 streams** (not handled, by design): a 7.2 source (and any machine type up to
   8.0, QEMU's ``multifd-flush-after-each-section=on`` compat property) sends no
@@ -73,7 +78,7 @@ from livemig import threads
 from livemig.errors import MigrationError, StreamError, UsageError
 from livemig.machine.abi import PAGE_SIZE
 from livemig.savevm import checksum as CK
-from livemig.savevm.ram import Batch, page_runs, split_zero
+from livemig.savevm.ram import Batch, page_runs, zero_mask
 from livemig.transport import Channel, ChannelError, ChannelTimeout
 from livemig.wire.constants import QEVM_MAGIC
 from livemig.wire.multifd import (
@@ -187,10 +192,16 @@ class _SendChannel:
         self.compressor = _Compressor(sender.compression, sender.level)
         self._trailer: list = []  # x-checksums: the last job's checksum packet, not yet sent
 
-    def send_job(self, block: Any, idx: np.ndarray) -> None:
+    def send_job(
+        self, block: Any, idx: np.ndarray, is_zero: np.ndarray | None = None, scanned: bool = False
+    ) -> None:
+        """Send a job: ``idx`` (ascending pages of ``block``); ``is_zero`` marks its zero pages
+        if ``scanned`` (the migration thread looked), else this thread looks if it must."""
         s = self.sender
         unit = CK.Unit() if s.checks is not None else None
-        self._send_packet(0, block, idx, unit)
+        if not scanned and s.zero_detect:
+            is_zero = zero_mask(s.words[block.idstr], idx)
+        self._send_packet(0, block, idx, unit, is_zero)
         if unit:
             # after the packets: the tracker is asked once the pages are out; the trailer goes
             # with the next job's packets on this connection, or before its SYNC
@@ -216,7 +227,14 @@ class _SendChannel:
         out, self._trailer = [*self._trailer, *bufs], []
         return out
 
-    def _send_packet(self, flags: int, block: Any, idx: np.ndarray, unit: Any = None) -> None:
+    def _send_packet(
+        self,
+        flags: int,
+        block: Any,
+        idx: np.ndarray,
+        unit: Any = None,
+        is_zero: np.ndarray | None = None,
+    ) -> None:
         """Send ``idx`` (up to ``JOB_PAGES`` pages of ``block``, or none for a SYNC packet) as
         packets of at most ``PAGES_ALLOC`` pages, all of them in one ``writev``.
 
@@ -230,9 +248,8 @@ class _SendChannel:
                                  0, 0, PAGES_ALLOC, 0).pack()  # fmt: skip
             s._count(self.channel.sendv(self._with_trailer([head])), 0, 0)
             return
-        normal, zero = split_zero(s.words[block.idstr], idx) if s.zero_detect else (idx, idx[:0])
         first = int(idx[0])
-        if not len(zero) and s.flag == 0 and int(idx[-1]) - first == len(idx) - 1:
+        if is_zero is None and s.flag == 0 and int(idx[-1]) - first == len(idx) - 1:
             if unit is not None:
                 unit.add(block.idstr, CK.KIND_DATA, idx)
                 s.checks.prepare(unit)  # type: ignore[union-attr]
@@ -240,14 +257,19 @@ class _SendChannel:
             bufs = self._run_packets(flags, block, first, len(idx))
             s._count(self.channel.sendv(self._with_trailer(bufs)), len(idx), 0)
             return
-        if len(zero):
-            is_zero = np.zeros(len(idx), bool)
-            is_zero[np.searchsorted(idx, zero)] = True
+        nzero = 0 if is_zero is None else int(np.count_nonzero(is_zero))
+        if s.flag == 0:
+            bufs = self._mixed_packets(flags, block, idx, is_zero, unit)
+            if unit is not None:
+                s.checks.prepare(unit)  # type: ignore[union-attr]
+                unit.feed(s.checks.views)  # type: ignore[union-attr]  # then the kernel's copy
+            s._count(self.channel.sendv(self._with_trailer(bufs)), len(idx) - nzero, nzero)
+            return
         view = block.view
         bufs: list[Any] = []
         for at in range(0, len(idx), PAGES_ALLOC):
             chunk = idx[at : at + PAGES_ALLOC]
-            if len(zero):
+            if is_zero is not None:
                 z = is_zero[at : at + PAGES_ALLOC]
                 pn, pz = chunk[~z], chunk[z]
             else:
@@ -273,7 +295,7 @@ class _SendChannel:
         if unit is not None:
             s.checks.prepare(unit)  # type: ignore[union-attr]
             unit.feed(s.checks.views)  # type: ignore[union-attr]
-        s._count(self.channel.sendv(self._with_trailer(bufs)), len(normal), len(zero))
+        s._count(self.channel.sendv(self._with_trailer(bufs)), len(idx) - nzero, nzero)
 
     def _run_packets(self, flags: int, block: Any, first: int, count: int) -> list[Any]:
         """The packets of ``count`` uncompressed data pages from ``first``, one run: what a
@@ -297,6 +319,65 @@ class _SendChannel:
             if n < PAGES_ALLOC:
                 bufs.append(bytes(8 * (PAGES_ALLOC - n)))
             bufs.append(view[page << PAGE_SHIFT : (page + n) << PAGE_SHIFT])
+        return bufs
+
+    def _mixed_packets(self, flags: int, block: Any, idx: np.ndarray,
+                       is_zero: np.ndarray | None, unit: Any = None) -> list[Any]:  # fmt: skip
+        """The packets of uncompressed pages ``idx`` of any shape: zero pages (``is_zero``),
+        gaps. Each packet takes the job's next ``PAGES_ALLOC`` pages, its normal pages' offsets
+        first and then its zero pages', as QEMU's and the general path's. The offsets, counts
+        and data runs of all the job's packets come from a few numpy calls over the whole job:
+        the general path's per-packet masks, runs and packet objects were most of the channel
+        thread's Python on an idle guest (8 packets of 2 data and 126 zero pages a job)."""
+        s = self.sender
+        name = s.names.get(block.idstr)
+        if name is None:
+            name = s.names[block.idstr] = block.idstr.encode()
+        n = len(idx)
+        npk = -(-n // PAGES_ALLOC)
+        slots = npk * PAGES_ALLOC
+        key = np.full(slots, 2, np.int8)  # 0 normal, 1 zero, 2 an unused slot (sorted last)
+        key[:n] = 0 if is_zero is None else is_zero
+        rows = key.reshape(npk, PAGES_ALLOC)
+        order = np.argsort(rows, axis=1, kind="stable")
+        order += (np.arange(npk) * PAGES_ALLOC)[:, None]
+        pages = np.zeros(slots, np.uint64)  # unused slots: offset 0, as QEMU leaves them
+        pages[:n] = idx
+        placed = pages[order.ravel()]  # each packet's slots: its normal pages, then zero
+        offs = memoryview((placed << np.uint64(PAGE_SHIFT)).astype(">u8").tobytes())
+        nnormal = np.count_nonzero(rows == 0, axis=1).tolist()
+        nzero = np.count_nonzero(rows == 1, axis=1).tolist()
+        # the data: runs of normal pages, broken at gaps and at packet boundaries
+        pos = np.flatnonzero(key[:n] == 0) if is_zero is not None else np.arange(n)
+        normal = idx[pos].astype(np.int64)
+        runs: list[tuple[int, int, int]] = []
+        if len(normal):
+            brk = np.flatnonzero((np.diff(normal) != 1)
+                                 | (np.diff(pos // PAGES_ALLOC) != 0)) + 1  # fmt: skip
+            starts = np.concatenate(([0], brk))
+            ends = np.concatenate((brk, [len(normal)]))
+            runs = list(zip((pos[starts] // PAGES_ALLOC).tolist(), normal[starts].tolist(),
+                            (ends - starts).tolist(), strict=True))  # fmt: skip
+        runs.append((npk, 0, 0))  # a sentinel past the last packet
+        view = block.view
+        bufs: list[Any] = []
+        r = 0
+        step = 8 * PAGES_ALLOC
+        for p in range(npk):
+            nn = nnormal[p]
+            bufs.append(PACKET_HEADER.pack(MULTIFD_MAGIC, MULTIFD_VERSION, flags, PAGES_ALLOC,
+                                           nn, nn << PAGE_SHIFT, next(s.packet_num), nzero[p],
+                                           name))  # fmt: skip
+            bufs.append(offs[p * step : (p + 1) * step])
+            if unit is not None:  # x-checksums: the records in stream order, as the receiver
+                at = p * PAGES_ALLOC
+                unit.add(block.idstr, CK.KIND_DATA, placed[at : at + nn].astype(np.int64))
+                unit.add(block.idstr, CK.KIND_ZERO,
+                         placed[at + nn : at + nn + nzero[p]].astype(np.int64))  # fmt: skip
+            while runs[r][0] == p:
+                _, i, c = runs[r]
+                bufs.append(view[i << PAGE_SHIFT : (i + c) << PAGE_SHIFT])
+                r += 1
         return bufs
 
 
@@ -403,6 +484,8 @@ class PageWorkerPool:
 class MultifdSender(PageWorkerPool):
     """The source's multifd channels: queue page batches, sync at pass boundaries."""
 
+    scan_ahead = True  # the migration thread scans jobs for zero pages while it would wait
+
     def __init__(
         self,
         blocks: list,
@@ -491,7 +574,7 @@ class MultifdSender(PageWorkerPool):
 
     # -- called by the migration thread -------------------------------------------------------
 
-    def _put(self, job: Any) -> None:
+    def _put(self, job: Any, room: bool = False) -> None:
         """Hand ``job`` to the worker with the fewest jobs queued, once any has room.
 
         Waiting on one chosen worker (round robin) let one that ran ahead empty its queue and
@@ -499,7 +582,7 @@ class MultifdSender(PageWorkerPool):
         showed the channel threads waiting for jobs a tenth of the time at 2 channels.
         """
         deadline = time.monotonic() + self.timeout
-        while not self._room.acquire(timeout=0.1):
+        while not room and not self._room.acquire(timeout=0.1):
             self.check()
             if time.monotonic() > deadline:
                 raise MigrationError(f"multifd channels: no progress for {self.timeout:g} s")
@@ -524,9 +607,22 @@ class MultifdSender(PageWorkerPool):
             idx = np.concatenate((b.normal, b.zero)) if len(b.zero) else b.normal
             if len(b.zero) and len(b.normal):
                 idx.sort()
+            words = self.words[b.idstr]
             for i in range(0, len(idx), JOB_PAGES):
                 self.check()
-                self._put((b.block, idx[i : i + JOB_PAGES]))
+                job = idx[i : i + JOB_PAGES]
+                # Zero-page detection (multifd): a job scanned here while the channel threads
+                # are busy (their queues full) rather than waiting for room; with room, they
+                # scan it. numpy scans without the interpreter lock, so an idle guest's scan,
+                # memory-bound, runs on both cores and beside the channel threads' Python:
+                # the channel thread alone spent half its time scanning, and the migration
+                # thread waited (idle 1 GiB, 2 channels, CPU ms of the critical thread 205 ->
+                # 125 with the packet changes of the same commit).
+                room = self._room.acquire(blocking=False)
+                if self.zero_detect and not room and self.scan_ahead:
+                    self._put((b.block, job, zero_mask(words, job), True), room)
+                else:
+                    self._put((b.block, job), room)
             pages += len(idx)
         return pages
 
@@ -792,6 +888,8 @@ class _RecvChannel:
         if pkt.zero_pages:
             r.loader.load_zero(pkt.ramblock, pkt.offsets[normal:])
             r._count(0, pkt.zero_pages)
+            if r.compression == "none":
+                self._remember(pkt.ramblock)
             if self._checking():
                 self.checks.unit.add(pkt.ramblock, CK.KIND_ZERO, idx[normal:])  # type: ignore[union-attr]
         if pkt.flags & MULTIFD_FLAG_SYNC:
@@ -825,45 +923,101 @@ class _RecvChannel:
             self.top = max(self.top, num)
 
     def _run_of_pages(self, hv: memoryview) -> bool:
-        """Place a packet of the commonest kind, or return False to leave it to the full path:
-        uncompressed normal pages that are one run, for the previous packet's RAMBlock.
+        """Place a packet of the commonest kinds, or return False to leave it to the full path:
+        uncompressed pages, for the previous packet's RAMBlock.
 
-        A pass over a busy guest sends almost only such packets. The full path (a packet
-        object, its offsets as a new array, range checks, a run split, two bitmap scatters)
-        took 41-59 us of user CPU a packet, a third of the receiving thread's CPU, most of it
-        cache misses after the previous packet's 512 KiB copy; with this one, 28-37 us. Its
-        checks are fewer but as exact: offsets that step by one page from an aligned first one
-        and end inside the block name exactly that run.
+        A pass over a busy guest sends almost only packets whose normal pages are one run; an
+        idle guest's have a few data pages and many zero pages. The full path (a packet
+        object, its offsets as a new array, range checks, a run split, a read per run, bitmap
+        scatters) took 41-59 us of user CPU a packet, a third of the receiving thread's CPU,
+        most of it cache misses after the previous packet's 512 KiB copy; with this one, 28-37
+        us for a run. Its checks are as exact: offsets that step by one page from an aligned
+        first one and end inside the block name exactly that run; otherwise every offset must
+        be page-aligned and inside the block (one OR and one max over all of them).
         """
         magic, version, flags, alloc, normal, size, num, zero, raw = PACKET_HEADER.unpack_from(hv)
         r = self.r
         if not (magic == MULTIFD_MAGIC and version == MULTIFD_VERSION and flags == 0
-                and r.flag == 0 and alloc == self._alloc and zero == 0 and 0 < normal <= alloc
+                and r.flag == 0 and alloc == self._alloc and 0 < normal + zero <= alloc
                 and size == normal * PAGE_SIZE and raw == self._raw_name):  # fmt: skip
             return False
-        offs = np.frombuffer(hv, ">u8", normal, PACKET_HEADER.size)
+        offs = np.frombuffer(hv, ">u8", normal + zero, PACKET_HEADER.size)
+        bsize, view, touched, received = self._block  # type: ignore[misc]
         first = int(offs[0])
         end = first + size
-        bsize, view, touched, received = self._block  # type: ignore[misc]
-        if (
-            first % PAGE_SIZE
-            or end > bsize
-            or (normal > 1 and not (offs[1:] - offs[:-1] == PAGE_SIZE).all())
-        ):
-            return False
+        if (not zero and not first % PAGE_SIZE and end <= bsize
+                and (normal == 1 or (offs[1:] - offs[:-1] == PAGE_SIZE).all())):  # fmt: skip
+            self.packets += 1
+            self._numbered(num)
+            self._read(view[first:end], "page data")
+            page = first >> PAGE_SHIFT
+            touched[page : page + normal] = True
+            received[page : page + normal] = True
+            r._count(normal, 0)
+            if self._checking():
+                unit = self.checks.unit  # type: ignore[union-attr]
+                unit.add(self._name, CK.KIND_DATA, np.arange(page, page + normal))
+                if self.checks.eager:  # type: ignore[union-attr]
+                    unit.feed(self.checks.views)  # type: ignore[union-attr]  # just received
+            return True
+        if int(np.bitwise_or.reduce(offs)) % PAGE_SIZE or int(offs.max()) + PAGE_SIZE > bsize:
+            return False  # the full path names the fault
         self.packets += 1
         self._numbered(num)
-        self._read(view[first:end], "page data")
-        page = first >> PAGE_SHIFT
-        touched[page : page + normal] = True
-        received[page : page + normal] = True
-        r._count(normal, 0)
-        if self._checking():
-            unit = self.checks.unit  # type: ignore[union-attr]
-            unit.add(self._name, CK.KIND_DATA, np.arange(page, page + normal))
-            if self.checks.eager:  # type: ignore[union-attr]
-                unit.feed(self.checks.views)  # type: ignore[union-attr]  # just received
+        idx = (offs >> np.uint64(PAGE_SHIFT)).astype(np.intp)
+        if normal:
+            pages = idx[:normal]
+            self._read_many([view[i << PAGE_SHIFT : (i + n) << PAGE_SHIFT]
+                             for i, n in page_runs(pages)], "page data")  # fmt: skip
+            touched[pages] = True
+            received[pages] = True
+            if self._checking():
+                self.checks.unit.add(self._name, CK.KIND_DATA, pages)  # type: ignore[union-attr]
+                if self.checks.eager:  # type: ignore[union-attr]
+                    self.checks.unit.feed(self.checks.views)  # type: ignore[union-attr]
+        if zero:
+            # Only a page written before is cleared: untouched RAM is zero already, and
+            # writing it would allocate it (QEMU: ramblock_recv_bitmap, the same rule).
+            zpages = idx[normal:]
+            written = zpages[touched[zpages]]
+            if len(written):
+                r.loader.load_zero(self._name, written.astype(np.uint64) << np.uint64(PAGE_SHIFT))
+            received[zpages] = True
+            if self._checking():
+                self.checks.unit.add(self._name, CK.KIND_ZERO, zpages)  # type: ignore[union-attr]
+        r._count(normal, zero)
         return True
+
+    def _read_many(self, views: list[memoryview], what: str) -> None:
+        """Fill ``views`` in order from the channel, with as few reads as it allows."""
+        if len(views) == 1:
+            self._read(views[0], what)
+            return
+        i = 0
+        while i < len(views):
+            n = self.channel.recv_into_many(views[i : i + 1024])
+            if n == 0:
+                raise StreamError(f"multifd channel {self.id}: stream ended inside {what} "
+                                  f"(packet {self.packets})", self.channel.bytes_received)  # fmt: skip
+            while n:
+                k = len(views[i])
+                if n >= k:
+                    n -= k
+                    i += 1
+                else:
+                    views[i] = views[i][n:]
+                    n = 0
+            if i < len(views):
+                self.channel.wait_buffered(sum(len(v) for v in views[i:]), 0.001)
+
+    def _remember(self, name: str) -> None:
+        """The block of a packet that passed the full checks: ``_run_of_pages`` takes the
+        next packets for it (the header's name field as sent, where its pages go)."""
+        r = self.r
+        self._name = name
+        self._raw_name = bytes(memoryview(self.head)[64:320])
+        self._block = (r.block_sizes[name], r.views[name], r.loader.touched[name],
+                       r.loader.received[name])  # fmt: skip
 
     def _pages(self, pkt: MultifdPacket, idx: np.ndarray, where: str, at: int) -> None:
         r = self.r
@@ -879,10 +1033,7 @@ class _RecvChannel:
                 self._read(view[i << PAGE_SHIFT : (i + n) << PAGE_SHIFT], "page data")
             r.loader.touched[name][idx] = True
             r.loader.received[name][idx] = True
-            self._name = name
-            self._raw_name = bytes(memoryview(self.head)[64:320])
-            self._block = (r.block_sizes[name], view, r.loader.touched[name],
-                           r.loader.received[name])  # fmt: skip
+            self._remember(name)
         else:
             size = pkt.next_packet_size
             if size > len(self.payload):

@@ -29,6 +29,7 @@ WORDS_PER_PAGE = PAGE_SIZE // 8
 # a window, not a scan of the rest of a large block.
 TAKE_FIRST_WINDOW = 1 << 10  # pages a take scans first
 TAKE_SCAN_WINDOW = 1 << 16  # the widest it scans at once
+_FEW_PAGES = 32  # page_runs splits up to this many pages in Python
 _PROBE_STEP = 61  # split_zero samples every 61st first word of a run (odd: not a power of two)
 
 
@@ -45,7 +46,9 @@ def page_runs(idx: np.ndarray, ascending: bool = False) -> list[tuple[int, int]]
     (~8 us a packet, paid once per 512 KiB on both sides of a multifd channel). Offsets read
     off the wire go through here too, so any input gives exact runs, never an assumed one.
     ``ascending``: the caller knows ``idx`` ascends without repeats (``RamSaver.take``'s
-    pages), so first and last alone show a single run.
+    pages), so first and last alone show a single run. A few pages (an idle guest's packet
+    carries ~2 data pages among zero pages) are split in plain Python: the numpy calls cost
+    more than the loop, a third of the receiving thread's time on such packets.
     """
     n = len(idx)
     if n == 0:
@@ -53,6 +56,16 @@ def page_runs(idx: np.ndarray, ascending: bool = False) -> list[tuple[int, int]]
     first = int(idx[0])
     if int(idx[-1]) - first == n - 1 and (ascending or n < 3 or bool((np.diff(idx) == 1).all())):
         return [(first, n)]
+    if n <= _FEW_PAGES:
+        runs: list[list[int]] = []
+        prev = -2
+        for p in idx.tolist():
+            if p == prev + 1:
+                runs[-1][1] += 1
+            else:
+                runs.append([p, 1])
+            prev = p
+        return [(a, c) for a, c in runs]
     breaks = np.flatnonzero(np.diff(idx) != 1) + 1
     starts = np.concatenate(([0], breaks))
     ends = np.concatenate((breaks, [n]))
@@ -61,7 +74,16 @@ def page_runs(idx: np.ndarray, ascending: bool = False) -> list[tuple[int, int]]
 
 def split_zero(words: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Pages ``idx`` of a block (``words``: its RAM as uint64 rows of a page) as (normal, zero).
-    ``idx`` ascends without repeats, as ``RamSaver.take`` gives it.
+    ``idx`` ascends without repeats, as ``RamSaver.take`` gives it (``zero_mask`` says how)."""
+    is_zero = zero_mask(words, idx)
+    if is_zero is None:
+        return idx, idx[:0]
+    return idx[~is_zero], idx[is_zero]
+
+
+def zero_mask(words: np.ndarray, idx: np.ndarray) -> np.ndarray | None:
+    """Which of pages ``idx`` are all zero, as a bool mask beside ``idx``; None when none is.
+    ``idx`` ascends without repeats.
 
     A page whose first word is not zero is normal: only the others are scanned whole. On data
     pages that is one word read per page instead of a 4 KiB gather and scan (the source's
@@ -71,10 +93,12 @@ def split_zero(words: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarr
     candidate page before scanning it. The scan is a ``bitwise_or`` reduction per row, which
     numpy vectorises (26 GB/s here, against 17 for ``any(axis=1)`` on a view and 12 for
     ``any`` on a gather): half the time per GiB of idle guest, a quarter less on mixed pages.
+    numpy lets go of the interpreter lock while it scans, so another thread's Python runs
+    beside it (multifd scans in the migration thread while a channel thread sends).
     """
     n = len(idx)
     if n == 0:
-        return idx, idx
+        return None
     lo, hi = int(idx[0]), int(idx[-1]) + 1
     if hi - lo == n:
         # A contiguous run. When a probe of its first words finds mostly zeros (an idle guest),
@@ -84,22 +108,22 @@ def split_zero(words: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarr
         probe = words[lo:hi:_PROBE_STEP, 0]
         if np.count_nonzero(probe) * 2 < len(probe):
             zero_rows = np.bitwise_or.reduce(words[lo:hi], axis=1) == 0
-            return idx[~zero_rows], idx[zero_rows]
+            return zero_rows if zero_rows.any() else None
         first = words[lo:hi, 0] != 0
     else:
         first = words[idx, 0] != 0
     if first.all():
-        return idx, idx[:0]
+        return None
     cand = np.flatnonzero(~first)
     maybe = idx[cand]
     lo, hi = int(maybe[0]), int(maybe[-1]) + 1
     rows = words[lo:hi] if hi - lo == len(maybe) else words[maybe]
     zero_rows = np.bitwise_or.reduce(rows, axis=1) == 0
     if not zero_rows.any():
-        return idx, idx[:0]
+        return None
     is_zero = np.zeros(n, bool)
     is_zero[cand[zero_rows]] = True
-    return idx[~is_zero], idx[is_zero]
+    return is_zero
 
 
 @dataclass

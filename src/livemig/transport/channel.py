@@ -247,6 +247,14 @@ class Channel:
         self.bytes_received += n
         return n
 
+    def recv_into_many(self, bufs: Sequence[memoryview]) -> int:
+        """Read at least one byte into ``bufs`` filled in order (one ``readv``, at most
+        ``IOV_MAX`` of them); 0 means the peer closed its side. A multifd packet's scattered
+        pages arrive with one system call instead of one per run."""
+        n = self._read(lambda fd: os.readv(fd, bufs))
+        self.bytes_received += n
+        return n
+
     def _recv_held(self, buf: memoryview) -> int:
         """``recv_into(buf, hold_gil=True)``. The request path reads into the same buffer
         every time: its address is resolved once, and an empty socket is a return value, not

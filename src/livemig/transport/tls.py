@@ -208,6 +208,10 @@ class TLSChannel(Channel):
             self.bytes_received += n
             return n
 
+    def recv_into_many(self, bufs: Sequence[memoryview]) -> int:
+        # TLS decrypts record by record: the first buffer, then the caller asks again
+        return self.recv_into(bufs[0])
+
     def recv(self, n: int) -> bytes:
         # the base class reads the raw socket; here every byte goes through the TLS layer
         buf = bytearray(n)
