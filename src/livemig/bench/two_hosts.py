@@ -236,6 +236,9 @@ def summarize(rows: Sequence[dict[str, Any]], qemu_label: str | None) -> list[di
                 line[f"{who}_{key}"] = _median_of(rs, key)
             totals = [r["total_ms"] for r in rs]
             line[f"{who}_total_range"] = (min(totals), max(totals)) if totals else None
+            # bytes/s on the wire over the whole migration: what the link gave each
+            rates = [r["transferred"] * 1000 / r["total_ms"] for r in rs if r["total_ms"]]
+            line[f"{who}_wire_rate"] = statistics.median(rates) if rates else None
         q = line["qemu_total_ms"]
         line["ratio"] = line["livemig_total_ms"] / q if q else None
         lines.append(line)
@@ -246,10 +249,46 @@ def _cell(v: float | None, fmt: str, scale: float = 1.0) -> str:
     return "-" if v is None else format(v / scale, fmt)
 
 
-def run(args: argparse.Namespace) -> int:
-    """``bench throughput --two-hosts``."""
+def _both(ln: dict[str, Any], key: str, fmt: str, scale: float = 1.0) -> str:
+    """ "livemig / QEMU" of one figure."""
+    return f"{_cell(ln['livemig_' + key], fmt, scale)} / {_cell(ln['qemu_' + key], fmt, scale)}"
+
+
+def _total(ln: dict[str, Any], who: str) -> str:
+    """A median total time in seconds with the range of every round."""
+    rng = ln[f"{who}_total_range"]
+    cell = _cell(ln[f"{who}_total_ms"], ".2f", 1000)
+    return cell + (f" ({rng[0] / 1000:.2f}-{rng[1] / 1000:.2f})" if rng else "")
+
+
+def table(lines: Sequence[dict[str, Any]], label: str | None, size: str, ws: str, comp: int,
+          repeat: int) -> Any:  # fmt: skip
+    """The rich table of ``summarize``'s lines; every QEMU label names ``label``'s version."""
     from rich.table import Table
 
+    q = label or "QEMU (not run: --no-qemu)"
+    t = Table(title=f"multifd, {CHANNELS} channels, over a tc tbf link between two network "
+                    f"namespaces: {size} guests with {SMP} vCPUs each, working set {ws} "
+                    f"({comp}% compressible) dirtied at {DIRTY_PAGES_S} pages/s; livemig "
+                    f"memstress, {q} Linux + dirtier (TCG); median of {repeat} interleaved "
+                    f"rounds (range)")  # fmt: skip
+    pair = f"livemig / {q}"
+    cols = ["link", "method", "livemig checksums", "livemig total s", f"{q} total s",
+            f"total time {pair}", f"downtime ms {pair}", f"wire MB {pair}",
+            f"wire MB/s {pair}", f"CPU s {pair}"]  # fmt: skip
+    for col in cols:
+        t.add_column(col, justify="right")
+    for ln in lines:
+        t.add_row(ln["rate"], ln["method"], "on" if ln["checksums"] else "off",
+                  _total(ln, "livemig"), _total(ln, "qemu"),
+                  "-" if ln["ratio"] is None else f"{ln['ratio']:.2f}",
+                  _both(ln, "downtime_ms", ".0f"), _both(ln, "transferred", ".0f", 1e6),
+                  _both(ln, "wire_rate", ".0f", 1e6), _both(ln, "cpu_s", ".1f"))  # fmt: skip
+    return t
+
+
+def run(args: argparse.Namespace) -> int:
+    """``bench throughput --two-hosts``."""
     from livemig.bench import qemu_baseline
     from livemig.bench.throughput import COMPRESS_DEFAULT
     from livemig.netns import tc_rate_bytes
@@ -275,28 +314,7 @@ def run(args: argparse.Namespace) -> int:
         rows += two_hosts(size, args.ws, rate, methods, repeat, args.comp, checks, use_qemu)
     loads.append(os.getloadavg()[0])
     lines = summarize(rows, label)
-    q = label or "QEMU (not run: --no-qemu)"
-    t = Table(title=f"multifd, {CHANNELS} channels, over a tc tbf link between two network "
-                    f"namespaces: {size} guests with {SMP} vCPUs each, working set {args.ws} "
-                    f"({args.comp}% compressible) dirtied at {DIRTY_PAGES_S} pages/s; livemig "
-                    f"memstress, {q} Linux + dirtier (TCG); median of {repeat} interleaved "
-                    f"rounds (range)")  # fmt: skip
-    cols = ["link", "method", "livemig checksums", "livemig total s", f"{q} total s",
-            f"livemig / {q}", "livemig downtime ms", f"{q} downtime ms", "livemig wire MB",
-            f"{q} wire MB", "livemig CPU s", f"{q} CPU s"]  # fmt: skip
-    for col in cols:
-        t.add_column(col, justify="right")
-    for ln in lines:
-        rng = {w: ln[f"{w}_total_range"] for w in ("livemig", "qemu")}
-        t.add_row(ln["rate"], ln["method"], "on" if ln["checksums"] else "off",
-                  *(_cell(ln[f"{w}_total_ms"], ".2f", 1000) + (
-                      f" ({rng[w][0] / 1000:.2f}-{rng[w][1] / 1000:.2f})" if rng[w] else "")
-                    for w in ("livemig", "qemu")),
-                  "-" if ln["ratio"] is None else f"{ln['ratio']:.2f}",
-                  _cell(ln["livemig_downtime_ms"], ".0f"), _cell(ln["qemu_downtime_ms"], ".0f"),
-                  _cell(ln["livemig_transferred"], ".0f", 1e6),
-                  _cell(ln["qemu_transferred"], ".0f", 1e6),
-                  _cell(ln["livemig_cpu_s"], ".1f"), _cell(ln["qemu_cpu_s"], ".1f"))  # fmt: skip
+    t = table(lines, label, size, args.ws, args.comp, repeat)
     console = table_console()
     console.print(t)
     run_loads = [r["load"] for r in rows]
