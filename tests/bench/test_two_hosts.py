@@ -185,3 +185,10 @@ def test_table_names_qemus_version_in_every_qemu_label() -> None:
     assert "30 / 20" in text  # downtime ms, livemig / QEMU
     alone = two_hosts.table(two_hosts.summarize(rows[:1], None), None, "1G", "512M", 50, 1)
     assert "not run" in str(alone.title)
+
+
+def test_beat_rate_from_the_dirtiers_heartbeats() -> None:
+    lines = [(10.0, "dirtier: ready ws=8 MiB rate=7.8125 MiB/s comp=50")]
+    lines += [(10.0 + i, f"dirtier: beat {i} written {2000 * i + 3}") for i in range(1, 5)]
+    assert two_hosts.beat_rate(lines) == pytest.approx(2000)
+    assert two_hosts.beat_rate(lines[:2]) is None  # one beat: no rate
