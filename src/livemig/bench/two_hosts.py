@@ -214,8 +214,10 @@ def two_hosts(size: str, ws: str, rate: str, methods: list[str], repeat: int, co
     with TwoHosts(rate=rate) as hosts, tempfile.TemporaryDirectory(prefix="lm-2h-") as tmp:
         for method in methods:
             for rnd in range(repeat):
-                runs = [livemig_once(hosts, Path(tmp), 4400 + len(out), size, ws, comp, method,
-                                     checked) for checked in checksums]  # fmt: skip
+                runs = []
+                for checked in checksums:  # a port of its own for every run: no TIME_WAIT
+                    runs.append(livemig_once(hosts, Path(tmp), 4400 + len(out) + len(runs),
+                                             size, ws, comp, method, checked))  # fmt: skip
                 if qemu:
                     assert kernel is not None and initrd is not None
                     runs.append(qemu_once(hosts, 4400 + len(out) + len(runs), memory,
