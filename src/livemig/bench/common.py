@@ -312,8 +312,10 @@ def drive_migration(
     timeout: float = 120.0,
     window: Callable[[float, dict[str, Any]], bool] | None = None,
     pin: tuple[list[set[int]], set[int]] | None = None,
+    host: str = "127.0.0.1",
 ) -> tuple[MigrationFigures, list[tuple[float, dict[str, Any]]]]:
-    """Migrate ``src`` to ``dst`` over tcp:127.0.0.1:``port`` and measure it.
+    """Migrate ``src`` to ``dst`` over tcp:``host``:``port`` (the destination's address) and
+    measure it.
 
     ``window(t, info)`` is called on every poll during the migration with the host time and the
     ``query-migrate`` reply; when it returns True the migration is cancelled (a measurement of
@@ -321,7 +323,7 @@ def drive_migration(
     threads go to its migration CPUs once they exist (the caller pins the vCPUs, for the VM's
     lifetime). Returns the figures and every polled reply with its time.
     """
-    uri = f"tcp:127.0.0.1:{port}"
+    uri = f"tcp:{host}:{port}"
     samples: list[tuple[float, dict[str, Any]]] = []
     with src.qmp() as sq, dst.qmp() as dq:
         dq.command("migrate-incoming", uri=uri)

@@ -5,9 +5,12 @@ points elsewhere), else whatever ``qemu-system-x86_64`` is on PATH (``livemig.te
 Every label and JSON record names the version that ran (``qemu_label()``: "QEMU 10.0.2").
 
 The guest is Debian's kernel with a tiny initramfs whose ``/init`` is a static C program, the
-*dirtier*: it reads ``dirty=N,R`` from the kernel command line (the kernel hands unknown
+*dirtier*: it reads ``dirty=N,R[,C]`` from the kernel command line (the kernel hands unknown
 ``key=value`` words to init as environment variables), touches a working set of N MiB, then
-writes one byte per 4 KiB page at R MiB/s (R = 0: idle) and prints a heartbeat every second.
+writes one byte per 4 KiB page at R MiB/s (R = 0: idle; a fraction allowed) and prints a
+heartbeat every second. With C it fills the working set first as memstress ``comp=C`` does
+(C percent of the pages compress, the rest are incompressible: ``dirty_arg``), so that
+compression sees the same memory on both.
 The baseline doc used busybox for ``/init``; a single static program needs no shell, no
 busybox-static package and no ``cpio`` tool (the newc archive is written here), and runs the
 same workload.
@@ -41,11 +44,19 @@ UNALIGN_KIB = 8  # see the module docstring: QEMU 7.2's lost-dirty-pages bug
 BOOT_TIMEOUT = 90.0
 
 DIRTIER_C = r"""
-/* /init of the QEMU baseline guest: touch N MiB, then dirty one byte per page at R MiB/s. */
+/* /init of the QEMU baseline guest: fill N MiB, then dirty one page at a time at R MiB/s.
+ * dirty=N,R[,C]: R may have a fraction (2000 pages/s = 7.8125). Without C every page of the
+ * working set gets one byte; with C (0..100) every page is filled as memstress comp=C fills
+ * its own (seed 1): word 0 the counter, words 1..511 a hash of the page index xor j times a
+ * constant, where C percent of the pages use j & 7 (repeating every 8 words: compressible)
+ * and the rest j (incompressible). Keep in step with guests/src/memstress.h. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+
+#define STEP 0x9E3779B97F4A7C15UL
+#define SEED_MULT 0xD6E8FEB86659FD93UL
 
 static double now(void)
 {
@@ -54,18 +65,41 @@ static double now(void)
 	return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+static unsigned long page_hash(unsigned long seed, unsigned long p)
+{
+	unsigned long z = (p ^ (seed * SEED_MULT)) + STEP;
+	z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9UL;
+	z = (z ^ (z >> 27)) * 0x94D049BB133111EBUL;
+	return z ^ (z >> 31);
+}
+
 int main(void)
 {
-	long ws_mb = 0, rate_mb = 0;
+	long ws_mb = 0, comp = -1;
+	double rate_mb = 0;
 	const char *d = getenv("dirty");
 	if (d)
-		sscanf(d, "%ld,%ld", &ws_mb, &rate_mb);
+		sscanf(d, "%ld,%lf,%ld", &ws_mb, &rate_mb, &comp);
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	size_t pages = (size_t)ws_mb * 256;
 	volatile unsigned char *p = pages ? malloc(pages * 4096) : NULL;
-	for (size_t i = 0; i < pages; i++)
-		p[i * 4096] = 1;
-	printf("dirtier: ready ws=%ld MiB rate=%ld MiB/s\n", ws_mb, rate_mb);
+	for (size_t i = 0; i < pages; i++) {
+		if (comp < 0) {
+			p[i * 4096] = 1;
+			continue;
+		}
+		volatile unsigned long *w = (volatile unsigned long *)(p + i * 4096);
+		unsigned long h = page_hash(1, i);
+		unsigned long mask = page_hash(1 ^ 0xC0, i) % 100 < (unsigned long)comp ? 7 : ~0UL;
+		for (unsigned long j = 1; j < 512; j++)
+			w[j] = h ^ ((j & mask) * STEP);
+		w[0] = 0;
+	}
+	if (getenv("dirtier_dump")) { /* the host-side test: the filled working set to stdout */
+		fwrite((const void *)p, 4096, pages, stdout);
+		return 0;
+	}
+	printf("dirtier: ready ws=%ld MiB rate=%g MiB/s comp=%ld\n", ws_mb, rate_mb, comp);
 	double rate = rate_mb * 256.0, t0 = now(), last = t0;
 	unsigned long written = 0, beat = 0, next = 0;
 	for (;;) {
@@ -93,6 +127,18 @@ int main(void)
 	}
 }
 """
+
+
+def dirty_arg(ws_mib: int, pages_per_s: int, comp: int | None = None) -> str:
+    """The dirtier's kernel argument for a working set of ``ws_mib`` MiB dirtied at
+    ``pages_per_s`` 4 KiB pages a second (memstress ``rate=``), filled as memstress ``comp=``
+    fills its own when ``comp`` is given."""
+    if ws_mib < 0 or pages_per_s < 0:
+        raise UsageError(f"dirtier: ws {ws_mib} MiB and rate {pages_per_s} pages/s must be >= 0")
+    if comp is not None and not 0 <= comp <= 100:
+        raise UsageError(f"dirtier: comp={comp} is a percentage (0..100)")
+    rate = f"{pages_per_s / 256:.6f}".rstrip("0").rstrip(".")  # exact: a multiple of 2^-8
+    return f"dirty={ws_mib},{rate}" + ("" if comp is None else f",{comp}")
 
 
 def cache_dir() -> Path:
@@ -206,13 +252,13 @@ def build_initramfs(cache: Path | None = None) -> Path:
 
 def qemu_argv(
     memory: int, kernel: Path, initrd: Path, append: str, qmp: str, serial: str,
-    incoming: bool = False,
+    incoming: bool = False, smp: int = 1,
 ) -> list[str]:  # fmt: skip
     """The QEMU command line of the baseline (``memory`` in bytes, made unaligned for a QEMU
-    before 9.0)."""
+    before 9.0; ``smp`` vCPUs, 1 unless a bench matches another count)."""
     kib = memory // 1024 + unaligned_kib()
     argv = [
-        qemu_path(), "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-smp", "1",
+        qemu_path(), "-accel", "tcg", "-machine", "pc", "-cpu", "qemu64", "-smp", str(smp),
         "-nodefaults", "-display", "none", "-m", f"{kib}k",
         "-kernel", str(kernel), "-initrd", str(initrd), "-append", append,
         "-chardev", f"socket,id=ser0,path={serial},server=on,wait=off", "-serial", "chardev:ser0",
@@ -223,14 +269,17 @@ def qemu_argv(
     return argv
 
 
-def qemu_pair(wd: Workdir, memory: int, kernel: Path, initrd: Path, append: str
+def qemu_pair(wd: Workdir, memory: int, kernel: Path, initrd: Path, append: str,
+              smp: int = 1, prefixes: tuple[list[str], list[str]] = ([], [])
               ) -> tuple[GuestProcess, GuestProcess]:  # fmt: skip
     """A QEMU source and an ``-incoming defer`` destination of the baseline guest, their QMP
-    and console sockets in ``wd``."""
-    src = GuestProcess(qemu_argv(memory, kernel, initrd, append, wd.sock("sq"), wd.sock("ss")),
+    and console sockets in ``wd``; ``prefixes``: what each command line runs under (``ip netns
+    exec NAME`` for two hosts)."""
+    src = GuestProcess([*prefixes[0], *qemu_argv(memory, kernel, initrd, append, wd.sock("sq"),
+                                                 wd.sock("ss"), smp=smp)],
                        wd.sock("sq"), console=wd.sock("ss"), name="qemu source")  # fmt: skip
-    dst = GuestProcess(qemu_argv(memory, kernel, initrd, append, wd.sock("dq"), wd.sock("ds"),
-                                 incoming=True),
+    dst = GuestProcess([*prefixes[1], *qemu_argv(memory, kernel, initrd, append, wd.sock("dq"),
+                                                 wd.sock("ds"), incoming=True, smp=smp)],
                        wd.sock("dq"), console=wd.sock("ds"), name="qemu destination")  # fmt: skip
     return src, dst
 

@@ -33,15 +33,14 @@ Channel count
 Tables: (1) idle and random, 1/2/4 channels: GB/s and the ratio to N-stream TCP (target
 >= 0.85); (2) per compression method on the mixed image: wire bytes per page and CPU seconds
 (both processes) per GB of guest RAM. ``--two-hosts`` instead runs the issue's ``tc tbf``
-comparison: a memstress guest migrated with multifd across a rate-limited veth link between two
-network namespaces, total time per compression method (root only).
+comparison (``bench/two_hosts.py``): livemig and QEMU migrating guests with the same memory
+across a rate-limited veth link between two network namespaces, total time and downtime per
+compression method (root only).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import itertools
 import json
 import os
 import socket
@@ -61,7 +60,6 @@ from livemig.bench.common import (
     free_port,
     process_cpu,
     table_console,
-    wait_migration_end,
 )
 from livemig.bench.qemu_baseline import qemu_label
 from livemig.errors import LivemigError, MigrationError
@@ -557,106 +555,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def two_hosts(size: str, ws: str, rate: str, methods: list[str], channels: int,
-              repeat: int, comp: int = 50,
-              checksums: tuple[bool, ...] = (True,)) -> list[dict[str, Any]]:  # fmt: skip
-    """Total migration time per compression method across a ``tc tbf`` link (root only).
-
-    The source (memstress with working set ``ws`` in a ``size`` guest, so the rest is zero
-    pages; ``comp`` percent of the working set compressible, the rest not) runs in namespace
-    a, the destination in namespace b; a fresh pair per run. ``checksums``: x-checksums
-    settings to run in every round, one after the other (``(False, True)``: the cost of the
-    checksums where the link, not the CPU, sets the pace).
-    """
-    import tempfile
-
-    from livemig import procs
-    from livemig.netns import TwoHosts
-
-    TwoHosts.check()  # a clear "needs root" before anything starts
-    out = []
-    with TwoHosts(rate=rate) as hosts, tempfile.TemporaryDirectory(prefix="lm-2h-") as tmp:
-        for method, _, checked in itertools.product(methods, range(repeat), checksums):
-            port = 4400 + len(out)
-            uri = f"tcp:{hosts.addr_b}:{port}"
-            src = procs.source(Path(tmp), guest="memstress", memory=size, smp=2,
-                               append=f"ws={ws} rate=2000 comp={comp}",
-                               prefix=hosts.prefix_a())  # fmt: skip
-            dst = procs.destination(Path(tmp), memory=size, smp=2, incoming="defer",
-                                    prefix=hosts.prefix_b())  # fmt: skip
-            try:
-                src.wait_ready()
-                dst.wait_ready()
-                params = {"multifd-channels": channels, "multifd-compression": method}
-                caps = [
-                    {"capability": "multifd", "state": True},
-                    {"capability": "x-checksums", "state": checked},
-                ]
-                for p in (src, dst):
-                    p.qmp("migrate-set-capabilities", capabilities=caps)
-                    p.qmp("migrate-set-parameters", **params)
-                dst.qmp("migrate-incoming", uri=uri)
-                time.sleep(2.0)  # memstress fills its working set
-                src.qmp("migrate-set-parameters", **{"max-bandwidth": 0,
-                                                    "downtime-limit": 300})  # fmt: skip
-                cpu0 = process_cpu(src.pid) + process_cpu(dst.pid)
-                src.qmp("migrate", uri=uri)
-                q = wait_migration_end(functools.partial(src.qmp, "query-migrate"), 300,
-                                       "two-hosts migration", interval=0.1)  # fmt: skip
-                if q["status"] != "completed":
-                    raise MigrationError(f"two-hosts migration {q['status']}: "
-                                         f"{q.get('error-desc')}")  # fmt: skip
-                cpu = process_cpu(src.pid) + process_cpu(dst.pid) - cpu0
-                out.append({"method": method, "checksums": checked,
-                            "total_ms": q["total-time"],
-                            "downtime_ms": q.get("downtime"),
-                            "transferred": q["ram"]["transferred"],
-                            "normal": q["ram"]["normal"], "cpu_s": cpu})  # fmt: skip
-            finally:
-                src.stop()
-                dst.stop()
-    return out
-
-
 COMPRESS_DEFAULT = "none,zlib,zstd"
-
-
-def run_two_hosts(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    methods = [c for c in args.compress.split(",") if c]
-    if args.compress == COMPRESS_DEFAULT or not methods:
-        methods = ["none", "zstd"]  # the issue's comparison
-    checks = {"on": (True,), "off": (False,), "both": (False, True)}[args.checksums]
-    repeat = max(1, args.repeat)
-    rows = two_hosts(args.size if args.size != "4G" else "1G", args.ws, args.rate, methods,
-                     2, repeat, args.comp, checks)  # fmt: skip
-    t = Table(title=f"multifd (2 channels) over a {args.rate} tc tbf link between two network "
-                    f"namespaces: memstress ws={args.ws} comp={args.comp}%, median of "
-                    f"{repeat}")  # fmt: skip
-    cols = ["method", "checksums", "total time s", "downtime ms", "wire MB", "pages sent",
-            "CPU s"]  # fmt: skip
-    if len(checks) == 2:
-        cols.append("checksum cost (total time)")
-    for col in cols:
-        t.add_column(col, justify="right")
-    for method in methods:
-        medians = {}
-        for checked in checks:
-            rs = sorted((r for r in rows if r["method"] == method and r["checksums"] == checked),
-                        key=lambda r: r["total_ms"])  # fmt: skip
-            r = medians[checked] = rs[len(rs) // 2]
-            cells = [method, "on" if checked else "off", f"{r['total_ms'] / 1000:.2f}",
-                     str(r["downtime_ms"]), f"{r['transferred'] / 1e6:.0f}", str(r["normal"]),
-                     f"{r['cpu_s']:.1f}"]  # fmt: skip
-            if len(checks) == 2:
-                cells.append(f"{r['total_ms'] / medians[False]['total_ms'] - 1:+.1%}"
-                             if checked else "")  # fmt: skip
-            t.add_row(*cells)
-    table_console().print(t)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -685,7 +584,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-qemu",
         action="store_true",
-        help="skip QEMU migrating the same RAM (beside prefaulted rows)",
+        help="skip QEMU migrating the same RAM (beside prefaulted rows; with --two-hosts, "
+        "QEMU's guest)",
     )
     p.add_argument("--verify", action="store_true",
                    help="x-verify on every migration: both sides hash RAM (inside the measured "
@@ -693,12 +593,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--two-hosts",
         action="store_true",
-        help="instead: total migration time with --compress methods (default "
-        "none,zstd) over a tc tbf link between two network namespaces (root)",
+        help="instead: livemig beside QEMU, total time and downtime with --multifd-compression "
+        "methods (default none,zstd) over a tc tbf link between two network namespaces (root)",
     )
-    p.add_argument("--rate", default="1gbit", help="--two-hosts link rate (tc tbf)")
+    p.add_argument("--rate", default="1gbit",
+                   help="--two-hosts link rate (tc tbf); several, comma-separated, run one "
+                        "after the other: 1gbit,10gbit")  # fmt: skip
     p.add_argument("--ws", default="512M", help="--two-hosts memstress working set")
     p.add_argument("--comp", type=int, default=50,
                    help="--two-hosts: percent of the working set that compresses (memstress "
                         "comp=; the rest is incompressible)")  # fmt: skip
-    p.set_defaults(func=lambda a: run_two_hosts(a) if a.two_hosts else run(a))
+    p.set_defaults(func=_dispatch)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.two_hosts:
+        from livemig.bench import two_hosts
+
+        return two_hosts.run(args)
+    return run(args)
