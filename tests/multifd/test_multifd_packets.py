@@ -356,3 +356,19 @@ def test_page_slots_zero_with_pages_is_refused() -> None:
     raw[12:16] = bytes(4)
     with pytest.raises(StreamError, match="1\\+0 pages with pages_alloc 0"):
         MultifdPacket.unpack(memoryview(raw), 0)
+
+
+def test_default_threads_use_every_core_only_to_compress(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Uncompressed, a thread per spare core (the GIL-bound copy path fights the migration
+    thread for the others); compressed, a thread per core, since zlib and zstd run without the
+    interpreter lock. Never more threads than channels."""
+    from livemig.migration import multifd
+
+    monkeypatch.setattr(multifd.os, "cpu_count", lambda: 2)
+    assert multifd.default_threads(4) == 1
+    assert multifd.default_threads(4, "zstd") == 2 and multifd.default_threads(4, "zlib") == 2
+    assert multifd.default_threads(1, "zstd") == 1
+    monkeypatch.setattr(multifd.os, "cpu_count", lambda: 8)
+    assert multifd.default_threads(4) == 4 and multifd.default_threads(2, "zstd") == 2
+    monkeypatch.setattr(multifd.os, "cpu_count", lambda: None)
+    assert multifd.default_threads(4) == 1 and multifd.default_threads(4, "zstd") == 1

@@ -424,10 +424,13 @@ class _SendWorker:
             s._failed(f"multifd channel {c.id}: internal error: {exc!r}")
 
 
-def default_threads(channels: int) -> int:
+def default_threads(channels: int, compression: str = "none") -> int:
     """``x-multifd-threads`` 0: a thread for each core the host can spare (one goes to the
-    migration thread), never more than there are channels."""
-    return max(1, min(channels, (os.cpu_count() or 1) - 1))
+    migration thread), never more than there are channels. With compression, a thread for every
+    core: zlib and zstd work without the interpreter lock, so they compress (or inflate) on
+    both cores while the migration thread, which mostly waits for them, shares one."""
+    spare = (os.cpu_count() or 1) - (1 if compression == "none" else 0)
+    return max(1, min(channels, spare))
 
 
 class PageWorkerPool:
@@ -521,7 +524,7 @@ class MultifdSender(PageWorkerPool):
             if not handshake_sent:
                 c.channel.send(MultifdInit(uuid, c.id).pack())
             self._count(INIT_PACKET.size, 0, 0)
-        k = min(len(self.channels), threads or default_threads(len(self.channels)))
+        k = min(len(self.channels), threads or default_threads(len(self.channels), compression))
         self.workers = [_SendWorker(self, w, self.channels[w::k]) for w in range(k)]
         for w in self.workers:
             w.thread.start()
@@ -1157,7 +1160,8 @@ class MultifdReceiver:
         from livemig.transport.tls import TLSChannel
 
         plain = [c for c in self.channels if not isinstance(c.channel, TLSChannel)]
-        k = min(len(plain), threads or default_threads(len(self.channels))) if plain else 0
+        k = (min(len(plain), threads or default_threads(len(self.channels), compression))
+             if plain else 0)  # fmt: skip
         self.workers = [_RecvWorker(self, plain[w::k]) for w in range(k)]
         self.workers += [_RecvWorker(self, [c]) for c in self.channels if c not in plain]
         for w in self.workers:
