@@ -172,6 +172,7 @@ def measure(ram: int, ws: str, smp: int, preempt: bool, prefetch: int, pc_bw: in
                 "requests": pc["requests"],
                 "pushed": sq["x-postcopy"]["pushed-pages"],
                 "requested-sent": sq["x-postcopy"]["requested-pages-sent"],
+                "readahead": sq["x-postcopy"].get("readahead-pages"),
                 "latency": pc["latency"],
                 "blocktime-ms": pc["blocktime-ms"],
                 "vcpu-blocktime-ms": pc["vcpu-blocktime-ms"],

@@ -15,13 +15,22 @@ Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_q
   ``postcopy-preempt`` on the second channel, otherwise as a PART of its own on the main
   channel between two background PARTs (the requested page first, then its prefetch window);
   only when that is impossible (link down, recovering) does a request go into the queue the
-  migration thread empties first. The migration thread sends small background PART sections
-  in RAM order, paced by ``max-postcopy-bandwidth`` (QEMU's continues after the last
-  requested page: ``FOLLOW_REQUESTS``, off, measured worse here), and steps aside between
-  PARTs while the return-path thread waits for the lock. A page already sent is never sent
-  again: the dirty bitmap is the single record, guarded by one lock. Request latency is
-  mostly scheduling: the request-path threads run at nice ``URGENT_NICE`` when permitted
-  (see ``livemig bench postcopy``).
+  migration thread empties first. The migration thread sends small background PART sections:
+  first the readahead window of any sequential stream of requests (``postcopy_readahead``: a
+  request just past the last one or its window doubles the stream's window, 8 pages up to
+  1024), not held back by ``max-postcopy-bandwidth`` but counted against it, then the walk
+  in RAM order, paced by it. Why: a guest sweeping its memory faster than the push (1 GB/s
+  against 256 MiB/s in ``bench postcopy --smp 1 --rate 1024``) caught up with the walk and
+  then faulted on page after page at its front, one round trip each (694 requests; QEMU
+  10.0, whose search goes on after the last requested page, had 79-261); with the window
+  the guest faults a few times per stream and blocktime fell about 3x (session 11 in
+  benchmarks/README.md). QEMU's way, the walk itself jumping to each request
+  (``FOLLOW_REQUESTS``, off), measured worse: with 2 vCPUs sweeping their halves it drags
+  the walk back and forth, and at 1 GB/s it did not beat the window. The walk steps aside
+  between PARTs while the return-path thread waits for the lock. A page already sent is
+  never sent again: the dirty bitmap is the single record, guarded by one lock. Request
+  latency is mostly scheduling: the request-path threads run at nice ``URGENT_NICE`` when
+  permitted (see ``livemig bench postcopy``).
 * **end**: no dirty page left: END (EOS only) + EOF, no vmdesc; wait for SHUT;
   ->completed, runstate ``postmigrate``.
 * **recovery**: an I/O error (or ``migrate-pause``) gives ``postcopy-paused``; the pages of a
@@ -51,6 +60,7 @@ import numpy as np
 from livemig import threads
 from livemig.errors import MigrationError
 from livemig.machine.runstate import RunState
+from livemig.migration.postcopy_readahead import Readahead
 from livemig.migration.state import MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
 from livemig.savevm import checksum as CK
@@ -66,10 +76,12 @@ PAGE = 4096
 PAGE_WORDS = PAGE // 8
 MAX_DISCARD_RANGES = 12
 BACKGROUND_PAGES = 32  # pages per background PART: small, so a request never waits long
+READAHEAD_RANGES = 8  # readahead windows queued for the push at most (oldest dropped)
 DEFAULT_PREFETCH = 0  # pages after a requested one sent with it (see the report in bench)
 # QEMU's background page search goes on after the last requested page. Measured here (1 GiB
 # memstress, 2 vCPUs sweeping their halves): ~15% fewer requests but ~1.5x the blocktime, as
-# the push keeps jumping between the two vCPUs' positions; so the walk stays in RAM order.
+# the push keeps jumping between the two vCPUs' positions; so the walk stays in RAM order and
+# a sequential stream gets a readahead window instead (``postcopy_readahead``).
 FOLLOW_REQUESTS = False
 RESUME_WAIT = 0.2  # poll period while paused
 CHECKSUM_IDSTR = "x-postcopy-verify"
@@ -156,6 +168,11 @@ class PostcopySource:
         self.preempt = "postcopy-preempt" in self.caps
         self.prefetch = int(self.params.get("x-postcopy-prefetch", DEFAULT_PREFETCH))
         self.follow = FOLLOW_REQUESTS
+        # Sequential request streams and the windows the push sends next (see
+        # ``postcopy_readahead``): ranges [block, start, end), guarded by ``lock``.
+        self.readahead = Readahead()
+        self._ra: collections.deque[list] = collections.deque()
+        self.readahead_sent = 0  # pages the push sent from readahead windows
         # ``lock`` guards the RamSaver bitmap (shared with the return-path thread); each channel
         # has its own send lock, taken *while* holding ``lock`` (never the other way round) by
         # whoever took pages from the bitmap, so nobody sees "nothing left" while pages taken
@@ -277,16 +294,10 @@ class PostcopySource:
             # between two background PARTs (the lock keeps sections whole).
             preempt = self.preempt and self.preempt_channel is not None
             try:
-                if preempt and self._send_requested(
-                    self.preempt_channel,
-                    self.preempt_encoder,
-                    b,
-                    start,
-                    length,
-                    "postcopy",
-                ):
-                    return
-                if self._serve_main(b, start, length):
+                if (preempt and self._send_requested(self.preempt_channel, self.preempt_encoder,
+                                                      b, start, length, "postcopy")) \
+                        or self._serve_main(b, start, length):  # fmt: skip
+                    self._note_request(b, start, length)
                     return
             except (ChannelError, OSError) as exc:
                 # The page went back into the bitmap; queue it for the migration thread too,
@@ -294,6 +305,46 @@ class PostcopySource:
                 log.warning("%s channel: %s", "preempt" if preempt else "main", exc)
         self.queue.append((block, start))
         self.mig._wake.set()
+
+    def _note_request(self, b: Any, start: int, length: int) -> None:
+        """After a request is served: when it continues a sequential stream, queue the
+        stream's readahead window for the push and wake the migration thread."""
+        with self.lock:
+            r = self.readahead.on_request(b.idstr, start // PAGE, length // PAGE)
+            if r is None:
+                return
+            first, end = r[0], min(r[1], b.npages)
+            if first >= end:
+                return
+            for rng in self._ra:
+                if rng[0] == b.idstr and rng[1] <= end and first <= rng[2]:
+                    rng[1], rng[2] = min(rng[1], first), max(rng[2], end)  # the same stream
+                    break
+            else:
+                self._ra.append([b.idstr, first, end])
+                if len(self._ra) > READAHEAD_RANGES:
+                    self._ra.popleft()
+        self.mig._wake.set()
+
+    def _take_readahead(self, n: int) -> list:
+        """Up to ``n`` dirty pages from the readahead windows, oldest window first, their bits
+        cleared (under ``lock``)."""
+        out = []
+        while n > 0 and self._ra:
+            rng = self._ra[0]
+            idstr, first, end = rng
+            d = self.mig.ram.dirty[idstr]
+            nz = np.flatnonzero(d[first:end])
+            idx = nz[:n] + first
+            if len(nz) > n:
+                rng[1] = int(idx[-1]) + 1
+            else:
+                self._ra.popleft()
+            if len(idx):
+                d[idx] = False
+                out.append(self.mig.ram.split_zero(self._blocks[idstr], idx))
+                n -= len(idx)
+        return out
 
     def _serve_main(self, b: Any, start: int, length: int) -> bool:
         """Send a requested page (and its prefetch window) as a PART on the main channel from
@@ -656,6 +707,12 @@ class PostcopySource:
                         batches.append(mig.ram.split_zero(b, idx))
                         self.requested_sent += len(idx)
                 urgent = bool(batches)
+                if not batches and self._ra:
+                    # A stream's window goes ahead of the RAM-order walk and is not held back
+                    # by max-postcopy-bandwidth (the guest is about to fault on it, as on a
+                    # requested page), but counts against it: the walk yields the bytes.
+                    batches = self._take_readahead(BACKGROUND_PAGES)
+                    self.readahead_sent += sum(len(b.normal) + len(b.zero) for b in batches)
                 if not batches:
                     budget = mig.rate.budget_left()
                     if budget > 0:
@@ -809,6 +866,8 @@ class PostcopySource:
                     raise MigrationError(f"received bitmap of {b.idstr!r} is too short")
                 mig.ram.dirty[b.idstr][:] = bits == 0
             self.queue.clear()
+            self._ra.clear()
+            self.readahead.clear()
             mig.stats.remaining = mig.ram.pending_pages() * PAGE
         preempt_ready = self._connect_preempt(uri) if self.preempt else None
         mig._send(enc.send(E.PostcopyResume()), "postcopy")
@@ -831,6 +890,7 @@ class PostcopySource:
                 "requests": self.requests,
                 "requested-pages-sent": self.requested_sent,
                 "pushed-pages": self.pushed,
+                "readahead-pages": self.readahead_sent,
                 "preempt": self.preempt,
                 "prefetch": self.prefetch,
                 "recoveries": self.recoveries,
