@@ -17,7 +17,9 @@ def test_measure_small_preempt_prefetch() -> None:
     assert r["dirty-gbps"] > 0.1  # 512 MiB/s asked
     assert 0 < r["postcopy-s"] < r["total-s"]
     # a request for a page already on its way sends nothing more: no ">= requests" here
-    assert r["requested-sent"] > 0 and r["pushed"] > 0
+    # the push sent pages too: its RAM-order walk, or the readahead windows of the vCPUs'
+    # sequential streams (which may cover a 16M working set on their own)
+    assert r["requested-sent"] > 0 and r["pushed"] + r["readahead"] > 0
     # the guest ran on the destination during post-copy, not only once every page was there
     # (one benchmark run in ~70 once showed no requests and no progress; this would catch it)
     assert r["passes-during-postcopy"] > 0 and r["progress-share"] > 0

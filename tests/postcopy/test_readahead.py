@@ -188,3 +188,30 @@ def _quietly(fn) -> None:
         fn()
     except RuntimeError:
         pass
+
+
+def test_the_parameter_sets_the_largest_window_and_zero_turns_it_off() -> None:
+    import pytest
+
+    from livemig.errors import UsageError
+    from livemig.migration.options import default_parameters, params_check
+
+    v = default_parameters()
+    assert v["x-postcopy-readahead"] == RA.MAX_WINDOW
+    with pytest.raises(UsageError, match="x-postcopy-readahead"):
+        params_check({**v, "x-postcopy-readahead": 8193})
+    machine, block, mig, ps = _source(1024, rate=0)
+    try:
+        assert ps.readahead is not None and ps.readahead.limit == RA.MAX_WINDOW
+        mig.config.params["x-postcopy-readahead"] = 0
+        off = PostcopySource(mig)
+        assert off.readahead is None
+        for p in (10, 11, 12):
+            off._note_request(block, p * PAGE, PAGE)
+        assert not off._ra and not mig._wake.is_set()
+        mig.config.params["x-postcopy-readahead"] = 4
+        small = PostcopySource(mig)
+        small.readahead.on_request("pc.ram", 1)
+        assert small.readahead.on_request("pc.ram", 2) == (3, 7)  # the first window capped too
+    finally:
+        machine.close()

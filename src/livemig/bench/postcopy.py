@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ws", default="96M", help="memstress working set (default 96M)")
     p.add_argument("--smp", type=int, default=2)
     p.add_argument("--prefetch", default="0,16", help="prefetch windows to try (pages)")
+    p.add_argument("--readahead", type=int, default=1024,
+                   help="x-postcopy-readahead: largest readahead window of a sequential stream "
+                        "of requests (pages; 0: none; default 1024)")  # fmt: skip
     p.add_argument("--postcopy-bandwidth", default="256M", help="max-postcopy-bandwidth")
     p.add_argument(
         "--rate",
@@ -99,7 +102,7 @@ def _wait(pred: Callable[[], bool], timeout: float, what: str, every: float = 0.
 
 
 def measure(ram: int, ws: str, smp: int, preempt: bool, prefetch: int, pc_bw: int,
-            rate_mib: int = 0) -> dict[str, Any]:  # fmt: skip
+            rate_mib: int = 0, readahead: int = 1024) -> dict[str, Any]:  # fmt: skip
     """One post-copy migration between two ``livemig run`` processes; its figures."""
     with tempfile.TemporaryDirectory(prefix="lm-pc-") as tmp:
         size = f"{ram >> 20}M"
@@ -122,7 +125,8 @@ def measure(ram: int, ws: str, smp: int, preempt: bool, prefetch: int, pc_bw: in
                 p.qmp("migrate-set-capabilities", capabilities=caps)
                 # downtime-limit 0: pre-copy never completes on its own, the switch always comes
                 p.qmp("migrate-set-parameters", **{"max-postcopy-bandwidth": pc_bw,
-                      "x-postcopy-prefetch": prefetch, "downtime-limit": 0})  # fmt: skip
+                      "x-postcopy-prefetch": prefetch, "x-postcopy-readahead": readahead,
+                      "downtime-limit": 0})  # fmt: skip
             uri = f"tcp:127.0.0.1:{procs.free_port()}"
             dst.qmp("migrate-incoming", uri=uri)
             t_start = time.monotonic()
@@ -165,6 +169,7 @@ def measure(ram: int, ws: str, smp: int, preempt: bool, prefetch: int, pc_bw: in
                 "ram-mib": ram >> 20,
                 "preempt": preempt,
                 "prefetch": prefetch,
+                "readahead-window": readahead,
                 "dirty-gbps": round(dirty_rate / 1e9, 2),
                 "total-s": round(t_end - t_start, 3),
                 "postcopy-s": round(t_end - t_switch, 3),
@@ -302,7 +307,9 @@ def run(args: argparse.Namespace) -> int:
             runs = []
             for _ in range(max(1, args.repeat)):
                 floor = request_floor.measure(FLOOR_FAULTS, busy=args.smp)
-                r = measure(ram, args.ws, args.smp, preempt, prefetch, pc_bw, args.rate)
+                r = measure(
+                    ram, args.ws, args.smp, preempt, prefetch, pc_bw, args.rate, args.readahead
+                )
                 runs.append({**r, "floor": floor})
             results.append(_median_run(runs))
     if args.vs_qemu:
@@ -323,6 +330,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     t = Table(
         title=f"post-copy, ws={args.ws}, max-postcopy-bandwidth {args.postcopy_bandwidth}, "
+        f"x-postcopy-readahead {args.readahead}, "
         "TCP loopback (livemig: memstress; qemu: Linux + dirtier, TCG)"
     )
     for col in ("vm", "page writes GB/s", "preempt", "prefetch", "requests", "p50 us", "p90 us",

@@ -36,8 +36,8 @@ class Readahead:
     """Sequential streams of page requests and their readahead windows."""
 
     def __init__(self, first: int = FIRST_WINDOW, limit: int = MAX_WINDOW) -> None:
-        self.first = max(0, first)
-        self.limit = max(self.first, limit)
+        self.limit = max(0, limit)
+        self.first = min(max(0, first), self.limit)
         self._streams: list[_Stream] = []  # most recently used last
 
     def on_request(self, block: str, page: int, npages: int = 1) -> tuple[int, int] | None:

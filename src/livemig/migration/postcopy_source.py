@@ -60,7 +60,7 @@ import numpy as np
 from livemig import threads
 from livemig.errors import MigrationError
 from livemig.machine.runstate import RunState
-from livemig.migration.postcopy_readahead import Readahead
+from livemig.migration.postcopy_readahead import MAX_WINDOW, Readahead
 from livemig.migration.state import MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
 from livemig.savevm import checksum as CK
@@ -170,7 +170,8 @@ class PostcopySource:
         self.follow = FOLLOW_REQUESTS
         # Sequential request streams and the windows the push sends next (see
         # ``postcopy_readahead``): ranges [block, start, end), guarded by ``lock``.
-        self.readahead = Readahead()
+        ra_limit = int(self.params.get("x-postcopy-readahead", MAX_WINDOW))
+        self.readahead = Readahead(limit=ra_limit) if ra_limit else None
         self._ra: collections.deque[list] = collections.deque()
         self.readahead_sent = 0  # pages the push sent from readahead windows
         # ``lock`` guards the RamSaver bitmap (shared with the return-path thread); each channel
@@ -309,6 +310,8 @@ class PostcopySource:
     def _note_request(self, b: Any, start: int, length: int) -> None:
         """After a request is served: when it continues a sequential stream, queue the
         stream's readahead window for the push and wake the migration thread."""
+        if self.readahead is None:
+            return
         with self.lock:
             r = self.readahead.on_request(b.idstr, start // PAGE, length // PAGE)
             if r is None:
@@ -867,7 +870,8 @@ class PostcopySource:
                 mig.ram.dirty[b.idstr][:] = bits == 0
             self.queue.clear()
             self._ra.clear()
-            self.readahead.clear()
+            if self.readahead is not None:
+                self.readahead.clear()
             mig.stats.remaining = mig.ram.pending_pages() * PAGE
         preempt_ready = self._connect_preempt(uri) if self.preempt else None
         mig._send(enc.send(E.PostcopyResume()), "postcopy")
@@ -893,6 +897,7 @@ class PostcopySource:
                 "readahead-pages": self.readahead_sent,
                 "preempt": self.preempt,
                 "prefetch": self.prefetch,
+                "readahead": self.readahead.limit if self.readahead is not None else 0,
                 "recoveries": self.recoveries,
             }
         }
