@@ -215,3 +215,20 @@ def test_the_parameter_sets_the_largest_window_and_zero_turns_it_off() -> None:
         assert small.readahead.on_request("pc.ram", 2) == (3, 7)  # the first window capped too
     finally:
         machine.close()
+
+
+def test_a_sweep_across_sent_pages_keeps_its_window() -> None:
+    """The guest went on through pages the walk had pushed and faults further on: the same
+    stream (its window does not start over at nothing), but not across a page still unsent."""
+    sent = np.ones(10000, bool)
+    sent[5000] = False
+
+    def all_sent(a: int, z: int) -> bool:
+        return bool(sent[a:z].all())
+
+    ra = RA.Readahead(first=8, limit=64)
+    ra.on_request("pc.ram", 100, sent=all_sent)
+    assert ra.on_request("pc.ram", 101, sent=all_sent) == (102, 110)
+    assert ra.on_request("pc.ram", 3000, sent=all_sent) == (3001, 3017)
+    assert ra.on_request("pc.ram", 6000, sent=all_sent) is None  # page 5000 was never sent
+    assert ra.on_request("pc.ram", 3000 + 17 + RA.SLACK + 1) is None  # no look-back: over

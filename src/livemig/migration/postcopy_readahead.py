@@ -8,7 +8,9 @@ doubles the stream's window (``first`` pages, then 2x, up to ``limit``), and the
 push sends that window next, ahead of its RAM-order walk (QEMU's page search continues after
 the last requested page; this does it only for a stream, so a guest whose vCPUs fault in two
 places does not drag the push back and forth between them). A request that continues no
-stream starts one with no window: random faults cost nothing extra.
+stream starts one with no window: random faults cost nothing extra. A guest that sweeps on
+through pages it already has (the walk pushed them) and faults again further on is still the
+same stream: its window does not start over.
 
 Pure bookkeeping (no locks, no I/O): ``PostcopySource`` calls ``on_request`` under its bitmap
 lock and takes the returned range in PART-sized pieces.
@@ -16,12 +18,14 @@ lock and takes the returned range in PART-sized pieces.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 FIRST_WINDOW = 8  # pages: the window of a stream's second request
 MAX_WINDOW = 1024  # pages (4 MiB): the window stops doubling here
 SLACK = 16  # pages past a stream's window end that still continue it (a guest skipping a few)
 STREAMS = 8  # streams remembered (one per vCPU sweeping, with room)
+MAX_GAP = 1 << 16  # pages (256 MiB): the longest run of sent pages a stream continues across
 
 
 @dataclass
@@ -40,12 +44,25 @@ class Readahead:
         self.first = min(max(0, first), self.limit)
         self._streams: list[_Stream] = []  # most recently used last
 
-    def on_request(self, block: str, page: int, npages: int = 1) -> tuple[int, int] | None:
+    def on_request(self, block: str, page: int, npages: int = 1,
+                   sent: Callable[[int, int], bool] | None = None) -> tuple[int, int] | None:  # fmt: skip
         """A request for ``npages`` pages at ``page`` of ``block``: the range ``(start, end)``
-        of pages to push next (after the requested ones), or None when it starts no window."""
+        of pages to push next (after the requested ones), or None when it starts no window.
+
+        ``sent(a, b)``, when given, says whether pages ``a`` to ``b`` (exclusive) of the block
+        have all been sent: a request further on than ``SLACK`` past a stream's window still
+        continues it when the guest went there through pages it had (at most ``MAX_GAP``), so
+        a sweep that crosses what the walk already pushed keeps its window."""
         req_end = page + npages
         for i, s in enumerate(self._streams):
-            if s.block == block and s.start < page <= s.end + SLACK:
+            if (
+                s.block == block
+                and s.start < page
+                and (
+                    page <= s.end + SLACK
+                    or (sent is not None and page - s.end <= MAX_GAP and sent(s.end, page))
+                )
+            ):
                 window = min(self.limit, max(self.first, 2 * s.window))
                 s.start, s.window = page, window
                 s.end = max(s.end, req_end + window)  # a fault inside the window: extend it

@@ -313,7 +313,9 @@ class PostcopySource:
         if self.readahead is None:
             return
         with self.lock:
-            r = self.readahead.on_request(b.idstr, start // PAGE, length // PAGE)
+            d = self.mig.ram.dirty[b.idstr]
+            r = self.readahead.on_request(b.idstr, start // PAGE, length // PAGE,
+                                          lambda a, z: not d[a:z].any())  # fmt: skip
             if r is None:
                 return
             first, end = r[0], min(r[1], b.npages)
