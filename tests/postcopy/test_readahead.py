@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from livemig.machine import Machine, RAMBlockSpec
 from livemig.migration import postcopy_readahead as RA
+from livemig.migration import postcopy_source as PS
 from livemig.migration.postcopy_source import BACKGROUND_PAGES, PostcopySource
 from livemig.savevm.ram import RamSaver
 from livemig.transport.ratelimit import RateLimiter
@@ -96,7 +97,10 @@ def _source(npages: int, rate: int):
     return machine, block, mig, PostcopySource(mig)
 
 
-def test_the_push_sends_a_streams_window_before_its_walk_and_past_the_budget() -> None:
+def test_the_push_sends_a_streams_window_before_its_walk_and_past_the_budget(
+    monkeypatch,
+) -> None:
+    monkeypatch.setattr(PS, "READAHEAD_HEAD", 0)  # the whole window for the push
     machine, block, mig, ps = _source(4096, rate=1)  # 1 B/s: the walk has no budget at all
     try:
         ps.readahead = RA.Readahead(first=8, limit=64)
@@ -116,7 +120,8 @@ def test_the_push_sends_a_streams_window_before_its_walk_and_past_the_budget() -
         machine.close()
 
 
-def test_the_window_skips_pages_already_sent_and_merges_with_its_stream() -> None:
+def test_the_window_skips_pages_already_sent_and_merges_with_its_stream(monkeypatch) -> None:
+    monkeypatch.setattr(PS, "READAHEAD_HEAD", 0)
     machine, block, mig, ps = _source(4096, rate=0)
     try:
         ps.readahead = RA.Readahead(first=8, limit=64)
@@ -134,8 +139,11 @@ def test_the_window_skips_pages_already_sent_and_merges_with_its_stream() -> Non
         machine.close()
 
 
-def test_push_loop_sends_the_window_when_the_budget_is_spent() -> None:
-    """``_push`` itself: with no budget left for the walk, a stream's window still goes out."""
+def test_push_loop_sends_the_window_when_the_budget_is_spent(monkeypatch) -> None:
+    """``_push`` itself: with no budget left for the walk, a stream's window still goes out:
+    its head at once on the request path (the return-path thread, here the test's), the rest
+    from the push."""
+    monkeypatch.setattr(PS, "READAHEAD_HEAD", 3)
     import socket
     import time
 
@@ -156,22 +164,31 @@ def test_push_loop_sends_the_window_when_the_budget_is_spent() -> None:
                         _check_cancel=check_cancel, _check_rp=lambda: None)  # fmt: skip
     ps.params = {"downtime-limit": 300}
     ps.active = True
-    drain = threading.Thread(target=lambda: [None for _ in iter(lambda: main_b.recv(1 << 16), b"")],
-                             daemon=True)  # fmt: skip
+
+    def drain_main() -> None:
+        try:
+            while main_b.recv(1 << 16):
+                pass
+        except OSError:
+            pass  # closed at the end of the test
+
+    drain = threading.Thread(target=drain_main, daemon=True)
     drain.start()
     mig.rate.account(1 << 20)  # this window's budget is spent
     pusher = threading.Thread(target=lambda: _quietly(ps._push), daemon=True)
     pusher.start()
     try:
         ps.readahead = RA.Readahead(first=8, limit=64)
+        d = mig.ram.dirty["pc.ram"]
         for p in (3000, 3001):
-            mig.ram.dirty["pc.ram"][p] = False
+            d[p] = False
             ps._note_request(block, p * PAGE, PAGE)
+        assert not d[3002:3005].any()  # the head: sent before _note_request returned
+        assert ps.readahead_sent >= 3 and ps.requested_sent == 0
         deadline = time.monotonic() + 5
         while ps.readahead_sent < 8:
             assert time.monotonic() < deadline, "the window was not pushed"
             time.sleep(0.01)
-        d = mig.ram.dirty["pc.ram"]
         assert not d[3002:3010].any() and d[3010]
         assert ps.pushed == 0  # the walk itself waits for budget
     finally:
@@ -180,6 +197,7 @@ def test_push_loop_sends_the_window_when_the_budget_is_spent() -> None:
         pusher.join(5)
         mig.channel.close()
         main_b.close()
+        drain.join(5)
         machine.close()
 
 
