@@ -4,8 +4,9 @@ A guest that sweeps its memory in order (memstress, QEMU's baseline dirtier, a c
 faults on the page just past the last one it was given: a request for page ``p`` right after
 one for ``p - 1`` (or for the page after the last readahead window) is a sequential stream,
 and the pages after ``p`` are what it touches next. As Linux's file readahead does, each hit
-doubles the stream's window (``first`` pages, then 2x, up to ``limit``), and the background
-push sends that window next, ahead of its RAM-order walk (QEMU's page search continues after
+doubles the stream's window (``first`` pages, then 2x, up to ``limit``), and the source sends
+that window next (its head on the request path, the rest from the push, ahead of its RAM-order
+walk) (QEMU's page search continues after
 the last requested page; this does it only for a stream, so a guest whose vCPUs fault in two
 places does not drag the push back and forth between them). A request that continues no
 stream starts one with no window: random faults cost nothing extra. A guest that sweeps on

@@ -15,21 +15,26 @@ Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_q
   ``postcopy-preempt`` on the second channel, otherwise as a PART of its own on the main
   channel between two background PARTs (the requested page first, then its prefetch window);
   only when that is impossible (link down, recovering) does a request go into the queue the
-  migration thread empties first. The migration thread sends small background PART sections:
-  first the readahead window of any sequential stream of requests (``postcopy_readahead``: a
-  request just past the last one or its window doubles the stream's window, 8 pages up to
-  1024), not held back by ``max-postcopy-bandwidth`` but counted against it, then the walk
-  in RAM order, paced by it. Why: a guest sweeping its memory faster than the push (1 GB/s
-  against 256 MiB/s in ``bench postcopy --smp 1 --rate 1024``) caught up with the walk and
-  then faulted on page after page at its front, one round trip each (694 requests; QEMU
-  10.0, whose search goes on after the last requested page, had 79-261); with the window
-  the guest faults a few times per stream and blocktime fell about 3x (session 11 in
-  benchmarks/README.md). QEMU's way, the walk itself jumping to each request
-  (``FOLLOW_REQUESTS``, off), measured worse: with 2 vCPUs sweeping their halves it drags
-  the walk back and forth, and at 1 GB/s it did not beat the window. The walk steps aside
-  between PARTs while the return-path thread waits for the lock. A page already sent is
-  never sent again: the dirty bitmap is the single record, guarded by one lock. Request
-  latency is mostly scheduling: the request-path threads run at nice ``URGENT_NICE`` when
+  migration thread empties first. **Readahead** (``postcopy_readahead``): a request just past
+  the previous one of a stream (or past its window, or past pages the guest already had)
+  doubles the stream's window, 8 pages up to ``x-postcopy-readahead`` (1024); the first
+  ``READAHEAD_HEAD`` pages of it go at once from the return-path thread, right behind the
+  requested page on the same channel, and the rest is queued for the push. The migration
+  thread sends small PART sections: first the queued windows, not held back by
+  ``max-postcopy-bandwidth`` but counted against it, then the walk in RAM order, paced by
+  it. Why: a guest sweeping its memory faster than the push (1 GB/s against 256 MiB/s in
+  ``bench postcopy --smp 1 --rate 1024``) caught up with the walk and then faulted on page
+  after page at its front, one round trip each (~700 requests; QEMU 10.0, whose page search
+  goes on after the last requested page, had 79-261); with readahead a stream faults a few
+  dozen times and blocktime fell 3-5x (session 11 in benchmarks/README.md). The head goes
+  from the return-path thread because that one is real-time: the migration thread, at a
+  nice value, waited for a time slice on a loaded host while the guest waited for the
+  pages. QEMU's way, the walk itself jumping to each request (``FOLLOW_REQUESTS``, off),
+  measured worse: with 2 vCPUs sweeping their halves it drags the walk back and forth, and
+  at 1 GB/s, 1 vCPU, it did not beat the window (A/B in session 11). Random faults start no
+  stream and cost nothing extra. The walk steps aside between PARTs while the return-path
+  thread waits for the lock. A page already sent is never sent again: the dirty bitmap is
+  the single record, guarded by one lock. Request latency is mostly scheduling: the request-path threads run at nice ``URGENT_NICE`` when
   permitted (see ``livemig bench postcopy``).
 * **end**: no dirty page left: END (EOS only) + EOF, no vmdesc; wait for SHUT;
   ->completed, runstate ``postmigrate``.
