@@ -5,10 +5,10 @@ faults on the page just past the last one it was given: a request for page ``p``
 one for ``p - 1`` (or for the page after the last readahead window) is a sequential stream,
 and the pages after ``p`` are what it touches next. As Linux's file readahead does, each hit
 doubles the stream's window (``first`` pages, then 2x, up to ``limit``), and the source sends
-that window next (its head on the request path, the rest from the push, ahead of its RAM-order
-walk) (QEMU's page search continues after
-the last requested page; this does it only for a stream, so a guest whose vCPUs fault in two
-places does not drag the push back and forth between them). A request that continues no
+that window next: its head on the request path, the rest from the push, ahead of its RAM-order
+walk. (QEMU's page search continues after the last requested page; this does it only for a
+stream, so a guest whose vCPUs fault in two places does not drag the push back and forth
+between them.) A request that continues no
 stream starts one with no window: random faults cost nothing extra. A guest that sweeps on
 through pages it already has (the walk pushed them) and faults again further on is still the
 same stream: its window does not start over.
