@@ -18,8 +18,9 @@ Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_q
   migration thread empties first. **Readahead** (``postcopy_readahead``): a request just past
   the previous one of a stream (or past its window, or past pages the guest already had)
   doubles the stream's window, 8 pages up to ``x-postcopy-readahead`` (1024); the first
-  ``READAHEAD_HEAD`` pages of it go at once from the return-path thread, right behind the
-  requested page on the same channel, and the rest is queued for the push. The migration
+  ``READAHEAD_HEAD`` pages of it go at once from the return-path thread as a PART on the
+  main channel (with preempt too: the destination installs a PART in one go, preempt
+  records one by one), and the rest is queued for the push. The migration
   thread sends small PART sections: first the queued windows, not held back by
   ``max-postcopy-bandwidth`` but counted against it, then the walk in RAM order, paced by
   it. Why: a guest sweeping its memory faster than the push (1 GB/s against 256 MiB/s in
@@ -315,8 +316,8 @@ class PostcopySource:
 
     def _note_request(self, b: Any, start: int, length: int) -> None:
         """After a request is served: when it continues a sequential stream, send the first
-        ``READAHEAD_HEAD`` pages of the stream's readahead window here, right behind the
-        requested page on the same channel, and queue the rest for the push."""
+        ``READAHEAD_HEAD`` pages of the stream's readahead window here as a PART on the main
+        channel, and queue the rest for the push."""
         if self.readahead is None:
             return
         with self.lock:
@@ -344,10 +345,7 @@ class PostcopySource:
         if head == first:
             return
         before = self.requested_sent
-        preempt = self.preempt and self.preempt_channel is not None
-        if (preempt and self._send_requested(self.preempt_channel, self.preempt_encoder, b,
-                                             first * PAGE, (head - first) * PAGE, "postcopy")) \
-                or self._serve_main(b, first * PAGE, (head - first) * PAGE):  # fmt: skip
+        if self._serve_main(b, first * PAGE, (head - first) * PAGE):
             sent = self.requested_sent - before
             self.requested_sent -= sent
             self.readahead_sent += sent
