@@ -107,15 +107,18 @@ REMAINING_PERIOD = 0.05  # seconds between updates of the ``remaining`` figure
 RP_YIELD_WAIT = 0.01  # longest the migration thread waits for the return-path thread's send
 
 
-def boost_thread(realtime: bool = False, priority: int = RT_PRIORITY) -> bool:
-    """Give the calling thread the urgent nice value (True) or leave it be (not permitted).
+def boost_thread(realtime: bool = False, priority: int = RT_PRIORITY,
+                 tid: int | None = None) -> bool:  # fmt: skip
+    """Give the calling thread (or thread ``tid`` of this process) the urgent nice value
+    (True) or leave it be (not permitted).
 
     With ``realtime`` (threads that only wake, serve one page request and sleep again) try
     SCHED_FIFO first: a CFS thread, even at nice -10, waits for the running vCPU's time slice
     to end (3-5 ms on 2 cores with the vCPUs flat out: the request latency's p99).
     ``priority`` is the SCHED_FIFO priority (``RT_PRIORITY`` or ``RT_REQUEST_PRIORITY``).
     """
-    tid = threading.get_native_id()
+    if tid is None:
+        tid = threading.get_native_id()
     if realtime and os.environ.get("LIVEMIG_NO_RT") is None:
         try:
             os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
@@ -583,6 +586,16 @@ class PostcopySource:
         bufs += enc.send(E.Ping(2))
         mig._send(bufs, "downtime")
         package = self._package()
+        # Post-copy pages never go by multifd: the page walk finds the zero pages again, as
+        # QEMU's migration thread does after the switch (unless zero-page-detection is none).
+        mig.ram.find_zero = self.params.get("zero-page-detection") != "none"
+        self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
+        # Both threads that send pages get their priority before the guest can fault: the
+        # return-path thread raised its own at the first request, which came at a nice value
+        # while the switch was still busy (the first request took 11-19 ms, every run's p99
+        # when readahead leaves 30-60 requests in all).
+        boost_thread()
+        self._boost_rp_thread()
         # From here the destination may run the guest: this side must never restart it.
         mig._stopped_guest = False
         try:
@@ -593,22 +606,27 @@ class PostcopySource:
             if not mig._cancel.is_set():
                 self._refused_before_run()
             raise
+        mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
+        # Requests are served from here on (the first comes as soon as the guest runs), not
+        # queued until the bookkeeping below is done.
+        self.active = True
         mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
         if preempt_ready is not None:
             preempt_ready()  # the destination accepts it at POSTCOPY_LISTEN
         t_run = time.monotonic()
         mig.stats.downtime = t_run - t_stop
         mig.stats.downtime_breakdown = {"postcopy-switch": t_run - t_stop}
-        mig.stats.remaining = mig.ram.pending_pages() * PAGE
-        # Post-copy pages never go by multifd: the page walk finds the zero pages again, as
-        # QEMU's migration thread does after the switch (unless zero-page-detection is none).
-        mig.ram.find_zero = self.params.get("zero-page-detection") != "none"
-        self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
-        mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
-        self.active = True
+        with self.lock:
+            mig.stats.remaining = mig.ram.pending_pages() * PAGE
         self.switched.set()
-        boost_thread()
         self._loop()
+
+    def _boost_rp_thread(self) -> None:
+        """The return-path thread real-time, from this thread, before requests come."""
+        t = self.mig._rp_thread
+        if t is not None and t.native_id is not None:
+            boost_thread(realtime=True, tid=t.native_id)
+            self._rp_boosted = True
 
     def _package(self) -> bytes:
         mig = self.mig
@@ -866,6 +884,7 @@ class PostcopySource:
         self._bitmaps.clear()
         self._bitmap_event.clear()
         mig._start_return_path()
+        self._boost_rp_thread()  # a new thread: the old one's priority went with it
         mig.state.move(MigrationStatus.POSTCOPY_RECOVER)
         enc = mig.encoder
         enc.reset_block()
