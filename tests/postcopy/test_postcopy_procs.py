@@ -88,8 +88,11 @@ def test_source_killed_in_postcopy(procs) -> None:
     with QMPConnection(qmp).connect() as q:
         q.command("migrate-set-capabilities",
                   capabilities=[{"capability": "postcopy-ram", "state": True}])  # fmt: skip
+        # slow enough that post-copy is still running at the kill: no readahead, which is not
+        # held back by max-postcopy-bandwidth (the guest's sequential faults would finish it)
         q.command("migrate-set-parameters", **{"max-bandwidth": 16 << 20,
-                                               "max-postcopy-bandwidth": 4 << 20})  # fmt: skip
+                                               "max-postcopy-bandwidth": 4 << 20,
+                                               "x-postcopy-readahead": 0})  # fmt: skip
         q.command("migrate", uri=uri)
         time.sleep(0.3)
         q.command("migrate-start-postcopy")

@@ -280,6 +280,9 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec("x-io-timeout", "uint32", 30000),
     ParamSpec("x-postcopy-auto-recover", "uint16", 0),
     ParamSpec("x-postcopy-prefetch", "uint16", 0),
+    # largest readahead window of a sequential stream of post-copy requests, in pages
+    # (migration/postcopy_readahead.py); 0: no readahead
+    ParamSpec("x-postcopy-readahead", "uint16", 1024),
     # threads that fill the multifd channels on each side (multifd.py), decoupled from the
     # channel count a QEMU peer needs; 0: one for each core the host can spare
     ParamSpec("x-multifd-threads", "uint8", 0),
@@ -344,6 +347,8 @@ def params_check(v: dict[str, Any]) -> None:
         raise _range("x-postcopy-auto-recover", "a value between 0 and 1000")
     if v["x-postcopy-prefetch"] > 512:
         raise _range("x-postcopy-prefetch", "a value between 0 and 512 (pages)")
+    if v["x-postcopy-readahead"] > 8192:
+        raise _range("x-postcopy-readahead", "a value between 0 and 8192 (pages)")
     if v["x-switchover-refine"] > 16:
         raise _range("x-switchover-refine", "a value between 0 and 16 (passes)")
     if not 50 <= v["x-colo-heartbeat-timeout"] <= 600000:

@@ -613,9 +613,12 @@ class PostcopyIncoming:
         # nice value this thread waited for a vCPU's time slice now and then (p99 3-4 ms in
         # ``bench postcopy``, 2 busy vCPUs on 2 cores); real-time, below the fault thread, p99
         # went to 1.0-1.3 ms in loaded rounds (2-4 ms in some quiet ones, p50 ~50 us more:
-        # benchmarks/README.md). The source's rate limit bounds what it takes from the vCPUs
-        # (and the kernel's RT throttling leaves them 5% of a core whatever comes).
-        boost_thread(realtime=not self.preempt)
+        # benchmarks/README.md). With preempt too: a livemig source's readahead windows come
+        # this way, the pages a sweeping guest is blocked on next (blocktime 17/48/55/27 ms
+        # against 40/60/110/62 at a nice value, interleaved, session 11). The source's rate
+        # limit and the guest's own faults bound what it takes from the vCPUs (and the
+        # kernel's RT throttling leaves them 5% of a core whatever comes).
+        boost_thread(realtime=True)
         self._listen_pump(ch, dec)
 
     def _listen_pump(self, ch: Channel, dec: Decoder) -> None:

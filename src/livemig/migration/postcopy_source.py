@@ -15,13 +15,28 @@ Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_q
   ``postcopy-preempt`` on the second channel, otherwise as a PART of its own on the main
   channel between two background PARTs (the requested page first, then its prefetch window);
   only when that is impossible (link down, recovering) does a request go into the queue the
-  migration thread empties first. The migration thread sends small background PART sections
-  in RAM order, paced by ``max-postcopy-bandwidth`` (QEMU's continues after the last
-  requested page: ``FOLLOW_REQUESTS``, off, measured worse here), and steps aside between
-  PARTs while the return-path thread waits for the lock. A page already sent is never sent
-  again: the dirty bitmap is the single record, guarded by one lock. Request latency is
-  mostly scheduling: the request-path threads run at nice ``URGENT_NICE`` when permitted
-  (see ``livemig bench postcopy``).
+  migration thread empties first. **Readahead** (``postcopy_readahead``): a request just past
+  the previous one of a stream (or past its window, or past pages the guest already had)
+  doubles the stream's window, 8 pages up to ``x-postcopy-readahead`` (1024); the first
+  ``READAHEAD_HEAD`` pages of it go at once from the return-path thread as a PART on the
+  main channel (with preempt too: the destination installs a PART in one go, preempt
+  records one by one), and the rest is queued for the push. The migration
+  thread sends small PART sections: first the queued windows, not held back by
+  ``max-postcopy-bandwidth`` but counted against it, then the walk in RAM order, paced by
+  it. Why: a guest sweeping its memory faster than the push (1 GB/s against 256 MiB/s in
+  ``bench postcopy --smp 1 --rate 1024``) caught up with the walk and then faulted on page
+  after page at its front, one round trip each (~700 requests; QEMU 10.0, whose page search
+  goes on after the last requested page, had 79-261); with readahead a stream faults a few
+  dozen times and blocktime fell 3-5x (session 11 in benchmarks/README.md). The head goes
+  from the return-path thread because that one is real-time: the migration thread, at a
+  nice value, waited for a time slice on a loaded host while the guest waited for the
+  pages. QEMU's way, the walk itself jumping to each request (``FOLLOW_REQUESTS``, off),
+  measured worse: with 2 vCPUs sweeping their halves it drags the walk back and forth, and
+  at 1 GB/s, 1 vCPU, it did not beat the window (A/B in session 11). Random faults start no
+  stream and cost nothing extra. The walk steps aside between PARTs while the return-path
+  thread waits for the lock. A page already sent is never sent again: the dirty bitmap is
+  the single record, guarded by one lock. Request latency is mostly scheduling: the request-path threads run at nice ``URGENT_NICE`` when
+  permitted (see ``livemig bench postcopy``).
 * **end**: no dirty page left: END (EOS only) + EOF, no vmdesc; wait for SHUT;
   ->completed, runstate ``postmigrate``.
 * **recovery**: an I/O error (or ``migrate-pause``) gives ``postcopy-paused``; the pages of a
@@ -51,6 +66,7 @@ import numpy as np
 from livemig import threads
 from livemig.errors import MigrationError
 from livemig.machine.runstate import RunState
+from livemig.migration.postcopy_readahead import MAX_WINDOW, Readahead
 from livemig.migration.state import MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
 from livemig.savevm import checksum as CK
@@ -66,10 +82,13 @@ PAGE = 4096
 PAGE_WORDS = PAGE // 8
 MAX_DISCARD_RANGES = 12
 BACKGROUND_PAGES = 32  # pages per background PART: small, so a request never waits long
+READAHEAD_RANGES = 8  # readahead windows queued for the push at most (oldest dropped)
+READAHEAD_HEAD = 128  # pages of a readahead window sent on the request path, behind the page
 DEFAULT_PREFETCH = 0  # pages after a requested one sent with it (see the report in bench)
 # QEMU's background page search goes on after the last requested page. Measured here (1 GiB
 # memstress, 2 vCPUs sweeping their halves): ~15% fewer requests but ~1.5x the blocktime, as
-# the push keeps jumping between the two vCPUs' positions; so the walk stays in RAM order.
+# the push keeps jumping between the two vCPUs' positions; so the walk stays in RAM order and
+# a sequential stream gets a readahead window instead (``postcopy_readahead``).
 FOLLOW_REQUESTS = False
 RESUME_WAIT = 0.2  # poll period while paused
 CHECKSUM_IDSTR = "x-postcopy-verify"
@@ -88,15 +107,18 @@ REMAINING_PERIOD = 0.05  # seconds between updates of the ``remaining`` figure
 RP_YIELD_WAIT = 0.01  # longest the migration thread waits for the return-path thread's send
 
 
-def boost_thread(realtime: bool = False, priority: int = RT_PRIORITY) -> bool:
-    """Give the calling thread the urgent nice value (True) or leave it be (not permitted).
+def boost_thread(realtime: bool = False, priority: int = RT_PRIORITY,
+                 tid: int | None = None) -> bool:  # fmt: skip
+    """Give the calling thread (or thread ``tid`` of this process) the urgent nice value
+    (True) or leave it be (not permitted).
 
     With ``realtime`` (threads that only wake, serve one page request and sleep again) try
     SCHED_FIFO first: a CFS thread, even at nice -10, waits for the running vCPU's time slice
     to end (3-5 ms on 2 cores with the vCPUs flat out: the request latency's p99).
     ``priority`` is the SCHED_FIFO priority (``RT_PRIORITY`` or ``RT_REQUEST_PRIORITY``).
     """
-    tid = threading.get_native_id()
+    if tid is None:
+        tid = threading.get_native_id()
     if realtime and os.environ.get("LIVEMIG_NO_RT") is None:
         try:
             os.sched_setscheduler(tid, os.SCHED_FIFO, os.sched_param(priority))
@@ -158,6 +180,12 @@ class PostcopySource:
         self.preempt = "postcopy-preempt" in self.caps
         self.prefetch = int(self.params.get("x-postcopy-prefetch", DEFAULT_PREFETCH))
         self.follow = FOLLOW_REQUESTS
+        # Sequential request streams and the windows the push sends next (see
+        # ``postcopy_readahead``): ranges [block, start, end), guarded by ``lock``.
+        ra_limit = int(self.params.get("x-postcopy-readahead", MAX_WINDOW))
+        self.readahead = Readahead(limit=ra_limit) if ra_limit else None
+        self._ra: collections.deque[list] = collections.deque()
+        self.readahead_sent = 0  # pages the push sent from readahead windows
         # ``lock`` guards the RamSaver bitmap (shared with the return-path thread); each channel
         # has its own send lock, taken *while* holding ``lock`` (never the other way round) by
         # whoever took pages from the bitmap, so nobody sees "nothing left" while pages taken
@@ -279,16 +307,10 @@ class PostcopySource:
             # between two background PARTs (the lock keeps sections whole).
             preempt = self.preempt and self.preempt_channel is not None
             try:
-                if preempt and self._send_requested(
-                    self.preempt_channel,
-                    self.preempt_encoder,
-                    b,
-                    start,
-                    length,
-                    "postcopy",
-                ):
-                    return
-                if self._serve_main(b, start, length):
+                if (preempt and self._send_requested(self.preempt_channel, self.preempt_encoder,
+                                                      b, start, length, "postcopy")) \
+                        or self._serve_main(b, start, length):  # fmt: skip
+                    self._note_request(b, start, length)
                     return
             except (ChannelError, OSError) as exc:
                 # The page went back into the bitmap; queue it for the migration thread too,
@@ -296,6 +318,62 @@ class PostcopySource:
                 log.warning("%s channel: %s", "preempt" if preempt else "main", exc)
         self.queue.append((block, start))
         self.mig._wake.set()
+
+    def _note_request(self, b: Any, start: int, length: int) -> None:
+        """After a request is served: when it continues a sequential stream, send the first
+        ``READAHEAD_HEAD`` pages of the stream's readahead window here as a PART on the main
+        channel, and queue the rest for the push."""
+        if self.readahead is None:
+            return
+        with self.lock:
+            d = self.mig.ram.dirty[b.idstr]
+            r = self.readahead.on_request(b.idstr, start // PAGE, length // PAGE,
+                                          lambda a, z: not d[a:z].any())  # fmt: skip
+            if r is None:
+                return
+            first, end = r[0], min(r[1], b.npages)
+            if first >= end:
+                return
+            head = min(end, first + READAHEAD_HEAD)
+            if head < end:
+                for rng in self._ra:
+                    if rng[0] == b.idstr and rng[1] <= end and head <= rng[2]:
+                        rng[1], rng[2] = min(rng[1], head), max(rng[2], end)  # the same stream
+                        break
+                else:
+                    self._ra.append([b.idstr, head, end])
+                    if len(self._ra) > READAHEAD_RANGES:
+                        self._ra.popleft()
+                self.mig._wake.set()
+        # The guest is blocked on, or about to reach, these pages: the return-path thread sends
+        # them at once, where the migration thread (not real-time) could wait for a time slice.
+        if head == first:
+            return
+        before = self.requested_sent
+        if self._serve_main(b, first * PAGE, (head - first) * PAGE):
+            sent = self.requested_sent - before
+            self.requested_sent -= sent
+            self.readahead_sent += sent
+
+    def _take_readahead(self, n: int) -> list:
+        """Up to ``n`` dirty pages from the readahead windows, oldest window first, their bits
+        cleared (under ``lock``)."""
+        out = []
+        while n > 0 and self._ra:
+            rng = self._ra[0]
+            idstr, first, end = rng
+            d = self.mig.ram.dirty[idstr]
+            nz = np.flatnonzero(d[first:end])
+            idx = nz[:n] + first
+            if len(nz) > n:
+                rng[1] = int(idx[-1]) + 1
+            else:
+                self._ra.popleft()
+            if len(idx):
+                d[idx] = False
+                out.append(self.mig.ram.split_zero(self._blocks[idstr], idx))
+                n -= len(idx)
+        return out
 
     def _serve_main(self, b: Any, start: int, length: int) -> bool:
         """Send a requested page (and its prefetch window) as a PART on the main channel from
@@ -510,6 +588,16 @@ class PostcopySource:
         bufs += enc.send(E.Ping(2))
         mig._send(bufs, "downtime")
         package = self._package()
+        # Post-copy pages never go by multifd: the page walk finds the zero pages again, as
+        # QEMU's migration thread does after the switch (unless zero-page-detection is none).
+        mig.ram.find_zero = self.params.get("zero-page-detection") != "none"
+        self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
+        # Both threads that send pages get their priority before the guest can fault: the
+        # return-path thread raised its own at the first request, which came at a nice value
+        # while the switch was still busy (the first request took 11-19 ms, every run's p99
+        # when readahead leaves 30-60 requests in all). This one is real-time for the
+        # blackout (stop_guest) and takes its own post-copy priority once the package is out.
+        self._boost_rp_thread()
         # From here the destination may run the guest: this side must never restart it.
         mig._stopped_guest = False
         try:
@@ -520,23 +608,29 @@ class PostcopySource:
             if not mig._cancel.is_set():
                 self._refused_before_run()
             raise
+        mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
+        # Requests are served from here on (the first comes as soon as the guest runs), not
+        # queued until the bookkeeping below is done.
+        self.active = True
         mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
         if preempt_ready is not None:
             preempt_ready()  # the destination accepts it at POSTCOPY_LISTEN
         t_run = time.monotonic()
         mig.stats.downtime = t_run - t_stop
         mig.stats.downtime_breakdown = {"postcopy-switch": t_run - t_stop}
-        mig.stats.remaining = mig.ram.pending_pages() * PAGE
-        # Post-copy pages never go by multifd: the page walk finds the zero pages again, as
-        # QEMU's migration thread does after the switch (unless zero-page-detection is none).
-        mig.ram.find_zero = self.params.get("zero-page-detection") != "none"
-        self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
-        mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
-        self.active = True
+        with self.lock:
+            mig.stats.remaining = mig.ram.pending_pages() * PAGE
         self.switched.set()
         mig.end_blackout_priority()
         boost_thread()
         self._loop()
+
+    def _boost_rp_thread(self) -> None:
+        """The return-path thread real-time, from this thread, before requests come."""
+        t = self.mig._rp_thread
+        if t is not None and t.native_id is not None:
+            boost_thread(realtime=True, tid=t.native_id)
+            self._rp_boosted = True
 
     def _package(self) -> bytes:
         mig = self.mig
@@ -659,6 +753,12 @@ class PostcopySource:
                         batches.append(mig.ram.split_zero(b, idx))
                         self.requested_sent += len(idx)
                 urgent = bool(batches)
+                if not batches and self._ra:
+                    # A stream's window goes ahead of the RAM-order walk and is not held back
+                    # by max-postcopy-bandwidth (the guest is about to fault on it, as on a
+                    # requested page), but counts against it: the walk yields the bytes.
+                    batches = self._take_readahead(BACKGROUND_PAGES)
+                    self.readahead_sent += sum(len(b.normal) + len(b.zero) for b in batches)
                 if not batches:
                     budget = mig.rate.budget_left()
                     if budget > 0:
@@ -788,6 +888,7 @@ class PostcopySource:
         self._bitmaps.clear()
         self._bitmap_event.clear()
         mig._start_return_path()
+        self._boost_rp_thread()  # a new thread: the old one's priority went with it
         mig.state.move(MigrationStatus.POSTCOPY_RECOVER)
         enc = mig.encoder
         enc.reset_block()
@@ -812,6 +913,9 @@ class PostcopySource:
                     raise MigrationError(f"received bitmap of {b.idstr!r} is too short")
                 mig.ram.dirty[b.idstr][:] = bits == 0
             self.queue.clear()
+            self._ra.clear()
+            if self.readahead is not None:
+                self.readahead.clear()
             mig.stats.remaining = mig.ram.pending_pages() * PAGE
         preempt_ready = self._connect_preempt(uri) if self.preempt else None
         mig._send(enc.send(E.PostcopyResume()), "postcopy")
@@ -834,8 +938,10 @@ class PostcopySource:
                 "requests": self.requests,
                 "requested-pages-sent": self.requested_sent,
                 "pushed-pages": self.pushed,
+                "readahead-pages": self.readahead_sent,
                 "preempt": self.preempt,
                 "prefetch": self.prefetch,
+                "readahead": self.readahead.limit if self.readahead is not None else 0,
                 "recoveries": self.recoveries,
             }
         }
