@@ -179,12 +179,18 @@ def test_push_loop_sends_the_window_when_the_budget_is_spent(monkeypatch) -> Non
     pusher.start()
     try:
         ps.readahead = RA.Readahead(first=8, limit=64)
+        accounted: list[tuple[int, int]] = []
+        account = mig.rate.account
+        mig.rate.account = lambda n: (accounted.append((threading.get_ident(), n)), account(n))
         d = mig.ram.dirty["pc.ram"]
         for p in (3000, 3001):
             d[p] = False
             ps._note_request(block, p * PAGE, PAGE)
         assert not d[3002:3005].any()  # the head: sent before _note_request returned
         assert ps.readahead_sent >= 3 and ps.requested_sent == 0
+        # counted against max-postcopy-bandwidth, as the push's part of the window
+        me = threading.get_ident()
+        assert sum(n for t, n in accounted if t == me) == 3 * PAGE
         deadline = time.monotonic() + 5
         while ps.readahead_sent < 8:
             assert time.monotonic() < deadline, "the window was not pushed"

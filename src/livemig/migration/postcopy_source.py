@@ -354,6 +354,7 @@ class PostcopySource:
             sent = self.requested_sent - before
             self.requested_sent -= sent
             self.readahead_sent += sent
+            self.mig.rate.account(sent * PAGE)  # as the push's windows: the walk yields it
 
     def _take_readahead(self, n: int) -> list:
         """Up to ``n`` dirty pages from the readahead windows, oldest window first, their bits
