@@ -25,7 +25,7 @@ from livemig import threads
 from livemig.errors import LivemigError, StreamError
 from livemig.machine.runstate import RunState
 from livemig.migration import mapped_ram, multifd, postcopy_dest, state_verify
-from livemig.migration.priority import blackout_priority, restore_priority
+from livemig.migration.priority import ThreadPriority, blackout_priority, restore_priority
 from livemig.migration.source import MACHINE_TYPE, VERIFY_IDSTR, ram_hashes, verify_vmsd
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_vmsd
@@ -107,7 +107,7 @@ class IncomingMigration:
         self._ram_sid = 0  # the ram section's id: COLO checkpoints continue that section
         self._colo_offset = 0
         self.timeline: dict[str, float] = {}
-        self._blackout_prio: tuple[int, int, int] | None = None  # from the END section on
+        self._blackout_prio: ThreadPriority | None = None  # from the END section on
         self.thread = threads.Thread(target=self._run, name="incoming", daemon=True)
         if state.status == MigrationStatus.NONE:
             state.move(MigrationStatus.SETUP)

@@ -67,6 +67,7 @@ from livemig import threads
 from livemig.errors import MigrationError
 from livemig.machine.runstate import RunState
 from livemig.migration.postcopy_readahead import MAX_WINDOW, Readahead
+from livemig.migration.priority import RT_PRIORITY
 from livemig.migration.state import MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
 from livemig.savevm import checksum as CK
@@ -98,7 +99,6 @@ CHECKSUM_IDSTR = "x-postcopy-verify"
 # processes do not delay them (p99 about 3x lower in ``livemig bench postcopy`` on a loaded
 # host). A shorter GIL switch interval (0.1-0.5 ms) made no measurable difference.
 URGENT_NICE = -10
-RT_PRIORITY = 1  # the lowest SCHED_FIFO priority: above every normal thread, below the kernel's
 # A thread that only ever handles a page request (the destination's fault and preempt threads)
 # sits one level above one that also places background pages (the destination's listen thread
 # without preempt), so a fault is read and asked for at once, never behind a background PART.

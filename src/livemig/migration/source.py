@@ -35,7 +35,7 @@ from livemig.errors import LivemigError, MigrationError
 from livemig.machine.runstate import RunState
 from livemig.migration import mapped_ram, multifd
 from livemig.migration.convergence import SwitchoverRefiner
-from livemig.migration.priority import blackout_priority, restore_priority
+from livemig.migration.priority import ThreadPriority, blackout_priority, restore_priority
 from livemig.migration.state import MigrationState, MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
 from livemig.migration.stats import MigrationStats, PassRecord
@@ -167,7 +167,7 @@ class OutgoingMigration:
         # switchover-ack: the destination's approval of the switch-over (QEMU 8.1+)
         self._switchover_acked = threading.Event()
         self._stopped_guest = False
-        self._blackout_prio: tuple[int, int, int] | None = None  # see stop_guest
+        self._blackout_prio: ThreadPriority | None = None  # see stop_guest
         # The guest stopped for good and the tracker synced after that: from here a page sent is
         # the page hashed (x-checksums asks the tracker nothing more)
         self._frozen = False
