@@ -101,7 +101,7 @@ class Layout:
 @dataclass
 class Damage:
     conn: int  # 0 main, 1 preempt
-    at: int  # the connection's byte; -1: the first big read once the source switched over
+    at: int  # the connection's byte; -1: the first big read once the destination's guest runs
     mode: str  # flip | zero | cut
     bit: int = 0
     part: str = ""
@@ -209,6 +209,10 @@ def migrate_once(checksums: bool, preempt: bool, damage: Damage | None, workdir:
                 asked = True
             if switch is None and s in (S.POSTCOPY_ACTIVE, S.POSTCOPY_PAUSED, S.COMPLETED):
                 switch = relay.carried[0] if relay.carried else 0
+            if switch is not None and inc.guest_started:
+                # armed once the destination's guest runs, not when the source switched: the
+                # package (device state, discards) follows the source's switch, and damage to
+                # it is refused before the guest runs there (the source takes its guest back)
                 relay.armed.set()
             if toucher is None and inc.guest_started and inc.postcopy is not None and \
                     d == S.POSTCOPY_ACTIVE:  # fmt: skip
