@@ -8,6 +8,7 @@ import pytest
 from livemig.errors import UsageError
 from livemig.guests.memstress import check_invariant
 from livemig.machine.runstate import RunState
+from livemig.memtrack import uffd as U
 
 
 def _finish(p) -> tuple[dict, dict]:
@@ -24,12 +25,14 @@ def _check_guest(p) -> None:
     assert report.ok, report
 
 
-def test_postcopy_completes_where_precopy_cannot(pair) -> None:
+@pytest.mark.parametrize("minor", [True, False])
+def test_postcopy_completes_where_precopy_cannot(pair, minor: bool) -> None:
     # 24 MiB working set swept as fast as the vCPUs can, over a 16 MB/s link: pre-copy would
     # never converge (downtime-limit 300 ms = 4.8 MB), post-copy must finish and verify.
+    # Both ways of dropping the discarded pages: minor faults (MADV_DONTNEED) and MADV_REMOVE.
     p = pair(ram=32 << 20, append="ws=24M rate=0")
     p.caps(postcopy_ram=True, postcopy_blocktime=True, events=True)
-    p.params(max_bandwidth=16 << 20)
+    p.params(max_bandwidth=16 << 20, x_postcopy_minor_faults=minor)
     p.wait_guest()
     p.start()
     p.wait_pass(2)
@@ -40,6 +43,10 @@ def test_postcopy_completes_where_precopy_cannot(pair) -> None:
     assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
     pc = dst_q["x-postcopy"]
     assert pc["requests"] > 0 and pc["pages-missing"] == 0
+    if U.supported_features() & U.UFFD_FEATURE_MINOR_SHMEM or not minor:
+        assert pc["discard"] == ("dontneed" if minor else "remove"), pc
+    if not minor:
+        assert pc["discard-why"] == "x-postcopy-minor-faults is off"
     assert pc["latency"]["count"] == pc["requests"]
     assert src_q["ram"]["postcopy-requests"] >= pc["requests"]
     assert src_q["x-postcopy"]["pushed-pages"] > 0
