@@ -11,7 +11,9 @@ Theory of operation (QEMU: ``postcopy_ram_incoming_setup``, ``postcopy_ram_fault
   default) it is ``MADV_DONTNEED``, which on shmem only unmaps the pages and keeps them in the
   page cache (2.3 against 7.4 ms per 64 MiB here); the next access is then a MINOR fault.
   Otherwise (an older kernel, RAM without a memfd, the parameter off) it is ``MADV_REMOVE``,
-  which frees them, and the next access a MISSING fault.
+  which frees them, and the next access a MISSING fault. Either way the system calls are made
+  by a thread of their own while this one goes on with the package, and RUN waits for them
+  (``migration/postcopy_discard.py``).
 * The ``PACKAGED`` stream is parsed here: ``LISTEN`` registers every RAMBlock in MISSING mode
   (and MINOR mode after a ``MADV_DONTNEED`` discard: a page never populated here still takes a
   MISSING fault) and starts the fault thread (->postcopy-active), the FULL sections load the
@@ -63,6 +65,7 @@ from livemig.errors import MigrationError, StreamError
 from livemig.machine.runstate import RunState
 from livemig.memtrack import uffd as U
 from livemig.memtrack._sys import MADV_DONTNEED, MADV_REMOVE, buffer_address, madvise
+from livemig.migration.postcopy_discard import Discarder
 from livemig.migration.postcopy_source import (
     CHECKSUM_IDSTR,
     PAGE,
@@ -247,7 +250,7 @@ class PostcopyIncoming:
         self._switch_started = False
         self.minor, self.discard_why = self._discard_mode()
         self._zeros: np.ndarray | None = None  # zero pages to pwrite (minor faults)
-        self.discard_time = 0.0  # seconds in madvise, inside the blackout
+        self._discarder = Discarder(MADV_DONTNEED if self.minor else MADV_REMOVE)
 
     # -- events of the main stream -------------------------------------------------------------
 
@@ -306,17 +309,18 @@ class PostcopyIncoming:
         if b is None:
             raise StreamError(f"discard for unknown RAM block {ev.block!r}", dec.offset)
         loader = self.inc.loader
-        t0 = time.perf_counter()
         for start, length in ev.ranges:
             if start % PAGE or length % PAGE or start + length > b.size:
                 raise StreamError(f"discard range {start:#x}+{length:#x} of {ev.block!r} is "
                                   "not page aligned or outside the block", dec.offset)  # fmt: skip
-            madvise(b.host_addr + start, length, MADV_DONTNEED if self.minor else MADV_REMOVE)
+        for start, length in ev.ranges:
+            # needed now (the fault thread goes by it), dropped by the discard thread before
+            # RUN, while this one goes on with the package (migration/postcopy_discard.py)
             sl = slice(start // PAGE, (start + length) // PAGE)
             self.need[ev.block][sl] = True
             loader.received[ev.block][sl] = False
             loader.touched[ev.block][sl] = False
-        self.discard_time += time.perf_counter() - t0
+            self._discarder.add(b.host_addr + start, length)
 
     def _package(self, ev: E.Packaged, outer: Decoder) -> None:
         inc = self.inc
@@ -402,6 +406,7 @@ class PostcopyIncoming:
 
     def _run(self, runstate: str) -> None:
         m = self.machine
+        self._discarder.wait(self.inc.timeout)
         m.invalidate_translations()
         self.inc.guest_started = True  # from here the source must never run its copy again
         self.t_run = time.monotonic()
@@ -908,6 +913,7 @@ class PostcopyIncoming:
         """The migration failed for good: the guest is incomplete, stop it before the
         userfaultfd goes (its missing pages would then read as zero)."""
         m = self.machine
+        self._discarder.close()
         if not self.listening or self.finished:
             return
 
@@ -925,6 +931,10 @@ class PostcopyIncoming:
         stopper = threads.Thread(target=stop, name="postcopy/stop-guest", daemon=True)
         stopper.start()
         time.sleep(0.05)
+        try:
+            self._discarder.wait(self.inc.timeout)  # no DONTNEED after the REMOVE below
+        except MigrationError as exc:
+            log.warning("post-copy teardown: %s", exc)
         try:
             if self.minor:
                 self._drop_needed()
@@ -1161,7 +1171,10 @@ class PostcopyIncoming:
             "pages-missing": int(sum(np.count_nonzero(v) for v in self.need.values())),
             # how the pages discarded at the switch were dropped, and why not minor faults
             "discard": "dontneed" if self.minor else "remove",
-            "discard-us": int(self.discard_time * 1e6),
+            # time in madvise, and how much of it RUN waited for (the rest overlapped the
+            # package: migration/postcopy_discard.py)
+            "discard-us": int(self._discarder.busy * 1e6),
+            "discard-wait-us": int(self._discarder.waited * 1e6),
             "latency": percentiles(self.latencies),
             "blocktime-ms": int(self.blocktime * 1000),
             "vcpu-blocktime-ms": [int(v * 1000) for v in self._vcpu_block.values()],
