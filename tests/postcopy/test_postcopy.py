@@ -47,6 +47,8 @@ def test_postcopy_completes_where_precopy_cannot(pair, minor: bool) -> None:
         assert pc["discard"] == ("dontneed" if minor else "remove"), pc
     if not minor:
         assert pc["discard-why"] == "x-postcopy-minor-faults is off"
+    # the pages to send in post-copy were discarded before the guest stopped (source's _drain)
+    assert src_q["x-postcopy"]["prediscarded-pages"] > 0
     assert pc["latency"]["count"] == pc["requests"]
     assert src_q["ram"]["postcopy-requests"] >= pc["requests"]
     assert src_q["x-postcopy"]["pushed-pages"] > 0
@@ -164,3 +166,35 @@ def test_preempt_on_one_side_only_says_so(pair, preempt_on: str) -> None:
         assert p.src.runstate == RunState.RUNNING
         p.src.pause()
         assert check_invariant(p.src.read_guest).ok
+
+
+def test_switch_goes_on_when_the_drain_ping_is_not_answered(pair, monkeypatch) -> None:
+    # Before the switch the source waits for the PONG of its drain PING (the destination has
+    # read and discarded all sent before it), but not for ever: a destination slow to answer
+    # delays the switch by at most DRAIN_TIMEOUT_S, and the migration still completes right.
+    import time as _time
+
+    from livemig.migration import source
+    from livemig.migration.postcopy_dest import PostcopyIncoming
+
+    monkeypatch.setattr(source, "DRAIN_TIMEOUT_S", 0.2)
+    slow = PostcopyIncoming.drained
+
+    def late(self) -> None:
+        _time.sleep(1.0)
+        slow(self)
+
+    monkeypatch.setattr(PostcopyIncoming, "drained", late)
+    p = pair(ram=32 << 20, append="ws=24M rate=0")
+    p.caps(postcopy_ram=True, events=True)
+    p.params(max_bandwidth=16 << 20)
+    p.wait_guest()
+    p.start()
+    p.wait_pass(2)
+    t0 = _time.monotonic()
+    p.sm.outgoing.postcopy.start_postcopy()
+    p.wait("src", {"postcopy-active", "completed", "failed"})
+    assert _time.monotonic() - t0 < 0.9  # the source did not wait for the late PONG
+    _src_q, dst_q = _finish(p)
+    assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
+    _check_guest(p)

@@ -276,6 +276,12 @@ class PostcopyIncoming:
             self._switch_started = True
             blackout_priority()
 
+    def drained(self) -> None:
+        """The source's drain PING (``X_DRAIN_PING``), sent after discards made while its guest
+        still runs: answered once they are dropped, so that only the pages dirtied since are
+        left for the blackout (``migration/source.py``, ``_drain``)."""
+        self._discarder.flush(self.inc.timeout)
+
     def _advise(self, ev: E.PostcopyAdvise, dec: Decoder) -> None:
         caps = getattr(self.inc, "capabilities", frozenset())
         if "postcopy-ram" not in caps:

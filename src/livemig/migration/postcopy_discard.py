@@ -43,6 +43,7 @@ class Discarder:
         self.busy = 0.0  # seconds spent in madvise
         self.waited = 0.0  # seconds ``wait`` waited for the thread
         self._jobs: deque[tuple[int, int]] = deque()
+        self._pending = 0  # ranges added and not dropped yet
         self._cv = threading.Condition()
         self._closed = False
         self._error: str | None = None
@@ -54,7 +55,8 @@ class Discarder:
             if self._closed:
                 raise MigrationError("post-copy discard after the guest was started")
             self._jobs.append((addr, length))
-            self._cv.notify()
+            self._pending += 1
+            self._cv.notify_all()
         if self._thread is None:
             self._thread = threads.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
@@ -74,6 +76,14 @@ class Discarder:
         if self._error is not None:
             raise MigrationError(f"post-copy discard failed: {self._error}")
 
+    def flush(self, timeout: float) -> None:
+        """Wait until every range added so far is dropped (more may come after); a failure or
+        a time-out is left for ``wait`` to report."""
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            while self._pending and self._error is None and time.monotonic() < deadline:
+                self._cv.wait(0.1)
+
     def close(self) -> None:
         """Stop taking ranges; the thread ends once it has dropped those it has (no wait)."""
         with self._cv:
@@ -90,14 +100,16 @@ class Discarder:
                     if not self._jobs:
                         return
                     addr, length = self._jobs.popleft()
-                if self._error is not None:
-                    continue  # the migration fails at ``wait``: drain without more calls
                 t0 = time.perf_counter()
                 try:
-                    for off in range(0, length, CHUNK):
+                    # after a failure the migration fails at ``wait``: no more calls
+                    for off in range(0, length if self._error is None else 0, CHUNK):
                         madvise(addr + off, min(CHUNK, length - off), self.advice)
                 except KernelError as exc:
                     self._error = str(exc)
                 self.busy += time.perf_counter() - t0
+                with self._cv:
+                    self._pending -= 1
+                    self._cv.notify_all()
         finally:
             restore_priority(saved)
