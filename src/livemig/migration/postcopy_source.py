@@ -6,8 +6,11 @@ Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_q
 * **setup**: with capability ``postcopy-ram`` the pre-copy setup also sends
   ``POSTCOPY_ADVISE(page-size summary, target page size)`` after OPEN_RETURN_PATH and PING 1.
 * **switch** (``migrate-start-postcopy`` sets a flag; the migration thread acts on it at its next
-  iteration): ->postcopy-active, stop the vCPUs (finish-migrate, STOP), last dirty sync,
-  ``POSTCOPY_RAM_DISCARD`` for every run of still-dirty pages (never-sent ones included), PING 2,
+  iteration): first, with the guest still running, a sync, ``POSTCOPY_RAM_DISCARD`` for the
+  pages still to send and a PING whose PONG it waits for (``OutgoingMigration._drain``: the
+  destination drops them and catches up outside the blackout); then ->postcopy-active, stop
+  the vCPUs (finish-migrate, STOP), last dirty sync, ``POSTCOPY_RAM_DISCARD`` for every run of
+  still-dirty pages not discarded yet (never-sent ones included), PING 2,
   then one ``PACKAGED`` command holding LISTEN, the FULL device sections, PING 3 and RUN, then
   PING 4. From the moment the package leaves, the guest belongs to the destination: nothing
   here restarts it, whatever happens (the guest never runs on both sides).
@@ -956,8 +959,9 @@ class PostcopySource:
                 "readahead": self.readahead.limit if self.readahead is not None else 0,
                 "recoveries": self.recoveries,
                 # discarded on the destination before the guest stopped (source.py, _drain)
-                "prediscarded-pages": int(sum(np.count_nonzero(v)
-                                              for v in self.mig.prediscarded.values())),  # fmt: skip
+                "prediscarded-pages": int(
+                    sum(np.count_nonzero(v) for v in self.mig.prediscarded.values())
+                ),
             }
         }
 
