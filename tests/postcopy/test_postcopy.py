@@ -168,6 +168,21 @@ def test_preempt_on_one_side_only_says_so(pair, preempt_on: str) -> None:
         assert check_invariant(p.src.read_guest).ok
 
 
+def test_no_drain_switches_at_once(pair) -> None:
+    # x-postcopy-drain false: no discard before the guest stops, every one at the switch
+    p = pair(ram=32 << 20, append="ws=24M rate=0")
+    p.caps(postcopy_ram=True, events=True)
+    p.params(max_bandwidth=16 << 20, x_postcopy_drain=False)
+    p.wait_guest()
+    p.start()
+    p.wait_pass(2)
+    p.sm.outgoing.postcopy.start_postcopy()
+    src_q, dst_q = _finish(p)
+    assert src_q["x-postcopy"]["prediscarded-pages"] == 0
+    assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
+    _check_guest(p)
+
+
 def test_switch_goes_on_when_the_drain_ping_is_not_answered(pair, monkeypatch) -> None:
     # Before the switch the source waits for the PONG of its drain PING (the destination has
     # read and discarded all sent before it), but not for ever: a destination slow to answer

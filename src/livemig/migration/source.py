@@ -727,7 +727,14 @@ class OutgoingMigration:
         queued bytes). The switch then discards only the pages dirtied since (the few this
         wait lets the guest dirty). Without a return path there is no PONG: nothing to wait
         for. With multifd the channels' pages could land after such a discard (see
-        PostcopySource.run): only the wait."""
+        PostcopySource.run): only the wait.
+
+        The price (benchmarks/README.md, session 12): the guest runs sooner on the destination,
+        before the background push has got far, so with a guest that dirties fast it then
+        waits more on page faults (postcopy-blocktime). ``x-postcopy-drain`` false switches as
+        before."""
+        if not self.config.params.get("x-postcopy-drain", True):
+            return
         if not getattr(self, "return_path", False) or self.channel is None:
             return
         bufs: list = []
