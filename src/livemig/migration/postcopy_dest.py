@@ -13,7 +13,9 @@ Theory of operation (QEMU: ``postcopy_ram_incoming_setup``, ``postcopy_ram_fault
   Otherwise (an older kernel, RAM without a memfd, the parameter off) it is ``MADV_REMOVE``,
   which frees them, and the next access a MISSING fault. Either way the system calls are made
   by a thread of their own while this one goes on with the package, and RUN waits for them
-  (``migration/postcopy_discard.py``).
+  (``migration/postcopy_discard.py``). A livemig source sends most discards before it stops
+  its guest, then a PING (``X_DRAIN_PING``) answered once they are dropped (``drained``), so
+  that they are not in the blackout (``OutgoingMigration._drain``).
 * The ``PACKAGED`` stream is parsed here: ``LISTEN`` registers every RAMBlock in MISSING mode
   (and MINOR mode after a ``MADV_DONTNEED`` discard: a page never populated here still takes a
   MISSING fault) and starts the fault thread (->postcopy-active), the FULL sections load the
