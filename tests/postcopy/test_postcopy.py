@@ -196,7 +196,7 @@ def test_switch_goes_on_when_the_drain_ping_is_not_answered(pair, monkeypatch) -
     slow = PostcopyIncoming.drained
 
     def late(self) -> None:
-        _time.sleep(1.0)
+        _time.sleep(3.0)
         slow(self)
 
     monkeypatch.setattr(PostcopyIncoming, "drained", late)
@@ -209,7 +209,7 @@ def test_switch_goes_on_when_the_drain_ping_is_not_answered(pair, monkeypatch) -
     t0 = _time.monotonic()
     p.sm.outgoing.postcopy.start_postcopy()
     p.wait("src", {"postcopy-active", "completed", "failed"})
-    assert _time.monotonic() - t0 < 0.9  # the source did not wait for the late PONG
+    assert _time.monotonic() - t0 < 2.5  # the source did not wait for the late PONG
     _src_q, dst_q = _finish(p)
     assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
     _check_guest(p)
