@@ -23,6 +23,9 @@ _read.restype = ctypes.c_ssize_t
 _write = _libc.write
 _write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
 _write.restype = ctypes.c_ssize_t
+_pwrite = _libc.pwrite
+_pwrite.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_long)
+_pwrite.restype = ctypes.c_ssize_t
 _ioctl = _libc.ioctl
 _ioctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p)
 _ioctl.restype = ctypes.c_int
@@ -68,6 +71,17 @@ def write(fd: int, data: bytes) -> int:
     if n < 0:
         raise _fail("write")
     return n
+
+
+def pwrite(fd: int, address: int, size: int, offset: int) -> int:
+    """``pwrite`` of ``size`` bytes at ``address`` to ``offset`` of a memory file (a RAM
+    block's memfd: it never blocks); returns the bytes written."""
+    while True:
+        n = _pwrite(fd, address, size, offset)
+        if n >= 0:
+            return n
+        if ctypes.get_errno() != errno.EINTR:
+            raise _fail("pwrite")
 
 
 def ioctl(fd: int, request: int, address: int) -> tuple[int, int]:

@@ -1,26 +1,34 @@
-"""The userfaultfd wrapper: missing-mode round trip on shmem (post-copy's use) and sync WP."""
+"""The userfaultfd wrapper: missing- and minor-mode round trips on shmem (post-copy's use) and
+sync WP."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from livemig.memtrack._sys import MADV_REMOVE, madvise
+from livemig.machine.ram import RAMBlock
+from livemig.memtrack._sys import MADV_DONTNEED, MADV_REMOVE, madvise
 from livemig.memtrack.pagemap import present_pages
 from livemig.memtrack.uffd import (
+    UFFD_FEATURE_MINOR_SHMEM,
     UFFD_FEATURE_MISSING_SHMEM,
     UFFD_FEATURE_WP_HUGETLBFS_SHMEM,
+    UFFDIO_CONTINUE,
     UFFDIO_COPY,
+    UFFDIO_REGISTER_MODE_MINOR,
     UFFDIO_REGISTER_MODE_MISSING,
     UFFDIO_REGISTER_MODE_WP,
     UFFDIO_WRITEPROTECT,
     UffdError,
     Userfaultfd,
+    supported_features,
+    uffdio_continue,
     uffdio_copy,
 )
 
@@ -32,6 +40,8 @@ def test_ioctl_numbers_match_the_kernel_headers() -> None:
     assert UFFDIO_COPY == 0xC028AA03
     assert UFFDIO_WRITEPROTECT == 0xC018AA06
     assert ctypes.sizeof(uffdio_copy) == 40
+    assert UFFDIO_CONTINUE == 0xC020AA07
+    assert ctypes.sizeof(uffdio_continue) == 32
 
 
 class Reader(threading.Thread):
@@ -132,3 +142,45 @@ def test_closed_fd_and_missing_features_are_reported() -> None:
         uffd.register(0, PAGE, UFFDIO_REGISTER_MODE_WP)
     with pytest.raises(UffdError, match="lacks features 0x80000000"):
         Userfaultfd(1 << 31)
+
+
+@pytest.mark.skipif(not supported_features() & UFFD_FEATURE_MINOR_SHMEM,
+                    reason="this kernel has no userfaultfd minor faults on shmem")  # fmt: skip
+def test_minor_mode_round_trip_on_a_memfd_block() -> None:
+    # Post-copy's discard with minor faults: MADV_DONTNEED keeps a shmem page in the page
+    # cache (its old bytes), the next access is a MINOR fault; the new bytes go in with pwrite
+    # on the memfd and UFFDIO_CONTINUE maps them. A page never populated takes a MISSING
+    # fault, and the same pwrite + CONTINUE resolves it.
+    b = RAMBlock("pc.ram", 16 * PAGE)
+    try:
+        assert b.fd is not None
+        addr = b.host_addr
+        b.view[: 8 * PAGE] = bytes([0x11]) * (8 * PAGE)  # pages 0-7 populated, 8-15 not
+        with Userfaultfd(UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM) as uffd:
+            uffd.register(addr, b.size, UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_MINOR)
+            madvise(addr, 8 * PAGE, MADV_DONTNEED)
+            assert np.flatnonzero(present_pages(addr, b.size)).tolist() == []
+            for page, minor in ((2, True), (10, False)):
+                reader = Reader(addr, [page])
+                reader.start()
+                assert uffd.wait(5)
+                (ev,) = uffd.read_events()
+                assert ev.address == addr + page * PAGE and ev.is_minor == minor
+                assert os.pwrite(b.fd, bytes([page]) * PAGE, page * PAGE) == PAGE
+                assert uffd.continue_(addr + page * PAGE, PAGE) == PAGE
+                reader.join(5)
+                assert not reader.is_alive() and reader.got[page] == bytes([page]) * PAGE
+            # a run of pages in one call, before anyone faults on them
+            os.pwrite(b.fd, bytes([0x55]) * (3 * PAGE), 4 * PAGE)
+            assert uffd.continue_(addr + 4 * PAGE, 3 * PAGE) == 3 * PAGE
+            assert bytes(b.view[6 * PAGE : 7 * PAGE]) == bytes([0x55]) * PAGE
+            # mapped already: EEXIST, unless the caller says it may happen
+            with pytest.raises(UffdError, match=r"UFFDIO_CONTINUE.*EEXIST"):
+                uffd.continue_(addr + 2 * PAGE, PAGE)
+            assert uffd.continue_(addr + 2 * PAGE, PAGE, exist_ok=True) == 0
+            assert uffd.continue_(addr + 3 * PAGE, 2 * PAGE, exist_ok=True) == PAGE
+            # the page cache still holds page 0: UFFDIO_COPY finds it there
+            with pytest.raises(UffdError, match="EEXIST"):
+                uffd.copy(addr, np.zeros(PAGE, np.uint8).ctypes.data, PAGE)
+    finally:
+        b.close()

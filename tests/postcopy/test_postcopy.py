@@ -8,6 +8,7 @@ import pytest
 from livemig.errors import UsageError
 from livemig.guests.memstress import check_invariant
 from livemig.machine.runstate import RunState
+from livemig.memtrack import uffd as U
 
 
 def _finish(p) -> tuple[dict, dict]:
@@ -24,12 +25,14 @@ def _check_guest(p) -> None:
     assert report.ok, report
 
 
-def test_postcopy_completes_where_precopy_cannot(pair) -> None:
+@pytest.mark.parametrize("minor", [True, False])
+def test_postcopy_completes_where_precopy_cannot(pair, minor: bool) -> None:
     # 24 MiB working set swept as fast as the vCPUs can, over a 16 MB/s link: pre-copy would
     # never converge (downtime-limit 300 ms = 4.8 MB), post-copy must finish and verify.
+    # Both ways of dropping the discarded pages: minor faults (MADV_DONTNEED) and MADV_REMOVE.
     p = pair(ram=32 << 20, append="ws=24M rate=0")
     p.caps(postcopy_ram=True, postcopy_blocktime=True, events=True)
-    p.params(max_bandwidth=16 << 20)
+    p.params(max_bandwidth=16 << 20, x_postcopy_minor_faults=minor)
     p.wait_guest()
     p.start()
     p.wait_pass(2)
@@ -40,6 +43,12 @@ def test_postcopy_completes_where_precopy_cannot(pair) -> None:
     assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
     pc = dst_q["x-postcopy"]
     assert pc["requests"] > 0 and pc["pages-missing"] == 0
+    if U.supported_features() & U.UFFD_FEATURE_MINOR_SHMEM or not minor:
+        assert pc["discard"] == ("dontneed" if minor else "remove"), pc
+    if not minor:
+        assert pc["discard-why"] == "x-postcopy-minor-faults is off"
+    # the pages to send in post-copy were discarded before the guest stopped (source's _drain)
+    assert src_q["x-postcopy"]["prediscarded-pages"] > 0
     assert pc["latency"]["count"] == pc["requests"]
     assert src_q["ram"]["postcopy-requests"] >= pc["requests"]
     assert src_q["x-postcopy"]["pushed-pages"] > 0
@@ -157,3 +166,50 @@ def test_preempt_on_one_side_only_says_so(pair, preempt_on: str) -> None:
         assert p.src.runstate == RunState.RUNNING
         p.src.pause()
         assert check_invariant(p.src.read_guest).ok
+
+
+def test_no_drain_switches_at_once(pair) -> None:
+    # x-postcopy-drain false: no discard before the guest stops, every one at the switch
+    p = pair(ram=32 << 20, append="ws=24M rate=0")
+    p.caps(postcopy_ram=True, events=True)
+    p.params(max_bandwidth=16 << 20, x_postcopy_drain=False)
+    p.wait_guest()
+    p.start()
+    p.wait_pass(2)
+    p.sm.outgoing.postcopy.start_postcopy()
+    src_q, dst_q = _finish(p)
+    assert src_q["x-postcopy"]["prediscarded-pages"] == 0
+    assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
+    _check_guest(p)
+
+
+def test_switch_goes_on_when_the_drain_ping_is_not_answered(pair, monkeypatch) -> None:
+    # Before the switch the source waits for the PONG of its drain PING (the destination has
+    # read and discarded all sent before it), but not for ever: a destination slow to answer
+    # delays the switch by at most DRAIN_TIMEOUT_S, and the migration still completes right.
+    import time as _time
+
+    from livemig.migration import source
+    from livemig.migration.postcopy_dest import PostcopyIncoming
+
+    monkeypatch.setattr(source, "DRAIN_TIMEOUT_S", 0.2)
+    slow = PostcopyIncoming.drained
+
+    def late(self) -> None:
+        _time.sleep(3.0)
+        slow(self)
+
+    monkeypatch.setattr(PostcopyIncoming, "drained", late)
+    p = pair(ram=32 << 20, append="ws=24M rate=0")
+    p.caps(postcopy_ram=True, events=True)
+    p.params(max_bandwidth=16 << 20)
+    p.wait_guest()
+    p.start()
+    p.wait_pass(2)
+    t0 = _time.monotonic()
+    p.sm.outgoing.postcopy.start_postcopy()
+    p.wait("src", {"postcopy-active", "completed", "failed"})
+    assert _time.monotonic() - t0 < 2.5  # the source did not wait for the late PONG
+    _src_q, dst_q = _finish(p)
+    assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
+    _check_guest(p)

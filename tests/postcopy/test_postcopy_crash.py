@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 
 from livemig.machine.runstate import RunState
@@ -41,6 +42,14 @@ def test_destination_thread_crash_fails_the_migration(pair, monkeypatch, where: 
     assert "injected bug" in q["error-desc"]
     # the guest had pages still on the source: it is stopped, never left running on zeros
     assert p.dst.runstate == RunState.INTERNAL_ERROR
+    # ... and those pages read as zero, not as the stale bytes that minor faults leave in the
+    # page cache until they are filled (but for one a vCPU woken by the teardown, asleep on it,
+    # may write before it stops)
+    pc = p.dm.incoming.postcopy
+    block = p.dst.ram_blocks[0]
+    needed = np.flatnonzero(pc.need[block.idstr])
+    assert len(needed) > 100
+    assert np.count_nonzero(block.pages[needed].any(axis=1)) <= len(p.dst.vcpus)
     # the source ran its guest on the destination already: it must never restart it
     assert p.wait("src", {"postcopy-paused", "failed"}, timeout=20)
     assert p.src.runstate != RunState.RUNNING

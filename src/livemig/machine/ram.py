@@ -1,9 +1,15 @@
-"""Guest RAM: named RAM blocks backed by anonymous shared host memory (QEMU: RAMBlock).
+"""Guest RAM: named RAM blocks backed by shared host memory, a memfd each (QEMU: RAMBlock).
 
-Each block is one ``mmap(MAP_SHARED | MAP_ANONYMOUS)`` region made with libc directly, so that
-its host address is known and stable: unicorn maps it into every vCPU with ``mem_map_ptr`` (all
-vCPUs see the same bytes), the dirty tracker registers it with userfaultfd / PAGEMAP_SCAN, and
-the host side reads and writes it through a ``memoryview`` or a numpy array without copies.
+Each block is one ``mmap(MAP_SHARED)`` of a ``memfd_create`` file (shmem, like QEMU's
+``memory-backend-memfd``), made with libc directly, so that its host address is known and
+stable: unicorn maps it into every vCPU with ``mem_map_ptr`` (all vCPUs see the same bytes), the
+dirty tracker registers it with userfaultfd / PAGEMAP_SCAN, and the host side reads and writes
+it through a ``memoryview`` or a numpy array without copies. The file descriptor (``fd``) is the
+second way in that userfaultfd's minor mode needs: post-copy writes a received page into the
+page cache with ``pwrite`` while the guest's mapping of it is still unmapped, then maps it
+(``migration/postcopy_dest.py``). A second *mapping* would do too, but every page written through
+it would count twice in the process's RSS. Where ``memfd_create`` is refused, a block is an
+anonymous shared mapping (the same shmem without a name) and ``fd`` is None.
 
 Blocks are laid out in guest-physical space in the order given: the first at 0, each further
 one at the next ``BLOCK_ALIGN`` boundary after the previous one (``abi.py``).
@@ -44,6 +50,27 @@ _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0x8000)
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _MAP_FIXED = 0x10
+_MFD_NOEXEC_SEAL = 0x0008  # <linux/memfd.h>, Linux 6.3
+
+
+def _memfd(idstr: str, size: int) -> int | None:
+    """A memfd of ``size`` bytes named after the block, or None where the kernel refuses one.
+
+    MFD_NOEXEC_SEAL: guest RAM is never executed by the host (unicorn translates it), and
+    Linux 6.3+ warns about a memfd made without saying so."""
+    name = f"livemig:{idstr}"[:249]
+    for flags in (os.MFD_CLOEXEC | _MFD_NOEXEC_SEAL, os.MFD_CLOEXEC):
+        try:
+            fd = os.memfd_create(name, flags)
+        except (OSError, AttributeError):
+            continue
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
+    return None
 
 
 @dataclass(frozen=True)
@@ -146,12 +173,18 @@ class RAMBlock:
         self.idstr = idstr
         self.size = size
         self.gpa = gpa
-        flags = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        self.fd: int | None = _memfd(idstr, size)
+        flags = mmap.MAP_SHARED | _MAP_NORESERVE
+        if self.fd is None:
+            flags |= mmap.MAP_ANONYMOUS
         if prefault:
             flags |= _MAP_POPULATE
-        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+        fd = -1 if self.fd is None else self.fd
+        addr = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, fd, 0)
         if addr is None or addr == _MAP_FAILED:
             err = ctypes.get_errno()
+            if self.fd is not None:
+                os.close(self.fd)
             raise MachineError(
                 f"RAM block {idstr!r}: cannot map {format_size(size)} of host memory: "
                 f"{os.strerror(err)}"
@@ -212,6 +245,9 @@ class RAMBlock:
         addr = _libc.mmap(self.host_addr, self.size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
         if addr != self.host_addr:  # could not replace it: unmapping is the only way left
             _libc.munmap(self.host_addr, self.size)
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # the last reference: the memory goes back to the host
 
     def __repr__(self) -> str:
         return f"RAMBlock({self.idstr!r}, size={format_size(self.size)}, gpa={self.gpa:#x})"

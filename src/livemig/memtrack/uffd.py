@@ -1,4 +1,4 @@
-"""A small userfaultfd wrapper: write-protect dirty tracking now, missing-mode post-copy later.
+"""A small userfaultfd wrapper: write-protect dirty tracking, missing and minor faults for post-copy.
 
 Theory of operation
 -------------------
@@ -8,11 +8,17 @@ negotiates the feature bits), ranges are registered in MISSING mode (a fault on 
 not populated waits until we install it with ``UFFDIO_COPY`` or ``UFFDIO_ZEROPAGE``) and/or WP
 mode (a write to a write-protected page waits until we lift the protection with
 ``UFFDIO_WRITEPROTECT``; with ``UFFD_FEATURE_WP_ASYNC`` the kernel lifts it itself and nobody
-waits). Faults are read as 32-byte ``struct uffd_msg`` records, many per ``read``.
+waits) and/or MINOR mode (an access to a page that is in the page cache but not mapped here
+waits until we map it with ``UFFDIO_CONTINUE``, after writing what it must hold through another
+view of the same file). Faults are read as 32-byte ``struct uffd_msg`` records, many per
+``read``.
 
-Guest RAM here is an anonymous *shared* mapping, which the kernel treats as shmem: missing mode
-on it needs ``UFFD_FEATURE_MISSING_SHMEM``, write-protect needs ``UFFD_FEATURE_WP_HUGETLBFS_SHMEM``,
-and dropping a page so that it faults again needs ``MADV_REMOVE`` (not ``MADV_DONTNEED``).
+Guest RAM here is a shared mapping of a memfd (``machine/ram.py``), which the kernel treats as
+shmem: missing mode on it needs ``UFFD_FEATURE_MISSING_SHMEM``, minor mode
+``UFFD_FEATURE_MINOR_SHMEM``, write-protect ``UFFD_FEATURE_WP_HUGETLBFS_SHMEM``. To make a page
+fault again, ``MADV_REMOVE`` frees it (the next access is a MISSING fault); ``MADV_DONTNEED``
+only unmaps it and keeps it in the page cache (the next access is a MINOR fault, three times
+cheaper to cause: benchmarks/README.md, session 12).
 
 A warning for fault handlers written in Python: a thread that faults while holding the GIL
 (a numpy store from Python, a device hook writing guest RAM) blocks in the kernel *with the
@@ -85,6 +91,7 @@ UFFDIO_COPY_MODE_WP = 1 << 1
 UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1 << 0
 UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
 UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 1 << 1
+UFFDIO_CONTINUE_MODE_DONTWAKE = 1 << 0
 
 # uffd_msg.event and uffd_msg.arg.pagefault.flags
 UFFD_EVENT_PAGEFAULT = 0x12
@@ -143,6 +150,12 @@ class uffdio_writeprotect(ctypes.Structure):
     _fields_ = (("range", uffdio_range), ("mode", ctypes.c_uint64))
 
 
+class uffdio_continue(ctypes.Structure):
+    """``struct uffdio_continue`` (32 bytes); ``mapped`` is written back like ``copy``."""
+
+    _fields_ = (("range", uffdio_range), ("mode", ctypes.c_uint64), ("mapped", ctypes.c_int64))
+
+
 # _UFFDIO_* command numbers and the ioctl requests built from them.
 UFFDIO_API = IOWR(UFFDIO, 0x3F, ctypes.sizeof(uffdio_api))
 UFFDIO_REGISTER = IOWR(UFFDIO, 0x00, ctypes.sizeof(uffdio_register))
@@ -151,6 +164,7 @@ UFFDIO_WAKE = IOR(UFFDIO, 0x02, ctypes.sizeof(uffdio_range))
 UFFDIO_COPY = IOWR(UFFDIO, 0x03, ctypes.sizeof(uffdio_copy))
 UFFDIO_ZEROPAGE = IOWR(UFFDIO, 0x04, ctypes.sizeof(uffdio_zeropage))
 UFFDIO_WRITEPROTECT = IOWR(UFFDIO, 0x06, ctypes.sizeof(uffdio_writeprotect))
+UFFDIO_CONTINUE = IOWR(UFFDIO, 0x07, ctypes.sizeof(uffdio_continue))
 
 # struct uffd_msg: u8 event, u8 reserved1, u16 reserved2, u32 reserved3, then a 24-byte union;
 # for a pagefault: u64 flags, u64 address, u32 ptid (+4 bytes padding).
@@ -178,6 +192,11 @@ class UffdEvent(NamedTuple):
     @property
     def is_wp(self) -> bool:
         return bool(self.flags & UFFD_PAGEFAULT_FLAG_WP)
+
+    @property
+    def is_minor(self) -> bool:
+        """The page is in the page cache, only not mapped (a range registered MINOR)."""
+        return bool(self.flags & UFFD_PAGEFAULT_FLAG_MINOR)
 
     @property
     def ptid(self) -> int:
@@ -355,6 +374,34 @@ class Userfaultfd:
             if err == errno.EEXIST and exist_ok:
                 return done
             raise UffdError(f"userfaultfd UFFDIO_COPY dst=0x{dst + done:x} len={length}", err)
+        return done
+
+    def continue_(
+        self, start: int, length: int, *, exist_ok: bool = False, hold_gil: bool = False
+    ) -> int:
+        """Map the pages of [start, start+length) from the page cache (minor mode: their bytes
+        were written through another view of the file) and wake the threads faulting on them,
+        MISSING faults included. Returns bytes mapped; with ``exist_ok``, EEXIST (a page
+        mapped already) stops it there and returns what was mapped before."""
+        done = 0
+        while done < length:
+            arg = uffdio_continue(range=uffdio_range(start + done, length - done), mode=0)
+            if hold_gil:
+                ret, err = held.ioctl(self.fd, UFFDIO_CONTINUE, ctypes.addressof(arg))
+                if err == errno.EINTR:
+                    continue
+            else:
+                ret, err = ioctl_errno(self.fd, UFFDIO_CONTINUE, arg)
+            if ret >= 0:
+                return done + int(arg.mapped)
+            if arg.mapped > 0:  # partial: the kernel answers EAGAIN with what it mapped
+                done += int(arg.mapped)
+                continue
+            if err == errno.EAGAIN:
+                continue
+            if err == errno.EEXIST and exist_ok:
+                return done
+            raise UffdError(f"userfaultfd UFFDIO_CONTINUE 0x{start + done:x} len={length}", err)
         return done
 
     def zeropage(self, start: int, length: int, *, mode: int = 0, exist_ok: bool = False) -> None:

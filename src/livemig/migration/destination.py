@@ -37,7 +37,7 @@ from livemig.savevm.xbzrle_cache import load_xbzrle
 from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener
 from livemig.wire import events as E
 from livemig.wire import returnpath as RP
-from livemig.wire.constants import X_FEATURES_PING
+from livemig.wire.constants import X_DRAIN_PING, X_FEATURES_PING
 from livemig.wire.decoder import Decoder
 
 log = logging.getLogger(__name__)
@@ -293,6 +293,8 @@ class IncomingMigration:
             if not self._return_path:
                 raise StreamError("PING without a return path", dec.offset)
             self._peer_reads_x_error |= ev.value == X_FEATURES_PING
+            if ev.value == X_DRAIN_PING and self.postcopy is not None:
+                self.postcopy.drained()
             self._send_rp(RP.Pong(ev.value))
         elif isinstance(ev, E.SectionStart):
             if ev.idstr != "ram":

@@ -283,6 +283,13 @@ PARAMETERS: tuple[ParamSpec, ...] = (
     # largest readahead window of a sequential stream of post-copy requests, in pages
     # (migration/postcopy_readahead.py); 0: no readahead
     ParamSpec("x-postcopy-readahead", "uint16", 1024),
+    # destination: drop the pages the source discards at the post-copy switch with
+    # MADV_DONTNEED and fill them on userfaultfd minor faults (migration/postcopy_dest.py),
+    # where the kernel offers it; false: MADV_REMOVE and missing faults, as before
+    ParamSpec("x-postcopy-minor-faults", "bool", True),
+    # source: before the post-copy switch, with the guest still running, discard the pages
+    # still to send and wait until the destination has caught up (source.py, _drain)
+    ParamSpec("x-postcopy-drain", "bool", True),
     # threads that fill the multifd channels on each side (multifd.py), decoupled from the
     # channel count a QEMU peer needs; 0: one for each core the host can spare
     ParamSpec("x-multifd-threads", "uint8", 0),

@@ -4,21 +4,36 @@ Theory of operation (QEMU: ``postcopy_ram_incoming_setup``, ``postcopy_ram_fault
 ``postcopy_place_page``, ``loadvm_postcopy_handle_*``; reference §7.2-§7.4):
 
 * ``ADVISE`` checks page sizes and that the kernel offers missing-mode userfaultfd on shmem
-  (guest RAM is a shared anonymous mapping). ``POSTCOPY_RAM_DISCARD`` ranges are dropped with
-  ``MADV_REMOVE`` (shmem: ``MADV_DONTNEED`` would not make them fault again) and marked
-  *needed*: those pages, and only those, must come from the source.
+  (guest RAM is a shared mapping of a memfd). ``POSTCOPY_RAM_DISCARD`` ranges are marked
+  *needed* (those pages, and only those, must come from the source) and dropped so that the
+  guest faults on them. The discard is inside the blackout and was most of it with a dirtying
+  guest, so where the kernel offers minor faults on shmem (``x-postcopy-minor-faults``, on by
+  default) it is ``MADV_DONTNEED``, which on shmem only unmaps the pages and keeps them in the
+  page cache (2.3 against 7.4 ms per 64 MiB here); the next access is then a MINOR fault.
+  Otherwise (an older kernel, RAM without a memfd, the parameter off) it is ``MADV_REMOVE``,
+  which frees them, and the next access a MISSING fault. Either way the system calls are made
+  by a thread of their own while this one goes on with the package, and RUN waits for them
+  (``migration/postcopy_discard.py``). A livemig source sends most discards before it stops
+  its guest, then a PING (``X_DRAIN_PING``) answered once they are dropped (``drained``), so
+  that they are not in the blackout (``OutgoingMigration._drain``).
 * The ``PACKAGED`` stream is parsed here: ``LISTEN`` registers every RAMBlock in MISSING mode
-  and starts the fault thread (->postcopy-active), the FULL sections load the vCPUs and
+  (and MINOR mode after a ``MADV_DONTNEED`` discard: a page never populated here still takes a
+  MISSING fault) and starts the fault thread (->postcopy-active), the FULL sections load the
+  vCPUs and
   devices, ``PING 3`` is answered, ``RUN`` starts the guest. From then on the incoming thread is
   QEMU's "listen thread": it reads the main channel and places pages.
 * Fault thread: a fault on a needed page becomes REQ_PAGES(_ID) on the return path (once per
   page; all the faults of one read in one write); a fault on a page that is not needed is a page the destination already knows to be
   zero (received as a zero record, or never sent because never populated) and is resolved on
-  the spot with UFFDIO_ZEROPAGE. Per-vCPU blocked time is measured from the fault to the page's
+  the spot with UFFDIO_ZEROPAGE (a MINOR fault on such a page, one the kernel unmapped, with
+  UFFDIO_CONTINUE: its bytes in the page cache are right). Per-vCPU blocked time is measured from the fault to the page's
   installation (``UFFD_FEATURE_THREAD_ID`` names the thread).
 * Placement: page bytes are copied into a contiguous staging buffer and installed with
-  UFFDIO_COPY, one ioctl per run of consecutive pages (ZERO records: UFFDIO_ZEROPAGE). Nothing
-  is ever received straight into guest memory.
+  UFFDIO_COPY, one ioctl per run of consecutive pages (ZERO records: UFFDIO_ZEROPAGE). With
+  minor faults the page is still in the page cache (UFFDIO_COPY would find it there), so its
+  bytes are written into the cache with ``pwrite`` on the block's memfd, which does not map it,
+  and UFFDIO_CONTINUE maps the run and wakes its waiters (MISSING ones too). Nothing is ever
+  received straight into guest memory.
 * The GIL rule (see ``livemig.memtrack.uffd``): a Python thread that faults on registered memory
   holds the GIL and deadlocks the fault thread. So no Python code here reads or writes guest
   RAM while it is registered, except pages known present; hashing and checks happen only after
@@ -39,6 +54,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import struct
 import threading
 import time
@@ -46,11 +62,12 @@ from typing import Any
 
 import numpy as np
 
-from livemig import threads
+from livemig import held, threads
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.runstate import RunState
 from livemig.memtrack import uffd as U
-from livemig.memtrack._sys import MADV_REMOVE, buffer_address, madvise
+from livemig.memtrack._sys import MADV_DONTNEED, MADV_REMOVE, buffer_address, madvise
+from livemig.migration.postcopy_discard import Discarder
 from livemig.migration.postcopy_source import (
     CHECKSUM_IDSTR,
     PAGE,
@@ -233,6 +250,9 @@ class PostcopyIncoming:
         self._fatal: str | None = None  # unchecked garbage on the preempt channel
         self._must_check = False
         self._switch_started = False
+        self.minor, self.discard_why = self._discard_mode()
+        self._zeros: np.ndarray | None = None  # zero pages to pwrite (minor faults)
+        self._discarder = Discarder(MADV_DONTNEED if self.minor else MADV_REMOVE)
 
     # -- events of the main stream -------------------------------------------------------------
 
@@ -258,6 +278,12 @@ class PostcopyIncoming:
             self._switch_started = True
             blackout_priority()
 
+    def drained(self) -> None:
+        """The source's drain PING (``X_DRAIN_PING``), sent after discards made while its guest
+        still runs: answered once they are dropped, so that only the pages dirtied since are
+        left for the blackout (``migration/source.py``, ``_drain``)."""
+        self._discarder.flush(self.inc.timeout)
+
     def _advise(self, ev: E.PostcopyAdvise, dec: Decoder) -> None:
         caps = getattr(self.inc, "capabilities", frozenset())
         if "postcopy-ram" not in caps:
@@ -273,6 +299,19 @@ class PostcopyIncoming:
             raise StreamError(f"post-copy needs userfaultfd features 0x{missing:x} this kernel "
                               "lacks", dec.offset)  # fmt: skip
 
+    def _discard_mode(self) -> tuple[bool, str]:
+        """Minor faults (True) or MADV_REMOVE, and why not minor faults."""
+        if not self.inc.params.get("x-postcopy-minor-faults", True):
+            return False, "x-postcopy-minor-faults is off"
+        if not U.supported_features() & U.UFFD_FEATURE_MINOR_SHMEM:
+            why = "this kernel lacks userfaultfd minor faults on shmem (UFFD_FEATURE_MINOR_SHMEM)"
+        elif any(b.fd is None for b in self.blocks.values()):
+            why = "guest RAM is not a memfd (memfd_create was refused)"
+        else:
+            return True, ""
+        log.info("post-copy discards with MADV_REMOVE: %s", why)
+        return False, why
+
     def _discard(self, ev: E.PostcopyRamDiscard, dec: Decoder) -> None:
         b = self.blocks.get(ev.block)
         if b is None:
@@ -282,11 +321,14 @@ class PostcopyIncoming:
             if start % PAGE or length % PAGE or start + length > b.size:
                 raise StreamError(f"discard range {start:#x}+{length:#x} of {ev.block!r} is "
                                   "not page aligned or outside the block", dec.offset)  # fmt: skip
-            madvise(b.host_addr + start, length, MADV_REMOVE)
+        for start, length in ev.ranges:
+            # needed now (the fault thread goes by it), dropped by the discard thread before
+            # RUN, while this one goes on with the package (migration/postcopy_discard.py)
             sl = slice(start // PAGE, (start + length) // PAGE)
             self.need[ev.block][sl] = True
             loader.received[ev.block][sl] = False
             loader.touched[ev.block][sl] = False
+            self._discarder.add(b.host_addr + start, length)
 
     def _package(self, ev: E.Packaged, outer: Decoder) -> None:
         inc = self.inc
@@ -353,9 +395,13 @@ class PostcopyIncoming:
             for n, b in self.blocks.items():
                 present = present_pages(b.host_addr, b.size) & ~self.need[n]
                 self.checksums[n] = block_checksum(b, present)
-        self.uffd = U.Userfaultfd(UFFD_FEATURES)
+        features, mode = UFFD_FEATURES, U.UFFDIO_REGISTER_MODE_MISSING
+        if self.minor:
+            features |= U.UFFD_FEATURE_MINOR_SHMEM
+            mode |= U.UFFDIO_REGISTER_MODE_MINOR
+        self.uffd = U.Userfaultfd(features)
         for n, b in self.blocks.items():
-            self.uffd.register(b.host_addr, b.size, U.UFFDIO_REGISTER_MODE_MISSING)
+            self.uffd.register(b.host_addr, b.size, mode)
             self._ranges.append((b.host_addr, b.host_addr + b.size, n))
         self.listening = True
         self.linked = True
@@ -368,6 +414,7 @@ class PostcopyIncoming:
 
     def _run(self, runstate: str) -> None:
         m = self.machine
+        self._discarder.wait(self.inc.timeout)
         m.invalidate_translations()
         self.inc.guest_started = True  # from here the source must never run its copy again
         self.t_run = time.monotonic()
@@ -396,7 +443,8 @@ class PostcopyIncoming:
                     continue
                 # Every fault read at once becomes one return-path write.
                 reqs = [r for ev in uffd.read_events(hold_gil=True) if ev.is_pagefault
-                        for r in (self._on_fault(ev.address, ev.ptid),) if r is not None]  # fmt: skip
+                        for r in (self._on_fault(ev.address, ev.ptid, ev.is_minor),)
+                        if r is not None]  # fmt: skip
                 if reqs:
                     self._request_many(reqs)
         except (U.UffdError, ChannelError, OSError) as exc:
@@ -406,8 +454,9 @@ class PostcopyIncoming:
             if not self._stop.is_set():
                 self._crashed("fault thread", exc)
 
-    def _on_fault(self, addr: int, tid: int) -> tuple[str, int] | None:
-        """Resolve a fault on a page known locally; the page to request otherwise (or None)."""
+    def _on_fault(self, addr: int, tid: int, minor: bool = False) -> tuple[str, int] | None:
+        """Resolve a fault on a page known locally; the page to request otherwise (or None).
+        ``minor``: the page is in the page cache, only unmapped."""
         where = self._locate(addr)
         if where is None:
             return None
@@ -419,8 +468,12 @@ class PostcopyIncoming:
             if not self.need[name][idx]:
                 if self._inflight[name][idx]:
                     return None  # being copied right now: UFFDIO_COPY wakes the vCPU
-                # Known locally: a zero page (received as such, or never populated anywhere).
                 assert self.uffd is not None
+                if minor:
+                    # final bytes the kernel unmapped (reclaim): map them again
+                    self.uffd.continue_(b.host_addr + idx * PAGE, PAGE, exist_ok=True)
+                    return None
+                # Known locally: a zero page (received as such, or never populated anywhere).
                 self.uffd.zeropage(b.host_addr + idx * PAGE, PAGE, exist_ok=True)
                 self.zero_faults += 1
                 return None
@@ -501,14 +554,20 @@ class PostcopyIncoming:
             inflight[idx] = True
         checksum = 0
         try:
-            staging = self._staging()
-            base = buffer_address(memoryview(staging))
             for s in range(0, len(idx), STAGING_PAGES):
                 part = idx[s : s + STAGING_PAGES]
-                if data is None:
+                if self.minor:
+                    rows = None if data is None else np.ascontiguousarray(data[s : s + len(part)])
+                    if rows is not None and self.source_checksums is not None:
+                        checksum += page_checksums(rows.view(np.uint64).reshape(-1, PAGE_WORDS),
+                                                   part)  # fmt: skip
+                    self._fill(b, part, rows)
+                elif data is None:
                     for first, count in page_runs(part):
                         uffd.zeropage(b.host_addr + first * PAGE, count * PAGE, exist_ok=True)
                 else:
+                    staging = self._staging()
+                    base = buffer_address(memoryview(staging))
                     stage = staging[: len(part)]
                     stage[:] = data[s : s + STAGING_PAGES]
                     if self.source_checksums is not None:
@@ -566,7 +625,11 @@ class PostcopyIncoming:
             need = self.need[name]
             if not need[i]:
                 return
-            if page is None:
+            if self.minor:
+                if page is not None:
+                    self._one[:] = page
+                self._fill_one(b, i, page is None)
+            elif page is None:
                 uffd.zeropage(b.host_addr + i * PAGE, PAGE, exist_ok=True)
             else:
                 self._one[:] = page
@@ -592,6 +655,53 @@ class PostcopyIncoming:
                     if exc.errno != errno.EEXIST:
                         raise
                     log.error("page at 0x%x was already present", dst + k * PAGE)
+
+    def _zero_pages(self) -> np.ndarray:
+        if self._zeros is None:  # untouched: the kernel copies from its zero page
+            self._zeros = np.zeros((STAGING_PAGES, PAGE), dtype=np.uint8)
+        return self._zeros
+
+    def _fill(self, b: Any, idx: np.ndarray, rows: np.ndarray | None) -> None:
+        """Minor faults: write pages ``idx`` of ``b`` (``rows``, or zeros) into the page cache
+        through the memfd, then map each run and wake its waiters."""
+        assert self.uffd is not None
+        pos = 0
+        for first, count in page_runs(idx):
+            src = self._zero_pages()[:count] if rows is None else rows[pos : pos + count]
+            view, off = memoryview(src).cast("B"), first * PAGE
+            while view:
+                n = os.pwrite(b.fd, view, off)
+                view, off = view[n:], off + n
+            self._continue(b.host_addr + first * PAGE, count)
+            pos += count
+
+    def _fill_one(self, b: Any, i: int, zero: bool) -> None:
+        """``_fill`` of one page from ``self._one`` (or a zero page), on the request path: the
+        system calls keep the GIL (``livemig/held.py``). Under ``lock``."""
+        addr = buffer_address(memoryview(self._zero_pages()[0])) if zero else self._one_addr
+        done = 0
+        while done < PAGE:
+            done += held.pwrite(b.fd, addr + done, PAGE - done, i * PAGE + done)
+        self._continue(b.host_addr + i * PAGE, 1, hold_gil=True)
+
+    def _continue(self, addr: int, count: int, hold_gil: bool = False) -> None:
+        assert self.uffd is not None
+        done = self.uffd.continue_(addr, count * PAGE, exist_ok=True, hold_gil=hold_gil)
+        if done < count * PAGE:
+            # mapped already: only a racing zero fault could have, which would be a bug
+            log.error("page at 0x%x was already mapped", addr + done)
+            rest = count * PAGE - done - PAGE
+            if rest > 0:
+                self._continue(addr + done + PAGE, rest // PAGE, hold_gil)
+
+    def _drop_needed(self) -> None:
+        """The migration failed with pages still needed: with minor faults their stale bytes
+        are still in the page cache; free them, so that they read as zero once the
+        userfaultfd is closed, as after a MADV_REMOVE discard."""
+        for n, need in self.need.items():
+            b = self.blocks[n]
+            for first, count in page_runs(np.flatnonzero(need)):
+                madvise(b.host_addr + first * PAGE, count * PAGE, MADV_REMOVE)
 
     def _on_pages(self, ev: Any) -> None:
         name = ev.block
@@ -811,6 +921,7 @@ class PostcopyIncoming:
         """The migration failed for good: the guest is incomplete, stop it before the
         userfaultfd goes (its missing pages would then read as zero)."""
         m = self.machine
+        self._discarder.close()
         if not self.listening or self.finished:
             return
 
@@ -829,6 +940,12 @@ class PostcopyIncoming:
         stopper.start()
         time.sleep(0.05)
         try:
+            self._discarder.wait(self.inc.timeout)  # no DONTNEED after the REMOVE below
+        except MigrationError as exc:
+            log.warning("post-copy teardown: %s", exc)
+        try:
+            if self.minor:
+                self._drop_needed()
             self._teardown_uffd()
         except (U.UffdError, ChannelError) as exc:
             log.warning("post-copy teardown: %s", exc)
@@ -1060,10 +1177,18 @@ class PostcopyIncoming:
             "requests": self.requests,
             "pages-placed": self.pages_placed,
             "pages-missing": int(sum(np.count_nonzero(v) for v in self.need.values())),
+            # how the pages discarded at the switch were dropped, and why not minor faults
+            "discard": "dontneed" if self.minor else "remove",
+            # time in madvise, and how much of it RUN waited for (the rest overlapped the
+            # package: migration/postcopy_discard.py)
+            "discard-us": int(self._discarder.busy * 1e6),
+            "discard-wait-us": int(self._discarder.waited * 1e6),
             "latency": percentiles(self.latencies),
             "blocktime-ms": int(self.blocktime * 1000),
             "vcpu-blocktime-ms": [int(v * 1000) for v in self._vcpu_block.values()],
         }
+        if self.discard_why:
+            info["discard-why"] = self.discard_why
         out["x-postcopy"] = info
         if self.blocktime_on and st == MigrationStatus.COMPLETED:
             out["postcopy-blocktime"] = info["blocktime-ms"]

@@ -6,8 +6,11 @@ Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_q
 * **setup**: with capability ``postcopy-ram`` the pre-copy setup also sends
   ``POSTCOPY_ADVISE(page-size summary, target page size)`` after OPEN_RETURN_PATH and PING 1.
 * **switch** (``migrate-start-postcopy`` sets a flag; the migration thread acts on it at its next
-  iteration): ->postcopy-active, stop the vCPUs (finish-migrate, STOP), last dirty sync,
-  ``POSTCOPY_RAM_DISCARD`` for every run of still-dirty pages (never-sent ones included), PING 2,
+  iteration): first, with the guest still running, a sync, ``POSTCOPY_RAM_DISCARD`` for the
+  pages still to send and a PING whose PONG it waits for (``OutgoingMigration._drain``: the
+  destination drops them and catches up outside the blackout); then ->postcopy-active, stop
+  the vCPUs (finish-migrate, STOP), last dirty sync, ``POSTCOPY_RAM_DISCARD`` for every run of
+  still-dirty pages not discarded yet (never-sent ones included), PING 2,
   then one ``PACKAGED`` command holding LISTEN, the FULL device sections, PING 3 and RUN, then
   PING 4. From the moment the package leaves, the guest belongs to the destination: nothing
   here restarts it, whatever happens (the guest never runs on both sides).
@@ -140,6 +143,25 @@ _ZERO_PAGE = bytes(PAGE)  # a requested page equal to it goes as a ZERO record
 # Odd 64-bit weights per word of a page: a page's checksum is sum(word_j * K_j) * (2*index+1),
 # so an all-zero page counts 0 and unpopulated pages need not be read.
 _K = (np.arange(1, PAGE_WORDS + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
+
+
+def discard_bufs(mig: Any, pages: dict[str, np.ndarray]) -> list:
+    """POSTCOPY_RAM_DISCARD commands for the pages set in ``pages`` (RAM block -> bitmap),
+    with their x-checksums unit: the buffers to send."""
+    enc = mig.encoder
+    bufs: list = []
+    unit = CK.Unit()  # x-checksums: a discard left out would leave stale pages in place
+    for b in mig.ram.blocks:
+        if b.idstr not in pages:
+            continue
+        ranges = [(s * PAGE, n * PAGE) for s, n in page_runs(np.flatnonzero(pages[b.idstr]))]
+        for i in range(0, len(ranges), MAX_DISCARD_RANGES):
+            chunk = tuple(ranges[i : i + MAX_DISCARD_RANGES])
+            bufs += enc.send(E.PostcopyRamDiscard(b.idstr, chunk))
+            unit.add_device(*CK.discard_record(b.idstr, chunk))
+    if mig.checks is not None and unit:
+        bufs += mig._checksum(unit)
+    return bufs
 
 
 def page_checksums(words: np.ndarray, idx: np.ndarray) -> int:
@@ -574,18 +596,10 @@ class PostcopySource:
         mig.emit("MIGRATION_PASS", {"pass": mig.stats.dirty_sync_count})
         mig._record_pass("post-copy switch: last sync with the guest stopped")
         enc = mig.encoder
-        bufs: list = []
-        unit = CK.Unit()  # x-checksums: a discard left out would leave stale pages in place
-        for b in mig.ram.blocks:
-            ranges = [
-                (s * PAGE, n * PAGE) for s, n in page_runs(np.flatnonzero(mig.ram.dirty[b.idstr]))
-            ]
-            for i in range(0, len(ranges), MAX_DISCARD_RANGES):
-                chunk = tuple(ranges[i : i + MAX_DISCARD_RANGES])
-                bufs += enc.send(E.PostcopyRamDiscard(b.idstr, chunk))
-                unit.add_device(*CK.discard_record(b.idstr, chunk))
-        if mig.checks is not None and unit:
-            bufs += mig._checksum(unit)
+        # the pages still to send, but those discarded already while the guest ran (_drain)
+        pre = mig.prediscarded
+        bufs = discard_bufs(mig, {b.idstr: mig.ram.dirty[b.idstr] & ~pre[b.idstr] if b.idstr in pre
+                                  else mig.ram.dirty[b.idstr] for b in mig.ram.blocks})  # fmt: skip
         bufs += enc.send(E.Ping(2))
         mig._send(bufs, "downtime")
         package = self._package()
@@ -944,6 +958,10 @@ class PostcopySource:
                 "prefetch": self.prefetch,
                 "readahead": self.readahead.limit if self.readahead is not None else 0,
                 "recoveries": self.recoveries,
+                # discarded on the destination before the guest stopped (source.py, _drain)
+                "prediscarded-pages": int(
+                    sum(np.count_nonzero(v) for v in self.mig.prediscarded.values())
+                ),
             }
         }
 

@@ -256,14 +256,16 @@ class LivemigProcess:
 
     def read_ram(self, size: int) -> bytes:
         """The guest's RAM as this process holds it, read from outside (``/proc/PID/mem``,
-        root): the one shared anonymous mapping of ``size`` bytes, a RAM block
-        (``livemig.machine.ram``). Read it while the guest is stopped."""
+        root): the one shared mapping of ``size`` bytes of a RAM block's memfd (or anonymous,
+        where memfd_create was refused; ``livemig.machine.ram``). Read it while the guest is
+        stopped."""
         found = []
         with open(f"/proc/{self.pid}/maps") as maps:
             for line in maps:
                 fields = line.split()
                 lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                if hi - lo == size and fields[1] == "rw-s" and "/dev/zero" in line:
+                if hi - lo == size and fields[1] == "rw-s" and \
+                        ("/memfd:livemig:" in line or "/dev/zero" in line):  # fmt: skip
                     found.append(lo)
         if len(found) != 1:
             raise ProcError(f"{self.name}: {len(found)} shared mappings of {size} bytes")

@@ -90,6 +90,10 @@ class ReturnPathType(enum.IntEnum):
 # that it reads X_ERROR. Any destination answers a PING with PONG (QEMU's too), so the stream
 # stays one a QEMU destination loads.
 X_FEATURES_PING = 0x4C4D0001
+# A PING a livemig source sends right before the post-copy switch and waits for the PONG of
+# while its guest still runs: the destination has then read everything sent before it
+# (migration/source.py, ``_drain``). Any destination answers it; it means nothing more.
+X_DRAIN_PING = 0x4C4D0002
 
 
 # Capability names that change the byte layout of the stream.
