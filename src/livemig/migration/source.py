@@ -475,6 +475,8 @@ class OutgoingMigration:
         elif isinstance(msg, RP.Pong):
             self._pongs += 1
             log.debug("PONG %d", msg.value)
+            if self.postcopy is not None:
+                self.postcopy.on_pong(msg.value)
         elif isinstance(msg, RP.SwitchoverAck):
             self._switchover_acked.set()
             self._wake.set()
