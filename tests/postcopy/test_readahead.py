@@ -391,3 +391,43 @@ def test_the_post_copy_phase_keeps_the_migration_thread_real_time(monkeypatch) -
         assert nice == [{}] and boosted == [1, 1]
     finally:
         machine.close()
+
+
+def test_the_heads_first_pages_go_in_a_part_of_their_own() -> None:
+    """A sweeping guest faults on the page right after the one it asked for at once; the
+    destination installs a PART's pages as one batch, so the head's first ``READAHEAD_LEAD``
+    pages come in a PART of their own, ahead of the rest of the head."""
+    import socket
+
+    from livemig.migration.stats import MigrationStats
+    from livemig.transport import Channel
+    from livemig.wire import constants as C
+    from livemig.wire.encoder import Encoder
+
+    machine, block, mig, ps = _source(4096, rate=0)
+    main_a, main_b = socket.socketpair()
+    try:
+        mig.__dict__.update(encoder=Encoder(), _ram_sid=2, stats=MigrationStats(), checks=None,
+                            channel=Channel.from_socket(main_a, "main", timeout=5))  # fmt: skip
+        ps.active = True
+        ps.readahead = RA.Readahead(first=16, limit=16)
+        d = mig.ram.dirty["pc.ram"]
+        for p in (700, 701):
+            d[p] = False  # served elsewhere
+            ps._note_request(block, p * PAGE, PAGE)
+        assert not d[702:718].any() and ps.readahead_sent == 16
+        main_b.settimeout(2)
+        got = b""
+        while len(got) < 16 * PAGE:
+            got += main_b.recv(1 << 20)
+        footer = bytes([C.QEMU_VM_SECTION_FOOTER]) + (2).to_bytes(4, "big")
+        first_end = got.find(footer)
+        assert first_end > 0 and got.count(footer) == 2
+        # PART header (type, section id), then the pages: the lead and no more
+        assert got[0] == C.QEMU_VM_SECTION_PART
+        assert PS.READAHEAD_LEAD * PAGE < first_end < (PS.READAHEAD_LEAD + 1) * PAGE
+        assert int.from_bytes(got[5:13], "big") & ~0xFFF == 702 * PAGE
+    finally:
+        mig.channel.close()
+        main_b.close()
+        machine.close()
