@@ -73,7 +73,9 @@ class _Drain:
 
 
 @pytest.fixture
-def source() -> Any:
+def source(monkeypatch: pytest.MonkeyPatch) -> Any:
+    # no PONG ever comes unless a test answers: the limit must not time out under a slow run
+    monkeypatch.setattr(PS, "PIPE_SILENT", 60.0)
     machine = Machine([RAMBlockSpec("pc.ram", 64 << 20)], smp=1)
     block = machine.ram_blocks[0]
     block.array[:] = 7  # every page normal: the walk sends all of it
@@ -215,3 +217,20 @@ def test_a_destination_that_answers_no_ping_never_stalls_the_push(source, monkey
     _run(lambda: ps._push() and done.set())
     assert done.wait(15), "the push stalled waiting for PONGs that never come"
     assert ps._pipe_off
+
+
+def test_the_push_gives_up_the_interpreter_lock_before_each_parts_encoding(
+    source, monkeypatch
+) -> None:
+    """A request's thread, woken while the push builds a PART, gets the interpreter lock when
+    the push has taken the PART's pages, not only at its next send."""
+    mig, ps = source.mig, source.ps
+    seen: list[int] = []
+    monkeypatch.setattr(PS, "_yield_gil", lambda: seen.append(mig.channel.bytes_sent))
+    _run(ps._push)
+    deadline = time.monotonic() + 5
+    while len(seen) < 3:
+        assert time.monotonic() < deadline, "the push never gave the lock up"
+        time.sleep(0.01)
+    first = seen[:3]
+    assert first == sorted(set(first))  # once before each PART's send, a send in between

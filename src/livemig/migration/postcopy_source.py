@@ -162,6 +162,15 @@ def boost_thread(realtime: bool = False, priority: int = RT_PRIORITY,
 _ZERO_PAGE = bytes(PAGE)  # a requested page equal to it goes as a ZERO record
 
 
+def _yield_gil() -> None:
+    """Let a thread waiting for the interpreter lock have it now (``time.sleep(0)`` gives it
+    up). The push calls this between taking a PART's pages and encoding them: a return-path
+    thread woken by a request got the lock only at the push's next send, up to a PART's Python
+    later (requests' wait for it: median 0.13 -> 0.10 ms, p90 0.52 -> 0.43 ms, traced; p99
+    with preempt 0.69-0.82 ms against 0.73-0.96 in 4 interleaved runs)."""
+    time.sleep(0)
+
+
 def _nbytes(bufs: list) -> int:
     """Bytes in a list of buffers as ``Channel.sendv`` takes them."""
     return sum(len(b) if isinstance(b, (bytes, bytearray)) else b.nbytes for b in bufs)
@@ -923,6 +932,7 @@ class PostcopySource:
                 if batches:
                     self.main_lock.acquire()
             if batches:
+                _yield_gil()
                 n, normal, zero = self._send_holding(
                     self.main_lock, mig.channel, functools.partial(self._pushed_part, batches),
                     functools.partial(self._requeue, batches))  # fmt: skip
