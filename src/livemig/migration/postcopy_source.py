@@ -38,8 +38,14 @@ Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_q
   at 1 GB/s, 1 vCPU, it did not beat the window (A/B in session 11). Random faults start no
   stream and cost nothing extra. The walk steps aside between PARTs while the return-path
   thread waits for the lock. A page already sent is never sent again: the dirty bitmap is
-  the single record, guarded by one lock. Request latency is mostly scheduling: the request-path threads run at nice ``URGENT_NICE`` when
-  permitted (see ``livemig bench postcopy``).
+  the single record, guarded by one lock. The push starts once the destination answers PING
+  4 (its listen thread reads: until then pushed pages only queue up in front of the first
+  requests), and the walk keeps at most ``PIPE_LIMIT`` bytes past the destination's last
+  answer to the PINGs it sends between PARTs (QEMU's PING, answered by any destination), so
+  that a page sent at a request on the main channel waits behind little. Request latency is
+  mostly scheduling: the return-path thread is real-time above the migration thread, which
+  stays real-time for the whole phase, and every other thread of the process is real-time
+  too while it lasts (all of them take the interpreter lock the request path needs).
 * **end**: no dirty page left: END (EOS only) + EOF, no vmdesc; wait for SHUT;
   ->completed, runstate ``postmigrate``.
 * **recovery**: an I/O error (or ``migrate-pause``) gives ``postcopy-paused``; the pages of a
@@ -70,7 +76,7 @@ from livemig import threads
 from livemig.errors import MigrationError
 from livemig.machine.runstate import RunState
 from livemig.migration.postcopy_readahead import MAX_WINDOW, Readahead
-from livemig.migration.priority import RT_PRIORITY
+from livemig.migration.priority import RT_PRIORITY, boost_process_threads, restore_threads
 from livemig.migration.state import MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
 from livemig.savevm import checksum as CK
@@ -88,6 +94,10 @@ MAX_DISCARD_RANGES = 12
 BACKGROUND_PAGES = 32  # pages per background PART: small, so a request never waits long
 READAHEAD_RANGES = 8  # readahead windows queued for the push at most (oldest dropped)
 READAHEAD_HEAD = 128  # pages of a readahead window sent on the request path, behind the page
+# The head's first pages go in a PART of their own: a sweeping guest faults on the very next
+# page at once, and the destination installs a PART's pages as one batch (at most as many as
+# one read holds, 63 traced): it waited for the whole batch (0.2 ms more, traced).
+READAHEAD_LEAD = 8
 DEFAULT_PREFETCH = 0  # pages after a requested one sent with it (see the report in bench)
 # QEMU's background page search goes on after the last requested page. Measured here (1 GiB
 # memstress, 2 vCPUs sweeping their halves): ~15% fewer requests but ~1.5x the blocktime, as
@@ -102,12 +112,26 @@ CHECKSUM_IDSTR = "x-postcopy-verify"
 # processes do not delay them (p99 about 3x lower in ``livemig bench postcopy`` on a loaded
 # host). A shorter GIL switch interval (0.1-0.5 ms) made no measurable difference.
 URGENT_NICE = -10
-# A thread that only ever handles a page request (the destination's fault and preempt threads)
-# sits one level above one that also places background pages (the destination's listen thread
-# without preempt), so a fault is read and asked for at once, never behind a background PART.
+# A thread that only ever handles a page request (the destination's fault and preempt threads,
+# the source's return-path thread) sits one level above one that also moves background pages
+# (the destination's listen thread, the source's migration thread in post-copy), so a fault is
+# read, asked for and served at once, never behind a background PART: at the same level the
+# return-path thread waited 18 ms for a CPU while those two ran (SCHED_FIFO, traced).
 RT_REQUEST_PRIORITY = RT_PRIORITY + 1
 REMAINING_PERIOD = 0.05  # seconds between updates of the ``remaining`` figure
 RP_YIELD_WAIT = 0.01  # longest the migration thread waits for the return-path thread's send
+# PING 4 follows the package: the destination answers it once the package is done (its guest
+# runs) and its listen thread reads the main channel. The push waits for that PONG (see
+# ``_await_listening``).
+LISTENING_PING = 4
+# The push keeps at most ``PIPE_LIMIT`` bytes between itself and the destination's listen
+# thread, whatever the socket buffers hold: a PING after every ``PIPE_PING_EVERY`` bytes, whose
+# PONG says the destination has read that far (see ``_await_pipe``). Pings of this kind carry
+# ``PIPE_PING_FLAG`` in their value (the switch's are 1-4).
+PIPE_LIMIT = 512 << 10
+PIPE_PING_EVERY = 128 << 10
+PIPE_PING_FLAG = 0x8000_0000
+PIPE_SILENT = 1.0  # seconds a pipe PING may go unanswered before the limit is dropped
 
 
 def boost_thread(realtime: bool = False, priority: int = RT_PRIORITY,
@@ -139,6 +163,21 @@ def boost_thread(realtime: bool = False, priority: int = RT_PRIORITY,
 
 
 _ZERO_PAGE = bytes(PAGE)  # a requested page equal to it goes as a ZERO record
+
+
+def _yield_gil() -> None:
+    """Let a thread waiting for the interpreter lock have it now (``time.sleep(0)`` gives it
+    up). The push calls this between taking a PART's pages and encoding them: a return-path
+    thread woken by a request got the lock only at the push's next send, up to a PART's Python
+    later (requests' wait for it: median 0.13 -> 0.10 ms, p90 0.52 -> 0.43 ms, traced; p99
+    with preempt 0.69-0.82 ms against 0.73-0.96 in 4 interleaved runs)."""
+    time.sleep(0)
+
+
+def _nbytes(bufs: list) -> int:
+    """Bytes in a list of buffers as ``Channel.sendv`` takes them."""
+    return sum(len(b) if isinstance(b, (bytes, bytearray)) else b.nbytes for b in bufs)
+
 
 # Odd 64-bit weights per word of a page: a page's checksum is sum(word_j * K_j) * (2*index+1),
 # so an all-zero page counts 0 and unpopulated pages need not be read.
@@ -241,6 +280,14 @@ class PostcopySource:
         self._rp_done = 0
         self._rp_served = threading.Event()
         self._rp_boosted = False
+        self._listening = threading.Event()  # PONG 4: the destination reads the main channel
+        # The push's pipe limit: (ping value, main-channel bytes sent up to it, when) of the
+        # PINGs not answered yet, and the bytes the destination has read by the last PONG.
+        self._pipe_pings: collections.deque[tuple[int, int, float]] = collections.deque()
+        self._pipe_seq = 0
+        self._pipe_read = 0
+        self._pipe_pinged = 0  # main-channel bytes sent up to the last PING
+        self._pipe_off = PIPE_LIMIT <= 0
 
     # -- control (QMP threads) ----------------------------------------------------------------
 
@@ -292,6 +339,20 @@ class PostcopySource:
 
     # -- return path (return-path thread) ------------------------------------------------------
 
+    def on_pong(self, value: int) -> None:
+        """A PONG from the return-path thread."""
+        if value == LISTENING_PING:
+            self._listening.set()
+            self.mig._wake.set()
+        elif value & PIPE_PING_FLAG:
+            pings = self._pipe_pings
+            # PONGs come in order: an older PING not answered was lost with a recovery
+            while pings and pings[0][0] != value:
+                pings.popleft()
+            if pings:
+                self._pipe_read = pings.popleft()[1]
+                self.mig._wake.set()
+
     def on_rp(self, msg: Any) -> None:
         if isinstance(msg, RP.ReqPages):
             self.on_page_request(msg.block, msg.start, msg.length)
@@ -321,7 +382,7 @@ class PostcopySource:
         self.requests += length // PAGE
         if not self._rp_boosted:
             self._rp_boosted = True
-            boost_thread(realtime=True)
+            boost_thread(realtime=True, priority=RT_REQUEST_PRIORITY)
         if self.active:
             # Served here, on the return-path thread, rather than queued for the migration
             # thread: no hand-over to another thread on the request path. With preempt the page
@@ -372,7 +433,7 @@ class PostcopySource:
         if head == first:
             return
         before = self.requested_sent
-        if self._serve_main(b, first * PAGE, (head - first) * PAGE):
+        if self._serve_main(b, first * PAGE, (head - first) * PAGE, lead=READAHEAD_LEAD):
             sent = self.requested_sent - before
             self.requested_sent -= sent
             self.readahead_sent += sent
@@ -398,9 +459,10 @@ class PostcopySource:
                 n -= len(idx)
         return out
 
-    def _serve_main(self, b: Any, start: int, length: int) -> bool:
+    def _serve_main(self, b: Any, start: int, length: int, lead: int = 0) -> bool:
         """Send a requested page (and its prefetch window) as a PART on the main channel from
-        the return-path thread; False when post-copy is not running (queued instead)."""
+        the return-path thread; False when post-copy is not running (queued instead). With
+        ``lead``, only the first ``lead`` pages asked for go in the first PART."""
         mig = self.mig
         self._rp_want += 1
         try:
@@ -413,6 +475,8 @@ class PostcopySource:
                 # The asked-for pages in a PART of their own ahead of the prefetch window: the
                 # destination installs (and wakes the vCPU) before it decodes the window.
                 end = (start + length) // PAGE
+                if lead:
+                    end = min(end, start // PAGE + lead)
                 parts = [p for p in (idx[idx < end], idx[idx >= end]) if len(p)]
                 batches = [mig.ram.split_zero(b, p) for p in parts]
                 self.main_lock.acquire()
@@ -624,6 +688,7 @@ class PostcopySource:
                 self._refused_before_run()
             raise
         mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
+        self._pipe_reset()
         # Requests are served from here on (the first comes as soon as the guest runs), not
         # queued until the bookkeeping below is done.
         self.active = True
@@ -636,15 +701,36 @@ class PostcopySource:
         with self.lock:
             mig.stats.remaining = mig.ram.pending_pages() * PAGE
         self.switched.set()
-        mig.end_blackout_priority()
-        boost_thread()
-        self._loop()
+        saved = self._postcopy_priority()
+        try:
+            self._loop()
+        finally:
+            restore_threads(saved)
+
+    def _postcopy_priority(self) -> list:
+        """The priorities of the post-copy phase, from the migration thread once the package
+        is out; what ``restore_threads`` undoes at its end.
+
+        The return-path thread serves the requests, real-time, but it needs the interpreter
+        lock: whichever thread holds it must not wait for a CPU. The migration thread, which
+        holds it between its sends, stays real-time (``stop_guest`` made it so for the
+        blackout); at nice -10 it was descheduled on a loaded host with the lock held and the
+        request waited 4-6 ms (traced with ``perf sched``). The process's other threads (QMP,
+        the stopped vCPUs) are made real-time too for the same reason: a QMP thread
+        answering ``query-migrate`` kept a request waiting 1.4 ms while a kernel thread had
+        its CPU. Neither spins: the migration thread waits on the socket, the rate limit and
+        the destination's PONGs, the others on their sockets."""
+        mig = self.mig
+        if getattr(mig, "_blackout_prio", None) is None:
+            # not real-time for the blackout (not permitted, or LIVEMIG_NO_RT): nice -10
+            boost_thread()
+        return boost_process_threads()
 
     def _boost_rp_thread(self) -> None:
         """The return-path thread real-time, from this thread, before requests come."""
         t = self.mig._rp_thread
         if t is not None and t.native_id is not None:
-            boost_thread(realtime=True, tid=t.native_id)
+            boost_thread(realtime=True, priority=RT_REQUEST_PRIORITY, tid=t.native_id)
             self._rp_boosted = True
 
     def _package(self) -> bytes:
@@ -737,8 +823,12 @@ class PostcopySource:
 
     def _loop(self) -> None:
         mig = self.mig
+        first = True
         while True:
             try:
+                if first:
+                    first = False
+                    self._await_listening()
                 if self._push():
                     self._finish()
                     return
@@ -748,6 +838,74 @@ class PostcopySource:
                 self._refused_before_run()
                 self._paused(str(exc))
                 self._recover()
+
+    def _await_listening(self) -> None:
+        """Hold the push until the destination answers PING 4, the first thing after the
+        package on the main channel: until then its incoming thread is busy loading the
+        package and starting the guest, and reads nothing.
+
+        Pages pushed meanwhile only filled the socket buffers (10-14 MB on loopback), and the
+        guest's first faults, answered at once by the return-path thread, then waited behind
+        all of them: 14-22 ms, every run's slowest request (traced). Requests are served
+        while this waits; the push's pages can only arrive after them anyway. A destination
+        that never answers (none does so knowingly: QEMU answers every PING) costs
+        ``x-io-timeout`` of push, never a failure."""
+        mig = self.mig
+        deadline = time.monotonic() + self.params.get("x-io-timeout", 30000) / 1000
+        while not self._listening.is_set() and time.monotonic() < deadline:
+            mig._check_cancel()
+            mig._check_rp()
+            if self.pause_requested.is_set():
+                raise MigrationError("paused by migrate-pause")
+            self._listening.wait(0.05)
+
+    def _pushed_part(self, batches: list) -> tuple[list, int, int]:
+        """``_part`` for the push (``main_lock`` held), followed by a pipe PING when
+        ``PIPE_PING_EVERY`` bytes went since the last."""
+        bufs, normal, zero = self._part(batches)
+        if self._pipe_off:
+            return bufs, normal, zero
+        ch = self.mig.channel
+        if ch.bytes_sent - self._pipe_pinged >= PIPE_PING_EVERY:
+            self._pipe_seq = (self._pipe_seq + 1) & 0x7FFF_FFFF
+            value = PIPE_PING_FLAG | self._pipe_seq
+            ping = self.mig.encoder.send(E.Ping(value))
+            # recorded before the send: the PONG may come back before ``sendv`` returns
+            self._pipe_pinged = ch.bytes_sent + _nbytes(bufs) + _nbytes(ping)
+            self._pipe_pings.append((value, self._pipe_pinged, time.monotonic()))
+            bufs = [*bufs, *ping]
+        return bufs, normal, zero
+
+    def _pipe_full(self) -> bool:
+        """Whether the RAM-order walk must wait: more than ``PIPE_LIMIT`` bytes of the main
+        channel sent and not yet read by the destination, as far as its PONGs tell.
+
+        A page sent on the main channel at a request (no preempt channel, or a readahead
+        head) waits behind everything sent before it and not yet read: the socket buffers
+        hold megabytes (autotuned on loopback) and the destination's listen thread installs
+        ~1.5 ms of them a MiB, so a walk that ran ahead of it (the burst at the start of a
+        rate window, or of post-copy) put 4-11 ms in front of a request (traced). Only the
+        walk waits: readahead windows and queued requests are the pages the guest wants
+        next. Smaller socket buffers bound the pipe too, but the kernel then opened its window
+        late (a delayed ACK) and the push stalled for milliseconds now and then (more
+        requests and blocktime, measured). A PING unanswered for ``PIPE_SILENT`` seconds
+        turns the limit off: never a stalled push (a destination that reads on answers
+        every PING, QEMU too)."""
+        if self._pipe_off or not self._pipe_pings:
+            return False
+        if self.mig.channel.bytes_sent - self._pipe_read <= PIPE_LIMIT:
+            return False
+        if time.monotonic() - self._pipe_pings[0][2] > PIPE_SILENT:
+            log.warning("post-copy: the destination answered no PING for %.1f s: the push "
+                        "no longer waits for it", PIPE_SILENT)  # fmt: skip
+            self._pipe_off = True
+            return False
+        return True
+
+    def _pipe_reset(self) -> None:
+        """A new main channel (the switch, a recovery): nothing in the pipe yet."""
+        self._pipe_pings.clear()
+        self._pipe_read = self._pipe_pinged = self.mig.channel.bytes_sent
 
     def _push(self) -> bool:
         """Send until nothing is dirty (True) or the link breaks (raises)."""
@@ -759,6 +917,7 @@ class PostcopySource:
             if self.pause_requested.is_set():
                 raise MigrationError("paused by migrate-pause")
             batches = []
+            walk_held = False
             with self.lock:
                 while self.queue and len(batches) < 64:
                     block, start = self.queue.popleft()
@@ -774,18 +933,22 @@ class PostcopySource:
                     # requested page), but counts against it: the walk yields the bytes.
                     batches = self._take_readahead(BACKGROUND_PAGES)
                     self.readahead_sent += sum(len(b.normal) + len(b.zero) for b in batches)
-                if not batches:
+                if not batches and self._pipe_full():
+                    walk_held = True
+                elif not batches:
                     budget = mig.rate.budget_left()
                     if budget > 0:
                         batches = mig.ram.take(max(1, min(BACKGROUND_PAGES, budget // PAGE)))
                         self.pushed += sum(len(b.normal) + len(b.zero) for b in batches)
-                if not batches and not self.queue and mig.ram.pending_pages() == 0:
+                if not batches and not walk_held and not self.queue \
+                        and mig.ram.pending_pages() == 0:  # fmt: skip
                     return True
                 if batches:
                     self.main_lock.acquire()
             if batches:
+                _yield_gil()
                 n, normal, zero = self._send_holding(
-                    self.main_lock, mig.channel, functools.partial(self._part, batches),
+                    self.main_lock, mig.channel, functools.partial(self._pushed_part, batches),
                     functools.partial(self._requeue, batches))  # fmt: skip
                 mig.stats.account(n, normal, zero, "postcopy")
                 if not urgent:
@@ -796,7 +959,11 @@ class PostcopySource:
                     t_remaining = now
                     with self.lock:
                         mig.stats.remaining = mig.ram.pending_pages() * PAGE
-            if not batches:
+            if walk_held:
+                # until a PONG, a readahead window or a request (each sets ``_wake``)
+                mig._wake.wait(0.05)
+                mig._wake.clear()
+            elif not batches:
                 mig.rate.wait(mig._wake)
                 mig._wake.clear()
             else:
@@ -929,6 +1096,7 @@ class PostcopySource:
                 mig.ram.dirty[b.idstr][:] = bits == 0
             self.queue.clear()
             self._ra.clear()
+            self._pipe_reset()
             if self.readahead is not None:
                 self.readahead.clear()
             mig.stats.remaining = mig.ram.pending_pages() * PAGE

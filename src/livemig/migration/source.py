@@ -481,6 +481,8 @@ class OutgoingMigration:
             self._pongs += 1
             self._pong_event.set()
             log.debug("PONG %d", msg.value)
+            if self.postcopy is not None:
+                self.postcopy.on_pong(msg.value)
         elif isinstance(msg, RP.SwitchoverAck):
             self._switchover_acked.set()
             self._wake.set()
