@@ -183,6 +183,35 @@ def test_no_drain_switches_at_once(pair) -> None:
     _check_guest(p)
 
 
+def test_drain_wait_stays_within_the_io_timeout(pair, monkeypatch) -> None:
+    # The source sends nothing while it waits for the drain's PONG, and the destination gives
+    # up on a main channel quiet for x-io-timeout: a PONG the source does not see (its
+    # return-path thread starved on a loaded host) must not make it wait that long. It failed
+    # in CI with x-io-timeout 300 ms ("no progress reading for 0.3 s", the guest lost for
+    # the source's 0.5 s wait).
+    from livemig.migration.source import OutgoingMigration
+    from livemig.wire.constants import X_DRAIN_PING
+    from livemig.wire.returnpath import Pong
+
+    seen = OutgoingMigration._on_rp
+
+    def deaf(self, msg) -> None:
+        if not (isinstance(msg, Pong) and msg.value == X_DRAIN_PING):
+            seen(self, msg)
+
+    monkeypatch.setattr(OutgoingMigration, "_on_rp", deaf)
+    p = pair(ram=32 << 20, append="ws=8M rate=1500")
+    p.caps(postcopy_ram=True, events=True)
+    p.params(max_bandwidth=4 << 20, x_io_timeout=300)
+    p.wait_guest()
+    p.start()
+    p.wait_pass(2)
+    p.sm.outgoing.postcopy.start_postcopy()
+    _src_q, dst_q = _finish(p)
+    assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
+    _check_guest(p)
+
+
 def test_switch_goes_on_when_the_drain_ping_is_not_answered(pair, monkeypatch) -> None:
     # Before the switch the source waits for the PONG of its drain PING (the destination has
     # read and discarded all sent before it), but not for ever: a destination slow to answer

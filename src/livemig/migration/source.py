@@ -716,7 +716,7 @@ class OutgoingMigration:
     def _drain(self) -> None:
         """Before the post-copy switch, while the guest still runs: discard on the destination
         the pages to be sent in post-copy, and wait until it has read all that (a PING, then
-        its PONG), at most ``DRAIN_TIMEOUT_S``.
+        its PONG), at most ``DRAIN_TIMEOUT_S`` or a quarter of ``x-io-timeout``.
 
         Two things used to fill the blackout of a switch with a dirtying guest (traced, 256 MiB
         memstress at 200 MiB/s, median blackout 13-15 ms on a loaded host): the destination
@@ -749,7 +749,10 @@ class OutgoingMigration:
         seen = self._pongs
         self._pong_event.clear()
         self._send([*bufs, *self.encoder.send(E.Ping(X_DRAIN_PING))])
-        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        # Nothing goes to the destination meanwhile, and it gives up on a main channel quiet
+        # for x-io-timeout: wait a quarter of that at most, the switch must still come in time
+        quiet = self.config.params["x-io-timeout"] / 1000 / 4
+        deadline = time.monotonic() + min(DRAIN_TIMEOUT_S, quiet)
         while self._pongs == seen and time.monotonic() < deadline:
             self._check_cancel()
             self._check_rp()
