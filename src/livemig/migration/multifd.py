@@ -35,8 +35,10 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
   previous packet's block (almost every packet of a pass) is checked and placed without the
   general path's packet object (``_run_of_pages``): a run of data pages with one read, scattered
   data pages with one ``readv``, zero pages by clearing only those written before (untouched
-  RAM is zero: QEMU's ``ramblock_recv_bitmap`` rule). The source builds runs' packets the same
-  short way (``_run_packets``), and other jobs' packets from a few numpy calls
+  RAM is zero: QEMU's ``ramblock_recv_bitmap`` rule). The ``readv`` of such a packet's pages
+  also takes the next packet's header, as much of it as has arrived, into a second header
+  buffer (``_fill``): one read a packet instead of two. The source builds runs' packets the
+  same short way (``_run_packets``), and other jobs' packets from a few numpy calls
   (``_mixed_packets``), to the same bytes.
 
 * **QEMU 7.2 streams** (not handled, by design): a 7.2 source (and any machine type up to
