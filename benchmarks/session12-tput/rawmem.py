@@ -15,6 +15,8 @@ def mem(kind):
         m = mmap.mmap(fd, SIZE, mmap.MAP_SHARED); os.close(fd); os.unlink(p); np.frombuffer(m, np.uint8)[::4096] = 0; return m
     if kind == "anonpw":
         m = mmap.mmap(-1, SIZE, mmap.MAP_SHARED | mmap.MAP_ANONYMOUS); m.madvise(23); return m
+    if kind == "memfdpw":
+        fd = os.memfd_create("x"); os.ftruncate(fd, SIZE); m = mmap.mmap(fd, SIZE, mmap.MAP_SHARED); os.close(fd); m.madvise(23); return m
     if kind == "memfd":
         fd = os.memfd_create("x"); os.ftruncate(fd, SIZE); m = mmap.mmap(fd, SIZE, mmap.MAP_SHARED | 0x8000); os.close(fd); return m
 def sender(sock):
