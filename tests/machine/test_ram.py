@@ -59,3 +59,30 @@ def test_block_views_share_host_memory() -> None:
             block.read(4 * PAGE_SIZE - 1, 2)
     finally:
         block.close()
+
+
+def _present(block: RAMBlock) -> int:
+    """How many of ``block``'s pages are backed (``/proc/self/pagemap`` bit 63)."""
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(block.host_addr // PAGE_SIZE * 8)
+        entries = np.frombuffer(f.read(block.npages * 8), np.uint64)
+    return int(np.count_nonzero(entries >> np.uint64(63)))
+
+
+@pytest.mark.parametrize("advice", [True, False])
+def test_prefault_backs_every_page(advice: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``prefault`` backs all of a block at once, populated for writing (as QEMU's
+    -mem-prealloc); on a kernel without MADV_POPULATE_WRITE by writing a zero per page."""
+    from livemig.machine import ram
+
+    if not advice:
+        monkeypatch.setattr(ram, "_MADV_POPULATE_WRITE", -1)  # refused with EINVAL
+    block = RAMBlock("test.ram", 64 * PAGE_SIZE, prefault=True)
+    lazy = RAMBlock("lazy.ram", 64 * PAGE_SIZE)
+    try:
+        assert _present(block) == 64
+        assert _present(lazy) == 0
+        assert not block.array.any()
+    finally:
+        block.close()
+        lazy.close()

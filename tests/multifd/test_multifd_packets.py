@@ -10,10 +10,12 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.ram import RAMBlock
-from livemig.migration.multifd import MultifdReceiver, MultifdSender
+from livemig.migration.multifd import MultifdReceiver, MultifdSender, _run_sum
 from livemig.savevm.ram import Batch, RamLoader
 from livemig.transport.channel import Channel
 from livemig.wire.multifd import MultifdPacket
@@ -372,3 +374,61 @@ def test_default_threads_use_every_core_only_to_compress(monkeypatch: pytest.Mon
     assert multifd.default_threads(4) == 4 and multifd.default_threads(2, "zstd") == 2
     monkeypatch.setattr(multifd.os, "cpu_count", lambda: None)
     assert multifd.default_threads(4) == 1 and multifd.default_threads(4, "zstd") == 1
+
+
+@given(st.integers(0, (1 << 52) - 257), st.integers(1, 256))
+def test_run_sum_is_the_offsets_of_a_run(page: int, n: int) -> None:
+    """The receiver's run test: ``n`` big-endian offsets read as one integer equal
+    ``_run_sum`` exactly when they step by one page from the first (a run that fits in 64
+    bits: the receiver asks only once the run ends inside the block)."""
+    first = page << 12
+    offs = (np.arange(n, dtype=np.uint64) << np.uint64(12)) + np.uint64(first)
+    assert int.from_bytes(offs.astype(">u8").tobytes(), "big") == _run_sum(first, n)
+    if n > 1:
+        offs[n // 2] += np.uint64(PAGE)  # one page out of step
+        assert int.from_bytes(offs.astype(">u8").tobytes(), "big") != _run_sum(first, n)
+
+
+def test_runs_are_read_whole_without_a_split(rx: Rx, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A packet whose offsets are a run is placed with one read, never split page by page
+    (the run test failing silently would still place pages right, only slower)."""
+    from livemig.migration import multifd
+
+    split: list[int] = []
+    runs = multifd.page_runs
+    monkeypatch.setattr(multifd, "page_runs", lambda idx, *a, **k: split.append(len(idx))
+                        or runs(idx, *a, **k))  # fmt: skip
+    rx.send(list(range(0, 128)))  # the first packet: the full path (splits its runs)
+    split.clear()
+    rx.send(list(range(128, 256)))
+    rx.send(list(range(300, 301)))
+    rx.send(list(range(NPAGES - 7, NPAGES)))
+    assert rx.finish() is None
+    rx.check()
+    assert split == []
+
+
+def test_next_header_read_with_the_pages_is_not_forgotten() -> None:
+    """Two channels on one receiving thread: a packet's pages and the SYNC packet right after
+    them arrive in one piece, so the SYNC header is read with the pages and nothing is left
+    on the socket for poll to report; the channel must still reach its sync point."""
+    block = RAMBlock("pc.ram", NPAGES * PAGE, prefault=True)
+    loader = RamLoader([block])
+    pairs = [socket.socketpair() for _ in range(2)]
+    rx = MultifdReceiver(loader, [Channel.from_socket(b, f"multifd {i}")
+                                  for i, (_, b) in enumerate(pairs)], timeout=5, threads=1)  # fmt: skip
+    assert len(rx.workers) == 1
+    page = bytes([5]) * PAGE
+    try:
+        pairs[0][0].sendall(_raw(0, 0, [1], page))  # the full path: the block is cached
+        pairs[0][0].sendall(_raw(0, 1, [2, 3], page * 2) + _raw(1, 2, []))
+        pairs[1][0].sendall(_raw(1, 3, []))
+        rx.wait_synced()  # timed out (5 s) if the SYNC held in the buffer was never read
+        rx.release()
+        assert rx.error is None
+        assert rx.normal_pages == 3
+        assert block.array.reshape(-1, PAGE)[1:4].tobytes() == page * 3
+    finally:
+        for a, _ in pairs:
+            a.close()
+        rx.close(graceful=False)

@@ -87,7 +87,8 @@ print(sum(total), time.process_time() - cpu0)
 
 
 # The "TCP RAM to RAM" receiver: one process for every run, its memory like a destination's
-# guest RAM (shared anonymous, guest-sized, populated once), each stream writing its share.
+# guest RAM (shared anonymous, guest-sized, populated once for writing as --prefault does),
+# each stream writing its share.
 # It reads a stream count per line on stdin (and "hashed": XXH3 over each read, where it
 # landed, as a checksummed destination must), connects that many streams, and answers with the
 # bytes received and the CPU seconds it spent.
@@ -95,7 +96,12 @@ _RX_GUEST = """
 import mmap, socket, sys, threading, time
 import xxhash
 port, size = int(sys.argv[1]), int(sys.argv[2])
-mem = memoryview(mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE))
+m = mmap.mmap(-1, size, flags=mmap.MAP_SHARED)
+try:
+    m.madvise(23)  # MADV_POPULATE_WRITE, as a prefaulted destination's RAM (machine/ram.py)
+except OSError:
+    m[::4096] = bytes(size // 4096)
+mem = memoryview(m)
 print("ready", flush=True)
 for line in sys.stdin:
     n, hashed = int(line.split()[0]), line.split()[1:] == ["hashed"]
