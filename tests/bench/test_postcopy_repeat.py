@@ -20,6 +20,12 @@ def test_median_run_is_a_real_run_with_target_counts() -> None:
     assert [r["p50-us"] for r in row["runs"]] == [250, 180, 199, 300, 150]
 
 
+def test_preempt_rows_count_against_the_1_ms_target() -> None:
+    runs = [{**_run(250, p99, 1), "preempt": True} for p99 in (900, 1080, 650)]
+    assert _median_run(runs)["met-p99"] == 2
+    assert _median_run([{**r, "preempt": False} for r in runs])["met-p99"] == 3
+
+
 def test_one_run_is_reported_as_it_is() -> None:
     row = _median_run([_run(210, 900, 7)])
     assert row["blocktime-ms"] == 7 and "runs" not in row and "met-p50" not in row

@@ -3,7 +3,7 @@
 Two ``livemig run`` processes, as a user runs them: a memstress source and an ``--incoming
 defer`` destination, driven over QMP. For each configuration (preempt off/on x prefetch window)
 the source pre-copies one pass over TCP loopback, switches to post-copy, and the destination's
-``query-migrate`` gives the request latency percentiles (targets: p50 <= 200 us, p99 <= 2 ms)
+``query-migrate`` gives the request latency percentiles (targets: p50 <= 200 us, p99 <= 2 ms, 1 ms with postcopy-preempt)
 and blocktime. Guest progress during post-copy is memstress passes per second on the
 destination between switch-over and the end (from its console's pass marks), as a share of
 the rate on the source in the seconds before the migration (the in-run baseline). Before each
@@ -46,6 +46,14 @@ MARK_MS = 50  # memstress's pass marks: the guest-progress figure's resolution
 BASE_SECONDS = 1.5  # undisturbed rate measured over this long before ``migrate``
 FLOOR_FAULTS = 2000  # faults in each floor measurement (about half a second)
 P50_TARGET_US, P99_TARGET_US = 200, 2000  # the issue's targets
+# issue 23: with postcopy-preempt a requested page has a channel of its own, so its p99 target
+# is half of that
+P99_TARGET_PREEMPT_US = 1000
+
+
+def p99_target(preempt: bool) -> int:
+    """The p99 page-latency target of a row, in us."""
+    return P99_TARGET_PREEMPT_US if preempt else P99_TARGET_US
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -297,7 +305,8 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
                         "blocktime-ms": r["blocktime-ms"]} for r in runs]  # fmt: skip
         out["blocktime-median-ms"] = _median([r["blocktime-ms"] for r in runs])
         out["met-p50"] = sum(r["latency"]["p50-us"] <= P50_TARGET_US for r in runs)
-        out["met-p99"] = sum(r["latency"]["p99-us"] <= P99_TARGET_US for r in runs)
+        target = p99_target(bool(runs[0].get("preempt")))
+        out["met-p99"] = sum(r["latency"]["p99-us"] <= target for r in runs)
     return out
 
 
@@ -393,7 +402,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{r['met-p50']}/{len(r['runs'])} / {r['met-p99']}/{len(r['runs'])}"
                   if "runs" in r else "-")  # fmt: skip
     table_console().print(t)
-    print(f"targets: p50 <= {P50_TARGET_US} us, p99 <= {P99_TARGET_US} us; guest progress = share "
+    print(f"targets: p50 <= {P50_TARGET_US} us, p99 <= {P99_TARGET_US} us ({P99_TARGET_PREEMPT_US} us "
+          "with preempt); guest progress = share "
           "of its undisturbed rate; with --repeat a row is the run with the median p50 (QEMU: "
           "blocktime), its blocktime cell the median (every run's)")  # fmt: skip
     print(
