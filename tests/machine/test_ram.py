@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 import numpy as np
 import pytest
 
@@ -86,3 +89,26 @@ def test_prefault_backs_every_page(advice: bool, monkeypatch: pytest.MonkeyPatch
     finally:
         block.close()
         lazy.close()
+
+
+def test_a_block_is_a_memfd_or_anonymous_shared_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A memfd gives post-copy its second way into the page cache (minor faults); where
+    # memfd_create is refused the block is anonymous shared memory, fd None, and works the same.
+    b = RAMBlock("pc.ram", 64 * PAGE_SIZE)
+    assert b.fd is not None and os.fstat(b.fd).st_size == 64 * PAGE_SIZE
+    b.write(PAGE_SIZE, b"abc")
+    assert os.pread(b.fd, 3, PAGE_SIZE) == b"abc"  # the same pages through the file
+    fd = b.fd
+    b.close()
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+    def refused(*_args: object) -> int:
+        raise OSError(errno.ENOSYS, "no memfd here")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    a = RAMBlock("pc.ram", 64 * PAGE_SIZE, prefault=True)
+    assert a.fd is None
+    a.write(PAGE_SIZE, b"xyz")
+    assert a.read(PAGE_SIZE, 3) == b"xyz" and not a.array[:PAGE_SIZE].any()
+    a.close()
