@@ -38,6 +38,7 @@ import os
 import select
 import struct
 import threading
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from livemig import held
@@ -355,26 +356,16 @@ class Userfaultfd:
         faulting threads. Returns bytes installed. With ``exist_ok``, EEXIST (a page already
         there: a racing fault or an earlier copy) counts as success and returns 0.
         ``hold_gil``: one page on the post-copy request path (``livemig/held.py``)."""
-        done = 0
-        while done < length:
-            arg = uffdio_copy(dst=dst + done, src=src + done, len=length - done, mode=mode)
-            if hold_gil:
-                ret, err = held.ioctl(self.fd, UFFDIO_COPY, ctypes.addressof(arg))
-                if err == errno.EINTR:
-                    continue
-            else:
-                ret, err = ioctl_errno(self.fd, UFFDIO_COPY, arg)
-            if ret >= 0:
-                return done + int(arg.copy)
-            if arg.copy > 0:  # partial copy: continue after what was installed
-                done += int(arg.copy)
-                continue
-            if err == errno.EAGAIN:
-                continue
-            if err == errno.EEXIST and exist_ok:
-                return done
-            raise UffdError(f"userfaultfd UFFDIO_COPY dst=0x{dst + done:x} len={length}", err)
-        return done
+        return self._install(
+            UFFDIO_COPY,
+            "UFFDIO_COPY dst=",
+            dst,
+            length,
+            exist_ok,
+            hold_gil,
+            lambda done: uffdio_copy(dst=dst + done, src=src + done, len=length - done, mode=mode),
+            "copy",
+        )
 
     def continue_(
         self, start: int, length: int, *, exist_ok: bool = False, hold_gil: bool = False
@@ -383,25 +374,52 @@ class Userfaultfd:
         were written through another view of the file) and wake the threads faulting on them,
         MISSING faults included. Returns bytes mapped; with ``exist_ok``, EEXIST (a page
         mapped already) stops it there and returns what was mapped before."""
+        return self._install(
+            UFFDIO_CONTINUE,
+            "UFFDIO_CONTINUE ",
+            start,
+            length,
+            exist_ok,
+            hold_gil,
+            lambda done: uffdio_continue(range=uffdio_range(start + done, length - done), mode=0),
+            "mapped",
+        )
+
+    def _install(
+        self,
+        request: int,
+        label: str,
+        start: int,
+        length: int,
+        exist_ok: bool,
+        hold_gil: bool,
+        make: Callable[[int], ctypes.Structure],
+        field: str,
+    ) -> int:
+        """The loop ``copy`` and ``continue_`` share. ``make(done)`` builds the argument for the
+        range still left; the kernel writes its progress into ``field`` (a partial install comes
+        back as EAGAIN with it set: go on after it). EINTR (a held ioctl) and EAGAIN retry;
+        EEXIST with ``exist_ok`` ends it. Returns bytes installed."""
         done = 0
         while done < length:
-            arg = uffdio_continue(range=uffdio_range(start + done, length - done), mode=0)
+            arg = make(done)
             if hold_gil:
-                ret, err = held.ioctl(self.fd, UFFDIO_CONTINUE, ctypes.addressof(arg))
+                ret, err = held.ioctl(self.fd, request, ctypes.addressof(arg))
                 if err == errno.EINTR:
                     continue
             else:
-                ret, err = ioctl_errno(self.fd, UFFDIO_CONTINUE, arg)
+                ret, err = ioctl_errno(self.fd, request, arg)
+            progress = int(getattr(arg, field))
             if ret >= 0:
-                return done + int(arg.mapped)
-            if arg.mapped > 0:  # partial: the kernel answers EAGAIN with what it mapped
-                done += int(arg.mapped)
+                return done + progress
+            if progress > 0:
+                done += progress
                 continue
             if err == errno.EAGAIN:
                 continue
             if err == errno.EEXIST and exist_ok:
                 return done
-            raise UffdError(f"userfaultfd UFFDIO_CONTINUE 0x{start + done:x} len={length}", err)
+            raise UffdError(f"userfaultfd {label}0x{start + done:x} len={length}", err)
         return done
 
     def zeropage(self, start: int, length: int, *, mode: int = 0, exist_ok: bool = False) -> None:
