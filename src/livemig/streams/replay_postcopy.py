@@ -30,6 +30,11 @@ from livemig.wire import events as E
 
 PAGE_SHIFT = 12
 SERVE_BATCH = 256  # pages of the background push between two looks at the requests
+# With max-postcopy-bandwidth, a piece of the push holds at most this many seconds of it: the
+# pace is kept piece by piece, and a piece of SERVE_BATCH pages (1 MiB) went unpaced, more
+# than a slow push sends in a second (the running-guest replay test's whole push went in its
+# first piece, before the guest could fault on any page: 0 requests, a failure under load).
+PACE_SLICE = 0.02
 
 
 @dataclass
@@ -85,9 +90,14 @@ class PostcopyPlan:
 class PostcopyServer:
     """Sends the pages after the switch: requested ones first, each page once."""
 
-    def __init__(self, plan: PostcopyPlan, max_bandwidth: int = 0) -> None:
+    def __init__(
+        self, plan: PostcopyPlan, max_bandwidth: int = 0, batch: int = SERVE_BATCH
+    ) -> None:
         self.plan = plan
         self.max_bandwidth = max_bandwidth  # bytes/s of the background push; 0: unlimited
+        if max_bandwidth:
+            batch = min(batch, max(1, int(max_bandwidth * PACE_SLICE) >> PAGE_SHIFT))
+        self.batch = batch  # pages of the push between two looks at the requests
         self.requests: queue.Queue[tuple[str, int, int]] = queue.Queue()
         self._arrived = threading.Event()
         self._start = time.monotonic()
@@ -142,19 +152,20 @@ class PostcopyServer:
     def push(self, ev: E.RamPages | E.RamZeroPages, urgent: Any) -> Iterator[E.Event]:
         """A recorded event of the background push, without the pages already sent (or sent
         again later in the capture: a page goes once, with its final contents), in pieces of
-        ``SERVE_BATCH`` pages; before each, the requested pages are handed to
+        ``batch`` pages; before each, the requested pages are handed to
         ``urgent(events)``. A generator: a page is marked sent only when its piece is due."""
         slot = self._slot[id(ev)]
-        for at in range(0, len(ev), SERVE_BATCH):
+        n = self.batch
+        for at in range(0, len(ev), n):
             urgent(self.serve())
-            offsets = ev.offsets[at : at + SERVE_BATCH]
+            offsets = ev.offsets[at : at + n]
             idx = (offsets >> np.uint64(PAGE_SHIFT)).astype(np.int64)
             keep = ~self.sent[ev.block][idx] & (self.plan.where[ev.block][idx] == slot)
             if not keep.any():
                 continue
             self.sent[ev.block][idx[keep]] = True
             if isinstance(ev, E.RamPages):
-                yield E.RamPages(ev.block, offsets[keep], ev.data[at : at + SERVE_BATCH][keep])
+                yield E.RamPages(ev.block, offsets[keep], ev.data[at : at + n][keep])
             else:
                 yield E.RamZeroPages(ev.block, offsets[keep], ev.fill)
 
