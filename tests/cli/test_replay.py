@@ -242,8 +242,9 @@ class _SlowDestination:
     late: PING 4 and the drain's after ``slow`` s, checking that nothing more came meanwhile
     (the source waits for them), a pipe PING after ``slow / 10`` s; SHUT(0) at EOF."""
 
-    def __init__(self, slow: float) -> None:
+    def __init__(self, slow: float, ask: bool = False) -> None:
         self.slow = slow
+        self.ask = ask  # ask for page 0 as soon as the package is read
         self.server = socket.create_server(("127.0.0.1", 0))
         self.events: list[E.Event] = []
         self.early: list[str] = []  # what came while a waited-for PING was unanswered
@@ -261,7 +262,7 @@ class _SlowDestination:
         from livemig.migration.postcopy_source import PIPE_PING_FLAG
         from livemig.wire.constants import X_DRAIN_PING
         from livemig.wire.decoder import Decoder
-        from livemig.wire.returnpath import Pong, Shut, encode_rp
+        from livemig.wire.returnpath import Pong, ReqPages, Shut, encode_rp
 
         try:
             conn, _ = self.server.accept()
@@ -288,6 +289,8 @@ class _SlowDestination:
                         conn.sendall(encode_rp(Pong(ev.value)))
                     elif isinstance(ev, E.Eof):
                         conn.sendall(encode_rp(Shut(0)))
+                    elif isinstance(ev, E.Packaged) and self.ask:
+                        conn.sendall(encode_rp(ReqPages(0, 4096, "pc.ram")))
         except BaseException as exc:  # reported by the test
             self.failed = exc
 
@@ -365,3 +368,29 @@ def test_a_paced_push_goes_in_pieces_the_pace_can_hold() -> None:
     pieces = [len(out) for ev, _r, _at in events[9:] if isinstance(ev, E.RamPages | E.RamZeroPages)
               for out in server.push(ev, lambda _e: None)]  # fmt: skip
     assert max(pieces) <= 2 and sum(pieces) == 6 and server.unsent() == 0
+
+
+def test_a_request_while_the_package_loads_is_served(tmp_path: Path, monkeypatch) -> None:
+    """A destination may ask for pages as soon as it has the package (QEMU 10.0 did for
+    0xc0000 while loading its devices): replay is ready to serve them before the package goes.
+    It got ready only after, and a request in between ended its return path ("asked for
+    pages before the switch to post-copy"): a failure under load, made certain here by a
+    slow start of the server."""
+    import time
+
+    from livemig.streams import replay as R
+
+    class SlowServer(R.PostcopyServer):
+        def __init__(self, *args, **kwargs) -> None:
+            time.sleep(0.2)  # the replay thread descheduled here
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(R, "PostcopyServer", SlowServer)
+    path = tmp_path / "pc.mig"
+    path.write_bytes(_pipe_capture(8))
+    dest = _SlowDestination(slow=0, ask=True)
+    with dest.server:
+        result = R.replay_stream(path, dest.uri, timeout=10)
+        dest.thread.join(10)
+    assert dest.failed is None and result.shut == 0
+    assert result.postcopy is not None and result.postcopy.requests == 1

@@ -276,10 +276,13 @@ class Replay:
                 # package (a destination with postcopy-preempt waits for it to load one)
                 self.preempt = connect(self.uri, timeout=self.opts.timeout)
                 self.penc = Encoder()
-            self._emit(raw)
-            self.flush()
+            # ready for requests before the package goes: the destination's device loads in
+            # it may fault already (QEMU 10.0 asked for 0xc0000 while the package was loading;
+            # a request before this was set ended the return path: a failure under load)
             batch = BACKGROUND_PAGES if self.opts.pipe_pings else SERVE_BATCH
             self.post = PostcopyServer(self.plan, self.opts.max_postcopy_bandwidth, batch)
+            self._emit(raw)
+            self.flush()
             if self.opts.pipe_pings:
                 self.pipe = PipeLimit(self.main.bytes_sent)
                 self.t_package = time.monotonic()
