@@ -394,3 +394,29 @@ def test_a_request_while_the_package_loads_is_served(tmp_path: Path, monkeypatch
         dest.thread.join(10)
     assert dest.failed is None and result.shut == 0
     assert result.postcopy is not None and result.postcopy.requests == 1
+
+
+def test_a_pong_back_before_the_ping_is_sent_is_seen(tmp_path: Path, monkeypatch) -> None:
+    """The PONG to PING 4 (and the drain's) may be back before the send of the PING returns:
+    replay counts the PONGs before it sends. It counted after, missed a PONG 4 that came
+    first (seen with QEMU 7.2 under load) and gave up waiting for it; a send slow to return
+    makes that certain here."""
+    import time
+
+    from livemig.streams import replay as R
+
+    flush = R.Replay.flush
+
+    def slow_flush(self) -> None:
+        flush(self)
+        time.sleep(0.05)  # the replay thread descheduled after its send
+
+    monkeypatch.setattr(R.Replay, "flush", slow_flush)
+    path = tmp_path / "pc.mig"
+    path.write_bytes(_pipe_capture(8))
+    dest = _SlowDestination(slow=0)
+    with dest.server:
+        result = R.replay_stream(path, dest.uri, timeout=3, postcopy_drain=True, pipe_pings=True)
+        dest.thread.join(10)
+    assert dest.failed is None and result.shut == 0
+    assert list(result.pongs) == list(result.pings)

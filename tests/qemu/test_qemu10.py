@@ -149,4 +149,5 @@ def test_replay_of_a_postcopy_capture_with_preempt(
         m = re.search(
             r"pipe: PONG [\d.]+ ms after the package, (\d+) PINGs \((\d+) answered", printed
         )
-        assert m and m[1] == m[2] and int(m[1]) >= 1, printed  # most pages go on request
+        # most pages go on request: the push may be too short for a pipe PING
+        assert m and m[1] == m[2], printed

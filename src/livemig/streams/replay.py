@@ -388,13 +388,15 @@ class Replay:
             return f"the return path ended ({rp.reason or rp.error or f'SHUT {rp.shut}'})"
         return f"PONGs so far: {[hex(v) for v in rp.pongs.values]}"
 
-    def _await_listening(self, value: int) -> None:
-        """``pipe_pings``: after the PING that follows the package, no page of the push until
-        its PONG (the destination reads main: pages pushed before only queue up in front of
-        the first requests), serving requests meanwhile."""
+    def _await_listening(self, value: int, raw: memoryview) -> None:
+        """``pipe_pings``: send the PING that follows the package (``raw``), then no page of
+        the push until its PONG (the destination reads main: pages pushed before only queue
+        up in front of the first requests), serving requests meanwhile."""
         assert self.rp is not None
-        self.flush()
+        # counted before the PING goes: its PONG can be back before the send returns
         since = len(self.rp.pongs)
+        self._emit(raw)
+        self.flush()
         if not self.rp.pongs.wait(value, since, self.opts.timeout, idle=self._serve):
             raise MigrationError(f"no PONG to PING {value} after the package within "
                                  f"{self.opts.timeout:g} s: {self._rp_state()}")  # fmt: skip
@@ -433,8 +435,7 @@ class Replay:
             return
         if self.pipe is not None and not self.listening and isinstance(ev, E.Ping):
             # the PING right after the package (checked before the first byte)
-            self._emit(raw)
-            self._await_listening(ev.value)
+            self._await_listening(ev.value, raw)
             return
         if isinstance(ev, E.RamEos):
             self._urgent(post.serve())  # still inside the section: page records may go here
