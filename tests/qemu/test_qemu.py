@@ -239,8 +239,9 @@ def _fill(vm: QemuVM) -> None:
 
 def _first_pass(info: dict) -> bool:
     """Post-copy early in QEMU's first pass (2 MiB/s): most of the random 4 MiB is still to
-    send after the switch, a push the pipe limit must hold back (QEMU installs the pages
-    more slowly than replay sends them)."""
+    send after the switch, a long push (~40 pipe PINGs when the switch comes soon enough),
+    where the limit holds the push whenever QEMU installs the pages more slowly than replay
+    sends them (7.2 did at times)."""
     return info.get("ram", {}).get("transferred", 0) > 256 << 10
 
 
@@ -291,11 +292,12 @@ def test_replay_with_livemigs_postcopy_switch_into_qemu(
     assert [v for v in result.pongs if v != 3] == list(result.pings), result.pongs
     # (a) every page sent after the switch was discarded before it, none twice
     assert pc.drain_pages == pc.pages > 0 and pc.switch_discarded == 0
-    # (b) the pipe limit held: PINGs every 128 KiB, each answered. Whether the push had to
-    # wait for a PONG depends on who is faster: QEMU 7.2 fell behind replay, 10.0 installed
-    # the pages as fast as replay sent them (never more than 257 KiB behind); the holding
-    # itself is tested without QEMU (tests/cli/test_replay.py).
-    assert pc.pipe_pings >= (3 if running else 30), pc
+    # (b) the pipe limit held: PINGs every 128 KiB, each answered (at least 3: the dirtied
+    # pages alone are 576 KiB). Whether the push had to wait for a PONG depends on who is
+    # faster: QEMU 7.2 fell behind replay at times, 10.0 installed the pages as fast as
+    # replay sent them (never more than 257 KiB behind); the holding itself is tested
+    # without QEMU (tests/cli/test_replay.py).
+    assert pc.pipe_pings >= 3, pc
     assert pc.pipe_answered == pc.pipe_pings and not pc.pipe_off, pc
     assert 0 < pc.pipe_most_ahead <= PIPE_LIMIT, pc
     if running:
