@@ -140,9 +140,11 @@ def live_capture(
     tls: str = "",
     enough: Callable[[dict], bool] = several_passes,
     then: dict | None = None,
+    prepare: Callable[[QemuVM], None] | None = None,
 ) -> tuple[dict, str, bytes, Path]:
     """QEMU migrates to ``livemig capture``: QEMU's final query-migrate, capture's stdout,
-    QEMU's RAM, and the captured file. Without ``dirtier`` QEMU runs its firmware and stops
+    QEMU's RAM, and the captured file. ``prepare(vm)`` runs right before ``migrate`` (it may
+    write the source's RAM file). Without ``dirtier`` QEMU runs its firmware and stops
     first; with it, the boot sector dirties pages until QEMU's query-migrate is ``enough``
     (see ``dirtier_params``; ``then``: parameters set once the first pass is over), then QEMU
     stops and completes, or with ``postcopy`` switches to post-copy (its guest stops; the rest
@@ -156,7 +158,7 @@ def live_capture(
     for attempt in range(3):
         try:
             return _live_capture(tmp_path / f"try{attempt}", qemu, caps, params, capture_args,
-                                 dirtier, postcopy, tls, enough, then)  # fmt: skip
+                                 dirtier, postcopy, tls, enough, then, prepare)  # fmt: skip
         except ConvergedEarly as exc:
             last = exc
     raise AssertionError(f"QEMU converged early three times: {last}")
@@ -173,6 +175,7 @@ def _live_capture(
     tls: str,
     enough: Callable[[dict], bool],
     then: dict | None,
+    prepare: Callable[[QemuVM], None] | None = None,
 ) -> tuple[dict, str, bytes, Path]:
     tmp_path.mkdir()
     sock = tmp_path / "mig.sock"
@@ -197,6 +200,8 @@ def _live_capture(
                     more.update({"tls-creds": "tls0", "tls-hostname": "localhost"})
                 if params or more:
                     await client.execute("migrate-set-parameters", {**(params or {}), **more})
+                if prepare is not None:
+                    prepare(vm)
                 await client.execute("migrate", {"uri": f"unix:{sock}"})
                 if dirtier:
                     await _until(client, enough, then)
@@ -272,6 +277,34 @@ def replay_into_qemu(
     """``livemig replay`` of ``captured`` into a fresh QEMU destination with ``ram_size``
     bytes of RAM (the source's); the RAM it loaded (stopped first when ``paused`` is False:
     then its guest ran once loaded). ``out`` gets replay's stdout."""
+    more = ("--multifd", str(channels), "--multifd-compression", compression)
+
+    def send(uri: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "livemig", "replay", str(captured), uri,
+             "--timeout", "20", *(more if channels else ()), *replay_args,
+             *(("--tls-creds", tls, "--tls-hostname", "localhost") if tls else ())],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    rp, ram = into_qemu(tmp_path, qemu, ram_size, send, caps, channels, compression, tls, paused,
+                        check=lambda rp: rp.returncode == 0 or rp.stderr)  # fmt: skip
+    if out is not None:
+        out.append(rp.stdout)
+    if channels:
+        assert f"over {channels} multifd channels" in rp.stdout, rp.stdout
+    return ram
+
+
+def into_qemu(
+    tmp_path: Path, qemu: QemuBinary, ram_size: int, send: Callable[[str], T],
+    caps: tuple[str, ...] = (), channels: int = 0, compression: str = "none", tls: str = "",
+    paused: bool = True, check: Callable[[T], Any] = lambda _r: True,
+) -> tuple[T, bytes]:  # fmt: skip
+    """A fresh QEMU destination with ``ram_size`` bytes of RAM listens (capabilities
+    return-path and ``caps``), ``send(uri)`` is its source (in a thread), and QEMU must
+    complete: what ``send`` returned (``check`` of it must be True, else it is the failure's
+    message) and the RAM QEMU loaded (stopped first when ``paused`` is False)."""
     sock = tmp_path / "in.sock"
     with QemuVM(qemu, tmp_path, "replay", boot=DIRTIER, incoming=True, tls=tls,
                 memory_kib=ram_size // 1024, paused=paused) as vm:  # fmt: skip
@@ -286,36 +319,31 @@ def replay_into_qemu(
             if params:
                 await client.execute("migrate-set-parameters", params)
             await client.execute("migrate-incoming", {"uri": f"unix:{sock}"})
-            more = ("--multifd", str(channels), "--multifd-compression", compression)
-            rp = await asyncio.to_thread(
-                subprocess.run,
-                [sys.executable, "-m", "livemig", "replay", str(captured), f"unix:{sock}",
-                 "--timeout", "20", *(more if channels else ()), *replay_args,
-                 *(("--tls-creds", tls, "--tls-hostname", "localhost") if tls else ())],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+            try:
+                result = await asyncio.to_thread(send, f"unix:{sock}")
+            except Exception as exc:
+                raise AssertionError(f"{exc!r}; QEMU: {vm.stderr()}") from exc
             info = await wait_completed(client)
             if not paused:
                 await client.execute("stop")
-            return rp, info
+            return result, info
 
-        rp, info = asyncio.run(qmp_session(vm, steps))
-        if out is not None:
-            out.append(rp.stdout)
-        assert rp.returncode == 0, rp.stderr
+        result, info = asyncio.run(qmp_session(vm, steps))
+        ok = check(result)
+        assert ok is True, ok
         assert info["status"] == "completed", (info, vm.stderr())
-        if channels:
-            assert f"over {channels} multifd channels" in rp.stdout, rp.stdout
-        return vm.ram()
+        return result, vm.ram()
 
 
 def replay_postcopy_capture(
-    tmp_path: Path, qemu: QemuBinary, running: bool, preempt: bool = False
-) -> None:
-    """Capture a post-copy migration of the dirtying guest, replay it into a QEMU destination
-    with postcopy-ram (and ``preempt``: postcopy-preempt on both), and check its RAM: every
-    byte when its guest stayed paused, every byte but the one the boot sector goes on
-    incrementing in its pages when it ran (then it must have asked for pages)."""
+    tmp_path: Path, qemu: QemuBinary, running: bool, preempt: bool = False,
+    extra: tuple[str, ...] = (),
+) -> str:  # fmt: skip
+    """Capture a post-copy migration of the dirtying guest, replay it (with options
+    ``extra``) into a QEMU destination with postcopy-ram (and ``preempt``: postcopy-preempt
+    on both), and check its RAM: every byte when its guest stayed paused, every byte but the
+    one the boot sector goes on incrementing in its pages when it ran (then it must have
+    asked for pages). Replay's report, and every PING it sent was answered."""
     caps = ["return-path", "postcopy-ram"]
     _info, _stdout, truth, out = live_capture(tmp_path, qemu, caps, dirtier=True, postcopy=True)
     printed: list[str] = []
@@ -323,14 +351,25 @@ def replay_postcopy_capture(
     args = ("--max-postcopy-bandwidth", str(512 << 10)) if running else ()
     dest = ("postcopy-ram", *(("postcopy-preempt",) if preempt else ()))
     args += ("--postcopy-preempt",) if preempt else ()
+    args += extra
     got = replay_into_qemu(tmp_path, qemu, out, 0, "none", len(truth), caps=dest,
                            paused=not running, out=printed, replay_args=args)  # fmt: skip
     assert "post-copy:" in printed[0], printed
-    want = np.frombuffer(truth, np.uint8).copy()
-    have = np.frombuffer(got, np.uint8).copy()
     if running:
         served = int(printed[0].split(" sent on request")[0].rsplit(" ", 1)[1])
         assert served > 0, printed  # the guest faulted, and its pages came on request
+    assert "PINGs, each answered by its PONG" in printed[0], printed
+    same_postcopy_ram(truth, got, running)
+    return printed[0]
+
+
+def same_postcopy_ram(truth: bytes, got: bytes, running: bool) -> None:
+    """A post-copy destination's RAM is the source's: every byte when its guest stayed
+    paused; when it ran (the dirtying boot sector), every byte but the one the boot sector
+    goes on incrementing in each page it dirties."""
+    want = np.frombuffer(truth, np.uint8).copy()
+    have = np.frombuffer(got, np.uint8).copy()
+    if running:
         dirtied = np.array(DIRTIED)
         assert len(set(have[dirtied].tolist())) <= 2  # the boot sector ran on, all pages alike
         want[dirtied] = have[dirtied] = 0

@@ -6,6 +6,7 @@ destination's after it loaded the stream."""
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import numpy as np
@@ -131,8 +132,22 @@ def test_live_capture_of_postcopy_with_preempt(tmp_path: Path, qemu10: QemuBinar
     same_ram(out, truth)
 
 
-def test_replay_of_a_postcopy_capture_with_preempt(tmp_path: Path, qemu10: QemuBinary) -> None:
+@pytest.mark.parametrize("livemig", [False, True], ids=["as-captured", "livemig-switch"])
+def test_replay_of_a_postcopy_capture_with_preempt(
+    tmp_path: Path, qemu10: QemuBinary, livemig: bool
+) -> None:
     """Into a QEMU 10.0 destination with postcopy-preempt, ``replay --postcopy-preempt``
     opens the preempt channel before the package (such a destination waits for it there) and
-    sends the requested pages on it; the running destination ends with the source's RAM."""
-    replay_postcopy_capture(tmp_path, qemu10, running=True, preempt=True)
+    sends the requested pages on it; the running destination ends with the source's RAM.
+    With ``--postcopy-drain --pipe-pings`` as livemig's source does it with preempt: the
+    drain before the switch, the PINGs and the pipe limit on main while the requested pages
+    go on the preempt channel."""
+    extra = ("--postcopy-drain", "--pipe-pings") if livemig else ()
+    printed = replay_postcopy_capture(tmp_path, qemu10, running=True, preempt=True, extra=extra)
+    if livemig:
+        assert re.search(r"drain: [1-9]\d* pages discarded, PONG after", printed), printed
+        m = re.search(
+            r"pipe: PONG [\d.]+ ms after the package, (\d+) PINGs \((\d+) answered", printed
+        )
+        # most pages go on request: the push may be too short for a pipe PING
+        assert m and m[1] == m[2], printed

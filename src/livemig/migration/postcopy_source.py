@@ -184,20 +184,29 @@ def _nbytes(bufs: list) -> int:
 _K = (np.arange(1, PAGE_WORDS + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
 
 
+def discard_commands(pages: dict[str, np.ndarray]) -> list[E.PostcopyRamDiscard]:
+    """POSTCOPY_RAM_DISCARD commands for the pages set in ``pages`` (RAM block -> bitmap, in
+    the order given): a range per run of pages, at most ``MAX_DISCARD_RANGES`` a command.
+    Also what ``livemig replay --postcopy-drain`` sends, so that a QEMU destination is shown
+    the very commands this source sends."""
+    out: list[E.PostcopyRamDiscard] = []
+    for block, bitmap in pages.items():
+        ranges = [(s * PAGE, n * PAGE) for s, n in page_runs(np.flatnonzero(bitmap))]
+        for i in range(0, len(ranges), MAX_DISCARD_RANGES):
+            out.append(E.PostcopyRamDiscard(block, tuple(ranges[i : i + MAX_DISCARD_RANGES])))
+    return out
+
+
 def discard_bufs(mig: Any, pages: dict[str, np.ndarray]) -> list:
     """POSTCOPY_RAM_DISCARD commands for the pages set in ``pages`` (RAM block -> bitmap),
     with their x-checksums unit: the buffers to send."""
     enc = mig.encoder
     bufs: list = []
     unit = CK.Unit()  # x-checksums: a discard left out would leave stale pages in place
-    for b in mig.ram.blocks:
-        if b.idstr not in pages:
-            continue
-        ranges = [(s * PAGE, n * PAGE) for s, n in page_runs(np.flatnonzero(pages[b.idstr]))]
-        for i in range(0, len(ranges), MAX_DISCARD_RANGES):
-            chunk = tuple(ranges[i : i + MAX_DISCARD_RANGES])
-            bufs += enc.send(E.PostcopyRamDiscard(b.idstr, chunk))
-            unit.add_device(*CK.discard_record(b.idstr, chunk))
+    ordered = {b.idstr: pages[b.idstr] for b in mig.ram.blocks if b.idstr in pages}
+    for cmd in discard_commands(ordered):
+        bufs += enc.send(cmd)
+        unit.add_device(*CK.discard_record(cmd.block, cmd.ranges))
     if mig.checks is not None and unit:
         bufs += mig._checksum(unit)
     return bufs

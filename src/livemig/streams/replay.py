@@ -27,7 +27,12 @@ A post-copy capture (one with a PACKAGED command) is replayed as a post-copy sou
 package replay serves the destination's page requests from the pages the capture holds after
 the switch, each page once, before the rest of the recorded push (``replay_postcopy``;
 ``max_postcopy_bandwidth`` paces the push; ``postcopy_preempt`` sends requested pages on a
-preempt channel). The destination needs capability postcopy-ram.
+preempt channel). The destination needs capability postcopy-ram. ``postcopy_drain`` and
+``pipe_pings`` add what livemig's own post-copy source sends at and after the switch (the
+drain before it, PINGs that bound the push: ``replay_postcopy`` says how).
+
+Every PING replay sends (the capture's and its own) is recorded, and every PONG the
+destination answers: ``ReplayResult.pings`` and ``pongs``.
 
 The whole file is decoded and checked before the first byte goes out: a stream that does not
 decode, a post-copy capture without what a destination needs to run it, or options that do not
@@ -39,22 +44,31 @@ from __future__ import annotations
 import dataclasses
 import re
 import threading
+import time
 from os import PathLike
 from typing import Any
 
 import numpy as np
 
 from livemig.errors import MigrationError, StreamError, UsageError
+from livemig.migration.postcopy_source import BACKGROUND_PAGES
 from livemig.streams.analyze import read_stream
 from livemig.streams.capture import ZERO_UUID, check_channels, check_uri, parse_uuid
-from livemig.streams.replay_postcopy import PostcopyPlan, PostcopyServer
+from livemig.streams.replay_postcopy import (
+    PIPE_PING_FLAG,
+    SERVE_BATCH,
+    PipeLimit,
+    Pongs,
+    PostcopyPlan,
+    PostcopyServer,
+)
 from livemig.transport import Channel, ChannelError, ChannelTimeout, connect
 from livemig.transport.tls import load_creds, migration_tls, set_migration_tls
 from livemig.wire import events as E
-from livemig.wire.constants import CAP_MAPPED_RAM
+from livemig.wire.constants import CAP_MAPPED_RAM, X_DRAIN_PING
 from livemig.wire.decoder import Decoder
 from livemig.wire.encoder import Encoder
-from livemig.wire.returnpath import ReqPages, ReturnPathDecoder, Shut, XError
+from livemig.wire.returnpath import Pong, ReqPages, ReturnPathDecoder, Shut, XError
 from livemig.wire.vmdesc import find_vmdesc
 
 PAGE_SHIFT = 12
@@ -62,6 +76,7 @@ _RAM_RECORDS = (E.RamSetup, E.RamPages, E.RamZeroPages, E.RamXbzrlePage, E.RamCo
                 E.RamEos, E.RamMultifdFlush, E.RamHook)  # fmt: skip
 _FLUSH_BYTES = 1 << 20  # main's buffered bytes are sent once there are this many
 _MAPPED_BATCH = 4096  # pages of a mapped-ram file taken at a time
+_PING_BYTES = len(Encoder().to_bytes(E.Ping(PIPE_PING_FLAG)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +91,8 @@ class ReplayOptions:
     tls_hostname: str = ""  # the name the destination's certificate must carry
     postcopy_preempt: bool = False  # a post-copy capture: requested pages on a preempt channel
     max_postcopy_bandwidth: int = 0  # bytes/s of the post-copy background push (0: unlimited)
+    postcopy_drain: bool = False  # discard the pages to come and await a PONG before the switch
+    pipe_pings: bool = False  # push after PONG 4, within PIPE_LIMIT of the last pipe PONG
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +102,15 @@ class PostcopyFigures:
     pages: int  # pages the capture holds after the switch (each sent once)
     served: int  # of those, sent because the destination asked for them
     requests: int  # page requests received
+    drain_pages: int = 0  # --postcopy-drain: pages discarded before the switch
+    drain_wait: float = 0.0  # seconds the drain's PONG took
+    switch_discarded: int = 0  # pages the capture's own discards named that were left to drop
+    listening_wait: float = 0.0  # --pipe-pings: seconds from the package to PONG 4
+    pipe_pings: int = 0  # --pipe-pings: PINGs sent between PARTs of the push
+    pipe_answered: int = 0  # of those, answered by the destination
+    pipe_holds: int = 0  # times the push waited for a PONG
+    pipe_most_ahead: int = 0  # the most bytes sent beyond what the last PONG vouched for
+    pipe_off: bool = False  # a PING went unanswered for PIPE_SILENT s: the limit was dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,15 +123,19 @@ class ReplayResult:
     syncs: int  # multifd sync points
     postcopy: PostcopyFigures | None  # a post-copy capture's figures
     shut: int | None  # the destination's SHUT (0: loaded) when the stream opens a return path
+    pings: tuple[int, ...] = ()  # the PINGs sent on main, in order (a package's not seen)
+    pongs: tuple[int, ...] = ()  # the destination's PONGs, in the order they came
 
 
 class _ReturnPath:
     """Reads the destination's return path on main until SHUT or the end; page requests go to
     ``on_request(block, start, length)`` (post-copy)."""
 
-    def __init__(self, ch: Channel, on_request: Any = None) -> None:
+    def __init__(self, ch: Channel, on_request: Any = None, on_pong: Any = None) -> None:
         self.ch = ch
         self.on_request = on_request
+        self.on_pong = on_pong
+        self.pongs = Pongs()
         self.shut: int | None = None
         self.error: str | None = None
         self.reason: str | None = None  # a livemig destination's own words (XError)
@@ -131,6 +161,10 @@ class _ReturnPath:
                         self.shut = msg.status
                     elif isinstance(msg, XError):
                         self.reason = msg.reason
+                    elif isinstance(msg, Pong):
+                        if self.on_pong is not None:
+                            self.on_pong(msg.value)
+                        self.pongs.add(msg.value)
                     elif isinstance(msg, ReqPages):
                         block = msg.block or last
                         if block is None or self.on_request is None:
@@ -183,6 +217,17 @@ class Replay:
         self.preempt: Channel | None = None  # --postcopy-preempt: the urgent pages' channel
         self.penc: Encoder | None = None
         self.data = data  # the whole stream: a mapped-ram file's pages are read from it
+        self.pings: list[int] = []  # every PING sent on main
+        self.ram_sid = 0  # the RAM section's id (the stream's START names it)
+        self.prediscarded: dict[str, np.ndarray] | None = None  # --postcopy-drain's pages
+        self.drain_wait = 0.0
+        self.switch_discarded = 0
+        self.pipe: PipeLimit | None = None  # --pipe-pings, once switched
+        self.listening_wait = 0.0
+        self.listening = False  # --pipe-pings: the destination answered the PING after the package
+        self.end_section = False  # --pipe-pings: inside the capture's END section of RAM
+        self.t_package = 0.0  # when the package went
+        self.wake = threading.Event()  # a page request or a pipe PONG came
 
     def _emit(self, bufs: list[Any] | bytes | memoryview) -> None:
         if isinstance(bufs, bytes | memoryview):
@@ -198,6 +243,16 @@ class Replay:
         self.out, self.pending = [], 0
 
     def event(self, ev: E.Event, raw: memoryview, where: int) -> None:
+        if (self.plan is not None and self.opts.postcopy_drain and self.prediscarded is None
+                and where == self.plan.switch_at):  # fmt: skip
+            self._drain()
+        if isinstance(ev, E.Ping):
+            self.pings.append(ev.value)
+        elif isinstance(ev, E.SectionStart) and ev.idstr == "ram":
+            self.ram_sid = ev.section_id
+        if isinstance(ev, E.PostcopyRamDiscard) and self.prediscarded is not None:
+            self._switch_discard(ev)
+            return
         if isinstance(ev, E.Configuration):
             self.flush_style = flush_words_expected(ev.machine_type)
             if CAP_MAPPED_RAM in (ev.capabilities or ()):
@@ -208,7 +263,7 @@ class Replay:
             self._emit(self.enc.send(ev))
             return
         if isinstance(ev, E.OpenReturnPath) and self.rp is None:
-            self.rp = _ReturnPath(self.main, self._on_request)
+            self.rp = _ReturnPath(self.main, self._on_request, self._on_pong)
         if self.post is not None:
             self._postcopy(ev, raw)
             return
@@ -221,9 +276,16 @@ class Replay:
                 # package (a destination with postcopy-preempt waits for it to load one)
                 self.preempt = connect(self.uri, timeout=self.opts.timeout)
                 self.penc = Encoder()
+            # ready for requests before the package goes: the destination's device loads in
+            # it may fault already (QEMU 10.0 asked for 0xc0000 while the package was loading;
+            # a request before this was set ended the return path: a failure under load)
+            batch = BACKGROUND_PAGES if self.opts.pipe_pings else SERVE_BATCH
+            self.post = PostcopyServer(self.plan, self.opts.max_postcopy_bandwidth, batch)
             self._emit(raw)
             self.flush()
-            self.post = PostcopyServer(self.plan, self.opts.max_postcopy_bandwidth)
+            if self.opts.pipe_pings:
+                self.pipe = PipeLimit(self.main.bytes_sent)
+                self.t_package = time.monotonic()
             return
         if not isinstance(ev, _RAM_RECORDS):
             self._emit(raw)
@@ -248,35 +310,132 @@ class Replay:
         self._emit(self.enc.send(ev))
 
     def _urgent(self, events: list[E.Event]) -> None:
-        """Requested pages: on the preempt channel when there is one, else on main (inside
-        the current RAM section), sent at once."""
+        """Requested pages: on the preempt channel when there is one, else on main, sent at
+        once: inside the capture's current RAM section, or with ``pipe_pings`` (which sends
+        the push in PARTs of its own) as a PART of their own, as livemig's source does."""
         if not events:
             return
         if self.preempt is not None:
             assert self.penc is not None
             self.preempt.sendv([b for e in events for b in self.penc.send(e)])
             return
-        for e in events:
-            self._emit(self.enc.send(e))
+        self._emit(self._part(events) if self.pipe is not None else
+                   [b for e in events for b in self.enc.send(e)])  # fmt: skip
         self.flush()
+
+    def _part(self, events: list[E.Event]) -> list[Any]:
+        """Page records as a RAM PART section of their own."""
+        out = [*self.enc.send(E.SectionPart(self.ram_sid))]
+        for e in events:
+            out += self.enc.send(e)
+        return [*out, *self.enc.send(E.RamEos()), *self.enc.send(E.SectionFooter(self.ram_sid))]
+
+    def _ping(self, value: int) -> None:
+        self.pings.append(value)
+        self._emit(self.enc.send(E.Ping(value)))
+
+    def _on_pong(self, value: int) -> None:
+        if self.pipe is not None and self.pipe.on_pong(value):
+            self.wake.set()
+
+    def _serve(self) -> None:
+        """Requests that came meanwhile, served now (while a wait for a PONG lasts)."""
+        if self.post is not None:
+            self._urgent(self.post.serve())
+
+    def _drain(self) -> None:
+        """``postcopy_drain``, where the capture's switch begins: discard on the destination
+        every page the capture sends after the switch (livemig's ``discard_commands``), PING
+        ``X_DRAIN_PING``, and wait for its PONG, as livemig's source does before it stops its
+        guest (``OutgoingMigration._drain``)."""
+        from livemig.migration.postcopy_source import discard_commands
+
+        assert self.plan is not None and self.rp is not None  # checked before the first byte
+        self.prediscarded = {b: w >= 0 for b, w in self.plan.where.items()}
+        for cmd in discard_commands({b: m for b, m in self.prediscarded.items() if m.any()}):
+            self._emit(self.enc.send(cmd))
+        since = len(self.rp.pongs)
+        self._ping(X_DRAIN_PING)
+        self.flush()
+        t0 = time.monotonic()
+        if not self.rp.pongs.wait(X_DRAIN_PING, since, self.opts.timeout):
+            raise MigrationError(f"no PONG to the drain's PING ({X_DRAIN_PING:#x}) within "
+                                 f"{self.opts.timeout:g} s: {self._rp_state()}")  # fmt: skip
+        self.drain_wait = time.monotonic() - t0
+
+    def _switch_discard(self, ev: E.PostcopyRamDiscard) -> None:
+        """A discard of the capture's switch after the drain: only the pages not discarded
+        yet (livemig's source discards a page once: the pages dirtied since the drain)."""
+        from livemig.migration.postcopy_source import discard_commands
+
+        assert self.prediscarded is not None
+        pre = self.prediscarded.get(ev.block)
+        if pre is None:
+            raise StreamError(f"POSTCOPY_RAM_DISCARD of unknown RAM block {ev.block!r}")
+        left = np.zeros(len(pre), bool)
+        for start, length in ev.ranges:
+            left[start >> PAGE_SHIFT : -(-(start + length) // 4096)] = True
+        left &= ~pre
+        self.switch_discarded += int(np.count_nonzero(left))
+        for cmd in discard_commands({ev.block: left}):
+            self._emit(self.enc.send(cmd))
+
+    def _rp_state(self) -> str:
+        rp = self.rp
+        if rp is None:
+            return "no return path"
+        if rp.done.is_set():
+            return f"the return path ended ({rp.reason or rp.error or f'SHUT {rp.shut}'})"
+        return f"PONGs so far: {[hex(v) for v in rp.pongs.values]}"
+
+    def _await_listening(self, value: int, raw: memoryview) -> None:
+        """``pipe_pings``: send the PING that follows the package (``raw``), then no page of
+        the push until its PONG (the destination reads main: pages pushed before only queue
+        up in front of the first requests), serving requests meanwhile."""
+        assert self.rp is not None
+        # counted before the PING goes: its PONG can be back before the send returns
+        since = len(self.rp.pongs)
+        self._emit(raw)
+        self.flush()
+        if not self.rp.pongs.wait(value, since, self.opts.timeout, idle=self._serve):
+            raise MigrationError(f"no PONG to PING {value} after the package within "
+                                 f"{self.opts.timeout:g} s: {self._rp_state()}")  # fmt: skip
+        self.listening_wait = time.monotonic() - self.t_package
+        self.listening = True
 
     def _on_request(self, block: str, start: int, length: int) -> None:
         if self.post is None:
             raise StreamError(f"the destination asked for pages ({block!r} at {start:#x}) "
                               "before the switch to post-copy")  # fmt: skip
         self.post.request(block, start, length)
+        self.wake.set()
 
     def _postcopy(self, ev: E.Event, raw: memoryview) -> None:
         """After the switch: pages once each, requested ones first, sent without delay."""
         post = self.post
         assert post is not None
+        if self.pipe is not None and self._pipe_framing(ev):
+            return
         if isinstance(ev, E.RamPages | E.RamZeroPages):
             for e in post.push(ev, self._urgent):
-                self._emit(self.enc.send(e))
+                if self.pipe is not None:
+                    self._hold(post)
+                    self._emit(self._part([e]))
+                else:
+                    self._emit(self.enc.send(e))
                 sent = self.pending
                 self.flush()
+                if self.pipe is not None:
+                    value = self.pipe.ping(self.main.bytes_sent, _PING_BYTES)
+                    if value is not None:
+                        self._ping(value)
+                        self.flush()
                 if isinstance(e, E.RamPages) and post.pace(sent):
                     self._urgent(post.serve())
+            return
+        if self.pipe is not None and not self.listening and isinstance(ev, E.Ping):
+            # the PING right after the package (checked before the first byte)
+            self._await_listening(ev.value, raw)
             return
         if isinstance(ev, E.RamEos):
             self._urgent(post.serve())  # still inside the section: page records may go here
@@ -285,6 +444,42 @@ class Replay:
         else:
             self._emit(raw)
         self.flush()
+
+    def _hold(self, post: PostcopyServer) -> None:
+        """``pipe_pings``: before a piece of the push, wait while the destination is more than
+        ``PIPE_LIMIT`` behind (serving requests meanwhile)."""
+        assert self.pipe is not None and self.rp is not None
+        held = False
+        # (a destination that gave up is left for the next send to report)
+        while self.pipe.full(self.main.bytes_sent) and not self.rp.done.is_set():
+            held = True
+            self.wake.clear()
+            self._serve()
+            if self.pipe.full(self.main.bytes_sent):
+                self.wake.wait(0.05)  # a PONG or a request sets it
+        self.pipe.holds += held
+        self.pipe.going(self.main.bytes_sent)
+
+    def _pipe_framing(self, ev: E.Event) -> bool:
+        """``pipe_pings`` sends the push in PARTs of its own: the capture's RAM section framing
+        after the switch is dropped (True), but for its END, sent empty where it ends."""
+        sid = self.ram_sid
+        if isinstance(ev, E.SectionPart) and ev.section_id == sid:
+            return True
+        if isinstance(ev, E.SectionEnd) and ev.section_id == sid:
+            self.end_section = True
+            return True
+        if isinstance(ev, E.RamEos):
+            self._serve()
+            return True
+        if isinstance(ev, E.SectionFooter) and ev.section_id == sid:
+            if self.end_section:
+                self.end_section = False
+                self._emit([*self.enc.send(E.SectionEnd(sid)), *self.enc.send(E.RamEos()),
+                            *self.enc.send(E.SectionFooter(sid))])  # fmt: skip
+                self.flush()
+            return True
+        return False
 
     def _mapped_ram_setup(self, ev: E.RamSetup, where: int) -> None:
         """A mapped-ram file's block list, then its pages as PAGE records (or by the multifd
@@ -400,6 +595,8 @@ def replay_stream(
     tls_hostname: str = "",
     postcopy_preempt: bool = False,
     max_postcopy_bandwidth: int = 0,
+    postcopy_drain: bool = False,
+    pipe_pings: bool = False,
 ) -> ReplayResult:
     """Send a stored stream (its bytes, or a file's path) to the destination listening on
     ``uri`` (``tcp:`` or ``unix:``) as its source would: ``livemig replay``; the options are
@@ -414,7 +611,8 @@ def replay_stream(
                          multifd_compression=multifd_compression, uuid=uuid,
                          tls_creds=tls_creds, tls_hostname=tls_hostname,
                          postcopy_preempt=postcopy_preempt,
-                         max_postcopy_bandwidth=max_postcopy_bandwidth)  # fmt: skip
+                         max_postcopy_bandwidth=max_postcopy_bandwidth,
+                         postcopy_drain=postcopy_drain, pipe_pings=pipe_pings)  # fmt: skip
     check_channels(opts.multifd)
     check_uri(uri)
     vm_uuid = parse_uuid(opts.uuid)
@@ -461,10 +659,22 @@ def _replay(data: bytes, uri: str, opts: ReplayOptions, vm_uuid: bytes) -> Repla
         post = rep.post
         if post.unsent():
             raise MigrationError(f"{post.unsent()} post-copy pages were never sent (a bug)")
-        figures = PostcopyFigures(plan.pages if plan else 0, post.served, post.requested)
+        pipe = rep.pipe
+        drained = rep.prediscarded or {}
+        figures = PostcopyFigures(
+            plan.pages if plan else 0, post.served, post.requested,
+            drain_pages=sum(int(np.count_nonzero(m)) for m in drained.values()),
+            drain_wait=rep.drain_wait, switch_discarded=rep.switch_discarded,
+            listening_wait=rep.listening_wait,
+            pipe_pings=pipe.pings if pipe else 0, pipe_answered=pipe.answered if pipe else 0,
+            pipe_holds=pipe.holds if pipe else 0, pipe_most_ahead=pipe.most_ahead if pipe else 0,
+            pipe_off=pipe.off if pipe else False,
+        )  # fmt: skip
     return ReplayResult(nbytes=len(data), channels=opts.multifd, pages=rep.pages,
                         syncs=rep.syncs, postcopy=figures,
-                        shut=rep.rp.shut if rep.rp is not None else None)  # fmt: skip
+                        shut=rep.rp.shut if rep.rp is not None else None,
+                        pings=tuple(rep.pings),
+                        pongs=tuple(rep.rp.pongs.values) if rep.rp is not None else ())  # fmt: skip
 
 
 def _check_fit(events: list[Any], plan: PostcopyPlan | None, opts: ReplayOptions) -> None:
@@ -479,6 +689,13 @@ def _check_fit(events: list[Any], plan: PostcopyPlan | None, opts: ReplayOptions
         if not preempt_supported(machine):
             raise UsageError(f"--postcopy-preempt with machine type {machine!r}: destinations "
                              "before 8.0 run preempt another way, which replay does not")  # fmt: skip
+    for on, flag in ((opts.postcopy_drain, "--postcopy-drain"), (opts.pipe_pings, "--pipe-pings")):
+        if on and plan is None:
+            raise UsageError(f"{flag}: the capture has no switch to post-copy")
+    if opts.pipe_pings and plan is not None and plan.listening_ping is None:
+        raise UsageError("--pipe-pings: no PING follows the capture's package (QEMU's and "
+                         "livemig's sources send PING 4 there): nothing says when the "
+                         "destination reads the main channel")  # fmt: skip
     if plan is not None and opts.multifd:
         raise UsageError("a post-copy capture is replayed on the main channel only (QEMU "
                          "refuses post-copy with multifd since 9.1): drop --multifd")  # fmt: skip
