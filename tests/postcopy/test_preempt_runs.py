@@ -23,6 +23,7 @@ from livemig.memtrack import uffd as U
 from livemig.memtrack._sys import MADV_DONTNEED, MADV_REMOVE, madvise
 from livemig.migration import postcopy_dest as PD
 from livemig.migration.postcopy_dest import PostcopyIncoming
+from livemig.migration.postcopy_source import page_checksums
 
 PAGE = 4096
 NPAGES = 1024
@@ -77,6 +78,7 @@ def test_consecutive_preempt_records_go_in_as_runs(dest) -> None:
     d.need["pc.ram"][120] = False  # installed meanwhile (a zero fault, say): left alone
     records = [("pc.ram", i * PAGE, memoryview(_page(i))) for i in range(100, 140)]
     records.insert(5, ("pc.ram", 160 * PAGE, None))  # a zero page breaks the run
+    d.source_checksums = {}  # x-verify: the pages installed are added up
     d._install_records(records)
     # the first record alone (the one a vCPU waits for), then runs of at most RUN_PAGES
     assert dest.calls[0] == 1 and max(dest.calls) <= PD.RUN_PAGES
@@ -87,6 +89,9 @@ def test_consecutive_preempt_records_go_in_as_runs(dest) -> None:
     assert d.pages_placed == 40
     assert len(d.latencies) == 3 and not d.requested["pc.ram"].any()
     assert d.inc.loader.received["pc.ram"][100:140].sum() == 39
+    data = [i for i in range(100, 140) if i != 120]
+    words = np.frombuffer(b"".join(_page(i) for i in data), np.uint64).reshape(len(data), -1)
+    assert d.checksums["pc.ram"] == page_checksums(words, np.array(data, dtype=np.int64))
     d.uffd.unregister(b.host_addr, b.size)
     d._ranges.clear()
     for i in range(100, 140):
