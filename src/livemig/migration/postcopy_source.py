@@ -456,7 +456,7 @@ class PostcopySource:
         --rate 1024``). Only the first ``PREEMPT_LEAD`` pages: the destination's preempt
         thread installs them in runs (``PostcopyIncoming.install_run``) while the guest
         follows, and a longer head there delays the next request's page behind it (the whole
-        head, 128 pages: p99 above 1 ms in 2 of 5 runs, 32: none, interleaved). False when
+        head, 128 pages: p99 above 1 ms in 2 of 8 runs, 32: in none of 8, interleaved). False when
         post-copy is not running or the channel failed: then they go on main with the rest."""
 
         def take() -> np.ndarray:
