@@ -33,7 +33,9 @@ Theory of operation (QEMU: ``postcopy_ram_incoming_setup``, ``postcopy_ram_fault
   minor faults the page is still in the page cache (UFFDIO_COPY would find it there), so its
   bytes are written into the cache with ``pwrite`` on the block's memfd, which does not map it,
   and UFFDIO_CONTINUE maps the run and wakes its waiters (MISSING ones too). Nothing is ever
-  received straight into guest memory.
+  received straight into guest memory. The preempt thread installs the first page of each
+  read on its own (``install_one``: a vCPU waits for it) and consecutive pages after it (a
+  readahead head's lead, a prefetch window) in runs of ``RUN_PAGES`` (``install_run``).
 * The GIL rule (see ``livemig.memtrack.uffd``): a Python thread that faults on registered memory
   holds the GIL and deadlocks the fault thread. So no Python code here reads or writes guest
   RAM while it is registered, except pages known present; hashing and checks happen only after
@@ -93,6 +95,7 @@ log = logging.getLogger(__name__)
 
 RECV_CHUNK = 1 << 20
 STAGING_PAGES = 1024
+RUN_PAGES = 16  # consecutive preempt-channel pages installed at once (install_run)
 UFFD_FEATURES = U.UFFD_FEATURE_MISSING_SHMEM | U.UFFD_FEATURE_THREAD_ID
 _BE64 = struct.Struct(">Q")
 
@@ -215,6 +218,8 @@ class PostcopyIncoming:
         self._inflight = {n: np.zeros(b.npages, dtype=bool) for n, b in self.blocks.items()}
         self._one = bytearray(PAGE)  # install_one's staging page (under ``lock``)
         self._one_addr = buffer_address(memoryview(self._one))
+        self._run_buf = bytearray(RUN_PAGES * PAGE)  # install_run's staging (under ``lock``)
+        self._run_addr = buffer_address(memoryview(self._run_buf))
         self._stop = threading.Event()
         self._fault_thread: threading.Thread | None = None
         self._preempt_thread: threading.Thread | None = None
@@ -646,6 +651,52 @@ class PostcopyIncoming:
             if self.requested[name][i]:
                 self._answered(name, i, time.monotonic())
 
+    def install_run(self, name: str, first: int, pages: list) -> None:
+        """``install_one`` for consecutive pages ``first``... of ``name`` (at most
+        ``RUN_PAGES``, none zero): copied into one staging run, then one ``pwrite`` and
+        UFFDIO_CONTINUE (minor faults) or one UFFDIO_COPY per stretch still needed. Under
+        ``lock`` as ``install_one``: a few tens of microseconds."""
+        b = self.blocks[name]
+        self._listening_uffd()
+        run = self._run_buf
+        for k, page in enumerate(pages):
+            run[k * PAGE : (k + 1) * PAGE] = page
+        count = len(pages)
+        with self.lock:
+            need = self.need[name]
+            todo = [first + k for k in range(count) if need[first + k]]
+            if not todo:
+                return
+            k = 0
+            while k < len(todo):  # stretches of pages still needed
+                e = k + 1
+                while e < len(todo) and todo[e] == todo[e - 1] + 1:
+                    e += 1
+                start, cnt = todo[k], e - k
+                src = self._run_addr + (start - first) * PAGE
+                if self.minor:
+                    done = 0
+                    while done < cnt * PAGE:
+                        done += held.pwrite(b.fd, src + done, cnt * PAGE - done,
+                                            start * PAGE + done)  # fmt: skip
+                    self._continue(b.host_addr + start * PAGE, cnt, hold_gil=True)
+                else:
+                    self._copy(b.host_addr + start * PAGE, src, cnt, hold_gil=True)
+                k = e
+            if self.source_checksums is not None:
+                words = np.frombuffer(run, np.uint64, count * PAGE_WORDS).reshape(count, -1)
+                idx = np.asarray(todo, dtype=np.int64)
+                checksum = page_checksums(words[idx - first], idx)
+                self.checksums[name] = (self.checksums.get(name, 0) + checksum) & ((1 << 64) - 1)
+            need[todo] = False
+            self.inc.loader.received[name][todo] = True
+            self.pages_placed += len(todo)
+            req = self.requested[name]
+            now = time.monotonic()
+            for i in todo:
+                if req[i]:
+                    self._answered(name, i, now)
+
     def _copy(self, dst: int, src: int, count: int, hold_gil: bool = False) -> None:
         assert self.uffd is not None
         done = self.uffd.copy(dst, src, count * PAGE, exist_ok=True, hold_gil=hold_gil)
@@ -995,18 +1046,18 @@ class PostcopyIncoming:
                     ended = "the source closed the preempt channel before its end"
                     break
                 self._last_rx = time.monotonic()
-                for block, offset, page in parser.feed(view[:n]):
-                    if checks is not None:
-                        if block is None:  # the checksum of the records held
-                            self._install_checked(checks, held, offset, page)  # type: ignore[arg-type]
-                            held = []
-                            continue
-                        # a copy: the next read overwrites ``view`` before the checksum comes
-                        held.append((block, offset, bytes(page) if page is not None else None))
-                        self._check_preempt_page(block, offset)
+                records = parser.feed(view[:n])
+                if checks is None:
+                    self._install_records(records)
+                    continue
+                for block, offset, page in records:
+                    if block is None:  # the checksum of the records held
+                        self._install_checked(checks, held, offset, page)  # type: ignore[arg-type]
+                        held = []
                         continue
+                    # a copy: the next read overwrites ``view`` before the checksum comes
+                    held.append((block, offset, bytes(page) if page is not None else None))
                     self._check_preempt_page(block, offset)
-                    self.install_one(block, offset // PAGE, page)
         except CK.ChecksumError as exc:
             if not self._stop.is_set():
                 self._corrupt = str(exc)  # the listen loop pauses with this reason
@@ -1039,6 +1090,36 @@ class PostcopyIncoming:
                     self.inc.state.status == MigrationStatus.POSTCOPY_ACTIVE:  # fmt: skip
                 self._preempt_lost = f"preempt channel: {ended}"
                 self._wake_listen_loop()
+
+    def _install_records(self, records: list) -> None:
+        """Install the preempt channel's records of one read (no x-checksums). The first goes
+        in on its own (normally the page a vCPU waits for); after it, runs of consecutive
+        pages (a readahead head's lead, a prefetch window) go in ``RUN_PAGES`` at a time with
+        one write and one UFFDIO_CONTINUE / UFFDIO_COPY each (``install_run``): one by one,
+        each page cost ~30 us of this thread, and the guest sweeping behind them faulted on
+        them one after the other."""
+        i, n = 0, len(records)
+        while i < n:
+            block, offset, page = records[i]
+            self._check_preempt_page(block, offset)
+            j = i + 1
+            if page is None or i == 0:
+                self.install_one(block, offset // PAGE, page)
+                i = j
+                continue
+            pages = [page]
+            while j < n and len(pages) < RUN_PAGES:
+                nblock, noffset, npage = records[j]
+                if npage is None or nblock != block or noffset != offset + len(pages) * PAGE:
+                    break
+                self._check_preempt_page(nblock, noffset)
+                pages.append(npage)
+                j += 1
+            if len(pages) == 1:
+                self.install_one(block, offset // PAGE, page)
+            else:
+                self.install_run(block, offset // PAGE, pages)
+            i = j
 
     def _wake_listen_loop(self) -> None:
         """The listen loop reads the main channel: shut it so that it sees the reason set."""
