@@ -15,7 +15,13 @@ from hypothesis import strategies as st
 
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.ram import RAMBlock
-from livemig.migration.multifd import MultifdReceiver, MultifdSender, _run_sum
+from livemig.migration.multifd import (
+    JOB_PAGES,
+    MAX_JOB_PAGES,
+    MultifdReceiver,
+    MultifdSender,
+    _run_sum,
+)
 from livemig.savevm.ram import Batch, RamLoader
 from livemig.transport.channel import Channel
 from livemig.wire.multifd import MultifdPacket
@@ -219,6 +225,36 @@ def test_migration_thread_scans_while_the_channels_are_full() -> None:
     jobs.clear()
     snd.send_batches([Batch(block, idx, idx[:0])])
     assert len(jobs) == 1 and len(jobs[0]) == 2
+    snd.close(graceful=False)
+    b.close()
+
+
+def test_jobs_of_mostly_zero_pages_are_bigger() -> None:
+    """A job carries about ``JOB_PAGES`` data pages: the channel threads report the share of
+    zero pages they find, and the migration thread cuts bigger jobs while it is high (up to
+    what a checksum trailer can name), the usual ones when the pages are data."""
+    npages = 2 * MAX_JOB_PAGES
+    block = RAMBlock("pc.ram", npages * PAGE, prefault=True)
+    block.array.reshape(-1, PAGE)[::64, 8] = 1  # one page in 64 holds data
+    a, b = socket.socketpair()
+    snd = MultifdSender([block], [Channel.from_socket(a, "multifd 0")], timeout=5)
+    assert snd.job_pages == JOB_PAGES  # nothing seen yet: as for data
+    snd.channels[0].send_job(block, np.arange(JOB_PAGES, 2 * JOB_PAGES))  # the channel scans
+    assert snd.zero_share > 0.2
+    snd.zero_share = 63 / 64
+    assert snd.job_pages == MAX_JOB_PAGES
+    snd.zero_share = 0.5
+    assert snd.job_pages == 2 * JOB_PAGES
+    snd.zero_share = 0.0
+    assert snd.job_pages == JOB_PAGES
+    jobs: list[tuple] = []
+    snd._put = lambda job, room=False: jobs.append(job)  # type: ignore[method-assign]
+    idx = np.arange(npages)
+    for share, size in ((63 / 64, MAX_JOB_PAGES), (0.0, JOB_PAGES)):
+        snd.zero_share = share
+        jobs.clear()
+        snd.send_batches([Batch(block, idx, idx[:0])])
+        assert [len(j[1]) for j in jobs] == [size] * (npages // size)
     snd.close(graceful=False)
     b.close()
 
