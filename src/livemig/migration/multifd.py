@@ -11,6 +11,9 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
 * **Packets.** The migration thread hands batches of dirty page indices of one RAMBlock to the
   channel with the fewest jobs queued, waiting while no channel has room (QEMU's
   ``channels_ready`` semaphore: a job never waits behind a slow channel while another idles).
+  A job carries about ``JOB_PAGES`` data pages: up to ``MAX_JOB_PAGES`` pages while the last
+  jobs were mostly zero pages (``MultifdSender.job_pages``), as what a job costs in Python does
+  not depend on what it holds.
   The channel thread sorts them into zero and normal pages (zero-page detection runs here,
   9.0's default ``zero-page-detection=multifd``, or in the migration thread when it would
   otherwise wait for room in the queues; with ``legacy`` the migration thread finds them and
