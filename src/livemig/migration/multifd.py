@@ -195,7 +195,7 @@ class _Decompressor:
 class _Scan:
     """A queued job's zero-page scan, done once by whichever thread comes to it first: its
     channel thread, or the migration thread, which scans queued jobs from the newest back
-    while it would otherwise wait for a sync (``MultifdSender._scan_queued``)."""
+    while it would otherwise wait for room or for a sync (``MultifdSender._scan_one_queued``)."""
 
     __slots__ = ("done", "lock", "mask")
 
