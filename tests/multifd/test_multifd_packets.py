@@ -234,8 +234,8 @@ def test_migration_thread_scans_while_the_channels_are_full() -> None:
 def test_queued_scans_are_shared_and_bounded() -> None:
     """A job queued for its channel thread to scan is scanned once, by whichever thread
     comes first: the migration thread takes the newest before a sync or instead of waiting for
-    room. Once two jobs' worth of pages wait unscanned, the migration thread scans new jobs
-    itself: a pass never ends with a queue full of work for one thread."""
+    room. Once two queued jobs wait unscanned, the migration thread scans new jobs itself: a
+    pass never ends with a queue full of work for one thread."""
     block = RAMBlock("pc.ram", 8 * JOB_PAGES * PAGE, prefault=True)
     block.array.reshape(-1, PAGE)[::3] = 1
     a, b = socket.socketpair()
@@ -247,10 +247,10 @@ def test_queued_scans_are_shared_and_bounded() -> None:
     snd.send_batches([Batch(block, idx, idx[:0])])
     # two jobs left to the channel threads, then the migration thread scans the rest itself
     assert [len(j) for j in jobs] == [3, 3, 4, 4]
-    assert snd._unscanned() == 2 * JOB_PAGES
+    assert snd._unscanned() == 2
     first, second = jobs[0][2], jobs[1][2]
     assert snd._scan_one_queued()  # the newest first
-    assert second.done and not first.done and snd._unscanned() == JOB_PAGES
+    assert second.done and not first.done and snd._unscanned() == 1
     mask = first.run(snd.words["pc.ram"], jobs[0][1])  # a channel thread takes the oldest
     assert np.array_equal(np.flatnonzero(mask), np.flatnonzero(jobs[0][1] % 3))
     assert not snd._scan_one_queued()  # nothing left: never scanned twice

@@ -682,18 +682,18 @@ class MultifdSender(PageWorkerPool):
                 self.check()
                 job = idx[i : i + step]
                 # Zero-page detection (multifd): a job scanned here while the channel threads
-                # are busy (their queues full, or holding two jobs' worth of pages nobody has
-                # scanned yet) rather than waiting for room; otherwise they scan it. numpy
+                # are busy (their queues full, or holding two jobs nobody has scanned yet)
+                # rather than waiting for room; otherwise they scan it. numpy
                 # scans without the interpreter lock, so an idle guest's scan, memory-bound,
                 # runs on both cores and beside the channel threads' Python: the channel
                 # thread alone spent half its time scanning, and the migration thread waited
                 # (idle 1 GiB, 2 channels, CPU ms of the critical thread 205 -> 125 with the
-                # packet changes of the same commit). The bound on unscanned pages keeps the
-                # end of a pass short: what is queued then, one thread scans (8 jobs of 8192
+                # packet changes of the same commit). The bound on unscanned jobs keeps the
+                # end of a pass short: what is queued then, one thread scanned (8 jobs of 8192
                 # pages of an idle guest: 50-107 ms, loaded host).
                 room = self._room.acquire(blocking=False)
                 if self.zero_detect and self.scan_ahead and (
-                        not room or self._unscanned() >= 2 * JOB_PAGES):  # fmt: skip
+                        not room or self._unscanned() >= 2):  # fmt: skip
                     self._put((b.block, job, zero_mask(words, job), True), room)
                 elif self.zero_detect and self.scan_ahead:
                     scan = _Scan()
@@ -705,8 +705,8 @@ class MultifdSender(PageWorkerPool):
         return pages
 
     def _unscanned(self) -> int:
-        """Pages of the queued jobs that no thread has scanned yet."""
-        return sum(len(idx) for _block, idx, scan in self._queued_scans if not scan.done)
+        """Queued jobs that no thread has scanned yet."""
+        return sum(not scan.done for _block, _idx, scan in self._queued_scans)
 
     def _scan_one_queued(self) -> bool:
         """Scan the newest queued job no channel thread has come to; False if there is none.
