@@ -8,6 +8,7 @@ import time
 import pytest
 
 from livemig.guests.memstress import check_invariant
+from livemig.migration.multifd import MAX_JOB_PAGES, MultifdSender
 
 from .conftest import MakePair
 
@@ -51,6 +52,36 @@ def test_multifd_zero_pages_found_by_channels(make_pair: MakePair) -> None:
     assert src["status"] == "completed", src
     assert src["ram"]["duplicate"] > src["ram"]["normal"]
     assert src["x-verified"] is True  # RAM hashes equal at switch-over
+
+
+def test_mostly_zero_guest_in_big_jobs_with_checksums(
+    make_pair: MakePair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle-like guest (one page in 64 holds data) goes in jobs of up to MAX_JOB_PAGES
+    pages, each closed by its checksum trailer: the destination checks them all and its RAM
+    equals the source's."""
+    sizes: list[int] = []
+    send_batches = MultifdSender.send_batches
+
+    def spy(self: MultifdSender, batches: list) -> int:
+        sizes.append(self.job_pages)
+        return send_batches(self, batches)
+
+    monkeypatch.setattr(MultifdSender, "send_batches", spy)
+    p = make_pair("ws=1M rate=1000", ram=96 << 20)
+    time.sleep(0.2)
+    p.src.write_guest(16 << 20, bytes(80 << 20))  # zero pages, but populated: sent
+    marks = b"".join(b"%-4096d" % i for i in range(0, 80 << 20 >> 12, 64))
+    for i in range(0, len(marks), 4096):
+        p.src.write_guest((16 << 20) + i * 64, marks[i : i + 4096])
+    p.configure({"x-verify": True, "x-checksums": True, "return-path": True, "multifd": True},
+                {"multifd-channels": 2})  # fmt: skip
+    src, dst = p.migrate()
+    assert src["status"] == "completed", src
+    assert dst["status"] == "completed", dst
+    assert src["x-verified"] is True and dst["x-verify"]["equal"] is True
+    assert src["ram"]["duplicate"] > 10 * src["ram"]["normal"]
+    assert max(sizes) == MAX_JOB_PAGES
 
 
 def test_multifd_is_held_to_max_bandwidth(make_pair: MakePair) -> None:

@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 
 from livemig.errors import MigrationError, StreamError
 from livemig.machine.ram import RAMBlock
-from livemig.migration.multifd import MultifdReceiver, MultifdSender, _run_sum
+from livemig.migration.multifd import (
+    JOB_PAGES,
+    MAX_JOB_PAGES,
+    MultifdReceiver,
+    MultifdSender,
+    _run_sum,
+    _Scan,
+)
 from livemig.savevm.ram import Batch, RamLoader
 from livemig.transport.channel import Channel
 from livemig.wire.multifd import MultifdPacket
@@ -215,10 +222,95 @@ def test_migration_thread_scans_while_the_channels_are_full() -> None:
     snd.send_batches([Batch(block, idx, idx[:0])])
     assert len(jobs) == 1 and len(jobs[0]) == 4 and jobs[0][3] is True
     assert np.array_equal(np.flatnonzero(jobs[0][2]), np.flatnonzero(idx % 3))
-    snd._room = threading.Semaphore(1)  # room: the channel scans
-    jobs.clear()
+    snd._room = threading.Semaphore(1)  # room: the channel scans, unless the migration thread
+    jobs.clear()  # gets to it first
     snd.send_batches([Batch(block, idx, idx[:0])])
-    assert len(jobs) == 1 and len(jobs[0]) == 2
+    assert len(jobs) == 1 and len(jobs[0]) == 3 and isinstance(jobs[0][2], _Scan)
+    assert not jobs[0][2].done
+    snd.close(graceful=False)
+    b.close()
+
+
+def test_queued_scans_are_shared_and_bounded() -> None:
+    """A job queued for its channel thread to scan is scanned once, by whichever thread
+    comes first: the migration thread takes the newest before a sync or instead of waiting for
+    room. Once two queued jobs wait unscanned, the migration thread scans new jobs itself: a
+    pass never ends with a queue full of work for one thread."""
+    block = RAMBlock("pc.ram", 8 * JOB_PAGES * PAGE, prefault=True)
+    block.array.reshape(-1, PAGE)[::3] = 1
+    a, b = socket.socketpair()
+    snd = MultifdSender([block], [Channel.from_socket(a, "multifd 0")], timeout=5)
+    jobs: list[tuple] = []
+    snd._put = lambda job, room=False: jobs.append(job)  # type: ignore[method-assign]
+    snd._room = threading.Semaphore(100)  # always room
+    idx = np.arange(4 * JOB_PAGES)
+    snd.send_batches([Batch(block, idx, idx[:0])])
+    # two jobs left to the channel threads, then the migration thread scans the rest itself
+    assert [len(j) for j in jobs] == [3, 3, 4, 4]
+    assert snd._unscanned() == 2
+    first, second = jobs[0][2], jobs[1][2]
+    assert snd._scan_one_queued()  # the newest first
+    assert second.done and not first.done and snd._unscanned() == 1
+    mask = first.run(snd.words["pc.ram"], jobs[0][1])  # a channel thread takes the oldest
+    assert np.array_equal(np.flatnonzero(mask), np.flatnonzero(jobs[0][1] % 3))
+    assert not snd._scan_one_queued()  # nothing left: never scanned twice
+    assert np.array_equal(np.flatnonzero(second.mask), np.flatnonzero(jobs[1][1] % 3))
+    snd.close(graceful=False)
+    b.close()
+
+
+def test_channel_thread_sends_a_job_the_migration_thread_scanned() -> None:
+    """A queued job that the migration thread scanned goes out byte for byte as one its
+    channel thread scans: its zero pages as zero pages."""
+    block = RAMBlock("pc.ram", NPAGES * PAGE, prefault=True)
+    block.array.reshape(-1, PAGE)[::3] = 1
+    idx = np.arange(NPAGES)
+    sent = []
+    for scanned in (False, True):
+        a, b = socket.socketpair()
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda b=b, got=got: got.extend(iter(
+            lambda: b.recv(1 << 20), b"")))  # fmt: skip
+        reader.start()
+        snd = MultifdSender([block], [Channel.from_socket(a, "multifd 0")], timeout=5)
+        scan = _Scan()
+        if scanned:
+            scan.run(snd.words["pc.ram"], idx)  # the migration thread got there first
+        snd.channels[0].send_job(block, idx, scan)
+        assert snd.take_stats()[1:] == (NPAGES // 3 + 1, NPAGES - NPAGES // 3 - 1)
+        snd.close()
+        reader.join(5)
+        b.close()
+        sent.append(b"".join(got))
+    assert sent[0] == sent[1] and len(sent[0]) > 64
+
+
+def test_jobs_of_mostly_zero_pages_are_bigger() -> None:
+    """A job carries about ``JOB_PAGES`` data pages: the channel threads report the share of
+    zero pages they find, and the migration thread cuts bigger jobs while it is high (up to
+    what a checksum trailer can name), the usual ones when the pages are data."""
+    npages = 2 * MAX_JOB_PAGES
+    block = RAMBlock("pc.ram", npages * PAGE, prefault=True)
+    block.array.reshape(-1, PAGE)[::64, 8] = 1  # one page in 64 holds data
+    a, b = socket.socketpair()
+    snd = MultifdSender([block], [Channel.from_socket(a, "multifd 0")], timeout=5)
+    assert snd.job_pages == JOB_PAGES  # nothing seen yet: as for data
+    snd.channels[0].send_job(block, np.arange(JOB_PAGES, 2 * JOB_PAGES))  # the channel scans
+    assert snd.zero_share > 0.2
+    snd.zero_share = 63 / 64
+    assert snd.job_pages == MAX_JOB_PAGES
+    snd.zero_share = 0.5
+    assert snd.job_pages == 2 * JOB_PAGES
+    snd.zero_share = 0.0
+    assert snd.job_pages == JOB_PAGES
+    jobs: list[tuple] = []
+    snd._put = lambda job, room=False: jobs.append(job)  # type: ignore[method-assign]
+    idx = np.arange(npages)
+    for share, size in ((63 / 64, MAX_JOB_PAGES), (0.0, JOB_PAGES)):
+        snd.zero_share = share
+        jobs.clear()
+        snd.send_batches([Batch(block, idx, idx[:0])])
+        assert [len(j[1]) for j in jobs] == [size] * (npages // size)
     snd.close(graceful=False)
     b.close()
 

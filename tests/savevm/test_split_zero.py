@@ -49,3 +49,17 @@ def test_split_zero_long_runs_both_strategies() -> None:
         want = idx[~words[idx].any(axis=1)]
         assert zero.tolist() == want.tolist()
         assert sorted(normal.tolist() + zero.tolist()) == idx.tolist()
+
+
+def test_split_zero_run_longer_than_the_cached_row_starts() -> None:
+    """A run longer than any scanned before (the per-page row starts grow on demand) still
+    gets one result per page, the last pages' included."""
+    n = 6000
+    words = np.zeros((n, 512), np.uint64)
+    words[::64, 8] = 1  # idle-like: one page in 64 has data, not in its first word
+    words[-1, 511] = 1  # the very last word of the run
+    idx = np.arange(n, dtype=np.int64)
+    normal, zero = split_zero(words, idx)
+    want = idx[~words.any(axis=1)]
+    assert zero.tolist() == want.tolist()
+    assert sorted(normal.tolist() + zero.tolist()) == idx.tolist()

@@ -11,6 +11,9 @@ Theory of operation (QEMU: ``migration/multifd.c``, 8.1+ flush semantics; refere
 * **Packets.** The migration thread hands batches of dirty page indices of one RAMBlock to the
   channel with the fewest jobs queued, waiting while no channel has room (QEMU's
   ``channels_ready`` semaphore: a job never waits behind a slow channel while another idles).
+  A job carries about ``JOB_PAGES`` data pages: up to ``MAX_JOB_PAGES`` pages while the last
+  jobs were mostly zero pages (``MultifdSender.job_pages``), as what a job costs in Python does
+  not depend on what it holds.
   The channel thread sorts them into zero and normal pages (zero-page detection runs here,
   9.0's default ``zero-page-detection=multifd``, or in the migration thread when it would
   otherwise wait for room in the queues; with ``legacy`` the migration thread finds them and
@@ -62,6 +65,7 @@ the migration fails with that error (the source guest keeps running).
 
 from __future__ import annotations
 
+import collections
 import functools
 import itertools
 import logging
@@ -108,6 +112,9 @@ PAGE_SHIFT = 12
 WORDS_PER_PAGE = PAGE_SIZE // 8
 QUEUE_DEPTH = 2  # jobs waiting per channel: enough to keep the socket busy
 JOB_PAGES = 8 * PAGES_ALLOC  # pages per hand-off to a channel thread: 8 packets, one writev
+# A job of mostly zero pages grows up to this: the x-checksums trailer's bitmap (the packet's
+# 8 * PAGES_ALLOC bytes of offsets) names at most this many data records.
+MAX_JOB_PAGES = 64 * PAGES_ALLOC
 COMPRESSION_FLAGS = {"none": 0, "zlib": MULTIFD_FLAG_ZLIB, "zstd": MULTIFD_FLAG_ZSTD}
 _STOP = object()
 _SYNC = object()
@@ -185,6 +192,26 @@ class _Decompressor:
 # -- source -----------------------------------------------------------------------------------
 
 
+class _Scan:
+    """A queued job's zero-page scan, done once by whichever thread comes to it first: its
+    channel thread, or the migration thread, which scans queued jobs from the newest back
+    while it would otherwise wait for room or for a sync (``MultifdSender._scan_one_queued``)."""
+
+    __slots__ = ("done", "lock", "mask")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.mask: np.ndarray | None = None
+        self.done = False
+
+    def run(self, words: np.ndarray, idx: np.ndarray) -> np.ndarray | None:
+        with self.lock:
+            if not self.done:
+                self.mask = zero_mask(words, idx)
+                self.done = True
+            return self.mask
+
+
 class _SendChannel:
     """One multifd connection: its compression stream and pending checksum trailer. A
     ``_SendWorker`` thread writes its packets (one worker may serve several connections)."""
@@ -198,14 +225,23 @@ class _SendChannel:
         self._trailer: list = []  # x-checksums: the last job's checksum packet, not yet sent
 
     def send_job(
-        self, block: Any, idx: np.ndarray, is_zero: np.ndarray | None = None, scanned: bool = False
+        self,
+        block: Any,
+        idx: np.ndarray,
+        is_zero: np.ndarray | _Scan | None = None,
+        scanned: bool = False,
     ) -> None:
         """Send a job: ``idx`` (ascending pages of ``block``); ``is_zero`` marks its zero pages
-        if ``scanned`` (the migration thread looked), else this thread looks if it must."""
+        if ``scanned`` (the migration thread looked), else this thread looks if it must (a
+        ``_Scan``: unless the migration thread did meanwhile)."""
         s = self.sender
         unit = CK.Unit() if s.checks is not None else None
-        if not scanned and s.zero_detect:
+        if isinstance(is_zero, _Scan):
+            is_zero = is_zero.run(s.words[block.idstr], idx)
+        elif not scanned and s.zero_detect:
             is_zero = zero_mask(s.words[block.idstr], idx)
+        nzero = 0 if is_zero is None else int(np.count_nonzero(is_zero))
+        s.zero_share += (nzero / len(idx) - s.zero_share) / 4  # for ``job_pages`` (a hint)
         self._send_packet(0, block, idx, unit, is_zero)
         if unit:
             # after the packets: the tracker is asked once the pages are out; the trailer goes
@@ -219,7 +255,7 @@ class _SendChannel:
     def _trailer_packet(self, unit: CK.Unit) -> list:
         """x-checksums: the packet with the checksum of the job just sent."""
         s = self.sender
-        digest, ex = s.checks.close(unit, JOB_PAGES)  # type: ignore[union-attr]
+        digest, ex = s.checks.close(unit, MAX_JOB_PAGES)  # type: ignore[union-attr]
         head = CHECKSUM_PACKET.pack(MULTIFD_MAGIC, MULTIFD_VERSION, MULTIFD_FLAG_X_CHECKSUM,
                                     PAGES_ALLOC, 0, 0, next(s.packet_num), 0, unit.records,
                                     digest, b"")  # fmt: skip
@@ -240,7 +276,7 @@ class _SendChannel:
         unit: Any = None,
         is_zero: np.ndarray | None = None,
     ) -> None:
-        """Send ``idx`` (up to ``JOB_PAGES`` pages of ``block``, or none for a SYNC packet) as
+        """Send ``idx`` (up to ``MAX_JOB_PAGES`` pages of ``block``, or none for a SYNC packet) as
         packets of at most ``PAGES_ALLOC`` pages, all of them in one ``writev``.
 
         The wire keeps QEMU's 128-page packets (a QEMU destination refuses more), but the
@@ -519,10 +555,16 @@ class MultifdSender(PageWorkerPool):
         self.level = level
         super().__init__(timeout)
         self.packet_num = itertools.count()
+        # The share of zero pages in the last jobs, updated by the channel threads (a float
+        # stored whole: a racy update loses a sample, never the value)
+        self.zero_share = 0.0
         # Free data-job slots over all channel queues (SYNC and STOP are queued only while no
         # data job is): the migration thread waits for room in *any* queue, as QEMU's
         # multifd_send waits on channels_ready, never for one channel while another idles.
         self._room = threading.Semaphore(len(channels) * QUEUE_DEPTH)
+        # The last jobs queued for their channel thread to scan: no more can still be queued
+        self._queued_scans: collections.deque[tuple[Any, np.ndarray, _Scan]] = (
+            collections.deque(maxlen=len(channels) * QUEUE_DEPTH))  # fmt: skip
         self.channels = [_SendChannel(self, i, ch) for i, ch in enumerate(channels)]
         uuid = uuid if uuid is not None else zero_uuid()
         for c in self.channels:
@@ -590,7 +632,12 @@ class MultifdSender(PageWorkerPool):
         showed the channel threads waiting for jobs a tenth of the time at 2 channels.
         """
         deadline = time.monotonic() + self.timeout
-        while not room and not self._room.acquire(timeout=0.1):
+        while not room and not self._room.acquire(blocking=False):
+            # no room: scan a queued job for its channel thread rather than wait
+            if self._scan_one_queued():
+                continue
+            if self._room.acquire(timeout=0.1):
+                break
             self.check()
             if time.monotonic() > deadline:
                 raise MigrationError(f"multifd channels: no progress for {self.timeout:g} s")
@@ -605,37 +652,90 @@ class MultifdSender(PageWorkerPool):
         w = self.workers[0]
         self._put_wait(w.queue, job, f"multifd channel {w.channels[0].id}")
 
+    @property
+    def job_pages(self) -> int:
+        """Pages per job: ``JOB_PAGES`` of data pages, as the last jobs' share of zero pages
+        predicts, up to ``MAX_JOB_PAGES``.
+
+        A job's cost in Python (the migration thread's take and hand-off, the channel
+        thread's scan call, packet headers and writev) is paid per job, whatever it holds; on
+        an idle guest (63 zero pages in 64) that was a fifth of both processes' CPU at 8
+        packets a job. Sized by the data it carries, a job keeps what waits in the queues to
+        about the same number of bytes on the wire (what the final sync must still send), on
+        any guest."""
+        data = max(1.0 - self.zero_share, JOB_PAGES / MAX_JOB_PAGES)
+        return JOB_PAGES * min(MAX_JOB_PAGES // JOB_PAGES, int(1 / data))
+
     def send_batches(self, batches: list) -> int:
         """Queue ``ram.Batch`` objects (normal and zero indices are re-sorted by the channels).
 
         Returns the number of pages queued.
         """
         pages = 0
+        step = self.job_pages
         for b in batches:
             idx = np.concatenate((b.normal, b.zero)) if len(b.zero) else b.normal
             if len(b.zero) and len(b.normal):
                 idx.sort()
             words = self.words[b.idstr]
-            for i in range(0, len(idx), JOB_PAGES):
+            for i in range(0, len(idx), step):
                 self.check()
-                job = idx[i : i + JOB_PAGES]
+                job = idx[i : i + step]
                 # Zero-page detection (multifd): a job scanned here while the channel threads
-                # are busy (their queues full) rather than waiting for room; with room, they
-                # scan it. numpy scans without the interpreter lock, so an idle guest's scan,
-                # memory-bound, runs on both cores and beside the channel threads' Python:
-                # the channel thread alone spent half its time scanning, and the migration
-                # thread waited (idle 1 GiB, 2 channels, CPU ms of the critical thread 205 ->
-                # 125 with the packet changes of the same commit).
+                # are busy (their queues full, or holding two jobs nobody has scanned yet)
+                # rather than waiting for room; otherwise they scan it. numpy
+                # scans without the interpreter lock, so an idle guest's scan, memory-bound,
+                # runs on both cores and beside the channel threads' Python: the channel
+                # thread alone spent half its time scanning, and the migration thread waited
+                # (idle 1 GiB, 2 channels, CPU ms of the critical thread 205 -> 125 with the
+                # packet changes of the same commit). The bound on unscanned jobs keeps the
+                # end of a pass short: what is queued then, one thread scanned (8 jobs of 8192
+                # pages of an idle guest: 50-107 ms, loaded host).
                 room = self._room.acquire(blocking=False)
-                if self.zero_detect and not room and self.scan_ahead:
+                if self.zero_detect and self.scan_ahead and (
+                        not room or self._unscanned() >= 2):  # fmt: skip
                     self._put((b.block, job, zero_mask(words, job), True), room)
+                elif self.zero_detect and self.scan_ahead:
+                    scan = _Scan()
+                    self._queued_scans.append((b.block, job, scan))
+                    self._put((b.block, job, scan), room)
                 else:
                     self._put((b.block, job), room)
             pages += len(idx)
         return pages
 
+    def _unscanned(self) -> int:
+        """Queued jobs that no thread has scanned yet."""
+        return sum(not scan.done for _block, _idx, scan in self._queued_scans)
+
+    def _scan_one_queued(self) -> bool:
+        """Scan the newest queued job no channel thread has come to; False if there is none.
+
+        The migration thread does this instead of waiting for room in the queues or for a
+        sync, newest first, while the channel threads take jobs oldest first: whoever is free
+        scans. Jobs queued while there was room are left for their channel thread to scan,
+        so a pass could end with several queued that nobody had scanned, and the migration
+        thread waited at the sync while one channel thread scanned them alone (an idle guest,
+        1 GiB, 4 channels: 50-107 ms of a pass of ~300, 8 jobs of 8192 pages queued, half of
+        them not scanned). A job whose scan a channel thread has begun is left to it."""
+        scans = self._queued_scans
+        while scans:
+            block, idx, scan = scans.pop()
+            if scan.done or not scan.lock.acquire(blocking=False):
+                continue  # scanned, or a channel thread is scanning it
+            try:
+                if not scan.done:
+                    scan.mask = zero_mask(self.words[block.idstr], idx)
+                    scan.done = True
+            finally:
+                scan.lock.release()
+            return True
+        return False
+
     def sync(self) -> None:
         """Every channel sends a SYNC packet after its queued pages; wait until all did."""
+        while self._scan_one_queued():
+            self.check()
         for w in self.workers:
             self.check()
             deadline = time.monotonic() + self.timeout

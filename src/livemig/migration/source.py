@@ -625,6 +625,8 @@ class OutgoingMigration:
             budget = self.rate.budget_left()
             if budget <= 0 or time.monotonic() - t0 > MAX_PART_TIME:
                 break
+            if self.multifd is not None:  # a job of mostly zero pages is bigger (job_pages)
+                batch = getattr(self.multifd, "job_pages", batch)
             pages = max(1, min(batch, budget // 4096))
             batches = self.ram.take(pages)
             if not batches:

@@ -107,7 +107,7 @@ def zero_mask(words: np.ndarray, idx: np.ndarray) -> np.ndarray | None:
         # guest); on data pages the first-word read alone is cheaper.
         probe = words[lo:hi:_PROBE_STEP, 0]
         if np.count_nonzero(probe) * 2 < len(probe):
-            zero_rows = np.bitwise_or.reduce(words[lo:hi], axis=1) == 0
+            zero_rows = _page_or(words, lo, hi) == 0
             return zero_rows if zero_rows.any() else None
         first = words[lo:hi, 0] != 0
     else:
@@ -117,13 +117,33 @@ def zero_mask(words: np.ndarray, idx: np.ndarray) -> np.ndarray | None:
     cand = np.flatnonzero(~first)
     maybe = idx[cand]
     lo, hi = int(maybe[0]), int(maybe[-1]) + 1
-    rows = words[lo:hi] if hi - lo == len(maybe) else words[maybe]
-    zero_rows = np.bitwise_or.reduce(rows, axis=1) == 0
+    if hi - lo == len(maybe):
+        zero_rows = _page_or(words, lo, hi) == 0
+    else:
+        zero_rows = np.bitwise_or.reduce(words[maybe], axis=1) == 0
     if not zero_rows.any():
         return None
     is_zero = np.zeros(n, bool)
     is_zero[cand[zero_rows]] = True
     return is_zero
+
+
+_row_starts = np.arange(0, 1 << 12, dtype=np.intp) * WORDS_PER_PAGE  # grows on demand
+
+
+def _page_or(words: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """The OR of each page's words, pages ``lo`` to ``hi`` of ``words`` (its rows).
+
+    ``reduceat`` over the flat run, not ``reduce`` along rows: the same words, but numpy runs
+    the row reduction through its buffered iterator, and reading a guest's RAM from memory
+    went at 8-9 GB/s against 10-11 here (an idle guest's 1 GiB: 105 against 127 ms of CPU,
+    the biggest single cost of migrating it; a plain flat OR, which says nothing per page,
+    reaches 11-12)."""
+    global _row_starts
+    starts = _row_starts
+    if len(starts) < hi - lo:
+        starts = _row_starts = np.arange(0, hi - lo, dtype=np.intp) * WORDS_PER_PAGE
+    return np.bitwise_or.reduceat(words[lo:hi].reshape(-1), starts[: hi - lo])
 
 
 @dataclass

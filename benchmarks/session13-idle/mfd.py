@@ -1,0 +1,76 @@
+"""One process, R multifd migrations of a 1 GiB guest (session 13, helper idle): GB/s, CPU s per GB of
+both processes, and with SPLIT=1 per thread (a /proc sampler every 10 ms). env KIND (idle, random),
+CH (channels), R (runs), THR (x-multifd-threads), TAG (label), PERF=FILE (perf record -g of
+the last run, both processes, PF samples a second)."""
+import os, sys, time, tempfile, threading, subprocess, signal
+from pathlib import Path
+from livemig.bench import throughput as T
+from livemig.migration.manager import MigrationManager
+from livemig.transport.open import Listener
+size = int(os.environ.get("SIZE", 1 << 30))
+ch = int(os.environ.get("CH", "4")); thr = int(os.environ.get("THR", "0"))
+rep = int(os.environ.get("R", "3")); kind = os.environ.get("KIND", "idle")
+tag = os.environ.get("TAG", "")
+m = T._machine(size)
+T.fill(m.ram_blocks[0].array, kind)
+wd = Path(tempfile.mkdtemp())
+def tasks(pid):
+    out = {}
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            s = open(f"/proc/{pid}/task/{t}/stat").read()
+        except OSError:
+            continue
+        comm = s[s.index("(")+1:s.rindex(")")]
+        f = s.rsplit(")", 1)[1].split()
+        out[int(t)] = (comm, (int(f[11]) + int(f[12])) / 100)
+    return out
+class Sampler(threading.Thread):
+    def __init__(self, pids):
+        super().__init__(daemon=True); self.pids = pids; self.last = {}; self.stop = False
+        self.first = {}
+        for p in pids:
+            for tid, v in tasks(p).items(): self.first[(p, tid)] = v
+    def run(self):
+        while not self.stop:
+            for p in self.pids:
+                try:
+                    for tid, v in tasks(p).items(): self.last[(p, tid)] = v
+                except OSError: pass
+            time.sleep(0.01)
+    def split(self):
+        agg = {}
+        for k, (comm, c) in self.last.items():
+            c0 = self.first.get(k, (comm, 0.0))[1]
+            name = ("S:" if k[0] == os.getpid() else "D:") + comm
+            agg[name] = agg.get(name, 0) + c - c0
+        return {k: round(v*1000) for k, v in sorted(agg.items()) if v > 0.005}
+for r in range(rep):
+    T._reuse(m)
+    with Listener("tcp:127.0.0.1:0") as probe:
+        uri = probe.address
+    dest = T._Destination(size, wd, True)
+    caps = [{"capability": "x-checksums", "state": False}, {"capability": "multifd", "state": True}]
+    params = {"multifd-channels": ch, "multifd-compression": "none"}
+    if thr: params["x-multifd-threads"] = thr
+    dest.qmp.command("migrate-set-capabilities", capabilities=caps)
+    dest.qmp.command("migrate-set-parameters", **params, **{"x-io-timeout": 120000})
+    dest.qmp.command("migrate-incoming", uri=uri)
+    mgr = MigrationManager(m)
+    mgr.set_capabilities([*caps, {"capability": "return-path", "state": True}])
+    mgr.set_parameters({**params, "max-bandwidth": 1 << 40, "x-io-timeout": 120000, "downtime-limit": 300, "zero-page-detection": "multifd"})
+    samp = Sampler([os.getpid(), dest.proc.pid]) if os.environ.get("SPLIT") else None
+    if samp: samp.start()
+    c0 = time.process_time(); d0 = dest.cpu()
+    perf = subprocess.Popen(["perf","record","-F",os.environ.get("PF","2000"),"-g","-p",f"{os.getpid()},{dest.proc.pid}","-o",os.environ["PERF"]],stdout=subprocess.DEVNULL,stderr=subprocess.DEVNULL) if os.environ.get("PERF") and r == rep-1 else None
+    if perf: time.sleep(0.5)
+    mgr.migrate(uri); mgr.outgoing.join(600)
+    if perf: perf.send_signal(signal.SIGINT); perf.wait()
+    sc = time.process_time() - c0; dc = dest.cpu() - d0
+    if samp: samp.stop = True; samp.join()
+    q = mgr.query_migrate()
+    act = (q["total-time"] - q["setup-time"]) / 1000
+    gb = size / 1e9
+    print(f"{tag} {kind} ch={ch}: {size/act/1e9:.2f} GB/s  cpu/GB {(sc+dc)/gb:.3f} (src {sc/gb:.3f} dst {dc/gb:.3f}) {q['status']} setup {q['setup-time']}ms total {q['total-time']}ms down {q.get('downtime')}ms"
+          + (f" {samp.split()}" if samp else ""), flush=True)
+    dest.close()
