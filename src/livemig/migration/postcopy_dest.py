@@ -218,7 +218,7 @@ class PostcopyIncoming:
         self._inflight = {n: np.zeros(b.npages, dtype=bool) for n, b in self.blocks.items()}
         self._one = bytearray(PAGE)  # install_one's staging page (under ``lock``)
         self._one_addr = buffer_address(memoryview(self._one))
-        self._run_buf = bytearray(RUN_PAGES * PAGE)  # install_run's staging (under ``lock``)
+        self._run_buf = bytearray(RUN_PAGES * PAGE)  # install_run's, preempt thread only
         self._run_addr = buffer_address(memoryview(self._run_buf))
         self._stop = threading.Event()
         self._fault_thread: threading.Thread | None = None
@@ -654,8 +654,9 @@ class PostcopyIncoming:
     def install_run(self, name: str, first: int, pages: list) -> None:
         """``install_one`` for consecutive pages ``first``... of ``name`` (at most
         ``RUN_PAGES``, none zero): copied into one staging run, then one ``pwrite`` and
-        UFFDIO_CONTINUE (minor faults) or one UFFDIO_COPY per stretch still needed. Under
-        ``lock`` as ``install_one``: a few tens of microseconds."""
+        UFFDIO_CONTINUE (minor faults) or one UFFDIO_COPY per stretch still needed. Only the
+        preempt thread calls it, so the staging run is filled before ``lock`` is taken; the
+        install is under it, as ``install_one``'s: a few tens of microseconds."""
         b = self.blocks[name]
         self._listening_uffd()
         run = self._run_buf
