@@ -217,11 +217,13 @@ class IncomingMigration:
                     # the source's guest has stopped: the blackout runs until ours starts
                     self._blackout_prio = blackout_priority()
                     final = True
+                    self.timeline["end-section"] = time.monotonic()
                 if isinstance(ev, E.Eof):
                     eof_at = time.monotonic()
                     self.timeline["eof"] = eof_at
                     self.checks.at_end(dec.offset)
                     self._finish_load()
+                    self.timeline["loaded"] = time.monotonic()
                     if not self._return_path and ch.is_socket is False and n == 0:
                         done = True
                 elif isinstance(ev, E.VMDescription):
@@ -380,6 +382,7 @@ class IncomingMigration:
         self.timeline["resumed"] = time.monotonic()
         self.state.move(MigrationStatus.COMPLETED)
         self._shut(0)
+        self.timeline["shut-sent"] = time.monotonic()
 
     def report(self) -> dict[str, Any]:
         """The destination's timeline (monotonic seconds) and post-copy request latencies."""
