@@ -74,7 +74,7 @@ _STRATEGY = re.compile(r"^(precopy|autoconverge|postcopy|multifd(\d+)(?:-(zlib|z
 # Every figure of one run; the JSON always carries all of them (None when not applicable).
 FIELDS = (
     "outcome", "status", "total_ms", "downtime_ms", "blackout_ms", "transferred", "passes",
-    "throttle_pct", "dirty_mib_s", "remaining", "sent_mib_s", "postcopy_switched",
+    "throttle_pct", "throttle_steps", "dirty_mib_s", "remaining", "sent_mib_s", "postcopy_switched",
     "postcopy_bytes", "postcopy_requests", "blocktime_ms", "verified", "guest_ok", "src_rss",
     "dst_rss", "wall_s",
 )  # fmt: skip
@@ -150,6 +150,8 @@ class RunFigures:
     transferred: int | None = None
     passes: int | None = None  # dirty-sync-count
     throttle_pct: int | None = None  # highest cpu-throttle-percentage seen
+    # [seconds after migrate, percentage] at each change of cpu-throttle-percentage seen
+    throttle_steps: list[list[float]] | None = None
     # The guest's dirty rate as the migration saw it (ram.dirty-pages-rate, median of the
     # samples while active): what a like-for-like cell needs equal on both sides. A guest that
     # loses its CPU to the migration (or to the throttle) writes less than it was asked to.
@@ -197,6 +199,7 @@ def drive(
         sq.command("migrate", uri=uri)
         switched = cancelled = False
         throttle = 0
+        steps: list[list[float]] = []
         info: dict[str, Any] = {}
         last_ram: dict[str, Any] = {}
         dirty_rates: list[int] = []
@@ -206,7 +209,10 @@ def drive(
             status = info.get("status", "")
             if "ram" in info:
                 last_ram = info["ram"]  # a cancelled migration's reply has no ram member
-            throttle = max(throttle, int(info.get("cpu-throttle-percentage") or 0))
+            pct = int(info.get("cpu-throttle-percentage") or 0)
+            if pct and pct != (steps[-1][1] if steps else 0):
+                steps.append([round(now - t0, 2), pct])
+            throttle = max(throttle, pct)
             if status in FINAL_STATES:
                 break
             rate = info.get("ram", {}).get("dirty-pages-rate")
@@ -241,6 +247,7 @@ def drive(
                 fig.sent_mib_s = round(float(last_ram["mbps"]) * 1e6 / 8 / 2**20, 1)
         fig.passes = ram.get("dirty-sync-count")
         fig.throttle_pct = throttle
+        fig.throttle_steps = steps or None
         if dirty_rates:
             fig.dirty_mib_s = round(statistics.median(dirty_rates) * PAGE_BYTES / 2**20, 1)
         if strategy.postcopy:

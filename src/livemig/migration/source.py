@@ -819,12 +819,13 @@ class OutgoingMigration:
             self._send(self._checksum(unit), "downtime")
         t_ram = time.monotonic()
         self.stats.remaining = 0
-        bufs, described = self._device_sections()
+        bufs = self._device_sections()
         if self.checks is not None:
             bufs += self._checksum(self._device_unit)  # the device state as sent
-            described = enc.vmdesc().description
-        self._send(bufs, "downtime")
-        self._send([*enc.send(E.Eof()), *enc.send(E.VMDescription(described))], "downtime")
+        # EOF leaves with the device state: the destination loads it (and could start the
+        # guest) while the vmdesc, a description for analysis tools, is built here (~0.25 ms)
+        self._send([*bufs, *enc.send(E.Eof())], "downtime")
+        self._send(enc.send(E.VMDescription(enc.vmdesc().description)), "downtime")
         t_dev = time.monotonic()
         self.stats.downtime_breakdown = {
             "vcpu-stop": t_stopped - t_stop,
@@ -877,7 +878,7 @@ class OutgoingMigration:
         restore_priority(self._blackout_prio)
         self._blackout_prio = None
 
-    def _device_sections(self) -> tuple[list, dict[str, Any]]:
+    def _device_sections(self) -> list:
         enc = self.encoder
         bufs: list = []
         entries: list[SaveStateEntry] = machine_entries(self.machine)
@@ -900,7 +901,7 @@ class OutgoingMigration:
             enc.devices[idstr] = vmsd
             bufs += enc.send(E.SectionFull(sid, idstr, inst, vmsd.version_id, values))
             sid += 1
-        return bufs, enc.vmdesc().description
+        return bufs
 
     def _await_shut(self) -> None:
         timeout = self.config.params["x-io-timeout"] / 1000
