@@ -604,9 +604,13 @@ class OutgoingMigration:
                 self._sync("auto-converge: no sync for 5 s (QEMU 9.2+'s dirty sync timer)")
             self._send_part()
             self.stats.remaining = self.ram.pending_pages() * 4096
-            self._update_window()
             self.rate.wait(self._wake)
             self._wake.clear()
+            # after the wait, as QEMU's migration_update_counters comes after its rate-limit
+            # sleep: the measuring window then ends where the limiter's does, and holds whole
+            # budgets (closed before the wait, it held one budget over 100-200 ms, and the
+            # switch-over threshold, bandwidth x downtime-limit, came out low and noisy)
+            self._update_window()
 
     def _update_window(self) -> None:
         params = self.config.params
