@@ -168,3 +168,35 @@ def test_vs_qemu_one_scenario() -> None:
     assert qrun["transferred"] > 5 << 20
     head, rows = matrix.table_rows(result)
     assert " / " in dict(zip(head, rows[0], strict=True))["total s"]
+
+
+def test_why_a_cell_did_not_converge() -> None:
+    """A cell cut at the limit says why: dirty rate against the bandwidth, throttle, leftover."""
+    cfg = matrix.Config()
+    cut = matrix.RunFigures(outcome="limit", status="cancelled", passes=88, throttle_pct=90,
+                            dirty_mib_s=126.0, remaining=40 << 20, sent_mib_s=127.5)  # fmt: skip
+    s = matrix.summarize_runs([cut])
+    why = matrix.why_not_converged(s, [cut], cfg, matrix.parse_strategy("autoconverge"))
+    assert why is not None
+    assert "not converged in 20 s" in why
+    assert "dirtied 126 MiB/s of distinct pages against max-bandwidth 128 MiB/s" in why
+    assert "no pass ends with at most 38 MiB" in why
+    assert "throttle reached 90 %" in why and "40 MiB still dirty" in why
+    plain = matrix.why_not_converged(s, [cut], cfg, matrix.parse_strategy("precopy"))
+    assert plain is not None and "throttle" not in plain
+    done = matrix.RunFigures(outcome="completed", status="completed", total_ms=5)
+    assert matrix.why_not_converged(matrix.summarize_runs([done]), [done], cfg,
+                                    matrix.parse_strategy("precopy")) is None  # fmt: skip
+    result = {"qemu": "QEMU 10.0.2", "scenarios": [
+        {"size": 256 << 20, "rate_mib_s": 200, "strategy": "autoconverge",
+         "livemig": {**s, "why": why}, "qemu": {"why": None}}]}  # fmt: skip
+    (line,) = matrix.why_lines(result)
+    assert line.startswith("256.0 MiB 200 MiB/s autoconverge, livemig: not converged")
+
+
+def test_return_path_on_both_sides_by_default() -> None:
+    assert matrix.config_from_args(_args()).return_path is True
+    off = matrix.config_from_args(_args("--no-return-path", "--no-verify"))
+    assert off.return_path is False
+    with pytest.raises(UsageError, match="needs --no-verify"):
+        matrix.config_from_args(_args("--no-return-path"))

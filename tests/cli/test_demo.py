@@ -52,7 +52,8 @@ def test_report_agrees_with_query_migrate(demo) -> None:
     assert samples and samples[-1]["transferred"] == ram["transferred"]
     assert all(a["transferred"] <= b["transferred"] for a, b in itertools.pairwise(samples))
     bd = report["downtime-breakdown"]
-    assert set(bd) == {"final-sync", "final-ram", "device-state", "verify-hashing", "resume"}
+    assert set(bd) == {"vcpu-stop", "final-sync", "final-ram", "device-state", "verify-hashing",
+                       "resume"}  # fmt: skip
     # the source's hashing, and what the destination's took of the wait for its SHUT
     assert bd["verify-hashing"] * 1000 >= qm["x-verify-ms"] - 0.1
     assert report["destination"]["x-verify-ms"] > 0

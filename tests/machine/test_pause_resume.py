@@ -215,3 +215,17 @@ def test_pause_is_quick_while_throttled(make_machine: MakeMachine) -> None:
     m.pause()
     assert time.monotonic() - t0 < 0.5
     _check_counters(m, [0, 0])
+
+
+def test_throttle_parks_the_vcpus_at_once(make_machine: MakeMachine) -> None:
+    """QEMU's cpu_throttle_set ticks at once: at 99 % the vCPU sits out ~990 ms from the moment
+    the throttle is set, not after a first period (1 s) of running free."""
+    m = make_machine()
+    m.load_guest(assemble(guests.COUNTER))
+    m.start()
+    time.sleep(0.05)
+    m.set_throttle(99)
+    time.sleep(0.1)
+    assert m.vcpus[0].throttle_until > time.monotonic() + 0.5
+    m.set_throttle(0)
+    m.pause()

@@ -23,8 +23,14 @@ memstress ``rate=`` pages/s = MiB/s x 256 for livemig, the dirtier's ``dirty=WS,
 Rate 0 is an idle guest on both sides: livemig's ``idle`` guest, QEMU's kernel with the
 dirtier asleep. QEMU always runs ``-smp 1``, so livemig does too unless ``--smp`` says else.
 
+Both sides run with capability ``return-path`` (``--no-return-path``: neither), so that both
+report the same downtime: QEMU's source, like livemig's, then counts it until the destination's
+SHUT (``close_return_path_on_source`` comes before ``migration_calculate_complete``), where
+without a return path it ends at the last byte sent.
+
 A scenario that has not finished after ``--limit-seconds`` is cancelled (``migrate_cancel``) and
-reported as ``limit``; if it still does not reach a final state (a post-copy cannot be undone
+reported as ``limit``, with why it did not converge (the dirty rate against the bandwidth, the
+throttle reached, what was left); if it still does not reach a final state (a post-copy cannot be undone
 once the destination runs), its processes are killed and it is reported as ``killed``. Nothing
 here waits without a time-out.
 """
@@ -68,11 +74,15 @@ _STRATEGY = re.compile(r"^(precopy|autoconverge|postcopy|multifd(\d+)(?:-(zlib|z
 # Every figure of one run; the JSON always carries all of them (None when not applicable).
 FIELDS = (
     "outcome", "status", "total_ms", "downtime_ms", "blackout_ms", "transferred", "passes",
-    "throttle_pct", "dirty_mib_s", "postcopy_switched", "postcopy_bytes", "postcopy_requests",
-    "blocktime_ms", "verified", "guest_ok", "src_rss", "dst_rss", "wall_s",
+    "throttle_pct", "throttle_steps", "dirty_mib_s", "remaining", "sent_mib_s", "postcopy_switched",
+    "postcopy_bytes", "postcopy_requests", "blocktime_ms", "verified", "guest_ok", "src_rss",
+    "dst_rss", "wall_s",
 )  # fmt: skip
 NUMERIC = ("total_ms", "downtime_ms", "blackout_ms", "transferred", "passes", "throttle_pct",
-           "dirty_mib_s", "postcopy_bytes", "postcopy_requests", "blocktime_ms", "src_rss", "dst_rss", "wall_s")  # fmt: skip
+           "dirty_mib_s", "remaining", "sent_mib_s", "postcopy_bytes", "postcopy_requests",
+           "blocktime_ms", "src_rss", "dst_rss", "wall_s")  # fmt: skip
+# what the runs cut at the limit had done by then: why they did not converge
+AT_LIMIT = ("transferred", "passes", "throttle_pct", "dirty_mib_s", "remaining", "sent_mib_s")
 
 
 @dataclass(frozen=True)
@@ -125,6 +135,7 @@ class Config:
     smp: int = 1
     verify: bool = True
     vs_qemu: bool = False
+    return_path: bool = True  # on both sides (QEMU's downtime then also waits for its SHUT)
 
 
 @dataclass
@@ -139,10 +150,14 @@ class RunFigures:
     transferred: int | None = None
     passes: int | None = None  # dirty-sync-count
     throttle_pct: int | None = None  # highest cpu-throttle-percentage seen
+    # [seconds after migrate, percentage] at each change of cpu-throttle-percentage seen
+    throttle_steps: list[list[float]] | None = None
     # The guest's dirty rate as the migration saw it (ram.dirty-pages-rate, median of the
     # samples while active): what a like-for-like cell needs equal on both sides. A guest that
     # loses its CPU to the migration (or to the throttle) writes less than it was asked to.
     dirty_mib_s: float | None = None
+    remaining: int | None = None  # bytes still dirty at the last query-migrate before the end
+    sent_mib_s: float | None = None  # ram.mbps of the last query-migrate, in MiB/s
     postcopy_switched: bool | None = None  # migrate-start-postcopy was sent before the end
     postcopy_bytes: int | None = None
     postcopy_requests: int | None = None
@@ -184,6 +199,7 @@ def drive(
         sq.command("migrate", uri=uri)
         switched = cancelled = False
         throttle = 0
+        steps: list[list[float]] = []
         info: dict[str, Any] = {}
         last_ram: dict[str, Any] = {}
         dirty_rates: list[int] = []
@@ -193,7 +209,10 @@ def drive(
             status = info.get("status", "")
             if "ram" in info:
                 last_ram = info["ram"]  # a cancelled migration's reply has no ram member
-            throttle = max(throttle, int(info.get("cpu-throttle-percentage") or 0))
+            pct = int(info.get("cpu-throttle-percentage") or 0)
+            if pct and pct != (steps[-1][1] if steps else 0):
+                steps.append([round(now - t0, 2), pct])
+            throttle = max(throttle, pct)
             if status in FINAL_STATES:
                 break
             rate = info.get("ram", {}).get("dirty-pages-rate")
@@ -222,8 +241,13 @@ def drive(
         fig.total_ms = info.get("total-time")
         fig.downtime_ms = info.get("downtime")
         fig.transferred = ram.get("transferred")
+        if status != "completed":
+            fig.remaining = last_ram.get("remaining")
+            if last_ram.get("mbps") is not None:
+                fig.sent_mib_s = round(float(last_ram["mbps"]) * 1e6 / 8 / 2**20, 1)
         fig.passes = ram.get("dirty-sync-count")
         fig.throttle_pct = throttle
+        fig.throttle_steps = steps or None
         if dirty_rates:
             fig.dirty_mib_s = round(statistics.median(dirty_rates) * PAGE_BYTES / 2**20, 1)
         if strategy.postcopy:
@@ -310,7 +334,7 @@ def run_livemig(cfg: Config, size: int, rate: int | str, strategy: Strategy) -> 
         pages_s = 0 if rate == "max" else int(rate) * PAGES_PER_MIB
         guest, prefix = "memstress", "memstress: cpu0 pass"
         append = f"ws={ws_of(cfg, size) >> 20}M rate={pages_s}"
-    caps = {"return-path": True, "x-verify": cfg.verify}
+    caps = {"return-path": cfg.return_path, "x-verify": cfg.verify}
     params = {"max-bandwidth": cfg.bandwidth, "downtime-limit": cfg.downtime_limit}
     with Workdir() as wd:
         mem, smp = str(size), str(cfg.smp)
@@ -355,8 +379,9 @@ def run_qemu(cfg: Config, size: int, rate: int | str, strategy: Strategy) -> Run
         dst = GuestProcess(qemu_argv(size, kernel, initrd, append, wd.sock("dq"), wd.sock("ds"),
                                      incoming=True),
                            wd.sock("dq"), console=wd.sock("ds"), name="qemu destination")  # fmt: skip
+        caps = {"return-path": True} if cfg.return_path else {}
         fig = _run_pair(src, dst, lambda ln: ln.startswith("dirtier: beat"), BOOT_TIMEOUT,
-                        strategy, {}, params, cfg.limit_seconds, console_socket=True)  # fmt: skip
+                        strategy, caps, params, cfg.limit_seconds, console_socket=True)  # fmt: skip
     fig.vm = qemu_label()
     return fig
 
@@ -367,6 +392,39 @@ def ws_of(cfg: Config, size: int) -> int:
 
 
 # -- the matrix -------------------------------------------------------------------------------
+
+
+def why_not_converged(s: dict[str, Any], runs: Sequence[RunFigures], cfg: Config,
+                      strategy: Strategy) -> str | None:  # fmt: skip
+    """Why the runs of a cell that did not complete did not, from what they measured; None when
+    every run completed."""
+    if s["completed"] == s["runs"]:
+        return None
+    lim = s["at_limit"]
+    bw = cfg.bandwidth / 2**20
+    parts: list[str] = []
+    if any(r.outcome == "limit" for r in runs):
+        parts.append(f"not converged in {cfg.limit_seconds:g} s")
+        dirty, sent = lim.get("dirty_mib_s"), lim.get("sent_mib_s")
+        if dirty is not None:
+            vs = f" against max-bandwidth {bw:.0f} MiB/s" if bw else ""
+            parts.append(f"the guest dirtied {dirty:.0f} MiB/s of distinct pages{vs}"
+                         + (f" (sent at {sent:.0f} MiB/s)" if sent is not None else ""))  # fmt: skip
+            if bw and dirty >= 0.9 * bw:
+                threshold = bw * cfg.downtime_limit / 1000
+                parts.append(f"at that rate no pass ends with at most {threshold:.0f} MiB "
+                             "(max-bandwidth x downtime-limit) left: pre-copy converges only "
+                             "while the guest dirties well below the link's rate")  # fmt: skip
+        if strategy.caps.get("auto-converge"):
+            parts.append(f"auto-converge throttle reached {lim.get('throttle_pct') or 0:.0f} % "
+                         "(cpu-throttle-initial 20, +10 every 2 periods of >= 1 s, "
+                         "max-cpu-throttle 99)")  # fmt: skip
+        if lim.get("remaining") is not None:
+            parts.append(f"{lim['remaining'] / 2**20:.0f} MiB still dirty when cancelled")
+    for r in runs:
+        if r.outcome not in ("completed", "limit"):
+            parts.append(f"{r.outcome}: {r.notes[-1] if r.notes else r.status}")
+    return "; ".join(parts)
 
 
 def summarize_runs(runs: Sequence[RunFigures]) -> dict[str, Any]:
@@ -381,7 +439,7 @@ def summarize_runs(runs: Sequence[RunFigures]) -> dict[str, Any]:
     limited = [r for r in runs if r.outcome == "limit"]
     out["at_limit"] = {
         name: statistics.median(xs) if xs else None
-        for name in ("transferred", "passes", "throttle_pct", "dirty_mib_s")
+        for name in AT_LIMIT
         for xs in [[getattr(r, name) for r in limited if getattr(r, name) is not None]]
     }
     verified = [r.verified for r in done if r.verified is not None]
@@ -454,6 +512,7 @@ def run_matrix(cfg: Config, progress: Callable[[str], None] = lambda s: None) ->
                               "ws": 0 if rate == 0 else ws_of(cfg, size)}  # fmt: skip
         for vm, figs in runs.items():
             sc[vm] = summarize_runs(figs)
+            sc[vm]["why"] = why_not_converged(sc[vm], figs, cfg, strat)
             sc[f"{vm}_runs"] = [asdict(f) for f in figs]
         result["scenarios"].append(sc)
     return result
@@ -541,6 +600,18 @@ def render(result: dict[str, Any]) -> Any:
     return table
 
 
+def why_lines(result: dict[str, Any]) -> list[str]:
+    """One line per VM and cell that did not converge, saying why."""
+    lines = []
+    for sc in result["scenarios"]:
+        for vm, label in (("livemig", "livemig"), ("qemu", result.get("qemu") or "QEMU")):
+            why = sc.get(vm, {}).get("why")
+            if why:
+                lines.append(f"{format_size(sc['size'])} {sc['rate_mib_s']} MiB/s "
+                             f"{sc['strategy']}, {label}: {why}")  # fmt: skip
+    return lines
+
+
 # -- command line ------------------------------------------------------------------------------
 
 
@@ -582,6 +653,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="working set as a share of guest RAM (0.25)")  # fmt: skip
     p.add_argument("--smp", type=int, default=1, help="livemig vCPUs (QEMU runs -smp 1)")
     p.add_argument("--no-verify", action="store_true", help="no livemig x-verify RAM hashes")
+    p.add_argument("--no-return-path", action="store_true",
+                   help="capability return-path off on both sides (needs --no-verify); QEMU's "
+                   "downtime then ends at its last byte sent, livemig's at its close")  # fmt: skip
     p.add_argument("--vs-qemu", action="store_true",
                    help="the same scenarios on real QEMU, 10.0 by default (TCG, Linux guest; slow)")  # fmt: skip
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
@@ -613,6 +687,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg.downtime_limit = params.get("downtime-limit", cfg.downtime_limit)
     cfg.ws_share, cfg.smp = args.ws_share, args.smp
     cfg.verify, cfg.vs_qemu = not args.no_verify, args.vs_qemu
+    cfg.return_path = not args.no_return_path
+    if cfg.verify and not cfg.return_path:
+        raise UsageError("--no-return-path needs --no-verify: x-verify's verdict comes back on "
+                         "the return path")  # fmt: skip
     return cfg
 
 
@@ -625,5 +703,8 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
         err.print(f"bench matrix: results in {args.json}")
-    table_console().print(render(result))
+    out = table_console()
+    out.print(render(result))
+    for line in why_lines(result):
+        out.print(line)
     return 0

@@ -361,18 +361,19 @@ class Machine:
                 if not pct or self._closed:
                     self._throttle_thread = None
                     return
+            # QEMU's cpu_throttle_timer_tick: park every vCPU now, then tick again a period
+            # later. The first tick comes at once (cpu_throttle_set): waiting a period first
+            # would give the guest up to a second unthrottled at 99 %.
             p = pct / 100
-            period = THROTTLE_TIMESLICE_S / (1 - p)
-            time.sleep(period)
-            if not self._run_allowed:
-                continue
-            until = time.monotonic() + p / (1 - p) * THROTTLE_TIMESLICE_S
-            with self._cond:
+            if self._run_allowed:
+                until = time.monotonic() + p / (1 - p) * THROTTLE_TIMESLICE_S
+                with self._cond:
+                    for vcpu in self.vcpus:
+                        vcpu.throttle_until = until
                 for vcpu in self.vcpus:
-                    vcpu.throttle_until = until
-            for vcpu in self.vcpus:
-                if not vcpu.parked:
-                    vcpu.backend.stop()
+                    if not vcpu.parked:
+                        vcpu.backend.stop()
+            time.sleep(THROTTLE_TIMESLICE_S / (1 - p))
 
     # -- requests from the guest (on a vCPU thread) --------------------------------------------
 

@@ -6,6 +6,13 @@ period exceed ``throttle-trigger-threshold`` percent of the bytes sent in it, co
 period; on the second one, reset the count and raise the throttle: ``cpu-throttle-initial``
 first, then ``cpu-throttle-increment`` more each time (with ``cpu-throttle-tailslow``, less as
 the remaining excess shrinks), never above ``max-cpu-throttle``.
+
+The first period starts at the setup's sync (QEMU's ``time_last_bitmap_sync`` is set by the
+first ``migration_bitmap_sync``, in ``ram_init_bitmaps``), not at the first sync of the
+iteration: a pass later would delay every raise by as much. QEMU 9.2+ also syncs the dirty bitmap
+every ``DIRTY_SYNC_PERIOD`` (5 s) while auto-converge is on if no pass ended meanwhile
+(``cpu_throttle_dirty_sync_timer``, armed at the first period's end, idle during the first pass):
+with passes longer than that, the throttle would otherwise be decided on stale periods.
 """
 
 from __future__ import annotations
@@ -17,18 +24,35 @@ from livemig.machine.abi import PAGE_SIZE
 
 PERIOD = 1.0
 HIGH_PERIODS_TO_THROTTLE = 2
+DIRTY_SYNC_PERIOD = 5.0  # QEMU 9.2+: CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS
 
 
 class AutoConverge:
-    """Decides the throttle percentage, one call per sync."""
+    """Decides the throttle percentage, one call per sync.
 
-    def __init__(self, params: dict[str, Any]) -> None:
+    ``start`` is the time of the setup's sync (every page dirty), where the first period begins.
+    """
+
+    def __init__(self, params: dict[str, Any], start: float | None = None) -> None:
         self.params = params
         self.percentage = 0
         self._high = 0
-        self._period_start = time.monotonic()
+        self._period_start = time.monotonic() if start is None else start
         self._sent_at_start = 0
         self._dirty_pages = 0
+        self._timer_at: float | None = None  # the dirty sync timer's next tick (armed later)
+        self._timer_syncs = 0  # dirty-sync-count at its previous tick
+
+    def sync_due(self, now: float, sync_count: int) -> bool:
+        """QEMU's ``cpu_throttle_dirty_sync_timer_tick``: whether the timer, if it ticked by
+        ``now``, asks for a sync (no pass ended since its previous tick, and the first pass,
+        which sends every page anyway, is over). Call it often; it re-arms itself."""
+        if self._timer_at is None or now < self._timer_at:
+            return False
+        due = sync_count > 1 and sync_count == self._timer_syncs
+        self._timer_syncs = sync_count + (1 if due else 0)  # the sync it asks for counts
+        self._timer_at = now + DIRTY_SYNC_PERIOD
+        return due
 
     def on_sync(self, transferred: int, new_dirty_pages: int, now: float | None = None) -> int:
         """Account a sync that found ``new_dirty_pages``; returns the throttle (percent)."""
@@ -36,6 +60,8 @@ class AutoConverge:
         self._dirty_pages += new_dirty_pages
         if now - self._period_start < PERIOD:
             return self.percentage
+        if self._timer_at is None:  # armed at the first trigger check, as QEMU 9.2+
+            self._timer_at = now + DIRTY_SYNC_PERIOD
         dirtied = self._dirty_pages * PAGE_SIZE
         sent = transferred - self._sent_at_start
         self._period_start = now

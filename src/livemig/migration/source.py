@@ -182,6 +182,7 @@ class OutgoingMigration:
         self.verify_time = 0.0  # s spent hashing RAM for x-verify (the source's part)
         self.tracker_name = ""
         self.timeline: list[dict[str, Any]] = []
+        self._conv: Any = None  # convergence.AutoConverge with capability auto-converge
         self.postcopy: Any = None  # PostcopySource with capability postcopy-ram
         self.checks: CK.SourceChecks | None = None  # with capability x-checksums
         self.colo: Any = None  # colo.ColoPrimary with capability x-colo
@@ -330,6 +331,11 @@ class OutgoingMigration:
         # with its MIGRATION_PASS, while the migration is still in setup
         self.stats.note_sync(0)
         self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
+        if "auto-converge" in caps:
+            from livemig.migration.convergence import AutoConverge
+
+            # QEMU's first throttle period starts at this sync, not at the next one
+            self._conv = AutoConverge(cfg.params, start=time.monotonic())
         self.stats.zero_pages += self.ram.skipped_unpopulated
         self.stats.unpopulated_pages = self.ram.skipped_unpopulated
         self.encoder = Encoder()
@@ -592,11 +598,19 @@ class OutgoingMigration:
                 # 20-byte PART per turn to the stream.
                 self._wait_drain(queued - threshold)
                 continue
+            if self._conv is not None and self._conv.sync_due(
+                time.monotonic(), self.stats.dirty_sync_count
+            ):
+                self._sync("auto-converge: no sync for 5 s (QEMU 9.2+'s dirty sync timer)")
             self._send_part()
             self.stats.remaining = self.ram.pending_pages() * 4096
-            self._update_window()
             self.rate.wait(self._wake)
             self._wake.clear()
+            # after the wait, as QEMU's migration_update_counters comes after its rate-limit
+            # sleep: the measuring window then ends where the limiter's does, and holds whole
+            # budgets (closed before the wait, it held one budget over 100-200 ms, and the
+            # switch-over threshold, bandwidth x downtime-limit, came out low and noisy)
+            self._update_window()
 
     def _update_window(self) -> None:
         params = self.config.params
@@ -698,13 +712,9 @@ class OutgoingMigration:
             raise MigrationError(self._refused())
 
     def _auto_converge(self, new_dirty: int) -> None:
-        if "auto-converge" not in self.config.capabilities:
-            return
-        conv = getattr(self, "_conv", None)
+        conv = self._conv
         if conv is None:
-            from livemig.migration.convergence import AutoConverge
-
-            conv = self._conv = AutoConverge(self.config.params)
+            return
         pct = conv.on_sync(self.stats.transferred, new_dirty)
         if pct and not self.stats.throttle and hasattr(self.tracker, "cool"):
             # throttling decisions need the guest's real dirty rate, not hot chunks' superset
@@ -769,6 +779,7 @@ class OutgoingMigration:
         caps = self.config.capabilities
         t_stop = self._t_stop = time.monotonic()
         self.stop_guest()
+        t_stopped = time.monotonic()
         if "pause-before-switchover" in caps:
             self.state.move(MigrationStatus.PRE_SWITCHOVER)
             while not self._continue.wait(0.1):
@@ -814,15 +825,17 @@ class OutgoingMigration:
             self._send(self._checksum(unit), "downtime")
         t_ram = time.monotonic()
         self.stats.remaining = 0
-        bufs, described = self._device_sections()
+        bufs = self._device_sections()
         if self.checks is not None:
             bufs += self._checksum(self._device_unit)  # the device state as sent
-            described = enc.vmdesc().description
-        self._send(bufs, "downtime")
-        self._send([*enc.send(E.Eof()), *enc.send(E.VMDescription(described))], "downtime")
+        # EOF leaves with the device state: the destination loads it (and could start the
+        # guest) while the vmdesc, a description for analysis tools, is built here (~0.25 ms)
+        self._send([*bufs, *enc.send(E.Eof())], "downtime")
+        self._send(enc.send(E.VMDescription(enc.vmdesc().description)), "downtime")
         t_dev = time.monotonic()
         self.stats.downtime_breakdown = {
-            "final-sync": t_sync - t_stop,
+            "vcpu-stop": t_stopped - t_stop,
+            "final-sync": t_sync - t_stopped,
             "final-ram": t_ram - t_sync,
             "device-state": t_dev - t_ram - self.verify_time,
         }
@@ -838,6 +851,7 @@ class OutgoingMigration:
             self.channel.close_write()
         t_end = time.monotonic()
         self.stats.downtime_breakdown["resume"] = t_end - t_dev
+        self.stats.blackout_marks = {"stop": t_stop, "sent": t_dev, "shut": t_end}
         self.stats.downtime = t_end - t_stop
         self.stats.total_time = t_end - self.stats.start
         self.stats.update_window(self.config.params["downtime-limit"])
@@ -870,7 +884,7 @@ class OutgoingMigration:
         restore_priority(self._blackout_prio)
         self._blackout_prio = None
 
-    def _device_sections(self) -> tuple[list, dict[str, Any]]:
+    def _device_sections(self) -> list:
         enc = self.encoder
         bufs: list = []
         entries: list[SaveStateEntry] = machine_entries(self.machine)
@@ -893,7 +907,7 @@ class OutgoingMigration:
             enc.devices[idstr] = vmsd
             bufs += enc.send(E.SectionFull(sid, idstr, inst, vmsd.version_id, values))
             sid += 1
-        return bufs, enc.vmdesc().description
+        return bufs
 
     def _await_shut(self) -> None:
         timeout = self.config.params["x-io-timeout"] / 1000
@@ -1014,6 +1028,7 @@ class OutgoingMigration:
             "total-time": s.total_time,
             "downtime": s.downtime,
             "downtime-breakdown": s.downtime_breakdown,
+            "blackout-marks": s.blackout_marks,
             "transferred": s.transferred,
             "dirty-tracker": self.tracker_name,
         }

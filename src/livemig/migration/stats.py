@@ -39,6 +39,9 @@ class MigrationStats:
     total_time: float | None = None
     downtime: float | None = None
     downtime_breakdown: dict[str, float] = field(default_factory=dict)
+    # monotonic times (CLOCK_MONOTONIC: comparable with the destination's timeline) of the
+    # pre-copy switch-over: vCPUs stopped, everything sent, SHUT received
+    blackout_marks: dict[str, float] = field(default_factory=dict)
     total_bytes: int = 0  # guest RAM
     transferred: int = 0
     precopy_bytes: int = 0
