@@ -36,10 +36,24 @@ def harness() -> Iterator[ProcHarness]:
 
 
 @pytest.mark.parametrize("multifd", [False, True], ids=["main", "multifd-channel"])
-def test_bit_flipped_in_transit_is_refused(harness: ProcHarness, multifd: bool) -> None:
+def test_bit_flipped_in_transit_is_refused(multifd: bool) -> None:
     """One bit flipped in page data on its way: the destination refuses to run the guest
     (SHUT 1), names the block and pages, and the source guest runs on with its memory intact;
-    then a clean migration completes."""
+    then a clean migration completes.
+
+    The flipped page can be one the guest writes while it is sent: its unit excludes it (see
+    ``livemig.savevm.checksum``), it is sent again, and the migration rightly completes with
+    the guest's RAM exact (x-verify says so). Seen under load, about one try in eight; so a
+    try that completes must be verified, and another is made, up to three."""
+    for _try in range(3):
+        with ProcHarness(memory="32M", smp=1) as harness:
+            if _flip_once(harness, multifd):
+                return
+    pytest.fail("3 tries: each flipped page was one the guest rewrote (all verified exact)")
+
+
+def _flip_once(harness: ProcHarness, multifd: bool) -> bool:
+    """One try of the test above: False when the flip was repaired by a later copy."""
     target = f"tcp:127.0.0.1:{free_tcp_port()}"
     src = harness.source(append="ws=8M rate=5000")
     if multifd:
@@ -53,10 +67,13 @@ def test_bit_flipped_in_transit_is_refused(harness: ProcHarness, multifd: bool) 
     # 3 MiB in: page data of the first pass (a 4 KiB page per 4104 bytes of records)
     relay = FlipRelay(target, conn=1 if multifd else 0, flip_at=3 << 20)
     try:
-        caps = {**CHECKED, "multifd": multifd}
+        caps = {**CHECKED, "multifd": multifd, "x-verify": True}
         harness.migrate(src, relay.uri, caps=caps)
         info = src.wait_migration(timeout=60)
         assert relay.flipped.is_set()
+        if info["status"] == "completed":
+            assert info["x-verified"] is True, info  # repaired, never silently wrong
+            return False
         assert info["status"] == "failed", info
         channel = "multifd channel 0: " if multifd else ""
         assert info["error-desc"].startswith(
@@ -74,6 +91,7 @@ def test_bit_flipped_in_transit_is_refused(harness: ProcHarness, multifd: bool) 
     done = src.wait_migration(timeout=60)
     assert done["status"] == "completed" and done["x-verified"] is True, done
     assert done["x-checksums"]["units"] > 0
+    return True
 
 
 def _snapshot(harness: ProcHarness, path: str, caps: dict[str, bool]) -> LivemigProcess:
