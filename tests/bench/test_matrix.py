@@ -146,6 +146,8 @@ def test_scenario_cut_at_the_limit() -> None:
     assert fig.outcome == "limit" and fig.status == "cancelled", fig  # whole record: diagnosable
     assert fig.transferred and fig.transferred > 0 and fig.total_ms is None
     assert any("cancelled" in n for n in fig.notes)
+    # the rate it was sent at, averaged up to the cancel: within max-bandwidth (8 MiB/s)
+    assert fig.sent_mib_s is not None and 4 <= fig.sent_mib_s <= 8.5, fig
     if fig.passes and fig.passes >= 4:  # a dirty rate is known from the first sync after 1 s
         # the whole 8 MiB working set is dirty at every sync of a flat-out guest
         assert fig.dirty_mib_s is not None and fig.dirty_mib_s >= 4, fig

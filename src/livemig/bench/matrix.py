@@ -157,7 +157,9 @@ class RunFigures:
     # loses its CPU to the migration (or to the throttle) writes less than it was asked to.
     dirty_mib_s: float | None = None
     remaining: int | None = None  # bytes still dirty at the last query-migrate before the end
-    sent_mib_s: float | None = None  # ram.mbps of the last query-migrate, in MiB/s
+    # transferred over the time up to the cancel, in MiB/s: query-migrate's mbps is one
+    # window's (bursty with multifd: 168 MiB/s on a 128 MiB/s limit that held on average)
+    sent_mib_s: float | None = None
     postcopy_switched: bool | None = None  # migrate-start-postcopy was sent before the end
     postcopy_bytes: int | None = None
     postcopy_requests: int | None = None
@@ -198,6 +200,7 @@ def drive(
         t0 = time.monotonic()
         sq.command("migrate", uri=uri)
         switched = cancelled = False
+        t_cancel = t0
         throttle = 0
         steps: list[list[float]] = []
         info: dict[str, Any] = {}
@@ -226,6 +229,7 @@ def drive(
                 fig.notes.append(f"not finished after {limit_s:g} s ({status}): cancelled")
                 sq.command("migrate_cancel")
                 cancelled = True
+                t_cancel = now
             if now - t0 > limit_s + CANCEL_GRACE_S:
                 raise MigrationError(f"migration still {status!r} {CANCEL_GRACE_S:g} s after "
                                      "migrate_cancel")  # fmt: skip
@@ -243,8 +247,8 @@ def drive(
         fig.transferred = ram.get("transferred")
         if status != "completed":
             fig.remaining = last_ram.get("remaining")
-            if last_ram.get("mbps") is not None:
-                fig.sent_mib_s = round(float(last_ram["mbps"]) * 1e6 / 8 / 2**20, 1)
+            if cancelled and fig.transferred:
+                fig.sent_mib_s = round(fig.transferred / (t_cancel - t0) / 2**20, 1)
         fig.passes = ram.get("dirty-sync-count")
         fig.throttle_pct = throttle
         fig.throttle_steps = steps or None
