@@ -27,6 +27,23 @@ def _wait(mgr: MigrationManager) -> dict:
     raise AssertionError(f"no final state: {mgr.query_migrate()}")
 
 
+def _migrate(tmp_path: Path, monkeypatch, src: Machine, dst: Machine, vmdesc) -> tuple:
+    """Migrate ``src`` (the compute guest, running) to ``dst`` with a return path and x-verify,
+    the source's ``Encoder.vmdesc`` replaced by ``vmdesc``; both final query-migrate replies."""
+    src.load_guest(build_guest("compute").data, "buf=64K")
+    src.start()
+    dst.set_runstate(RunState.INMIGRATE)
+    sm, dm = MigrationManager(src), MigrationManager(dst)
+    caps = [{"capability": "return-path", "state": True}]
+    sm.set_capabilities(caps)
+    dm.set_capabilities(caps)
+    uri = dm.incoming_start(f"unix:{tmp_path / 'mig.sock'}")
+    time.sleep(0.05)
+    monkeypatch.setattr(Encoder, "vmdesc", vmdesc)
+    sm.migrate(uri, verify=True)
+    return _wait(sm), _wait(dm)
+
+
 @pytest.mark.timeout(90)
 def test_destination_runs_before_the_vmdesc_arrives(tmp_path: Path, monkeypatch) -> None:
     src = Machine([RAMBlockSpec("pc.ram", 16 << 20)], smp=1)
@@ -42,18 +59,7 @@ def test_destination_runs_before_the_vmdesc_arrives(tmp_path: Path, monkeypatch)
         return real_vmdesc(self)
 
     try:
-        src.load_guest(build_guest("compute").data, "buf=64K")
-        src.start()
-        dst.set_runstate(RunState.INMIGRATE)
-        sm, dm = MigrationManager(src), MigrationManager(dst)
-        caps = [{"capability": "return-path", "state": True}]
-        sm.set_capabilities(caps)
-        dm.set_capabilities(caps)
-        uri = dm.incoming_start(f"unix:{tmp_path / 'mig.sock'}")
-        time.sleep(0.05)
-        monkeypatch.setattr(Encoder, "vmdesc", slow_vmdesc)
-        sm.migrate(uri, verify=True)
-        s, d = _wait(sm), _wait(dm)
+        s, d = _migrate(tmp_path, monkeypatch, src, dst, slow_vmdesc)
         assert s["status"] == d["status"] == "completed", (s, d)
         assert d["x-verify"] == {"equal": True, "state-equal": True}
         assert seen and seen[-1], "the destination waited for the vmdesc to start the guest"
@@ -73,18 +79,8 @@ def test_a_bad_vmdesc_after_the_start_is_only_logged(tmp_path: Path, monkeypatch
     src = Machine([RAMBlockSpec("pc.ram", 16 << 20)], smp=1)
     dst = Machine([RAMBlockSpec("pc.ram", 16 << 20)], smp=1)
     try:
-        src.load_guest(build_guest("compute").data, "buf=64K")
-        src.start()
-        dst.set_runstate(RunState.INMIGRATE)
-        sm, dm = MigrationManager(src), MigrationManager(dst)
-        caps = [{"capability": "return-path", "state": True}]
-        sm.set_capabilities(caps)
-        dm.set_capabilities(caps)
-        uri = dm.incoming_start(f"unix:{tmp_path / 'mig.sock'}")
-        time.sleep(0.05)
-        monkeypatch.setattr(Encoder, "vmdesc", lambda self: E.VMDescription(["not", "a", "desc"]))
-        sm.migrate(uri, verify=True)
-        s, d = _wait(sm), _wait(dm)
+        bad = lambda self: E.VMDescription(["not", "a", "desc"])  # noqa: E731
+        s, d = _migrate(tmp_path, monkeypatch, src, dst, bad)
         assert s["status"] == d["status"] == "completed", (s, d)
         assert dst.runstate == RunState.RUNNING and src.runstate == RunState.POSTMIGRATE
         deadline = time.monotonic() + 5
