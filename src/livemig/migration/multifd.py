@@ -205,11 +205,27 @@ class _Scan:
         self.done = False
 
     def run(self, words: np.ndarray, idx: np.ndarray) -> np.ndarray | None:
+        """The mask, scanned now unless another thread did (waiting while it scans)."""
         with self.lock:
-            if not self.done:
-                self.mask = zero_mask(words, idx)
-                self.done = True
+            self._scan(words, idx)
             return self.mask
+
+    def try_run(self, words: np.ndarray, idx: np.ndarray) -> bool:
+        """Scan now if nobody did or is doing it; False if it was done or is under way."""
+        if self.done or not self.lock.acquire(blocking=False):
+            return False
+        try:
+            return self._scan(words, idx)
+        finally:
+            self.lock.release()
+
+    def _scan(self, words: np.ndarray, idx: np.ndarray) -> bool:
+        """Under ``lock``: scan unless done; whether this call scanned."""
+        if self.done:
+            return False
+        self.mask = zero_mask(words, idx)
+        self.done = True
+        return True
 
 
 class _SendChannel:
@@ -721,15 +737,9 @@ class MultifdSender(PageWorkerPool):
         scans = self._queued_scans
         while scans:
             block, idx, scan = scans.pop()
-            if scan.done or not scan.lock.acquire(blocking=False):
-                continue  # scanned, or a channel thread is scanning it
-            try:
-                if not scan.done:
-                    scan.mask = zero_mask(self.words[block.idstr], idx)
-                    scan.done = True
-            finally:
-                scan.lock.release()
-            return True
+            if scan.try_run(self.words[block.idstr], idx):
+                return True
+            # scanned, or a channel thread is scanning it
         return False
 
     def sync(self) -> None:
