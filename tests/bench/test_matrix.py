@@ -80,8 +80,12 @@ def test_summary_and_table_on_synthetic_runs() -> None:
         matrix.RunFigures(outcome="limit", status="cancelled", transferred=9 << 20, passes=40,
                           dirty_mib_s=180.5),
     ]  # fmt: skip
+    runs[1].throttle_steps = [[2.3, 20]]
+    runs[2].throttle_steps = [[2.2, 20], [4.4, 30]]
     s = matrix.summarize_runs(runs)
     assert s["runs"] == 3 and s["completed"] == 2 and s["outcomes"] == ["completed", "limit"]
+    # the throttle's timeline reaches the scenario's summary, for the cut runs too
+    assert s["throttle_steps"] == [None, [[2.3, 20]], [[2.2, 20], [4.4, 30]]]
     assert s["total_ms"] == 200 and s["passes"] == 4 and s["verified"] is True
     assert s["at_limit"]["passes"] == 40
     cut = matrix.summarize_runs(runs[2:])
@@ -125,8 +129,13 @@ def test_tiny_matrix_end_to_end(tmp_path) -> None:
         assert run["blackout_ms"] is not None and run["blackout_ms"] >= 0
         assert run["transferred"] > 12 << 20 and run["passes"] >= 1
         assert run["src_rss"] > 0 and run["dst_rss"] > 48 << 20  # the destination pre-faults
+        # every sync, from the setup's on (MIGRATION_PASS, capability events): its cadence
+        syncs = run["sync_times"]
+        assert syncs and len(syncs) == run["passes"] and syncs == sorted(syncs), run
+        assert -0.5 < syncs[0] < 5 and syncs[-1] * 1000 < run["total_ms"] + 500, run
         summary = sc["livemig"]
         assert summary["completed"] == 1 and summary["total_ms"] == run["total_ms"]
+        assert summary["throttle_steps"] == [None]  # one per run, completed or not
     pc = result["scenarios"][1]["livemig_runs"][0]
     if pc["postcopy_bytes"]:
         assert pc["postcopy_requests"] is not None and pc["blocktime_ms"] is not None

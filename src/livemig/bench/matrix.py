@@ -74,7 +74,8 @@ _STRATEGY = re.compile(r"^(precopy|autoconverge|postcopy|multifd(\d+)(?:-(zlib|z
 # Every figure of one run; the JSON always carries all of them (None when not applicable).
 FIELDS = (
     "outcome", "status", "total_ms", "downtime_ms", "blackout_ms", "transferred", "passes",
-    "throttle_pct", "throttle_steps", "dirty_mib_s", "remaining", "sent_mib_s", "postcopy_switched",
+    "throttle_pct", "throttle_steps", "sync_times", "dirty_mib_s", "remaining", "sent_mib_s",
+    "postcopy_switched",
     "postcopy_bytes", "postcopy_requests", "blocktime_ms", "verified", "guest_ok", "src_rss",
     "dst_rss", "wall_s",
 )  # fmt: skip
@@ -152,6 +153,9 @@ class RunFigures:
     throttle_pct: int | None = None  # highest cpu-throttle-percentage seen
     # [seconds after migrate, percentage] at each change of cpu-throttle-percentage seen
     throttle_steps: list[list[float]] | None = None
+    # seconds after migrate of each dirty-bitmap sync (MIGRATION_PASS, capability events on
+    # both VMs): auto-converge decides at syncs, so their cadence sets when its periods close
+    sync_times: list[float] | None = None
     # The guest's dirty rate as the migration saw it (ram.dirty-pages-rate, median of the
     # samples while active): what a like-for-like cell needs equal on both sides. A guest that
     # loses its CPU to the migration (or to the throttle) writes less than it was asked to.
@@ -194,10 +198,12 @@ def drive(
     with src.qmp() as sq, dst.qmp() as dq:
         set_migration(dq, strategy.dest_caps, strategy.params)
         dq.command("migrate-incoming", uri=uri)
-        set_migration(sq, {**caps, **strategy.caps}, {**params, **strategy.params})
+        # events: MIGRATION_PASS at every sync, on both VMs (their cadence is in the figures)
+        set_migration(sq, {**caps, **strategy.caps, "events": True},
+                      {**params, **strategy.params})  # fmt: skip
         sq.events()  # only this migration's events from here on
         dq.events()
-        t0 = time.monotonic()
+        t0, t0_wall = time.monotonic(), time.time()  # event timestamps are wall-clock
         sq.command("migrate", uri=uri)
         switched = cancelled = False
         t_cancel = t0
@@ -206,9 +212,11 @@ def drive(
         info: dict[str, Any] = {}
         last_ram: dict[str, Any] = {}
         dirty_rates: list[int] = []
+        events: list[dict[str, Any]] = []
         while True:
             now = time.monotonic()
             info = sq.command("query-migrate")
+            events += sq.events()
             status = info.get("status", "")
             if "ram" in info:
                 last_ram = info["ram"]  # a cancelled migration's reply has no ram member
@@ -252,6 +260,10 @@ def drive(
         fig.passes = ram.get("dirty-sync-count")
         fig.throttle_pct = throttle
         fig.throttle_steps = steps or None
+        events += sq.events()
+        syncs = [round(_event_time(ev) - t0_wall, 3) for ev in events
+                 if ev.get("event") == "MIGRATION_PASS"]  # fmt: skip
+        fig.sync_times = syncs or None
         if dirty_rates:
             fig.dirty_mib_s = round(statistics.median(dirty_rates) * PAGE_BYTES / 2**20, 1)
         if strategy.postcopy:
@@ -265,7 +277,8 @@ def drive(
         if "x-verified" in info:
             fig.verified = bool(info["x-verified"])
         if status == "completed":
-            stop = _wait_event(sq, "STOP", 5.0)
+            stop = next((ev for ev in events if ev.get("event") == "STOP"), None)
+            stop = stop or _wait_event(sq, "STOP", 5.0)
             resume = _wait_event(dq, "RESUME", 10.0)
             if stop is not None and resume is not None:
                 fig.blackout_ms = round((_event_time(resume) - _event_time(stop)) * 1e3, 1)
@@ -446,6 +459,8 @@ def summarize_runs(runs: Sequence[RunFigures]) -> dict[str, Any]:
         for name in AT_LIMIT
         for xs in [[getattr(r, name) for r in limited if getattr(r, name) is not None]]
     }
+    # when each run raised the throttle, completed or cut: how fast auto-converge climbed
+    out["throttle_steps"] = [r.throttle_steps for r in runs]
     verified = [r.verified for r in done if r.verified is not None]
     out["verified"] = all(verified) if verified else None
     ok = [r.guest_ok for r in done if r.guest_ok is not None]
