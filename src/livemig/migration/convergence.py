@@ -11,8 +11,20 @@ The first period starts at the setup's sync (QEMU's ``time_last_bitmap_sync`` is
 first ``migration_bitmap_sync``, in ``ram_init_bitmaps``), not at the first sync of the
 iteration: a pass later would delay every raise by as much. QEMU 9.2+ also syncs the dirty bitmap
 every ``DIRTY_SYNC_PERIOD`` (5 s) while auto-converge is on if no pass ended meanwhile
-(``cpu_throttle_dirty_sync_timer``, armed at the first period's end, idle during the first pass):
-with passes longer than that, the throttle would otherwise be decided on stale periods.
+(``cpu_throttle_dirty_sync_timer``; 10.0 arms it at the migration's setup, and it stays idle
+during the first pass): with passes longer than that, the throttle would otherwise be decided on
+stale periods.
+
+A period ends at the first sync at least ``PERIOD - PERIOD_SLACK`` after the previous one (QEMU:
+more than 1000 ms). The slack keeps the cadence QEMU gets: QEMU's 100 ms rate windows each start
+when its migration thread comes back (``migration_update_counters``), so they drift a little
+later every time and the sync after a period's tenth window is past 1000 ms. livemig's windows sit
+on a fixed grid (``transport/ratelimit.py``, which keeps the link at its full rate), so that sync
+comes 1 s after the period's own give or take the difference of the two syncs' lengths, a few ms:
+with no slack, about half the periods took an eleventh window (periods of 1.14 s on average
+against QEMU 10.0's 1.07 s in the same bench cell, ~1.3 s more to climb from 20 % to 99 %). The
+slack is a quarter of a window: more than that jitter, never enough to end a period one window
+early.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from typing import Any
 from livemig.machine.abi import PAGE_SIZE
 
 PERIOD = 1.0
+PERIOD_SLACK = 0.025  # a quarter of the rate limiter's 100 ms window (see above)
 HIGH_PERIODS_TO_THROTTLE = 2
 DIRTY_SYNC_PERIOD = 5.0  # QEMU 9.2+: CPU_THROTTLE_DIRTY_SYNC_TIMESLICE_MS
 
@@ -40,14 +53,15 @@ class AutoConverge:
         self._period_start = time.monotonic() if start is None else start
         self._sent_at_start = 0
         self._dirty_pages = 0
-        self._timer_at: float | None = None  # the dirty sync timer's next tick (armed later)
+        # the dirty sync timer's next tick: QEMU 10.0 arms it at the migration's setup
+        self._timer_at = self._period_start + DIRTY_SYNC_PERIOD
         self._timer_syncs = 0  # dirty-sync-count at its previous tick
 
     def sync_due(self, now: float, sync_count: int) -> bool:
         """QEMU's ``cpu_throttle_dirty_sync_timer_tick``: whether the timer, if it ticked by
         ``now``, asks for a sync (no pass ended since its previous tick, and the first pass,
         which sends every page anyway, is over). Call it often; it re-arms itself."""
-        if self._timer_at is None or now < self._timer_at:
+        if now < self._timer_at:
             return False
         due = sync_count > 1 and sync_count == self._timer_syncs
         self._timer_syncs = sync_count + (1 if due else 0)  # the sync it asks for counts
@@ -58,32 +72,34 @@ class AutoConverge:
         """Account a sync that found ``new_dirty_pages``; returns the throttle (percent)."""
         now = time.monotonic() if now is None else now
         self._dirty_pages += new_dirty_pages
-        if now - self._period_start < PERIOD:
+        if now - self._period_start < PERIOD - PERIOD_SLACK:
             return self.percentage
-        if self._timer_at is None:  # armed at the first trigger check, as QEMU 9.2+
-            self._timer_at = now + DIRTY_SYNC_PERIOD
         dirtied = self._dirty_pages * PAGE_SIZE
         sent = transferred - self._sent_at_start
         self._period_start = now
         self._sent_at_start = transferred
         self._dirty_pages = 0
-        if dirtied > sent * self.params["throttle-trigger-threshold"] / 100:
+        threshold = sent * self.params["throttle-trigger-threshold"] // 100  # QEMU's integers
+        if dirtied > threshold:
             self._high += 1
             if self._high >= HIGH_PERIODS_TO_THROTTLE:
                 self._high = 0
-                self._raise(dirtied, sent)
+                self._raise(dirtied, threshold)
         return self.percentage
 
-    def _raise(self, dirtied: int, sent: int) -> None:
+    def _raise(self, dirtied: int, threshold: int) -> None:
+        """QEMU's ``mig_throttle_guest_down``; ``dirtied`` > ``threshold`` >= 0."""
         p = self.params
         if self.percentage == 0:
             new = p["cpu-throttle-initial"]
         else:
             inc = p["cpu-throttle-increment"]
-            if p["cpu-throttle-tailslow"] and dirtied > 0:
+            if p["cpu-throttle-tailslow"]:
+                # the share of the vCPU that would dirty just the threshold, truncated as QEMU
+                # does (so the increment rounds up, and is at least 1 as dirtied > threshold)
                 cpu_now = 100 - self.percentage
-                threshold_bytes = sent * p["throttle-trigger-threshold"] / 100
-                inc = max(1, min(inc, int(cpu_now * (1 - threshold_bytes / dirtied))))
+                cpu_ideal = int(cpu_now * (threshold / dirtied))
+                inc = min(inc, cpu_now - cpu_ideal)
             new = self.percentage + inc
         self.percentage = min(new, p["max-cpu-throttle"])
 
