@@ -189,7 +189,7 @@ def test_why_a_cell_did_not_converge() -> None:
     s = matrix.summarize_runs([cut])
     why = matrix.why_not_converged(s, [cut], cfg, matrix.parse_strategy("autoconverge"))
     assert why is not None
-    assert "not converged in 20 s" in why
+    assert "not converged in 30 s" in why
     assert "dirtied 126 MiB/s of distinct pages against max-bandwidth 128 MiB/s" in why
     assert "no pass ends with at most 38 MiB" in why
     assert "throttle reached 90 %" in why and "40 MiB still dirty" in why
@@ -211,3 +211,91 @@ def test_return_path_on_both_sides_by_default() -> None:
     assert off.return_path is False
     with pytest.raises(UsageError, match="needs --no-verify"):
         matrix.config_from_args(_args("--no-return-path"))
+
+
+def test_default_limit_leaves_qemus_auto_converge_room_to_reach_its_cap() -> None:
+    """QEMU's defaults climb 20, 30, ... 90, 99: 9 raises x 2 periods of >= 1 s, 18 s at least;
+    the default limit must leave that and the last passes."""
+    cfg = matrix.config_from_args(_args())
+    raises = 1 + -(-(99 - 20) // 10)  # initial, then +10 until capped at 99
+    assert raises == 9
+    assert cfg.limit_seconds >= raises * 2 * 1.0 * 1.5
+    assert matrix.config_from_args(_args("--limit-seconds", "20")).limit_seconds == 20
+
+
+def test_match_rates_needs_vs_qemu() -> None:
+    assert matrix.config_from_args(_args("--vs-qemu", "--match-rates")).match_rates
+    assert not matrix.config_from_args(_args("--vs-qemu")).match_rates
+    with pytest.raises(UsageError, match="--match-rates needs --vs-qemu"):
+        matrix.config_from_args(_args("--match-rates"))
+
+
+def _cell(lm_rate: float | None, qm_rate: float | None, *, cut: bool = False,
+          rate: int | str = 200) -> dict:  # fmt: skip
+    def side(r: float | None) -> dict:
+        fig = matrix.RunFigures(outcome="limit" if cut else "completed", dirty_mib_s=r,
+                                total_ms=None if cut else 1000)  # fmt: skip
+        return matrix.summarize_runs([fig])
+
+    return {"size": 256 << 20, "rate_mib_s": rate, "strategy": "multifd4",
+            "livemig": side(lm_rate), "qemu": side(qm_rate)}  # fmt: skip
+
+
+def test_rate_mismatch_names_the_faster_guest() -> None:
+    assert matrix.rate_mismatch(_cell(128, 72)) == ("livemig", 128, "qemu", 72)
+    assert matrix.rate_mismatch(_cell(60, 128, cut=True)) == ("qemu", 128, "livemig", 60)
+    assert matrix.rate_mismatch(_cell(128, 120)) is None  # comparable (within 15 %)
+    assert matrix.rate_mismatch(_cell(128, None)) is None  # QEMU measured nothing
+    assert matrix.rate_mismatch(_cell(None, None, rate=0)) is None  # idle
+    no_qemu = _cell(128, 72)
+    del no_qemu["qemu"]
+    assert matrix.rate_mismatch(no_qemu) is None
+
+
+def test_match_rates_reruns_the_faster_guest_at_the_slower_ones_rate(monkeypatch) -> None:
+    """run_matrix with --match-rates: the cell whose guests differ gets a matched run of the
+    faster VM at the slower one's measured rate (rounded MiB/s), shown as a row of its own; a
+    comparable cell gets none. The VMs are stand-ins that dirty min(asked, cap) MiB/s."""
+    from livemig.bench import qemu_baseline
+
+    asked: list[tuple[str, int | str]] = []
+
+    def vm(name: str, cap: float) -> object:
+        def run(cfg, size, rate, strategy):
+            asked.append((name, rate))
+            return matrix.RunFigures(outcome="completed", status="completed", total_ms=1000,
+                                     downtime_ms=10, dirty_mib_s=min(float(rate), cap))  # fmt: skip
+
+        return run
+
+    monkeypatch.setattr(matrix, "run_livemig", vm("livemig", 1e9))
+    monkeypatch.setattr(matrix, "run_qemu", vm("qemu", 72.4))  # QEMU's guest tops out at 72
+    monkeypatch.setattr(qemu_baseline, "qemu_available", lambda: True)
+    monkeypatch.setattr(qemu_baseline, "fetch_kernel", lambda: None)
+    monkeypatch.setattr(qemu_baseline, "build_initramfs", lambda: None)
+    monkeypatch.setattr(qemu_baseline, "qemu_label", lambda: "QEMU 10.0.2")
+    cfg = matrix.Config(rates=[50, 200], strategies=["multifd4"], vs_qemu=True,
+                        match_rates=True)  # fmt: skip
+    result = matrix.run_matrix(cfg)
+    assert asked == [("livemig", 50), ("qemu", 50), ("livemig", 200), ("qemu", 200),
+                     ("livemig", 72)]  # fmt: skip
+    at50, at200 = result["scenarios"]
+    assert "matched" not in at50 and matrix.like_for_like_note(at50, "QEMU") is None
+    assert at200["matched"] == {"vm": "livemig", "rate_mib_s": 72}
+    assert at200["livemig_matched"]["dirty_mib_s"] == 72
+    assert len(at200["livemig_matched_runs"]) == 1
+    head, rows = matrix.table_rows(result)
+    assert [r[1] for r in rows] == ["50", "200", "72 (matched)"]
+    matrix.render(result)
+    matched = dict(zip(head, rows[2], strict=True))
+    assert matched["dirtied MiB/s"] == "72 / 72"  # like for like
+    lines = matrix.why_lines(result)
+    (note,) = [ln for ln in lines if "not like for like" in ln]
+    assert "QEMU 10.0.2's guest dirtied 72 MiB/s, livemig's 200 MiB/s (asked 200)" in note
+    assert "matched row: livemig asked 72 MiB/s, dirtied 72 MiB/s" in note
+    json.dumps(result, default=str)  # the JSON carries it
+    cfg.match_rates = False  # without the option: the note says what it would do
+    plain = matrix.run_matrix(cfg)
+    assert "matched" not in plain["scenarios"][1]
+    (note,) = [ln for ln in matrix.why_lines(plain) if "not like for like" in ln]
+    assert "--match-rates re-runs it" in note

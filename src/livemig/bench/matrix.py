@@ -28,6 +28,25 @@ report the same downtime: QEMU's source, like livemig's, then counts it until th
 SHUT (``close_return_path_on_source`` comes before ``migration_calculate_complete``), where
 without a return path it ends at the last byte sent.
 
+The limit (``--limit-seconds``, 30 s by default) leaves QEMU's own auto-converge schedule room to
+reach its cap and converge: with QEMU's defaults (``cpu-throttle-initial`` 20,
+``cpu-throttle-increment`` 10, ``max-cpu-throttle`` 99) the throttle climbs 20, 30, ... 90, 99:
+nine raises, each after two periods of at least 1 s, so 18 s at the very least (~19-20 s
+measured, as a period ends at the first sync past its second), and a guest that rewrites its
+working set faster than the link slows down for good only near the cap (memstress catches up
+whatever a park of less than 100 ms cost it: below 91 % a park is shorter). At 20 s both VMs
+were cut while their throttle reached 99 % in the 200 MiB/s cell; 30 s is that schedule plus
+half again for the last passes, and costs only the cells that cannot converge (pre-copy alone
+against a faster guest) 10 s more each.
+
+Like for like: a cell compares the two VMs fairly only when their guests dirtied memory at
+comparable rates (``ram.dirty-pages-rate``, measured by each VM: within ``LIKE_FOR_LIKE`` of each
+other). A TCG guest can lose its CPU to QEMU's own migration threads (72 against livemig's 128
+MiB/s, multifd4 at 200 MiB/s, session 13), and then the cell says so ("not like for like").
+``--match-rates`` also re-runs such a cell with the faster guest asked for the slower one's
+measured rate (memstress ``rate=``, the dirtier's ``dirty=WS,RATE``), and prints that run as an
+extra row, ``RATE (matched)``, beside the same runs of the other VM.
+
 A scenario that has not finished after ``--limit-seconds`` is cancelled (``migrate_cancel``) and
 reported as ``limit``, with why it did not converge (the dirty rate against the bandwidth, the
 throttle reached, what was left); if it still does not reach a final state (a post-copy cannot be undone
@@ -69,6 +88,10 @@ PAGES_PER_MIB = 256
 PAGE_BYTES = 4096  # the unit of ram.dirty-pages-rate (pages per second) on both VMs
 QEMU_MAX_RATE = 1024  # MiB/s asked of the dirtier for "max" (TCG reaches what it can)
 CANCEL_GRACE_S = 15.0  # after migrate_cancel, how long a migration may take to end
+LIMIT_SECONDS = 30.0  # the default limit: QEMU's auto-converge schedule and then some (above)
+# Measured dirty rates within this ratio of each other are comparable: the bench's own spread
+# between runs of one VM is ~5 %, and 72 against 128 MiB/s (0.56) is not like for like.
+LIKE_FOR_LIKE = 0.85
 _STRATEGY = re.compile(r"^(precopy|autoconverge|postcopy|multifd(\d+)(?:-(zlib|zstd))?)$")
 
 # Every figure of one run; the JSON always carries all of them (None when not applicable).
@@ -128,7 +151,7 @@ class Config:
         default_factory=lambda: ["precopy", "autoconverge", "postcopy", "multifd4"]
     )
     repeat: int = 1
-    limit_seconds: float = 20.0
+    limit_seconds: float = LIMIT_SECONDS
     # QEMU's default max-bandwidth: dirty rates above it make the strategies differ.
     bandwidth: int = 128 << 20
     downtime_limit: int = 300
@@ -137,6 +160,7 @@ class Config:
     verify: bool = True
     vs_qemu: bool = False
     return_path: bool = True  # on both sides (QEMU's downtime then also waits for its SHUT)
+    match_rates: bool = False  # re-run a cell whose guests' rates differ at the slower's rate
 
 
 @dataclass
@@ -468,6 +492,47 @@ def summarize_runs(runs: Sequence[RunFigures]) -> dict[str, Any]:
     return out
 
 
+def measured_rate(s: dict[str, Any]) -> float | None:
+    """The guest's dirty rate a VM measured in a cell (MiB/s): the median of its completed runs,
+    else of the runs cut at the limit."""
+    rate = s.get("dirty_mib_s")
+    return rate if rate is not None else s.get("at_limit", {}).get("dirty_mib_s")
+
+
+def rate_mismatch(sc: dict[str, Any]) -> tuple[str, float, str, float] | None:
+    """``(faster VM, its rate, slower VM, its rate)`` when the two guests of a cell did not
+    dirty memory at comparable rates (the slower below ``LIKE_FOR_LIKE`` of the faster); None
+    when they did, or when a side measured nothing (an idle guest, no QEMU side)."""
+    if sc.get("rate_mib_s") == 0 or "qemu" not in sc:
+        return None
+    lm, qm = measured_rate(sc["livemig"]), measured_rate(sc["qemu"])
+    if not lm or not qm:
+        return None
+    fast, slow = sorted([("livemig", lm), ("qemu", qm)], key=lambda x: x[1], reverse=True)
+    if slow[1] >= LIKE_FOR_LIKE * fast[1]:
+        return None
+    return fast[0], fast[1], slow[0], slow[1]
+
+
+def like_for_like_note(sc: dict[str, Any], qemu_label: str) -> str | None:
+    """The cell's "not like for like" line, or None when its guests' rates are comparable."""
+    mm = rate_mismatch(sc)
+    if mm is None:
+        return None
+    names = {"livemig": "livemig", "qemu": qemu_label}
+    fast, fast_rate, slow, slow_rate = mm
+    line = (f"{format_size(sc['size'])} {sc['rate_mib_s']} MiB/s {sc['strategy']}: not like for "
+            f"like: {names[slow]}'s guest dirtied {slow_rate:.0f} MiB/s, {names[fast]}'s "
+            f"{fast_rate:.0f} MiB/s (asked {sc['rate_mib_s']})")  # fmt: skip
+    matched = sc.get("matched")
+    if matched:
+        line += (f"; matched row: {names[matched['vm']]} asked {matched['rate_mib_s']} MiB/s, "
+                 f"dirtied {_num(measured_rate(sc[matched['vm'] + '_matched']))} MiB/s")  # fmt: skip
+    else:
+        line += "; --match-rates re-runs it at the slower guest's rate"
+    return line
+
+
 def scenarios(cfg: Config) -> list[tuple[int, int | str, Strategy]]:
     return [(size, rate, parse_strategy(s))
             for size in cfg.sizes for rate in cfg.rates for s in cfg.strategies]  # fmt: skip
@@ -533,6 +598,20 @@ def run_matrix(cfg: Config, progress: Callable[[str], None] = lambda s: None) ->
             sc[vm] = summarize_runs(figs)
             sc[vm]["why"] = why_not_converged(sc[vm], figs, cfg, strat)
             sc[f"{vm}_runs"] = [asdict(f) for f in figs]
+        mm = rate_mismatch(sc) if cfg.match_rates else None
+        if mm is not None:
+            # the faster guest again, asked for what the slower one measured: like for like
+            vm, rate = mm[0], max(1, round(mm[3]))
+            run = run_livemig if vm == "livemig" else run_qemu
+            figs = []
+            for k in range(cfg.repeat):
+                progress(f"[{i}/{len(todo)}] {label}: {vm} run {k + 1}/{cfg.repeat} at the "
+                         f"other guest's measured rate, {rate} MiB/s")  # fmt: skip
+                figs.append(run(cfg, size, rate, strat))
+            sc["matched"] = {"vm": vm, "rate_mib_s": rate}
+            sc[f"{vm}_matched"] = summarize_runs(figs)
+            sc[f"{vm}_matched"]["why"] = why_not_converged(sc[f"{vm}_matched"], figs, cfg, strat)
+            sc[f"{vm}_matched_runs"] = [asdict(f) for f in figs]
         result["scenarios"].append(sc)
     return result
 
@@ -583,20 +662,27 @@ def table_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     head = ["size", "rate MiB/s", "strategy", "done", *(c[0] for c in COLUMNS), "verified",
             "guest ok"]  # fmt: skip
     rows = []
+
+    def cell(text_lm: str, text_qm: str) -> str:
+        return f"{text_lm} / {text_qm}" if vs else text_lm
+
     for sc in result["scenarios"]:
-        lm, qm = sc["livemig"], sc.get("qemu")
-
-        def cell(text_lm: str, text_qm: str) -> str:
-            return f"{text_lm} / {text_qm}" if vs else text_lm
-
-        row = [format_size(sc["size"]), str(sc["rate_mib_s"]), sc["strategy"],
-               cell(_done(lm), _done(qm) if qm else "-")]  # fmt: skip
-        for _, name, scale, digits in COLUMNS:
-            row.append(cell(_fig(lm, name, scale, digits),
-                            _fig(qm, name, scale, digits) if qm else "-"))  # fmt: skip
-        row.append(cell(_flag(lm["verified"]), "n/a"))  # QEMU has no RAM hash comparison
-        row.append(cell(_flag(lm["guest_ok"]), _flag(qm["guest_ok"]) if qm else "-"))
-        rows.append(row)
+        sides = [(str(sc["rate_mib_s"]), sc["livemig"], sc.get("qemu"))]
+        matched = sc.get("matched")
+        if matched:  # the re-run side beside the other VM's same runs
+            vm = matched["vm"]
+            lm = sc["livemig_matched"] if vm == "livemig" else sc["livemig"]
+            qm = sc["qemu_matched"] if vm == "qemu" else sc["qemu"]
+            sides.append((f"{matched['rate_mib_s']} (matched)", lm, qm))
+        for rate, lm, qm in sides:
+            row = [format_size(sc["size"]), rate, sc["strategy"],
+                   cell(_done(lm), _done(qm) if qm else "-")]  # fmt: skip
+            for _, name, scale, digits in COLUMNS:
+                row.append(cell(_fig(lm, name, scale, digits),
+                                _fig(qm, name, scale, digits) if qm else "-"))  # fmt: skip
+            row.append(cell(_flag(lm["verified"]), "n/a"))  # QEMU has no RAM hash comparison
+            row.append(cell(_flag(lm["guest_ok"]), _flag(qm["guest_ok"]) if qm else "-"))
+            rows.append(row)
     return head, rows
 
 
@@ -620,14 +706,22 @@ def render(result: dict[str, Any]) -> Any:
 
 
 def why_lines(result: dict[str, Any]) -> list[str]:
-    """One line per VM and cell that did not converge, saying why."""
+    """One line per VM and cell that did not converge, saying why, and one per cell whose
+    guests did not dirty memory at comparable rates."""
     lines = []
+    qemu = result.get("qemu") or "QEMU"
     for sc in result["scenarios"]:
-        for vm, label in (("livemig", "livemig"), ("qemu", result.get("qemu") or "QEMU")):
+        cell = f"{format_size(sc['size'])} {sc['rate_mib_s']} MiB/s {sc['strategy']}"
+        matched = sc.get("matched") or {}
+        for vm, label in (("livemig", "livemig"), ("qemu", qemu),
+                          ("livemig_matched", f"livemig at {matched.get('rate_mib_s')} MiB/s"),
+                          ("qemu_matched", f"{qemu} at {matched.get('rate_mib_s')} MiB/s")):  # fmt: skip
             why = sc.get(vm, {}).get("why")
             if why:
-                lines.append(f"{format_size(sc['size'])} {sc['rate_mib_s']} MiB/s "
-                             f"{sc['strategy']}, {label}: {why}")  # fmt: skip
+                lines.append(f"{cell}, {label}: {why}")
+        note = like_for_like_note(sc, qemu)
+        if note:
+            lines.append(note)
     return lines
 
 
@@ -663,8 +757,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="precopy,autoconverge,postcopy,multifdN[-zstd|-zlib] "
                    "(precopy,autoconverge,postcopy,multifd4)")  # fmt: skip
     p.add_argument("--repeat", type=int, default=1, help="runs per scenario (median)")
-    p.add_argument("--limit-seconds", type=float, default=20.0,
-                   help="cancel a migration not finished after this long (20)")  # fmt: skip
+    p.add_argument("--limit-seconds", type=float, default=LIMIT_SECONDS,
+                   help="cancel a migration not finished after this long (30: QEMU's "
+                   "auto-converge needs 9 raises x 2 periods >= 1 s, at least 18 s, to reach "
+                   "its 99 %% cap, then its last passes)")  # fmt: skip
     p.add_argument("--set", dest="params", action="append", type=setting, default=[],
                    metavar="PARAM=VALUE", help="max-bandwidth (128M, QEMU's default; 0 = "
                    "unlimited) or downtime-limit (300 ms), named as for livemig migrate")  # fmt: skip
@@ -677,6 +773,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "downtime then ends at its last byte sent, livemig's at its close")  # fmt: skip
     p.add_argument("--vs-qemu", action="store_true",
                    help="the same scenarios on real QEMU, 10.0 by default (TCG, Linux guest; slow)")  # fmt: skip
+    p.add_argument("--match-rates", action="store_true",
+                   help="with --vs-qemu: where one VM's guest dirtied memory well below the "
+                   "other's (measured), re-run the faster one at the slower one's measured rate "
+                   "and show it as a row of its own, like for like")  # fmt: skip
     p.add_argument("--json", metavar="FILE", default=None, help="write the results as JSON")
     p.set_defaults(func=main)
 
@@ -707,6 +807,9 @@ def config_from_args(args: argparse.Namespace) -> Config:
     cfg.ws_share, cfg.smp = args.ws_share, args.smp
     cfg.verify, cfg.vs_qemu = not args.no_verify, args.vs_qemu
     cfg.return_path = not args.no_return_path
+    cfg.match_rates = args.match_rates
+    if cfg.match_rates and not cfg.vs_qemu:
+        raise UsageError("--match-rates needs --vs-qemu: it matches livemig's and QEMU's guests")
     if cfg.verify and not cfg.return_path:
         raise UsageError("--no-return-path needs --no-verify: x-verify's verdict comes back on "
                          "the return path")  # fmt: skip
