@@ -293,6 +293,9 @@ def test_match_rates_reruns_the_faster_guest_at_the_slower_ones_rate(monkeypatch
     (note,) = [ln for ln in lines if "not like for like" in ln]
     assert "QEMU 10.0.2's guest dirtied 72 MiB/s, livemig's 200 MiB/s (asked 200)" in note
     assert "matched row: livemig asked 72 MiB/s, dirtied 72 MiB/s" in note
+    # a matched run that completed before its first 1 s period measured no rate: said so
+    at200["livemig_matched"]["dirty_mib_s"] = None
+    assert "its rate not measured" in matrix.like_for_like_note(at200, "QEMU")
     json.dumps(result, default=str)  # the JSON carries it
     cfg.match_rates = False  # without the option: the note says what it would do
     plain = matrix.run_matrix(cfg)

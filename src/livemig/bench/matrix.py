@@ -526,8 +526,10 @@ def like_for_like_note(sc: dict[str, Any], qemu_label: str) -> str | None:
             f"{fast_rate:.0f} MiB/s (asked {sc['rate_mib_s']})")  # fmt: skip
     matched = sc.get("matched")
     if matched:
+        got = measured_rate(sc[matched["vm"] + "_matched"])
         line += (f"; matched row: {names[matched['vm']]} asked {matched['rate_mib_s']} MiB/s, "
-                 f"dirtied {_num(measured_rate(sc[matched['vm'] + '_matched']))} MiB/s")  # fmt: skip
+                 + (f"dirtied {got:.0f} MiB/s" if got is not None else "its rate not measured "
+                    "(no dirty-pages-rate: it completed within its first 1 s period)"))  # fmt: skip
     else:
         line += "; --match-rates re-runs it at the slower guest's rate"
     return line
