@@ -41,8 +41,9 @@ against a faster guest) 10 s more each.
 
 Like for like: a cell compares the two VMs fairly only when their guests dirtied memory at
 comparable rates (``ram.dirty-pages-rate``, measured by each VM: within ``LIKE_FOR_LIKE`` of each
-other). A TCG guest can lose its CPU to QEMU's own migration threads (72 against livemig's 128
-MiB/s, multifd4 at 200 MiB/s, session 13), and then the cell says so ("not like for like").
+other). A TCG guest can lose its CPU to QEMU's own migration threads (72-89 against livemig's
+128 MiB/s, multifd4 at 200 MiB/s, sessions 13-14), and then the cell says so ("not like for
+like").
 ``--match-rates`` also re-runs such a cell with the faster guest asked for the slower one's
 measured rate (memstress ``rate=``, the dirtier's ``dirty=WS,RATE``), and prints that run as an
 extra row, ``RATE (matched)``, beside the same runs of the other VM.
@@ -98,9 +99,8 @@ _STRATEGY = re.compile(r"^(precopy|autoconverge|postcopy|multifd(\d+)(?:-(zlib|z
 FIELDS = (
     "outcome", "status", "total_ms", "downtime_ms", "blackout_ms", "transferred", "passes",
     "throttle_pct", "throttle_steps", "sync_times", "dirty_mib_s", "remaining", "sent_mib_s",
-    "postcopy_switched",
-    "postcopy_bytes", "postcopy_requests", "blocktime_ms", "verified", "guest_ok", "src_rss",
-    "dst_rss", "wall_s",
+    "postcopy_switched", "postcopy_bytes", "postcopy_requests", "blocktime_ms", "verified",
+    "guest_ok", "src_rss", "dst_rss", "wall_s",
 )  # fmt: skip
 NUMERIC = ("total_ms", "downtime_ms", "blackout_ms", "transferred", "passes", "throttle_pct",
            "dirty_mib_s", "remaining", "sent_mib_s", "postcopy_bytes", "postcopy_requests",
