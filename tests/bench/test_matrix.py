@@ -185,14 +185,15 @@ def test_why_a_cell_did_not_converge() -> None:
     """A cell cut at the limit says why: dirty rate against the bandwidth, throttle, leftover."""
     cfg = matrix.Config()
     cut = matrix.RunFigures(outcome="limit", status="cancelled", passes=88, throttle_pct=90,
-                            dirty_mib_s=126.0, remaining=40 << 20, sent_mib_s=127.5)  # fmt: skip
+                            dirty_mib_s=126.0, remaining=40 << 20, sent_mib_s=127.5,
+                            throttle_steps=[[2.3, 20], [4.4, 30], [17.94, 90]])  # fmt: skip
     s = matrix.summarize_runs([cut])
     why = matrix.why_not_converged(s, [cut], cfg, matrix.parse_strategy("autoconverge"))
     assert why is not None
     assert "not converged in 30 s" in why
     assert "dirtied 126 MiB/s of distinct pages against max-bandwidth 128 MiB/s" in why
     assert "no pass ends with at most 38 MiB" in why
-    assert "throttle reached 90 %" in why and "40 MiB still dirty" in why
+    assert "throttle reached 90 % at 17.9 s" in why and "40 MiB still dirty" in why
     plain = matrix.why_not_converged(s, [cut], cfg, matrix.parse_strategy("precopy"))
     assert plain is not None and "throttle" not in plain
     done = matrix.RunFigures(outcome="completed", status="completed", total_ms=5)

@@ -457,8 +457,13 @@ def why_not_converged(s: dict[str, Any], runs: Sequence[RunFigures], cfg: Config
                              "(max-bandwidth x downtime-limit) left: pre-copy converges only "
                              "while the guest dirties well below the link's rate")  # fmt: skip
         if strategy.caps.get("auto-converge"):
-            parts.append(f"auto-converge throttle reached {lim.get('throttle_pct') or 0:.0f} % "
-                         "(cpu-throttle-initial 20, +10 every 2 periods of >= 1 s, "
+            # when the cut runs got there: a cap reached just before the limit says the limit,
+            # not the guest, decided the cell
+            last = [r.throttle_steps[-1][0] for r in runs
+                    if r.outcome == "limit" and r.throttle_steps]  # fmt: skip
+            at = f" at {statistics.median(last):.1f} s" if last else ""
+            parts.append(f"auto-converge throttle reached {lim.get('throttle_pct') or 0:.0f} %"
+                         f"{at} (cpu-throttle-initial 20, +10 every 2 periods of >= 1 s, "
                          "max-cpu-throttle 99)")  # fmt: skip
         if lim.get("remaining") is not None:
             parts.append(f"{lim['remaining'] / 2**20:.0f} MiB still dirty when cancelled")
