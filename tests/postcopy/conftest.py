@@ -37,6 +37,7 @@ class Pair:
         self.src.start()
         self.dst.set_runstate(RunState.INMIGRATE)
         self.events: list[tuple[str, str]] = []
+        self.src_passes: list[int] = []  # the source's MIGRATION_PASS events, in order
         self.sm = MigrationManager(self.src, emit=lambda n, d=None: self._ev("src", n, d))
         self.dm = MigrationManager(self.dst, emit=lambda n, d=None: self._ev("dst", n, d))
         self.uri = f"unix:{tmp / 'mig.sock'}"
@@ -44,6 +45,8 @@ class Pair:
     def _ev(self, side: str, name: str, data: Any) -> None:
         if name == "MIGRATION":
             self.events.append((side, data["status"]))
+        elif name == "MIGRATION_PASS" and side == "src":
+            self.src_passes.append(data["pass"])
 
     def caps(self, **caps: bool) -> None:
         items = [{"capability": k.replace("_", "-"), "state": v} for k, v in caps.items()]

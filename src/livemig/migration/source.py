@@ -756,6 +756,8 @@ class OutgoingMigration:
             from livemig.migration.postcopy_source import discard_bufs
 
             self.stats.note_sync(self.ram.merge(self.tracker.sync()))
+            # a sync like any other: QEMU's migration_bitmap_sync sends one for each
+            self.emit("MIGRATION_PASS", {"pass": self.stats.dirty_sync_count})
             self.prediscarded = {n: d.copy() for n, d in self.ram.dirty.items()}
             bufs += discard_bufs(self, self.prediscarded)
         seen = self._pongs
