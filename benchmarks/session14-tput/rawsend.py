@@ -1,7 +1,8 @@
 """Raw loopback TCP, no livemig: one sender thread, MODE=writev|splice|zerocopy, N sockets round
 robin per 4 MiB job of 8 packets (1344-byte header + 512 KiB) from a 1 GiB memfd; one receiver
 thread reading header+pages with readv into a memfd (RXMODE=bulk: 1 MiB recv_into, as the TCP
-RAM-to-RAM baseline); NODELAY=0|1. Prints user/sys s of each side and GB/s. argv: N MiB."""
+RAM-to-RAM baseline); NODELAY=0|1. Prints user/sys s of each side and GB/s. argv: N MiB.
+Session 14 ran it with N=1 only (its receiver fails now and then with N > 1: not looked into)."""
 import os, sys, socket, mmap, time, ctypes, select, resource, threading
 import numpy as np
 N = int(sys.argv[1]); SIZE = int(sys.argv[2]) << 20; MODE = os.environ.get("MODE", "writev")
