@@ -136,6 +136,13 @@ COMMON: list[tuple[str, Any]] = [
     ),
     ("caps-ok", _caps(("xbzrle", True), ("auto-converge", True), ("events", True))),
     ("caps-off", _caps(("xbzrle", False), ("auto-converge", False))),
+    # mapped-ram on a URI that cannot seek: refused before connecting (QEMU 10.0's
+    # migration_transport_compatible), on a source and on a destination alike
+    ("caps-mapped-ram", _caps(("mapped-ram", True))),
+    ("migrate-mapped-ram-tcp", _x("migrate", uri="tcp:127.0.0.1:1")),
+    ("migrate-mapped-ram-exec", _x("migrate", uri="exec:cat")),
+    ("migrate-incoming-mapped-ram-tcp", _x("migrate-incoming", uri="tcp:127.0.0.1:0")),
+    ("caps-mapped-ram-off", _caps(("mapped-ram", False))),
     ("params-downtime-high", _params(downtime_limit=3000000)),
     ("params-downtime-negative", _params(downtime_limit=-1)),
     ("params-downtime-type", _params(downtime_limit="x")),

@@ -108,6 +108,7 @@ class MigrationManager:
         detach: bool = True,
         verify: bool | None = None,
     ) -> None:
+        check_transport(parse_uri(uri), self.caps.enabled())
         if resume:
             from livemig.migration.postcopy_source import resume_outgoing
 
@@ -195,6 +196,7 @@ class MigrationManager:
         with self._lock:
             if self.incoming is not None:
                 raise UsageError("The incoming migration has already been started")
+            check_transport(parse_uri(uri), self.caps.enabled())
             multifd.check_uri(parse_uri(uri), self.caps.enabled())
             set_migration_tls("server", creds_from_params(self.params.query(), "server"))
             self.exit_on_error = exit_on_error
@@ -393,6 +395,18 @@ def qmp_uri(uri: str | None, channels: list[Any] | None, incoming: bool = False)
         assert channels is not None
         return channels_uri(channels, incoming)
     return uri
+
+
+def check_transport(u: Any, capabilities: Any) -> None:
+    """QEMU 10.0's ``migration_transport_compatible``, checked by ``migrate`` and
+    ``migrate-incoming`` right after the URI, before anything starts: mapped-ram needs a
+    file it can seek in. Refused later, a mapped-ram migration over ``tcp:`` reached the
+    destination and ended it with a truncated stream. (QEMU also takes a seekable ``fd:``;
+    livemig writes and reads mapped-ram at ``file:`` only. multifd's own half of the check,
+    more than one connection, is ``multifd.check_uri``.)"""
+    if "mapped-ram" in capabilities and u.scheme != "file":
+        extra = ": livemig takes mapped-ram on file: only" if u.scheme == "fd" else ""
+        raise UsageError(f"Migration requires seekable transport (e.g. file){extra}")
 
 
 def parse_qmp_uri(uri: str) -> Any:
