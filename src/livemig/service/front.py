@@ -84,6 +84,7 @@ from livemig.machine.devices.ring import CHAIN_MAX, Follow, RingDevice
 from livemig.service.backend import LinkBackend
 from livemig.service.link import LINK_MAGIC
 from livemig.service.resp import RequestFramer
+from livemig.sockpath import clear_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +393,7 @@ class ServiceFront(LinkBackend):
         self.refused = 0
         self.protocol_errors = 0
         self.address = uri or ""
+        self._bound_unix: str | None = None  # the socket file this front made, removed at close
         self._init_links()
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -420,10 +422,10 @@ class ServiceFront(LinkBackend):
         assert self._where is not None
         kind, where = self._where
         if kind == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(where)
+            clear_socket_path(where)
             self._server = await self._loop.create_unix_server(lambda: _ClientProtocol(self), where)
             self.address = f"unix:{where}"
+            self._bound_unix = where
         else:
             host, port = where
             self._server = await self._loop.create_server(
@@ -462,9 +464,9 @@ class ServiceFront(LinkBackend):
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
-        if self._where is not None and self._where[0] == "unix":
+        if self._bound_unix is not None:  # not a path it failed to bind: not its file
             with contextlib.suppress(OSError):
-                os.unlink(self._where[1])
+                os.unlink(self._bound_unix)
 
     def info(self) -> dict[str, Any]:
         """Status for QMP ``x-query-serve`` and the benchmark."""

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from livemig import threads
 from livemig.errors import UsageError
+from livemig.sockpath import clear_socket_path
 from livemig.transport import tls as _tls
 from livemig.transport.channel import DEFAULT_TIMEOUT, Channel, ChannelError, ChannelTimeout
 from livemig.transport.uri import MigrationURI, parse_uri
@@ -227,10 +228,8 @@ class Listener:
             self._sock = sock
         elif u.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.exists(u.path) and not os.path.isdir(u.path):
-                    os.unlink(u.path)
             try:
+                clear_socket_path(u.path)
                 sock.bind(u.path)
                 os.chmod(u.path, 0o600)
             except OSError as exc:
