@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from livemig.errors import UsageError
+from livemig.errors import LivemigError, UsageError
 from livemig.machine import Machine, RunState, parse_ram_blocks
 from livemig.migration.manager import MigrationManager
 from livemig.migration.state import MigrationStatus as S
@@ -56,3 +56,31 @@ def test_mapped_ram_needs_a_file_before_anything_starts(uri: str) -> None:
     finally:
         src.close()
         dst.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("{tmp}", r"^Could not create '{tmp}': Is a directory$"),
+        ("{tmp}/no/such/dir/snap.mig", r"^Could not create '{tmp}/no/such/dir/snap.mig': No such"),
+        ("{tmp}/file/snap.mig", r"^Could not create '{tmp}/file/snap.mig': Not a directory$"),
+    ],
+)
+def test_migrate_to_a_file_it_cannot_create_is_refused_at_once(
+    manager: MigrationManager, tmp_path, target: str, message: str
+) -> None:
+    """QEMU 10.0's ``migrate`` refuses a ``file:`` it cannot create in the command's reply;
+    livemig replied {} and failed later in the migration thread, so a client checking the
+    reply (libvirt does) saw a migration start."""
+    (tmp_path / "file").write_bytes(b"")
+    path = target.format(tmp=tmp_path)
+    with pytest.raises(LivemigError, match=message.format(tmp=tmp_path)):
+        manager.migrate(f"file:{path}")
+    assert manager.source.status == S.NONE and manager.outgoing is None
+    assert not (tmp_path / "snap.mig").exists()
+
+
+def test_migrate_to_an_fd_not_open_is_refused_at_once(manager: MigrationManager) -> None:
+    with pytest.raises(UsageError, match=r"^fd:987: file descriptor 987 is not open"):
+        manager.migrate("fd:987")
+    assert manager.source.status == S.NONE and manager.outgoing is None

@@ -340,8 +340,10 @@ class _Session:
                 if not isinstance(value, str):
                     raise QMPError("GenericError", f"QMP input member '{key}' must be a string")
                 if exec_key is not None:
+                    # QEMU walks a hash table, whose order puts exec-oob first whatever the
+                    # request's order: its message is always this one
                     raise QMPError(
-                        "GenericError", f"QMP input member '{key}' clashes with '{exec_key}'"
+                        "GenericError", "QMP input member 'execute' clashes with 'exec-oob'"
                     )
                 exec_key = key
             elif key == "arguments":
