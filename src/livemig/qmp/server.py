@@ -280,7 +280,13 @@ class _Session:
                 fixed = {"error": err.to_qmp()}
                 if "id" in reply:
                     fixed["id"] = reply["id"]
-                data = encode_message(fixed)
+                try:
+                    data = encode_message(fixed)
+                except (TypeError, ValueError):
+                    # the id itself: an error the client can read beats a dispatcher that died
+                    # here, after which the session never replied again
+                    del fixed["id"]
+                    data = encode_message(fixed)
             self.send_bytes(data)
         if after:
             await self._drain_quietly()
