@@ -55,3 +55,24 @@ def test_capture_refuses_an_output_it_cannot_write_before_listening(tmp_path) ->
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     [line] = res.stderr.splitlines()
     assert line == f"livemig capture: error: Could not create '{out}': No such file or directory"
+
+
+@pytest.mark.parametrize("flag", ["--timeout", "--interval"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
+def test_migrate_seconds_are_checked_before_connecting(flag: str, value: str) -> None:
+    """migrate --timeout -1 or nan started the migration anyway (what they meant: unknown)."""
+    res = _livemig("migrate", "--qmp", "unix:/nonexistent.sock", "tcp:127.0.0.1:1", flag, value)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1].startswith(f"livemig migrate: error: argument {flag}")
+
+
+def test_migrate_report_that_cannot_be_written_is_refused_before_migrating(tmp_path) -> None:
+    """--report under a regular file ended, after the whole migration, in a FileExistsError
+    traceback and exit status 0."""
+    (tmp_path / "file").write_text("")
+    stem = tmp_path / "file" / "report"
+    res = _livemig("migrate", "--qmp", "unix:/nonexistent.sock", "tcp:127.0.0.1:1",
+                   "--report", str(stem))  # fmt: skip
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"livemig migrate: error: --report {stem}: cannot create"), line
