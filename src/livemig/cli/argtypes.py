@@ -29,8 +29,10 @@ def capability(text: str) -> tuple[str, bool]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def seconds(low: float = 0.0, high: float = math.inf) -> Callable[[str], float]:
-    """A number of seconds in ``(low, high]`` (``low`` itself allowed when non-zero): nan,
+def seconds(
+    low: float = 0.0, high: float = math.inf, *, allow_zero: bool = False
+) -> Callable[[str], float]:
+    """A number of seconds from ``low`` to ``high``, more than 0 unless ``allow_zero``: nan,
     inf and negative values reached ``socket.settimeout`` / ``int()`` as tracebacks."""
 
     def parse(text: str) -> float:
@@ -38,10 +40,11 @@ def seconds(low: float = 0.0, high: float = math.inf) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             value = math.nan
-        ok = math.isfinite(value) and (value >= low if low else value > 0) and value <= high
+        ok = math.isfinite(value) and low <= value <= high and (value > 0 or allow_zero)
         if not ok:
             if math.isinf(high):
-                raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, more than 0")
+                least = "0 or more" if allow_zero else "more than 0"
+                raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, {least}")
             raise argparse.ArgumentTypeError(f"{text!r}: expected seconds, {low:g} to {high:g}")
         return value
 

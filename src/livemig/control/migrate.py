@@ -177,18 +177,6 @@ def _multifd_options(opts: MigrateOptions, caps: dict[str, bool], params: dict[s
         params["xbzrle-cache-size"] = size
 
 
-def _check_report_stem(stem: Path) -> None:
-    """Where the report goes, made before migrating: found at the end, a stem under a regular
-    file ended a completed migration in a traceback."""
-    try:
-        stem.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--report {stem}: cannot create {stem.parent}: {exc.strerror}") from None
-    for path in (stem.with_suffix(".json"), stem.with_suffix(".png")):
-        if path.is_dir():
-            raise UsageError(f"--report {stem}: cannot create {path}: Is a directory")
-
-
 def _capability_names(qmp: Any) -> set[str]:
     return {c["capability"] for c in qmp.command("query-migrate-capabilities")}
 
@@ -332,7 +320,7 @@ def migrate(
     _replicate_options(opts, caps, params, target)
     _multifd_options(opts, caps, params)
     if opts.report:
-        _check_report_stem(Path(opts.report))
+        timeline.prepare_stem(Path(opts.report), "--report")
     stop = cancel or threading.Event()
 
     def not_cancelled() -> None:
