@@ -231,6 +231,7 @@ MIGRATING = [
     ("oob-migrate-pause-precopy", {"exec-oob": "migrate-pause"}),
     ("migrate-recover-precopy", _x("migrate-recover", uri="tcp:127.0.0.1:1")),
     ("migrate-continue-active", _x("migrate-continue", state="pre-switchover")),
+    ("calc-dirty-rate-during", _x("calc-dirty-rate", calc_time=1)),
     ("query-migrationthreads", _x("query-migrationthreads")),
 ]
 
@@ -243,6 +244,12 @@ INCOMING = [
     ("migrate-on-destination", _x("migrate", uri="tcp:127.0.0.1:1")),
     ("migrate-pause-incoming", _x("migrate-pause")),
     ("migrate-start-postcopy-incoming", _x("migrate-start-postcopy")),
+    ("stop-incoming", _x("stop")),
+    ("query-status-incoming-stopped", _x("query-status")),
+    ("cont-incoming", _x("cont")),
+    ("caps-multifd-incoming", _caps(("multifd", True))),
+    ("caps-preempt-incoming", _caps(("postcopy-preempt", True))),
+    ("migrate-recover-incoming", _x("migrate-recover", uri="tcp:127.0.0.1:1")),
     ("query-migrationthreads", _x("query-migrationthreads")),
 ]
 
