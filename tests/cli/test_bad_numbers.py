@@ -76,3 +76,22 @@ def test_migrate_report_that_cannot_be_written_is_refused_before_migrating(tmp_p
     assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
     [line] = res.stderr.splitlines()
     assert line.startswith(f"livemig migrate: error: --report {stem}: cannot create"), line
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # the backend's address was reported as the serve address
+        (["--serve", "tcp:127.0.0.1:0", "--backend", "nope"],
+         "livemig front: error: backend address 'nope': expected"),
+        (["--serve", "nope", "--backend", "tcp:127.0.0.1:1"],
+         "livemig front: error: serve address 'nope': expected"),
+        # nan passed the "positive" check and the front served with it
+        (["--serve", "tcp:127.0.0.1:0", "--backend", "tcp:127.0.0.1:1", "--failover-timeout",
+          "nan"], "livemig front: error: argument --failover-timeout"),
+    ],
+)  # fmt: skip
+def test_front_names_the_flag_at_fault(argv: list[str], expected: str) -> None:
+    res = _livemig("front", *argv)
+    assert res.returncode in (1, 2) and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines()[-1].startswith(expected), res.stderr

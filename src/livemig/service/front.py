@@ -103,8 +103,9 @@ HANDSHAKE_TIMEOUT_S = 5.0  # for a connection on the follow listener to present 
 PREPARE_TIMEOUT_S = 5.0
 
 
-def parse_serve_uri(uri: str) -> tuple[str, Any]:
-    """``tcp:HOST:PORT`` -> ("tcp", (host, port)); ``unix:PATH`` -> ("unix", path)."""
+def parse_serve_uri(uri: str, what: str = "serve address") -> tuple[str, Any]:
+    """``tcp:HOST:PORT`` -> ("tcp", (host, port)); ``unix:PATH`` -> ("unix", path); ``what``
+    names the address in the error."""
     kind, _, rest = uri.partition(":")
     if kind == "unix" and rest:
         return "unix", rest
@@ -112,7 +113,7 @@ def parse_serve_uri(uri: str) -> tuple[str, Any]:
         host, sep, port = rest.rpartition(":")
         if sep and port.isdigit() and int(port) < 65536:
             return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
-    raise UsageError(f"serve address {uri!r}: expected tcp:HOST:PORT or unix:PATH")
+    raise UsageError(f"{what} {uri!r}: expected tcp:HOST:PORT or unix:PATH")
 
 
 def follow_host(migration_uri: str) -> str | None:

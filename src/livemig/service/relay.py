@@ -154,7 +154,7 @@ class Relay:
         failover_timeout: float = 30.0,
     ) -> None:
         self._where = parse_serve_uri(listen)
-        parse_serve_uri(backend)
+        parse_serve_uri(backend, "backend address")
         self.listen_uri = listen
         self.backend = backend
         self.successor: str | None = None
