@@ -41,3 +41,23 @@ def test_analyze_a_snapshot(tmp_path) -> None:
     normal = sum(c["normal"] for c in report["pages"].values())
     assert zero_records == ram["duplicate"] - ram["x-unpopulated"], (zero_records, ram)
     assert normal == ram["normal"]
+
+
+@pytest.mark.parametrize("keep", [1_460_000, 1_752_000])
+def test_a_qemu_stream_cut_short_says_so(tmp_path, keep: int) -> None:
+    """A QEMU stream cut inside its device sections has lost the vmdesc trailer that describes
+    them: the error said "no field layout known (give a VMStateDescription or the stream's
+    vmdesc)", which sends a user looking for a description rather than at the cut file."""
+    from pathlib import Path
+
+    fixture = Path("/work/shared/fixtures/qemu/pc-64m-bios.mig")
+    if not fixture.exists():
+        pytest.skip("no QEMU stream fixture")
+    cut = tmp_path / "cut.mig"
+    cut.write_bytes(fixture.read_bytes()[:keep])
+    for argv in (["analyze", str(cut)], ["replay", str(cut), "tcp:127.0.0.1:1"]):
+        res = _livemig(*argv)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+        [line] = res.stderr.splitlines()
+        assert "device section 'timer' instance 0" in line and "stream offset" in line, line
+        assert "no vmdesc trailer" in line and "cut short" in line, line

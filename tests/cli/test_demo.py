@@ -109,3 +109,37 @@ def test_report_of_a_binary_file_is_an_error_not_a_traceback(tmp_path: Path) -> 
     proc = _livemig("report", str(bad), timeout=60)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "is not a report: not UTF-8 text" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # memory 0 was blamed on the working set
+        (["--memory", "0"], "livemig demo: error: --memory 0: "),
+        # parsed only after the guest was built
+        (["--dirty-rate", "abc"], "livemig demo: error: --dirty-rate: cannot parse 'abc'"),
+        # without --two-hosts the rate was ignored, whatever it said: the whole demo ran
+        (["--link-rate", "abc"], "livemig demo: error: --link-rate goes with --two-hosts"),
+        (["--two-hosts", "--link-rate", "abc"], "livemig demo: error: link rate 'abc'"),
+        # -1 and nan were taken, as no console at all
+        (["--watch", "-1"], "livemig demo: error: argument --watch"),
+        (["--watch", "nan"], "livemig demo: error: argument --watch"),
+    ],
+)
+def test_demo_refuses_bad_flags_before_starting(argv: list[str], expected: str) -> None:
+    proc = _livemig("demo", *argv, timeout=60)
+    assert proc.returncode in (1, 2) and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith(expected), proc.stderr
+    assert "building" not in proc.stdout, proc.stdout
+
+
+def test_demo_out_that_cannot_be_written_is_refused_before_starting(tmp_path: Path) -> None:
+    """--out under a regular file ran the whole demo, then ended in a FileExistsError
+    traceback."""
+    (tmp_path / "file").write_text("")
+    stem = tmp_path / "file" / "report"
+    proc = _livemig("demo", "--out", str(stem), timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line.startswith(f"livemig demo: error: --out {stem}: cannot create"), line
+    assert "building" not in proc.stdout, proc.stdout

@@ -110,12 +110,22 @@ def test_a_uri_nobody_listens_on_fails_the_migration(harness: ProcHarness) -> No
     src.wait_status("running")
 
 
-def test_a_destination_not_waiting_for_migrate_incoming_is_refused(harness: ProcHarness) -> None:
+@pytest.mark.parametrize("multifd", [None, 2])
+def test_a_destination_not_waiting_for_migrate_incoming_is_refused(
+    harness: ProcHarness, multifd: int | None
+) -> None:
+    """The refusal names the destination and what to do: with --multifd it came from
+    migrate-set-capabilities as "QMP migrate-set-capabilities failed: GenericError: Multifd
+    must be set before incoming starts", which read as the source's."""
     src = harness.source()
     dst = harness.destination()  # already listening: --incoming unix:..., not defer
     with pytest.raises(QMPClientError) as info:
-        migrate(src.qmp_uri, dst.incoming or "", MigrateOptions(dest_qmp=dst.qmp_uri))
-    assert info.value.command == "migrate-incoming"
+        migrate(src.qmp_uri, dst.incoming or "",
+                MigrateOptions(dest_qmp=dst.qmp_uri, multifd=multifd))  # fmt: skip
+    assert info.value.command == ("migrate-incoming" if multifd is None else
+                                  "migrate-set-capabilities")  # fmt: skip
+    assert str(info.value).startswith(f"the destination at {dst.qmp_uri}: QMP "), info.value
+    assert "--incoming defer" in str(info.value)
     assert src.query_migrate().get("status", "none") == "none"  # the source was never asked
 
 

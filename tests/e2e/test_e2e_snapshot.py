@@ -92,3 +92,30 @@ def test_run_refuses_a_bad_setting(harness: ProcHarness) -> None:
                                  "downtime-limit=fast"], None, None, wait_qmp=False)  # fmt: skip
     assert bad.wait_exit(30) == 1
     assert "downtime-limit" in bad.log() and "Traceback" not in bad.log()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("command", "reason"),
+    [
+        # reads the whole stream, then fails (a full disk, a remote end that refused it)
+        ("cat > /dev/null; exit 3", "exited with status 3"),
+        # never reads: a stream small enough for the pipe was 'completed' all the same
+        ("sleep 600", "did not exit within 2 s"),
+    ],
+)
+def test_exec_command_that_fails_fails_the_migration(
+    harness: ProcHarness, command: str, reason: str
+) -> None:
+    """``exec:`` has no return path: the command's exit is the only word on whether the stream
+    was taken. It went unread: 'completed', the source left stopped in postmigrate with the
+    snapshot lost. A command that exits non-zero, or does not exit once the stream has ended
+    (within x-io-timeout), fails the migration, and the source guest runs on."""
+    src = harness.source(guest="idle", append="")
+    before = src.status()
+    assert before == "running"
+    harness.migrate(src, f"exec:{command}", params={"x-io-timeout": 2000})
+    info = src.wait_migration(timeout=30)
+    assert info["status"] == "failed", info
+    assert reason in info["error-desc"], info
+    assert src.wait_status("running", timeout=10) == "running"

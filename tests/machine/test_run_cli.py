@@ -140,3 +140,26 @@ def test_destination_that_cannot_listen_removes_its_qmp_socket(tmp_path: Path) -
         busy.close()
     assert out.returncode == 1 and "cannot listen" in out.stderr
     assert not sock.exists(), "a QMP socket file left behind with nobody listening"
+
+
+def test_messages_from_threads_stay_whole_lines(capfd: pytest.CaptureFixture[str]) -> None:
+    """``run``'s messages come from several threads (start-up, the incoming migration's end):
+    ``print`` writes a line's text and its newline apart, so two messages at once came out as
+    "...16.0 MiBlivemig run: incoming migration failed: ..." on one line."""
+    import threading
+
+    from livemig.cli.run import _say
+
+    def talk(n: int) -> None:
+        for i in range(1000):
+            _say(f"thread {n} message {i} " + "x" * 40)
+
+    threads = [threading.Thread(target=talk, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = capfd.readouterr().err.splitlines()
+    assert len(lines) == 8 * 1000
+    bad = [ln for ln in lines if ln.count("livemig run:") != 1 or not ln.endswith("x" * 40)]
+    assert not bad, bad[:3]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from livemig.errors import UsageError
-from livemig.machine import Machine, parse_ram_blocks
+from livemig.errors import LivemigError, UsageError
+from livemig.machine import Machine, RunState, parse_ram_blocks
 from livemig.migration.manager import MigrationManager
 from livemig.migration.state import MigrationStatus as S
 
@@ -34,3 +34,53 @@ def test_cancel_is_idempotent_when_nothing_runs(manager: MigrationManager) -> No
 def test_migrate_incoming_needs_defer(manager: MigrationManager) -> None:
     with pytest.raises(UsageError, match="'-incoming' was not specified"):
         manager.incoming_start_qmp("tcp:127.0.0.1:0")
+
+
+@pytest.mark.parametrize("uri", ["tcp:127.0.0.1:1", "unix:/tmp/nowhere.sock", "exec:cat", "fd:3"])
+def test_mapped_ram_needs_a_file_before_anything_starts(uri: str) -> None:
+    """QEMU 10.0 refuses mapped-ram on a URI it cannot seek in, in ``migrate`` and
+    ``migrate-incoming`` alike, before connecting: livemig connected first and refused only
+    then, which ended the waiting destination with a truncated stream."""
+    src = Machine(parse_ram_blocks("8M"), serial="null")
+    dst = Machine(parse_ram_blocks("8M"), serial="null")
+    dst.set_runstate(RunState.INMIGRATE)
+    try:
+        for m in (src, dst):
+            mgr = MigrationManager(m)
+            mgr.set_capabilities([{"capability": "mapped-ram", "state": True}])
+            start = mgr.incoming_start if m is dst else mgr.migrate
+            with pytest.raises(UsageError, match=r"^Migration requires seekable transport"):
+                start(uri)
+            assert (mgr.dest if m is dst else mgr.source).status == S.NONE
+            assert mgr.outgoing is None and mgr.incoming is None
+    finally:
+        src.close()
+        dst.close()
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("{tmp}", r"^Could not create '{tmp}': Is a directory$"),
+        ("{tmp}/no/such/dir/snap.mig", r"^Could not create '{tmp}/no/such/dir/snap.mig': No such"),
+        ("{tmp}/file/snap.mig", r"^Could not create '{tmp}/file/snap.mig': Not a directory$"),
+    ],
+)
+def test_migrate_to_a_file_it_cannot_create_is_refused_at_once(
+    manager: MigrationManager, tmp_path, target: str, message: str
+) -> None:
+    """QEMU 10.0's ``migrate`` refuses a ``file:`` it cannot create in the command's reply;
+    livemig replied {} and failed later in the migration thread, so a client checking the
+    reply (libvirt does) saw a migration start."""
+    (tmp_path / "file").write_bytes(b"")
+    path = target.format(tmp=tmp_path)
+    with pytest.raises(LivemigError, match=message.format(tmp=tmp_path)):
+        manager.migrate(f"file:{path}")
+    assert manager.source.status == S.NONE and manager.outgoing is None
+    assert not (tmp_path / "snap.mig").exists()
+
+
+def test_migrate_to_an_fd_not_open_is_refused_at_once(manager: MigrationManager) -> None:
+    with pytest.raises(UsageError, match=r"^fd:987: file descriptor 987 is not open"):
+        manager.migrate("fd:987")
+    assert manager.source.status == S.NONE and manager.outgoing is None

@@ -70,6 +70,22 @@ COMMON: list[tuple[str, Any]] = [
     ("unexpected-member", {"execute": "query-status", "foo": 1}),
     ("arguments-not-an-object", {"execute": "query-status", "arguments": []}),
     ("oob-not-allowed", {"exec-oob": "query-status"}),
+    ("execute-and-exec-oob", {"execute": "query-status", "exec-oob": "query-status"}),
+    ("exec-oob-and-execute", {"exec-oob": "query-status", "execute": "query-status"}),
+    ("id-object-echoed", {"execute": "query-status", "id": {"a": [1, "b"]}}),
+    ("id-on-error", {"execute": "nope", "id": "x1"}),
+    ("id-on-argument-error", {"execute": "query-status", "id": 7, "arguments": {"x": 1}}),
+    ("qmp-capabilities-again", _x("qmp_capabilities")),
+    ("calc-dirty-rate-0", _x("calc-dirty-rate", calc_time=0)),
+    ("calc-dirty-rate-61", _x("calc-dirty-rate", calc_time=61)),
+    ("calc-dirty-rate-49ms", _x("calc-dirty-rate", calc_time=49, calc_time_unit="millisecond")),
+    ("calc-dirty-rate-ring", _x("calc-dirty-rate", calc_time=1, mode="dirty-ring")),
+    ("calc-dirty-rate-0-ring", _x("calc-dirty-rate", calc_time=0, mode="dirty-ring")),
+    ("calc-dirty-rate-sample-pages", _x("calc-dirty-rate", calc_time=1, sample_pages=1)),
+    (
+        "calc-dirty-rate-sample-pages-bitmap",
+        _x("calc-dirty-rate", calc_time=1, sample_pages=256, mode="dirty-bitmap"),
+    ),
     ("oob-migrate-pause", {"exec-oob": "migrate-pause"}),
     (
         "oob-migrate-recover",
@@ -136,6 +152,13 @@ COMMON: list[tuple[str, Any]] = [
     ),
     ("caps-ok", _caps(("xbzrle", True), ("auto-converge", True), ("events", True))),
     ("caps-off", _caps(("xbzrle", False), ("auto-converge", False))),
+    # mapped-ram on a URI that cannot seek: refused before connecting (QEMU 10.0's
+    # migration_transport_compatible), on a source and on a destination alike
+    ("caps-mapped-ram", _caps(("mapped-ram", True))),
+    ("migrate-mapped-ram-tcp", _x("migrate", uri="tcp:127.0.0.1:1")),
+    ("migrate-mapped-ram-exec", _x("migrate", uri="exec:cat")),
+    ("migrate-incoming-mapped-ram-tcp", _x("migrate-incoming", uri="tcp:127.0.0.1:0")),
+    ("caps-mapped-ram-off", _caps(("mapped-ram", False))),
     ("params-downtime-high", _params(downtime_limit=3000000)),
     ("params-downtime-negative", _params(downtime_limit=-1)),
     ("params-downtime-type", _params(downtime_limit="x")),
@@ -173,6 +196,9 @@ COMMON: list[tuple[str, Any]] = [
 
 SOURCE = [
     *COMMON,
+    # a file: migrate cannot create is refused in the reply, not as a failed migration
+    ("migrate-file-directory", _x("migrate", uri="file:/")),
+    ("migrate-file-no-directory", _x("migrate", uri="file:/nonexistent-livemig-dir/x.mig")),
     ("migrate-incoming-not-incoming", _x("migrate-incoming", uri="tcp:127.0.0.1:0")),
     ("stop", _x("stop")),
     ("query-status-stopped", _x("query-status")),
@@ -189,6 +215,8 @@ DESTINATION = [
     ("migrate-incoming-no-uri", _x("migrate-incoming")),
     ("stop", _x("stop")),
     ("query-status-after-stop", _x("query-status")),
+    # last: QEMU stays in setup after it, refusing another migrate-incoming
+    ("migrate-incoming-file-missing", _x("migrate-incoming", uri="file:/nonexistent-livemig")),
 ]
 
 MIGRATING = [
@@ -203,6 +231,7 @@ MIGRATING = [
     ("oob-migrate-pause-precopy", {"exec-oob": "migrate-pause"}),
     ("migrate-recover-precopy", _x("migrate-recover", uri="tcp:127.0.0.1:1")),
     ("migrate-continue-active", _x("migrate-continue", state="pre-switchover")),
+    ("calc-dirty-rate-during", _x("calc-dirty-rate", calc_time=1)),
     ("query-migrationthreads", _x("query-migrationthreads")),
 ]
 
@@ -215,6 +244,12 @@ INCOMING = [
     ("migrate-on-destination", _x("migrate", uri="tcp:127.0.0.1:1")),
     ("migrate-pause-incoming", _x("migrate-pause")),
     ("migrate-start-postcopy-incoming", _x("migrate-start-postcopy")),
+    ("stop-incoming", _x("stop")),
+    ("query-status-incoming-stopped", _x("query-status")),
+    ("cont-incoming", _x("cont")),
+    ("caps-multifd-incoming", _caps(("multifd", True))),
+    ("caps-preempt-incoming", _caps(("postcopy-preempt", True))),
+    ("migrate-recover-incoming", _x("migrate-recover", uri="tcp:127.0.0.1:1")),
     ("query-migrationthreads", _x("query-migrationthreads")),
 ]
 

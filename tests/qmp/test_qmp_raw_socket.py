@@ -63,6 +63,10 @@ def test_wire_bytes_and_negotiation_mode(make_server: Callable[..., QMPServer], 
         (b'{"execute": "echo", "arguments": {"text": }}', "JSON parse error, expecting value"),
         (b'{"execute": "x",, }', "JSON parse error"),
         (b"}", "JSON parse error, unexpected '}'"),
+        # a number beyond a double: Python read it as inf, the reply echoing it as "id" could
+        # not be encoded, and the session's dispatcher died: no reply ever again
+        (b'{"execute": "echo", "id": 1e999}', "JSON parse error, number '1e999' out of range"),
+        (b'{"execute": "echo", "arguments": {"text": -1E400}}', "JSON parse error, number '-1E4"),
     ],
 )
 def test_bad_input_gets_error_and_connection_survives(

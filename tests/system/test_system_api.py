@@ -89,6 +89,33 @@ def test_a_failed_incoming_migration_ends_it_with_1_and_says_why(
     src.wait_status("running")
 
 
+def test_a_snapshot_of_a_stopped_guest_restores_paused_and_says_so(
+    harness: ProcHarness, tmp_path: Path
+) -> None:
+    """A snapshot taken with stop (migrate --stop) restores paused, as QEMU's does: the
+    README's restore used to sit there without a word (and without --qmp, nothing can cont
+    it). -S asked for paused itself: nothing to say then."""
+    src = harness.source(append="ws=8M rate=5000")
+    snap = tmp_path / "snap.mig"
+    assert migrate(src.qmp_uri, f"file:{snap}", MigrateOptions(stop=True)).status == "completed"
+    for prelaunch, qmp in ((False, None), (False, f"unix:{tmp_path / 'r.qmp'}"), (True, None)):
+        messages: list[str] = []
+        opts = SystemOptions(incoming=f"file:{snap}", memory="32M", serial="null",
+                             prelaunch=prelaunch, qmp=qmp)  # fmt: skip
+        with System(opts, on_message=messages.append) as system:
+            system.start()
+            assert system.manager.incoming.join(10)  # loaded, and its end reported
+            assert system.machine.runstate.value == "paused"
+            said = [m for m in messages if "arrived paused" in m]
+            if prelaunch:
+                assert not said, messages
+            else:
+                how = "QMP cont runs it" if qmp else "no --qmp to send QMP cont to"
+                assert len(said) == 1 and how in said[0], messages
+            system.shutdown("host-signal")
+            system.wait(timeout=10)
+
+
 def test_options_that_do_not_fit_take_no_ram(tmp_path: Path) -> None:
     cases = [
         (SystemOptions(), "give --guest NAME|FILE.c"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from livemig.cli.argtypes import seconds
 from livemig.streams.capture import ZERO_UUID, capture_stream
 
 
@@ -18,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser("capture", help="receive a live migration from QEMU into a file")
     parser.add_argument("uri", help="tcp:HOST:PORT or unix:PATH to listen on")
     parser.add_argument("out", help="file to store the stream in")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (each)")
+    parser.add_argument("--timeout", type=seconds(), default=60.0, help="seconds to wait (each)")
     parser.add_argument("--switchover-ack", action="store_true",
                         help="the source has capability switchover-ack: approve the switch-over "
                              "once the return path opens, as a QEMU destination with it does "

@@ -20,9 +20,9 @@ from typing import Any
 from rich.console import Console
 
 from livemig.cli import describe
-from livemig.cli.argtypes import capability, setting
+from livemig.cli.argtypes import capability, seconds, setting
 from livemig.control.demo import Demo, DemoOptions
-from livemig.errors import LivemigError
+from livemig.errors import LivemigError, UsageError
 from livemig.units import parse_size
 
 
@@ -57,9 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="source and destination in two network namespaces over a veth pair",
     )
-    p.add_argument("--link-rate", default="1gbit", help="tc tbf rate with --two-hosts")
+    p.add_argument("--link-rate", default=None,
+                   help="tc tbf rate with --two-hosts (default 1gbit)")  # fmt: skip
     p.add_argument("--out", default="livemig-report", help="report path stem (.json, .png)")
-    p.add_argument("--watch", type=float, default=1.5, help="seconds of console before/after")
+    p.add_argument("--watch", type=seconds(allow_zero=True), default=1.5,
+                   help="seconds of console before/after")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -69,7 +71,7 @@ def options_from_args(args: argparse.Namespace) -> DemoOptions:
         memory=args.memory, smp=args.smp, working_set=args.working_set,
         dirty_rate=args.dirty_rate, guest=args.guest, params=dict(args.params),
         caps=dict(args.caps), postcopy=args.postcopy, multifd=args.multifd,
-        two_hosts=args.two_hosts, link_rate=args.link_rate, out=args.out,
+        two_hosts=args.two_hosts, link_rate=args.link_rate or "1gbit", out=args.out,
     )  # fmt: skip
 
 
@@ -77,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     from livemig.guests import build_guest
 
     console = Console()
+    if args.link_rate is not None and not args.two_hosts:
+        # it was ignored, whatever it said: one loopback host has no link to shape
+        raise UsageError("--link-rate goes with --two-hosts")
     opts = options_from_args(args)
     opts.check()
     console.rule("[bold]livemig demo")

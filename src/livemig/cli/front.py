@@ -19,6 +19,7 @@ import sys
 import threading
 
 from livemig.cli import describe
+from livemig.cli.argtypes import seconds
 from livemig.errors import UsageError
 
 
@@ -34,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qmp", metavar="URI", help="QMP monitor: unix:PATH or tcp:HOST:PORT")
     p.add_argument("--heartbeat-timeout", type=int, default=1000, metavar="MS",
                    help="a backend silent this long is given up (default 1000 ms)")  # fmt: skip
-    p.add_argument("--failover-timeout", type=float, default=30.0, metavar="S",
+    p.add_argument("--failover-timeout", type=seconds(), default=30.0, metavar="S",
                    help="how long clients wait for a backend that serves the guest again "
                    "before they are told it is gone (default 30 s)")  # fmt: skip
     p.set_defaults(func=run)

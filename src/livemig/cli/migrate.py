@@ -28,7 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from livemig.cli import describe
-from livemig.cli.argtypes import capability, setting
+from livemig.cli.argtypes import capability, seconds, setting
 from livemig.control.migrate import (
     REPLICATE_DELAY_MS,
     Cancelled,
@@ -121,9 +121,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "pass; the guest is continued again if the migration does not complete",
     )  # fmt: skip
     p.add_argument(
-        "--timeout", type=float, default=None, help="cancel if not finished after this many seconds"
-    )
-    p.add_argument("--interval", type=float, default=0.2, help="progress poll interval (s)")
+        "--timeout", type=seconds(), default=None,
+        help="cancel if not finished after this many seconds",
+    )  # fmt: skip
+    p.add_argument("--interval", type=seconds(), default=0.2, help="progress poll interval (s)")
     p.set_defaults(func=run)
 
 

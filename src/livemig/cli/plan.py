@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.table import Table
 
 from livemig.cli import describe
-from livemig.cli.argtypes import setting
+from livemig.cli.argtypes import seconds, setting
 from livemig.control.plan import plan_for
+from livemig.errors import UsageError
 from livemig.migration.planner import Prediction
 from livemig.units import format_size, parse_size
 
@@ -36,7 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="PARAM=VALUE", help="plan as if the source had this migration parameter, e.g. "
         "downtime-limit=50 or max-bandwidth=1G (default: the source's own)",
     )  # fmt: skip
-    p.add_argument("--seconds", type=float, default=3.0, help="how long to sample (default 3)")
+    # QEMU's calc-dirty-rate range, which the sampling runs
+    p.add_argument("--seconds", type=seconds(0.05, 60), default=3.0,
+                   help="how long to sample, 0.05 to 60 (default 3)")  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the prediction as JSON")
     p.set_defaults(func=run)
 
@@ -45,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     from livemig.qmp.client import QMPConnection
 
     bw = parse_size(args.bandwidth, "--bandwidth") if args.bandwidth else None
+    if bw is not None and bw <= 0:
+        # 0 was taken as "not given" and the plan used a measured link instead
+        raise UsageError(f"--bandwidth {args.bandwidth}: a link carries more than 0 bytes/s")
     with QMPConnection(args.qmp).connect() as qmp:
         pred = plan_for(qmp, args.seconds, bw, dict(args.params))
     if args.json:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 
+from livemig.cli.argtypes import seconds
 from livemig.cli.capture import add_multifd_arguments
 from livemig.streams.replay import replay_stream
 
@@ -19,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("replay", help="send a stored migration stream to a destination")
     p.add_argument("file", help="a stream file (livemig capture, migrate to file:/exec:cat)")
     p.add_argument("uri", help="tcp:HOST:PORT or unix:PATH the destination listens on")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (each)")
+    p.add_argument("--timeout", type=seconds(), default=60.0, help="seconds to wait (each)")
     p.add_argument("--postcopy-preempt", action="store_true",
                    help="a post-copy capture into a destination with postcopy-preempt: open "
                         "its preempt channel and send requested pages there (machine types "

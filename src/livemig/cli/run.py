@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 from livemig.guests import builtin_guests
@@ -117,8 +118,15 @@ def options_from_args(args: argparse.Namespace) -> SystemOptions:
     )  # fmt: skip
 
 
+_SAY_LOCK = threading.Lock()
+
+
 def _say(text: str) -> None:
-    print(f"livemig run: {text}", file=sys.stderr)
+    # messages come from several threads (start-up, the incoming migration's end); print()
+    # writes the text and the newline apart, which ran two messages into one line
+    with _SAY_LOCK:
+        sys.stderr.write(f"livemig run: {text}\n")
+        sys.stderr.flush()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -44,12 +44,21 @@ class DemoOptions:
 
     def check(self) -> int:
         """Refuse what does not fit (UsageError); fill in the dirty rate; the working set."""
+        from livemig.netns import tc_rate_bytes
+        from livemig.report import timeline
+
         if self.dirty_rate is None:
             # A 20 MB/s guest converges in pre-copy within a pass or two, before a post-copy
             # switch could come: the post-copy demo needs a guest that outruns the link.
             self.dirty_rate = "0" if self.postcopy else "20M"
         memory = parse_size(self.memory, "--memory")
+        if memory <= 0 or memory % PAGE_SIZE:
+            raise UsageError(f"--memory {self.memory}: a positive multiple of 4 KiB, e.g. 256M")
         ws = parse_size(self.working_set, "--working-set")
+        parse_size(self.dirty_rate, "--dirty-rate")  # before the guest is built, not after
+        if self.two_hosts:
+            tc_rate_bytes(self.link_rate)
+        timeline.prepare_stem(Path(self.out), "--out")
         if ws > memory // 2:
             raise UsageError(f"--working-set {self.working_set} must be at most half of --memory")
         if self.smp < 1:

@@ -201,7 +201,7 @@ def setup_destination(dest_qmp: str, uri: str, caps: dict[str, bool],
     sides need (of the source's ``caps`` / ``params``; the rest back to the destination's
     defaults), then ``migrate-incoming URI``; returns what changed there."""
     from livemig.control.settings import apply_settings
-    from livemig.qmp.client import QMPConnection
+    from livemig.qmp.client import QMPClientError, QMPConnection
 
     dcaps = _dest_caps(caps)
     if caps.get("x-checksums"):
@@ -209,13 +209,25 @@ def setup_destination(dest_qmp: str, uri: str, caps: dict[str, bool],
     if dcaps.get("postcopy-ram"):
         dcaps["postcopy-blocktime"] = True  # the destination's post-copy figures
     dparams = {k: v for k, v in params.items() if k in DEST_PARAMS}
-    with QMPConnection(dest_qmp).connect() as dq:
-        if "x-checksums" in dcaps and "x-checksums" not in _capability_names(dq):
-            del dcaps["x-checksums"]  # a QEMU destination: it would not know the name
-        changed = apply_settings(dq, dcaps, dparams,
-                                 only_caps=(*DEST_CAPS, "postcopy-blocktime", "x-checksums"),
-                                 only_params=DEST_PARAMS)  # fmt: skip
-        dq.command("migrate-incoming", uri=uri)
+    try:
+        with QMPConnection(dest_qmp).connect() as dq:
+            if "x-checksums" in dcaps and "x-checksums" not in _capability_names(dq):
+                del dcaps["x-checksums"]  # a QEMU destination: it would not know the name
+            changed = apply_settings(dq, dcaps, dparams,
+                                     only_caps=(*DEST_CAPS, "postcopy-blocktime", "x-checksums"),
+                                     only_params=DEST_PARAMS)  # fmt: skip
+            dq.command("migrate-incoming", uri=uri)
+    except QMPClientError as exc:
+        if exc.command is None:
+            raise
+        # a refusal there read as the source's ("QMP migrate-set-capabilities failed: ...")
+        hint = ""
+        if "incoming" in (exc.desc or "").lower():
+            hint = (" (--dest-qmp sets up a destination started with --incoming defer, then "
+                    "sends migrate-incoming)")  # fmt: skip
+        raise QMPClientError(f"the destination at {dest_qmp}: {exc}{hint}", command=exc.command,
+                             arguments=exc.arguments, error_class=exc.error_class,
+                             desc=exc.desc) from exc  # fmt: skip
     return changed
 
 
@@ -319,6 +331,8 @@ def migrate(
         caps["postcopy-ram"] = True
     _replicate_options(opts, caps, params, target)
     _multifd_options(opts, caps, params)
+    if opts.report:
+        timeline.prepare_stem(Path(opts.report), "--report")
     stop = cancel or threading.Event()
 
     def not_cancelled() -> None:

@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 from livemig import threads
 from livemig.errors import MachineError, UsageError
+from livemig.sockpath import clear_socket_path
 
 InputHandler = Callable[[bytes], None]
 
@@ -140,10 +141,9 @@ class SocketChardev(Chardev):
     def __init__(self, path: str) -> None:
         super().__init__()
         self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            clear_socket_path(path)
             self._server.bind(path)
         except OSError as exc:
             self._server.close()

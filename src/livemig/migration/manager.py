@@ -29,6 +29,7 @@ from livemig.migration.options import (
 from livemig.migration.source import OutgoingMigration, SourceConfig
 from livemig.migration.state import FINAL, RUNNING, MigrationState, MigrationStatus
 from livemig.transport import parse_uri
+from livemig.transport.open import check_file
 from livemig.transport.tls import creds_from_params, set_migration_tls
 from livemig.transport.uri import SCHEMES
 
@@ -108,6 +109,7 @@ class MigrationManager:
         detach: bool = True,
         verify: bool | None = None,
     ) -> None:
+        check_transport(parse_uri(uri), self.caps.enabled())
         if resume:
             from livemig.migration.postcopy_source import resume_outgoing
 
@@ -136,6 +138,7 @@ class MigrationManager:
             # tls-creds: every channel this migration opens is a TLS client (bad creds: refused
             # here, before any state change)
             set_migration_tls("client", creds_from_params(self.params.query(), "client"))
+            _check_target(u)
             config = SourceConfig(
                 uri=uri,
                 capabilities=self.caps.enabled(),
@@ -195,6 +198,7 @@ class MigrationManager:
         with self._lock:
             if self.incoming is not None:
                 raise UsageError("The incoming migration has already been started")
+            check_transport(parse_uri(uri), self.caps.enabled())
             multifd.check_uri(parse_uri(uri), self.caps.enabled())
             set_migration_tls("server", creds_from_params(self.params.query(), "server"))
             self.exit_on_error = exit_on_error
@@ -308,18 +312,30 @@ class MigrationManager:
         self,
         calc_time: int,
         sample_pages: int | None = None,
-        mode: str = "dirty-bitmap",
+        mode: str | None = None,
         calc_time_unit: str = "second",
     ) -> None:
-        """QEMU's calc-dirty-rate, measured exactly with the dirty tracker."""
-        if mode != "dirty-bitmap":
+        """QEMU's calc-dirty-rate, measured exactly with the dirty tracker; QEMU 10.0's
+        checks in its order and words (``qmp_calc_dirty_rate``)."""
+        ms = calc_time if calc_time_unit == "millisecond" else calc_time * 1000
+        if not 50 <= ms <= 60000:
+            raise UsageError("Calculation time is out of range [50ms, 60000ms].")
+        if mode == "dirty-ring":
+            # true here as on a QEMU without KVM's dirty ring
+            raise UsageError("mode dirty-ring is not enabled, use other method instead.")
+        if mode == "page-sampling":
             raise UsageError(
                 f"calc-dirty-rate mode '{mode}' is not supported by livemig: it "
                 "measures every page with the kernel's dirty log (dirty-bitmap)"
             )
-        seconds = calc_time / 1000 if calc_time_unit == "millisecond" else calc_time
-        if not 0 < seconds <= 60:
-            raise UsageError("Parameter 'calc-time' expects 1 to 60 seconds")
+        if sample_pages is not None:
+            # QEMU's default mode samples pages; livemig's counts them all, so the count is
+            # checked as QEMU checks it and then has nothing to change
+            if mode is not None:
+                raise UsageError("sample-pages is used only in page-sampling mode")
+            if not 128 <= sample_pages <= 16384:
+                raise UsageError("sample-pages is out of range[128, 16384].")
+        seconds = ms / 1000
         with self._lock:
             if self._busy():
                 raise UsageError("calc-dirty-rate: a migration is in progress")
@@ -393,6 +409,30 @@ def qmp_uri(uri: str | None, channels: list[Any] | None, incoming: bool = False)
         assert channels is not None
         return channels_uri(channels, incoming)
     return uri
+
+
+def check_transport(u: Any, capabilities: Any) -> None:
+    """QEMU 10.0's ``migration_transport_compatible``, checked by ``migrate`` and
+    ``migrate-incoming`` right after the URI, before anything starts: mapped-ram needs a
+    file it can seek in. Refused later, a mapped-ram migration over ``tcp:`` reached the
+    destination and ended it with a truncated stream. (QEMU also takes a seekable ``fd:``;
+    livemig writes and reads mapped-ram at ``file:`` only. multifd's own half of the check,
+    more than one connection, is ``multifd.check_uri``.)"""
+    if "mapped-ram" in capabilities and u.scheme != "file":
+        extra = ": livemig takes mapped-ram on file: only" if u.scheme == "fd" else ""
+        raise UsageError(f"Migration requires seekable transport (e.g. file){extra}")
+
+
+def _check_target(u: Any) -> None:
+    """What QEMU 10.0's ``migrate`` refuses at once rather than as a failed migration: a
+    ``file:`` it cannot create (``check_file``), an ``fd:`` this process does not have."""
+    if u.scheme == "file":
+        check_file(u, writing=True)
+    elif u.scheme == "fd":
+        try:
+            os.fstat(u.fd)
+        except OSError:
+            raise UsageError(f"{u}: file descriptor {u.fd} is not open in this process") from None
 
 
 def parse_qmp_uri(uri: str) -> Any:

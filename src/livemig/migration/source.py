@@ -851,6 +851,8 @@ class OutgoingMigration:
         else:
             assert self.channel is not None
             self.channel.close_write()
+            if self.config.uri.startswith("exec:"):
+                self._await_exec_exit()
         t_end = time.monotonic()
         self.stats.downtime_breakdown["resume"] = t_end - t_dev
         self.stats.blackout_marks = {"stop": t_stop, "sent": t_dev, "shut": t_end}
@@ -919,6 +921,18 @@ class OutgoingMigration:
             raise MigrationError(self._rp_error or "return path closed without SHUT")
         if self._rp_shut != 0:
             raise MigrationError(self._refused())
+
+    def _await_exec_exit(self) -> None:
+        """``exec:`` has no return path: the command's exit is the only word on whether it
+        took the stream. Unread (a stream that fit in the pipe) or refused (a full disk), it
+        was 'completed' and the guest left stopped with its state lost; QEMU does not look
+        either. A non-zero status, or no exit within x-io-timeout, fails the migration."""
+        assert self.channel is not None
+        timeout = self.config.params["x-io-timeout"] / 1000
+        status = self.channel.wait_process(timeout, self._cancel.is_set)
+        if status != 0:
+            how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+            raise MigrationError(f"the exec: command {how}: the stream may not have been kept")
 
     # -- failure and cleanup -----------------------------------------------------------------
 

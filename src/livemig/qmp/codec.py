@@ -22,6 +22,7 @@ drops the connection. No sockets, threads or asyncio here.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Final
@@ -93,7 +94,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return obj
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+def _finite_float(text: str) -> float:
+    # 1e999 is valid JSON but beyond a double: Python makes it inf, which no reply can carry
+    # (an "id" of inf could not be echoed and ended the session's dispatcher)
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number '{text[:32]}' out of range")
+    return value
+
+
+_DECODER = json.JSONDecoder(
+    object_pairs_hook=_no_duplicates, parse_constant=_reject_constant, parse_float=_finite_float
+)
 
 
 def parse_json_value(raw: bytes) -> Any:

@@ -280,7 +280,13 @@ class _Session:
                 fixed = {"error": err.to_qmp()}
                 if "id" in reply:
                     fixed["id"] = reply["id"]
-                data = encode_message(fixed)
+                try:
+                    data = encode_message(fixed)
+                except (TypeError, ValueError):
+                    # the id itself: an error the client can read beats a dispatcher that died
+                    # here, after which the session never replied again
+                    del fixed["id"]
+                    data = encode_message(fixed)
             self.send_bytes(data)
         if after:
             await self._drain_quietly()
@@ -340,8 +346,10 @@ class _Session:
                 if not isinstance(value, str):
                     raise QMPError("GenericError", f"QMP input member '{key}' must be a string")
                 if exec_key is not None:
+                    # QEMU walks a hash table, whose order puts exec-oob first whatever the
+                    # request's order: its message is always this one
                     raise QMPError(
-                        "GenericError", f"QMP input member '{key}' clashes with '{exec_key}'"
+                        "GenericError", "QMP input member 'execute' clashes with 'exec-oob'"
                     )
                 exec_key = key
             elif key == "arguments":

@@ -87,6 +87,22 @@ def _breakdown(rep: dict[str, Any], dest: dict[str, Any] | None) -> dict[str, fl
     return bd
 
 
+def prepare_stem(stem: Path, flag: str) -> None:
+    """Make the directory ``save`` will write ``stem``'s files in, or refuse (``UsageError``
+    naming ``flag``): done before a migration, since found at its end, a stem under a regular
+    file ended a completed migration in a traceback."""
+    from livemig.errors import UsageError
+
+    stem = Path(stem)
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag} {stem}: cannot create {stem.parent}: {exc.strerror}") from None
+    for path in (stem.with_suffix(".json"), stem.with_suffix(".png")):
+        if path.is_dir():
+            raise UsageError(f"{flag} {stem}: cannot create {path}: Is a directory")
+
+
 def save(report: dict[str, Any], stem: Path) -> tuple[Path, Path]:
     """Write ``stem.json`` and ``stem.png``; returns both paths."""
     stem = Path(stem)

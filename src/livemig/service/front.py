@@ -84,6 +84,7 @@ from livemig.machine.devices.ring import CHAIN_MAX, Follow, RingDevice
 from livemig.service.backend import LinkBackend
 from livemig.service.link import LINK_MAGIC
 from livemig.service.resp import RequestFramer
+from livemig.sockpath import clear_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +103,9 @@ HANDSHAKE_TIMEOUT_S = 5.0  # for a connection on the follow listener to present 
 PREPARE_TIMEOUT_S = 5.0
 
 
-def parse_serve_uri(uri: str) -> tuple[str, Any]:
-    """``tcp:HOST:PORT`` -> ("tcp", (host, port)); ``unix:PATH`` -> ("unix", path)."""
+def parse_serve_uri(uri: str, what: str = "serve address") -> tuple[str, Any]:
+    """``tcp:HOST:PORT`` -> ("tcp", (host, port)); ``unix:PATH`` -> ("unix", path); ``what``
+    names the address in the error."""
     kind, _, rest = uri.partition(":")
     if kind == "unix" and rest:
         return "unix", rest
@@ -111,7 +113,7 @@ def parse_serve_uri(uri: str) -> tuple[str, Any]:
         host, sep, port = rest.rpartition(":")
         if sep and port.isdigit() and int(port) < 65536:
             return "tcp", (host.strip("[]") or "127.0.0.1", int(port))
-    raise UsageError(f"serve address {uri!r}: expected tcp:HOST:PORT or unix:PATH")
+    raise UsageError(f"{what} {uri!r}: expected tcp:HOST:PORT or unix:PATH")
 
 
 def follow_host(migration_uri: str) -> str | None:
@@ -392,6 +394,7 @@ class ServiceFront(LinkBackend):
         self.refused = 0
         self.protocol_errors = 0
         self.address = uri or ""
+        self._bound_unix: str | None = None  # the socket file this front made, removed at close
         self._init_links()
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -420,10 +423,10 @@ class ServiceFront(LinkBackend):
         assert self._where is not None
         kind, where = self._where
         if kind == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(where)
+            clear_socket_path(where)
             self._server = await self._loop.create_unix_server(lambda: _ClientProtocol(self), where)
             self.address = f"unix:{where}"
+            self._bound_unix = where
         else:
             host, port = where
             self._server = await self._loop.create_server(
@@ -462,9 +465,9 @@ class ServiceFront(LinkBackend):
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
-        if self._where is not None and self._where[0] == "unix":
+        if self._bound_unix is not None:  # not a path it failed to bind: not its file
             with contextlib.suppress(OSError):
-                os.unlink(self._where[1])
+                os.unlink(self._bound_unix)
 
     def info(self) -> dict[str, Any]:
         """Status for QMP ``x-query-serve`` and the benchmark."""

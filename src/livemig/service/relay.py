@@ -40,6 +40,7 @@ from livemig import threads
 from livemig.errors import StreamError, UsageError
 from livemig.service import link as L
 from livemig.service.front import parse_serve_uri
+from livemig.sockpath import clear_socket_path
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class Relay:
         failover_timeout: float = 30.0,
     ) -> None:
         self._where = parse_serve_uri(listen)
-        parse_serve_uri(backend)
+        parse_serve_uri(backend, "backend address")
         self.listen_uri = listen
         self.backend = backend
         self.successor: str | None = None
@@ -170,6 +171,7 @@ class Relay:
         self._acks: set[int] = set()
         self._paused = False
         self.address = ""
+        self._bound_unix: str | None = None  # the socket file this relay made, removed at close
         self.gone: str | None = None
         self.failovers = 0
         self.reconnects = 0
@@ -197,10 +199,10 @@ class Relay:
     async def _listen(self) -> None:
         kind, where = self._where
         if kind == "unix":
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(where)
+            clear_socket_path(where)
             self._server = await self._loop.create_unix_server(lambda: _Client(self), where)
             self.address = f"unix:{where}"
+            self._bound_unix = where
         else:
             host, port = where
             self._server = await self._loop.create_server(lambda: _Client(self), host, port,
@@ -227,9 +229,9 @@ class Relay:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
-        if self._where[0] == "unix":
+        if self._bound_unix is not None:  # not a path it failed to bind: not its file
             with contextlib.suppress(OSError):
-                os.unlink(self._where[1])
+                os.unlink(self._bound_unix)
 
     def info(self) -> dict[str, Any]:
         """For QMP ``x-query-front``."""

@@ -39,7 +39,9 @@ from typing import TYPE_CHECKING
 
 from livemig.errors import MigrationError, StreamError, UsageError
 from livemig.transport import Channel, ChannelError, ChannelTimeout, Listener, parse_uri
+from livemig.transport.open import check_file
 from livemig.transport.tls import load_creds
+from livemig.transport.uri import MigrationURI
 from livemig.wire import events as E
 from livemig.wire.decoder import Decoder, UnknownLayoutError
 from livemig.wire.returnpath import Pong, Shut, SwitchoverAck, encode_rp
@@ -358,6 +360,10 @@ def capture_stream(
     switch-over as a QEMU destination with that capability does; ``tls_creds`` (a QEMU
     tls-creds-x509 directory) makes every channel a TLS server. For the address a ``tcp:``
     port 0 resolves to, use ``CaptureServer``."""
+    if out is not None:
+        # before listening: found only at the end, the source had sent its whole migration
+        # (and stopped its guest for it) into a capture that could not keep it
+        check_file(MigrationURI("file", path=str(out)), writing=True)
     with CaptureServer(uri, timeout=timeout, multifd=multifd,
                        multifd_compression=multifd_compression, uuid=uuid,
                        tls_creds=tls_creds, switchover_ack=switchover_ack) as server:  # fmt: skip

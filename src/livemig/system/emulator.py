@@ -275,6 +275,19 @@ class System:
             register_migration_commands(server.registry, manager)
 
         def on_migration_done(side: str, ok: bool) -> None:
+            if side == "destination" and ok and machine.runstate == RunState.PAUSED and autostart():
+                # nobody asked for a paused guest (-S, QMP stop): the stream's global state
+                # did, as a snapshot of a stopped guest (migrate --stop) does. Said aloud, or
+                # a restore just sits there.
+                how = (
+                    "QMP cont runs it"
+                    if opts.qmp
+                    else "this process has no --qmp to send QMP cont to: restart it with --qmp"
+                )
+                self.on_message(
+                    "incoming migration completed: the guest arrived paused, as it "
+                    f"was on the source (e.g. a snapshot taken with migrate --stop); {how}"
+                )
             # QEMU 7.2: a destination whose incoming migration failed exits with status 1
             # (migrate-incoming's exit-on-error, true by default).
             if side == "destination" and not ok and getattr(manager, "exit_on_error", True):

@@ -22,6 +22,7 @@ import socket
 import subprocess
 import termios
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import IO, Any, TypeVar
 
@@ -397,6 +398,25 @@ class Channel:
             except OSError:
                 pass
         self._pipe_r = self._pipe_w = -1
+
+    def wait_process(self, timeout: float, cancelled: Callable[[], bool] | None = None) -> int:
+        """An ``exec:`` child's exit status once it exits, after ``close_write``: ``ChannelError``
+        if it does not exit within ``timeout`` s or ``cancelled()`` turns true first."""
+        proc = self._proc
+        if proc is None:
+            raise ChannelError(f"{self.name}: no command to wait for")
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return proc.wait(min(0.1, max(0.0, deadline - time.monotonic())))
+            except subprocess.TimeoutExpired:
+                if cancelled is not None and cancelled():
+                    raise ChannelError(f"{self.name}: cancelled waiting for the command") from None
+                if time.monotonic() >= deadline:
+                    raise ChannelError(
+                        f"{self.name}: the command did not exit within {timeout:g} s after the "
+                        "stream ended (it did not take the stream)"
+                    ) from None
 
     def process_status(self) -> int | None:
         """Exit status of an ``exec:`` child once it ended (None: still running / no child)."""

@@ -33,6 +33,7 @@ from collections.abc import Callable
 
 from livemig import threads
 from livemig.errors import UsageError
+from livemig.sockpath import clear_socket_path
 from livemig.transport import tls as _tls
 from livemig.transport.channel import DEFAULT_TIMEOUT, Channel, ChannelError, ChannelTimeout
 from livemig.transport.uri import MigrationURI, parse_uri
@@ -127,6 +128,33 @@ def connect(
         f.truncate(u.offset)
         f.seek(u.offset)
     return Channel(f"{name} {u}", None, f.fileno(), timeout=timeout, file=f)
+
+
+def check_file(uri: str | MigrationURI, writing: bool) -> None:
+    """A ``file:`` URI's file can be opened, refused in QEMU 10.0's words otherwise ("Could not
+    create '/tmp': Is a directory", "Could not open ...") where QEMU refuses: in ``migrate`` /
+    ``migrate-incoming`` themselves, before anything starts. Opened later, in the migration's
+    thread, the same mistake was accepted and only seen as a failed migration. Nothing is
+    created or opened here (a FIFO would block; the thread opens the file)."""
+    u = _uri(uri)
+    path = u.path
+    code = 0
+    if os.path.isdir(path):
+        code = errno.EISDIR
+    elif os.path.exists(path):
+        if not os.access(path, os.W_OK if writing else os.R_OK):
+            code = errno.EACCES
+    elif not writing:
+        code = errno.ENOENT
+    else:
+        parent = os.path.dirname(path) or "."
+        if not os.path.isdir(parent):
+            code = errno.ENOTDIR if os.path.exists(parent) else errno.ENOENT
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            code = errno.EACCES
+    if code:
+        verb = "create" if writing else "open"
+        raise ChannelError(f"Could not {verb} '{path}': {os.strerror(code)}")
 
 
 _IN_PROGRESS = frozenset({errno.EINPROGRESS, errno.EALREADY, errno.EINTR})
@@ -227,10 +255,8 @@ class Listener:
             self._sock = sock
         elif u.scheme == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            with contextlib.suppress(FileNotFoundError):
-                if os.path.exists(u.path) and not os.path.isdir(u.path):
-                    os.unlink(u.path)
             try:
+                clear_socket_path(u.path)
                 sock.bind(u.path)
                 os.chmod(u.path, 0o600)
             except OSError as exc:
@@ -238,8 +264,8 @@ class Listener:
                 raise ChannelError(f"cannot listen on {u}: {exc.strerror or exc}") from exc
             sock.listen(16)
             self._sock = sock
-        elif u.scheme == "file" and not os.path.exists(u.path):
-            raise ChannelError(f"{u}: no such file")
+        elif u.scheme == "file":
+            check_file(u, writing=False)
 
     @property
     def address(self) -> str:

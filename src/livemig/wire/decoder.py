@@ -82,6 +82,7 @@ class Decoder:
         self.block_sizes: dict[str, int] = dict(block_sizes or {})
         self._devices: dict[str, VMStateDescription] = {**BUILTIN_LAYOUTS, **(devices or {})}
         self._vmdesc_devices: dict[tuple[str, int], VMStateDescription] = {}
+        self._has_vmdesc = vmdesc is not None
         if vmdesc is not None:
             from livemig.wire.vmdesc import descriptions_from_vmdesc
 
@@ -441,9 +442,15 @@ class Decoder:
             return E.SectionStart(sid, idstr, instance_id, version_id)
         vmsd = self._vmdesc_devices.get((idstr, instance_id)) or self._devices.get(idstr)
         if vmsd is None:
+            # without a vmdesc, say why it may be missing: a stream cut short has lost it
+            why = (
+                "not in the stream's vmdesc trailer"
+                if self._has_vmdesc
+                else "the stream has no vmdesc trailer to describe it (a stream cut short loses "
+                "its trailer; QEMU writes none after a post-copy switch)"
+            )
             raise UnknownLayoutError(
-                f"device section {idstr!r} instance {instance_id}: no field layout known "
-                "(give a VMStateDescription or the stream's vmdesc)",
+                f"device section {idstr!r} instance {instance_id}: no field layout known: {why}",
                 self.offset,
             )
         payload = memoryview(self._buf)[self._pos + at :]
