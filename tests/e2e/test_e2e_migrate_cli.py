@@ -44,8 +44,11 @@ def test_sigterm_cancels_the_migration(harness: ProcHarness) -> None:
 def test_growing_snapshot_warns_and_stop_makes_one_that_converges(harness: ProcHarness) -> None:
     src = harness.source(append="ws=8M rate=0", memory="16M", smp=1)
     snap = harness.path("busy.mig")
-    mig = _popen("--qmp", src.qmp_uri, "--set", "downtime-limit=0", "--timeout", "30",
-                 f"file:{snap}")  # fmt: skip
+    # downtime-limit 0 switches over only at a sync that finds nothing dirty. Unpaced, a pass
+    # of the 8 MiB working set took a few ms, and on a loaded host the vCPU could miss a whole
+    # pass: the migration then completed (seen in CI). At 64 MiB/s a pass takes ~125 ms.
+    mig = _popen("--qmp", src.qmp_uri, "--set", "downtime-limit=0", "--set", "max-bandwidth=64M",
+                 "--timeout", "30", f"file:{snap}")  # fmt: skip
     wait_until(lambda: os.path.exists(snap) and os.path.getsize(snap) > 4 * (16 << 20), 60,
                "the snapshot growing past 4x the guest's RAM")  # fmt: skip
     time.sleep(1.0)
