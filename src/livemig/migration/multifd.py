@@ -111,11 +111,7 @@ log = logging.getLogger(__name__)
 PAGE_SHIFT = 12
 WORDS_PER_PAGE = PAGE_SIZE // 8
 QUEUE_DEPTH = 2  # jobs waiting per channel: enough to keep the socket busy
-# Pages per hand-off to a channel thread: 16 packets (8 MiB of data), one writev. What a job
-# costs in Python (the migration thread's take, zero probe and hand-off, ~300 us; the channel
-# thread's headers and wake-ups) is paid per job, whatever it holds: against jobs of 8 packets
-# the source spent 6-17 % less CPU on 1 GiB of random memory at 1, 2 and 4 channels.
-JOB_PAGES = 16 * PAGES_ALLOC
+JOB_PAGES = 8 * PAGES_ALLOC  # pages per hand-off to a channel thread: 8 packets, one writev
 # A job of mostly zero pages grows up to this: the x-checksums trailer's bitmap (the packet's
 # 8 * PAGES_ALLOC bytes of offsets) names at most this many data records.
 MAX_JOB_PAGES = 64 * PAGES_ALLOC
