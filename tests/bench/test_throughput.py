@@ -58,6 +58,13 @@ def test_bench_throughput_small_guest(tmp_path: Path) -> None:
     assert comp["zstd"]["bytes_per_page"] < 0.8 * comp["none"]["bytes_per_page"]
 
 
+def test_paired_ratio_is_the_median_of_each_rounds_own_ratio() -> None:
+    runs = [{"ratio_qemu": 1.3}, {"ratio_qemu": 0.9}, {"ratio_qemu": 1.1}, {"other": 5.0}]
+    assert throughput._paired(runs, "ratio_qemu") == {"median": 1.1, "min": 0.9, "max": 1.3}
+    assert throughput._spread({"median": 1.1, "min": 0.9, "max": 1.3}) == "1.10 (0.90-1.30)"
+    assert throughput._spread({"median": 1.1, "min": 1.1, "max": 1.1}) == "1.10"
+
+
 def test_bench_throughput_without_zero_page_detection(tmp_path: Path) -> None:
     """zero-page-detection none: an idle guest's pages go as data, and still arrive."""
     out = tmp_path / "t.json"
@@ -87,6 +94,11 @@ def test_bench_throughput_beside_qemu(tmp_path: Path) -> None:
     assert r["qemu"] > 0 and r["qemu_cpu_per_gb"] > 0
     assert r["ratio_qemu"] == r["throughput"] / r["qemu"]
     assert len(r["runs"]) == 2 and all(run["qemu"] > 0 for run in r["runs"])
+    # each round's livemig against that round's QEMU and RAM-to-RAM baseline, and their median
+    for key in ("ratio_qemu", "ratio_ram_to_ram"):
+        paired = sorted(run[key] for run in r["runs"])
+        assert r["paired_" + key[6:]] == {"median": paired[1], "min": paired[0],
+                                          "max": paired[1]}  # fmt: skip
     from livemig.bench.qemu_baseline import qemu_label
 
     assert r["qemu_version"] == qemu_label() and qemu_label().startswith("QEMU ")
