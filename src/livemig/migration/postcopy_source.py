@@ -745,7 +745,7 @@ class PostcopySource:
         if preempt_ready is not None:
             preempt_ready()  # the destination accepts it at POSTCOPY_LISTEN
         t_run = time.monotonic()
-        mig.stats.downtime = t_run - t_stop
+        mig.stats.set_downtime(t_stop, t_run)
         mig.stats.downtime_breakdown = {"postcopy-switch": t_run - t_stop}
         with self.lock:
             mig.stats.remaining = mig.ram.pending_pages() * PAGE

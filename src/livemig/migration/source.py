@@ -856,7 +856,7 @@ class OutgoingMigration:
         t_end = time.monotonic()
         self.stats.downtime_breakdown["resume"] = t_end - t_dev
         self.stats.blackout_marks = {"stop": t_stop, "sent": t_dev, "shut": t_end}
-        self.stats.downtime = t_end - t_stop
+        self.stats.set_downtime(t_stop, t_end)
         self.stats.total_time = t_end - self.stats.start
         self.stats.update_window(self.config.params["downtime-limit"])
         active = self.stats.total_time - (self.stats.setup_time or 0)
@@ -991,7 +991,7 @@ class OutgoingMigration:
             out["total-time"] = s.elapsed_ms()
             out["setup-time"] = int((s.setup_time or 0) * 1000)
             if status == MigrationStatus.COMPLETED or (status == MigrationStatus.COLO):
-                out["downtime"] = int((s.downtime or 0) * 1000)  # COLO: the first migration's
+                out["downtime"] = s.downtime_ms or 0  # COLO: the first migration's
             else:
                 out["expected-downtime"] = s.expected_downtime_ms
         if s.throttle:
