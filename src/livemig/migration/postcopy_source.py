@@ -688,9 +688,18 @@ class PostcopySource:
     def run(self) -> None:
         """Switch to post-copy and run it to completion (or raise for the thread to fail)."""
         mig = self.mig
-        t_stop = time.monotonic()
+        # Before the downtime starts, as QEMU's postcopy_start establishes the preempt channel
+        # and takes the BQL before ``migration_downtime_start``: none of this needs the guest
+        # stopped, and inside the window it cost 0.1-0.7 ms (the preempt connection more).
         preempt_ready = self._connect_preempt(mig.config.uri) if self.preempt else None
-        mig.stop_guest()
+        # Both threads that send pages get their priority before the guest can fault: the
+        # return-path thread raised its own at the first request, which came at a nice value
+        # while the switch was still busy (the first request took 11-19 ms, every run's p99
+        # when readahead leaves 30-60 requests in all). This one is real-time for the
+        # blackout and takes its own post-copy priority once the package is out.
+        self._boost_rp_thread()
+        mig.begin_blackout_priority()
+        mig.stop_guest()  # the downtime starts (mig._t_stop)
         # QEMU 10.0's postcopy_start: "device" while the switch is made, "postcopy-active"
         # once the package is out
         mig.state.move(MigrationStatus.DEVICE)
@@ -713,40 +722,43 @@ class PostcopySource:
         pre = mig.prediscarded
         bufs = discard_bufs(mig, {b.idstr: mig.ram.dirty[b.idstr] & ~pre[b.idstr] if b.idstr in pre
                                   else mig.ram.dirty[b.idstr] for b in mig.ram.blocks})  # fmt: skip
-        bufs += enc.send(E.Ping(2))
+        # The discards go at once, so that the destination drops those pages while the package
+        # is built; PING 2 follows them on the wire but leaves with the package, so that its
+        # PONG does not wake the return-path thread (real-time, above this one) to take the
+        # interpreter lock while the package is built.
         mig._send(bufs, "downtime")
         package = self._package()
         # Post-copy pages never go by multifd: the page walk finds the zero pages again, as
         # QEMU's migration thread does after the switch (unless zero-page-detection is none).
         mig.ram.find_zero = self.params.get("zero-page-detection") != "none"
         self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
-        # Both threads that send pages get their priority before the guest can fault: the
-        # return-path thread raised its own at the first request, which came at a nice value
-        # while the switch was still busy (the first request took 11-19 ms, every run's p99
-        # when readahead leaves 30-60 requests in all). This one is real-time for the
-        # blackout (stop_guest) and takes its own post-copy priority once the package is out.
-        self._boost_rp_thread()
         # From here the destination may run the guest: this side must never restart it.
         mig._stopped_guest = False
         try:
-            mig._send([*enc.send(E.Packaged(package)), *enc.send(E.Ping(4))], "downtime")
+            mig._send([*enc.send(E.Ping(2)), *enc.send(E.Packaged(package)),
+                       *enc.send(E.Ping(4))], "downtime")  # fmt: skip
         except (ChannelError, OSError, MigrationError):
             # unless it said it never did: a destination that refused the pre-copy stream
             # closes the link, so the package is what fails to go; the guest was left stopped
             if not mig._cancel.is_set():
                 self._refused_before_run()
             raise
-        mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
-        self._pipe_reset()
+        # The downtime ends with the package sent, as QEMU's (``migration_downtime_end``
+        # right after ``qemu_savevm_send_packaged``): the destination has all it needs to
+        # run the guest. What follows is this side's bookkeeping, which QEMU 10.0 also does
+        # after (the move to postcopy-active included).
+        t_run = time.monotonic()
         # Requests are served from here on (the first comes as soon as the guest runs), not
         # queued until the bookkeeping below is done.
+        mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
+        self._pipe_reset()
         self.active = True
+        t_stop = mig._t_stop
+        mig.stats.set_downtime(t_stop, t_run)
+        mig.stats.downtime_breakdown = {"postcopy-switch": t_run - t_stop}
         mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
         if preempt_ready is not None:
             preempt_ready()  # the destination accepts it at POSTCOPY_LISTEN
-        t_run = time.monotonic()
-        mig.stats.set_downtime(t_stop, t_run)
-        mig.stats.downtime_breakdown = {"postcopy-switch": t_run - t_stop}
         with self.lock:
             mig.stats.remaining = mig.ram.pending_pages() * PAGE
         self.switched.set()
