@@ -712,7 +712,8 @@ class PostcopySource:
             from livemig.migration import multifd
 
             multifd.source_flush(mig, "downtime")
-        new = mig.ram.merge(mig.tracker.sync())
+        # the last sync: the guest never runs here again (a failed switch fails the migration)
+        new = mig.ram.merge(mig.tracker.final_sync())
         mig._frozen = True  # x-checksums: the pages sent from here are the pages hashed
         mig.stats.note_sync(new)
         mig.emit("MIGRATION_PASS", {"pass": mig.stats.dirty_sync_count})
