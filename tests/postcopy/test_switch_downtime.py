@@ -6,11 +6,14 @@ does."""
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from typing import Any
 
-from livemig.migration.postcopy_source import PostcopySource
+import pytest
+
+from livemig.migration.postcopy_source import PostcopySource, collector_held
 
 
 def test_downtime_leaves_out_the_preempt_connection_and_ends_with_the_package(
@@ -27,6 +30,14 @@ def test_downtime_leaves_out_the_preempt_connection_and_ends_with_the_package(
         return ready
 
     monkeypatch.setattr(PostcopySource, "_connect_preempt", slow_connect)
+    collecting: list[bool] = []
+    package = PostcopySource._package
+
+    def watched_package(self: PostcopySource) -> bytes:
+        collecting.append(gc.isenabled())
+        return package(self)
+
+    monkeypatch.setattr(PostcopySource, "_package", watched_package)
     p = pair(ram=32 << 20, append="ws=8M rate=4000")
     active: dict[str, float] = {}
     record = p._ev
@@ -54,3 +65,20 @@ def test_downtime_leaves_out_the_preempt_connection_and_ends_with_the_package(
     assert q["downtime"] == s.downtime_ms
     assert s.downtime_ms in (math.floor(s.downtime * 1000), math.floor(s.downtime * 1000) + 1)
     assert q["x-verified"] is True
+    assert collecting == [False]  # no garbage collection inside the window
+    assert gc.isenabled()
+
+
+def test_collector_held_restores_what_it_found() -> None:
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_held():
+        assert not gc.isenabled()
+        raise RuntimeError("the switch failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_held():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()
