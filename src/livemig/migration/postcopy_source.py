@@ -8,12 +8,15 @@ Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_q
 * **switch** (``migrate-start-postcopy`` sets a flag; the migration thread acts on it at its next
   iteration): first, with the guest still running, a sync, ``POSTCOPY_RAM_DISCARD`` for the
   pages still to send and a PING whose PONG it waits for (``OutgoingMigration._drain``: the
-  destination drops them and catches up outside the blackout); then ->postcopy-active, stop
-  the vCPUs (finish-migrate, STOP), last dirty sync, ``POSTCOPY_RAM_DISCARD`` for every run of
-  still-dirty pages not discarded yet (never-sent ones included), PING 2,
-  then one ``PACKAGED`` command holding LISTEN, the FULL device sections, PING 3 and RUN, then
-  PING 4. From the moment the package leaves, the guest belongs to the destination: nothing
-  here restarts it, whatever happens (the guest never runs on both sides).
+  destination drops them and catches up outside the blackout); then the preempt channel is
+  connected and the threads get their priorities; then the downtime (QEMU's window, from
+  ``migration_downtime_start`` to ``migration_downtime_end``): stop the vCPUs (finish-migrate,
+  STOP, ->device), last dirty sync (``final_sync``), ``POSTCOPY_RAM_DISCARD`` for every run of
+  still-dirty pages not discarded yet (never-sent ones included), PING 2, then one
+  ``PACKAGED`` command holding LISTEN, the FULL device sections, PING 3 and RUN, then PING 4;
+  it ends once they are sent, and ->postcopy-active follows, as in QEMU 10.0. From the moment
+  the package leaves, the guest belongs to the destination: nothing here restarts it,
+  whatever happens (the guest never runs on both sides).
 * **post-copy phase**: the return-path thread serves REQ_PAGES(_ID) itself: with
   ``postcopy-preempt`` on the second channel, otherwise as a PART of its own on the main
   channel between two background PARTs (the requested page first, then its prefetch window);
