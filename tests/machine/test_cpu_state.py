@@ -89,3 +89,26 @@ def test_batched_registers_agree_with_unicorns_own_reads() -> None:
     fpu = (got.fpuc, got.fpus, got.fptag, got.fpop, got.fpip, got.fpdp, got.fpcs, got.fpds,
            got.mxcsr)  # fmt: skip
     assert list(fpu) == [rd(r) for r in U._FPU]
+
+
+def test_system_registers_batch_agrees_with_unicorns_own_reads() -> None:
+    """rip, LDTR/TR/GDTR/IDTR and the MSRs come from one batch of structs: each must be what
+    unicorn's per-register API reads, GDTR and IDTR with selector and flags zero."""
+    from unicorn import x86_const as x
+
+    cpu = UnicornCPU(1)
+    want = _busy_state()
+    want.gdt.base, want.gdt.limit = 0x7000, 0x37
+    want.idt.base, want.idt.limit = 0x8000, 0xFFF
+    cpu.set_state(want)
+    uc = cpu._uc
+    for _ in range(2):  # a second read starts from the slots the first one filled
+        got = cpu.get_state()
+        assert got.rip == uc.reg_read(x.UC_X86_REG_RIP) == 0x10_2345
+        for seg, reg in ((got.ldt, x.UC_X86_REG_LDTR), (got.tr, x.UC_X86_REG_TR),
+                         (got.gdt, x.UC_X86_REG_GDTR), (got.idt, x.UC_X86_REG_IDTR)):  # fmt: skip
+            assert (seg.selector, seg.base, seg.limit, seg.flags) == tuple(uc.reg_read(reg))
+        assert (got.gdt.base, got.gdt.limit, got.idt.base, got.idt.limit) == \
+            (0x7000, 0x37, 0x8000, 0xFFF)  # fmt: skip
+        assert got.msrs == {name: uc.msr_read(msr) for name, msr in MSRS.items()}
+        assert got.msrs["lstar"] == 0xFFFF_FFFF_8100_0000

@@ -149,3 +149,22 @@ def test_cooled_chunks_are_protected_at_the_next_sync_and_none_heats_up() -> Non
     for _ in range(3):
         assert h.update(dense).all()
         assert not h.candidates().any()
+
+
+@needs_async
+def test_final_sync_reads_the_hot_chunks_whole_and_protects_nothing(make_ram) -> None:
+    ram = make_ram("pc.ram", 4 * CHUNK * 4096)
+    scanner = PagemapScanner()
+    with open_tracker([ram.region], "uffd-wp-async", hot=True) as tracker:
+        tracker.start()
+        for _ in range(HOT_AFTER):
+            ram.words[CHUNK : 2 * CHUNK, 0] += 1  # chunk 1 turns hot
+            tracker.sync()
+        ram.words[CHUNK + 3, 0] += 1
+        ram.words[9, 0] += 1
+        dirty = tracker.final_sync()["pc.ram"]
+        # what sync would report: the hot chunk whole (a superset), the cold page exactly
+        assert np.flatnonzero(dirty).tolist() == [9, *range(CHUNK, 2 * CHUNK)]
+        written = scanner.scan_bitmap(ram.region.host_addr, ram.region.length, PAGE_IS_WRITTEN)
+        assert written[9]  # left writable: nothing re-armed (the guest never runs again)
+    scanner.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
@@ -82,6 +82,11 @@ class DirtyTracker(Protocol):
         """Pages written since start() or the previous sync(), per region name (bool arrays,
         one entry per page); re-arms tracking so that no write is ever lost."""
 
+    def final_sync(self) -> dict[str, np.ndarray]:
+        """``sync`` for the last time, with the guest stopped for good (a post-copy switch):
+        the same pages, but without re-arming what a backend need not. Should tracking go on
+        after all, the next sync reports these pages again: a superset, never a lost write."""
+
     def mark_dirty(self, name: str, offset: int, length: int) -> None:
         """Declare a host-side write of ``length`` bytes at ``offset`` into region ``name``."""
 
@@ -136,10 +141,16 @@ class TrackerBase(abc.ABC):
         self.running = True
 
     def sync(self) -> dict[str, np.ndarray]:
+        return self._sync(self._sync_guest)
+
+    def final_sync(self) -> dict[str, np.ndarray]:
+        return self._sync(self._final_sync_guest)
+
+    def _sync(self, guest_sync: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         if not self.running:
             raise MachineError(f"dirty tracker {self.name}: sync() before start()")
         with self._sync_lock:
-            guest = self._sync_guest()
+            guest = guest_sync()
             # Swap the host bitmaps under their lock after the guest sync: a mark_dirty racing
             # this sync lands either in the returned bitmap or in the next one.
             with self._host_lock:
@@ -214,6 +225,10 @@ class TrackerBase(abc.ABC):
     @abc.abstractmethod
     def _sync_guest(self) -> dict[str, np.ndarray]:
         """The guest-write bitmaps since the last call, re-arming as it reads them."""
+
+    def _final_sync_guest(self) -> dict[str, np.ndarray]:
+        """``_sync_guest`` when no sync follows; re-arming is optional (``final_sync``)."""
+        return self._sync_guest()
 
     @abc.abstractmethod
     def _written_guest(self, name: str, first: int, end: int) -> np.ndarray:

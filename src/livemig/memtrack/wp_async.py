@@ -113,6 +113,18 @@ class AsyncWPTracker(TrackerBase):
             out[r.name] = written
         return out
 
+    def _final_sync_guest(self) -> dict[str, np.ndarray]:
+        # One read-only scan per region: what ``_sync_guest`` reads (a hot chunk's pages
+        # written since its last protection, every other page written since the last sync),
+        # without protecting anything again. The protection is what cost: a sync with the
+        # guest stopped took 0.5 ms over 256 MiB against 0.3 for the scan alone (loaded host),
+        # inside a post-copy switch's downtime, for tracking that ends there.
+        scanner = self._scanner
+        assert scanner is not None
+        flags = PM_SCAN_CHECK_WPASYNC
+        return {r.name: scanner.scan_bitmap(r.host_addr, r.length, PAGE_IS_WRITTEN, flags)
+                for r in self.regions}  # fmt: skip
+
     def _scan_runs(self, r: Any, runs: list[tuple[int, int]], flags: int,
                    out: np.ndarray) -> None:  # fmt: skip
         """The written pages of each [first, end) page run of ``r``, OR-ed into ``out``."""

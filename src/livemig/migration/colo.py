@@ -254,7 +254,7 @@ class ColoPrimary:
         m.set_runstate(RunState.RUNNING if mig._was_running else RunState.PAUSED)
         mig._stopped_guest = False
         t_run = time.monotonic()
-        mig.stats.downtime = t_run - t_stop
+        mig.stats.set_downtime(t_stop, t_run)
         mig.stats.total_time = t_run - mig.stats.start
         log.info("COLO: replicating to the standby every %d ms%s", params["x-checkpoint-delay"],
                  f" (it serves at {self.standby} after a failover)" if self.standby else "")  # fmt: skip

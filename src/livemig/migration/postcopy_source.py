@@ -8,12 +8,15 @@ Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_q
 * **switch** (``migrate-start-postcopy`` sets a flag; the migration thread acts on it at its next
   iteration): first, with the guest still running, a sync, ``POSTCOPY_RAM_DISCARD`` for the
   pages still to send and a PING whose PONG it waits for (``OutgoingMigration._drain``: the
-  destination drops them and catches up outside the blackout); then ->postcopy-active, stop
-  the vCPUs (finish-migrate, STOP), last dirty sync, ``POSTCOPY_RAM_DISCARD`` for every run of
-  still-dirty pages not discarded yet (never-sent ones included), PING 2,
-  then one ``PACKAGED`` command holding LISTEN, the FULL device sections, PING 3 and RUN, then
-  PING 4. From the moment the package leaves, the guest belongs to the destination: nothing
-  here restarts it, whatever happens (the guest never runs on both sides).
+  destination drops them and catches up outside the blackout); then the preempt channel is
+  connected and the threads get their priorities; then the downtime (QEMU's window, from
+  ``migration_downtime_start`` to ``migration_downtime_end``): stop the vCPUs (finish-migrate,
+  STOP, ->device), last dirty sync (``final_sync``), ``POSTCOPY_RAM_DISCARD`` for every run of
+  still-dirty pages not discarded yet (never-sent ones included), PING 2, then one
+  ``PACKAGED`` command holding LISTEN, the FULL device sections, PING 3 and RUN, then PING 4;
+  it ends once they are sent, and ->postcopy-active follows, as in QEMU 10.0. From the moment
+  the package leaves, the guest belongs to the destination: nothing here restarts it,
+  whatever happens (the guest never runs on both sides).
 * **post-copy phase**: the return-path thread serves REQ_PAGES(_ID) itself: with
   ``postcopy-preempt`` on the second channel, otherwise as a PART of its own on the main
   channel between two background PARTs (the requested page first, then its prefetch window);
@@ -64,12 +67,14 @@ checksums of the pages as they are installed and compares with the source's at s
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import gc
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -166,6 +171,24 @@ def boost_thread(realtime: bool = False, priority: int = RT_PRIORITY,
 
 
 _ZERO_PAGE = bytes(PAGE)  # a requested page equal to it goes as a ZERO record
+
+
+@contextlib.contextmanager
+def collector_held() -> Iterator[None]:
+    """Python's cyclic garbage collector off for the block (unless it was off already).
+
+    The switch allocates enough that a generation-0 collection fell inside its downtime in
+    every run traced (0.18-0.21 ms of a 1.5-1.9 ms window, 256 MiB memstress, loaded host):
+    the interpreter's housekeeping, not the switch's work, and it runs as soon as the
+    collector is back on (at the next allocations past the threshold)."""
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _yield_gil() -> None:
@@ -688,9 +711,45 @@ class PostcopySource:
     def run(self) -> None:
         """Switch to post-copy and run it to completion (or raise for the thread to fail)."""
         mig = self.mig
-        t_stop = time.monotonic()
+        # Before the downtime starts, as QEMU's postcopy_start establishes the preempt channel
+        # and takes the BQL before ``migration_downtime_start``: none of this needs the guest
+        # stopped, and inside the window it cost 0.1-0.7 ms (the preempt connection more).
         preempt_ready = self._connect_preempt(mig.config.uri) if self.preempt else None
-        mig.stop_guest()
+        # Both threads that send pages get their priority before the guest can fault: the
+        # return-path thread raised its own at the first request, which came at a nice value
+        # while the switch was still busy (the first request took 11-19 ms, every run's p99
+        # when readahead leaves 30-60 requests in all). This one is real-time for the
+        # blackout and takes its own post-copy priority once the package is out.
+        self._boost_rp_thread()
+        mig.begin_blackout_priority()
+        with collector_held():
+            t_run = self._switch()
+        # Requests are served from here on (the first comes as soon as the guest runs), not
+        # queued until the bookkeeping below is done.
+        mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
+        self._pipe_reset()
+        self.active = True
+        t_stop = mig._t_stop
+        mig.stats.set_downtime(t_stop, t_run)
+        mig.stats.downtime_breakdown = {"postcopy-switch": t_run - t_stop}
+        mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
+        if preempt_ready is not None:
+            preempt_ready()  # the destination accepts it at POSTCOPY_LISTEN
+        with self.lock:
+            mig.stats.remaining = mig.ram.pending_pages() * PAGE
+        self.switched.set()
+        saved = self._postcopy_priority()
+        try:
+            self._loop()
+        finally:
+            restore_threads(saved)
+
+    def _switch(self) -> float:
+        """The downtime: stop the guest, last sync, discards, the package; returns when the
+        package is sent (monotonic), the downtime's end."""
+        mig = self.mig
+        enc = mig.encoder
+        mig.stop_guest()  # the downtime starts (mig._t_stop)
         # QEMU 10.0's postcopy_start: "device" while the switch is made, "postcopy-active"
         # once the package is out
         mig.state.move(MigrationStatus.DEVICE)
@@ -703,58 +762,42 @@ class PostcopySource:
             from livemig.migration import multifd
 
             multifd.source_flush(mig, "downtime")
-        new = mig.ram.merge(mig.tracker.sync())
+        # the last sync: the guest never runs here again (a failed switch fails the migration)
+        new = mig.ram.merge(mig.tracker.final_sync())
         mig._frozen = True  # x-checksums: the pages sent from here are the pages hashed
         mig.stats.note_sync(new)
         mig.emit("MIGRATION_PASS", {"pass": mig.stats.dirty_sync_count})
         mig._record_pass("post-copy switch: last sync with the guest stopped")
-        enc = mig.encoder
         # the pages still to send, but those discarded already while the guest ran (_drain)
         pre = mig.prediscarded
         bufs = discard_bufs(mig, {b.idstr: mig.ram.dirty[b.idstr] & ~pre[b.idstr] if b.idstr in pre
                                   else mig.ram.dirty[b.idstr] for b in mig.ram.blocks})  # fmt: skip
-        bufs += enc.send(E.Ping(2))
+        # The discards go at once, so that the destination drops those pages while the package
+        # is built; PING 2 follows them on the wire but leaves with the package, so that its
+        # PONG does not wake the return-path thread (real-time, above this one) to take the
+        # interpreter lock while the package is built.
         mig._send(bufs, "downtime")
         package = self._package()
         # Post-copy pages never go by multifd: the page walk finds the zero pages again, as
         # QEMU's migration thread does after the switch (unless zero-page-detection is none).
         mig.ram.find_zero = self.params.get("zero-page-detection") != "none"
         self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
-        # Both threads that send pages get their priority before the guest can fault: the
-        # return-path thread raised its own at the first request, which came at a nice value
-        # while the switch was still busy (the first request took 11-19 ms, every run's p99
-        # when readahead leaves 30-60 requests in all). This one is real-time for the
-        # blackout (stop_guest) and takes its own post-copy priority once the package is out.
-        self._boost_rp_thread()
         # From here the destination may run the guest: this side must never restart it.
         mig._stopped_guest = False
         try:
-            mig._send([*enc.send(E.Packaged(package)), *enc.send(E.Ping(4))], "downtime")
+            mig._send([*enc.send(E.Ping(2)), *enc.send(E.Packaged(package)),
+                       *enc.send(E.Ping(4))], "downtime")  # fmt: skip
         except (ChannelError, OSError, MigrationError):
             # unless it said it never did: a destination that refused the pre-copy stream
             # closes the link, so the package is what fails to go; the guest was left stopped
             if not mig._cancel.is_set():
                 self._refused_before_run()
             raise
-        mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
-        self._pipe_reset()
-        # Requests are served from here on (the first comes as soon as the guest runs), not
-        # queued until the bookkeeping below is done.
-        self.active = True
-        mig.state.move(MigrationStatus.POSTCOPY_ACTIVE)
-        if preempt_ready is not None:
-            preempt_ready()  # the destination accepts it at POSTCOPY_LISTEN
-        t_run = time.monotonic()
-        mig.stats.downtime = t_run - t_stop
-        mig.stats.downtime_breakdown = {"postcopy-switch": t_run - t_stop}
-        with self.lock:
-            mig.stats.remaining = mig.ram.pending_pages() * PAGE
-        self.switched.set()
-        saved = self._postcopy_priority()
-        try:
-            self._loop()
-        finally:
-            restore_threads(saved)
+        # The downtime ends with the package sent, as QEMU's (``migration_downtime_end``
+        # right after ``qemu_savevm_send_packaged``): the destination has all it needs to
+        # run the guest. What follows is this side's bookkeeping, which QEMU 10.0 also does
+        # after (the move to postcopy-active included).
+        return time.monotonic()
 
     def _postcopy_priority(self) -> list:
         """The priorities of the post-copy phase, from the migration thread once the package

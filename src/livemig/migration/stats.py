@@ -8,6 +8,7 @@ dirty-page rate over periods of at least one second, closed at a sync.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,15 @@ from typing import Any
 from livemig.machine.abi import PAGE_SIZE
 
 WINDOW = 0.1
+
+
+def qemu_ms_between(start: float, end: float) -> int:
+    """Whole milliseconds from ``start`` to ``end`` (``time.monotonic()`` seconds) counted as
+    QEMU counts its ``downtime``: each end read as a millisecond clock (``qemu_clock_get_ms``
+    of CLOCK_MONOTONIC, which truncates), then subtracted. A 0.4 ms window so reads 0 or 1,
+    a 1.6 ms one 1 or 2: on average the true duration, where truncating the duration itself
+    (livemig before) read 0.5 ms less on average, a convention more favourable than QEMU's."""
+    return math.floor(end * 1000) - math.floor(start * 1000)
 
 
 @dataclass
@@ -37,7 +47,8 @@ class MigrationStats:
     start: float = field(default_factory=time.monotonic)
     setup_time: float | None = None
     total_time: float | None = None
-    downtime: float | None = None
+    downtime: float | None = None  # seconds, for the timeline (``set_downtime``)
+    downtime_ms: int | None = None  # what query-migrate reports, counted as QEMU counts it
     downtime_breakdown: dict[str, float] = field(default_factory=dict)
     # monotonic times (CLOCK_MONOTONIC: comparable with the destination's timeline) of the
     # pre-copy switch-over: vCPUs stopped, everything sent, SHUT received
@@ -70,6 +81,11 @@ class MigrationStats:
     # dirty-rate period
     _rate_start: float = field(default_factory=time.monotonic)
     _rate_pages: int = 0
+
+    def set_downtime(self, start: float, end: float) -> None:
+        """The downtime ran from ``start`` to ``end`` (monotonic seconds)."""
+        self.downtime = end - start
+        self.downtime_ms = qemu_ms_between(start, end)
 
     def account(self, nbytes: int, normal: int = 0, zero: int = 0, phase: str = "precopy") -> None:
         self.transferred += nbytes

@@ -1,0 +1,84 @@
+"""The post-copy switch's downtime is QEMU's (``postcopy_start``): it starts as the vCPUs stop
+and ends once the package is sent. The preempt channel is connected before it (QEMU:
+``postcopy_preempt_establish_channel`` before ``migration_downtime_start``), the move to
+postcopy-active comes after (QEMU 10.0), and query-migrate counts it in milliseconds as QEMU
+does."""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from typing import Any
+
+import pytest
+
+from livemig.migration.postcopy_source import PostcopySource, collector_held
+
+
+def test_downtime_leaves_out_the_preempt_connection_and_ends_with_the_package(
+    pair, monkeypatch
+) -> None:
+    slow = 0.2  # a slow connection (a TLS handshake, a loaded host): not the guest's downtime
+    connected: dict[str, float] = {}
+    connect = PostcopySource._connect_preempt
+
+    def slow_connect(self: PostcopySource, uri: str) -> Any:
+        time.sleep(slow)
+        ready = connect(self, uri)
+        connected["at"] = time.monotonic()
+        return ready
+
+    monkeypatch.setattr(PostcopySource, "_connect_preempt", slow_connect)
+    collecting: list[bool] = []
+    package = PostcopySource._package
+
+    def watched_package(self: PostcopySource) -> bytes:
+        collecting.append(gc.isenabled())
+        return package(self)
+
+    monkeypatch.setattr(PostcopySource, "_package", watched_package)
+    p = pair(ram=32 << 20, append="ws=8M rate=4000")
+    active: dict[str, float] = {}
+    record = p._ev
+
+    def on_event(side: str, name: str, data: Any) -> None:
+        if (side, name) == ("src", "MIGRATION") and data["status"] == "postcopy-active":
+            active.setdefault("at", time.monotonic())
+        record(side, name, data)
+
+    p._ev = on_event
+    p.caps(postcopy_ram=True, postcopy_preempt=True, events=True)
+    p.params(max_bandwidth=16 << 20)
+    p.wait_guest()
+    p.start()
+    p.wait_pass(1)
+    p.sm.outgoing.postcopy.start_postcopy()
+    assert p.wait("dst", {"completed", "failed"}) == "completed", p.dm.query_migrate()
+    assert p.wait("src", {"completed", "failed"}) == "completed", p.sm.query_migrate()
+    mig = p.sm.outgoing
+    s = mig.stats
+    assert connected["at"] <= mig._t_stop  # connected while the guest still ran
+    assert s.downtime is not None and s.downtime < slow
+    assert mig._t_stop + s.downtime <= active["at"]  # over before postcopy-active
+    q = p.sm.query_migrate()
+    assert q["downtime"] == s.downtime_ms
+    assert s.downtime_ms in (math.floor(s.downtime * 1000), math.floor(s.downtime * 1000) + 1)
+    assert q["x-verified"] is True
+    assert collecting == [False]  # no garbage collection inside the window
+    assert gc.isenabled()
+
+
+def test_collector_held_restores_what_it_found() -> None:
+    assert gc.isenabled()
+    with pytest.raises(RuntimeError), collector_held():
+        assert not gc.isenabled()
+        raise RuntimeError("the switch failed")
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_held():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()
