@@ -990,8 +990,10 @@ class OutgoingMigration:
 
             out["total-time"] = s.elapsed_ms()
             out["setup-time"] = int((s.setup_time or 0) * 1000)
-            if status == MigrationStatus.COMPLETED or (status == MigrationStatus.COLO):
-                out["downtime"] = int((s.downtime or 0) * 1000)  # COLO: the first migration's
+            # QEMU's migrate_show_downtime: completed, and in post-copy, where the blackout is
+            # over once the destination runs the guest (COLO: the first migration's)
+            if status in _SHOWS_DOWNTIME:
+                out["downtime"] = int((s.downtime or 0) * 1000)
             else:
                 out["expected-downtime"] = s.expected_downtime_ms
         if s.throttle:
@@ -1000,7 +1002,8 @@ class OutgoingMigration:
         if status in (MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED) and \
                 self.state.error:  # fmt: skip
             out["error-desc"] = self.state.error
-        out["x-dirty-tracker"] = self.tracker_name
+        if self.tracker_name:  # none yet in setup, nor when it failed before tracking began
+            out["x-dirty-tracker"] = self.tracker_name
         if "ram" in out and self.tracker is not None:
             # pages of chunks left writable between syncs (memtrack/hot.py), counted dirty
             out["ram"]["x-hot-pages"] = getattr(self.tracker, "hot_pages", 0)
@@ -1048,6 +1051,13 @@ class OutgoingMigration:
             "transferred": s.transferred,
             "dirty-tracker": self.tracker_name,
         }
+
+
+_SHOWS_DOWNTIME = frozenset({
+    MigrationStatus.COMPLETED, MigrationStatus.COLO, MigrationStatus.POSTCOPY_ACTIVE,
+    MigrationStatus.POSTCOPY_PAUSED, MigrationStatus.POSTCOPY_RECOVER_SETUP,
+    MigrationStatus.POSTCOPY_RECOVER,
+})  # fmt: skip
 
 
 def dumps(obj: Any) -> str:
