@@ -1,10 +1,12 @@
 """QMP conformance: the same requests to QEMU 10.0 and to livemig, replies compared.
 
-Four scenarios, each with a fresh QEMU 10.0 (``-M pc``, no guest to speak of) and a fresh
+Six scenarios, each with a fresh QEMU 10.0 (``-M pc``, no guest to speak of) and a fresh
 ``livemig run`` (the idle guest): a source at rest, a destination waiting with ``-incoming
 defer``, a source in the middle of a migration (to a peer that accepts the connection and
-reads nothing, so it stays ``active``) and a destination in the middle of one (a peer that sent
-the stream's header and configuration, then nothing). Every request goes over a raw socket
+reads nothing, so it stays ``active``), a destination in the middle of one (a peer that sent
+the stream's header and configuration, then nothing), a source whose migration failed
+(``tcp::PORT``, a host that does not resolve) and a destination listening on every address
+(``tcp::0``). Every request goes over a raw socket
 (``exec-oob`` included, with the ``oob`` capability negotiated); replies are compared as JSON
 after ``_normal`` has replaced what must differ between two machines (timestamps, sizes,
 times, counters, thread ids).
@@ -373,7 +375,7 @@ _VARYING = {
     "total", "duplicate", "normal", "normal-bytes", "dirty-pages-rate", "mbps",
     "dirty-sync-count", "pages-per-second", "precopy-bytes", "downtime-bytes",
     "postcopy-bytes", "multifd-bytes", "thread-id", "start-time", "seconds", "microseconds",
-    "package",
+    "package", "port",
 }  # fmt: skip
 
 
@@ -456,6 +458,19 @@ def _drive(raw: Raw, mig: Path, scenario: str) -> dict[str, Any]:
             out["events"] = _events(raw)
         finally:
             peer.close()
+    elif scenario == "source-failed":
+        # tcp::PORT: QEMU 10.0 cannot resolve an empty host to connect to; the migration
+        # fails in setup (livemig took it as 0.0.0.0 and connected to any local listener)
+        out["events-on"] = raw.ask(_caps(("events", True)))
+        out["migrate-any-host"] = raw.ask(_x("migrate", uri="tcp::1"))
+        _wait_status(raw, ("failed",))
+        out["query-migrate-failed"] = _normal(raw.ask(_x("query-migrate")))
+        out["query-status-after-failed"] = raw.ask(_x("query-status"))
+        out["events"] = _events(raw)
+    elif scenario == "destination-any-address":
+        # tcp::PORT: every address, IPv6 and IPv4, both listed in socket-address
+        out["migrate-incoming-any-address"] = raw.ask(_x("migrate-incoming", uri="tcp::0"))
+        out["query-migrate"] = _normal(raw.ask(_x("query-migrate")))
     elif scenario == "destination-migrating":
         out["events-on"] = raw.ask(_caps(("events", True)))
         out["migrate-incoming"] = raw.ask(_x("migrate-incoming", uri=f"unix:{mig}"))
@@ -504,7 +519,8 @@ def documented() -> dict[tuple[str, str], str]:
     return rows
 
 
-SCENARIOS = ["source", "destination", "source-migrating", "destination-migrating"]
+SCENARIOS = ["source", "destination", "source-migrating", "destination-migrating",
+             "source-failed", "destination-any-address"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
