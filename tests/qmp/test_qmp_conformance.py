@@ -130,6 +130,12 @@ COMMON: list[tuple[str, Any]] = [
     # livemig took the pair (docs/qmp-conformance.md): back to where QEMU is
     ("caps-reset", _caps(("postcopy-ram", False), ("multifd", False))),
     ("caps-preempt-alone", _caps(("postcopy-preempt", True))),
+    # QEMU's incompatibilities of background-snapshot come before livemig's "not supported"
+    ("caps-background-snapshot-xbzrle", _caps(("background-snapshot", True), ("xbzrle", True))),
+    (
+        "caps-background-snapshot-return-path",
+        _caps(("return-path", True), ("background-snapshot", True), ("auto-converge", True)),
+    ),
     ("caps-switchover-ack-alone", _caps(("switchover-ack", True))),
     ("caps-zero-copy-alone", _caps(("zero-copy-send", True))),
     ("caps-dirty-limit", _caps(("dirty-limit", True))),
