@@ -937,6 +937,25 @@ class OutgoingMigration:
     # -- failure and cleanup -----------------------------------------------------------------
 
     def _fail(self, cancelled: bool, reason: str) -> None:
+        # QEMU 10.0's order of events: a failure is MIGRATION failed, then RESUME (its
+        # migration_completion_failed, then migration_iteration_finish's vm_start); a cancel
+        # is cancelling, RESUME, then cancelled (migrate_fd_cleanup ends the cancel)
+        st = self.state
+        if cancelled:
+            if st.status != MigrationStatus.CANCELLING:
+                st.try_move(st.status, MigrationStatus.CANCELLING)
+            self._restart_guest()
+            st.try_move(MigrationStatus.CANCELLING, MigrationStatus.CANCELLED)
+        elif st.status == MigrationStatus.CANCELLING:
+            self._restart_guest()
+            st.move(MigrationStatus.CANCELLED)
+        else:
+            st.try_move(st.status, MigrationStatus.FAILED, error=reason)
+            self._restart_guest()
+        self.stats.total_time = time.monotonic() - self.stats.start
+
+    def _restart_guest(self) -> None:
+        """The guest runs on at the source as it ran before (paused if it was paused)."""
         m = self.machine
         if self._stopped_guest:
             try:
@@ -949,17 +968,6 @@ class OutgoingMigration:
                 log.exception("could not restart the guest after a failed migration")
         elif self.stats.throttle:
             m.set_throttle(0)
-        st = self.state
-        if cancelled:
-            if st.status != MigrationStatus.CANCELLING:
-                st.try_move(st.status, MigrationStatus.CANCELLING)
-            st.try_move(MigrationStatus.CANCELLING, MigrationStatus.CANCELLED)
-        else:
-            if st.status == MigrationStatus.CANCELLING:
-                st.move(MigrationStatus.CANCELLED)
-            else:
-                st.try_move(st.status, MigrationStatus.FAILED, error=reason)
-        self.stats.total_time = time.monotonic() - self.stats.start
 
     def _cleanup(self) -> None:
         multifd.source_close(self, self.state.status == MigrationStatus.COMPLETED)
