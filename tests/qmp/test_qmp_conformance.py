@@ -472,6 +472,13 @@ def _drive(raw: Raw, mig: Path, scenario: str) -> dict[str, Any]:
         _wait_status(raw, ("failed",))
         out["query-migrate-failed"] = _normal(raw.ask(_x("query-migrate")))
         out["query-status-after-failed"] = raw.ask(_x("query-status"))
+        # again, where nothing listens: QEMU's "Failed to connect to '127.0.0.1:1': ..."
+        out["migrate-refused"] = raw.ask(_x("migrate", uri="tcp:127.0.0.1:1"))
+        deadline = time.monotonic() + TIMEOUT
+        while "connect" not in raw.ask(_x("query-migrate"))["return"].get("error-desc", ""):
+            assert time.monotonic() < deadline, "the second migration did not fail"
+            time.sleep(0.02)
+        out["query-migrate-refused"] = _normal(raw.ask(_x("query-migrate")))
         out["events"] = _events(raw)
     elif scenario == "destination-any-address":
         # tcp::PORT: every address, IPv6 and IPv4, both listed in socket-address

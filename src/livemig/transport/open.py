@@ -84,7 +84,7 @@ def connect(
         except socket.gaierror as exc:
             raise ChannelError(_unresolved(u, exc)) from exc
         except OSError as exc:
-            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+            raise ChannelError(_not_connected(u, exc)) from exc
         if creds is not None:
             return _tls.client_wrap(sock, creds, f"{name} {u}", timeout, host=u.host)
         return Channel.from_socket(sock, f"{name} {u}", timeout)
@@ -92,7 +92,7 @@ def connect(
         try:
             sock = _cancellable_connect(socket.AF_UNIX, u.path, timeout, cancelled, f"{name} {u}")
         except OSError as exc:
-            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+            raise ChannelError(_not_connected(u, exc)) from exc
         if creds is not None:
             return _tls.client_wrap(sock, creds, f"{name} {u}", timeout)
         return Channel.from_socket(sock, f"{name} {u}", timeout)
@@ -102,7 +102,7 @@ def connect(
         except socket.gaierror as exc:
             raise ChannelError(_unresolved(u, exc)) from exc
         except OSError as exc:
-            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+            raise ChannelError(_not_connected(u, exc)) from exc
         if creds is not None:
             return _tls.client_wrap(sock, creds, f"{name} {u}", timeout, host=u.host)
         return Channel.from_socket(sock, f"{name} {u}", timeout)
@@ -113,7 +113,7 @@ def connect(
             sock.connect(u.path)
         except OSError as exc:
             sock.close()
-            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+            raise ChannelError(_not_connected(u, exc)) from exc
         if creds is not None:
             return _tls.client_wrap(sock, creds, f"{name} {u}", timeout)
         return Channel.from_socket(sock, f"{name} {u}", timeout)
@@ -132,6 +132,13 @@ def connect(
         f.truncate(u.offset)
         f.seek(u.offset)
     return Channel(f"{name} {u}", None, f.fileno(), timeout=timeout, file=f)
+
+
+def _not_connected(u: MigrationURI, exc: OSError) -> str:
+    """QEMU 10.0's words for a connect that failed: "Failed to connect to '127.0.0.1:4444':
+    Connection refused" (the path of a unix socket)."""
+    where = f"{u.host}:{u.port}" if u.scheme == "tcp" else u.path
+    return f"Failed to connect to '{where}': {exc.strerror or exc}"
 
 
 def _unresolved(u: MigrationURI, exc: socket.gaierror) -> str:
