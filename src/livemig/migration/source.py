@@ -263,6 +263,9 @@ class OutgoingMigration:
             return f"destination failed to load the migration (SHUT {self._rp_shut}): {exc}"
         if self._rp_error is not None and "TLS certificate" in self._rp_error:
             return self._rp_error  # the return path read the alert by which the peer refused us
+        gone = self._exec_gone()
+        if gone is not None:
+            return f"{gone} before it took the whole stream ({exc})"
         if self._silent_drop(exc):
             return (f"{exc}: the destination dropped the connection without answering the "
                     "stream's first PING, as one with tls-creds does to a source without TLS "
@@ -274,6 +277,20 @@ class OutgoingMigration:
                 "capability return-path on, its reason is reported here)"
             )
         return str(exc)
+
+    def _exec_gone(self) -> str | None:
+        """An ``exec:`` command that ended while the stream was being written: how it ended
+        (the write only says "Broken pipe"); None for anything else."""
+        ch = self.channel
+        if ch is None or self.config.uri.partition(":")[0] != "exec":
+            return None
+        deadline = time.monotonic() + 0.5
+        while (status := ch.process_status()) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if status is None:
+            return None
+        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        return f"the exec: command {how}"
 
     def _silent_drop(self, exc: BaseException) -> bool:
         """A plain source's connection broken before the destination said anything: a TLS
