@@ -412,8 +412,9 @@ class IncomingMigration:
         out: dict[str, Any] = {"status": self.state.status.value}
         if self.socket_addresses and self.state.status not in (
             MigrationStatus.COMPLETED,
+            MigrationStatus.FAILED,
             MigrationStatus.NONE,
-        ):  # QEMU keeps the address while its incoming side lives
+        ):  # QEMU keeps the address while its incoming side lives (not once it failed)
             out["socket-address"] = self.socket_addresses
         # as QEMU 8.1+ does: the reason also while post-copy waits paused for a recovery
         if self.state.status in (MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED) and \
