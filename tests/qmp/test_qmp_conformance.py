@@ -69,6 +69,8 @@ COMMON: list[tuple[str, Any]] = [
     ("unexpected-argument", _x("query-status", x=1)),
     ("execute-not-a-string", {"execute": 5}),
     ("no-execute", {"arguments": {}}),
+    ("null-request", None),
+    ("list-request", [{"execute": "query-status"}]),
     ("unexpected-member", {"execute": "query-status", "foo": 1}),
     ("arguments-not-an-object", {"execute": "query-status", "arguments": []}),
     ("oob-not-allowed", {"exec-oob": "query-status"}),
