@@ -85,6 +85,18 @@ def test_bad_input_gets_error_and_connection_survives(
     assert c.recv() == {"return": "still here"}
 
 
+def test_single_quotes_as_typed_at_a_socat(make_server: Callable[..., QMPServer], raw) -> None:
+    """QEMU 10.0 takes {'execute': 'qmp_capabilities'}: so does livemig (it replied with a
+    JSON parse error)."""
+    server = make_server(registry())
+    c = raw(server.address)
+    c.recv()  # greeting
+    c.send(b"{'execute': 'qmp_capabilities'}")
+    assert c.recv() == {"return": {}}
+    c.send(b"{'execute': 'echo', 'arguments': {'text': 'it\\'s \"quoted\"'}, 'id': 'a'}")
+    assert c.recv() == {"return": 'it\'s "quoted"', "id": "a"}
+
+
 def test_id_echoed_on_dispatch_errors(make_server: Callable[..., QMPServer], raw) -> None:
     server = make_server(registry())
     c = raw(server.address)
