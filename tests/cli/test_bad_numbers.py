@@ -95,3 +95,27 @@ def test_front_names_the_flag_at_fault(argv: list[str], expected: str) -> None:
     res = _livemig("front", *argv)
     assert res.returncode in (1, 2) and "Traceback" not in res.stderr, res.stderr
     assert res.stderr.splitlines()[-1].startswith(expected), res.stderr
+
+
+def test_capture_says_the_port_it_listens_on(tmp_path) -> None:
+    """capture tcp:127.0.0.1:0 chose a port and told it nowhere: no source could be pointed
+    at it. It says where it waits, on stderr, before waiting."""
+    import re
+    import socket
+
+    out = tmp_path / "out.mig"
+    proc = subprocess.Popen([sys.executable, "-m", "livemig", "capture", "tcp:127.0.0.1:0",
+                             str(out), "--timeout", "10"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        m = re.fullmatch(r"livemig capture: waiting on tcp:127\.0\.0\.1:(\d+)\n", line)
+        assert m and int(m[1]) > 0, line
+        with socket.create_connection(("127.0.0.1", int(m[1])), timeout=5) as s:
+            s.sendall(b"not a migration stream")
+        assert proc.wait(30) == 1
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()

@@ -70,6 +70,31 @@ def test_destination_killed(harness: ProcHarness) -> None:
 
 
 @pytest.mark.timeout(90)
+def test_destination_killed_at_switchover(harness: ProcHarness) -> None:
+    """The destination dies while the source waits at pre-switchover (its guest stopped);
+    migrate-continue then fails the migration and the guest runs again, with QEMU 10.0's
+    events in its order: MIGRATION failed, then RESUME (livemig sent RESUME first)."""
+    src = harness.source(append="ws=16M rate=20000")
+    dst = harness.destination()
+    before = src.wait_passes_increase(0)
+    harness.migrate(src, dst.incoming, caps={"events": True, "pause-before-switchover": True})
+    src.wait_migration(timeout=30, states=frozenset({"pre-switchover"}))
+    dst.signal(signal.SIGKILL)
+    dst.wait_exit()
+    src.cmd("migrate-continue", state="pre-switchover")
+    info = src.wait_migration(timeout=20)
+    assert info["status"] == "failed" and info["error-desc"], info
+    src.wait_status("running")
+    names = [(e, d["status"] if e == "MIGRATION" else None) for e, d in src.event_names()
+             if e in ("MIGRATION", "STOP", "RESUME")]  # fmt: skip
+    at = names.index(("MIGRATION", "pre-switchover")) - 1
+    assert names[at:] == [("STOP", None), ("MIGRATION", "pre-switchover"),
+                          ("MIGRATION", "device"), ("MIGRATION", "failed"),
+                          ("RESUME", None)], names  # fmt: skip
+    assert_source_unharmed(src, before)
+
+
+@pytest.mark.timeout(90)
 def test_destination_stalled(harness: ProcHarness) -> None:
     """SIGSTOP: the peer neither reads nor closes; x-io-timeout (1 s) fails the migration."""
     src = harness.source(append="ws=16M rate=20000")

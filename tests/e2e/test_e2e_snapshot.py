@@ -119,3 +119,18 @@ def test_exec_command_that_fails_fails_the_migration(
     assert info["status"] == "failed", info
     assert reason in info["error-desc"], info
     assert src.wait_status("running", timeout=10) == "running"
+
+
+@pytest.mark.timeout(60)
+def test_exec_command_that_ends_mid_stream_says_how_it_ended(harness: ProcHarness) -> None:
+    """A command that exits before it read the stream: the write's broken pipe was all the
+    error said; now how the command ended, which is why."""
+    src = harness.source(append="ws=8M rate=1000")
+    src.wait_passes_increase(0)
+    harness.migrate(src, "exec:head -c 1 > /dev/null; exit 5")
+    info = src.wait_migration(timeout=30)
+    assert info["status"] == "failed", info
+    assert info["error-desc"].startswith(
+        "the exec: command exited with status 5 before it took the whole stream"
+    ), info
+    assert src.wait_status("running", timeout=10) == "running"

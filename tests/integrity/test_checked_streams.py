@@ -137,6 +137,27 @@ def test_corrupted_snapshot_is_refused_naming_the_pages(harness: ProcHarness) ->
     assert out.returncode != 0 and "checksum mismatch" in out.stderr, out.stderr
 
 
+def test_analyze_verify_checks_the_sections_before_the_ram(harness: ProcHarness) -> None:
+    """The machine's shape (x-machine) comes before the RAM section with a checksum of its
+    own. ``analyze --verify`` began checking at the RAM setup, so it passed that unit by
+    unchecked (2 of 3 units) and called a file whose x-machine section was corrupted good."""
+    snap = harness.path("snap.mig")
+    _snapshot(harness, snap, {"x-checksums": True}).kill()
+    analyze = [sys.executable, "-m", "livemig", "analyze", snap, "--verify", "--json"]
+    good = subprocess.run(analyze, capture_output=True, text=True, timeout=60)
+    assert good.returncode == 0, good.stderr
+    units = json.loads(good.stdout)["verify"]["checksum-units"]
+    checksums = sum(d["idstr"] == "x-checksum" for d in json.loads(good.stdout)["devices"])
+    assert units == checksums, (units, checksums)
+    data = bytearray(Path(snap).read_bytes())
+    at = data.find(b"livemig-clock/0/1", data.find(b"x-machine"))
+    data[at] ^= 0x20  # 'l' -> 'L' in the machine's device list
+    Path(snap).write_bytes(data)
+    bad = subprocess.run(analyze, capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0, bad.stdout[-500:]
+    assert "checksum mismatch: 1 device section(s) (x-machine)" in bad.stderr, bad.stderr
+
+
 def test_snapshot_without_checksums_needs_no_checksums(harness: ProcHarness) -> None:
     """A file made without checksums is not restored unchecked unless asked to."""
     snap = harness.path("plain.mig")

@@ -84,3 +84,27 @@ def test_migrate_to_an_fd_not_open_is_refused_at_once(manager: MigrationManager)
     with pytest.raises(UsageError, match=r"^fd:987: file descriptor 987 is not open"):
         manager.migrate("fd:987")
     assert manager.source.status == S.NONE and manager.outgoing is None
+
+
+@pytest.mark.parametrize(
+    ("caps", "uri", "words"),
+    [
+        # the source waited in active for ever for an ACK nothing could send
+        (["return-path", "switchover-ack"], "exec:cat > /dev/null", "switchover-ack needs a "
+         "return path (the destination acknowledges the switch-over on it); exec: has none"),
+        (["postcopy-ram"], "file:/tmp/livemig-never.mig", "postcopy-ram needs a return path"),
+        (["return-path", "x-colo"], "exec:cat > /dev/null", "x-colo needs a return path"),
+        # QEMU 10.0's migration_needs_multiple_sockets: the preempt channel as multifd's
+        (["postcopy-ram", "postcopy-preempt"], "exec:cat > /dev/null",
+         "Migration requires multi-channel URIs (e.g. tcp): postcopy-preempt opens more"),
+        (["postcopy-ram", "postcopy-preempt"], "fd:0", "Migration requires multi-channel URIs"),
+    ],
+)  # fmt: skip
+def test_what_needs_an_answer_or_channels_is_refused_by_migrate(
+    manager: MigrationManager, caps: list[str], uri: str, words: str
+) -> None:
+    manager.set_capabilities([{"capability": c, "state": True} for c in caps])
+    with pytest.raises(UsageError) as info:
+        manager.migrate(uri)
+    assert str(info.value).startswith(words), info.value
+    assert manager.source.status == S.NONE

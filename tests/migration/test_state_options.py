@@ -133,6 +133,10 @@ def test_migrate_channels_as_qemu_10_takes_them() -> None:
     assert channels_uri(main({**sock, "host": "::1"}), False) == "tcp:[::1]:4444"
     assert channels_uri(main({"transport": "socket", "type": "unix", "path": "/p"}),
                         True) == "unix:/p"  # fmt: skip
+    assert channels_uri(main({"transport": "socket", "type": "unix", "path": "/p",
+                              "abstract": False}), True) == "unix:/p"  # fmt: skip
+    assert channels_uri(main({**sock, "keep-alive": True, "numeric": True}),
+                        False) == "tcp:127.0.0.1:4444"  # fmt: skip
     assert channels_uri(main({"transport": "exec", "args": ["/bin/sh", "-c", "cat > f"]}),
                         False) == "exec:cat > f"  # fmt: skip
     assert channels_uri(main({"transport": "exec", "args": ["cat", "a b"]}),
@@ -148,6 +152,12 @@ def test_migrate_channels_as_qemu_10_takes_them() -> None:
          "Parameter 'channels[0].addr.port' is missing"),
         (main({"transport": "pigeon"}), "Parameter 'transport' does not accept value 'pigeon'"),
         (main({"transport": "rdma", "host": "h", "port": "1"}), "RDMA migration is not supported"),
+        # what would change the address reached is refused, not dropped: an abstract socket
+        # was taken as a file named like it, a port range as its first port
+        (main({"transport": "socket", "type": "unix", "path": "x", "abstract": True}),
+         "abstract unix sockets are not supported by livemig"),
+        (main({**sock, "to": 4450}), "'channels[0].addr.to' (a range of ports to listen on)"),
+        (main({**sock, "mptcp": True}), "MPTCP is not supported by livemig"),
     ]:  # fmt: skip
         with pytest.raises(UsageError, match=re.escape(words)):
             channels_uri(chans, False)

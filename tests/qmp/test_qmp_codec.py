@@ -76,6 +76,20 @@ def test_stream_of_values(decode) -> None:
     assert values(decode(STREAM)) == EXPECTED
 
 
+@pytest.mark.parametrize("decode", [decode_whole, decode_bytewise])
+def test_single_quoted_strings_as_qemu_takes_them(decode) -> None:
+    """QEMU's JSON parser takes 'single-quoted' strings (and \\' in either kind): what one
+    types at a socat. livemig refused them as a parse error."""
+    stream = (b"{'execute': 'qmp_capabilities'}{'a': 'it\\'s \"q\" }{', \"b\": \"x'y\\'\", "
+              b"'c': 'd\\\"e\\\\'} 'top'")  # fmt: skip
+    assert values(decode(stream)) == [
+        {"execute": "qmp_capabilities"},
+        {"a": 'it\'s "q" }{', "b": "x'y'", "c": 'd"e\\'},
+        "top",
+        "END",
+    ]
+
+
 def test_offsets_are_absolute() -> None:
     events = decode_whole(b'  {"a": 1}\n{"b": 2}')
     assert [e.offset for e in events if isinstance(e, Message)] == [2, 11]

@@ -55,6 +55,8 @@ def test_wire_bytes_and_negotiation_mode(make_server: Callable[..., QMPServer], 
         (b"[1, 2]", "QMP input must be a JSON object"),
         (b'"execute"', "QMP input must be a JSON object"),
         (b"42 ", "QMP input must be a JSON object"),
+        # JSON null: it was queued as the dispatcher's stop, which ended every later reply
+        (b"null ", "QMP input must be a JSON object"),
         (b'{"execute": "echo", "extra": 1}', "QMP input member 'extra' is unexpected"),
         (b'{"exec-oob": "nothing"}', "QMP input member 'exec-oob' is unexpected"),
         (b'{"execute": 5}', "QMP input member 'execute' must be a string"),
@@ -81,6 +83,18 @@ def test_bad_input_gets_error_and_connection_survives(
     assert reply["error"]["desc"].startswith(desc), reply
     c.send({"execute": "echo", "arguments": {"text": "still here"}})
     assert c.recv() == {"return": "still here"}
+
+
+def test_single_quotes_as_typed_at_a_socat(make_server: Callable[..., QMPServer], raw) -> None:
+    """QEMU 10.0 takes {'execute': 'qmp_capabilities'}: so does livemig (it replied with a
+    JSON parse error)."""
+    server = make_server(registry())
+    c = raw(server.address)
+    c.recv()  # greeting
+    c.send(b"{'execute': 'qmp_capabilities'}")
+    assert c.recv() == {"return": {}}
+    c.send(b"{'execute': 'echo', 'arguments': {'text': 'it\\'s \"quoted\"'}, 'id': 'a'}")
+    assert c.recv() == {"return": 'it\'s "quoted"', "id": "a"}
 
 
 def test_id_echoed_on_dispatch_errors(make_server: Callable[..., QMPServer], raw) -> None:

@@ -6,6 +6,7 @@ fit raise UsageError before any RAM is taken."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,6 +72,24 @@ def test_an_incoming_guest_arrives_with_the_source_ram_and_a_signal_exits_130(
         assert system.wait(timeout=0.2) is None  # still running
         system.shutdown("host-signal")
         assert system.wait(timeout=10) == 130
+
+
+def test_port_0_is_told_as_the_port_listened_on(tmp_path: Path) -> None:
+    """--qmp tcp:127.0.0.1:0 --incoming tcp:127.0.0.1:0: the message gave the :0s, so no
+    client could find either."""
+    messages: list[str] = []
+    opts = SystemOptions(qmp="tcp:127.0.0.1:0", memory="16M", serial="null",
+                         incoming="tcp:127.0.0.1:0")  # fmt: skip
+    with System(opts, on_message=messages.append) as system:
+        system.start()
+        m = re.match(r"incoming guest \(tcp:127\.0\.0\.1:(\d+)\), .*, QMP at "
+                     r"tcp:127\.0\.0\.1:(\d+)$", messages[-1])  # fmt: skip
+        assert m and int(m[1]) > 0 and int(m[2]) > 0, messages
+        with QMPConnection(f"tcp:127.0.0.1:{m[2]}").connect() as c:
+            sockets = c.command("query-migrate")["socket-address"]
+        assert sockets[0]["port"] == m[1]
+        system.shutdown("host-signal")
+        system.wait(timeout=10)
 
 
 def test_a_failed_incoming_migration_ends_it_with_1_and_says_why(

@@ -10,6 +10,7 @@ multifd channels and writes their pages into OUT, so that OUT is a one-channel s
 from __future__ import annotations
 
 import argparse
+import sys
 
 from livemig.cli.argtypes import seconds
 from livemig.streams.capture import ZERO_UUID, capture_stream
@@ -48,9 +49,14 @@ def add_multifd_arguments(parser: argparse.ArgumentParser, multifd: str, uuid_: 
 
 
 def run(args: argparse.Namespace) -> int:
+    def listening(address: str) -> None:
+        # where to point the source: the real port of a tcp: port 0, which was told nowhere
+        print(f"livemig capture: waiting on {address}", file=sys.stderr, flush=True)
+
     result = capture_stream(args.uri, args.out, timeout=args.timeout, multifd=args.multifd,
                             multifd_compression=args.multifd_compression, uuid=args.uuid,
-                            tls_creds=args.tls_creds, switchover_ack=args.switchover_ack)  # fmt: skip
+                            tls_creds=args.tls_creds, switchover_ack=args.switchover_ack,
+                            on_listening=listening)  # fmt: skip
     extra = ""
     if result.channels:
         zero = result.zero_pages

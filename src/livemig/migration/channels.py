@@ -8,7 +8,8 @@ turns it into the URI QEMU's ``migrate_uri_parse`` would have parsed to the same
 (``exec`` args ``["/bin/sh", "-c", CMD]`` are ``exec:CMD``; other args are quoted for the
 shell). The checks and messages are QEMU's (its QAPI input visitor's, ``qmp_migrate``'s,
 ``qemu_start_incoming_migration``'s); ``vsock``, ``rdma`` and a ``cpr`` channel (migration
-mode ``cpr-transfer``) are refused as livemig has none.
+mode ``cpr-transfer``) are refused as livemig has none, and so are the address members that
+would change what is reached (``abstract`` unix sockets, an inet port range ``to``, ``mptcp``).
 """
 
 from __future__ import annotations
@@ -76,10 +77,21 @@ def address_uri(addr: Any, prefix: str) -> str:
     if transport == "socket":
         kind = _tag(addr, "type", prefix, ("inet", "unix", "vsock", "fd"))
         _members(addr, _MEMBERS[kind], prefix, ("transport", "type"))
+        # members that would change what is reached are refused, not ignored (an abstract
+        # socket taken as a file of that name in the current directory, a port range as its
+        # first port); keep-alive, numeric and the families are taken as they come
         if kind == "inet":
+            if "to" in addr:
+                raise UsageError(f"'{prefix}.to' (a range of ports to listen on) is not "
+                                 "supported by livemig: give one port")  # fmt: skip
+            if addr.get("mptcp"):
+                raise UsageError("MPTCP is not supported by livemig")
             host = addr["host"]
             return f"tcp:[{host}]:{addr['port']}" if ":" in host else f"tcp:{host}:{addr['port']}"
         if kind == "unix":
+            if addr.get("abstract"):
+                raise UsageError("abstract unix sockets are not supported by livemig: give a "
+                                 "path in the file system")  # fmt: skip
             return f"unix:{addr['path']}"
         if kind == "fd":
             return f"fd:{addr['str']}"

@@ -75,6 +75,7 @@ class IncomingMigration:
         self.timeout = params["x-io-timeout"] / 1000
         self.listener = Listener(uri, timeout=self.timeout)
         self.uri = self.listener.address
+        self.socket_addresses = self.listener.socket_addresses()  # the listener closes early
         self.channel: Channel | None = None
         self.loader = RamLoader(machine.ram_blocks)
         self.entries = machine_entries(machine)
@@ -409,12 +410,12 @@ class IncomingMigration:
 
     def query(self) -> dict[str, Any]:
         out: dict[str, Any] = {"status": self.state.status.value}
-        address = socket_address(self.uri)
-        if address is not None and self.state.status not in (
+        if self.socket_addresses and self.state.status not in (
             MigrationStatus.COMPLETED,
+            MigrationStatus.FAILED,
             MigrationStatus.NONE,
-        ):  # QEMU keeps the address while its incoming side lives
-            out["socket-address"] = [address]
+        ):  # QEMU keeps the address while its incoming side lives (not once it failed)
+            out["socket-address"] = self.socket_addresses
         # as QEMU 8.1+ does: the reason also while post-copy waits paused for a recovery
         if self.state.status in (MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED) and \
                 self.state.error:  # fmt: skip
@@ -433,19 +434,3 @@ class IncomingMigration:
         if self.postcopy is not None:
             out.update(self.postcopy.query())
         return out
-
-
-def socket_address(uri: str) -> dict[str, Any] | None:
-    """QEMU's ``SocketAddress`` of a listening URI (None: not a socket)."""
-    from livemig.transport import parse_uri
-
-    u = parse_uri(uri)
-    if u.scheme == "tcp":
-        v6 = ":" in u.host
-        return {"port": str(u.port), "ipv6" if v6 else "ipv4": True, "host": u.host,
-                "type": "inet"}  # fmt: skip
-    if u.scheme == "unix":
-        return {"path": u.path, "type": "unix"}
-    if u.scheme == "fd":
-        return {"str": str(u.fd), "type": "fd"}
-    return None

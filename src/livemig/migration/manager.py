@@ -110,6 +110,7 @@ class MigrationManager:
         verify: bool | None = None,
     ) -> None:
         check_transport(parse_uri(uri), self.caps.enabled())
+        check_return_path(parse_uri(uri), self.caps.enabled())
         if resume:
             from livemig.migration.postcopy_source import resume_outgoing
 
@@ -421,6 +422,27 @@ def check_transport(u: Any, capabilities: Any) -> None:
     if "mapped-ram" in capabilities and u.scheme != "file":
         extra = ": livemig takes mapped-ram on file: only" if u.scheme == "fd" else ""
         raise UsageError(f"Migration requires seekable transport (e.g. file){extra}")
+    # QEMU's migration_needs_multiple_sockets: multifd's channels, post-copy's preempt channel
+    multi = u.multi_channel or (u.scheme == "file" and "mapped-ram" in capabilities)
+    for cap in ("multifd", "postcopy-preempt"):
+        if cap in capabilities and not multi:
+            raise UsageError(f"Migration requires multi-channel URIs (e.g. tcp): {cap} opens "
+                             f"more connections and {u} carries one")  # fmt: skip
+
+
+def check_return_path(u: Any, capabilities: Any) -> None:
+    """What needs the destination to answer, refused by ``migrate`` on a URI that cannot
+    carry an answer (``exec:``, ``file:``). QEMU 10.0 takes these and then waits for ever in
+    ``device`` (exec:) or fails reading the file; livemig failed post-copy and COLO once
+    started, and with switchover-ack stayed ``active`` for ever, waiting for the ACK."""
+    if u.has_return_path:
+        return
+    for cap, why in (("postcopy-ram", "the destination requests its missing pages on it"),
+                     ("switchover-ack", "the destination acknowledges the switch-over on it"),
+                     ("x-colo", "the standby acknowledges each checkpoint on it")):  # fmt: skip
+        if cap in capabilities:
+            raise UsageError(f"{cap} needs a return path ({why}); {u.scheme}: has none "
+                             "(tcp:, unix: or fd: with a socket)")  # fmt: skip
 
 
 def _check_target(u: Any) -> None:

@@ -104,6 +104,13 @@ class Capabilities:
             self._on = new
 
 
+_BACKGROUND_SNAPSHOT_CONFLICTS = (
+    "postcopy-ram", "dirty-bitmaps", "postcopy-blocktime", "late-block-activate", "return-path",
+    "multifd", "pause-before-switchover", "auto-converge", "release-ram", "rdma-pin-all",
+    "xbzrle", "x-colo", "validate-uuid", "zero-copy-send",
+)  # fmt: skip
+
+
 def caps_check(old: set[str] | frozenset[str], new: set[str], incoming_started: bool) -> None:
     """QEMU 10.0's ``migrate_caps_check``, rule for rule and in its order, then livemig's
     refusal of what it does not implement."""
@@ -120,6 +127,11 @@ def caps_check(old: set[str] | frozenset[str], new: set[str], incoming_started: 
     # QEMU 10.0 refuses postcopy-ram with multifd ("Postcopy is not yet compatible with
     # multifd"); livemig does post-copy after a multifd pre-copy (docs/qmp-conformance.md)
     if "background-snapshot" in new:
+        # QEMU's check_caps_background_snapshot first, in its order: a client told what
+        # conflicts is told what QEMU says; alone, livemig does not implement it
+        for other in _BACKGROUND_SNAPSHOT_CONFLICTS:
+            if other in new:
+                raise UsageError(f"Background-snapshot is not compatible with {other}")
         raise UsageError("Background-snapshot is not supported by livemig")
     if "zero-copy-send" in new and ("multifd" not in new or "xbzrle" in new):
         raise UsageError("Zero copy only available for non-compressed non-TLS multifd migration")

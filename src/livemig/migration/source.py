@@ -264,6 +264,9 @@ class OutgoingMigration:
             return f"destination failed to load the migration (SHUT {self._rp_shut}): {exc}"
         if self._rp_error is not None and "TLS certificate" in self._rp_error:
             return self._rp_error  # the return path read the alert by which the peer refused us
+        gone = self._exec_gone()
+        if gone is not None:
+            return f"{gone} before it took the whole stream ({exc})"
         if self._silent_drop(exc):
             return (f"{exc}: the destination dropped the connection without answering the "
                     "stream's first PING, as one with tls-creds does to a source without TLS "
@@ -275,6 +278,20 @@ class OutgoingMigration:
                 "capability return-path on, its reason is reported here)"
             )
         return str(exc)
+
+    def _exec_gone(self) -> str | None:
+        """An ``exec:`` command that ended while the stream was being written: how it ended
+        (the write only says "Broken pipe"); None for anything else."""
+        ch = self.channel
+        if ch is None or self.config.uri.partition(":")[0] != "exec":
+            return None
+        deadline = time.monotonic() + 0.5
+        while (status := ch.process_status()) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if status is None:
+            return None
+        how = f"killed by signal {-status}" if status < 0 else f"exited with status {status}"
+        return f"the exec: command {how}"
 
     def _silent_drop(self, exc: BaseException) -> bool:
         """A plain source's connection broken before the destination said anything: a TLS
@@ -949,6 +966,25 @@ class OutgoingMigration:
     # -- failure and cleanup -----------------------------------------------------------------
 
     def _fail(self, cancelled: bool, reason: str) -> None:
+        # QEMU 10.0's order of events: a failure is MIGRATION failed, then RESUME (its
+        # migration_completion_failed, then migration_iteration_finish's vm_start); a cancel
+        # is cancelling, RESUME, then cancelled (migrate_fd_cleanup ends the cancel)
+        st = self.state
+        if cancelled:
+            if st.status != MigrationStatus.CANCELLING:
+                st.try_move(st.status, MigrationStatus.CANCELLING)
+            self._restart_guest()
+            st.try_move(MigrationStatus.CANCELLING, MigrationStatus.CANCELLED)
+        elif st.status == MigrationStatus.CANCELLING:
+            self._restart_guest()
+            st.move(MigrationStatus.CANCELLED)
+        else:
+            st.try_move(st.status, MigrationStatus.FAILED, error=reason)
+            self._restart_guest()
+        self.stats.total_time = time.monotonic() - self.stats.start
+
+    def _restart_guest(self) -> None:
+        """The guest runs on at the source as it ran before (paused if it was paused)."""
         m = self.machine
         if self._stopped_guest:
             try:
@@ -961,17 +997,6 @@ class OutgoingMigration:
                 log.exception("could not restart the guest after a failed migration")
         elif self.stats.throttle:
             m.set_throttle(0)
-        st = self.state
-        if cancelled:
-            if st.status != MigrationStatus.CANCELLING:
-                st.try_move(st.status, MigrationStatus.CANCELLING)
-            st.try_move(MigrationStatus.CANCELLING, MigrationStatus.CANCELLED)
-        else:
-            if st.status == MigrationStatus.CANCELLING:
-                st.move(MigrationStatus.CANCELLED)
-            else:
-                st.try_move(st.status, MigrationStatus.FAILED, error=reason)
-        self.stats.total_time = time.monotonic() - self.stats.start
 
     def _cleanup(self) -> None:
         multifd.source_close(self, self.state.status == MigrationStatus.COMPLETED)
@@ -1002,8 +1027,10 @@ class OutgoingMigration:
 
             out["total-time"] = s.elapsed_ms()
             out["setup-time"] = int((s.setup_time or 0) * 1000)
-            if status == MigrationStatus.COMPLETED or (status == MigrationStatus.COLO):
-                out["downtime"] = s.downtime_ms or 0  # COLO: the first migration's
+            # QEMU's migrate_show_downtime: completed, and in post-copy, where the blackout is
+            # over once the destination runs the guest (COLO: the first migration's)
+            if status in _SHOWS_DOWNTIME:
+                out["downtime"] = s.downtime_ms or 0
             else:
                 out["expected-downtime"] = s.expected_downtime_ms
         if s.throttle:
@@ -1012,7 +1039,8 @@ class OutgoingMigration:
         if status in (MigrationStatus.FAILED, MigrationStatus.POSTCOPY_PAUSED) and \
                 self.state.error:  # fmt: skip
             out["error-desc"] = self.state.error
-        out["x-dirty-tracker"] = self.tracker_name
+        if self.tracker_name:  # none yet in setup, nor when it failed before tracking began
+            out["x-dirty-tracker"] = self.tracker_name
         if "ram" in out and self.tracker is not None:
             # pages of chunks left writable between syncs (memtrack/hot.py), counted dirty
             out["ram"]["x-hot-pages"] = getattr(self.tracker, "hot_pages", 0)
@@ -1060,6 +1088,13 @@ class OutgoingMigration:
             "transferred": s.transferred,
             "dirty-tracker": self.tracker_name,
         }
+
+
+_SHOWS_DOWNTIME = frozenset({
+    MigrationStatus.COMPLETED, MigrationStatus.COLO, MigrationStatus.POSTCOPY_ACTIVE,
+    MigrationStatus.POSTCOPY_PAUSED, MigrationStatus.POSTCOPY_RECOVER_SETUP,
+    MigrationStatus.POSTCOPY_RECOVER,
+})  # fmt: skip
 
 
 def dumps(obj: Any) -> str:

@@ -33,11 +33,12 @@ MAX_NESTING: Final = 1024
 MAX_MESSAGE_SIZE: Final = 1 << 20
 
 _WHITESPACE = b" \t\r\n"
-# Inside a structure only these bytes change the scanner's state.
-_STRUCTURAL = re.compile(rb'[{}\[\]"]')
-_IN_STRING = re.compile(rb'["\\]')
+# Inside a structure only these bytes change the scanner's state. Strings are double- or
+# single-quoted: QEMU's JSON parser takes 'single quotes' too (as people type at a socat).
+_STRUCTURAL = re.compile(rb"""[{}\[\]"']""")
+_IN_STRING = {0x22: re.compile(rb'["\\]'), 0x27: re.compile(rb"['\\]")}
 # A bare top-level token (number, keyword, garbage) ends at one of these.
-_TOKEN_END = re.compile(rb'[\s{}\[\]",:]')
+_TOKEN_END = re.compile(rb"""[\s{}\[\]"',:]""")
 
 
 class _Sentinel:
@@ -108,12 +109,37 @@ _DECODER = json.JSONDecoder(
 )
 
 
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'" + r'|"(?:[^"\\]|\\.)*"', re.S)
+
+
+_PIECES = {"'": re.compile(r'\\.|"', re.S), '"': re.compile(r"\\.", re.S)}
+
+
+def _double_quoted(text: str) -> str:
+    """``text`` with QEMU's extensions of JSON strings made JSON: 'single-quoted' strings
+    (a ``"`` inside stands for itself) and ``\\'`` for ``'`` in either kind."""
+
+    def piece(e: re.Match[str]) -> str:
+        got = e.group(0)
+        if got == "\\'":
+            return "'"
+        return got if got[0] == "\\" else '\\"'  # a bare '"' of a single-quoted string
+
+    def one(m: re.Match[str]) -> str:
+        s = m.group(0)
+        return '"' + _PIECES[s[0]].sub(piece, s[1:-1]) + '"'
+
+    return _QUOTED.sub(one, text)
+
+
 def parse_json_value(raw: bytes) -> Any:
     """Parse exactly one JSON value from ``raw``; raise ``ValueError`` with QEMU-style text."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"invalid UTF-8 sequence at byte {exc.start}") from None
+    if "'" in text:
+        text = _double_quoted(text)
     try:
         value, end = _DECODER.raw_decode(text)
     except json.JSONDecodeError as exc:
@@ -143,6 +169,7 @@ class QMPDecoder:
         self._start: int | None = None  # start of the message being scanned
         self._depth = 0
         self._in_string = False
+        self._quote = 0x22  # the quote of the string being scanned
         self._too_deep = False
         self._eof = False
         self._failed = False
@@ -182,8 +209,9 @@ class QMPDecoder:
         if first in b"{[":
             self._begin(depth=1, in_string=False)
             return None
-        if first == ord('"'):
+        if first in b"\"'":
             self._begin(depth=0, in_string=True)
+            self._quote = first
             return None
         if first in b"}],:":
             self._consume(1)
@@ -214,7 +242,7 @@ class QMPDecoder:
         pos = self._pos
         while True:
             if self._in_string:
-                m = _IN_STRING.search(buf, pos)
+                m = _IN_STRING[self._quote].search(buf, pos)
                 if m is None:
                     pos = len(buf)
                     break
@@ -235,8 +263,9 @@ class QMPDecoder:
                 break
             pos = m.end()
             ch = buf[m.start()]
-            if ch == 0x22:
+            if ch in (0x22, 0x27):
                 self._in_string = True
+                self._quote = ch
             elif ch in b"{[":
                 self._depth += 1
                 if self._depth > self.max_nesting:

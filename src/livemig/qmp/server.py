@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
-from typing import Any
+from typing import Any, Final
 
 from livemig import __version__, threads
 from livemig.errors import LivemigError, UsageError
@@ -136,6 +136,11 @@ class SessionState(Enum):
     CLOSING = "closing"
 
 
+# Ends a session's dispatcher. Not None: a client's JSON ``null`` is a request too (QEMU:
+# "QMP input must be a JSON object"), and as None it stopped every later reply.
+_STOP: Final = object()
+
+
 class _ParseErrorRequest:
     """A queued parse failure, so its error reply keeps its place among the replies."""
 
@@ -220,7 +225,7 @@ class _Session:
 
     def _put_nowait_stop(self, dispatcher: asyncio.Task[None]) -> None:
         try:
-            self.queue.put_nowait(None)
+            self.queue.put_nowait(_STOP)
         except asyncio.QueueFull:
             # The client is gone: requests it left queued need not run.
             dispatcher.cancel()
@@ -263,7 +268,7 @@ class _Session:
     async def _dispatch_loop(self) -> None:
         while True:
             request = await self.queue.get()
-            if request is None:
+            if request is _STOP:
                 return
             async with self.server.command_lock:
                 await self._execute_and_reply(request, oob=False)

@@ -210,7 +210,7 @@ class Unit:
     def span(self) -> str:
         """The blocks and page ranges the unit covers, for an error message."""
         if not self.parts:
-            return f"{len(self.devices)} device section(s)"
+            return self._device_span()
         by: dict[str, list[np.ndarray]] = {}
         for b, _k, idx, _d in self.parts:
             by.setdefault(b, []).append(idx)
@@ -221,8 +221,12 @@ class Unit:
             out.append(f"RAM block {b!r} pages {lo:#x}-{hi:#x} "
                        f"(bytes {lo << PAGE_SHIFT:#x}-{((hi + 1) << PAGE_SHIFT) - 1:#x})")  # fmt: skip
         if self.devices:
-            out.append(f"{len(self.devices)} device section(s)")
+            out.append(self._device_span())
         return ", ".join(out)
+
+    def _device_span(self) -> str:
+        names = dict.fromkeys(d.split(b"\0", 1)[0].decode(errors="replace") for d in self.devices)
+        return f"{len(self.devices)} device section(s) ({', '.join(names)})"
 
 
 def _hash_part(h: Any, views: Mapping[str, Any], part: tuple, ex: np.ndarray | None) -> None:
@@ -371,6 +375,14 @@ class IncomingChecks:
 
     def query(self) -> dict[str, int]:
         return {"units": self.units}
+
+    def add_blocks(self, blocks: list) -> None:
+        """RAM blocks known only once the stream named them (``livemig analyze``)."""
+        for b in blocks:
+            self.views[b.idstr] = b.view
+            self.npages[b.idstr] = b.npages
+            self.pending[b.idstr] = np.zeros(b.npages, bool)
+        self.blocks.update(block_indexes(blocks))
 
     def set_block_order(self, names: list[str]) -> None:
         """The stream's block list order (the digest's block numbers)."""

@@ -348,17 +348,11 @@ class StreamVerifier:
         self.digests: dict[str, str] | None = None
         self.report: dict[str, Any] = {}
         self._announced: bool | None = None
+        self._ram = False  # the RAM setup came: the rebuilt blocks exist
 
     def before(self, ev: E.Event, offset: int) -> bool:
         from livemig.savevm import checksum as CK
 
-        if isinstance(ev, E.RamSetup) and self.checks is None:
-            # the blocks exist from here on; the announcement came before
-            self.result.alloc_ram(ev)
-            blocks = [_Block(b.idstr, self.result.ram[b.idstr]) for b in ev.blocks]
-            self.checks = CK.StreamChecks(blocks, required=True)
-            self.checks.announce(bool(self._announced), offset)
-            self.result.checks = self.checks
         if isinstance(ev, E.Configuration):
             self._announced = CK.CAPABILITY in (ev.capabilities or ())
             if not self._announced:
@@ -367,7 +361,22 @@ class StreamVerifier:
                     f"{CK.CAPABILITY}): nothing to verify it with",
                     offset,
                 )
-            return False
+            # From here on, as on a destination: the sections before the RAM's (the machine's
+            # shape) are a unit with its checksum too, which went unchecked when the checks
+            # began at the RAM setup. The RAM blocks join when the stream names them.
+            self.checks = CK.StreamChecks([], required=True)
+            self.result.checks = self.checks
+        if isinstance(ev, E.RamSetup) and not self._ram:
+            # the blocks exist from here on; the announcement came before
+            self._ram = True
+            self.result.alloc_ram(ev)
+            blocks = [_Block(b.idstr, self.result.ram[b.idstr]) for b in ev.blocks]
+            if self.checks is None:  # no configuration section: refused by announce
+                self.checks = CK.StreamChecks(blocks, required=True)
+                self.checks.announce(bool(self._announced), offset)
+                self.result.checks = self.checks
+            else:
+                self.checks.add_blocks(blocks)
         if isinstance(ev, E.SectionFull) and ev.idstr == "x-verify":
             self.digests = {k: bytes(v).hex() for k, v in ev.state.items()
                             if isinstance(v, bytes | bytearray | memoryview)}  # fmt: skip
@@ -384,7 +393,7 @@ class StreamVerifier:
 
         from livemig.savevm import checksum as CK
 
-        if self.checks is None:
+        if self.checks is None or not self._ram:
             raise CK.ChecksumError("the stream holds no RAM section: nothing to verify", offset)
         self.checks.at_end(offset)
         self.report = {"checksum-units": self.checks.units}

@@ -351,6 +351,7 @@ def capture_stream(
     uuid: str = ZERO_UUID,
     tls_creds: str = "",
     switchover_ack: bool = False,
+    on_listening: Callable[[str], None] | None = None,
 ) -> CaptureResult:
     """Receive one live migration on ``uri`` (``tcp:`` or ``unix:``) and write its stream to
     ``out`` (if given) once it is complete and checked: ``livemig capture``.
@@ -358,8 +359,8 @@ def capture_stream(
     ``multifd`` (with ``multifd_compression`` and the source's ``uuid``) accepts that many
     multifd channels and writes their pages into the stream; ``switchover_ack`` approves the
     switch-over as a QEMU destination with that capability does; ``tls_creds`` (a QEMU
-    tls-creds-x509 directory) makes every channel a TLS server. For the address a ``tcp:``
-    port 0 resolves to, use ``CaptureServer``."""
+    tls-creds-x509 directory) makes every channel a TLS server. ``on_listening`` is told the
+    address listened on (a ``tcp:`` port 0 resolved) before the wait begins."""
     if out is not None:
         # before listening: found only at the end, the source had sent its whole migration
         # (and stopped its guest for it) into a capture that could not keep it
@@ -367,6 +368,8 @@ def capture_stream(
     with CaptureServer(uri, timeout=timeout, multifd=multifd,
                        multifd_compression=multifd_compression, uuid=uuid,
                        tls_creds=tls_creds, switchover_ack=switchover_ack) as server:  # fmt: skip
+        if on_listening is not None:
+            on_listening(server.address)
         result = server.receive()
     if out is None:
         return result

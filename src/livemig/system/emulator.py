@@ -144,8 +144,11 @@ class System:
                 machine.load_guest(self.image.data, opts.append)
                 what = f"guest {self.image.name}"
             else:
-                what = f"incoming guest ({opts.incoming})"
-            where = f", QMP at {opts.qmp}" if opts.qmp else ""
+                # where it listens, and the monitor: the real port of a port 0, which is what a
+                # client must be told (it printed the :0 it was given)
+                incoming = getattr(self.manager, "incoming", None)
+                what = f"incoming guest ({incoming.uri if incoming is not None else opts.incoming})"
+            where = f", QMP at {self.server.address}" if self.server is not None else ""
             self.on_message(f"{what}, {len(machine.vcpus)} vCPUs, {ram}{where}")
             if self.image is not None and not opts.prelaunch:
                 machine.start()

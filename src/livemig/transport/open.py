@@ -81,8 +81,10 @@ def connect(
         try:
             family, _, _, _, addr = socket.getaddrinfo(u.host, u.port, type=socket.SOCK_STREAM)[0]
             sock = _cancellable_connect(family, addr, timeout, cancelled, f"{name} {u}")
+        except socket.gaierror as exc:
+            raise ChannelError(_unresolved(u, exc)) from exc
         except OSError as exc:
-            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+            raise ChannelError(_not_connected(u, exc)) from exc
         if creds is not None:
             return _tls.client_wrap(sock, creds, f"{name} {u}", timeout, host=u.host)
         return Channel.from_socket(sock, f"{name} {u}", timeout)
@@ -90,15 +92,17 @@ def connect(
         try:
             sock = _cancellable_connect(socket.AF_UNIX, u.path, timeout, cancelled, f"{name} {u}")
         except OSError as exc:
-            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+            raise ChannelError(_not_connected(u, exc)) from exc
         if creds is not None:
             return _tls.client_wrap(sock, creds, f"{name} {u}", timeout)
         return Channel.from_socket(sock, f"{name} {u}", timeout)
     if u.scheme == "tcp":
         try:
             sock = socket.create_connection((u.host, u.port), timeout=timeout)
+        except socket.gaierror as exc:
+            raise ChannelError(_unresolved(u, exc)) from exc
         except OSError as exc:
-            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+            raise ChannelError(_not_connected(u, exc)) from exc
         if creds is not None:
             return _tls.client_wrap(sock, creds, f"{name} {u}", timeout, host=u.host)
         return Channel.from_socket(sock, f"{name} {u}", timeout)
@@ -109,7 +113,7 @@ def connect(
             sock.connect(u.path)
         except OSError as exc:
             sock.close()
-            raise ChannelError(f"cannot connect to {u}: {exc.strerror or exc}") from exc
+            raise ChannelError(_not_connected(u, exc)) from exc
         if creds is not None:
             return _tls.client_wrap(sock, creds, f"{name} {u}", timeout)
         return Channel.from_socket(sock, f"{name} {u}", timeout)
@@ -128,6 +132,19 @@ def connect(
         f.truncate(u.offset)
         f.seek(u.offset)
     return Channel(f"{name} {u}", None, f.fileno(), timeout=timeout, file=f)
+
+
+def _not_connected(u: MigrationURI, exc: OSError) -> str:
+    """QEMU 10.0's words for a connect that failed: "Failed to connect to '127.0.0.1:4444':
+    Connection refused" (the path of a unix socket)."""
+    where = f"{u.host}:{u.port}" if u.scheme == "tcp" else u.path
+    return f"Failed to connect to '{where}': {exc.strerror or exc}"
+
+
+def _unresolved(u: MigrationURI, exc: socket.gaierror) -> str:
+    """QEMU 10.0's words for a host that does not resolve, an empty one (``tcp::PORT``)
+    included: "address resolution failed for :4444: Name or service not known"."""
+    return f"address resolution failed for {u.host}:{u.port}: {exc.strerror or exc}"
 
 
 def check_file(uri: str | MigrationURI, writing: bool) -> None:
@@ -243,13 +260,9 @@ class Listener:
         if u.scheme in ("exec", "file"):
             _no_tls_for(u, self.tls)
         if u.scheme == "tcp":
-            family = socket.AF_INET6 if ":" in u.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((u.host, u.port))
+                sock = _tcp_listen(u.host, u.port)
             except OSError as exc:
-                sock.close()
                 raise ChannelError(f"cannot listen on {u}: {exc.strerror or exc}") from exc
             sock.listen(16)
             self._sock = sock
@@ -269,11 +282,29 @@ class Listener:
 
     @property
     def address(self) -> str:
-        """The URI actually listened on (a tcp port 0 resolved to the real port)."""
+        """The URI actually listened on (a tcp port 0 resolved to the real port; an empty
+        host, every address, stays empty)."""
         if self._sock is not None and self.uri.scheme == "tcp":
             host, port = self._sock.getsockname()[:2]
-            return str(MigrationURI("tcp", host=host, port=port))
+            return str(MigrationURI("tcp", host=self.uri.host and host, port=port))
         return str(self.uri)
+
+    def socket_addresses(self) -> list[dict[str, object]]:
+        """What it listens on as QEMU's ``SocketAddress`` objects (query-migrate's
+        ``socket-address``): every address is two, ``::`` then ``0.0.0.0``, as QEMU lists them
+        (on one port here); none for ``exec:`` and ``file:``."""
+        u = self.uri
+        if u.scheme == "tcp" and self._sock is not None:
+            host, port = self._sock.getsockname()[:2]
+            every = not u.host and self._sock.family == socket.AF_INET6
+            hosts = ["::", "0.0.0.0"] if every else [host]
+            return [{"port": str(port), "ipv6" if ":" in h else "ipv4": True, "host": h,
+                     "type": "inet"} for h in hosts]  # fmt: skip
+        if u.scheme == "unix":
+            return [{"path": u.path, "type": "unix"}]
+        if u.scheme == "fd":
+            return [{"str": str(u.fd), "type": "fd"}]
+        return []
 
     def accept(self, timeout: float | None = None, name: str = "main") -> Channel:
         """The next incoming channel; ``ChannelTimeout`` if none arrives in time."""
@@ -388,6 +419,33 @@ class Listener:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _tcp_listen(host: str, port: int) -> socket.socket:
+    """A bound TCP socket. An empty host is every address, IPv4 and IPv6, as QEMU listens
+    for ``tcp::PORT`` (one dual-stack socket here, where QEMU opens one per family); on a host
+    without IPv6, every IPv4 address."""
+    families = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")] if not host else \
+        [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]  # fmt: skip
+    for i, (family, addr) in enumerate(families):
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:
+            if i + 1 < len(families):
+                continue  # no IPv6 in this kernel
+            raise
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and not host:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind((addr, port))
+        except OSError as exc:
+            sock.close()
+            if i + 1 < len(families) and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                continue  # IPv6 disabled on this host
+            raise
+        return sock
+    raise AssertionError("unreachable")
 
 
 def _plain_stream(conn: socket.socket, timeout: float) -> str | None:

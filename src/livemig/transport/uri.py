@@ -17,7 +17,8 @@ SCHEMES = ("tcp", "unix", "fd", "exec", "file")
 
 @dataclass(frozen=True)
 class MigrationURI:
-    """A parsed URI. Only the fields of its scheme are set."""
+    """A parsed URI. Only the fields of its scheme are set (``tcp:``'s ``host`` may be empty:
+    every address when listening, unresolvable when connecting)."""
 
     scheme: str
     host: str = ""
@@ -73,7 +74,10 @@ def parse_uri(text: str) -> MigrationURI:
         port = int(m.group("port"))
         if port > 65535:
             raise UsageError(f"invalid migration URI {text!r}: port {port} out of range")
-        host = m.group("v6") or m.group("host") or "0.0.0.0"
+        # An empty host is kept empty, as QEMU keeps it: a listener takes it as every address
+        # (IPv4 and IPv6), a connect cannot resolve it and fails ("address resolution failed
+        # for :4444"), where taking it as 0.0.0.0 connected to whatever listened locally.
+        host = m.group("v6") or m.group("host") or ""
         return MigrationURI("tcp", host="0.0.0.0" if host == "0" else host, port=port)
     if scheme == "unix":
         if not rest:
