@@ -2,7 +2,8 @@
 and ends once the package is sent. The preempt channel is connected before it (QEMU:
 ``postcopy_preempt_establish_channel`` before ``migration_downtime_start``), the move to
 postcopy-active comes after (QEMU 10.0), and query-migrate counts it in milliseconds as QEMU
-does."""
+does. In both switch-overs, pre-copy's too, the thread turns real-time before the downtime
+starts, as QEMU takes the BQL before ``migration_downtime_start``."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from livemig.migration import source as source_module
 from livemig.migration.postcopy_source import PostcopySource, collector_held
 
 
@@ -67,6 +69,27 @@ def test_downtime_leaves_out_the_preempt_connection_and_ends_with_the_package(
     assert q["x-verified"] is True
     assert collecting == [False]  # no garbage collection inside the window
     assert gc.isenabled()
+
+
+def test_precopy_downtime_starts_after_the_thread_turned_real_time(pair, monkeypatch) -> None:
+    slow = 0.2  # system calls that a loaded host made slow: not the guest's downtime
+    taken: dict[str, float] = {}
+
+    def slow_priority() -> None:
+        time.sleep(slow)
+        taken["at"] = time.monotonic()
+        return None  # nothing changed: nothing to restore
+
+    monkeypatch.setattr(source_module, "blackout_priority", slow_priority)
+    p = pair(ram=32 << 20, append="ws=8M rate=2000")
+    p.caps(return_path=True)
+    p.wait_guest()
+    p.start()
+    assert p.wait("dst", {"completed", "failed"}) == "completed", p.dm.query_migrate()
+    assert p.wait("src", {"completed", "failed"}) == "completed", p.sm.query_migrate()
+    mig = p.sm.outgoing
+    assert taken["at"] <= mig._t_stop  # taken while the guest still ran
+    assert mig.stats.downtime is not None and mig.stats.downtime < slow
 
 
 def test_collector_held_restores_what_it_found() -> None:
