@@ -7,9 +7,11 @@ starts, as QEMU takes the BQL before ``migration_downtime_start``."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -105,3 +107,45 @@ def test_collector_held_restores_what_it_found() -> None:
         assert not gc.isenabled()  # off before: left off
     finally:
         gc.enable()
+
+
+def test_events_raised_in_the_window_are_held_until_the_package_is_out(pair) -> None:
+    """The MIGRATION "device" and MIGRATION_PASS events of the switch are raised with the
+    QMP server's events held (QEMU's BQL holds its monitor the same way), and the hold ends
+    once the downtime is over, before postcopy-active."""
+    p = pair(ram=32 << 20, append="ws=8M rate=4000")
+    held: list[tuple[str, Any]] = []
+    window: dict[str, float] = {}
+    holding = [False]
+    record = p._ev
+
+    def on_event(side: str, name: str, data: Any) -> None:
+        if side == "src" and holding[0]:
+            held.append((name, data))
+        record(side, name, data)
+
+    @contextlib.contextmanager
+    def events_held() -> Iterator[None]:
+        window["start"] = time.monotonic()
+        holding[0] = True
+        try:
+            yield
+        finally:
+            holding[0] = False
+            window["end"] = time.monotonic()
+
+    p._ev = on_event
+    p.sm.events_held = events_held
+    p.caps(postcopy_ram=True, events=True)
+    p.params(max_bandwidth=16 << 20)
+    p.wait_guest()
+    p.start()
+    p.wait_pass(1)
+    p.sm.outgoing.postcopy.start_postcopy()
+    assert p.wait("dst", {"completed", "failed"}) == "completed", p.dm.query_migrate()
+    assert p.wait("src", {"completed", "failed"}) == "completed", p.sm.query_migrate()
+    mig = p.sm.outgoing
+    assert [n for n, _ in held] == ["MIGRATION", "MIGRATION_PASS"]
+    assert held[0][1] == {"status": "device"}
+    assert window["start"] <= mig._t_stop
+    assert window["end"] >= mig._t_stop + mig.stats.downtime

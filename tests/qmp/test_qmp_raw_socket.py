@@ -198,6 +198,32 @@ def test_events_only_after_negotiation(make_server: Callable[..., QMPServer], ra
     assert early.recv() == {"return": {}}  # no RESUME queued before it
 
 
+def test_events_held_go_out_in_order_at_the_end(make_server: Callable[..., QMPServer], raw) -> None:
+    """What a migration's downtime does (QEMU's BQL holds the monitor the same way): events
+    raised inside ``events_held`` wait for its end, keep their order and the time they were
+    raised, while replies go on; nested holds end with the outermost."""
+    server = make_server(registry())
+    c = raw(server.address)
+    c.greet_and_negotiate()
+    with server.events_held():
+        server.emit_event("STOP")
+        with server.events_held():
+            server.emit_event("MIGRATION", {"status": "device"})
+        raised = time.time()
+        time.sleep(0.05)
+        server.emit_event("MIGRATION_PASS", {"pass": 3})
+        c.send({"execute": "echo", "arguments": {"text": "meanwhile"}})
+        assert c.recv() == {"return": "meanwhile"}  # no event came before the reply
+        released = time.time()
+    got = [c.recv() for _ in range(3)]
+    assert [m["event"] for m in got] == ["STOP", "MIGRATION", "MIGRATION_PASS"]
+    assert got[1]["data"] == {"status": "device"}
+    stamps = [m["timestamp"]["seconds"] + m["timestamp"]["microseconds"] / 1e6 for m in got]
+    assert stamps[0] <= stamps[1] <= raised < stamps[2] <= released
+    server.emit_event("RESUME")  # not held any more
+    assert c.recv()["event"] == "RESUME"
+
+
 def test_vanishing_clients_do_not_hurt_others(make_server: Callable[..., QMPServer], raw) -> None:
     release = threading.Event()
     reg = registry()

@@ -199,3 +199,38 @@ def test_fuzz_mutated_streams(data: st.DataObject) -> None:
             buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
     _decode_or_stream_error(bytes(buf), max_record_size=1 << 20, **opts)
     _decode_or_stream_error(bytes(buf), 997, max_record_size=1 << 20, **opts)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.booleans(), min_size=1, max_size=600), st.sampled_from(BLOCKS))
+def test_postcopy_discards_are_the_commands_send_makes(bits: list, block: RamBlockInfo) -> None:
+    """``Encoder.postcopy_discards`` (the switch's discards, made at once) is byte for byte
+    one ``send(PostcopyRamDiscard)`` per run of 12 ranges, a range per run of set pages, and
+    decodes back to those commands."""
+    from livemig.migration.postcopy_source import discard_bufs, discard_ranges
+    from livemig.savevm.ram import page_runs
+    from livemig.wire.encoder import Encoder
+
+    bitmap = np.array(bits, dtype=bool)
+    ranges = [(s * PS, n * PS) for s, n in page_runs(np.flatnonzero(bitmap))]
+    commands = [PostcopyRamDiscard(block.idstr, tuple(ranges[i : i + 12]))
+                for i in range(0, len(ranges), 12)]  # fmt: skip
+    want = b"".join(Encoder().to_bytes(c) for c in commands)
+    got_ranges = discard_ranges(bitmap)
+    assert [tuple(r) for r in got_ranges.tolist()] == ranges
+    enc = Encoder()
+    got = b"".join(enc.postcopy_discards(block.idstr, got_ranges)) if ranges else b""
+    assert got == want
+    assert enc.bytes_sent == len(want)
+    if commands:
+        header = encode_all([Header(3)])
+        assert decode_all(header + got, eof=False) == [Header(3), *commands]
+
+    class Mig:  # what discard_bufs reads of an OutgoingMigration
+        encoder = Encoder()
+        checks = None
+
+        class ram:
+            blocks = [block]
+
+    assert b"".join(discard_bufs(Mig, {block.idstr: bitmap})) == want

@@ -8,6 +8,7 @@ error messages; MIGRATION and MIGRATION_PASS events go out when capability ``eve
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -42,9 +43,15 @@ class MigrationManager:
     """Capabilities, parameters, and the current outgoing / incoming migration."""
 
     def __init__(
-        self, machine: Any, emit: Emit | None = None, autostart: Callable[[], bool] | None = None
+        self,
+        machine: Any,
+        emit: Emit | None = None,
+        autostart: Callable[[], bool] | None = None,
+        events_held: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
     ) -> None:
         self.machine = machine
+        # the QMP server's ``events_held``: a downtime holds the events it raises until its end
+        self.events_held = events_held or contextlib.nullcontext
         self.caps = Capabilities()
         self.params = Parameters()
         self._emit = emit or (lambda name, data=None: None)
@@ -148,7 +155,8 @@ class MigrationManager:
             )
             self.source.move(MigrationStatus.SETUP)
             self.outgoing = OutgoingMigration(self.machine, config, self.source,
-                                              emit=self._emit_pass)  # fmt: skip
+                                              emit=self._emit_pass,
+                                              events_held=self.events_held)  # fmt: skip
             self.outgoing.colo_participants = self.colo_participants
             self.outgoing.start()
             threads.Thread(target=self._watch_outgoing, args=(self.outgoing,),

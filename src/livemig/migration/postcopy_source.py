@@ -14,7 +14,9 @@ Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_q
   STOP, ->device), last dirty sync (``final_sync``), ``POSTCOPY_RAM_DISCARD`` for every run of
   still-dirty pages not discarded yet (never-sent ones included), PING 2, then one
   ``PACKAGED`` command holding LISTEN, the FULL device sections, PING 3 and RUN, then PING 4;
-  it ends once they are sent, and ->postcopy-active follows, as in QEMU 10.0. From the moment
+  it ends once they are sent, and ->postcopy-active follows, as in QEMU 10.0. The QMP events
+  raised in the window (STOP, MIGRATION device, MIGRATION_PASS) go out at its end, as QEMU's
+  BQL holds them. From the moment
   the package leaves, the guest belongs to the destination: nothing here restarts it,
   whatever happens (the guest never runs on both sides).
 * **post-copy phase**: the return-path thread serves REQ_PAGES(_ID) itself: with
@@ -88,7 +90,6 @@ from livemig.migration.state import MigrationStatus
 from livemig.migration.state_verify import STATE_IDSTR, state_digests, state_vmsd
 from livemig.savevm import checksum as CK
 from livemig.savevm.devices import GLOBALSTATE_VMSD, encode_globalstate, machine_entries
-from livemig.savevm.ram import page_runs
 from livemig.transport import Channel, ChannelError, connect
 from livemig.wire import events as E
 from livemig.wire import returnpath as RP
@@ -210,14 +211,26 @@ def _nbytes(bufs: list) -> int:
 _K = (np.arange(1, PAGE_WORDS + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) | np.uint64(1)
 
 
+def discard_ranges(bitmap: np.ndarray) -> np.ndarray:
+    """The runs of pages set in ``bitmap`` as an (n, 2) array of [start, length) in bytes,
+    POSTCOPY_RAM_DISCARD's ranges."""
+    idx = np.flatnonzero(bitmap)
+    if idx.size == 0:
+        return np.empty((0, 2), dtype=np.uint64)
+    cut = np.flatnonzero(np.diff(idx) != 1) + 1
+    firsts = idx[np.concatenate(([0], cut))]
+    ends = idx[np.concatenate((cut - 1, [idx.size - 1]))] + 1
+    return np.stack((firsts, ends - firsts), axis=1).astype(np.uint64) * np.uint64(PAGE)
+
+
 def discard_commands(pages: dict[str, np.ndarray]) -> list[E.PostcopyRamDiscard]:
     """POSTCOPY_RAM_DISCARD commands for the pages set in ``pages`` (RAM block -> bitmap, in
     the order given): a range per run of pages, at most ``MAX_DISCARD_RANGES`` a command.
     Also what ``livemig replay --postcopy-drain`` sends, so that a QEMU destination is shown
-    the very commands this source sends."""
+    the very commands this source sends (``discard_bufs`` makes the same bytes at once)."""
     out: list[E.PostcopyRamDiscard] = []
     for block, bitmap in pages.items():
-        ranges = [(s * PAGE, n * PAGE) for s, n in page_runs(np.flatnonzero(bitmap))]
+        ranges = [(s, n) for s, n in discard_ranges(bitmap).tolist()]
         for i in range(0, len(ranges), MAX_DISCARD_RANGES):
             out.append(E.PostcopyRamDiscard(block, tuple(ranges[i : i + MAX_DISCARD_RANGES])))
     return out
@@ -229,10 +242,16 @@ def discard_bufs(mig: Any, pages: dict[str, np.ndarray]) -> list:
     enc = mig.encoder
     bufs: list = []
     unit = CK.Unit()  # x-checksums: a discard left out would leave stale pages in place
-    ordered = {b.idstr: pages[b.idstr] for b in mig.ram.blocks if b.idstr in pages}
-    for cmd in discard_commands(ordered):
-        bufs += enc.send(cmd)
-        unit.add_device(*CK.discard_record(cmd.block, cmd.ranges))
+    for b in mig.ram.blocks:
+        if b.idstr not in pages:
+            continue
+        ranges = discard_ranges(pages[b.idstr])
+        if not len(ranges):
+            continue
+        bufs += enc.postcopy_discards(b.idstr, ranges)
+        if mig.checks is not None:
+            for i in range(0, len(ranges), MAX_DISCARD_RANGES):
+                unit.add_device(*CK.discard_record(b.idstr, ranges[i : i + MAX_DISCARD_RANGES]))
     if mig.checks is not None and unit:
         bufs += mig._checksum(unit)
     return bufs
@@ -722,7 +741,8 @@ class PostcopySource:
         # blackout and takes its own post-copy priority once the package is out.
         self._boost_rp_thread()
         mig.begin_blackout_priority()
-        with collector_held():
+        # QMP events raised in the downtime go out at its end (QEMU's BQL holds them too)
+        with collector_held(), mig.events_held():
             t_run = self._switch()
         # Requests are served from here on (the first comes as soon as the guest runs), not
         # queued until the bookkeeping below is done.
@@ -767,7 +787,6 @@ class PostcopySource:
         mig._frozen = True  # x-checksums: the pages sent from here are the pages hashed
         mig.stats.note_sync(new)
         mig.emit("MIGRATION_PASS", {"pass": mig.stats.dirty_sync_count})
-        mig._record_pass("post-copy switch: last sync with the guest stopped")
         # the pages still to send, but those discarded already while the guest ran (_drain)
         pre = mig.prediscarded
         bufs = discard_bufs(mig, {b.idstr: mig.ram.dirty[b.idstr] & ~pre[b.idstr] if b.idstr in pre
@@ -778,10 +797,6 @@ class PostcopySource:
         # interpreter lock while the package is built.
         mig._send(bufs, "downtime")
         package = self._package()
-        # Post-copy pages never go by multifd: the page walk finds the zero pages again, as
-        # QEMU's migration thread does after the switch (unless zero-page-detection is none).
-        mig.ram.find_zero = self.params.get("zero-page-detection") != "none"
-        self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
         # From here the destination may run the guest: this side must never restart it.
         mig._stopped_guest = False
         try:
@@ -796,8 +811,15 @@ class PostcopySource:
         # The downtime ends with the package sent, as QEMU's (``migration_downtime_end``
         # right after ``qemu_savevm_send_packaged``): the destination has all it needs to
         # run the guest. What follows is this side's bookkeeping, which QEMU 10.0 also does
-        # after (the move to postcopy-active included).
-        return time.monotonic()
+        # after (the move to postcopy-active included), and so is the record of the last
+        # pass (nothing sent since changed its dirty pages).
+        end = time.monotonic()
+        mig._record_pass("post-copy switch: last sync with the guest stopped")
+        # Post-copy pages never go by multifd: the page walk finds the zero pages again, as
+        # QEMU's migration thread does after the switch (unless zero-page-detection is none).
+        mig.ram.find_zero = self.params.get("zero-page-detection") != "none"
+        self.rate_limit = self.params.get("max-postcopy-bandwidth", 0)
+        return end
 
     def _postcopy_priority(self) -> list:
         """The priorities of the post-copy phase, from the migration thread once the package

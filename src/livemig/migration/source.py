@@ -20,6 +20,7 @@ lost: if we had stopped it, we restart it (RESUME). Every socket operation has a
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -140,11 +141,13 @@ class OutgoingMigration:
         *,
         emit: Any = None,
         tracker_factory: Any = None,
+        events_held: Any = None,
     ) -> None:
         self.machine = machine
         self.config = config
         self.state = state
         self.emit = emit or (lambda name, data=None: None)
+        self.events_held = events_held or contextlib.nullcontext
         self.stats = MigrationStats()
         self.stats.total_bytes = sum(b.size for b in machine.ram_blocks)
         self.stats.expected_downtime_ms = config.params["downtime-limit"]

@@ -28,6 +28,7 @@ A handler that must act only after its reply went out (``quit``) calls ``call_af
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import itertools
@@ -38,7 +39,7 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from enum import Enum
 from typing import Any, Final
@@ -455,6 +456,9 @@ class QMPServer:
         self._socket_inode: tuple[int, int] | None = None
         self._closed = False
         self._close_lock = threading.Lock()
+        self._held: list[bytes] | None = None  # events queued by ``events_held``
+        self._hold_depth = 0
+        self._hold_lock = threading.Lock()
 
     # --- public API -----------------------------------------------------------------------------
 
@@ -516,14 +520,45 @@ class QMPServer:
         if data is not None:
             msg["data"] = data
         payload = encode_message(msg)
+        with self._hold_lock:
+            if self._held is not None:
+                self._held.append(payload)
+                return
+        self._post(payload)
+
+    @contextlib.contextmanager
+    def events_held(self) -> Iterator[None]:
+        """Events emitted inside the block are queued, each with the time it was emitted,
+        and sent in order when the block ends (nested blocks: when the outermost ends).
+
+        What QEMU's monitor does while a thread holds the BQL, as its migration thread does
+        through a downtime: the events raised meanwhile go out once the main loop runs again.
+        Here the loop thread woke for each one and took the interpreter lock from the thread
+        in the downtime (~50 us an event, three events in a post-copy switch)."""
+        with self._hold_lock:
+            self._hold_depth += 1
+            if self._held is None:
+                self._held = []
+        try:
+            yield
+        finally:
+            with self._hold_lock:
+                self._hold_depth -= 1
+                held = self._held if self._hold_depth == 0 else None
+                if held is not None:
+                    self._held = None
+            if held:
+                self._post(b"".join(held))
+
+    def _post(self, payload: bytes) -> None:
         loop = self._loop
         if loop is None or self._closed:
-            logger.debug("event %s dropped: server not running", name)
+            logger.debug("events dropped: server not running")
             return
         try:
             loop.call_soon_threadsafe(self._broadcast, payload)
         except RuntimeError:
-            logger.debug("event %s dropped: loop closed", name)
+            logger.debug("events dropped: loop closed")
 
     def close(self) -> None:
         """Disconnect every client, stop listening, remove the socket file. Idempotent.

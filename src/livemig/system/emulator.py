@@ -266,7 +266,8 @@ class System:
                 self._say_colo_exit(data or {})
 
         autostart = (lambda: control.autostart) if control else (lambda: not opts.prelaunch)
-        manager = MigrationManager(machine, emit=emit, autostart=autostart)
+        manager = MigrationManager(machine, emit=emit, autostart=autostart,
+                                   events_held=server.events_held if server else None)  # fmt: skip
         self.manager = manager
         if opts.tls_creds:
             from livemig.transport.tls import load_creds

@@ -120,6 +120,29 @@ class Encoder:
             return self.encode_zero_pages(event.block, event.offsets, event.fill)
         return self._account(self._encode(event))
 
+    def postcopy_discards(self, block: str, ranges: np.ndarray) -> Buffers:
+        """``send(PostcopyRamDiscard(block, rows))`` for each run of at most 12 rows of
+        ``ranges`` ((n, 2) [start, length) in bytes), in order, as one buffer: the same bytes,
+        made at once. With a busy guest the switch sends hundreds of single-page ranges, and
+        one ``send`` per command cost ~0.1 ms inside the downtime."""
+        per = C.MAX_DISCARDS_PER_COMMAND
+        raw = np.ascontiguousarray(ranges, dtype=">u8").view(np.uint8).reshape(-1, 16)
+        head = b"\x00" + cstr(block) + b"\x00"
+        full, rest = divmod(len(raw), per)
+        if full < 4:  # a few commands: the array costs more than it saves
+            out = b"".join(_command(C.Command.POSTCOPY_RAM_DISCARD, head + raw[i : i + per].tobytes())
+                           for i in range(0, len(raw), per))  # fmt: skip
+            return self._account([out])
+        # the full commands as rows of one array: the same header, then 12 ranges
+        first = _command(C.Command.POSTCOPY_RAM_DISCARD, head + bytes(16 * per))[: -16 * per]
+        rows = np.empty((full, len(first) + 16 * per), dtype=np.uint8)
+        rows[:, : len(first)] = np.frombuffer(first, dtype=np.uint8)
+        rows[:, len(first) :] = raw[: full * per].reshape(full, 16 * per)
+        out = rows.tobytes()
+        if rest:
+            out += _command(C.Command.POSTCOPY_RAM_DISCARD, head + raw[full * per :].tobytes())
+        return self._account([out])
+
     def to_bytes(self, event: E.Event) -> bytes:
         """The wire form of one event as a single bytes object (copies)."""
         return b"".join(self.send(event))
