@@ -624,14 +624,25 @@ class QMPServer:
                 raise UsageError(f"cannot listen for QMP on unix:{path}: not a socket, not removed")
             os.unlink(path)  # a stale socket from an earlier run, as QEMU does
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # Bound under a temporary name and renamed into place once listening: a client that
+        # connects the moment the file appears (libvirt and the benchmarks wait for it) was
+        # refused when it came between bind() and listen() (seen on a loaded host).
+        tmp = f"{path}.{os.getpid()}~"
+        staged = len(os.fsencode(tmp)) < 108  # sun_path's size
         try:
-            sock.bind(path)
+            sock.bind(tmp if staged else path)
             # Nobody can connect before listen(), so tightening the mode here leaves no window.
-            os.chmod(path, 0o600)
+            os.chmod(tmp if staged else path, 0o600)
+            if staged:
+                sock.listen(LISTEN_BACKLOG)
+                os.rename(tmp, path)
             st = os.stat(path)
             self._socket_inode = (st.st_dev, st.st_ino)
         except BaseException:
             sock.close()
+            if staged:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
             raise
         self._address = f"unix:{path}"
         return sock
