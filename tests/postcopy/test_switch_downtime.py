@@ -69,6 +69,13 @@ def test_downtime_leaves_out_the_preempt_connection_and_ends_with_the_package(
     assert q["downtime"] == s.downtime_ms
     assert s.downtime_ms in (math.floor(s.downtime * 1000), math.floor(s.downtime * 1000) + 1)
     assert q["x-verified"] is True
+    # x-verify's adding up of RAM is inside the window, told apart as pre-copy's is
+    assert q["x-verify-ms"] > 0
+    bd = s.downtime_breakdown
+    assert set(bd) == {"postcopy-switch", "verify-hashing"}
+    assert math.isclose(sum(bd.values()), s.downtime, abs_tol=1e-9)
+    switch = mig.report()["phases"]["stop-and-copy"]
+    assert math.isclose(switch[1] - switch[0], s.downtime, abs_tol=1e-9)
     assert collecting == [False]  # no garbage collection inside the window
     assert gc.isenabled()
 

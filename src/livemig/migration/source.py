@@ -1076,6 +1076,7 @@ class OutgoingMigration:
             phases["precopy"] = [setup_end, stop]
             switch = s.downtime_breakdown.get("postcopy-switch")
             if switch is not None:
+                switch += s.downtime_breakdown.get("verify-hashing", 0.0)
                 phases["stop-and-copy"] = [stop, stop + switch]
                 if s.total_time is not None:
                     phases["postcopy"] = [stop + switch, s.total_time]
