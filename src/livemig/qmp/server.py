@@ -409,6 +409,18 @@ def _run_all(callbacks: list[Callable[[], Any]]) -> None:
             logger.exception("after-reply action %r failed", fn)
 
 
+def _event_message(now: float, name: str, data: dict[str, Any] | None) -> bytes:
+    """An event as QEMU sends it, stamped ``now`` (``time.time()``)."""
+    seconds = int(now)
+    msg: dict[str, Any] = {
+        "timestamp": {"seconds": seconds, "microseconds": int((now - seconds) * 1_000_000)},
+        "event": name,
+    }
+    if data is not None:
+        msg["data"] = data
+    return encode_message(msg)
+
+
 class QMPServer:
     """A QMP monitor listening on ``unix:PATH`` or ``tcp:HOST:PORT`` (see module docstring)."""
 
@@ -456,7 +468,7 @@ class QMPServer:
         self._socket_inode: tuple[int, int] | None = None
         self._closed = False
         self._close_lock = threading.Lock()
-        self._held: list[bytes] | None = None  # events queued by ``events_held``
+        self._held: list[tuple[float, str, Any]] | None = None  # queued by ``events_held``
         self._hold_depth = 0
         self._hold_lock = threading.Lock()
 
@@ -512,19 +524,12 @@ class QMPServer:
             # query-qmp-schema lists exactly the declared events: an undeclared one is a bug
             logger.error("event %s is not declared (CommandRegistry.add_event)", name)
         now = time.time()
-        seconds = int(now)
-        msg: dict[str, Any] = {
-            "timestamp": {"seconds": seconds, "microseconds": int((now - seconds) * 1_000_000)},
-            "event": name,
-        }
-        if data is not None:
-            msg["data"] = data
-        payload = encode_message(msg)
         with self._hold_lock:
             if self._held is not None:
-                self._held.append(payload)
+                # encoded when sent: the JSON costs as much as the rest (cold, in a downtime)
+                self._held.append((now, name, None if data is None else dict(data)))
                 return
-        self._post(payload)
+        self._post(_event_message(now, name, data))
 
     @contextlib.contextmanager
     def events_held(self) -> Iterator[None]:
@@ -548,7 +553,7 @@ class QMPServer:
                 if held is not None:
                     self._held = None
             if held:
-                self._post(b"".join(held))
+                self._post(b"".join(_event_message(*ev) for ev in held))
 
     def _post(self, payload: bytes) -> None:
         loop = self._loop
