@@ -37,9 +37,9 @@ def test_downtime_leaves_out_the_preempt_connection_and_ends_with_the_package(
     collecting: list[bool] = []
     package = PostcopySource._package
 
-    def watched_package(self: PostcopySource) -> bytes:
+    def watched_package(self: PostcopySource, entries: list) -> bytes:
         collecting.append(gc.isenabled())
-        return package(self)
+        return package(self, entries)
 
     monkeypatch.setattr(PostcopySource, "_package", watched_package)
     p = pair(ram=32 << 20, append="ws=8M rate=4000")

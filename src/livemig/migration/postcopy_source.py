@@ -741,9 +741,12 @@ class PostcopySource:
         # blackout and takes its own post-copy priority once the package is out.
         self._boost_rp_thread()
         mig.begin_blackout_priority()
+        # The device sections' entries (how to read each state, once stopped) need nothing
+        # stopped to be listed: 30 us less in the window.
+        entries = machine_entries(mig.machine)
         # QMP events raised in the downtime go out at its end (QEMU's BQL holds them too)
         with collector_held(), mig.events_held():
-            t_run = self._switch()
+            t_run = self._switch(entries)
         # Requests are served from here on (the first comes as soon as the guest runs), not
         # queued until the bookkeeping below is done.
         mig.rate.rate = self.rate_limit  # 0: unlimited, QEMU's default in post-copy
@@ -767,7 +770,7 @@ class PostcopySource:
         finally:
             restore_threads(saved)
 
-    def _switch(self) -> float:
+    def _switch(self, entries: list) -> float:
         """The downtime: stop the guest, last sync, discards, the package; returns when the
         package is sent (monotonic), the downtime's end."""
         mig = self.mig
@@ -799,7 +802,7 @@ class PostcopySource:
         # PONG does not wake the return-path thread (real-time, above this one) to take the
         # interpreter lock while the package is built.
         mig._send(bufs, "downtime")
-        package = self._package()
+        package = self._package(entries)
         # From here the destination may run the guest: this side must never restart it.
         mig._stopped_guest = False
         try:
@@ -850,7 +853,9 @@ class PostcopySource:
             boost_thread(realtime=True, priority=RT_REQUEST_PRIORITY, tid=t.native_id)
             self._rp_boosted = True
 
-    def _package(self) -> bytes:
+    def _package(self, entries: list) -> bytes:
+        """LISTEN, the device sections of ``entries`` (``machine_entries``), PING 3 and RUN:
+        what goes in the PACKAGED command."""
         mig = self.mig
         enc = mig.encoder
         out: list = []
@@ -870,7 +875,6 @@ class PostcopySource:
             out += enc.send(E.SectionFull(sid, CHECKSUM_IDSTR, 0, 1, sums))
             sid += 1
         out += enc.send(E.PostcopyListen())
-        entries = machine_entries(mig.machine)
         saved = []
         for e in entries:
             enc.devices[e.idstr] = e.vmsd
