@@ -20,6 +20,20 @@ from livemig.migration import source as source_module
 from livemig.migration.postcopy_source import PostcopySource, collector_held
 
 
+def _switch_and_complete(p: Any, preempt: bool) -> Any:
+    """Pre-copy at 16 MiB/s, post-copy after the first pass, both sides completed: the
+    source's OutgoingMigration."""
+    p.caps(postcopy_ram=True, postcopy_preempt=preempt, events=True)
+    p.params(max_bandwidth=16 << 20)
+    p.wait_guest()
+    p.start()
+    p.wait_pass(1)
+    p.sm.outgoing.postcopy.start_postcopy()
+    assert p.wait("dst", {"completed", "failed"}) == "completed", p.dm.query_migrate()
+    assert p.wait("src", {"completed", "failed"}) == "completed", p.sm.query_migrate()
+    return p.sm.outgoing
+
+
 def test_downtime_leaves_out_the_preempt_connection_and_ends_with_the_package(
     pair, monkeypatch
 ) -> None:
@@ -52,15 +66,7 @@ def test_downtime_leaves_out_the_preempt_connection_and_ends_with_the_package(
         record(side, name, data)
 
     p._ev = on_event
-    p.caps(postcopy_ram=True, postcopy_preempt=True, events=True)
-    p.params(max_bandwidth=16 << 20)
-    p.wait_guest()
-    p.start()
-    p.wait_pass(1)
-    p.sm.outgoing.postcopy.start_postcopy()
-    assert p.wait("dst", {"completed", "failed"}) == "completed", p.dm.query_migrate()
-    assert p.wait("src", {"completed", "failed"}) == "completed", p.sm.query_migrate()
-    mig = p.sm.outgoing
+    mig = _switch_and_complete(p, preempt=True)
     s = mig.stats
     assert connected["at"] <= mig._t_stop  # connected while the guest still ran
     assert s.downtime is not None and s.downtime < slow
@@ -143,15 +149,7 @@ def test_events_raised_in_the_window_are_held_until_the_package_is_out(pair) -> 
 
     p._ev = on_event
     p.sm.events_held = events_held
-    p.caps(postcopy_ram=True, events=True)
-    p.params(max_bandwidth=16 << 20)
-    p.wait_guest()
-    p.start()
-    p.wait_pass(1)
-    p.sm.outgoing.postcopy.start_postcopy()
-    assert p.wait("dst", {"completed", "failed"}) == "completed", p.dm.query_migrate()
-    assert p.wait("src", {"completed", "failed"}) == "completed", p.sm.query_migrate()
-    mig = p.sm.outgoing
+    mig = _switch_and_complete(p, preempt=False)
     assert [n for n, _ in held] == ["MIGRATION", "MIGRATION_PASS"]
     assert held[0][1] == {"status": "device"}
     assert window["start"] <= mig._t_stop
