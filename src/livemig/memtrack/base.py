@@ -117,6 +117,7 @@ class TrackerBase(abc.ABC):
             raise UsageError("memtrack: two regions share one name")
         self._host_lock = threading.Lock()
         self._host_dirty = {r.name: np.zeros(r.npages, dtype=bool) for r in self.regions}
+        self._host_marked = False  # anything in _host_dirty since the last sync
         self._sync_lock = threading.Lock()
         self.running = False
         self.sync_count = 0
@@ -137,6 +138,7 @@ class TrackerBase(abc.ABC):
         with self._host_lock:
             for bitmap in self._host_dirty.values():
                 bitmap[:] = False
+            self._host_marked = False
         self._start()
         self.running = True
 
@@ -154,12 +156,15 @@ class TrackerBase(abc.ABC):
             # Swap the host bitmaps under their lock after the guest sync: a mark_dirty racing
             # this sync lands either in the returned bitmap or in the next one.
             with self._host_lock:
-                host, self._host_dirty = (
-                    self._host_dirty,
-                    {r.name: np.zeros(r.npages, dtype=bool) for r in self.regions},
-                )
-            for name, bitmap in guest.items():
-                np.logical_or(bitmap, host[name], out=bitmap)
+                marked, self._host_marked = self._host_marked, False
+                if marked:  # most syncs find nothing marked: no new bitmaps, no OR
+                    host, self._host_dirty = (
+                        self._host_dirty,
+                        {r.name: np.zeros(r.npages, dtype=bool) for r in self.regions},
+                    )
+            if marked:
+                for name, bitmap in guest.items():
+                    np.logical_or(bitmap, host[name], out=bitmap)
             self.sync_count += 1
             return guest
 
@@ -177,6 +182,7 @@ class TrackerBase(abc.ABC):
         first, last = offset >> PAGE_SHIFT, (offset + length - 1) >> PAGE_SHIFT
         with self._host_lock:
             self._host_dirty[name][first : last + 1] = True
+            self._host_marked = True
 
     def mark_dirty_pages(self, name: str, pages: np.ndarray) -> None:
         region = self._by_name.get(name)
@@ -191,6 +197,7 @@ class TrackerBase(abc.ABC):
                 )
             with self._host_lock:
                 np.logical_or(self._host_dirty[name], pages, out=self._host_dirty[name])
+                self._host_marked = True
             return
         if pages.size and (pages.min() < 0 or pages.max() >= region.npages):
             raise UsageError(
@@ -198,6 +205,7 @@ class TrackerBase(abc.ABC):
             )
         with self._host_lock:
             self._host_dirty[name][pages] = True
+            self._host_marked = True
 
     def written(self, name: str, pages: np.ndarray) -> np.ndarray:
         pages = np.asarray(pages)
