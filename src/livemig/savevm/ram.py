@@ -192,8 +192,9 @@ class RamSaver:
         new = 0
         for name, bm in bitmaps.items():
             d = self.dirty[name]
-            new += int(np.count_nonzero(bm & ~d))
+            before = np.count_nonzero(d)  # counts, not bm & ~d: no temporary bitmaps
             np.logical_or(d, bm, out=d)
+            new += int(np.count_nonzero(d) - before)
         return new
 
     def mark_all_dirty(self) -> None:
