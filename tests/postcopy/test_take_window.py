@@ -44,3 +44,20 @@ def test_take_returns_every_dirty_page_once(sizes, density, take, window, seed, 
     want = [(i, int(p)) for i, b in enumerate(blocks) for p in np.flatnonzero(pop[b.idstr])]
     assert got == want
     assert saver.pending_pages() == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(sizes=st.lists(st.integers(1, 300), min_size=1, max_size=3), seed=st.integers(0, 2**32 - 1))
+def test_merge_counts_the_pages_newly_dirty(sizes, seed) -> None:
+    """A sync merged into the dirty bitmaps: their union, and the count of pages that were
+    clean before (the dirty-pages rate is made of it)."""
+    rng = np.random.default_rng(seed)
+    blocks = [_Block(f"b{i}", n) for i, n in enumerate(sizes)]
+    saver = ramsave.RamSaver(blocks, populated={b.idstr: rng.random(b.npages) < 0.5
+                                                for b in blocks})  # fmt: skip
+    before = {k: v.copy() for k, v in saver.dirty.items()}
+    synced = {b.idstr: rng.random(b.npages) < 0.3 for b in blocks}
+    new = saver.merge(synced)
+    assert new == sum(int(np.count_nonzero(synced[k] & ~before[k])) for k in before)
+    for k in before:
+        assert np.array_equal(saver.dirty[k], before[k] | synced[k])
