@@ -85,10 +85,18 @@ class _RegBatch:
         self._ptrs = (ctypes.c_void_p * n)(*(base + slot * i for i in range(n)))
 
     def read(self) -> list[int]:
-        ctypes.memset(self._words, 0, ctypes.sizeof(self._words))
+        self.prepare()
         status = self._lib.uc_reg_read_batch(self._handle, self._ids, self._ptrs, self._n)
         if status:
             raise UcError(status)
+        return self.values()
+
+    def prepare(self) -> None:
+        """Ready the buffer for a read (``read``, or a ``_ReadAll`` of several groups)."""
+        ctypes.memset(self._words, 0, ctypes.sizeof(self._words))
+
+    def values(self) -> list[int]:
+        """The registers as the last read left them."""
         w = self._words
         if self._slot == 8:
             return list(w)
@@ -143,14 +151,42 @@ class _SystemRegs:
 
     def read(self) -> tuple[int, list[SegmentCache], dict[str, int]]:
         """(rip, [LDTR, TR, GDTR, IDTR], {MSR name: value})."""
-        ctypes.memset(self._mmrs, 0, ctypes.sizeof(self._mmrs))
-        for slot, rid in zip(self._msrs, MSRS.values(), strict=True):
-            slot.rid, slot.value = rid, 0
+        self.prepare()
         status = self._lib.uc_reg_read_batch(self._handle, self._ids, self._ptrs, self._n)
         if status:
             raise UcError(status)
+        return self.values()
+
+    def prepare(self) -> None:
+        ctypes.memset(self._mmrs, 0, ctypes.sizeof(self._mmrs))
+        for slot, rid in zip(self._msrs, MSRS.values(), strict=True):
+            slot.rid, slot.value = rid, 0
+
+    def values(self) -> tuple[int, list[SegmentCache], dict[str, int]]:
         mmrs = [SegmentCache(m.selector, m.base, m.limit, m.flags) for m in self._mmrs]
         return self._rip.value, mmrs, {n: m.value for n, m in zip(MSRS, self._msrs, strict=True)}
+
+
+class _ReadAll:
+    """Several register groups read by one uc_reg_read_batch call: a CPU state took five
+    (one per group), each a ctypes call of its own, inside a switch-over's downtime."""
+
+    def __init__(self, lib: object, handle: object, groups: list) -> None:
+        self._lib, self._handle, self._groups = lib, handle, groups
+        ids = [i for g in groups for i in g._ids]
+        ptrs = [p for g in groups for p in g._ptrs]
+        self._n = len(ids)
+        self._ids = (ctypes.c_int * self._n)(*ids)
+        self._ptrs = (ctypes.c_void_p * self._n)(*ptrs)
+
+    def read(self) -> list:
+        """Each group's ``values()``, in order."""
+        for g in self._groups:
+            g.prepare()
+        status = self._lib.uc_reg_read_batch(self._handle, self._ids, self._ptrs, self._n)
+        if status:
+            raise UcError(status)
+        return [g.values() for g in self._groups]
 
 
 class UnicornCPU:
@@ -169,6 +205,8 @@ class UnicornCPU:
         self._fpu = _RegBatch(lib, handle, _FPU)
         self._wide = _RegBatch(lib, handle, _WIDE, slot=16)
         self._system = _SystemRegs(lib, handle)
+        self._all = _ReadAll(lib, handle, [self._simple, self._fpu, self._wide, self._system,
+                                           self._crs])  # fmt: skip
         # unicorn's reset leaves FPCW and MXCSR at 0 (all exceptions unmasked); a real CPU
         # resets them to these values and compilers assume them.
         self._uc.reg_write(x.UC_X86_REG_FPCW, 0x37F)
@@ -269,7 +307,7 @@ class UnicornCPU:
     # -- state --------------------------------------------------------------------------------
 
     def get_state(self) -> CPUState:
-        simple = self._simple.read()
+        simple, fpu, wide, system, crs = self._all.read()
         nd, ng = len(_DRS), len(_GPRS)
         dr, regs, rflags = simple[:nd], simple[nd : nd + ng], simple[nd + ng]
         sels = simple[nd + ng + 1 : nd + ng + 1 + len(_SEGS)]
@@ -277,12 +315,11 @@ class UnicornCPU:
         segs = [SegmentCache(selector=sel) for sel in sels]
         segs[_FS].base = fs_base
         segs[_GS].base = gs_base
-        fpuc, fpus, fptag, fpop, fpip, fpdp, fpcs, fpds, mxcsr = self._fpu.read()
-        wide = self._wide.read()
+        fpuc, fpus, fptag, fpop, fpip, fpdp, fpcs, fpds, mxcsr = fpu
         nf = len(_FPREGS)
         # an FP register's slot: the 64-bit mantissa, then the 16-bit sign and exponent
         fpregs = [(v & 0xFFFF_FFFF_FFFF_FFFF, v >> 64 & 0xFFFF) for v in wide[:nf]]
-        rip, (ldt, tr, gdt, idt), msrs = self._system.read()
+        rip, (ldt, tr, gdt, idt), msrs = system
         return CPUState(
             index=self.index,
             regs=regs,
@@ -293,7 +330,7 @@ class UnicornCPU:
             tr=tr,
             gdt=gdt,
             idt=idt,
-            cr=self._crs.read(),
+            cr=crs,
             dr=dr,
             msrs=msrs,
             fpuc=fpuc,
