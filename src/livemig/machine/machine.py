@@ -265,11 +265,6 @@ class Machine:
     def _stop_vcpus(self) -> None:
         with self._cond:
             self._run_allowed = False
-            running = [v for v in self.vcpus if not v.parked]
-        # The requests first: a vCPU takes 40-100 us to reach its next block (a switch-over's
-        # downtime), which the devices' notifications below now overlap.
-        for vcpu in running:
-            vcpu.backend.stop()
         for dev in self.devices:
             dev.vm_state_change(False)  # freezes the clock and wakes vCPUs sleeping in it
         deadline = time.monotonic() + STOP_TIMEOUT_S
