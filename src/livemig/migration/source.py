@@ -166,6 +166,7 @@ class OutgoingMigration:
         self._rp_shut: int | None = None
         self._rp_event = threading.Event()
         self._rp_error: str | None = None
+        self._rp_unread: str | None = None  # a return path on a file: its read's error
         self._rp_reason: str | None = None  # the destination's own error (XError)
         self._rp_not_started = False  # ... and it said the guest never ran there
         self._pongs = 0  # PONGs seen: the destination reads our stream
@@ -333,6 +334,13 @@ class OutgoingMigration:
             and self.channel.is_socket
             and self.channel.readable
         )
+        if "return-path" in caps and not self.return_path:
+            # QEMU 10.0 opens the return path of a file: on the file itself; its thread's
+            # first read fails, and that fails the migration once everything is written
+            # ("Unable to read from file: Bad file descriptor", in device, not at migrate)
+            unread = self.channel.read_back()
+            if unread is not None:
+                self._rp_unread = f"Unable to read from file: {unread.strerror or unread}"
         from livemig.memtrack import open_tracker, present_pages
 
         factory = self._tracker_factory or open_tracker
@@ -878,6 +886,8 @@ class OutgoingMigration:
             self.channel.close_write()
             if self.config.uri.startswith("exec:"):
                 self._await_exec_exit()
+            if self._rp_unread is not None:
+                raise MigrationError(self._rp_unread)
         t_end = time.monotonic()
         self.stats.downtime_breakdown["resume"] = t_end - t_dev
         self.stats.blackout_marks = {"stop": t_stop, "sent": t_dev, "shut": t_end}

@@ -127,7 +127,10 @@ def connect(
         assert proc.stdin is not None
         return Channel(f"{name} {u}", None, proc.stdin.fileno(), timeout=timeout, proc=proc)
     try:
-        f = open(u.path, "r+b" if u.offset else "wb")  # noqa: SIM115 - owned by the channel
+        # write-only, as QEMU opens it (O_WRONLY | O_CREAT, O_TRUNC without an offset): a
+        # return path asked of it then fails to read it as QEMU's does (Channel.read_back)
+        flags = os.O_WRONLY | os.O_CREAT | (0 if u.offset else os.O_TRUNC)
+        f = os.fdopen(os.open(u.path, flags, 0o666), "wb")
     except OSError as exc:
         raise ChannelError(f"cannot open {u} for writing: {exc.strerror or exc}") from exc
     if u.offset:
