@@ -183,6 +183,7 @@ class OutgoingMigration:
         self._frozen = False
         self._t_stop: float | None = None
         self._was_running = False
+        self._old_runstate = RunState.PAUSED  # the run state stop_guest found
         self.verified: bool | None = None
         self.verify_time = 0.0  # s spent hashing RAM for x-verify (the source's part)
         self.tracker_name = ""
@@ -919,6 +920,7 @@ class OutgoingMigration:
         self._t_stop = time.monotonic()
         self.begin_blackout_priority()
         self._was_running = m.runstate == RunState.RUNNING
+        self._old_runstate = m.runstate
         if self._was_running:
             m.pause(RunState.FINISH_MIGRATE)
         else:
@@ -1009,7 +1011,9 @@ class OutgoingMigration:
                 if self._was_running:
                     m.set_runstate(RunState.RUNNING)  # restarts the vCPUs (RESUME)
                 else:
-                    m.set_runstate(RunState.PAUSED)
+                    # the state it was stopped from, as QEMU 10.0 restores vm_old_state: a
+                    # guest never started (-S) is in prelaunch again, not paused
+                    m.set_runstate(self._old_runstate)
             except LivemigError:
                 log.exception("could not restart the guest after a failed migration")
         elif self.stats.throttle:
