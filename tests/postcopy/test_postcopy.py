@@ -3,6 +3,8 @@ recovery after a broken link, migrate-pause, and the QMP command checks."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from livemig.errors import UsageError
@@ -89,10 +91,21 @@ def test_link_cut_then_recover(pair, tmp_path, preempt: bool) -> None:
     assert p.src.runstate == RunState.FINISH_MIGRATE and p.dst.runstate == RunState.RUNNING
     with pytest.raises(UsageError):
         p.sm.migrate(p.uri, resume=False)
-    new = f"unix:{tmp_path / 'recover.sock'}"
     from livemig.migration.postcopy_source import migrate_recover
 
+    # QEMU 10.0: query-migrate's socket-address is the recover listener's, and a second
+    # migrate-recover releases the first one's (livemig listed the first address throughout)
+    first = tmp_path / "recover-first.sock"
+    migrate_recover(p.dm, f"unix:{first}")
+    assert p.dm.query_migrate()["socket-address"] == [{"path": str(first), "type": "unix"}]
+    new = f"unix:{tmp_path / 'recover.sock'}"
     migrate_recover(p.dm, new)
+    assert p.dm.query_migrate()["socket-address"] == [
+        {"path": str(tmp_path / "recover.sock"), "type": "unix"}
+    ]
+    with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
+        s.connect(str(first))
+    migrate_recover(p.dm, new)  # the same address again: released, then listened on anew
     p.sm.migrate(new, resume=True)
     src_q, dst_q = _finish(p)
     assert src_q["x-postcopy"]["recoveries"] == 1
