@@ -91,6 +91,14 @@ def test_link_cut_then_recover(pair, tmp_path, preempt: bool) -> None:
     assert p.src.runstate == RunState.FINISH_MIGRATE and p.dst.runstate == RunState.RUNNING
     with pytest.raises(UsageError):
         p.sm.migrate(p.uri, resume=False)
+    # QEMU 10.0: a resume is postcopy-recover-setup while it connects, postcopy-paused again
+    # with the connect's error when nothing listens there
+    nobody = tmp_path / "nobody.sock"
+    p.sm.migrate(f"unix:{nobody}", resume=True)
+    assert p.wait("src", {"postcopy-paused"}) == "postcopy-paused"
+    assert p.sm.query_migrate()["error-desc"] == (
+        f"Failed to connect to '{nobody}': No such file or directory"
+    )
     from livemig.migration.postcopy_source import migrate_recover
 
     # QEMU 10.0: query-migrate's socket-address is the recover listener's, and a second
@@ -112,6 +120,10 @@ def test_link_cut_then_recover(pair, tmp_path, preempt: bool) -> None:
     assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
     seen = [s for side, s in p.events if side == "dst"]
     assert seen[-4:] == ["postcopy-paused", "postcopy-recover", "postcopy-active", "completed"]
+    seen = [s for side, s in p.events if side == "src"]
+    assert seen[-7:] == ["postcopy-paused", "postcopy-recover-setup", "postcopy-paused",
+                         "postcopy-recover-setup", "postcopy-recover", "postcopy-active",
+                         "completed"]  # fmt: skip
     _check_guest(p)
 
 
