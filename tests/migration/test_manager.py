@@ -108,3 +108,28 @@ def test_what_needs_an_answer_or_channels_is_refused_by_migrate(
         manager.migrate(uri)
     assert str(info.value).startswith(words), info.value
     assert manager.source.status == S.NONE
+
+
+def test_return_path_on_a_file_fails_once_written_as_qemu_does(tmp_path) -> None:
+    """QEMU 10.0.2 takes ``return-path`` with ``file:`` at ``migrate``, writes the whole
+    stream, then fails in ``device``: its return path reads the file, opened write-only,
+    and "Unable to read from file: Bad file descriptor" becomes the error-desc; the guest is
+    left in the run state it had (prelaunch, with -S). livemig completed, its answer unread."""
+    events: list = []
+    m = Machine(parse_ram_blocks("8M"), serial="null")
+    try:
+        mgr = MigrationManager(m, emit=lambda name, data=None: events.append((name, data)))
+        before = m.runstate
+        mgr.set_capabilities([{"capability": c, "state": True} for c in ("events", "return-path")])
+        out = tmp_path / "out.mig"
+        mgr.migrate(f"file:{out}")
+        assert mgr.source.wait_for(frozenset({S.FAILED, S.COMPLETED}), 30)
+        reply = mgr.query_migrate()
+        assert reply["status"] == "failed"
+        assert reply["error-desc"] == "Unable to read from file: Bad file descriptor"
+        statuses = [d["status"] for name, d in events if name == "MIGRATION"]
+        assert statuses == ["setup", "active", "device", "failed"]
+        assert m.runstate == before
+        assert out.read_bytes()[:4] == b"QEVM"  # written, as QEMU writes it
+    finally:
+        m.close()

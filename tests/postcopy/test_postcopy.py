@@ -3,6 +3,8 @@ recovery after a broken link, migrate-pause, and the QMP command checks."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 
 from livemig.errors import UsageError
@@ -89,16 +91,39 @@ def test_link_cut_then_recover(pair, tmp_path, preempt: bool) -> None:
     assert p.src.runstate == RunState.FINISH_MIGRATE and p.dst.runstate == RunState.RUNNING
     with pytest.raises(UsageError):
         p.sm.migrate(p.uri, resume=False)
-    new = f"unix:{tmp_path / 'recover.sock'}"
+    # QEMU 10.0: a resume is postcopy-recover-setup while it connects, postcopy-paused again
+    # with the connect's error when nothing listens there
+    nobody = tmp_path / "nobody.sock"
+    p.sm.migrate(f"unix:{nobody}", resume=True)
+    assert p.wait("src", {"postcopy-paused"}) == "postcopy-paused"
+    assert p.sm.query_migrate()["error-desc"] == (
+        f"Failed to connect to '{nobody}': No such file or directory"
+    )
     from livemig.migration.postcopy_source import migrate_recover
 
+    # QEMU 10.0: query-migrate's socket-address is the recover listener's, and a second
+    # migrate-recover releases the first one's (livemig listed the first address throughout)
+    first = tmp_path / "recover-first.sock"
+    migrate_recover(p.dm, f"unix:{first}")
+    assert p.dm.query_migrate()["socket-address"] == [{"path": str(first), "type": "unix"}]
+    new = f"unix:{tmp_path / 'recover.sock'}"
     migrate_recover(p.dm, new)
+    assert p.dm.query_migrate()["socket-address"] == [
+        {"path": str(tmp_path / "recover.sock"), "type": "unix"}
+    ]
+    with socket.socket(socket.AF_UNIX) as s, pytest.raises(OSError):
+        s.connect(str(first))
+    migrate_recover(p.dm, new)  # the same address again: released, then listened on anew
     p.sm.migrate(new, resume=True)
     src_q, dst_q = _finish(p)
     assert src_q["x-postcopy"]["recoveries"] == 1
     assert dst_q["x-verify"] == {"equal": True, "state-equal": True}
     seen = [s for side, s in p.events if side == "dst"]
     assert seen[-4:] == ["postcopy-paused", "postcopy-recover", "postcopy-active", "completed"]
+    seen = [s for side, s in p.events if side == "src"]
+    assert seen[-7:] == ["postcopy-paused", "postcopy-recover-setup", "postcopy-paused",
+                         "postcopy-recover-setup", "postcopy-recover", "postcopy-active",
+                         "completed"]  # fmt: skip
     _check_guest(p)
 
 

@@ -111,3 +111,72 @@ def test_listener_addresses_of_a_named_host_are_numeric() -> None:
     with Listener("tcp:localhost:0") as lst:
         (addr,) = lst.socket_addresses()
         assert addr["host"] in ("127.0.0.1", "::1")
+
+
+# -- a port given as a service name, as QEMU 10.0 takes it ----------------------------------
+
+
+def _free_service() -> tuple[str, int]:
+    """A tcp service of /etc/services whose port nothing on this host listens on."""
+    for name in ("postgresql", "mysql", "x11", "http-alt", "webcache", "ircd", "gopher"):
+        try:
+            port = socket.getservbyname(name, "tcp")
+        except OSError:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return name, port
+    pytest.skip("no free port of a known service name on this host")
+
+
+def test_service_name_is_kept_as_written() -> None:
+    uri = parse_uri("tcp:127.0.0.1:ssh")
+    assert (uri.host, uri.service, uri.port_spec) == ("127.0.0.1", "ssh", "ssh")
+    assert str(uri) == "tcp:127.0.0.1:ssh"
+    assert parse_uri(str(uri)) == uri
+    assert parse_uri("tcp:127.0.0.1:22").port_spec == 22
+
+
+@pytest.mark.parametrize("cancellable", [False, True])
+def test_service_name_port_listens_and_connects(cancellable: bool) -> None:
+    """QEMU 10.0 hands the port to getaddrinfo, so ``tcp:127.0.0.1:ssh`` means port 22, on
+    ``migrate`` and ``migrate-incoming`` alike (socket-address lists it as "22"); livemig
+    refused it: "error parsing address '127.0.0.1:ssh'"."""
+    name, port = _free_service()
+    with Listener(f"tcp:127.0.0.1:{name}") as lst:
+        assert lst.socket_addresses() == [
+            {"port": str(port), "ipv4": True, "host": "127.0.0.1", "type": "inet"}
+        ]
+        kw = {"cancelled": lambda: False} if cancellable else {}
+        src = connect(f"tcp:127.0.0.1:{name}", timeout=5, **kw)
+        dst = lst.accept(timeout=5)
+        src.send(b"x")
+        assert dst.recv_exact(1) == b"x"
+        src.close()
+        dst.close()
+
+
+@pytest.mark.parametrize("port", ["nosuchservice", "-1", "0x16"])
+def test_unknown_service_name_fails_as_qemus_does(port: str) -> None:
+    """QEMU 10.0's words for a port getaddrinfo does not know, when listening (the
+    migrate-incoming reply) and when connecting (the failed migration's error-desc)."""
+    words = (
+        f"address resolution failed for 127.0.0.1:{port}: Servname not supported for ai_socktype"
+    )
+    with pytest.raises(ChannelError) as info:
+        Listener(f"tcp:127.0.0.1:{port}")
+    assert str(info.value) == words
+    with pytest.raises(ChannelError) as info:
+        connect(f"tcp:127.0.0.1:{port}", timeout=2)
+    assert str(info.value) == words
+
+
+def test_listen_on_a_host_that_does_not_resolve() -> None:
+    """QEMU 10.0: "address resolution failed for nosuch.invalid:1: Name or service not known"
+    in migrate-incoming's reply (livemig said "cannot listen on tcp:nosuch.invalid:1: ...")."""
+    with pytest.raises(ChannelError) as info:
+        Listener("tcp:nosuch.invalid:1")
+    assert str(info.value).startswith("address resolution failed for nosuch.invalid:1: ")

@@ -183,6 +183,7 @@ class MigrationManager:
         and stranded the guest); everywhere else as ``cancel``."""
         status = self.source.status
         if status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED,
+                      MigrationStatus.POSTCOPY_RECOVER_SETUP,
                       MigrationStatus.POSTCOPY_RECOVER):  # fmt: skip
             raise UsageError(
                 f"migrate_cancel is refused in {status.value}: the destination already runs the "

@@ -229,6 +229,7 @@ class PostcopyIncoming:
         self.finished = False
         self.linked = False  # the return path can carry requests
         self._recover_uri: str | None = None
+        self._recover_listener: Listener | None = None
         self._recover_event = threading.Event()
         self._pause_event = threading.Event()
         # statistics
@@ -1161,9 +1162,18 @@ class PostcopyIncoming:
         """``migrate-recover URI``: listen there for the source's resume (postcopy-paused)."""
         if self.inc.state.status != MigrationStatus.POSTCOPY_PAUSED:
             raise MigrationError("Migrate recover can only be run when postcopy is paused.")
+        # QEMU 10.0 first releases what it listened on (the first address, or an earlier
+        # recover's listener: the same path may be given again) and then lists only the new
+        # listener in query-migrate's socket-address; livemig listed the first address
+        # throughout and left an earlier recover's listener open
+        old, self._recover_listener = self._recover_listener, None
+        self.inc.socket_addresses = []
+        if old is not None:
+            old.close()
         listener = Listener(uri, timeout=self.inc.timeout)
         self._recover_listener = listener
         self._recover_uri = listener.address
+        self.inc.socket_addresses = listener.socket_addresses()
         self._recover_event.set()
 
     def _paused(self, reason: str) -> None:
@@ -1216,6 +1226,10 @@ class PostcopyIncoming:
                         f"back in {self.auto_recover} recovery periods"
                     ) from None
                 continue
+            except ChannelError:
+                if listener is not self._recover_listener and listener is not inc.listener:
+                    continue  # closed by a later migrate-recover, which listens anew
+                raise
             attempts += 1
             inc.channel = ch
             inc._rp_encoder.reset()

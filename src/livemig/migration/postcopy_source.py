@@ -57,8 +57,9 @@ Theory of operation (QEMU: ``postcopy_start``, ``ram_save_queue_pages``, ``get_q
   ->completed, runstate ``postmigrate``.
 * **recovery**: an I/O error (or ``migrate-pause``) gives ``postcopy-paused``; the pages of a
   failed send go back into the bitmap. ``migrate`` with ``resume: true`` (or, with
-  ``x-postcopy-auto-recover`` > 0, a retry here) connects a new main channel without header,
-  ->postcopy-recover, RECV_BITMAP for every block, dirty := not received, POSTCOPY_RESUME,
+  ``x-postcopy-auto-recover`` > 0, a retry here) ->postcopy-recover-setup, connects a new main
+  channel without header (a connect that fails: ->postcopy-paused, its error the reason, as
+  QEMU 10.0), ->postcopy-recover, RECV_BITMAP for every block, dirty := not received, POSTCOPY_RESUME,
   RESUME_ACK(1) ->postcopy-active, and the push goes on.
 
 ``page_checksums`` is the order-independent RAM digest x-verify uses in post-copy: the
@@ -376,6 +377,8 @@ class PostcopySource:
                 f"Cannot resume: migration is {self.mig.state.status}, not postcopy-paused"
             )
         self.resume_uri = uri
+        # QEMU 10.0 enters postcopy-recover-setup in the command itself, before connecting
+        self.mig.state.move(MigrationStatus.POSTCOPY_RECOVER_SETUP)
         self._resume.set()
 
     def _break_link(self) -> None:
@@ -1147,7 +1150,8 @@ class PostcopySource:
                 ch.close()
         self.preempt_channel = None
         st = mig.state
-        if st.status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER):
+        if st.status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_RECOVER,
+                         MigrationStatus.POSTCOPY_RECOVER_SETUP):  # fmt: skip
             st.move(MigrationStatus.POSTCOPY_PAUSED, error=reason)
         self.pause_requested.clear()
 
@@ -1173,6 +1177,16 @@ class PostcopySource:
                 )
             if uri is None:
                 continue
+            if mig.state.status == MigrationStatus.POSTCOPY_PAUSED:  # an automatic attempt
+                mig.state.move(MigrationStatus.POSTCOPY_RECOVER_SETUP)
+            try:
+                mig.channel = connect(uri, timeout=self.params["x-io-timeout"] / 1000)
+            except ChannelError as exc:
+                if mig._cancel.is_set():
+                    raise
+                log.warning("post-copy recovery via %s failed: %s", uri, exc)
+                self._paused(str(exc))  # QEMU's words: "Failed to connect to '...': ..."
+                continue
             try:
                 self._handshake(uri)
                 self.recoveries += 1
@@ -1184,9 +1198,10 @@ class PostcopySource:
                 self._paused(f"recovery failed: {exc}")
 
     def _handshake(self, uri: str) -> None:
+        """On the new channel (to ``uri``, where a preempt channel goes too): RECV_BITMAP for
+        every block, the bitmaps back, then resume."""
         mig = self.mig
         timeout = self.params["x-io-timeout"] / 1000
-        mig.channel = connect(uri, timeout=timeout)
         mig._rp_error = None
         mig._rp_shut = None
         mig._rp_event.clear()

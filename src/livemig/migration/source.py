@@ -166,6 +166,7 @@ class OutgoingMigration:
         self._rp_shut: int | None = None
         self._rp_event = threading.Event()
         self._rp_error: str | None = None
+        self._rp_unread: str | None = None  # a return path on a file: its read's error
         self._rp_reason: str | None = None  # the destination's own error (XError)
         self._rp_not_started = False  # ... and it said the guest never ran there
         self._pongs = 0  # PONGs seen: the destination reads our stream
@@ -182,6 +183,7 @@ class OutgoingMigration:
         self._frozen = False
         self._t_stop: float | None = None
         self._was_running = False
+        self._old_runstate = RunState.PAUSED  # the run state stop_guest found
         self.verified: bool | None = None
         self.verify_time = 0.0  # s spent hashing RAM for x-verify (the source's part)
         self.tracker_name = ""
@@ -333,6 +335,13 @@ class OutgoingMigration:
             and self.channel.is_socket
             and self.channel.readable
         )
+        if "return-path" in caps and not self.return_path:
+            # QEMU 10.0 opens the return path of a file: on the file itself; its thread's
+            # first read fails, and that fails the migration once everything is written
+            # ("Unable to read from file: Bad file descriptor", in device, not at migrate)
+            unread = self.channel.read_back()
+            if unread is not None:
+                self._rp_unread = f"Unable to read from file: {unread.strerror or unread}"
         from livemig.memtrack import open_tracker, present_pages
 
         factory = self._tracker_factory or open_tracker
@@ -878,6 +887,8 @@ class OutgoingMigration:
             self.channel.close_write()
             if self.config.uri.startswith("exec:"):
                 self._await_exec_exit()
+            if self._rp_unread is not None:
+                raise MigrationError(self._rp_unread)
         t_end = time.monotonic()
         self.stats.downtime_breakdown["resume"] = t_end - t_dev
         self.stats.blackout_marks = {"stop": t_stop, "sent": t_dev, "shut": t_end}
@@ -909,6 +920,7 @@ class OutgoingMigration:
         self._t_stop = time.monotonic()
         self.begin_blackout_priority()
         self._was_running = m.runstate == RunState.RUNNING
+        self._old_runstate = m.runstate
         if self._was_running:
             m.pause(RunState.FINISH_MIGRATE)
         else:
@@ -999,7 +1011,9 @@ class OutgoingMigration:
                 if self._was_running:
                     m.set_runstate(RunState.RUNNING)  # restarts the vCPUs (RESUME)
                 else:
-                    m.set_runstate(RunState.PAUSED)
+                    # the state it was stopped from, as QEMU 10.0 restores vm_old_state: a
+                    # guest never started (-S) is in prelaunch again, not paused
+                    m.set_runstate(self._old_runstate)
             except LivemigError:
                 log.exception("could not restart the guest after a failed migration")
         elif self.stats.throttle:

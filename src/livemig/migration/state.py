@@ -25,7 +25,7 @@ class MigrationStatus(StrEnum):
     ACTIVE = "active"
     POSTCOPY_ACTIVE = "postcopy-active"
     POSTCOPY_PAUSED = "postcopy-paused"
-    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"  # never entered here (QEMU's enum)
+    POSTCOPY_RECOVER_SETUP = "postcopy-recover-setup"  # a source's resume, connecting
     POSTCOPY_RECOVER = "postcopy-recover"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -45,6 +45,7 @@ RUNNING = frozenset(
         _S.DEVICE,
         _S.POSTCOPY_ACTIVE,
         _S.POSTCOPY_PAUSED,
+        _S.POSTCOPY_RECOVER_SETUP,
         _S.POSTCOPY_RECOVER,
         _S.CANCELLING,
         _S.COLO,
@@ -74,7 +75,13 @@ SOURCE_TRANSITIONS: frozenset[tuple[MigrationStatus, MigrationStatus]] = frozens
         (_S.POSTCOPY_ACTIVE, _S.COMPLETED),
         (_S.POSTCOPY_ACTIVE, _S.FAILED),
         (_S.POSTCOPY_ACTIVE, _S.POSTCOPY_PAUSED),
-        (_S.POSTCOPY_PAUSED, _S.POSTCOPY_RECOVER),
+        # QEMU 10.0: migrate resume=true enters postcopy-recover-setup while it connects,
+        # back to postcopy-paused when that fails
+        (_S.POSTCOPY_PAUSED, _S.POSTCOPY_RECOVER_SETUP),
+        (_S.POSTCOPY_RECOVER_SETUP, _S.POSTCOPY_RECOVER),
+        (_S.POSTCOPY_RECOVER_SETUP, _S.POSTCOPY_PAUSED),
+        (_S.POSTCOPY_RECOVER_SETUP, _S.FAILED),
+        (_S.POSTCOPY_RECOVER_SETUP, _S.CANCELLING),
         (_S.POSTCOPY_PAUSED, _S.FAILED),
         (_S.POSTCOPY_RECOVER, _S.POSTCOPY_ACTIVE),
         (_S.POSTCOPY_RECOVER, _S.POSTCOPY_PAUSED),

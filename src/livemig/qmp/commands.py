@@ -102,7 +102,7 @@ class Arg:
         if self.type is float:
             return float(value)
         if self.choices is not None and value not in self.choices:
-            leaf = name.rsplit(".", 1)[-1]
+            leaf = _visited_name(name)
             raise QMPError("GenericError", f"Parameter '{leaf}' does not accept value '{value}'")
         if self.type is list and self.items is not None:
             return [self.items.check(f"{name}[{i}]", v) for i, v in enumerate(value)]
@@ -132,13 +132,23 @@ _INT_TYPES = {
 }  # fmt: skip
 
 
+def _visited_name(name: str) -> str:
+    """The name QEMU's checks after the type check give a value: a struct member's own name
+    (not its path), and for a list element, which the QAPI visitor visits without a name,
+    'null' (``qmp_capabilities`` with ``enable: ["nope"]``: "Parameter 'null' does not accept
+    value 'nope'", where the type check said 'enable[0]')."""
+    if name.endswith("]"):
+        return "null"
+    return name.rsplit(".", 1)[-1]
+
+
 def _check_sized_int(name: str, value: Any, qtype: str | None) -> int:
     """QEMU's QAPI input visitor on a sized integer: the unsigned ones take any JSON integer
     that fits 64 bits (a negative one wraps, "for backward compatibility"), then their width;
     the signed ones want an integer in int64, then their width."""
     assert qtype is not None
     lo, hi = _INT_TYPES[qtype]
-    leaf = name.rsplit(".", 1)[-1]
+    leaf = _visited_name(name)
     ok = isinstance(value, int) and not isinstance(value, bool)
     if lo == 0:
         if not ok or not -(1 << 63) <= value <= (1 << 64) - 1:

@@ -107,6 +107,18 @@ class Channel:
     def is_socket(self) -> bool:
         return self._sock is not None
 
+    def read_back(self) -> OSError | None:
+        """What a read of a file's one descriptor says (QEMU's ``file:`` channel is one
+        descriptor both ways, and the return path reads it): ``file:`` opens it write-only, as
+        QEMU does, so this is EBADF; None where a read would not fail."""
+        if self._file is None or self._wfd is None:
+            return None
+        try:
+            os.read(self._wfd, 0)
+        except OSError as exc:
+            return exc
+        return None
+
     @property
     def seekable(self) -> bool:
         """A regular file (``file:``): mapped-ram reads and writes at fixed offsets."""

@@ -79,7 +79,9 @@ def connect(
     creds = _creds(tls, "client")
     if u.scheme == "tcp" and cancelled is not None:
         try:
-            family, _, _, _, addr = socket.getaddrinfo(u.host, u.port, type=socket.SOCK_STREAM)[0]
+            family, _, _, _, addr = socket.getaddrinfo(
+                u.host, u.port_spec, type=socket.SOCK_STREAM
+            )[0]
             sock = _cancellable_connect(family, addr, timeout, cancelled, f"{name} {u}")
         except socket.gaierror as exc:
             raise ChannelError(_unresolved(u, exc)) from exc
@@ -98,7 +100,7 @@ def connect(
         return Channel.from_socket(sock, f"{name} {u}", timeout)
     if u.scheme == "tcp":
         try:
-            sock = socket.create_connection((u.host, u.port), timeout=timeout)
+            sock = socket.create_connection((u.host, u.port_spec), timeout=timeout)
         except socket.gaierror as exc:
             raise ChannelError(_unresolved(u, exc)) from exc
         except OSError as exc:
@@ -125,7 +127,10 @@ def connect(
         assert proc.stdin is not None
         return Channel(f"{name} {u}", None, proc.stdin.fileno(), timeout=timeout, proc=proc)
     try:
-        f = open(u.path, "r+b" if u.offset else "wb")  # noqa: SIM115 - owned by the channel
+        # write-only, as QEMU opens it (O_WRONLY | O_CREAT, O_TRUNC without an offset): a
+        # return path asked of it then fails to read it as QEMU's does (Channel.read_back)
+        flags = os.O_WRONLY | os.O_CREAT | (0 if u.offset else os.O_TRUNC)
+        f = os.fdopen(os.open(u.path, flags, 0o666), "wb")
     except OSError as exc:
         raise ChannelError(f"cannot open {u} for writing: {exc.strerror or exc}") from exc
     if u.offset:
@@ -137,14 +142,14 @@ def connect(
 def _not_connected(u: MigrationURI, exc: OSError) -> str:
     """QEMU 10.0's words for a connect that failed: "Failed to connect to '127.0.0.1:4444':
     Connection refused" (the path of a unix socket)."""
-    where = f"{u.host}:{u.port}" if u.scheme == "tcp" else u.path
+    where = f"{u.host}:{u.port_spec}" if u.scheme == "tcp" else u.path
     return f"Failed to connect to '{where}': {exc.strerror or exc}"
 
 
 def _unresolved(u: MigrationURI, exc: socket.gaierror) -> str:
     """QEMU 10.0's words for a host that does not resolve, an empty one (``tcp::PORT``)
     included: "address resolution failed for :4444: Name or service not known"."""
-    return f"address resolution failed for {u.host}:{u.port}: {exc.strerror or exc}"
+    return f"address resolution failed for {u.host}:{u.port_spec}: {exc.strerror or exc}"
 
 
 def check_file(uri: str | MigrationURI, writing: bool) -> None:
@@ -261,7 +266,9 @@ class Listener:
             _no_tls_for(u, self.tls)
         if u.scheme == "tcp":
             try:
-                sock = _tcp_listen(u.host, u.port)
+                sock = _tcp_listen(u.host, u.port_spec)
+            except socket.gaierror as exc:
+                raise ChannelError(_unresolved(u, exc)) from exc
             except OSError as exc:
                 raise ChannelError(f"cannot listen on {u}: {exc.strerror or exc}") from exc
             sock.listen(16)
@@ -421,10 +428,13 @@ class Listener:
         self.close()
 
 
-def _tcp_listen(host: str, port: int) -> socket.socket:
+def _tcp_listen(host: str, port: int | str) -> socket.socket:
     """A bound TCP socket. An empty host is every address, IPv4 and IPv6, as QEMU listens
     for ``tcp::PORT`` (one dual-stack socket here, where QEMU opens one per family); on a host
-    without IPv6, every IPv4 address."""
+    without IPv6, every IPv4 address. A service name for ``port`` (``ssh``) is looked up as
+    QEMU's getaddrinfo does; one it does not know raises ``socket.gaierror``."""
+    if isinstance(port, str):
+        port = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0][4][1]
     families = [(socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")] if not host else \
         [(socket.AF_INET6 if ":" in host else socket.AF_INET, host)]  # fmt: skip
     for i, (family, addr) in enumerate(families):

@@ -23,6 +23,10 @@ class MigrationURI:
     scheme: str
     host: str = ""
     port: int = 0
+    # a tcp: port given as a name (``tcp:HOST:ssh``), kept as written: QEMU hands it to
+    # getaddrinfo when it connects or listens, so /etc/services decides, and a name it does
+    # not know fails there ("Servname not supported for ai_socktype"), not at parsing
+    service: str = ""
     path: str = ""
     fd: int = -1
     command: str = ""
@@ -34,6 +38,11 @@ class MigrationURI:
         return self.scheme in ("tcp", "unix", "fd")
 
     @property
+    def port_spec(self) -> int | str:
+        """The port to resolve: its number, or the service name as written."""
+        return self.service or self.port
+
+    @property
     def multi_channel(self) -> bool:
         """Whether further connections (multifd, post-copy preempt) can be made to it."""
         return self.scheme in ("tcp", "unix")
@@ -41,7 +50,7 @@ class MigrationURI:
     def __str__(self) -> str:
         if self.scheme == "tcp":
             host = f"[{self.host}]" if ":" in self.host else self.host
-            return f"tcp:{host}:{self.port}"
+            return f"tcp:{host}:{self.port_spec}"
         if self.scheme == "unix":
             return f"unix:{self.path}"
         if self.scheme == "fd":
@@ -51,7 +60,8 @@ class MigrationURI:
         return f"file:{self.path}" + (f",offset={self.offset}" if self.offset else "")
 
 
-_TCP_RE = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>\d+)$")
+# the port, as QEMU's inet_parse reads it: anything up to a comma (a number or a service name)
+_TCP_RE = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<host>[^:\[\]]*)):(?P<port>[^,]+)$")
 
 
 def parse_uri(text: str) -> MigrationURI:
@@ -71,14 +81,17 @@ def parse_uri(text: str) -> MigrationURI:
         m = _TCP_RE.match(rest)
         if not m:
             raise UsageError(f"invalid migration URI {text!r}: expected tcp:HOST:PORT")
-        port = int(m.group("port"))
+        given = m.group("port")
+        service = "" if given.isascii() and given.isdigit() else given
+        port = 0 if service else int(given)
         if port > 65535:
             raise UsageError(f"invalid migration URI {text!r}: port {port} out of range")
         # An empty host is kept empty, as QEMU keeps it: a listener takes it as every address
         # (IPv4 and IPv6), a connect cannot resolve it and fails ("address resolution failed
         # for :4444"), where taking it as 0.0.0.0 connected to whatever listened locally.
         host = m.group("v6") or m.group("host") or ""
-        return MigrationURI("tcp", host="0.0.0.0" if host == "0" else host, port=port)
+        return MigrationURI("tcp", host="0.0.0.0" if host == "0" else host, port=port,
+                            service=service)  # fmt: skip
     if scheme == "unix":
         if not rest:
             raise UsageError(f"invalid migration URI {text!r}: expected unix:PATH")
