@@ -612,7 +612,10 @@ def _drive(raw: Raw, mig: Path, scenario: str) -> dict[str, Any]:
             out["query-migrate-device"] = _normal(raw.ask(_x("query-migrate")))
             out["query-status-device"] = raw.ask(_x("query-status"))
             out["migrate_cancel"] = raw.ask(_x("migrate_cancel"))
-            _wait_status(raw, ("cancelled",))
+            # QEMU 10.0.2 races here: the cancel shuts the channel down, and its return-path
+            # thread, waiting for SHUT, may fail the migration first (seen in CI); either way
+            # the guest runs again, which is what is compared
+            _wait_status(raw, ("cancelled", "failed"))
             out["query-status-cancelled"] = raw.ask(_x("query-status"))
         finally:
             peer.close()
