@@ -84,15 +84,8 @@ class _RegBatch:
         base = ctypes.addressof(self._words)
         self._ptrs = (ctypes.c_void_p * n)(*(base + slot * i for i in range(n)))
 
-    def read(self) -> list[int]:
-        self.prepare()
-        status = self._lib.uc_reg_read_batch(self._handle, self._ids, self._ptrs, self._n)
-        if status:
-            raise UcError(status)
-        return self.values()
-
     def prepare(self) -> None:
-        """Ready the buffer for a read (``read``, or a ``_ReadAll`` of several groups)."""
+        """Ready the buffer for a read (``_ReadAll``, which reads every group at once)."""
         ctypes.memset(self._words, 0, ctypes.sizeof(self._words))
 
     def values(self) -> list[int]:
@@ -130,7 +123,7 @@ _MMRS = [x.UC_X86_REG_LDTR, x.UC_X86_REG_TR, x.UC_X86_REG_GDTR, x.UC_X86_REG_IDT
 
 
 class _SystemRegs:
-    """rip, the four memory-management registers and the MSRs in one uc_reg_read_batch call.
+    """rip, the four memory-management registers and the MSRs: the buffers ``_ReadAll`` fills.
 
     Through the binding they took 15 calls of several Python steps each: 70 us of a warm
     ``get_state``, more right after the vCPU ran, inside the downtime of a post-copy switch.
@@ -138,24 +131,14 @@ class _SystemRegs:
     the binding, whose fresh struct is zeroed); each MSR slot keeps its ``rid``.
     """
 
-    def __init__(self, lib: object, handle: object) -> None:
-        self._lib, self._handle = lib, handle
+    def __init__(self) -> None:
         self._rip = ctypes.c_uint64()
         self._mmrs = (_MMR * len(_MMRS))()
         self._msrs = (_MSR * len(MSRS))()
         regs = [x.UC_X86_REG_RIP, *_MMRS, *[x.UC_X86_REG_MSR] * len(MSRS)]
         slots = [self._rip, *self._mmrs, *self._msrs]
-        self._n = len(regs)
-        self._ids = (ctypes.c_int * self._n)(*regs)
-        self._ptrs = (ctypes.c_void_p * self._n)(*(ctypes.addressof(v) for v in slots))
-
-    def read(self) -> tuple[int, list[SegmentCache], dict[str, int]]:
-        """(rip, [LDTR, TR, GDTR, IDTR], {MSR name: value})."""
-        self.prepare()
-        status = self._lib.uc_reg_read_batch(self._handle, self._ids, self._ptrs, self._n)
-        if status:
-            raise UcError(status)
-        return self.values()
+        self._ids = (ctypes.c_int * len(regs))(*regs)
+        self._ptrs = (ctypes.c_void_p * len(regs))(*(ctypes.addressof(v) for v in slots))
 
     def prepare(self) -> None:
         ctypes.memset(self._mmrs, 0, ctypes.sizeof(self._mmrs))
@@ -163,6 +146,7 @@ class _SystemRegs:
             slot.rid, slot.value = rid, 0
 
     def values(self) -> tuple[int, list[SegmentCache], dict[str, int]]:
+        """(rip, [LDTR, TR, GDTR, IDTR], {MSR name: value}) as the last read left them."""
         mmrs = [SegmentCache(m.selector, m.base, m.limit, m.flags) for m in self._mmrs]
         return self._rip.value, mmrs, {n: m.value for n, m in zip(MSRS, self._msrs, strict=True)}
 
@@ -204,7 +188,7 @@ class UnicornCPU:
         self._simple = _RegBatch(lib, handle, _SIMPLE)
         self._fpu = _RegBatch(lib, handle, _FPU)
         self._wide = _RegBatch(lib, handle, _WIDE, slot=16)
-        self._system = _SystemRegs(lib, handle)
+        self._system = _SystemRegs()
         self._all = _ReadAll(lib, handle, [self._simple, self._fpu, self._wide, self._system,
                                            self._crs])  # fmt: skip
         # unicorn's reset leaves FPCW and MXCSR at 0 (all exceptions unmasked); a real CPU
