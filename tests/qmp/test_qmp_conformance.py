@@ -334,6 +334,10 @@ class Silent:
             except OSError:
                 return
             self.conns.append(conn)
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        """A connection just accepted: left unread."""
 
     def connect(self) -> None:
         sock = socket.socket(socket.AF_UNIX)
@@ -356,36 +360,18 @@ class Silent:
             c.close()
 
 
-class Drain:
+class Drain(Silent):
     """A peer that accepts migration connections and reads everything, answering nothing:
     a source with return-path on sends it all, then waits in ``device`` for a SHUT."""
 
-    def __init__(self, path: Path) -> None:
-        self.server = socket.socket(socket.AF_UNIX)
-        self.server.bind(str(path))
-        self.server.listen(8)
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
+    def _accepted(self, conn: socket.socket) -> None:
+        threading.Thread(target=self._read, args=(conn,), daemon=True).start()
 
     @staticmethod
     def _read(conn: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while conn.recv(1 << 20):
                 pass
-
-    def close(self) -> None:
-        self.server.close()
-        for c in self.conns:
-            c.close()
 
 
 class Backlogged:
